@@ -1,0 +1,53 @@
+# fleetkey developer entry points. Everything installs into .venv from the package registries.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+LAYER_DIR := build/layer
+export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
+export JSII_SILENCE_WARNING_UNTESTED_NODE_VERSION := 1
+export AWS_DEFAULT_REGION ?= eu-west-1
+
+.PHONY: install demo test unit integration infra layer synth bench importtime clean
+
+$(STAMP): pyproject.toml package.json
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	npm install --no-audit --no-fund --silent
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The Lambda layer: the core package plus its arm64 dependencies, without Docker.
+$(LAYER_DIR)/.built: $(STAMP) $(shell find layers/core/python -name '*.py')
+	rm -rf $(LAYER_DIR) && mkdir -p $(LAYER_DIR)/python
+	$(BIN)/pip install --quiet --target $(LAYER_DIR)/python --platform manylinux2014_aarch64 \
+		--python-version 3.12 --implementation cp --only-binary=:all: \
+		'aws-lambda-powertools[tracer]==3.37.0' 'pydantic==2.12.5' 'cryptography==48.0.0' 'pyjwt==2.10.1'
+	cp -r layers/core/python/fleetkey $(LAYER_DIR)/python/
+	find $(LAYER_DIR) -name '__pycache__' -prune -exec rm -rf {} +
+	touch $@
+
+layer: $(LAYER_DIR)/.built
+
+demo: $(STAMP)
+	$(BIN)/python -m fleetkey_local.demo
+
+test: $(STAMP) $(LAYER_DIR)/.built
+	$(BIN)/python -m pytest -n 2 tests
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit
+
+synth: $(STAMP) $(LAYER_DIR)/.built
+	npx cdk synth --quiet
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/registration.py
+
+importtime: $(STAMP)
+	$(BIN)/python benchmarks/importtime.py
+
+clean:
+	rm -rf $(VENV) build cdk.out node_modules

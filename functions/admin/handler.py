@@ -1,0 +1,183 @@
+"""Operator API under /v1/admin/ (IAM-authenticated by API Gateway): allow-list, manufacturer
+CAs, devices and audit trails. Routing, parsing and error mapping only; the rules live in the core.
+"""
+
+import json
+from functools import lru_cache
+
+from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
+from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from fleetkey.adapters.iot import IotRegistry
+from fleetkey.domain.allowlist import parse_entry
+from fleetkey.errors import FleetkeyError, InvalidRequest
+from fleetkey.observability import logger, metrics, tracer
+from fleetkey.services.allowlist import AllowlistService
+from fleetkey.services.devices import DeviceService
+from fleetkey.services.trust import ManufacturerCaService
+from fleetkey.settings import Settings
+from fleetkey.store.dynamodb import Store
+
+app = APIGatewayRestResolver(strip_prefixes=["/v1/admin"])
+
+
+class Services:
+    def __init__(self, settings: Settings) -> None:
+        store = Store(settings.table_name, region=settings.region)
+        self.allowlist = AllowlistService(settings, store)
+        self.devices = DeviceService(store)
+        self.cas = ManufacturerCaService(store, IotRegistry(region=settings.region))
+
+
+@lru_cache(maxsize=1)
+def services() -> Services:
+    return Services(Settings.from_environ())
+
+
+def _actor() -> str:
+    """The IAM principal API Gateway authenticated (SigV4); recorded in audit records."""
+    identity = app.current_event.request_context.identity
+    return identity.user_arn or identity.caller or "unknown"
+
+
+def _json_body() -> dict:
+    try:
+        body = json.loads(app.current_event.decoded_body or "")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidRequest("request body must be JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return body
+
+
+def _created(payload: dict) -> Response:
+    return Response(status_code=201, content_type=content_types.APPLICATION_JSON, body=payload)
+
+
+@app.exception_handler(FleetkeyError)
+def _fleetkey_error(exc: FleetkeyError) -> Response:
+    if exc.status >= 500:
+        logger.exception("request failed", extra={"code": exc.code})
+    body = {"error": exc.code, "message": exc.message}
+    if exc.details:
+        body["details"] = exc.details
+    return Response(status_code=exc.status, content_type=content_types.APPLICATION_JSON, body=body)
+
+
+# ---- allow-list -------------------------------------------------------------------------------
+
+
+@app.post("/allowlist")
+def add_allowlist_entry():
+    device = services().allowlist.add(parse_entry(_json_body()), actor=_actor())
+    return _created(device.to_public())
+
+
+@app.post("/allowlist/import")
+def import_manifest():
+    params = app.current_event.query_string_parameters or {}
+    content_type = (app.current_event.headers.get("content-type") or "").lower()
+    fmt = params.get("format") or ("csv" if "csv" in content_type else "json")
+    try:
+        text = app.current_event.decoded_body or ""
+    except UnicodeDecodeError:
+        raise InvalidRequest("manifest must be UTF-8 text") from None
+    report = services().allowlist.import_manifest(text, fmt, actor=_actor())
+    return report.to_public()
+
+
+# ---- devices and audit ------------------------------------------------------------------------
+
+
+@app.get("/devices/<device_id>")
+def get_device(device_id: str):
+    return services().devices.get(device_id).to_public()
+
+
+def _audit(subject: str) -> dict:
+    records, verification = services().devices.audit(subject)
+    return {
+        "subject": subject,
+        "verified": True,
+        "records": [
+            {
+                "seq": r.seq,
+                "at": r.at,
+                "action": r.action,
+                "actor": r.actor,
+                "details": r.details,
+                "prev_hash": r.prev_hash,
+                "hash": r.hash,
+            }
+            for r in records
+        ],
+        "head": {"seq": verification.head.seq, "hash": verification.head.hash},
+    }
+
+
+@app.get("/devices/<device_id>/audit")
+def device_audit(device_id: str):
+    return _audit(f"device:{device_id}")
+
+
+@app.get("/certificates/<certificate_id>/audit")
+def certificate_audit(certificate_id: str):
+    return _audit(f"certificate:{certificate_id}")
+
+
+@app.get("/cas/<name>/audit")
+def ca_audit(name: str):
+    return _audit(f"ca:{name}")
+
+
+@app.get("/audit-streams/<name>")
+def stream_audit(name: str):
+    return _audit(f"stream:{name}")
+
+
+# ---- manufacturer CAs -------------------------------------------------------------------------
+
+
+@app.get("/cas")
+def list_cas():
+    return {"cas": [ca.to_public() for ca in services().cas.list()]}
+
+
+@app.get("/cas/registration-code")
+def registration_code():
+    return {"registration_code": services().cas.registration_code()}
+
+
+@app.post("/cas")
+def register_ca():
+    body = _json_body()
+    fields = ("name", "certificate_pem", "verification_certificate_pem")
+    if not all(isinstance(body.get(f), str) for f in fields):
+        raise InvalidRequest(f"body must have string fields {', '.join(fields)}")
+    ca = services().cas.register(
+        body["name"], body["certificate_pem"], body["verification_certificate_pem"], actor=_actor()
+    )
+    return _created(ca.to_public())
+
+
+@app.get("/cas/<name>")
+def get_ca(name: str):
+    return services().cas.get(name).to_public()
+
+
+@app.post("/cas/<name>/disable")
+def disable_ca(name: str):
+    return services().cas.set_enabled(name, False, actor=_actor()).to_public()
+
+
+@app.post("/cas/<name>/enable")
+def enable_ca(name: str):
+    return services().cas.set_enabled(name, True, actor=_actor()).to_public()
+
+
+@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True)
+@metrics.log_metrics
+@tracer.capture_lambda_handler
+def handler(event: dict, context: LambdaContext) -> dict:
+    return app.resolve(event, context)

@@ -1,0 +1,1 @@
+"""The fleetkey CDK application: one stack composing one construct per concern."""

@@ -1,0 +1,133 @@
+"""The Lambda functions: registration (JITR, invoked by an IoT rule) and admin (behind the API).
+
+Each function has its own role holding only what the function itself needs to run (writing to its
+own log group; X-Ray comes with active tracing). What a function may do to the table, the key and
+AWS IoT is granted by the composing stack, where the resources meet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aws_cdk import Duration
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_lambda_destinations as destinations
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from fleetkey_infra import constants
+
+
+class Functions(Construct):
+    """Attributes: `registration` and `admin` (lambda.Function), their `registration_role` and
+    `admin_role` (iam.Role), and `registration_failures` (sqs.Queue), the on-failure destination
+    of the registration function's asynchronous invocations."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        layer: lambda_.ILayerVersion,
+        table_name: str,
+        name_prefix: str = constants.NAME_PREFIX,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self._layer = layer
+        self._table_name = table_name
+        self._name_prefix = name_prefix
+
+        self.registration_failures = self._build_failure_queue()
+        self.registration_role = self._build_role("RegistrationRole", "registration")
+        self.registration = self._build_function(
+            "Registration",
+            role=self.registration_role,
+            code_dir=constants.REGISTRATION_CODE_DIR,
+            service_name=constants.REGISTRATION_SERVICE_NAME,
+            memory_mb=constants.REGISTRATION_MEMORY_MB,
+            timeout=constants.REGISTRATION_TIMEOUT,
+            description="fleetkey just-in-time registration of device certificates",
+            # Transient failures are re-raised by the handler: Lambda retries, then parks the
+            # event in the failure queue for an operator to replay.
+            retry_attempts=constants.REGISTRATION_ASYNC_RETRY_ATTEMPTS,
+            on_failure=destinations.SqsDestination(self.registration_failures),
+        )
+        self.admin_role = self._build_role("AdminRole", "admin")
+        self.admin = self._build_function(
+            "Admin",
+            role=self.admin_role,
+            code_dir=constants.ADMIN_CODE_DIR,
+            service_name=constants.ADMIN_SERVICE_NAME,
+            memory_mb=constants.ADMIN_MEMORY_MB,
+            timeout=constants.ADMIN_TIMEOUT,
+            description="fleetkey operator API: allow-list, trust anchors, devices",
+        )
+
+    def _build_failure_queue(self) -> sqs.Queue:
+        return sqs.Queue(
+            self,
+            "RegistrationFailures",
+            encryption=sqs.QueueEncryption.SQS_MANAGED,
+            enforce_ssl=True,
+            retention_period=constants.FAILED_EVENT_RETENTION,
+        )
+
+    def _build_role(self, construct_id: str, purpose: str) -> iam.Role:
+        return iam.Role(
+            self,
+            construct_id,
+            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+            description=f"fleetkey {purpose} function",
+        )
+
+    def _build_log_group(self, construct_id: str) -> logs.LogGroup:
+        return logs.LogGroup(self, construct_id, retention=constants.LOG_RETENTION)
+
+    def _build_function(
+        self,
+        construct_id: str,
+        *,
+        role: iam.Role,
+        code_dir: Path,
+        service_name: str,
+        memory_mb: int,
+        timeout: Duration,
+        description: str,
+        retry_attempts: int | None = None,
+        on_failure: lambda_.IDestination | None = None,
+    ) -> lambda_.Function:
+        log_group = self._build_log_group(f"{construct_id}Logs")
+        # The AWSLambdaBasicExecutionRole equivalent, scoped to this function's own log group.
+        log_group.grant_write(role)
+        return lambda_.Function(
+            self,
+            construct_id,
+            runtime=lambda_.Runtime.PYTHON_3_12,
+            architecture=lambda_.Architecture.ARM_64,
+            code=lambda_.Code.from_asset(str(_existing(code_dir))),
+            handler=constants.HANDLER,
+            role=role,
+            layers=[self._layer],
+            tracing=lambda_.Tracing.ACTIVE,
+            log_group=log_group,
+            memory_size=memory_mb,
+            timeout=timeout,
+            description=description,
+            environment={
+                constants.ENV_TABLE: self._table_name,
+                constants.ENV_NAME_PREFIX: self._name_prefix,
+                "POWERTOOLS_SERVICE_NAME": service_name,
+                "POWERTOOLS_METRICS_NAMESPACE": constants.METRICS_NAMESPACE,
+                "POWERTOOLS_LOG_LEVEL": constants.LOG_LEVEL,
+            },
+            retry_attempts=retry_attempts,
+            on_failure=on_failure,
+        )
+
+
+def _existing(code_dir: Path) -> Path:
+    if not (code_dir / "handler.py").is_file():
+        raise FileNotFoundError(f"function code not found: {code_dir}/handler.py")
+    return code_dir

@@ -1,0 +1,3 @@
+"""fleetkey core library: device identity lifecycle on AWS IoT."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,43 @@
+"""KMS signing adapter: the private key never leaves KMS; the public key is fetched once."""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+from fleetkey.adapters.aws import client as aws_client
+
+_ALGORITHMS = {"secp256r1": ("ECDSA_SHA_256", 32), "secp384r1": ("ECDSA_SHA_384", 48)}
+
+
+class KmsSigner:
+    """Signs with an ECC_NIST_P256/P384 SIGN_VERIFY key. `client` is a boto3 KMS client."""
+
+    def __init__(self, key_id: str, client=None, region: str | None = None) -> None:
+        self.key_id = key_id
+        self._client = client or aws_client("kms", region)
+        self._public_key: ec.EllipticCurvePublicKey | None = None
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        """The verifying key, read from KMS once per signer (it never changes for a key id)."""
+        if self._public_key is None:
+            der = self._client.get_public_key(KeyId=self.key_id)["PublicKey"]
+            key = serialization.load_der_public_key(der)
+            if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in _ALGORITHMS:
+                raise ValueError(f"KMS key {self.key_id} is not a P-256/P-384 signing key")
+            self._public_key = key
+        return self._public_key
+
+    def sign_der(self, message: bytes) -> bytes:
+        """ECDSA signature over `message`, DER-encoded as KMS returns it (one KMS call)."""
+        algorithm, _ = _ALGORITHMS[self.public_key().curve.name]
+        response = self._client.sign(
+            KeyId=self.key_id, Message=message, MessageType="RAW", SigningAlgorithm=algorithm
+        )
+        return response["Signature"]
+
+    def sign_raw(self, message: bytes) -> bytes:
+        """The same signature as fixed-size r||s, the form JWS (RFC 7518 §3.4) requires."""
+        _, size = _ALGORITHMS[self.public_key().curve.name]
+        r, s = utils.decode_dss_signature(self.sign_der(message))
+        return r.to_bytes(size, "big") + s.to_bytes(size, "big")

@@ -1,0 +1,118 @@
+"""Device profiles: which IoT policy, thing type, key, token and certificate rules apply to a device.
+
+Profiles are code, not data: the CDK stack creates one IoT policy and one thing type per profile
+from these same definitions, and the functions read them to decide what to attach. Adding a profile
+is a reviewed change and a deployment, never a runtime write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fleetkey.errors import InvalidRequest
+
+THING_VARIABLE = "${iot:Connection.Thing.ThingName}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPolicy:
+    """Which device public keys are acceptable."""
+
+    ec_curves: frozenset[str] = frozenset({"secp256r1", "secp384r1"})
+    rsa_min_bits: int | None = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRules:
+    """Access-token rules (used by token vending)."""
+
+    lifetime_seconds: int = 900
+    scopes: frozenset[str] = frozenset({"telemetry:write"})
+    audiences: frozenset[str] = frozenset()
+    require_attestation: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceProfile:
+    name: str
+    description: str
+    key_policy: KeyPolicy = KeyPolicy()
+    token_rules: TokenRules = TokenRules()
+    # Validity of certificates fleetkey issues on rotation.
+    certificate_validity_days: int = 365
+
+    def iot_policy_name(self, prefix: str) -> str:
+        return f"{prefix}-{self.name}"
+
+    def thing_type_name(self, prefix: str) -> str:
+        return f"{prefix}-{self.name}"
+
+    def iot_policy_document(self, arn_prefix: str) -> dict:
+        """The least-privilege AWS IoT policy for devices of this profile.
+
+        `arn_prefix` is ``arn:<partition>:iot:<region>:<account>``. A device may connect only with
+        its own thing name as client id and only while its certificate is attached to that thing;
+        it may publish its events and telemetry and receive its commands, nothing else.
+        """
+        own = f"fleetkey/{THING_VARIABLE}"
+        return {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Action": "iot:Connect",
+                    "Resource": f"{arn_prefix}:client/{THING_VARIABLE}",
+                    "Condition": {"Bool": {"iot:Connection.Thing.IsAttached": "true"}},
+                },
+                {
+                    "Effect": "Allow",
+                    "Action": "iot:Publish",
+                    "Resource": [
+                        f"{arn_prefix}:topic/{own}/events/*",
+                        f"{arn_prefix}:topic/{own}/telemetry/*",
+                    ],
+                },
+                {
+                    "Effect": "Allow",
+                    "Action": "iot:Subscribe",
+                    "Resource": f"{arn_prefix}:topicfilter/{own}/commands/*",
+                },
+                {
+                    "Effect": "Allow",
+                    "Action": "iot:Receive",
+                    "Resource": f"{arn_prefix}:topic/{own}/commands/*",
+                },
+            ],
+        }
+
+
+PROFILES: dict[str, DeviceProfile] = {
+    p.name: p
+    for p in (
+        DeviceProfile(
+            name="telemetry-sensor",
+            description="Field monitors (oil-well, pipeline, environment) that publish telemetry.",
+        ),
+        DeviceProfile(
+            name="infusion-pump",
+            description="Connected medical devices: EC keys only, attested firmware, short tokens.",
+            key_policy=KeyPolicy(rsa_min_bits=None),
+            token_rules=TokenRules(
+                lifetime_seconds=300,
+                scopes=frozenset({"telemetry:write", "therapy:report"}),
+                require_attestation=True,
+            ),
+            certificate_validity_days=180,
+        ),
+    )
+}
+
+
+def get_profile(name: str) -> DeviceProfile:
+    """Raises InvalidRequest for a profile name that is not defined."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise InvalidRequest(
+            f"unknown device profile {name!r}", details={"profiles": sorted(PROFILES)}
+        ) from None

@@ -1,0 +1,42 @@
+"""The just-in-time registration decision: may this validated certificate become this device's?"""
+
+from __future__ import annotations
+
+from fleetkey.crypto.certificates import DeviceCertificate
+from fleetkey.domain.lifecycle import DeviceState
+from fleetkey.domain.models import Device, ManufacturerCa
+from fleetkey.domain.profiles import KeyPolicy, get_profile
+from fleetkey.domain.rejection import RejectionReason
+
+# Before the device (and so its profile) is known, no profile may accept less than this.
+BASELINE_KEY_POLICY = KeyPolicy()
+
+
+def refusal_for(
+    device: Device, certificate: DeviceCertificate, ca: ManufacturerCa
+) -> RejectionReason | None:
+    """Why `certificate` (already chain-validated against `ca`) may not register as `device`,
+    or None when it may. The order puts the most telling reason first."""
+    if device.state is DeviceState.DECOMMISSIONED:
+        return RejectionReason.DECOMMISSIONED
+    if device.state in (DeviceState.ACTIVE, DeviceState.SUSPENDED):
+        # A second certificate for a device that already has one: a cloned identity until an
+        # operator says otherwise (rotation goes through its own API, not through JITR).
+        if device.certificate_id != certificate.certificate_id:
+            return RejectionReason.CLONE_SUSPECTED
+    if device.manufacturer_ca != ca.name:
+        return RejectionReason.WRONG_ISSUER
+    if certificate.serial_number is not None and certificate.serial_number != device.serial_number:
+        return RejectionReason.SERIAL_MISMATCH
+    if (
+        device.public_key_fingerprint is not None
+        and device.public_key_fingerprint != certificate.public_key_fingerprint
+    ):
+        return RejectionReason.UNEXPECTED_PUBLIC_KEY
+    policy = get_profile(device.profile).key_policy
+    key_kind, _, key_param = certificate.key_description.partition(":")
+    if key_kind == "ec" and key_param not in policy.ec_curves:
+        return RejectionReason.WEAK_KEY
+    if key_kind == "rsa" and (policy.rsa_min_bits is None or int(key_param) < policy.rsa_min_bits):
+        return RejectionReason.WEAK_KEY
+    return None

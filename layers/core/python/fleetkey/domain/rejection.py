@@ -1,0 +1,21 @@
+"""Why a certificate was refused. The values are stable: they appear in audit records and metrics."""
+
+from enum import Enum
+
+
+class RejectionReason(str, Enum):
+    UNKNOWN_CERTIFICATE = "unknown_certificate"
+    CERTIFICATE_NOT_PENDING = "certificate_not_pending"
+    MALFORMED_CERTIFICATE = "malformed_certificate"
+    UNKNOWN_CA = "unknown_ca"
+    CA_DISABLED = "ca_disabled"
+    WRONG_ISSUER = "wrong_issuer"
+    INVALID_CHAIN = "invalid_chain"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not_yet_valid"
+    WEAK_KEY = "weak_key"
+    NOT_ALLOWLISTED = "not_allowlisted"
+    UNEXPECTED_PUBLIC_KEY = "unexpected_public_key"
+    SERIAL_MISMATCH = "serial_mismatch"
+    DECOMMISSIONED = "decommissioned"
+    CLONE_SUSPECTED = "clone_suspected"

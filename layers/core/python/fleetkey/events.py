@@ -1,0 +1,24 @@
+"""Shapes of the AWS events fleetkey functions receive, as AWS documents them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, StringConstraints
+
+CertificateId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class CertificateRegisteredEvent(BaseModel):
+    """`$aws/events/certificates/registered/<caCertificateId>`: AWS IoT auto-registered a device
+    certificate issued by a registered CA and left it PENDING_ACTIVATION (just-in-time
+    registration)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    certificateId: CertificateId
+    caCertificateId: CertificateId
+    timestamp: int
+    certificateStatus: Literal["PENDING_ACTIVATION"]
+    awsAccountId: Annotated[str, StringConstraints(pattern=r"^[0-9]{12}$")]
+    certificateRegistrationTimestamp: str | int | None = None

@@ -1,0 +1,53 @@
+"""Reading devices and verifying audit trails."""
+
+from __future__ import annotations
+
+from fleetkey.domain.audit import AuditRecord, ChainVerification, verify_chain
+from fleetkey.domain.models import Device
+from fleetkey.errors import InvalidRequest, NotFound
+from fleetkey.store import schema
+from fleetkey.store.dynamodb import Store
+
+SUBJECT_KINDS = ("device", "certificate", "ca", "stream")
+
+
+class DeviceService:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def get(self, device_id: str) -> Device:
+        device = self._store.get_device(device_id)
+        if device is None:
+            raise NotFound(f"no device {device_id!r}")
+        return device
+
+    def audit(self, subject: str) -> tuple[list[AuditRecord], ChainVerification]:
+        """The subject's audit records, oldest first, and the verification of their chain
+        against the head the subject records.
+
+        Raises:
+            InvalidRequest: not a known subject kind; NotFound: nothing recorded for it;
+            AuditChainBroken: the chain was altered.
+        """
+        kind, _, name = subject.partition(":")
+        if kind not in SUBJECT_KINDS or not name or len(name) > 256:
+            raise InvalidRequest(
+                "audit subject is <kind>:<name> with kind one of " + ", ".join(SUBJECT_KINDS)
+            )
+        stored = self._store.read_audit(subject)
+        if not stored:
+            raise NotFound(f"no audit records for {subject}")
+        head = self._head(kind, name)
+        verification = verify_chain(subject, stored, head)
+        return [AuditRecord.from_body(body) for body, _ in stored], verification
+
+    def _head(self, kind: str, name: str):
+        if kind == "device":
+            device = self._store.get_device(name)
+            return device.audit_head if device else None
+        if kind == "ca":
+            ca = self._store.get_ca(name)
+            return ca.audit_head if ca else None
+        if kind == "stream":
+            return self._store.stream_head(name)
+        return self._store.certificate_head(name)

@@ -1,0 +1,171 @@
+"""Manufacturer CAs: registration with AWS IoT, disabling, and the trust-anchor cache JITR reads."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from pydantic import TypeAdapter, ValidationError
+
+from fleetkey.adapters.iot import IotRegistry
+from fleetkey.clock import Clock, timestamp, utc_now
+from fleetkey.crypto.certificates import (
+    certificate_id,
+    load_certificate,
+    validate_manufacturer_ca,
+    verify_proof_of_possession,
+)
+from fleetkey.domain.allowlist import CaName
+from fleetkey.domain.audit import ChainHead
+from fleetkey.domain.models import CaStatus, ManufacturerCa
+from fleetkey.errors import Conflict, InvalidRequest, NotFound
+from fleetkey.store import schema
+from fleetkey.store.dynamodb import ConditionFailed, Store
+
+_ca_name = TypeAdapter(CaName)
+
+
+@dataclass(frozen=True, slots=True)
+class TrustAnchor:
+    ca: ManufacturerCa
+    certificate: x509.Certificate
+
+
+class TrustAnchors:
+    """Manufacturer CAs by AWS IoT CA id, for JITR.
+
+    The snapshot is one Query, reused for `ttl_seconds`. A CA certificate never changes, so its
+    parsed form is kept for the life of the process. A CA's status can change; the snapshot
+    gives a fast refusal, and the registration transaction re-checks the status in DynamoDB, so
+    a CA disabled a moment ago never admits a device.
+    """
+
+    def __init__(self, store: Store, ttl_seconds: int = 60, monotonic=time.monotonic) -> None:
+        self._store = store
+        self._ttl = ttl_seconds
+        self._monotonic = monotonic
+        self._by_id: dict[str, ManufacturerCa] = {}
+        self._loaded_at: float | None = None
+        self._parsed: dict[str, x509.Certificate] = {}
+
+    def _refresh(self) -> None:
+        self._by_id = {ca.iot_ca_id: ca for ca in self._store.list_cas()}
+        self._loaded_at = self._monotonic()
+
+    def get(self, iot_ca_id: str) -> TrustAnchor | None:
+        stale = self._loaded_at is None or self._monotonic() - self._loaded_at > self._ttl
+        # An unknown id may be a CA registered since the snapshot: look again before refusing,
+        # since a refusal revokes the certificate for good. AWS IoT only auto-registers
+        # certificates of CAs registered with it, so such misses are rare.
+        if stale or iot_ca_id not in self._by_id:
+            self._refresh()
+        ca = self._by_id.get(iot_ca_id)
+        if ca is None:
+            return None
+        parsed = self._parsed.get(ca.iot_ca_id)
+        if parsed is None:
+            parsed = self._parsed[ca.iot_ca_id] = load_certificate(ca.certificate_pem)
+        return TrustAnchor(ca=ca, certificate=parsed)
+
+
+class ManufacturerCaService:
+    def __init__(self, store: Store, registry: IotRegistry, clock: Clock = utc_now) -> None:
+        self._store = store
+        self._registry = registry
+        self._clock = clock
+
+    def registration_code(self) -> str:
+        """The account's AWS IoT registration code: the CN of a CA's verification certificate."""
+        return self._registry.registration_code()
+
+    def get(self, name: str) -> ManufacturerCa:
+        ca = self._store.get_ca(name)
+        if ca is None:
+            raise NotFound(f"no manufacturer CA named {name!r}")
+        return ca
+
+    def list(self) -> list[ManufacturerCa]:
+        return self._store.list_cas()
+
+    def register(
+        self, name: str, ca_pem: str, verification_pem: str, *, actor: str
+    ) -> ManufacturerCa:
+        """Register a manufacturer CA with AWS IoT (auto-registration on) and record it as a trust
+        anchor. Registering the same CA under the same name again returns the existing record.
+
+        Raises:
+            InvalidRequest: bad name; InvalidCertificate: not a valid CA or a bad proof of
+            possession; Conflict: the name belongs to another CA.
+        """
+        try:
+            name = _ca_name.validate_python(name)
+        except ValidationError:
+            raise InvalidRequest(
+                "CA name must be 1-63 lowercase letters, digits or dashes"
+            ) from None
+        now = self._clock()
+        ca_cert = validate_manufacturer_ca(ca_pem, now)
+        ca_id = certificate_id(ca_cert)
+        existing = self._store.get_ca(name)
+        if existing is not None:
+            if existing.iot_ca_id == ca_id:
+                return existing
+            raise Conflict(f"manufacturer CA name {name!r} is taken by another CA")
+        verify_proof_of_possession(
+            ca_cert, verification_pem, self._registry.registration_code(), now
+        )
+        pem = ca_cert.public_bytes(Encoding.PEM).decode()
+        iot_ca_id = self._registry.register_ca(pem, verification_pem, ca_id)
+        at = timestamp(now)
+        record = ChainHead().next_record(
+            subject=schema.ca_subject(name),
+            at=at,
+            action="ca_registered",
+            actor=actor,
+            details={"iot_ca_id": iot_ca_id, "subject": ca_cert.subject.rfc4514_string()},
+        )
+        ca = ManufacturerCa(
+            name=name,
+            iot_ca_id=iot_ca_id,
+            certificate_pem=pem,
+            status=CaStatus.ACTIVE,
+            audit_head=ChainHead(record.seq, record.hash),
+            registered_at=at,
+        )
+        try:
+            self._store.create_ca(ca, record)
+        except ConditionFailed as failure:
+            current = self._store.ca_from_item(failure.items["ca"])
+            if current.iot_ca_id == iot_ca_id:
+                return current
+            raise Conflict(f"manufacturer CA name {name!r} is taken by another CA") from None
+        return ca
+
+    def set_enabled(self, name: str, enabled: bool, *, actor: str) -> ManufacturerCa:
+        """Disable (or re-enable) a manufacturer CA: fleetkey refuses its devices from the moment
+        the record changes, and AWS IoT stops auto-registering its certificates.
+
+        Raises:
+            NotFound: no such CA.
+        """
+        wanted = CaStatus.ACTIVE if enabled else CaStatus.DISABLED
+        for _ in range(3):
+            ca = self.get(name)
+            if ca.status is not wanted:
+                record = ca.audit_head.next_record(
+                    subject=schema.ca_subject(name),
+                    at=timestamp(self._clock()),
+                    action="ca_enabled" if enabled else "ca_disabled",
+                    actor=actor,
+                    details={"iot_ca_id": ca.iot_ca_id},
+                )
+                try:
+                    ca = self._store.set_ca_status(ca, wanted, record)
+                except ConditionFailed:
+                    continue
+            # Always (re)applied, so a retry after a failure here converges.
+            self._registry.set_ca_active(ca.iot_ca_id, enabled)
+            return ca
+        raise Conflict(f"manufacturer CA {name!r} kept changing; try again")

@@ -1,0 +1,52 @@
+"""Typed settings, built once at cold start from the function's environment.
+
+Domain code receives a `Settings`; only `Settings.from_environ` looks at the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+from fleetkey.errors import FleetkeyError
+
+
+class SettingsError(FleetkeyError):
+    code = "misconfigured"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    table_name: str
+    region: str
+    # Prefix of the AWS IoT resources fleetkey owns (policies, thing types), so that two
+    # deployments can share an account.
+    name_prefix: str = "fleetkey"
+    # How long a trust-anchor (manufacturer CA) snapshot is reused before it is read again.
+    trust_anchor_cache_seconds: int = 60
+    # The largest allow-list manifest one import accepts.
+    max_import_rows: int = 10_000
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        try:
+            table_name = env["FLEETKEY_TABLE"]
+        except KeyError:
+            raise SettingsError("FLEETKEY_TABLE is not set") from None
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+        if not region:
+            raise SettingsError("AWS_REGION is not set")
+        try:
+            cache_seconds = int(env.get("FLEETKEY_TRUST_ANCHOR_CACHE_SECONDS", "60"))
+            max_rows = int(env.get("FLEETKEY_MAX_IMPORT_ROWS", "10000"))
+        except ValueError as exc:
+            raise SettingsError(f"numeric setting is not a number: {exc}") from None
+        return cls(
+            table_name=table_name,
+            region=region,
+            name_prefix=env.get("FLEETKEY_NAME_PREFIX", "fleetkey"),
+            trust_anchor_cache_seconds=cache_seconds,
+            max_import_rows=max_rows,
+        )

@@ -1,0 +1,600 @@
+"""DynamoDB store. Every state change is one conditional write (a transaction where a change and
+its audit record must land together); nothing is ever read-modify-written without a condition.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable
+
+from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
+from botocore.exceptions import ClientError
+
+from fleetkey.adapters.aws import client as aws_client
+from fleetkey.adapters.aws import error_code
+from fleetkey.domain.allowlist import AllowlistEntry
+from fleetkey.domain.audit import AuditRecord, ChainHead
+from fleetkey.domain.lifecycle import DeviceState
+from fleetkey.domain.models import (
+    CaStatus,
+    CertificateOutcome,
+    CertificateRecord,
+    Device,
+    ManufacturerCa,
+)
+from fleetkey.errors import TransientAwsError
+from fleetkey.store import schema
+
+_serializer = TypeSerializer()
+_deserializer = TypeDeserializer()
+
+# DynamoDB allows 100 actions per transaction; an allow-list row is two (device + first record).
+ROWS_PER_TRANSACTION = 50
+MAX_TRANSACTION_ATTEMPTS = 8
+
+
+def _ser(item: dict[str, Any]) -> dict[str, Any]:
+    return {k: _serializer.serialize(v) for k, v in item.items() if v is not None}
+
+
+def _de(item: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deserializer.deserialize(v) for k, v in item.items()}
+
+
+@dataclass
+class ConditionFailed(Exception):
+    """A transaction was cancelled because named conditions failed.
+
+    `failed` names the actions whose condition failed; `items` holds, by name, the item as it was
+    (for the actions that asked for it), so the caller can decide without another read.
+    """
+
+    failed: list[str]
+    items: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"conditions failed: {', '.join(self.failed)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One named action of a transaction."""
+
+    name: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ImportOutcome:
+    imported: list[str]
+    unchanged: list[str]
+    conflicting: list[str]
+
+
+def _device_from_item(item: dict[str, Any]) -> Device:
+    return Device(
+        device_id=item["device_id"],
+        serial_number=item["serial_number"],
+        manufacturer_ca=item["manufacturer_ca"],
+        profile=item["profile"],
+        state=DeviceState(item["state"]),
+        audit_head=ChainHead(seq=int(item["audit_seq"]), hash=item["audit_hash"]),
+        public_key_fingerprint=item.get("public_key_fingerprint"),
+        attributes=dict(item.get("attributes") or {}),
+        certificate_id=item.get("certificate_id"),
+        created_at=item.get("created_at"),
+        updated_at=item.get("updated_at"),
+    )
+
+
+def _ca_from_item(item: dict[str, Any]) -> ManufacturerCa:
+    return ManufacturerCa(
+        name=item["sk"],
+        iot_ca_id=item["iot_ca_id"],
+        certificate_pem=item["certificate_pem"],
+        status=CaStatus(item["status"]),
+        audit_head=ChainHead(seq=int(item["audit_seq"]), hash=item["audit_hash"]),
+        registered_at=item.get("registered_at"),
+    )
+
+
+def _certificate_from_item(item: dict[str, Any]) -> CertificateRecord:
+    return CertificateRecord(
+        certificate_id=item["certificate_id"],
+        outcome=CertificateOutcome(item["outcome"]),
+        device_id=item.get("device_id"),
+        reason=item.get("reason"),
+        decided_at=item["decided_at"],
+    )
+
+
+def device_from_entry(entry: AllowlistEntry, head: ChainHead, at: str) -> dict[str, Any]:
+    return {
+        **schema.device_key(entry.device_id),
+        "device_id": entry.device_id,
+        "serial_number": entry.serial_number,
+        "manufacturer_ca": entry.manufacturer_ca,
+        "profile": entry.profile,
+        "public_key_fingerprint": entry.public_key_fingerprint,
+        "attributes": dict(entry.attributes),
+        "state": DeviceState.ALLOWLISTED.value,
+        "audit_seq": head.seq,
+        "audit_hash": head.hash,
+        "created_at": at,
+        "updated_at": at,
+    }
+
+
+def same_entry(item: dict[str, Any], entry: AllowlistEntry) -> bool:
+    """Is the stored device the allow-list entry `entry` describes (whatever its state)?"""
+    return (
+        item.get("serial_number") == entry.serial_number
+        and item.get("manufacturer_ca") == entry.manufacturer_ca
+        and item.get("profile") == entry.profile
+        and item.get("public_key_fingerprint") == entry.public_key_fingerprint
+        and dict(item.get("attributes") or {}) == dict(entry.attributes)
+    )
+
+
+class Store:
+    """The fleetkey table. `client` is a boto3 DynamoDB client; None builds a real one."""
+
+    def __init__(self, table_name: str, client=None, region: str | None = None) -> None:
+        self.table = table_name
+        self._client = client or aws_client("dynamodb", region)
+
+    # ---- reads -----------------------------------------------------------------------------
+
+    def _get(self, key: dict[str, str]) -> dict[str, Any] | None:
+        response = self._client.get_item(TableName=self.table, Key=_ser(key), ConsistentRead=True)
+        item = response.get("Item")
+        return _de(item) if item else None
+
+    def get_device(self, device_id: str) -> Device | None:
+        item = self._get(schema.device_key(device_id))
+        return _device_from_item(item) if item else None
+
+    def get_certificate(self, certificate_id: str) -> CertificateRecord | None:
+        item = self._get(schema.certificate_key(certificate_id))
+        return _certificate_from_item(item) if item else None
+
+    def certificate_head(self, certificate_id: str) -> ChainHead | None:
+        item = self._get(schema.certificate_key(certificate_id))
+        if not item or "audit_seq" not in item:
+            return None
+        return ChainHead(int(item["audit_seq"]), item["audit_hash"])
+
+    def get_ca(self, name: str) -> ManufacturerCa | None:
+        item = self._get(schema.ca_key(name))
+        return _ca_from_item(item) if item else None
+
+    def list_cas(self) -> list[ManufacturerCa]:
+        """All manufacturer CAs: one Query of their partition (there are few)."""
+        return [_ca_from_item(i) for i in self._query(schema.CA_PK)]
+
+    def read_audit(self, subject: str) -> list[tuple[str, str]]:
+        """The subject's audit records as (body, hash), oldest first."""
+        items = self._query(schema.subject_partition(subject), sk_prefix=schema.AUDIT_PREFIX)
+        return [(i["body"], i["hash"]) for i in items]
+
+    def _query(self, pk: str, sk_prefix: str | None = None) -> list[dict[str, Any]]:
+        condition = "pk = :pk"
+        values: dict[str, Any] = {":pk": pk}
+        if sk_prefix:
+            condition += " AND begins_with(sk, :prefix)"
+            values[":prefix"] = sk_prefix
+        kwargs: dict[str, Any] = {
+            "TableName": self.table,
+            "KeyConditionExpression": condition,
+            "ExpressionAttributeValues": _ser(values),
+            "ConsistentRead": True,
+        }
+        items: list[dict[str, Any]] = []
+        while True:
+            response = self._client.query(**kwargs)
+            items.extend(_de(i) for i in response.get("Items", []))
+            if "LastEvaluatedKey" not in response:
+                return items
+            kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+
+    # ---- building blocks of transactions ----------------------------------------------------
+
+    def _audit_put(self, record: AuditRecord) -> Action:
+        item = {
+            **schema.audit_key(record.subject, record.seq),
+            "subject": record.subject,
+            "seq": record.seq,
+            "at": record.at,
+            "action": record.action,
+            "body": record.body,
+            "hash": record.hash,
+        }
+        return Action(
+            f"audit:{record.subject}:{record.seq}",
+            {
+                "Put": {
+                    "TableName": self.table,
+                    "Item": _ser(item),
+                    "ConditionExpression": "attribute_not_exists(pk)",
+                }
+            },
+        )
+
+    def certificate_put(
+        self,
+        certificate_id: str,
+        outcome: CertificateOutcome,
+        *,
+        device_id: str | None,
+        reason: str | None,
+        at: str,
+        extra: dict[str, Any] | None = None,
+    ) -> Action:
+        """Record fleetkey's decision on a certificate, once: a second decision is a conflict."""
+        item = {
+            **schema.certificate_key(certificate_id),
+            "certificate_id": certificate_id,
+            "outcome": outcome.value,
+            "device_id": device_id,
+            "reason": reason,
+            "decided_at": at,
+            **(extra or {}),
+        }
+        return Action(
+            "certificate",
+            {
+                "Put": {
+                    "TableName": self.table,
+                    "Item": _ser(item),
+                    "ConditionExpression": "attribute_not_exists(pk)",
+                    "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+                }
+            },
+        )
+
+    def ca_active_check(self, ca: ManufacturerCa) -> Action:
+        return Action(
+            "ca",
+            {
+                "ConditionCheck": {
+                    "TableName": self.table,
+                    "Key": _ser(schema.ca_key(ca.name)),
+                    "ConditionExpression": "#status = :active AND iot_ca_id = :id",
+                    "ExpressionAttributeNames": {"#status": "status"},
+                    "ExpressionAttributeValues": _ser(
+                        {":active": CaStatus.ACTIVE.value, ":id": ca.iot_ca_id}
+                    ),
+                    "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+                }
+            },
+        )
+
+    def device_absent_check(self, device_id: str) -> Action:
+        return Action(
+            "device",
+            {
+                "ConditionCheck": {
+                    "TableName": self.table,
+                    "Key": _ser(schema.device_key(device_id)),
+                    "ConditionExpression": "attribute_not_exists(pk)",
+                    "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+                }
+            },
+        )
+
+    def _transact(self, actions: list[Action]) -> None:
+        """Run a transaction; a cancelled one raises ConditionFailed naming the failed actions."""
+        try:
+            self._client.transact_write_items(TransactItems=[a.body for a in actions])
+        except ClientError as exc:
+            if error_code(exc) != "TransactionCanceledException":
+                raise
+            reasons = exc.response.get("CancellationReasons") or []
+            failed, items, conflict = [], {}, False
+            for action, reason in zip(actions, reasons):
+                code = reason.get("Code")
+                if code == "ConditionalCheckFailed":
+                    failed.append(action.name)
+                    if reason.get("Item"):
+                        items[action.name] = _de(reason["Item"])
+                elif code not in (None, "None"):
+                    conflict = True
+            if failed:
+                raise ConditionFailed(failed, items) from None
+            if conflict:
+                # Another transaction touched the same items; the caller's retry converges.
+                raise TransientAwsError("transaction conflict") from exc
+            raise
+
+    # ---- devices ----------------------------------------------------------------------------
+
+    def refuse_unlisted_certificate(
+        self, certificate_id: str, claimed_device_id: str, record: AuditRecord, at: str
+    ) -> None:
+        """In one write: if no device `claimed_device_id` exists, record the certificate as refused
+        (not allow-listed) with its one-record audit chain.
+
+        Raises:
+            ConditionFailed: 'device' (the device exists; its item is attached) and/or
+                'certificate' (already decided; the earlier decision is attached).
+        """
+        self._transact(
+            [
+                self.device_absent_check(claimed_device_id),
+                self.certificate_put(
+                    certificate_id,
+                    CertificateOutcome.REFUSED,
+                    device_id=claimed_device_id,
+                    reason=record.details.get("reason"),
+                    at=at,
+                    extra={"audit_seq": record.seq, "audit_hash": record.hash},
+                ),
+                self._audit_put(record),
+            ]
+        )
+
+    def refuse_certificate(
+        self, certificate_id: str, claimed_device_id: str | None, record: AuditRecord, at: str
+    ) -> None:
+        """Record a certificate refused on its own merits, with its one-record audit chain.
+
+        Raises:
+            ConditionFailed('certificate'): already decided; the earlier decision is attached.
+        """
+        self._transact(
+            [
+                self.certificate_put(
+                    certificate_id,
+                    CertificateOutcome.REFUSED,
+                    device_id=claimed_device_id,
+                    reason=record.details.get("reason"),
+                    at=at,
+                    extra={"audit_seq": record.seq, "audit_hash": record.hash},
+                ),
+                self._audit_put(record),
+            ]
+        )
+
+    def update_device(
+        self,
+        device: Device,
+        record: AuditRecord,
+        *,
+        new_state: DeviceState | None = None,
+        set_attributes: dict[str, Any] | None = None,
+        extra: Iterable[Action] = (),
+    ) -> Device:
+        """Append `record` to the device's chain and apply the change in the same transaction,
+        conditional on the device still being exactly as read (state and audit head).
+
+        Raises:
+            ConditionFailed: 'device' when the device changed since it was read (its current item
+                is attached), or the names of failed `extra` actions.
+        """
+        assert record.seq == device.audit_head.seq + 1 and record.prev_hash == device.audit_head.hash
+        values: dict[str, Any] = {
+            ":seq": record.seq,
+            ":hash": record.hash,
+            ":at": record.at,
+            ":state": device.state.value,
+            ":prev_seq": device.audit_head.seq,
+        }
+        names = {"#state": "state"}
+        sets = ["audit_seq = :seq", "audit_hash = :hash", "updated_at = :at"]
+        if new_state is not None:
+            sets.append("#state = :new_state")
+            values[":new_state"] = new_state.value
+        for index, (name, value) in enumerate((set_attributes or {}).items()):
+            names[f"#a{index}"] = name
+            values[f":a{index}"] = value
+            sets.append(f"#a{index} = :a{index}")
+        update = Action(
+            "device",
+            {
+                "Update": {
+                    "TableName": self.table,
+                    "Key": _ser(schema.device_key(device.device_id)),
+                    "UpdateExpression": "SET " + ", ".join(sets),
+                    "ConditionExpression": "#state = :state AND audit_seq = :prev_seq",
+                    "ExpressionAttributeNames": names,
+                    "ExpressionAttributeValues": _ser(values),
+                    "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+                }
+            },
+        )
+        self._transact([update, self._audit_put(record), *extra])
+        changes: dict[str, Any] = {
+            "audit_head": ChainHead(seq=record.seq, hash=record.hash),
+            "updated_at": record.at,
+        }
+        if new_state is not None:
+            changes["state"] = new_state
+        for name, value in (set_attributes or {}).items():
+            if name in Device.__dataclass_fields__:
+                changes[name] = value
+        return replace(device, **changes)
+
+    def create_devices(
+        self, rows: list[tuple[AllowlistEntry, AuditRecord]], at: str
+    ) -> ImportOutcome:
+        """Create allow-listed devices, each with the first record of its audit chain.
+
+        Rows go in transactions of up to 50 (device + record each), so a row is written whole or
+        not at all, and a device that exists is never overwritten. A device that already exists
+        with the same entry counts as unchanged (a re-run import converges); with a different
+        entry it is a conflict. Cancelled transactions are retried without the rows that caused
+        them; conflicts with concurrent writers are retried with backoff.
+
+        Raises:
+            TransientAwsError: a chunk still failed after MAX_TRANSACTION_ATTEMPTS tries.
+        """
+        imported: list[str] = []
+        unchanged: list[str] = []
+        conflicting: list[str] = []
+        for start in range(0, len(rows), ROWS_PER_TRANSACTION):
+            pending = rows[start : start + ROWS_PER_TRANSACTION]
+            attempt = 0
+            while pending:
+                actions: list[Action] = []
+                for entry, record in pending:
+                    item = device_from_entry(entry, ChainHead(record.seq, record.hash), at)
+                    actions.append(
+                        Action(
+                            f"device:{entry.device_id}",
+                            {
+                                "Put": {
+                                    "TableName": self.table,
+                                    "Item": _ser(item),
+                                    "ConditionExpression": "attribute_not_exists(pk)",
+                                    "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+                                }
+                            },
+                        )
+                    )
+                    actions.append(self._audit_put(record))
+                try:
+                    self._transact(actions)
+                except ConditionFailed as failure:
+                    failed = set(failure.failed)
+                    still = []
+                    for entry, record in pending:
+                        name = f"device:{entry.device_id}"
+                        if name in failed:
+                            existing = failure.items.get(name, {})
+                            (unchanged if same_entry(existing, entry) else conflicting).append(
+                                entry.device_id
+                            )
+                        else:
+                            still.append((entry, record))
+                    pending = still
+                    continue
+                except (TransientAwsError, ClientError) as exc:
+                    if isinstance(exc, ClientError) and error_code(exc) not in (
+                        "ThrottlingException",
+                        "ProvisionedThroughputExceededException",
+                        "RequestLimitExceeded",
+                        "InternalServerError",
+                    ):
+                        raise
+                    attempt += 1
+                    if attempt >= MAX_TRANSACTION_ATTEMPTS:
+                        raise TransientAwsError(
+                            "allow-list import could not finish; re-run it to continue"
+                        ) from exc
+                    time.sleep(min(2.0, 0.05 * 2**attempt) * random.random())
+                    continue
+                imported.extend(entry.device_id for entry, _ in pending)
+                pending = []
+        return ImportOutcome(imported=imported, unchanged=unchanged, conflicting=conflicting)
+
+    def append_to_stream(
+        self, stream: str, *, action: str, actor: str, details: dict[str, Any], at: str
+    ) -> AuditRecord:
+        """Append a record to a stream chain (a subject with no item of its own), retrying
+        when a concurrent writer moved the head.
+
+        Raises:
+            TransientAwsError: the head kept moving for MAX_TRANSACTION_ATTEMPTS tries.
+        """
+        subject = f"stream:{stream}"
+        key = schema.stream_head_key(stream)
+        for _ in range(MAX_TRANSACTION_ATTEMPTS):
+            item = self._get(key)
+            head = ChainHead(int(item["audit_seq"]), item["audit_hash"]) if item else ChainHead()
+            record = head.next_record(
+                subject=subject, at=at, action=action, actor=actor, details=details
+            )
+            put_head = Action(
+                "head",
+                {
+                    "Put": {
+                        "TableName": self.table,
+                        "Item": _ser({**key, "audit_seq": record.seq, "audit_hash": record.hash}),
+                        "ConditionExpression": "attribute_not_exists(pk) OR audit_seq = :prev",
+                        "ExpressionAttributeValues": _ser({":prev": head.seq}),
+                    }
+                },
+            )
+            try:
+                self._transact([put_head, self._audit_put(record)])
+                return record
+            except ConditionFailed:
+                continue
+        raise TransientAwsError(f"could not append to audit stream {stream}")
+
+    def stream_head(self, stream: str) -> ChainHead:
+        item = self._get(schema.stream_head_key(stream))
+        return ChainHead(int(item["audit_seq"]), item["audit_hash"]) if item else ChainHead()
+
+    # ---- manufacturer CAs -------------------------------------------------------------------
+
+    def create_ca(self, ca: ManufacturerCa, record: AuditRecord) -> None:
+        """Raises ConditionFailed('ca') with the existing CA attached if the name is taken."""
+        item = {
+            **schema.ca_key(ca.name),
+            "iot_ca_id": ca.iot_ca_id,
+            "certificate_pem": ca.certificate_pem,
+            "status": ca.status.value,
+            "audit_seq": record.seq,
+            "audit_hash": record.hash,
+            "registered_at": ca.registered_at,
+        }
+        self._transact(
+            [
+                Action(
+                    "ca",
+                    {
+                        "Put": {
+                            "TableName": self.table,
+                            "Item": _ser(item),
+                            "ConditionExpression": "attribute_not_exists(pk)",
+                            "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+                        }
+                    },
+                ),
+                self._audit_put(record),
+            ]
+        )
+
+    def set_ca_status(self, ca: ManufacturerCa, status: CaStatus, record: AuditRecord) -> ManufacturerCa:
+        """Raises ConditionFailed('ca') if the CA changed since it was read."""
+        update = Action(
+            "ca",
+            {
+                "Update": {
+                    "TableName": self.table,
+                    "Key": _ser(schema.ca_key(ca.name)),
+                    "UpdateExpression": "SET #status = :new, audit_seq = :seq, audit_hash = :hash",
+                    "ConditionExpression": "#status = :old AND audit_seq = :prev_seq",
+                    "ExpressionAttributeNames": {"#status": "status"},
+                    "ExpressionAttributeValues": _ser(
+                        {
+                            ":new": status.value,
+                            ":old": ca.status.value,
+                            ":seq": record.seq,
+                            ":hash": record.hash,
+                            ":prev_seq": ca.audit_head.seq,
+                        }
+                    ),
+                    "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+                }
+            },
+        )
+        self._transact([update, self._audit_put(record)])
+        return replace(ca, status=status, audit_head=ChainHead(record.seq, record.hash))
+
+    # ---- decoding helpers for callers that received items from ConditionFailed ------------
+
+    @staticmethod
+    def device_from_item(item: dict[str, Any]) -> Device:
+        return _device_from_item(item)
+
+    @staticmethod
+    def certificate_from_item(item: dict[str, Any]) -> CertificateRecord:
+        return _certificate_from_item(item)
+
+    @staticmethod
+    def ca_from_item(item: dict[str, Any]) -> ManufacturerCa:
+        return _ca_from_item(item)

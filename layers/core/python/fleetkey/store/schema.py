@@ -1,0 +1,61 @@
+"""The single-table layout, shared by the store, the CDK stack and the local stack.
+
+    pk                  sk              what
+    DEVICE#<device_id>  DEVICE          the device: allow-list entry, lifecycle state, audit head
+    DEVICE#<device_id>  AUDIT#<seq>     the device's audit chain, one record per change
+    CERT#<cert_id>      CERT            a certificate fleetkey decided on, and to which device
+    CERT#<cert_id>      AUDIT#<seq>     the audit chain of a certificate refused on its own merits
+    CA                  <ca_name>       a manufacturer CA (trust anchor); one partition, read by Query
+    CA#<ca_name>        AUDIT#<seq>     the audit chain of a manufacturer CA
+    STREAM#<name>       HEAD            head of a chain of events with no other subject
+    STREAM#<name>       AUDIT#<seq>     e.g. malformed registration events
+"""
+
+PARTITION_KEY = "pk"
+SORT_KEY = "sk"
+TTL_ATTRIBUTE = "expires_at"
+
+DEVICE_SK = "DEVICE"
+STREAM_HEAD_SK = "HEAD"
+CERT_SK = "CERT"
+CA_PK = "CA"
+AUDIT_PREFIX = "AUDIT#"
+
+
+def device_key(device_id: str) -> dict:
+    return {PARTITION_KEY: f"DEVICE#{device_id}", SORT_KEY: DEVICE_SK}
+
+
+def certificate_key(certificate_id: str) -> dict:
+    return {PARTITION_KEY: f"CERT#{certificate_id}", SORT_KEY: CERT_SK}
+
+
+def ca_key(ca_name: str) -> dict:
+    return {PARTITION_KEY: CA_PK, SORT_KEY: ca_name}
+
+
+def audit_key(subject: str, seq: int) -> dict:
+    return {PARTITION_KEY: subject_partition(subject), SORT_KEY: f"{AUDIT_PREFIX}{seq:010d}"}
+
+
+def subject_partition(subject: str) -> str:
+    """Audit subjects are 'device:<id>', 'certificate:<id>', 'ca:<name>' or 'stream:<name>'."""
+    kind, _, name = subject.partition(":")
+    prefix = {"device": "DEVICE", "certificate": "CERT", "ca": "CA", "stream": "STREAM"}[kind]
+    return f"{prefix}#{name}"
+
+
+def device_subject(device_id: str) -> str:
+    return f"device:{device_id}"
+
+
+def certificate_subject(certificate_id: str) -> str:
+    return f"certificate:{certificate_id}"
+
+
+def ca_subject(ca_name: str) -> str:
+    return f"ca:{ca_name}"
+
+
+def stream_head_key(stream: str) -> dict:
+    return {PARTITION_KEY: f"STREAM#{stream}", SORT_KEY: STREAM_HEAD_SK}

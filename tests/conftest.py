@@ -1,0 +1,46 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Offline, fake credentials, no tracing daemon: set before anything builds a client.
+os.environ.update(
+    {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SECURITY_TOKEN": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+        "AWS_REGION": "eu-west-1",
+        "POWERTOOLS_TRACE_DISABLED": "true",
+        "POWERTOOLS_METRICS_NAMESPACE": "fleetkey",
+        "POWERTOOLS_SERVICE_NAME": "fleetkey-tests",
+        "POWERTOOLS_DEV": "false",
+    }
+)
+os.environ.pop("AWS_ENDPOINT_URL", None)
+os.environ.pop("AWS_PROFILE", None)
+
+
+def load_event(name: str) -> dict:
+    """A canonical sample event from events/."""
+    return json.loads((ROOT / "events" / f"{name}.json").read_text())
+
+
+@pytest.fixture
+def moto():
+    from moto import mock_aws
+
+    # use_valid_cert: certificate ids are SHA-256 of the DER, as in AWS IoT.
+    with mock_aws(config={"iot": {"use_valid_cert": True}}):
+        yield
+
+
+@pytest.fixture
+def stack(moto):
+    from fleetkey_local.stack import EmbeddedStack, client_factory
+
+    return EmbeddedStack(client_factory()).provision()

@@ -1,0 +1,1 @@
+"""fleetkey's embedded local stack: development tooling, not shipped in the Lambda layer."""

@@ -1,0 +1,62 @@
+"""What AWS IoT Core does when a device with an unknown certificate connects (just-in-time
+registration), for an endpoint where it does not happen by itself (moto never runs IoT rules).
+
+The device presents its certificate and its manufacturer CA's certificate. If that CA is
+registered and active, AWS IoT registers the device certificate PENDING_ACTIVATION, refuses the
+connection, and publishes the certificate-registered event, which the IoT rule delivers to the
+registration function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from botocore.exceptions import ClientError
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+
+def certificate_id(pem: str) -> str:
+    der = x509.load_pem_x509_certificate(pem.encode()).public_bytes(serialization.Encoding.DER)
+    return hashlib.sha256(der).hexdigest()
+
+
+def certificate_registered_event(certificate_id: str, ca_certificate_id: str, account: str) -> dict:
+    """The event AWS IoT publishes on $aws/events/certificates/registered/<caCertificateId>."""
+    now_ms = int(time.time() * 1000)
+    return {
+        "certificateId": certificate_id,
+        "caCertificateId": ca_certificate_id,
+        "timestamp": now_ms,
+        "certificateStatus": "PENDING_ACTIVATION",
+        "awsAccountId": account,
+        "certificateRegistrationTimestamp": str(now_ms),
+    }
+
+
+def auto_register(iot, device_pem: str, ca_pem: str, account: str) -> dict | None:
+    """Emulate AWS IoT meeting `device_pem` for the first time.
+
+    Returns the certificate-registered event, or None when AWS IoT would publish none: the CA is
+    not registered or not active, or the certificate is already registered (known certificates
+    are not auto-registered again; they connect or are refused by their status).
+    """
+    ca_id = certificate_id(ca_pem)
+    try:
+        ca = iot.describe_ca_certificate(certificateId=ca_id)["certificateDescription"]
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] == "ResourceNotFoundException":
+            return None
+        raise
+    if ca.get("status") != "ACTIVE":
+        return None
+    try:
+        registered = iot.register_certificate(
+            certificatePem=device_pem, caCertificatePem=ca_pem, status="PENDING_ACTIVATION"
+        )
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] == "ResourceAlreadyExistsException":
+            return None
+        raise
+    return certificate_registered_event(registered["certificateId"], ca_id, account)

@@ -1,0 +1,69 @@
+"""Create fleetkey's resources on an AWS endpoint (moto here) from the same definitions the CDK
+stack uses: the table layout from fleetkey.store.schema, IoT policies and thing types from the
+device profiles."""
+
+from __future__ import annotations
+
+import json
+
+from botocore.exceptions import ClientError
+
+from fleetkey.domain.profiles import PROFILES
+from fleetkey.store import schema
+
+NAME_PREFIX = "fleetkey"
+SEARCHABLE_ATTRIBUTES = ["serial_number", "profile", "manufacturer_ca"]
+
+
+def create_table(dynamodb, table_name: str) -> None:
+    try:
+        dynamodb.create_table(
+            TableName=table_name,
+            KeySchema=[
+                {"AttributeName": schema.PARTITION_KEY, "KeyType": "HASH"},
+                {"AttributeName": schema.SORT_KEY, "KeyType": "RANGE"},
+            ],
+            AttributeDefinitions=[
+                {"AttributeName": schema.PARTITION_KEY, "AttributeType": "S"},
+                {"AttributeName": schema.SORT_KEY, "AttributeType": "S"},
+            ],
+            BillingMode="PAY_PER_REQUEST",
+        )
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] != "ResourceInUseException":
+            raise
+        return
+    dynamodb.update_time_to_live(
+        TableName=table_name,
+        TimeToLiveSpecification={"Enabled": True, "AttributeName": schema.TTL_ATTRIBUTE},
+    )
+
+
+def create_iot_profiles(iot, region: str, account: str, prefix: str = NAME_PREFIX) -> None:
+    arn_prefix = f"arn:aws:iot:{region}:{account}"
+    for profile in PROFILES.values():
+        try:
+            iot.create_thing_type(
+                thingTypeName=profile.thing_type_name(prefix),
+                thingTypeProperties={
+                    "thingTypeDescription": profile.description,
+                    "searchableAttributes": SEARCHABLE_ATTRIBUTES,
+                },
+            )
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "ResourceAlreadyExistsException":
+                raise
+        try:
+            iot.create_policy(
+                policyName=profile.iot_policy_name(prefix),
+                policyDocument=json.dumps(profile.iot_policy_document(arn_prefix)),
+            )
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "ResourceAlreadyExistsException":
+                raise
+
+
+def provision(session_clients, table_name: str, region: str, account: str) -> None:
+    """`session_clients(service)` returns a boto3 client for the service."""
+    create_table(session_clients("dynamodb"), table_name)
+    create_iot_profiles(session_clients("iot"), region, account)
