@@ -1,25 +1,107 @@
 """Where moto departs from AWS in ways fleetkey depends on, brought back in line.
 
 Each patch names the AWS behaviour it restores. Applied by the embedded stack and the tests.
+
+1. IoT GetRegistrationCode: AWS gives one code per account and region; moto a new random one on
+   every call, so no CA verification certificate could ever match.
+2. DynamoDB TransactWriteItems: AWS transactions are atomic and isolated and cost the same
+   whatever the table size. moto deep-copies the whole table once per action of a transaction
+   (to roll back), which makes a 10,000-row import take hours and tens of GiB, and it does not
+   isolate a transaction from concurrent requests. The patch snapshots only the items the
+   transaction touches, and serializes DynamoDB writes and transactions behind one lock.
 """
 
 from __future__ import annotations
 
+import copy
+import threading
+import types
 import uuid
 
 _applied = False
+_dynamodb_lock = threading.RLock()
+
+
+def _stable_registration_code(self) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"fleetkey:{self.account_id}:{self.region_name}"))
+
+
+def _patch_iot() -> None:
+    from moto.iot.models import IoTBackend
+
+    IoTBackend.get_registration_code = _stable_registration_code
+
+
+def _patch_dynamodb() -> None:
+    from moto.dynamodb import models as dynamodb_models
+    from moto.dynamodb.models import DynamoDBBackend
+    from moto.dynamodb.models.dynamo_type import DynamoType
+    from moto.dynamodb.models.table import Table
+
+    def deepcopy(value, memo=None):
+        # The whole-table backup becomes the table itself; the wrapper below restores the items
+        # the transaction touched instead.
+        if isinstance(value, Table):
+            return value
+        return copy.deepcopy(value, memo)
+
+    dynamodb_models.copy = types.SimpleNamespace(deepcopy=deepcopy)
+
+    def touched_items(backend, transact_items):
+        touched = []
+        for action in transact_items:
+            op_type, op = next(iter(action.items()))
+            table = backend.tables.get(op.get("TableName"))
+            if table is None:
+                continue
+            key = op["Item"] if op_type == "Put" else op["Key"]
+            hash_value = DynamoType(key[table.hash_key_attr])
+            range_value = (
+                DynamoType(key[table.range_key_attr]) if table.range_key_attr else None
+            )
+            current = table.get_item(hash_value, range_value)
+            touched.append((table, hash_value, range_value, copy.deepcopy(current)))
+        return touched
+
+    def restore(touched):
+        for table, hash_value, range_value, original in reversed(touched):
+            if range_value is None:
+                if original is None:
+                    table.items.pop(hash_value, None)
+                else:
+                    table.items[hash_value] = original
+            elif original is None:
+                table.items.get(hash_value, {}).pop(range_value, None)
+            else:
+                table.items[hash_value][range_value] = original
+
+    original_transact = DynamoDBBackend.transact_write_items
+
+    def transact_write_items(self, transact_items):
+        with _dynamodb_lock:
+            touched = touched_items(self, transact_items)
+            try:
+                return original_transact(self, transact_items)
+            except Exception:
+                restore(touched)
+                raise
+
+    DynamoDBBackend.transact_write_items = transact_write_items
+
+    for name in ("put_item", "update_item", "delete_item", "get_item", "batch_write_item"):
+        original = getattr(DynamoDBBackend, name)
+
+        def locked(self, *args, __original=original, **kwargs):
+            with _dynamodb_lock:
+                return __original(self, *args, **kwargs)
+
+        setattr(DynamoDBBackend, name, locked)
 
 
 def apply() -> None:
     global _applied
     if _applied:
         return
-    from moto.iot.models import IoTBackend
-
-    def get_registration_code(self) -> str:
-        # AWS: one registration code per account and region, the same on every call.
-        # moto: a new random code on every call, so no verification certificate can match it.
-        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"fleetkey:{self.account_id}:{self.region_name}"))
-
-    IoTBackend.get_registration_code = get_registration_code
+    _patch_iot()
+    _patch_dynamodb()
     _applied = True

@@ -18,6 +18,7 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from fleetkey_infra import constants
+from fleetkey_infra.nag import acknowledge
 
 
 class Functions(Construct):
@@ -66,13 +67,21 @@ class Functions(Construct):
         )
 
     def _build_failure_queue(self) -> sqs.Queue:
-        return sqs.Queue(
+        queue = sqs.Queue(
             self,
             "RegistrationFailures",
             encryption=sqs.QueueEncryption.SQS_MANAGED,
             enforce_ssl=True,
             retention_period=constants.FAILED_EVENT_RETENTION,
         )
+        acknowledge(
+            queue,
+            "AwsSolutions-SQS3",
+            "This queue is itself the dead-letter destination: the registration function's "
+            "on-failure destination for events that exhausted their retries. Nothing consumes "
+            "it automatically; an operator inspects and replays the events.",
+        )
+        return queue
 
     def _build_role(self, construct_id: str, purpose: str) -> iam.Role:
         return iam.Role(
@@ -101,7 +110,7 @@ class Functions(Construct):
         log_group = self._build_log_group(f"{construct_id}Logs")
         # The AWSLambdaBasicExecutionRole equivalent, scoped to this function's own log group.
         log_group.grant_write(role)
-        return lambda_.Function(
+        function = lambda_.Function(
             self,
             construct_id,
             runtime=lambda_.Runtime.PYTHON_3_12,
@@ -125,6 +134,14 @@ class Functions(Construct):
             retry_attempts=retry_attempts,
             on_failure=on_failure,
         )
+        acknowledge(
+            function,
+            "AwsSolutions-L1",
+            "Python 3.12 is deliberate: `make layer` builds the layer's compiled wheels "
+            "(cryptography, pydantic-core) for cp312 on arm64, so the runtime moves only together "
+            "with the layer build.",
+        )
+        return function
 
 
 def _existing(code_dir: Path) -> Path:

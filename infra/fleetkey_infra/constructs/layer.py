@@ -22,9 +22,11 @@ class CoreLayer(Construct):
 
     @staticmethod
     def _check_built(directory: Path) -> Path:
-        if not (directory / "python").is_dir():
+        # The core package itself, not just the directory: an empty or half-built layer would
+        # synthesize (and deploy) without complaint and fail only at the first invocation.
+        if not (directory / "python" / "fleetkey" / "__init__.py").is_file():
             raise LayerNotBuiltError(
-                f"the Lambda layer is not built: {directory}/python does not exist. "
+                f"the Lambda layer is not built: {directory}/python/fleetkey is missing. "
                 "Run `make layer` first (or pass -c layerDir=<dir> to use another build)."
             )
         return directory

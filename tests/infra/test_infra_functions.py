@@ -1,0 +1,130 @@
+"""The two functions: runtime, layer, tracing, logs, environment and the failure destination."""
+
+import pytest
+from fleetkey_infra import constants
+from infra_template import function_by_service, of_type, only, render
+
+SERVICES = [constants.REGISTRATION_SERVICE_NAME, constants.ADMIN_SERVICE_NAME]
+
+
+def test_there_are_exactly_two_functions(resources: dict[str, dict]) -> None:
+    # Given the synthesized stack
+    # When listing its functions
+    functions = of_type(resources, "AWS::Lambda::Function")
+
+    # Then there are the registration and admin functions and nothing else (no CDK helpers)
+    assert len(functions) == 2
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_function_runs_python312_on_arm64_with_the_core_layer(
+    resources: dict[str, dict], service: str
+) -> None:
+    # Given the function of one service and the core layer
+    layer_id, layer = only(resources, "AWS::Lambda::LayerVersion")
+    _, function = function_by_service(resources, service)
+    props = function["Properties"]
+
+    # When reading its runtime settings
+    # Then it runs the layer's runtime and architecture, with the layer attached and traced
+    assert props["Runtime"] == "python3.12"
+    assert props["Architectures"] == ["arm64"]
+    assert props["Handler"] == "handler.handler"
+    assert props["Layers"] == [{"Ref": layer_id}]
+    assert props["TracingConfig"] == {"Mode": "Active"}
+    assert layer["Properties"]["CompatibleRuntimes"] == ["python3.12"]
+    assert layer["Properties"]["CompatibleArchitectures"] == ["arm64"]
+
+
+@pytest.mark.parametrize(
+    ("service", "memory", "timeout"),
+    [(constants.REGISTRATION_SERVICE_NAME, 512, 30), (constants.ADMIN_SERVICE_NAME, 512, 29)],
+)
+def test_function_memory_and_timeout(
+    resources: dict[str, dict], service: str, memory: int, timeout: int
+) -> None:
+    # Given the function of one service
+    _, function = function_by_service(resources, service)
+
+    # When reading its sizing
+    # Then memory and timeout are as designed (admin stays under API Gateway's 29 s)
+    assert function["Properties"]["MemorySize"] == memory
+    assert function["Properties"]["Timeout"] == timeout
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_function_environment_configures_settings_and_powertools(
+    resources: dict[str, dict], service: str
+) -> None:
+    # Given the function of one service and the table
+    table_id, _ = only(resources, "AWS::DynamoDB::Table")
+    _, function = function_by_service(resources, service)
+
+    # When reading its environment
+    env = function["Properties"]["Environment"]["Variables"]
+
+    # Then Settings.from_environ and Powertools find what they need
+    assert env == {
+        "FLEETKEY_TABLE": {"Ref": table_id},
+        "FLEETKEY_NAME_PREFIX": constants.NAME_PREFIX,
+        "POWERTOOLS_SERVICE_NAME": service,
+        "POWERTOOLS_METRICS_NAMESPACE": "fleetkey",
+        "POWERTOOLS_LOG_LEVEL": "INFO",
+    }
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_function_logs_to_its_own_log_group_with_retention(
+    resources: dict[str, dict], service: str
+) -> None:
+    # Given the function of one service
+    _, function = function_by_service(resources, service)
+
+    # When following its logging configuration
+    log_group_id = function["Properties"]["LoggingConfig"]["LogGroup"]["Ref"]
+    log_group = resources[log_group_id]
+
+    # Then it is an explicit log group with a retention
+    assert log_group["Type"] == "AWS::Logs::LogGroup"
+    assert log_group["Properties"]["RetentionInDays"] == 30
+
+
+def test_registration_failures_go_to_the_failure_queue_after_two_retries(
+    resources: dict[str, dict],
+) -> None:
+    # Given the registration function and its async invoke configuration
+    function_id, _ = function_by_service(resources, constants.REGISTRATION_SERVICE_NAME)
+    _, config = only(resources, "AWS::Lambda::EventInvokeConfig")
+    props = config["Properties"]
+
+    # When following the on-failure destination
+    queue_id = props["DestinationConfig"]["OnFailure"]["Destination"]["Fn::GetAtt"][0]
+    queue = resources[queue_id]
+
+    # Then events that fail twice more land in an encrypted SQS queue
+    assert props["FunctionName"] == {"Ref": function_id}
+    assert props["MaximumRetryAttempts"] == 2
+    assert queue["Type"] == "AWS::SQS::Queue"
+    assert queue["Properties"]["SqsManagedSseEnabled"] is True
+
+
+def test_failure_queues_refuse_requests_without_tls(resources: dict[str, dict]) -> None:
+    # Given every queue of the stack
+    queues = of_type(resources, "AWS::SQS::Queue")
+    policies = of_type(resources, "AWS::SQS::QueuePolicy").values()
+
+    # When looking for the queue policy that covers each one
+    for queue_id in queues:
+        statements = [
+            s
+            for p in policies
+            if {"Ref": queue_id} in p["Properties"]["Queues"]
+            for s in p["Properties"]["PolicyDocument"]["Statement"]
+        ]
+
+        # Then insecure transport is denied (enforce_ssl)
+        assert any(
+            s["Effect"] == "Deny"
+            and s["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+            for s in statements
+        ), render(statements)

@@ -1,0 +1,171 @@
+"""Registration converges: a failure at any single AWS call followed by a retry, duplicate
+deliveries, and concurrent copies all end in exactly the state of one clean run."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from fleetkey.domain.allowlist import AllowlistEntry
+from fleetkey_local.pki import pem
+from tests.support.faults import FaultInjector
+from tests.support.pki_cache import ca as cached_ca
+
+
+def _entry(device_id: str) -> AllowlistEntry:
+    return AllowlistEntry(
+        device_id=device_id, serial_number=f"SN-{device_id}", manufacturer_ca="acme",
+        profile="telemetry-sensor",
+    )
+
+
+def _prepare(stack, scenario: str):
+    """Set up one scenario's starting state; return the event to process and the device id."""
+    acme = cached_ca("acme")
+    registered = stack.register_ca(acme)
+    stack.anchors.get(registered.iot_ca_id)
+    device_id = "dev-1"
+    if scenario != "not-allowlisted":
+        stack.allowlist.add(_entry(device_id), actor="op")
+    if scenario == "clone":
+        _, original = acme.issue_device(device_id, serial_number=f"SN-{device_id}")
+        assert stack.register(stack.first_connect(pem(original), acme.pem)).accepted
+    options = {}
+    if scenario == "expired":
+        now = datetime.now(timezone.utc)
+        options = {"not_before": now - timedelta(days=9), "not_after": now - timedelta(days=1)}
+    _, cert = acme.issue_device(device_id, serial_number=f"SN-{device_id}", **options)
+    event = stack.first_connect(pem(cert), acme.pem)
+    return event, device_id
+
+
+def snapshot(stack, event: dict, device_id: str) -> dict:
+    """Everything a registration can change, with run-specific ids and times abstracted away."""
+    cert_id = event["certificateId"]
+    iot = stack.harness_iot
+    cert = iot.describe_certificate(certificateId=cert_id)["certificateDescription"]
+    device = stack.store.get_device(device_id)
+    decision = stack.store.get_certificate(cert_id)
+    try:
+        thing = iot.describe_thing(thingName=device_id)
+        principals = iot.list_thing_principals(thingName=device_id)["principals"]
+        thing_state = (thing.get("thingTypeName"), sorted(thing.get("attributes", {})),
+                       ["this" if p == cert["certificateArn"] else "other" for p in principals])
+    except iot.exceptions.ResourceNotFoundException:
+        thing_state = None
+    policies = [p["policyName"] for p in iot.list_attached_policies(target=cert["certificateArn"])["policies"]]
+
+    def actions(subject):
+        try:
+            records, _ = stack.devices.audit(subject)  # also verifies the chain
+        except Exception as exc:  # noqa: BLE001 - absence is part of the state
+            return type(exc).__name__
+        return [(r.action, r.details.get("reason")) for r in records]
+
+    return {
+        "certificate_status": cert["status"],
+        "policies": policies,
+        "thing": thing_state,
+        "device": None if device is None else (device.state.value, device.certificate_id == cert_id, device.audit_head.seq),
+        "decision": None if decision is None else (decision.outcome.value, decision.reason, decision.device_id),
+        "device_audit": actions(f"device:{device_id}"),
+        "certificate_audit": actions(f"certificate:{cert_id}"),
+    }
+
+
+SCENARIOS = ["accepted", "not-allowlisted", "clone", "expired"]
+
+
+def _clean_run(make_stack, scenario):
+    stack = make_stack()
+    event, device_id = _prepare(stack, scenario)
+    faults = FaultInjector().watch(*stack.service_clients())
+    faults.arm(None)
+    stack.register(event)
+    calls = list(faults.calls)
+    stack.register(event)  # a duplicate delivery changes nothing
+    return snapshot(stack, event, device_id), calls
+
+
+@pytest.fixture
+def make_stack():
+    from moto import mock_aws
+
+    from fleetkey_local.stack import EmbeddedStack, client_factory
+
+    mocks = []
+
+    def make():
+        if mocks:
+            mocks.pop().stop()
+        mock = mock_aws(config={"iot": {"use_valid_cert": True}})
+        mock.start()
+        mocks.append(mock)
+        return EmbeddedStack(client_factory()).provision()
+
+    yield make
+    for mock in mocks:
+        mock.stop()
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_duplicate_delivery_changes_nothing(make_stack, scenario):
+    # Given one clean run of the scenario
+    stack = make_stack()
+    event, device_id = _prepare(stack, scenario)
+    stack.register(event)
+    before = snapshot(stack, event, device_id)
+    # When the same event is delivered again
+    stack.register(event)
+    # Then nothing changes
+    assert snapshot(stack, event, device_id) == before
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["fail-before-call", "fail-after-call"])
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_failure_at_every_call_then_retry_converges(make_stack, scenario, after):
+    expected, clean_calls = _clean_run(make_stack, scenario)
+    assert clean_calls, "the clean run made no AWS calls"
+    for k in range(1, len(clean_calls) + 1):
+        # Given a fresh start and a fault at the k-th AWS call
+        stack = make_stack()
+        event, device_id = _prepare(stack, scenario)
+        faults = FaultInjector().watch(*stack.service_clients())
+        faults.arm(k, after=after)
+        # When the registration fails there (Lambda sees the error and retries the event)
+        with pytest.raises(Exception):
+            stack.register(event)
+        assert faults.fired == clean_calls[k - 1], (k, faults.calls)
+        faults.arm(None)
+        stack.register(event)
+        # Then the retry ends in the state of one clean run
+        assert snapshot(stack, event, device_id) == expected, f"fault at call {k} ({faults.fired})"
+
+
+@pytest.mark.parametrize("scenario", ["accepted", "not-allowlisted", "clone"])
+def test_ten_concurrent_copies_end_as_one_run(make_stack, scenario):
+    expected, _ = _clean_run(make_stack, scenario)
+    # Given the scenario's starting state
+    stack = make_stack()
+    event, device_id = _prepare(stack, scenario)
+    # When ten copies of the event are processed at once
+    barrier = threading.Barrier(10)
+    errors: list[BaseException] = []
+
+    def deliver():
+        barrier.wait()
+        try:
+            stack.register(event)
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=deliver) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Then every copy succeeds and the state is that of one clean run
+    assert errors == []
+    assert snapshot(stack, event, device_id) == expected
