@@ -125,11 +125,6 @@ def test_bad_fingerprint_is_rejected(fingerprint):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Fingerprint has to_lower=True, but pydantic checks the pattern ^[0-9a-f]{64}$ before "
-    "lowercasing, so uppercase hex is rejected instead of normalised",
-)
 def test_uppercase_fingerprint_is_normalised_to_lowercase():
     # Given a fingerprint in uppercase hex (as `openssl ... -fingerprint` prints it)
     # When it is parsed

@@ -256,11 +256,6 @@ def test_certificate_without_key_usage_is_refused():
     assert refused(cert).reason == RejectionReason.INVALID_CHAIN
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_DEVICE_EE_POLICY starts from ExtensionPolicy.permit_all() and never checks "
-    "BasicConstraints (nor keyCertSign), so a CA certificate is accepted as a device certificate",
-)
 @pytest.mark.parametrize("key_cert_sign", [True, False], ids=["with-keyCertSign", "without"])
 def test_leaf_that_is_itself_a_ca_is_refused(key_cert_sign):
     # Given a certificate from the manufacturer CA that is itself a CA (BasicConstraints ca=True)

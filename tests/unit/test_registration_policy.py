@@ -128,11 +128,6 @@ def test_key_must_satisfy_the_device_profile(profile, key, expected):
     assert refusal_for(device, replace(CERT, key_description=key), CA) is expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="refusal_for only checks 'ec' and 'rsa' key kinds and accepts any other kind "
-    "(fail-open), unlike check_key_policy which refuses it",
-)
 def test_key_of_an_unknown_kind_is_refused():
     # Given a certificate with a key the profile's policy does not describe at all
     cert = replace(CERT, key_description="other:Ed25519PublicKey")

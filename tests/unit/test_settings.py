@@ -105,11 +105,6 @@ def test_settings_are_immutable():
         settings.table_name = "other"  # type: ignore[misc]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="from_environ only checks that numeric settings parse as int; a negative row limit or "
-    "cache lifetime is accepted (and then makes every import fail)",
-)
 @pytest.mark.parametrize(
     "name", ["FLEETKEY_TRUST_ANCHOR_CACHE_SECONDS", "FLEETKEY_MAX_IMPORT_ROWS"]
 )

@@ -43,6 +43,8 @@ class Settings:
             max_rows = int(env.get("FLEETKEY_MAX_IMPORT_ROWS", "10000"))
         except ValueError as exc:
             raise SettingsError(f"numeric setting is not a number: {exc}") from None
+        if cache_seconds < 0 or max_rows < 1:
+            raise SettingsError("cache seconds must be >= 0 and the import row limit >= 1")
         return cls(
             table_name=table_name,
             region=region,

@@ -84,14 +84,7 @@ def describe_key(cert: x509.Certificate) -> str:
 
 def check_key_policy(cert: x509.Certificate, policy: KeyPolicy) -> None:
     """Raises InvalidCertificate(weak_key) for a key type or size the policy does not allow."""
-    key = cert.public_key()
-    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in policy.ec_curves:
-        return
-    if (
-        isinstance(key, rsa.RSAPublicKey)
-        and policy.rsa_min_bits is not None
-        and key.key_size >= policy.rsa_min_bits
-    ):
+    if policy.allows(describe_key(cert)):
         return
     raise InvalidCertificate(
         RejectionReason.WEAK_KEY,
@@ -105,6 +98,15 @@ def _require_digital_signature(
 ) -> None:
     if key_usage is None or not key_usage.digital_signature:
         raise ValueError("device certificate key usage must include digitalSignature")
+    if key_usage.key_cert_sign:
+        raise ValueError("a device certificate may not sign certificates")
+
+
+def _forbid_ca(
+    _policy: verification.Policy, _cert: x509.Certificate, constraints: x509.BasicConstraints | None
+) -> None:
+    if constraints is not None and constraints.ca:
+        raise ValueError("a CA certificate is not a device certificate")
 
 
 def _require_client_auth(
@@ -114,10 +116,12 @@ def _require_client_auth(
         raise ValueError("device certificate extended key usage excludes clientAuth")
 
 
-# Device certificates: key usage digitalSignature is required; if an extended key usage is present
-# it must allow TLS client authentication; no SAN is required (devices are named by subject CN).
+# Device certificates: not a CA; key usage digitalSignature is required and keyCertSign forbidden;
+# if an extended key usage is present it must allow TLS client authentication; no SAN is required
+# (devices are named by subject CN, as AWS IoT thing names).
 _DEVICE_EE_POLICY = (
     verification.ExtensionPolicy.permit_all()
+    .may_be_present(x509.BasicConstraints, verification.Criticality.AGNOSTIC, _forbid_ca)
     .require_present(
         x509.KeyUsage, verification.Criticality.AGNOSTIC, _require_digital_signature
     )

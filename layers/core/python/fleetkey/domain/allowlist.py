@@ -22,7 +22,7 @@ from fleetkey.errors import InvalidRequest
 DeviceId = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9:_-]{1,128}$")]
 SerialNumber = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._/-]{1,64}$")]
 CaName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
-Fingerprint = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$", to_lower=True)]
+Fingerprint = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$", to_lower=True)]
 AttributeName = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_.,@/:#-]{1,128}$")]
 AttributeValue = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_.,@/:#=\[\]-]{0,800}$")]
 

@@ -111,8 +111,13 @@ def verify_chain(
     """
     head = ChainHead()
     count = 0
-    for body, stored_hash in stored:
-        record = AuditRecord.from_body(body)
+    for index, (body, stored_hash) in enumerate(stored):
+        try:
+            record = AuditRecord.from_body(body)
+        except (ValueError, KeyError, TypeError):
+            raise AuditChainBroken(
+                f"record {index + 1} of {subject} is unreadable", details={"index": index}
+            ) from None
         actual = hashlib.sha256(body.encode()).hexdigest()
         if actual != stored_hash or record.body != body:
             raise AuditChainBroken(

@@ -21,6 +21,15 @@ class KeyPolicy:
     ec_curves: frozenset[str] = frozenset({"secp256r1", "secp384r1"})
     rsa_min_bits: int | None = 2048
 
+    def allows(self, key_description: str) -> bool:
+        """`key_description` is "ec:<curve>" or "rsa:<bits>"; any other kind is refused."""
+        kind, _, param = key_description.partition(":")
+        if kind == "ec":
+            return param in self.ec_curves
+        if kind == "rsa" and param.isdigit():
+            return self.rsa_min_bits is not None and int(param) >= self.rsa_min_bits
+        return False
+
 
 @dataclass(frozen=True, slots=True)
 class TokenRules:

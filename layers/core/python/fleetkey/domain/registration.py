@@ -33,10 +33,6 @@ def refusal_for(
         and device.public_key_fingerprint != certificate.public_key_fingerprint
     ):
         return RejectionReason.UNEXPECTED_PUBLIC_KEY
-    policy = get_profile(device.profile).key_policy
-    key_kind, _, key_param = certificate.key_description.partition(":")
-    if key_kind == "ec" and key_param not in policy.ec_curves:
-        return RejectionReason.WEAK_KEY
-    if key_kind == "rsa" and (policy.rsa_min_bits is None or int(key_param) < policy.rsa_min_bits):
+    if not get_profile(device.profile).key_policy.allows(certificate.key_description):
         return RejectionReason.WEAK_KEY
     return None
