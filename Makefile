@@ -13,7 +13,7 @@ export AWS_DEFAULT_REGION ?= eu-west-1
 $(STAMP): pyproject.toml package.json
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
 	npm install --no-audit --no-fund --silent
 	touch $(STAMP)
 
@@ -24,7 +24,8 @@ $(LAYER_DIR)/.built: $(STAMP) $(shell find layers/core/python -name '*.py')
 	rm -rf $(LAYER_DIR) && mkdir -p $(LAYER_DIR)/python
 	$(BIN)/pip install --quiet --target $(LAYER_DIR)/python --platform manylinux2014_aarch64 \
 		--python-version 3.12 --implementation cp --only-binary=:all: \
-		'aws-lambda-powertools[tracer]==3.37.0' 'pydantic==2.12.5' 'cryptography==48.0.0' 'pyjwt==2.10.1'
+		'aws-lambda-powertools[tracer]==3.37.0' 'pydantic==2.12.5' 'cryptography==48.0.0' 'pyjwt==2.10.1' \
+		'boto3==1.43.11'
 	cp -r layers/core/python/fleetkey $(LAYER_DIR)/python/
 	find $(LAYER_DIR) -name '__pycache__' -prune -exec rm -rf {} +
 	touch $@
@@ -35,7 +36,7 @@ demo: $(STAMP)
 	$(BIN)/python -m fleetkey_local.demo
 
 test: $(STAMP) $(LAYER_DIR)/.built
-	$(BIN)/python -m pytest -n 2 tests
+	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit

@@ -6,7 +6,7 @@ event; a malformed event is audited and acknowledged (retrying it cannot help).
 
 from functools import lru_cache
 
-from aws_lambda_powertools.metrics import MetricUnit, single_metric
+from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import ValidationError
 
@@ -49,9 +49,8 @@ def handler(event: dict, context: LambdaContext) -> dict:
         logger.info("registration accepted", extra={"device_id": outcome.device_id})
         return {"status": "accepted", "device_id": outcome.device_id}
     reason = outcome.reason.value if outcome.reason else "unknown"
-    with single_metric(
-        name="RegistrationsRefused", unit=MetricUnit.Count, value=1, namespace="fleetkey"
-    ) as metric:
-        metric.add_dimension(name="reason", value=reason)
+    # One registration metric per invocation, so the dimension applies to it alone.
+    metrics.add_dimension(name="reason", value=reason)
+    metrics.add_metric(name="RegistrationsRefused", unit=MetricUnit.Count, value=1)
     logger.warning("registration refused", extra={"device_id": outcome.device_id, "reason": reason})
     return {"status": "refused", "device_id": outcome.device_id, "reason": reason}

@@ -19,6 +19,16 @@ class AwsCallCounter:
             client.meta.events.register("before-call.*.*", self._on_call)
         return self
 
+    def watch_default_session(self) -> "AwsCallCounter":
+        """Count the calls of every client later made from boto3's default session (the one the
+        Lambda functions use)."""
+        import boto3
+
+        if boto3.DEFAULT_SESSION is None:
+            boto3.setup_default_session()
+        boto3.DEFAULT_SESSION.events.register("before-call.*.*", self._on_call)
+        return self
+
     def _on_call(self, model, **_: object) -> None:
         with self._lock:
             self.calls.append(f"{model.service_model.service_name}.{model.name}")

@@ -60,3 +60,25 @@ def auto_register(iot, device_pem: str, ca_pem: str, account: str) -> dict | Non
             return None
         raise
     return certificate_registered_event(registered["certificateId"], ca_id, account)
+
+
+def connect_refusal(iot, certificate_id: str, client_id: str) -> str | None:
+    """Why AWS IoT would refuse an MQTT connection with a known certificate and this client id,
+    or None when it would accept it: the certificate must be ACTIVE, attached to a thing whose
+    name is the client id (the profile policies allow client/${iot:Connection.Thing.ThingName}
+    only while the thing is attached), and have a policy attached."""
+    description = iot.describe_certificate(certificateId=certificate_id)["certificateDescription"]
+    if description["status"] != "ACTIVE":
+        return f"certificate is {description['status']}"
+    arn = description["certificateArn"]
+    try:
+        principals = iot.list_thing_principals(thingName=client_id)["principals"]
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] == "ResourceNotFoundException":
+            return "no thing named after the client id"
+        raise
+    if arn not in principals:
+        return "certificate is not attached to the client id's thing"
+    if not iot.list_attached_policies(target=arn)["policies"]:
+        return "no policy attached"
+    return None

@@ -9,6 +9,9 @@ Each patch names the AWS behaviour it restores. Applied by the embedded stack an
    (to roll back), which makes a 10,000-row import take hours and tens of GiB, and it does not
    isolate a transaction from concurrent requests. The patch snapshots only the items the
    transaction touches, and serializes DynamoDB writes and transactions behind one lock.
+3. IoT certificate ids: AWS uses the SHA-256 of the certificate's DER; moto does only with its
+   `iot.use_valid_cert` option, which `mock_aws(config=...)` sets but the moto server's
+   /moto-api/config endpoint silently ignores. `use_aws_certificate_ids` sets it in-process.
 """
 
 from __future__ import annotations
@@ -96,6 +99,12 @@ def _patch_dynamodb() -> None:
                 return __original(self, *args, **kwargs)
 
         setattr(DynamoDBBackend, name, locked)
+
+
+def use_aws_certificate_ids() -> None:
+    from moto.settings import default_user_config
+
+    default_user_config.setdefault("iot", {})["use_valid_cert"] = True
 
 
 def apply() -> None:

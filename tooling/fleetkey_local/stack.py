@@ -29,10 +29,12 @@ TABLE = "fleetkey-local"
 
 
 def client_factory(endpoint_url: str | None = None, region: str = REGION) -> Callable:
+    # A session of its own, so hooks on boto3's default session (which the functions use) do
+    # not see the harness's calls.
+    session = boto3.session.Session(region_name=region)
+
     def make(service: str):
-        return boto3.client(
-            service, region_name=region, endpoint_url=endpoint_url, config=CLIENT_CONFIG
-        )
+        return session.client(service, endpoint_url=endpoint_url, config=CLIENT_CONFIG)
 
     return make
 

@@ -1,0 +1,1 @@
+"""The `fleetkey` operator command line (development and operations tooling, not Lambda code)."""

@@ -1,0 +1,138 @@
+"""fleetkey — operator command line.
+
+    fleetkey --endpoint https://<api>/prod allowlist import factory-manifest.csv
+    fleetkey device show pump-0001
+    fleetkey audit device:pump-0001
+    fleetkey ca register --name acme-2026 --certificate acme-ca.pem --ca-key acme-ca.key
+
+The endpoint is the admin API's stage URL (or FLEETKEY_ENDPOINT); requests are signed with SigV4
+using the standard AWS credential chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from fleetkey_cli.client import AdminApiError, AdminClient, SigV4Transport
+
+
+def _print(value) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fleetkey", description="fleetkey operator CLI")
+    parser.add_argument("--endpoint", default=os.environ.get("FLEETKEY_ENDPOINT"),
+                        help="admin API stage URL (default: $FLEETKEY_ENDPOINT)")
+    parser.add_argument("--region", default=os.environ.get("AWS_REGION")
+                        or os.environ.get("AWS_DEFAULT_REGION") or "eu-west-1")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    allowlist = commands.add_parser("allowlist", help="allow-list entries").add_subparsers(
+        dest="action", required=True)
+    add = allowlist.add_parser("add", help="allow-list one device")
+    add.add_argument("--device-id", required=True)
+    add.add_argument("--serial-number", required=True)
+    add.add_argument("--manufacturer-ca", required=True)
+    add.add_argument("--profile", required=True)
+    add.add_argument("--public-key-fingerprint")
+    add.add_argument("--attribute", action="append", default=[], metavar="NAME=VALUE")
+    imp = allowlist.add_parser("import", help="import a factory manifest (CSV or JSON)")
+    imp.add_argument("file", type=Path)
+    imp.add_argument("--format", choices=["csv", "json"])
+
+    device = commands.add_parser("device", help="devices").add_subparsers(dest="action", required=True)
+    device.add_parser("show").add_argument("device_id")
+
+    audit = commands.add_parser("audit", help="read and verify an audit trail")
+    audit.add_argument("subject", help="device id, or device:<id>, certificate:<id>, ca:<name>, "
+                                       "stream:<name>")
+
+    ca = commands.add_parser("ca", help="manufacturer CAs").add_subparsers(dest="action", required=True)
+    ca.add_parser("list")
+    ca.add_parser("registration-code")
+    register = ca.add_parser("register", help="register a manufacturer CA with AWS IoT")
+    register.add_argument("--name", required=True)
+    register.add_argument("--certificate", type=Path, required=True, help="CA certificate PEM")
+    proof = register.add_mutually_exclusive_group(required=True)
+    proof.add_argument("--verification-certificate", type=Path,
+                       help="PEM whose CN is the registration code, signed by the CA key")
+    proof.add_argument("--ca-key", type=Path,
+                       help="CA private key PEM: the proof is made here; the key is not sent")
+    for name in ("disable", "enable"):
+        ca.add_parser(name).add_argument("name")
+    return parser
+
+
+def _verification_from_key(client: AdminClient, certificate_pem: str, key_path: Path) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from fleetkey_local.pki import CertificateAuthority, pem
+
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    authority = CertificateAuthority(
+        name="ca", key=key, certificate=x509.load_pem_x509_certificate(certificate_pem.encode())
+    )
+    return pem(authority.verification_certificate(client.registration_code()))
+
+
+def run(args: argparse.Namespace, client: AdminClient) -> int:
+    if args.command == "allowlist" and args.action == "add":
+        attributes = dict(a.split("=", 1) for a in args.attribute if "=" in a)
+        entry = {"device_id": args.device_id, "serial_number": args.serial_number,
+                 "manufacturer_ca": args.manufacturer_ca, "profile": args.profile,
+                 "attributes": attributes}
+        if args.public_key_fingerprint:
+            entry["public_key_fingerprint"] = args.public_key_fingerprint
+        _print(client.add_entry(entry))
+    elif args.command == "allowlist" and args.action == "import":
+        fmt = args.format or ("json" if args.file.suffix.lower() == ".json" else "csv")
+        report = client.import_manifest(args.file.read_text(encoding="utf-8"), fmt)
+        _print(report)
+        return 0 if not report["rejected"] else 3
+    elif args.command == "device":
+        _print(client.device(args.device_id))
+    elif args.command == "audit":
+        trail = client.audit(args.subject)
+        for record in trail["records"]:
+            print(f"{record['seq']:>4}  {record['at']}  {record['action']:<22} {record['actor']}  "
+                  f"{json.dumps(record['details'], sort_keys=True)}")
+        print(f"chain verified: {len(trail['records'])} records, head {trail['head']['hash']}")
+    elif args.command == "ca":
+        if args.action == "list":
+            _print(client.list_cas())
+        elif args.action == "registration-code":
+            print(client.registration_code())
+        elif args.action == "register":
+            certificate = args.certificate.read_text()
+            if args.ca_key:
+                verification = _verification_from_key(client, certificate, args.ca_key)
+            else:
+                verification = args.verification_certificate.read_text()
+            _print(client.register_ca(args.name, certificate, verification))
+        else:
+            _print(client.set_ca_enabled(args.name, args.action == "enable"))
+    return 0
+
+
+def main(argv: list[str] | None = None, client: AdminClient | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if client is None:
+        if not args.endpoint:
+            print("fleetkey: --endpoint (or FLEETKEY_ENDPOINT) is required", file=sys.stderr)
+            return 2
+        client = AdminClient(SigV4Transport(args.endpoint, args.region))
+    try:
+        return run(args, client)
+    except AdminApiError as exc:
+        print(f"fleetkey: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
