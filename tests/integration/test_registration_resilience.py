@@ -169,3 +169,40 @@ def test_ten_concurrent_copies_end_as_one_run(make_stack, scenario):
     # Then every copy succeeds and the state is that of one clean run
     assert errors == []
     assert snapshot(stack, event, device_id) == expected
+
+
+def test_two_different_certificates_racing_for_one_device(make_stack):
+    """A cloned identity registering at the same moment as the genuine device: exactly one
+    certificate wins; the other is refused as a suspected clone and revoked."""
+    stack = make_stack()
+    acme = cached_ca("acme")
+    stack.anchors.get(stack.register_ca(acme).iot_ca_id)
+    stack.allowlist.add(_entry("dev-1"), actor="op")
+    events = [
+        stack.first_connect(pem(acme.issue_device("dev-1", serial_number="SN-dev-1")[1]), acme.pem)
+        for _ in range(2)
+    ] * 5  # each certificate's event delivered five times
+    barrier = threading.Barrier(len(events))
+    outcomes, errors = [], []
+
+    def deliver(event):
+        barrier.wait()
+        try:
+            outcomes.append(stack.register(event))
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=deliver, args=(e,)) for e in events]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    winners = {o.certificate_id for o in outcomes if o.accepted}
+    losers = {o.certificate_id for o in outcomes if not o.accepted}
+    assert len(winners) == 1 and len(losers) == 1
+    assert {o.reason.value for o in outcomes if not o.accepted} == {"clone_suspected"}
+    assert stack.certificate_status(winners.pop()) == "ACTIVE"
+    assert stack.certificate_status(losers.pop()) == "REVOKED"
+    records, _ = stack.devices.audit("device:dev-1")
+    assert [r.action for r in records] == ["allowlisted", "registered", "registration_refused"]
