@@ -13,7 +13,10 @@ export AWS_DEFAULT_REGION ?= eu-west-1
 $(STAMP): pyproject.toml package.json
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# The source roots on the path directly, so packages added later are seen without reinstalling.
+	printf '%s\n' $(CURDIR)/layers/core/python $(CURDIR)/tooling $(CURDIR)/infra \
+		> "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/fleetkey-source.pth"
 	npm install --no-audit --no-fund --silent
 	touch $(STAMP)
 

@@ -70,6 +70,8 @@ CLONE_NOTE = (
     "appended to the device's chain in a second transaction."
 )
 IMPORT_ROWS = 10_000
+# The only Query the handler makes: the trust-anchor (manufacturer CA) snapshot.
+ANCHOR_QUERY = "dynamodb.Query"
 
 
 @dataclass
@@ -161,6 +163,11 @@ class Operation:
             "calls_min": min(counts),
             "calls_max": max(counts),
             "http_requests_max": max(s.http_requests for s in self.samples),
+            # The trust-anchor snapshot (one Query) is re-read once its TTL (60 s) has passed.
+            "anchor_refreshes": sum(ANCHOR_QUERY in s.calls for s in self.samples),
+            "calls_max_warm_cache": max(
+                len(s.calls) - s.calls.count(ANCHOR_QUERY) for s in self.samples
+            ),
             "call_sequences": [
                 {"count": n, "calls": list(seq)} for seq, n in sequences.most_common()
             ],
@@ -442,8 +449,11 @@ def check(results: dict) -> list[str]:
     problems = []
     for key, budget in BUDGET.items():
         op = results["operations"][key]
-        if op["calls_max"] > budget:
-            problems.append(f"{op['operation']}: {op['calls_max']} AWS calls > budget {budget}")
+        # The budget is for a warm trust-anchor cache (see fleetkey.services.registration).
+        if op["calls_max_warm_cache"] > budget:
+            problems.append(
+                f"{op['operation']}: {op['calls_max_warm_cache']} AWS calls > budget {budget}"
+            )
     for key, (status, reason) in EXPECTED.items():
         for result in results["operations"][key]["results"]:
             parsed = json.loads(result)
@@ -505,6 +515,10 @@ def render(results: dict) -> str:
     if warned:
         out += ["", "Python warnings raised inside the handler (Lambda would write them to stderr):"]
         out += [f"- {name}: {w} ({n} invocations)" for name, w, n in warned]
+    refreshed = sum(op["anchor_refreshes"] for op in results["operations"].values())
+    if refreshed:
+        out += ["", f"{refreshed} warm invocation(s) also re-read the trust-anchor snapshot "
+                "(+1 dynamodb.Query, once its 60 s TTL passes); the budget check excludes it."]
     out += ["", f"Note: {CLONE_NOTE}"]
     return "\n".join(out)
 
