@@ -12,6 +12,8 @@ from pathlib import Path
 from aws_cdk import Duration
 from aws_cdk import aws_logs as logs
 
+from fleetkey.domain.profiles import FLEETKEY_THING_ATTRIBUTES
+
 # Repository layout, resolved from this file so that synthesis works from any working directory.
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CDK_JSON = REPO_ROOT / "cdk.json"
@@ -30,7 +32,7 @@ NAME_PREFIX = "fleetkey"
 
 # Thing attributes the registration service writes, searchable in the registry (AWS IoT allows
 # at most three searchable attributes per thing type).
-THING_SEARCHABLE_ATTRIBUTES = ("serial_number", "profile", "manufacturer_ca")
+THING_SEARCHABLE_ATTRIBUTES = FLEETKEY_THING_ATTRIBUTES
 
 # Lambda
 HANDLER = "handler.handler"

@@ -47,14 +47,9 @@ def test_valid_entry_parses_with_defaults():
     # When it is parsed
     entry = parse_entry(VALID)
 
-    # Then optional fields take their defaults and the thing attributes carry fleetkey's own
+    # Then optional fields take their defaults
     assert entry.public_key_fingerprint is None
     assert entry.attributes == {}
-    assert entry.thing_attributes() == {
-        "serial_number": "SN-0001",
-        "profile": "infusion-pump",
-        "manufacturer_ca": "acme",
-    }
 
 
 def test_full_entry_parses():
@@ -70,7 +65,7 @@ def test_full_entry_parses():
     # When / Then
     entry = parse_entry(data)
     assert entry.public_key_fingerprint == FINGERPRINT
-    assert entry.thing_attributes()["site"] == "plant-7"
+    assert entry.attributes["site"] == "plant-7"
 
 
 def test_surrounding_whitespace_is_stripped():

@@ -8,11 +8,10 @@ import json
 
 from botocore.exceptions import ClientError
 
-from fleetkey.domain.profiles import PROFILES
+from fleetkey.domain.profiles import FLEETKEY_THING_ATTRIBUTES, PROFILES
 from fleetkey.store import schema
 
 NAME_PREFIX = "fleetkey"
-SEARCHABLE_ATTRIBUTES = ["serial_number", "profile", "manufacturer_ca"]
 
 
 def create_table(dynamodb, table_name: str) -> None:
@@ -47,7 +46,7 @@ def create_iot_profiles(iot, region: str, account: str, prefix: str = NAME_PREFI
                 thingTypeName=profile.thing_type_name(prefix),
                 thingTypeProperties={
                     "thingTypeDescription": profile.description,
-                    "searchableAttributes": SEARCHABLE_ATTRIBUTES,
+                    "searchableAttributes": list(FLEETKEY_THING_ATTRIBUTES),
                 },
             )
         except ClientError as exc:

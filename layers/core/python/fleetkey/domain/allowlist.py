@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-from fleetkey.domain.profiles import PROFILES
+from fleetkey.domain.profiles import FLEETKEY_THING_ATTRIBUTES, PROFILES
 from fleetkey.errors import InvalidRequest
 
 # AWS IoT thing names and attribute syntax, so a valid entry always makes a valid thing.
@@ -27,7 +27,7 @@ AttributeName = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_.,@/:#-]{
 AttributeValue = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_.,@/:#=\[\]-]{0,800}$")]
 
 # Thing attributes fleetkey sets itself; an entry may not override them.
-RESERVED_ATTRIBUTES = frozenset({"serial_number", "profile", "manufacturer_ca"})
+RESERVED_ATTRIBUTES = frozenset(FLEETKEY_THING_ATTRIBUTES)
 MAX_ATTRIBUTES = 10
 MAX_MANIFEST_BYTES = 6 * 1024 * 1024
 CSV_ATTRIBUTE_PREFIX = "attribute."
@@ -60,14 +60,6 @@ class AllowlistEntry(BaseModel):
         if reserved:
             raise ValueError(f"reserved attribute names: {sorted(reserved)}")
         return value
-
-    def thing_attributes(self) -> dict[str, str]:
-        return {
-            **self.attributes,
-            "serial_number": self.serial_number,
-            "profile": self.profile,
-            "manufacturer_ca": self.manufacturer_ca,
-        }
 
 
 @dataclass(frozen=True, slots=True)

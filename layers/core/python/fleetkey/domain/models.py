@@ -23,6 +23,15 @@ class Device:
     created_at: str | None = None
     updated_at: str | None = None
 
+    def thing_attributes(self) -> dict[str, str]:
+        """The AWS IoT thing attributes: the entry's own plus those fleetkey sets."""
+        return {
+            **self.attributes,
+            "serial_number": self.serial_number,
+            "profile": self.profile,
+            "manufacturer_ca": self.manufacturer_ca,
+        }
+
     def to_public(self) -> dict:
         return {
             "device_id": self.device_id,

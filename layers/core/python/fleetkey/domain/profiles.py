@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from fleetkey.errors import InvalidRequest
 
 THING_VARIABLE = "${iot:Connection.Thing.ThingName}"
+# Thing attributes fleetkey sets on every device's thing (and makes searchable on its thing type).
+FLEETKEY_THING_ATTRIBUTES = ("serial_number", "profile", "manufacturer_ca")
 
 
 @dataclass(frozen=True, slots=True)

@@ -269,14 +269,7 @@ class RegistrationService:
             profile = get_profile(device.profile)
             prefix = self._settings.name_prefix
             self._registry.ensure_thing(
-                device.device_id,
-                profile.thing_type_name(prefix),
-                {
-                    **device.attributes,
-                    "serial_number": device.serial_number,
-                    "profile": device.profile,
-                    "manufacturer_ca": device.manufacturer_ca,
-                },
+                device.device_id, profile.thing_type_name(prefix), device.thing_attributes()
             )
             self._registry.attach_policy(profile.iot_policy_name(prefix), iot_cert.arn)
             self._registry.attach_exclusively(device.device_id, iot_cert.arn)
