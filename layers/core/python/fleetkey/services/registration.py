@@ -133,8 +133,12 @@ class RegistrationService:
         )
         try:
             # One write that is also the lookup: succeeds only if the device does not exist.
-            self._store.refuse_unlisted_certificate(
-                certificate.certificate_id, certificate.device_id, record, at
+            self._store.refuse_certificate(
+                certificate.certificate_id,
+                certificate.device_id,
+                record,
+                at,
+                unless_device_exists=True,
             )
         except ConditionFailed as failure:
             device_item = failure.items.get("device")
@@ -153,8 +157,9 @@ class RegistrationService:
         anchor: TrustAnchor,
         iot_cert: IotCertificate,
     ) -> RegistrationOutcome:
+        forced: RejectionReason | None = None
         for _ in range(MAX_DECISION_ROUNDS):
-            reason = refusal_for(device, certificate, anchor.ca)
+            reason = forced or refusal_for(device, certificate, anchor.ca)
             if reason is None and iot_cert.status != "PENDING_ACTIVATION":
                 reason = RejectionReason.CERTIFICATE_NOT_PENDING
             at = timestamp(self._clock())
@@ -200,47 +205,16 @@ class RegistrationService:
                 if "device" in failure.failed:
                     device = self._store.device_from_item(failure.items["device"])
                     continue
-                if "ca" in failure.failed:  # disabled since the snapshot: refuse
-                    ca = self._store.ca_from_item(failure.items["ca"])
-                    anchor = TrustAnchor(ca=ca, certificate=anchor.certificate)
-                    return self._refuse_ca_disabled(device, certificate, anchor, iot_cert)
+                if "ca" in failure.failed:
+                    # Disabled since the snapshot (the device passed its check, so it is as
+                    # read): refuse, recorded in the device's chain.
+                    forced = RejectionReason.CA_DISABLED
+                    continue
                 raise
             if accepted:
                 return self._provision(device, iot_cert)
             return self._revoke(iot_cert, device.device_id, reason)
         raise ConcurrentModification(f"device {device.device_id} kept changing; retry")
-
-    def _refuse_ca_disabled(
-        self,
-        device: Device,
-        certificate: DeviceCertificate,
-        anchor: TrustAnchor,
-        iot_cert: IotCertificate,
-    ) -> RegistrationOutcome:
-        device = self._store.get_device(device.device_id) or device
-        at = timestamp(self._clock())
-        record = device.audit_head.next_record(
-            subject=schema.device_subject(device.device_id),
-            at=at,
-            action="registration_refused",
-            actor=ACTOR,
-            details=_details(certificate, anchor, RejectionReason.CA_DISABLED),
-        )
-        decision = self._store.certificate_put(
-            certificate.certificate_id,
-            CertificateOutcome.REFUSED,
-            device_id=device.device_id,
-            reason=RejectionReason.CA_DISABLED.value,
-            at=at,
-        )
-        try:
-            self._store.update_device(device, record, extra=[decision])
-        except ConditionFailed as failure:
-            if "certificate" in failure.failed:
-                previous = self._store.certificate_from_item(failure.items["certificate"])
-                return self._follow(previous, None, iot_cert)
-            raise ConcurrentModification(f"device {device.device_id} changed; retry") from None
-        return self._revoke(iot_cert, device.device_id, RejectionReason.CA_DISABLED)
 
     # ---- applying a decision ----------------------------------------------------------------
 

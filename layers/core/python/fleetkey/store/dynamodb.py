@@ -310,52 +310,37 @@ class Store:
 
     # ---- devices ----------------------------------------------------------------------------
 
-    def refuse_unlisted_certificate(
-        self, certificate_id: str, claimed_device_id: str, record: AuditRecord, at: str
-    ) -> None:
-        """In one write: if no device `claimed_device_id` exists, record the certificate as refused
-        (not allow-listed) with its one-record audit chain.
-
-        Raises:
-            ConditionFailed: 'device' (the device exists; its item is attached) and/or
-                'certificate' (already decided; the earlier decision is attached).
-        """
-        self._transact(
-            [
-                self.device_absent_check(claimed_device_id),
-                self.certificate_put(
-                    certificate_id,
-                    CertificateOutcome.REFUSED,
-                    device_id=claimed_device_id,
-                    reason=record.details.get("reason"),
-                    at=at,
-                    extra={"audit_seq": record.seq, "audit_hash": record.hash},
-                ),
-                self._audit_put(record),
-            ]
-        )
-
     def refuse_certificate(
-        self, certificate_id: str, claimed_device_id: str | None, record: AuditRecord, at: str
+        self,
+        certificate_id: str,
+        claimed_device_id: str | None,
+        record: AuditRecord,
+        at: str,
+        *,
+        unless_device_exists: bool = False,
     ) -> None:
-        """Record a certificate refused on its own merits, with its one-record audit chain.
+        """Record a certificate as refused, with its one-record audit chain `record`.
+
+        With `unless_device_exists`, the same write is also the device lookup: it succeeds only
+        if no device `claimed_device_id` exists.
 
         Raises:
-            ConditionFailed('certificate'): already decided; the earlier decision is attached.
+            ConditionFailed: 'certificate' (already decided; the earlier decision is attached)
+                and/or 'device' (the device exists; its item is attached).
         """
-        self._transact(
-            [
-                self.certificate_put(
-                    certificate_id,
-                    CertificateOutcome.REFUSED,
-                    device_id=claimed_device_id,
-                    reason=record.details.get("reason"),
-                    at=at,
-                    extra={"audit_seq": record.seq, "audit_hash": record.hash},
-                ),
-                self._audit_put(record),
-            ]
-        )
+        actions = [self.device_absent_check(claimed_device_id)] if unless_device_exists else []
+        actions += [
+            self.certificate_put(
+                certificate_id,
+                CertificateOutcome.REFUSED,
+                device_id=claimed_device_id,
+                reason=record.details.get("reason"),
+                at=at,
+                extra={"audit_seq": record.seq, "audit_hash": record.hash},
+            ),
+            self._audit_put(record),
+        ]
+        self._transact(actions)
 
     def update_device(
         self,
