@@ -7,6 +7,7 @@ from functools import lru_cache
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
 from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from fleetkey.adapters.iot import IotRegistry
@@ -84,6 +85,10 @@ def import_manifest():
     except UnicodeDecodeError:
         raise InvalidRequest("manifest must be UTF-8 text") from None
     report = services().allowlist.import_manifest(text, fmt, actor=_actor())
+    metrics.add_metric(name="AllowlistRowsImported", unit=MetricUnit.Count, value=report.imported)
+    metrics.add_metric(
+        name="AllowlistRowsRejected", unit=MetricUnit.Count, value=len(report.rejected)
+    )
     return report.to_public()
 
 
