@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LAYER_DIR := build/layer
+# A working Python 3.12 (the Lambda runtime's version) to compile the layer's bytecode, if any.
+PYTHON312 := $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do \
+	$$p -c 'import sys' >/dev/null 2>&1 && { echo $$p; break; }; done)
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export JSII_SILENCE_WARNING_UNTESTED_NODE_VERSION := 1
 export AWS_DEFAULT_REGION ?= eu-west-1
@@ -31,6 +34,11 @@ $(LAYER_DIR)/.built: $(STAMP) $(shell find layers/core/python -name '*.py')
 		'boto3==1.43.11'
 	cp -r layers/core/python/fleetkey $(LAYER_DIR)/python/
 	find $(LAYER_DIR) -name '__pycache__' -prune -exec rm -rf {} +
+	# Lambda's code directories are read-only: without 3.12 bytecode in the layer every cold start
+	# compiles from source (measured: import time 340 ms -> 700-820 ms).
+	if [ -n "$(PYTHON312)" ]; then \
+		$(PYTHON312) -m compileall -q -j 0 --invalidation-mode unchecked-hash $(LAYER_DIR)/python; \
+	else echo "warning: no python3.12 found; the layer ships without bytecode"; fi
 	touch $@
 
 layer: $(LAYER_DIR)/.built

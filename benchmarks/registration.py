@@ -15,7 +15,9 @@ What is measured, per operation, over N devices:
   * wall time (perf_counter), which includes moto's time and is only indicative.
 Keys and certificates are generated, and devices "connect" (AWS IoT's side), before timing.
 The first invocation (the handler builds its clients and loads the trust-anchor cache) is
-reported separately as "cold". The handler's stdout (Powertools logs and EMF metrics, as in
+reported separately as "cold". moto and the harness share the handler's heap here, which Lambda
+would not: before each invocation their objects are frozen out of the garbage collector
+(gc.freeze; --no-gc-freeze to see the difference, about 3x on the cold invocation). The handler's stdout (Powertools logs and EMF metrics, as in
 Lambda) goes to a temporary file, whose size per invocation is reported.
 
 Exit status 1 when the AWS call budget is exceeded (accepted registration > 7 calls; refusal of
@@ -197,13 +199,13 @@ def start_moto():
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    # moto 5.2.1's POST /moto-api/config only takes batch, lambda and stepfunctions settings
-    # (it ignores "iot"), so set the IoT one on the shared config dict: the server runs in this
-    # process. use_valid_cert: certificate ids are SHA-256 of the DER, as in AWS IoT.
+    # moto 5.2.1's POST /moto-api/config ignores "iot"; the server runs in this process, so set
+    # use_valid_cert there: certificate ids are SHA-256 of the DER, as in AWS IoT.
     from moto import settings as moto_settings
-    from moto.core.config import default_user_config
 
-    default_user_config["iot"] = {"use_valid_cert": True}
+    from fleetkey_local import moto_patches
+
+    moto_patches.use_aws_certificate_ids()
     if not moto_settings.iot_use_valid_cert():
         raise SystemExit("could not configure moto IoT with use_valid_cert")
     return server, endpoint
