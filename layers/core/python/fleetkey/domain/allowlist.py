@@ -29,7 +29,8 @@ AttributeValue = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_.,@/:#=\
 # Thing attributes fleetkey sets itself; an entry may not override them.
 RESERVED_ATTRIBUTES = frozenset(FLEETKEY_THING_ATTRIBUTES)
 MAX_ATTRIBUTES = 10
-MAX_MANIFEST_BYTES = 6 * 1024 * 1024
+# A synchronous Lambda invocation carries at most 6 MB, event envelope included.
+MAX_MANIFEST_BYTES = 5 * 1024 * 1024
 CSV_ATTRIBUTE_PREFIX = "attribute."
 CSV_COLUMNS = ("device_id", "serial_number", "manufacturer_ca", "public_key_fingerprint", "profile")
 
