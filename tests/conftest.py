@@ -19,6 +19,7 @@ os.environ.update(
         "POWERTOOLS_METRICS_NAMESPACE": "fleetkey",
         "POWERTOOLS_SERVICE_NAME": "fleetkey-tests",
         "POWERTOOLS_DEV": "false",
+        "POWERTOOLS_METRICS_DISABLED": "true",
     }
 )
 os.environ.pop("AWS_ENDPOINT_URL", None)

@@ -215,3 +215,80 @@ def test_unknown_certificate_is_audited_not_retried(stack, acme):
     assert outcome.reason is RejectionReason.UNKNOWN_CERTIFICATE
     records, _ = stack.devices.audit("certificate:" + "f" * 64)
     assert records[0].details["reason"] == "unknown_certificate"
+
+
+def test_two_serial_numbers_are_malformed(stack, acme):
+    # Given a certificate whose subject carries two serial numbers, neither the entry's
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    from fleetkey_local.pki import generate_key
+
+    stack.allowlist.add(entry("dev-s"), actor="op")
+    key = generate_key()
+    template = acme.issue_device("dev-s", serial_number="SN-dev-s")[1]
+    subject = x509.Name([
+        x509.NameAttribute(NameOID.COMMON_NAME, "dev-s"),
+        x509.NameAttribute(NameOID.SERIAL_NUMBER, "WRONG-1"),
+        x509.NameAttribute(NameOID.SERIAL_NUMBER, "WRONG-2"),
+    ])
+    builder = x509.CertificateBuilder().subject_name(subject).issuer_name(template.issuer) \
+        .public_key(key.public_key()).serial_number(x509.random_serial_number()) \
+        .not_valid_before(template.not_valid_before_utc).not_valid_after(template.not_valid_after_utc)
+    for extension in template.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    cert = builder.sign(acme.key, hashes.SHA384())
+    # When it registers
+    outcome = stack.register(stack.first_connect(pem(cert), acme.pem))
+    # Then it is refused, not let through the serial check
+    assert outcome.reason is RejectionReason.MALFORMED_CERTIFICATE
+
+
+def test_certificates_of_a_ca_fleetkey_does_not_manage_are_left_alone(stack, acme):
+    # Given a CA registered with AWS IoT outside fleetkey (another JITR user in the account)
+    other = CertificateAuthority.create("elsewhere")
+    code = stack.harness_iot.get_registration_code()["registrationCode"]
+    stack.harness_iot.register_ca_certificate(
+        caCertificate=other.pem, verificationCertificate=pem(other.verification_certificate(code)),
+        setAsActive=True, allowAutoRegistration=True)
+    _, cert = other.issue_device("theirs-1")
+    event = stack.first_connect(pem(cert), other.pem)
+    # When its certificate-registered event reaches fleetkey
+    outcome = stack.register(event)
+    # Then fleetkey records that it is not its CA, and does not revoke someone else's certificate
+    assert outcome.reason is RejectionReason.UNKNOWN_CA
+    assert stack.certificate_status(event["certificateId"]) == "PENDING_ACTIVATION"
+    records, _ = stack.devices.audit(f"certificate:{event['certificateId']}")
+    assert records[0].details["reason"] == "unknown_ca"
+
+
+def test_ca_re_enabled_since_the_snapshot_admits_its_devices(stack, acme):
+    # Given the function's snapshot says the CA is disabled, but an operator re-enabled it
+    stack.cas.set_enabled("acme", False, actor="op")
+    stack.anchors.refresh()
+    stack.anchors.get(stack.cas.get("acme").iot_ca_id)
+    stack.cas.set_enabled("acme", True, actor="op")
+    stack.allowlist.add(entry("pump-r"), actor="op")
+    _, event = connect(stack, acme, "pump-r")
+    # When a device of it registers
+    outcome = stack.register(event)
+    # Then it is accepted: a refusal would have revoked it for good
+    assert outcome.accepted
+
+
+def test_late_duplicate_after_the_certificate_was_deleted(stack, acme):
+    # Given an accepted registration whose certificate was later deleted from AWS IoT
+    stack.allowlist.add(entry("pump-x"), actor="op")
+    _, event = connect(stack, acme, "pump-x")
+    assert stack.register(event).accepted
+    iot = stack.harness_iot
+    arn = iot.describe_certificate(certificateId=event["certificateId"])["certificateDescription"]["certificateArn"]
+    iot.detach_thing_principal(thingName="pump-x", principal=arn)
+    iot.detach_policy(policyName="fleetkey-telemetry-sensor", target=arn)
+    iot.update_certificate(certificateId=event["certificateId"], newStatus="INACTIVE")
+    iot.delete_certificate(certificateId=event["certificateId"])
+    # When the event is delivered once more
+    outcome = stack.register(event)
+    # Then the earlier decision stands and nothing fails
+    assert outcome.accepted and outcome.device_id == "pump-x"

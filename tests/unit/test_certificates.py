@@ -463,7 +463,7 @@ def test_proof_of_possession_signed_by_another_key_is_refused(signer):
     with pytest.raises(InvalidCertificate) as caught:
         verify_proof_of_possession(ACME.certificate, proof, REGISTRATION_CODE, NOW)
     assert caught.value.reason == RejectionReason.INVALID_CHAIN
-    assert "not signed by the CA" in caught.value.message
+    assert "does not verify against the CA" in caught.value.message
 
 
 def test_expired_proof_of_possession_is_refused():

@@ -75,7 +75,8 @@ class IotRegistry:
         return self._client.get_registration_code()["registrationCode"]
 
     def register_ca(self, ca_pem: str, verification_pem: str, ca_id: str) -> str:
-        """Register a CA with auto-registration on; returns its AWS IoT certificate id.
+        """Register a CA, inactive and without auto-registration (`set_ca_active` turns both on
+        once fleetkey trusts it); returns its AWS IoT certificate id.
 
         `ca_id` is the id AWS IoT gives this CA (SHA-256 of its DER); registering the same CA
         again answers ResourceAlreadyExists, which makes a retried registration converge."""
@@ -83,8 +84,8 @@ class IotRegistry:
             response = self._client.register_ca_certificate(
                 caCertificate=ca_pem,
                 verificationCertificate=verification_pem,
-                setAsActive=True,
-                allowAutoRegistration=True,
+                setAsActive=False,
+                allowAutoRegistration=False,
             )
         except ClientError as exc:
             if error_code(exc) != "ResourceAlreadyExistsException":

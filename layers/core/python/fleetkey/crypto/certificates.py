@@ -190,10 +190,18 @@ def validate_device_certificate(
         raise InvalidCertificate(
             RejectionReason.MALFORMED_CERTIFICATE, "certificate subject has no single common name"
         )
+    # The serial number is optional, but never ambiguous: two of them would let a certificate
+    # dodge the allow-list's serial check.
+    serials = cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
+    serial_number = _single_attribute(cert.subject, NameOID.SERIAL_NUMBER)
+    if serials and serial_number is None:
+        raise InvalidCertificate(
+            RejectionReason.MALFORMED_CERTIFICATE, "certificate subject has several serial numbers"
+        )
     return DeviceCertificate(
         certificate_id=certificate_id(cert),
         device_id=device_id,
-        serial_number=_single_attribute(cert.subject, NameOID.SERIAL_NUMBER),
+        serial_number=serial_number,
         public_key_fingerprint=public_key_fingerprint(cert),
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
@@ -251,9 +259,25 @@ def verify_proof_of_possession(
         raise InvalidCertificate(
             RejectionReason.EXPIRED, "verification certificate is not currently valid"
         )
+    # Verified with the CA policy device certificates will meet (basicConstraints critical,
+    # allowed key algorithms and sizes), so a CA that could never admit a device is refused here
+    # rather than every one of its devices later.
+    verifier = (
+        verification.PolicyBuilder()
+        .store(verification.Store([ca]))
+        .time(now)
+        .max_chain_depth(1)
+        .extension_policies(
+            ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(),
+            ee_policy=verification.ExtensionPolicy.permit_all(),
+        )
+        .build_client_verifier()
+    )
     try:
-        cert.verify_directly_issued_by(ca)
-    except (InvalidSignature, ValueError, TypeError):
+        verifier.verify(cert, [])
+    except verification.VerificationError as exc:
         raise InvalidCertificate(
-            RejectionReason.INVALID_CHAIN, "verification certificate is not signed by the CA"
+            RejectionReason.INVALID_CHAIN,
+            "verification certificate does not verify against the CA under the device policy",
+            details={"error": str(exc)[:300]},
         ) from None

@@ -93,7 +93,13 @@ class RegistrationService:
             )
         claimed = _claimed_device_id(leaf)
         anchor = self._anchors.get(event.caCertificateId)
+        if anchor is not None and anchor.ca.status is CaStatus.DISABLED:
+            # A refusal revokes for good: make sure the CA was not re-enabled since the snapshot.
+            self._anchors.refresh()
+            anchor = self._anchors.get(event.caCertificateId)
         if anchor is None:
+            # Not a CA fleetkey manages: its certificates belong to someone else in the account.
+            # Record the refusal, leave the certificate as it is.
             return self._refuse_alone(cert_id, claimed, RejectionReason.UNKNOWN_CA, iot_cert)
         if anchor.ca.status is CaStatus.DISABLED:
             return self._refuse_alone(cert_id, claimed, RejectionReason.CA_DISABLED, iot_cert)
@@ -160,6 +166,10 @@ class RegistrationService:
         forced: RejectionReason | None = None
         for _ in range(MAX_DECISION_ROUNDS):
             reason = forced or refusal_for(device, certificate, anchor.ca)
+            if reason is None and device.state is not DeviceState.ALLOWLISTED:
+                # The device's own current certificate (its decision record is missing only if
+                # written by something other than fleetkey): nothing to register.
+                return RegistrationOutcome(certificate.certificate_id, True, device.device_id)
             if reason is None and iot_cert.status != "PENDING_ACTIVATION":
                 reason = RejectionReason.CERTIFICATE_NOT_PENDING
             at = timestamp(self._clock())
@@ -253,7 +263,9 @@ class RegistrationService:
     def _revoke(
         self, iot_cert: IotCertificate, device_id: str | None, reason: RejectionReason
     ) -> RegistrationOutcome:
-        if iot_cert.status != "REVOKED":
+        # A certificate of a CA fleetkey does not manage belongs to someone else in the account:
+        # the refusal is recorded, the certificate left as it is.
+        if reason is not RejectionReason.UNKNOWN_CA and iot_cert.status != "REVOKED":
             self._registry.revoke_certificate(iot_cert.certificate_id)
         return RegistrationOutcome(iot_cert.certificate_id, False, device_id, reason)
 
@@ -280,8 +292,11 @@ class RegistrationService:
             self._store.refuse_certificate(cert_id, claimed_device_id, record, at)
         except ConditionFailed as failure:
             previous = self._store.certificate_from_item(failure.items["certificate"])
-            if previous.outcome is CertificateOutcome.ACCEPTED and iot_cert is not None:
-                # Accepted earlier (e.g. under a CA since disabled): keep that decision.
+            if previous.outcome is CertificateOutcome.ACCEPTED:
+                # Decided earlier (e.g. accepted under a CA since disabled, or a late duplicate of
+                # an event whose certificate was since deleted): keep that decision.
+                if iot_cert is None:
+                    return RegistrationOutcome(cert_id, True, previous.device_id)
                 return self._follow(previous, None, iot_cert)
             reason = RejectionReason(previous.reason)
         if iot_cert is None:

@@ -25,6 +25,8 @@ from fleetkey.store import schema
 from fleetkey.store.dynamodb import ConditionFailed, Store
 
 _ca_name = TypeAdapter(CaName)
+# Names the admin API uses as path segments under /cas/.
+RESERVED_CA_NAMES = frozenset({"registration-code"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,10 @@ class TrustAnchors:
         self._by_id: dict[str, ManufacturerCa] = {}
         self._loaded_at: float | None = None
         self._parsed: dict[str, x509.Certificate] = {}
+
+    def refresh(self) -> None:
+        """Forget the snapshot; the next lookup reads the CAs again."""
+        self._loaded_at = None
 
     def _refresh(self) -> None:
         self._by_id = {ca.iot_ca_id: ca for ca in self._store.list_cas()}
@@ -92,12 +98,17 @@ class ManufacturerCaService:
     def register(
         self, name: str, ca_pem: str, verification_pem: str, *, actor: str
     ) -> ManufacturerCa:
-        """Register a manufacturer CA with AWS IoT (auto-registration on) and record it as a trust
-        anchor. Registering the same CA under the same name again returns the existing record.
+        """Register a manufacturer CA with AWS IoT and record it as a trust anchor.
+
+        Order: AWS IoT first, inactive and without auto-registration (harmless if nothing
+        follows); then the record, which claims the name and the CA id together; then AWS IoT is
+        activated with auto-registration on. A retry after a failure at any step converges;
+        registering the same CA under the same name again returns the existing record.
 
         Raises:
-            InvalidRequest: bad name; InvalidCertificate: not a valid CA or a bad proof of
-            possession; Conflict: the name belongs to another CA.
+            InvalidRequest: bad or reserved name; InvalidCertificate: not a valid CA, or a bad
+            proof of possession; Conflict: the name belongs to another CA, or this CA is
+            registered under another name.
         """
         try:
             name = _ca_name.validate_python(name)
@@ -105,17 +116,24 @@ class ManufacturerCaService:
             raise InvalidRequest(
                 "CA name must be 1-63 lowercase letters, digits or dashes"
             ) from None
+        if name in RESERVED_CA_NAMES:
+            raise InvalidRequest(f"{name!r} is a reserved name")
         now = self._clock()
         ca_cert = validate_manufacturer_ca(ca_pem, now)
         ca_id = certificate_id(ca_cert)
         existing = self._store.get_ca(name)
-        if existing is not None:
-            if existing.iot_ca_id == ca_id:
-                return existing
+        if existing is not None and existing.iot_ca_id != ca_id:
             raise Conflict(f"manufacturer CA name {name!r} is taken by another CA")
-        verify_proof_of_possession(
-            ca_cert, verification_pem, self._registry.registration_code(), now
-        )
+        if existing is None:
+            verify_proof_of_possession(
+                ca_cert, verification_pem, self._registry.registration_code(), now
+            )
+            existing = self._create(name, ca_cert, verification_pem, ca_id, now, actor)
+        # Always (re)applied, so a retry after a failure here converges.
+        self._registry.set_ca_active(existing.iot_ca_id, existing.status is CaStatus.ACTIVE)
+        return existing
+
+    def _create(self, name, ca_cert, verification_pem, ca_id, now, actor) -> ManufacturerCa:
         pem = ca_cert.public_bytes(Encoding.PEM).decode()
         iot_ca_id = self._registry.register_ca(pem, verification_pem, ca_id)
         at = timestamp(now)
@@ -137,9 +155,12 @@ class ManufacturerCaService:
         try:
             self._store.create_ca(ca, record)
         except ConditionFailed as failure:
-            current = self._store.ca_from_item(failure.items["ca"])
-            if current.iot_ca_id == iot_ca_id:
-                return current
+            current = failure.items.get("ca")
+            if current is not None and current["iot_ca_id"] == iot_ca_id:
+                return self._store.ca_from_item(current)  # a retry: already recorded
+            if "ca_id" in failure.failed:
+                other = failure.items.get("ca_id", {}).get("name")
+                raise Conflict(f"this CA is already registered as {other!r}") from None
             raise Conflict(f"manufacturer CA name {name!r} is taken by another CA") from None
         return ca
 
@@ -147,13 +168,17 @@ class ManufacturerCaService:
         """Disable (or re-enable) a manufacturer CA: fleetkey refuses its devices from the moment
         the record changes, and AWS IoT stops auto-registering its certificates.
 
+        AWS IoT is brought to the recorded status, then the record is read again: if a concurrent
+        call changed it meanwhile, AWS IoT is brought to the newer status, so the two agree.
+
         Raises:
-            NotFound: no such CA.
+            NotFound: no such CA; Conflict: it kept changing.
         """
         wanted = CaStatus.ACTIVE if enabled else CaStatus.DISABLED
-        for _ in range(3):
+        changed = False
+        for _ in range(4):
             ca = self.get(name)
-            if ca.status is not wanted:
+            if ca.status is not wanted and not changed:
                 record = ca.audit_head.next_record(
                     subject=schema.ca_subject(name),
                     at=timestamp(self._clock()),
@@ -163,9 +188,11 @@ class ManufacturerCaService:
                 )
                 try:
                     ca = self._store.set_ca_status(ca, wanted, record)
+                    changed = True
                 except ConditionFailed:
                     continue
-            # Always (re)applied, so a retry after a failure here converges.
-            self._registry.set_ca_active(ca.iot_ca_id, enabled)
-            return ca
+            self._registry.set_ca_active(ca.iot_ca_id, ca.status is CaStatus.ACTIVE)
+            latest = self.get(name)
+            if latest.status is ca.status:
+                return latest
         raise Conflict(f"manufacturer CA {name!r} kept changing; try again")

@@ -516,7 +516,12 @@ class Store:
     # ---- manufacturer CAs -------------------------------------------------------------------
 
     def create_ca(self, ca: ManufacturerCa, record: AuditRecord) -> None:
-        """Raises ConditionFailed('ca') with the existing CA attached if the name is taken."""
+        """Record a new trust anchor. A name holds one CA and a CA has one name.
+
+        Raises:
+            ConditionFailed: 'ca' (the name is taken; that CA is attached) and/or 'ca_id' (this
+                CA is registered under another name, attached as {"name": ...}).
+        """
         item = {
             **schema.ca_key(ca.name),
             "iot_ca_id": ca.iot_ca_id,
@@ -534,6 +539,17 @@ class Store:
                         "Put": {
                             "TableName": self.table,
                             "Item": _ser(item),
+                            "ConditionExpression": "attribute_not_exists(pk)",
+                            "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+                        }
+                    },
+                ),
+                Action(
+                    "ca_id",
+                    {
+                        "Put": {
+                            "TableName": self.table,
+                            "Item": _ser({**schema.ca_id_key(ca.iot_ca_id), "name": ca.name}),
                             "ConditionExpression": "attribute_not_exists(pk)",
                             "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
                         }

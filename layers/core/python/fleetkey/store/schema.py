@@ -7,6 +7,7 @@
     CERT#<cert_id>      AUDIT#<seq>     the audit chain of a certificate refused on its own merits
     CA                  <ca_name>       a manufacturer CA (trust anchor); one partition, read by Query
     CA#<ca_name>        AUDIT#<seq>     the audit chain of a manufacturer CA
+    CAID#<iot_ca_id>    CAID            which name a CA is registered under (one name per CA)
     STREAM#<name>       HEAD            head of a chain of events with no other subject
     STREAM#<name>       AUDIT#<seq>     e.g. malformed registration events
 """
@@ -32,6 +33,10 @@ def certificate_key(certificate_id: str) -> dict:
 
 def ca_key(ca_name: str) -> dict:
     return {PARTITION_KEY: CA_PK, SORT_KEY: ca_name}
+
+
+def ca_id_key(iot_ca_id: str) -> dict:
+    return {PARTITION_KEY: f"CAID#{iot_ca_id}", SORT_KEY: "CAID"}
 
 
 def audit_key(subject: str, seq: int) -> dict:
