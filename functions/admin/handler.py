@@ -10,9 +10,12 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from botocore.exceptions import BotoCoreError, ClientError
+
+from fleetkey.adapters.aws import error_code, is_transient
 from fleetkey.adapters.iot import IotRegistry
 from fleetkey.domain.allowlist import parse_entry
-from fleetkey.errors import FleetkeyError, InvalidRequest
+from fleetkey.errors import FleetkeyError, InvalidRequest, TransientAwsError
 from fleetkey.observability import logger, metrics, tracer
 from fleetkey.services.allowlist import AllowlistService
 from fleetkey.services.devices import DeviceService
@@ -21,6 +24,8 @@ from fleetkey.settings import Settings
 from fleetkey.store.dynamodb import Store
 
 app = APIGatewayRestResolver(strip_prefixes=["/v1/admin"])
+# AWS errors that mean the caller's input was refused, not that fleetkey failed.
+CALLER_ERROR_CODES = frozenset({"CertificateValidationException", "InvalidRequestException"})
 
 
 class Services:
@@ -45,7 +50,7 @@ def _actor() -> str:
 def _json_body() -> dict:
     try:
         body = json.loads(app.current_event.decoded_body or "")
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, absurd numbers or nesting
         raise InvalidRequest("request body must be JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
@@ -54,6 +59,18 @@ def _json_body() -> dict:
 
 def _created(payload: dict) -> Response:
     return Response(status_code=201, content_type=content_types.APPLICATION_JSON, body=payload)
+
+
+@app.exception_handler(ClientError)
+@app.exception_handler(BotoCoreError)
+def _aws_error(exc: Exception) -> Response:
+    """AWS failures that are not the caller's fault: 503 when a retry may succeed, 400 when AWS
+    refused what the caller sent (e.g. a CA certificate AWS IoT will not register)."""
+    if is_transient(exc):
+        return _fleetkey_error(TransientAwsError("AWS is unavailable; retry the request"))
+    if isinstance(exc, ClientError) and error_code(exc) in CALLER_ERROR_CODES:
+        return _fleetkey_error(InvalidRequest(f"AWS refused the request: {error_code(exc)}"))
+    raise exc
 
 
 @app.exception_handler(FleetkeyError)

@@ -241,3 +241,38 @@ def test_admin_ca_registration_bad_input(stack, functions, mutate, code):
     status, response = call_admin(admin, "POST", "/v1/admin/cas", mutate(request))
     assert (status, response["error"]) == (400, code)
     assert stack.store.list_cas() == []
+
+
+@pytest.mark.parametrize("body", ["[" * 100_000, '{"device_id": ' + "9" * 5000 + "}"], ids=["deep-nesting", "huge-number"])
+def test_admin_hostile_json_is_a_400(functions, body):
+    _, admin = functions
+    status, response = call_admin(admin, "POST", "/v1/admin/allowlist", body)
+    assert (status, response["error"]) == (400, "invalid_request")
+    status, response = call_admin(admin, "POST", "/v1/admin/allowlist/import?format=json", body)
+    assert (status, response["error"]) == (400, "invalid_request")
+
+
+def test_admin_ids_that_cannot_exist_are_404(functions):
+    _, admin = functions
+    assert call_admin(admin, "GET", "/v1/admin/devices/" + "d" * 3000)[0] == 404
+    assert call_admin(admin, "GET", "/v1/admin/cas/" + "c" * 1500)[0] == 404
+    assert call_admin(admin, "GET", "/v1/admin/certificates/not-hex/audit")[0] == 404
+
+
+def test_admin_aws_outage_is_a_503_and_aws_refusal_a_400(stack, functions, monkeypatch):
+    _, admin = functions
+    services = admin.services()
+
+    def throttled(**_):
+        raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "slow down"}}, "GetRegistrationCode")
+
+    monkeypatch.setattr(services.cas._registry._client, "get_registration_code", throttled)
+    status, body = call_admin(admin, "GET", "/v1/admin/cas/registration-code")
+    assert (status, body["error"]) == (503, "service_unavailable")
+
+    def refused(**_):
+        raise ClientError({"Error": {"Code": "CertificateValidationException", "Message": "no"}}, "GetRegistrationCode")
+
+    monkeypatch.setattr(services.cas._registry._client, "get_registration_code", refused)
+    status, body = call_admin(admin, "GET", "/v1/admin/cas/registration-code")
+    assert (status, body["error"]) == (400, "invalid_request")

@@ -325,14 +325,15 @@ def test_csv_bad_row_is_rejected_with_a_field_reason_while_others_pass():
     assert "profile: Value error, unknown profile" in rejected.reason
 
 
-def test_csv_with_utf8_bom_is_rejected_as_a_whole():
+def test_csv_with_utf8_bom_is_read_like_any_other():
     # Given a CSV saved by Excel as "CSV UTF-8", which starts with a byte-order mark
     text = "\ufeff" + csv_text("pump-1,SN-1,acme,,infusion-pump")
 
-    # When / Then (current behaviour): the BOM becomes part of the first column name, which is
-    # then unknown, so the document is refused rather than silently misread
-    error = invalid_manifest(text)
-    assert error.details == {"unknown_columns": ["\ufeffdevice_id"]}
+    # When it is parsed
+    parsed = parse_manifest(text, "csv", max_rows=10)
+
+    # Then the mark is not part of the first column name
+    assert [e.device_id for _, e in parsed.entries] == ["pump-1"]
 
 
 def test_csv_unterminated_quote_rejects_the_document():

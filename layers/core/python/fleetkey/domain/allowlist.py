@@ -131,6 +131,8 @@ def _json_rows(text: str) -> list[Any]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"JSON is malformed: {exc.msg} at line {exc.lineno}") from None
+    except (ValueError, RecursionError):  # e.g. a 5,000-digit number, or nesting 100,000 deep
+        raise InvalidRequest("JSON is malformed: a value is too large or too deeply nested") from None
     if isinstance(data, dict) and set(data) == {"devices"}:
         data = data["devices"]
     if not isinstance(data, list):
@@ -147,6 +149,7 @@ def parse_manifest(text: str, fmt: str, *, max_rows: int) -> ParsedManifest:
     """
     if len(text.encode()) > MAX_MANIFEST_BYTES:
         raise InvalidRequest(f"manifest is larger than {MAX_MANIFEST_BYTES} bytes")
+    text = text.removeprefix("\ufeff")  # spreadsheets write a byte-order mark
     if fmt == "csv":
         raw_rows: list[Any] = _csv_rows(text)
     elif fmt == "json":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from fleetkey.domain.audit import AuditRecord, ChainVerification, verify_chain
 from fleetkey.domain.models import Device
 from fleetkey.errors import InvalidRequest, NotFound
@@ -9,6 +11,13 @@ from fleetkey.store import schema
 from fleetkey.store.dynamodb import Store
 
 SUBJECT_KINDS = ("device", "certificate", "ca", "stream")
+_DEVICE_ID = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
+_SUBJECT_NAMES = {
+    "device": _DEVICE_ID,
+    "certificate": re.compile(r"[0-9a-f]{64}"),
+    "ca": re.compile(r"[a-z0-9][a-z0-9-]{0,62}"),
+    "stream": re.compile(r"[a-z0-9-]{1,64}"),
+}
 
 
 class DeviceService:
@@ -16,6 +25,9 @@ class DeviceService:
         self._store = store
 
     def get(self, device_id: str) -> Device:
+        """Raises NotFound (also for ids that could not name a device)."""
+        if not _DEVICE_ID.fullmatch(device_id):
+            raise NotFound(f"no device {device_id[:128]!r}")
         device = self._store.get_device(device_id)
         if device is None:
             raise NotFound(f"no device {device_id!r}")
@@ -30,10 +42,12 @@ class DeviceService:
             AuditChainBroken: the chain was altered.
         """
         kind, _, name = subject.partition(":")
-        if kind not in SUBJECT_KINDS or not name or len(name) > 256:
+        if kind not in SUBJECT_KINDS:
             raise InvalidRequest(
                 "audit subject is <kind>:<name> with kind one of " + ", ".join(SUBJECT_KINDS)
             )
+        if not _SUBJECT_NAMES[kind].fullmatch(name):
+            raise NotFound(f"no audit records for {subject[:200]}")
         stored = self._store.read_audit(subject)
         if not stored:
             raise NotFound(f"no audit records for {subject}")

@@ -87,6 +87,9 @@ class ManufacturerCaService:
         return self._registry.registration_code()
 
     def get(self, name: str) -> ManufacturerCa:
+        """Raises NotFound (also for names that could not name a CA)."""
+        if len(name) > 63:
+            raise NotFound("no manufacturer CA by that name")
         ca = self._store.get_ca(name)
         if ca is None:
             raise NotFound(f"no manufacturer CA named {name!r}")

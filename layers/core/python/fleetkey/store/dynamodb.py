@@ -10,10 +10,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from fleetkey.adapters.aws import client as aws_client
-from fleetkey.adapters.aws import error_code
+from fleetkey.adapters.aws import error_code, is_transient
 from fleetkey.domain.allowlist import AllowlistEntry
 from fleetkey.domain.audit import AuditRecord, ChainHead
 from fleetkey.domain.lifecycle import DeviceState
@@ -33,6 +33,10 @@ _deserializer = TypeDeserializer()
 # DynamoDB allows 100 actions per transaction; an allow-list row is two (device + first record).
 ROWS_PER_TRANSACTION = 50
 MAX_TRANSACTION_ATTEMPTS = 8
+# Cancellation reasons a retry can outlast (the others, e.g. ValidationError, are our bug).
+TRANSIENT_CANCELLATION_CODES = frozenset(
+    {"TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded", "RequestLimitExceeded"}
+)
 
 
 def _ser(item: dict[str, Any]) -> dict[str, Any]:
@@ -292,7 +296,7 @@ class Store:
             if error_code(exc) != "TransactionCanceledException":
                 raise
             reasons = exc.response.get("CancellationReasons") or []
-            failed, items, conflict = [], {}, False
+            failed, items, other = [], {}, set()
             for action, reason in zip(actions, reasons):
                 code = reason.get("Code")
                 if code == "ConditionalCheckFailed":
@@ -300,12 +304,13 @@ class Store:
                     if reason.get("Item"):
                         items[action.name] = _de(reason["Item"])
                 elif code not in (None, "None"):
-                    conflict = True
+                    other.add(code)
             if failed:
                 raise ConditionFailed(failed, items) from None
-            if conflict:
-                # Another transaction touched the same items; the caller's retry converges.
-                raise TransientAwsError("transaction conflict") from exc
+            if other and other <= TRANSIENT_CANCELLATION_CODES:
+                # Another transaction touched the same items, or capacity ran short; a retry of
+                # the same request converges.
+                raise TransientAwsError(f"transaction cancelled: {', '.join(sorted(other))}") from exc
             raise
 
     # ---- devices ----------------------------------------------------------------------------
@@ -442,26 +447,28 @@ class Store:
                 try:
                     self._transact(actions)
                 except ConditionFailed as failure:
+                    # Every failed action settles its row: the device exists (same entry or
+                    # not), or a trail exists for the id without a device (a conflict to look
+                    # into). The rest of the chunk is retried; each round settles at least one.
                     failed = set(failure.failed)
                     still = []
                     for entry, record in pending:
-                        name = f"device:{entry.device_id}"
-                        if name in failed:
-                            existing = failure.items.get(name, {})
+                        device_action = f"device:{entry.device_id}"
+                        if device_action in failed:
+                            existing = failure.items.get(device_action, {})
                             (unchanged if same_entry(existing, entry) else conflicting).append(
                                 entry.device_id
                             )
+                        elif self._audit_put(record).name in failed:
+                            conflicting.append(entry.device_id)
                         else:
                             still.append((entry, record))
+                    if len(still) == len(pending):
+                        raise
                     pending = still
                     continue
-                except (TransientAwsError, ClientError) as exc:
-                    if isinstance(exc, ClientError) and error_code(exc) not in (
-                        "ThrottlingException",
-                        "ProvisionedThroughputExceededException",
-                        "RequestLimitExceeded",
-                        "InternalServerError",
-                    ):
+                except (TransientAwsError, ClientError, BotoCoreError) as exc:
+                    if not isinstance(exc, TransientAwsError) and not is_transient(exc):
                         raise
                     attempt += 1
                     if attempt >= MAX_TRANSACTION_ATTEMPTS:
