@@ -63,6 +63,8 @@ class SigV4Transport:
             except json.JSONDecodeError:
                 payload = {"error": "http_error", "message": exc.reason}
             return ApiResponse(exc.code, payload)
+        except (urllib.error.URLError, TimeoutError) as exc:
+            return ApiResponse(0, {"error": "unreachable", "message": f"{url}: {exc}"})
 
 
 class InProcessTransport:
@@ -90,7 +92,7 @@ class AdminClient:
             body = json.dumps(body)
         headers = {"content-type": content_type} if body is not None else {}
         response = self._transport(method, "/v1/admin" + path, body, headers)
-        if response.status >= 400:
+        if response.status >= 400 or response.status == 0:
             raise AdminApiError(response)
         return response.body
 
@@ -107,13 +109,11 @@ class AdminClient:
         return self._call("GET", f"/devices/{quote(device_id, safe='')}")
 
     def audit(self, subject: str) -> dict:
-        kind, _, name = subject.partition(":")
-        if not name:
-            kind, name = "device", subject
         paths = {"device": "/devices/{}/audit", "certificate": "/certificates/{}/audit",
                  "ca": "/cas/{}/audit", "stream": "/audit-streams/{}"}
-        if kind not in paths:
-            raise ValueError(f"audit subject kind must be one of {', '.join(paths)}")
+        kind, _, name = subject.partition(":")
+        if kind not in paths or not name:
+            kind, name = "device", subject  # device ids may themselves contain ':'
         return self._call("GET", paths[kind].format(quote(name, safe="")))
 
     def registration_code(self) -> str:

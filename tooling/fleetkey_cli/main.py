@@ -74,7 +74,14 @@ def _verification_from_key(client: AdminClient, certificate_pem: str, key_path: 
 
     from fleetkey_local.pki import CertificateAuthority, pem
 
-    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    data = key_path.read_bytes()
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:  # encrypted: ask for the passphrase; the key never leaves this machine
+        import getpass
+
+        passphrase = getpass.getpass(f"passphrase for {key_path}: ").encode()
+        key = serialization.load_pem_private_key(data, password=passphrase)
     authority = CertificateAuthority(
         name="ca", key=key, certificate=x509.load_pem_x509_certificate(certificate_pem.encode())
     )
@@ -83,7 +90,11 @@ def _verification_from_key(client: AdminClient, certificate_pem: str, key_path: 
 
 def run(args: argparse.Namespace, client: AdminClient) -> int:
     if args.command == "allowlist" and args.action == "add":
-        attributes = dict(a.split("=", 1) for a in args.attribute if "=" in a)
+        malformed = [a for a in args.attribute if "=" not in a]
+        if malformed:
+            print(f"fleetkey: --attribute takes NAME=VALUE, not {malformed[0]!r}", file=sys.stderr)
+            return 2
+        attributes = dict(a.split("=", 1) for a in args.attribute)
         entry = {"device_id": args.device_id, "serial_number": args.serial_number,
                  "manufacturer_ca": args.manufacturer_ca, "profile": args.profile,
                  "attributes": attributes}
@@ -132,6 +143,9 @@ def main(argv: list[str] | None = None, client: AdminClient | None = None) -> in
     except AdminApiError as exc:
         print(f"fleetkey: {exc}", file=sys.stderr)
         return 1
+    except (OSError, ValueError) as exc:  # unreadable files, bad key material
+        print(f"fleetkey: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

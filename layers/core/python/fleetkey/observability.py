@@ -1,6 +1,7 @@
 """Logger, metrics and tracer, created once and shared by every function.
 
-Service name and namespace come from POWERTOOLS_SERVICE_NAME / POWERTOOLS_METRICS_NAMESPACE.
+The service name comes from POWERTOOLS_SERVICE_NAME; every function publishes its metrics in the
+`fleetkey` namespace.
 """
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
