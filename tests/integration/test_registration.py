@@ -292,3 +292,24 @@ def test_late_duplicate_after_the_certificate_was_deleted(stack, acme):
     outcome = stack.register(event)
     # Then the earlier decision stands and nothing fails
     assert outcome.accepted and outcome.device_id == "pump-x"
+
+
+def test_an_existing_thing_is_taken_over_without_its_other_certificates(stack, acme):
+    # Given a thing named like the device already exists, with a stale active certificate on it
+    iot = stack.harness_iot
+    iot.create_thing(thingName="pump-h", attributePayload={"attributes": {"owner": "legacy"}})
+    stale = iot.create_keys_and_certificate(setAsActive=True)
+    iot.attach_thing_principal(thingName="pump-h", principal=stale["certificateArn"])
+    stack.allowlist.add(entry("pump-h"), actor="op")
+    _, event = connect(stack, acme, "pump-h")
+    # When the device registers
+    assert stack.register(event).accepted
+    # Then only its own certificate is attached to its thing, and the thing is fleetkey's
+    arn = iot.describe_certificate(certificateId=event["certificateId"])["certificateDescription"]["certificateArn"]
+    assert iot.list_thing_principals(thingName="pump-h")["principals"] == [arn]
+    thing = iot.describe_thing(thingName="pump-h")
+    assert thing["attributes"]["certificate_id"] == event["certificateId"]
+    assert "owner" not in thing["attributes"]
+    # And a duplicate delivery changes nothing
+    assert stack.register(event).accepted
+    assert iot.list_thing_principals(thingName="pump-h")["principals"] == [arn]

@@ -9,7 +9,9 @@ Each patch names the AWS behaviour it restores. Applied by the embedded stack an
    (to roll back), which makes a 10,000-row import take hours and tens of GiB, and it does not
    isolate a transaction from concurrent requests. The patch snapshots only the items the
    transaction touches, and serializes DynamoDB writes and transactions behind one lock.
-3. IoT certificate ids: AWS uses the SHA-256 of the certificate's DER; moto does only with its
+3. IoT CreateThing: AWS returns the existing thing when the request is identical and answers
+   ResourceAlreadyExists when it differs; moto silently replaces the thing.
+4. IoT certificate ids: AWS uses the SHA-256 of the certificate's DER; moto does only with its
    `iot.use_valid_cert` option, which `mock_aws(config=...)` sets but the moto server's
    /moto-api/config endpoint silently ignores. `use_aws_certificate_ids` sets it in-process.
 """
@@ -30,9 +32,27 @@ def _stable_registration_code(self) -> str:
 
 
 def _patch_iot() -> None:
+    from moto.iot.exceptions import ResourceAlreadyExistsException
     from moto.iot.models import IoTBackend
 
     IoTBackend.get_registration_code = _stable_registration_code
+    original_create_thing = IoTBackend.create_thing
+
+    def create_thing(self, thing_name, thing_type_name, attribute_payload, *args, **kwargs):
+        existing = next((t for t in self.things.values() if t.thing_name == thing_name), None)
+        if existing is not None:
+            wanted = (attribute_payload or {}).get("attributes", {})
+            existing_type = existing.thing_type.thing_type_name if existing.thing_type else None
+            if existing_type == thing_type_name and existing.attributes == wanted:
+                return existing
+            raise ResourceAlreadyExistsException(
+                "thing already exists with different configuration", thing_name, existing.arn
+            )
+        return original_create_thing(
+            self, thing_name, thing_type_name, attribute_payload, *args, **kwargs
+        )
+
+    IoTBackend.create_thing = create_thing
 
 
 def _patch_dynamodb() -> None:

@@ -41,20 +41,40 @@ class IotRegistry:
             pem=description["certificatePem"],
         )
 
-    def ensure_thing(self, thing_name: str, thing_type: str, attributes: dict[str, str]) -> None:
-        """Create the thing, or bring an existing one to the wanted type and attributes."""
+    def ensure_thing(
+        self, thing_name: str, thing_type: str, attributes: dict[str, str], certificate_arn: str
+    ) -> list[str]:
+        """Create the thing for `certificate_arn`, or take over an existing one: bring it to the
+        wanted type and attributes and detach every other certificate (any certificate attached
+        to a device's thing may connect as that device). Returns the ARNs detached.
+
+        AWS answers CreateThing with success when an identical thing exists (a retry of this
+        registration: the attributes name this certificate) and ResourceAlreadyExists when it
+        differs, so the take-over costs calls only when there is something to take over.
+        """
         payload = {"attributes": attributes, "merge": False}
         try:
             self._client.create_thing(
                 thingName=thing_name, thingTypeName=thing_type, attributePayload=payload
             )
+            return []
         except ClientError as exc:
             if error_code(exc) != "ResourceAlreadyExistsException":
                 raise
-            # AWS answers this only when the existing thing differs from the request.
-            self._client.update_thing(
-                thingName=thing_name, thingTypeName=thing_type, attributePayload=payload
+        stale = [
+            arn
+            for page in self._client.get_paginator("list_thing_principals").paginate(
+                thingName=thing_name
             )
+            for arn in page.get("principals", [])
+            if arn != certificate_arn
+        ]
+        for arn in stale:
+            self._client.detach_thing_principal(thingName=thing_name, principal=arn)
+        self._client.update_thing(
+            thingName=thing_name, thingTypeName=thing_type, attributePayload=payload
+        )
+        return stale
 
     def attach_policy(self, policy_name: str, certificate_arn: str) -> None:
         self._client.attach_policy(policyName=policy_name, target=certificate_arn)

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-from fleetkey.domain.profiles import FLEETKEY_THING_ATTRIBUTES, PROFILES
+from fleetkey.domain.profiles import PROFILES, RESERVED_THING_ATTRIBUTES
 from fleetkey.errors import InvalidRequest
 
 # AWS IoT thing names and attribute syntax, so a valid entry always makes a valid thing.
@@ -27,7 +27,7 @@ AttributeName = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_.,@/:#-]{
 AttributeValue = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_.,@/:#=\[\]-]{0,800}$")]
 
 # Thing attributes fleetkey sets itself; an entry may not override them.
-RESERVED_ATTRIBUTES = frozenset(FLEETKEY_THING_ATTRIBUTES)
+RESERVED_ATTRIBUTES = RESERVED_THING_ATTRIBUTES
 MAX_ATTRIBUTES = 10
 # A synchronous Lambda invocation carries at most 6 MB, event envelope included.
 MAX_MANIFEST_BYTES = 5 * 1024 * 1024

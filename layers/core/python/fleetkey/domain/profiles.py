@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from fleetkey.errors import InvalidRequest
 
 THING_VARIABLE = "${iot:Connection.Thing.ThingName}"
-# Thing attributes fleetkey sets on every device's thing (and makes searchable on its thing type).
+# Thing attributes fleetkey sets on every device's thing (and makes searchable on its thing type);
+# it also records the registered certificate's id as `certificate_id`.
 FLEETKEY_THING_ATTRIBUTES = ("serial_number", "profile", "manufacturer_ca")
+RESERVED_THING_ATTRIBUTES = frozenset({*FLEETKEY_THING_ATTRIBUTES, "certificate_id"})
 
 
 @dataclass(frozen=True, slots=True)

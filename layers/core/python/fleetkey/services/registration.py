@@ -16,6 +16,7 @@ device change, and a retry that finds it finishes what the decision implies.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -43,6 +44,7 @@ from fleetkey.store import schema
 from fleetkey.store.dynamodb import ConditionFailed, Store
 
 ACTOR = "aws-iot:jitr"
+logger = logging.getLogger(__name__)
 MALFORMED_EVENTS_STREAM = "registration-events"
 MAX_DECISION_ROUNDS = 4
 
@@ -252,9 +254,17 @@ class RegistrationService:
         if iot_cert.status != "ACTIVE":
             profile = get_profile(device.profile)
             prefix = self._settings.name_prefix
-            self._registry.ensure_thing(
-                device.device_id, profile.thing_type_name(prefix), device.thing_attributes()
+            stale = self._registry.ensure_thing(
+                device.device_id,
+                profile.thing_type_name(prefix),
+                {**device.thing_attributes(), "certificate_id": iot_cert.certificate_id},
+                iot_cert.arn,
             )
+            if stale:
+                logger.warning(
+                    "took over an existing thing and detached its other certificates",
+                    extra={"device_id": device.device_id, "detached": stale},
+                )
             self._registry.attach_policy(profile.iot_policy_name(prefix), iot_cert.arn)
             self._registry.attach_exclusively(device.device_id, iot_cert.arn)
             self._registry.activate_certificate(iot_cert.certificate_id)
