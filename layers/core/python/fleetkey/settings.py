@@ -20,8 +20,8 @@ class SettingsError(FleetkeyError):
 class Settings:
     table_name: str
     region: str
-    # Prefix of the AWS IoT resources fleetkey owns (policies, thing types), so that two
-    # deployments can share an account.
+    # Prefix of the AWS IoT policies and thing types fleetkey owns. Things are named by device id
+    # (the MQTT client id), so deployments sharing an account must not share device ids.
     name_prefix: str = "fleetkey"
     # How long a trust-anchor (manufacturer CA) snapshot is reused before it is read again.
     trust_anchor_cache_seconds: int = 60
