@@ -131,6 +131,22 @@ _DEVICE_EE_POLICY = (
 )
 
 
+def _verifier(
+    anchor: x509.Certificate, now: datetime, ee_policy: verification.ExtensionPolicy
+) -> verification.ClientVerifier:
+    """A verifier for certificates issued directly by `anchor`, under the web PKI's CA rules."""
+    return (
+        verification.PolicyBuilder()
+        .store(verification.Store([anchor]))
+        .time(now)
+        .max_chain_depth(1)
+        .extension_policies(
+            ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(), ee_policy=ee_policy
+        )
+        .build_client_verifier()
+    )
+
+
 def verify_chain(leaf: x509.Certificate, anchor: x509.Certificate, now: datetime) -> None:
     """Verify `leaf` chains to the trust anchor `anchor` at time `now`.
 
@@ -146,19 +162,8 @@ def verify_chain(leaf: x509.Certificate, anchor: x509.Certificate, now: datetime
         raise InvalidCertificate(
             RejectionReason.WRONG_ISSUER, "certificate was not issued by the manufacturer CA"
         )
-    verifier = (
-        verification.PolicyBuilder()
-        .store(verification.Store([anchor]))
-        .time(now)
-        .max_chain_depth(1)
-        .extension_policies(
-            ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(),
-            ee_policy=_DEVICE_EE_POLICY,
-        )
-        .build_client_verifier()
-    )
     try:
-        verifier.verify(leaf, [])
+        _verifier(anchor, now, _DEVICE_EE_POLICY).verify(leaf, [])
     except verification.VerificationError as exc:
         raise InvalidCertificate(
             RejectionReason.INVALID_CHAIN,
@@ -262,19 +267,8 @@ def verify_proof_of_possession(
     # Verified with the CA policy device certificates will meet (basicConstraints critical,
     # allowed key algorithms and sizes), so a CA that could never admit a device is refused here
     # rather than every one of its devices later.
-    verifier = (
-        verification.PolicyBuilder()
-        .store(verification.Store([ca]))
-        .time(now)
-        .max_chain_depth(1)
-        .extension_policies(
-            ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(),
-            ee_policy=verification.ExtensionPolicy.permit_all(),
-        )
-        .build_client_verifier()
-    )
     try:
-        verifier.verify(cert, [])
+        _verifier(ca, now, verification.ExtensionPolicy.permit_all()).verify(cert, [])
     except verification.VerificationError as exc:
         raise InvalidCertificate(
             RejectionReason.INVALID_CHAIN,
