@@ -11,7 +11,7 @@ export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export JSII_SILENCE_WARNING_UNTESTED_NODE_VERSION := 1
 export AWS_DEFAULT_REGION ?= eu-west-1
 
-.PHONY: install demo test unit integration infra layer synth bench importtime clean
+.PHONY: install demo serve test unit integration infra layer synth bench importtime clean
 
 $(STAMP): pyproject.toml package.json
 	$(PYTHON) -m venv $(VENV)
@@ -44,7 +44,10 @@ $(LAYER_DIR)/.built: $(STAMP) $(shell find layers/core/python -name '*.py')
 layer: $(LAYER_DIR)/.built
 
 demo: $(STAMP)
-	$(BIN)/python -m fleetkey_local.demo
+	$(BIN)/python -m fleetkey_local.demo $(DEMO_ARGS)
+
+serve: $(STAMP)
+	$(BIN)/python -m fleetkey_local.serve $(SERVE_ARGS)
 
 test: $(STAMP) $(LAYER_DIR)/.built
 	$(BIN)/python -m pytest -n 2 --dist loadgroup tests

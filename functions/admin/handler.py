@@ -4,6 +4,7 @@ CAs, devices and audit trails. Routing, parsing and error mapping only; the rule
 
 import json
 from functools import lru_cache
+from urllib.parse import unquote
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
 from aws_lambda_powertools.logging import correlation_paths
@@ -114,6 +115,7 @@ def import_manifest():
 
 @app.get("/devices/<device_id>")
 def get_device(device_id: str):
+    device_id = unquote(device_id)
     return services().devices.get(device_id).to_public()
 
 
@@ -140,21 +142,25 @@ def _audit(subject: str) -> dict:
 
 @app.get("/devices/<device_id>/audit")
 def device_audit(device_id: str):
+    device_id = unquote(device_id)
     return _audit(f"device:{device_id}")
 
 
 @app.get("/certificates/<certificate_id>/audit")
 def certificate_audit(certificate_id: str):
+    certificate_id = unquote(certificate_id)
     return _audit(f"certificate:{certificate_id}")
 
 
 @app.get("/cas/<name>/audit")
 def ca_audit(name: str):
+    name = unquote(name)
     return _audit(f"ca:{name}")
 
 
 @app.get("/audit-streams/<name>")
 def stream_audit(name: str):
+    name = unquote(name)
     return _audit(f"stream:{name}")
 
 
@@ -185,16 +191,19 @@ def register_ca():
 
 @app.get("/cas/<name>")
 def get_ca(name: str):
+    name = unquote(name)
     return services().cas.get(name).to_public()
 
 
 @app.post("/cas/<name>/disable")
 def disable_ca(name: str):
+    name = unquote(name)
     return services().cas.set_enabled(name, False, actor=_actor()).to_public()
 
 
 @app.post("/cas/<name>/enable")
 def enable_ca(name: str):
+    name = unquote(name)
     return services().cas.set_enabled(name, True, actor=_actor()).to_public()
 
 

@@ -49,6 +49,14 @@ def test_errors_are_reported_with_exit_code_1(client, capsys):
     assert code == 1 and "404 not_found" in capsys.readouterr().err
 
 
-def test_endpoint_is_required_without_a_client(monkeypatch, capsys):
-    monkeypatch.delenv("FLEETKEY_ENDPOINT", raising=False)
+def test_an_unreachable_endpoint_is_reported_with_exit_code_2(monkeypatch, capsys):
+    import socket
+
+    # Given an endpoint on a loopback port nothing listens on
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("FLEETKEY_ENDPOINT", f"http://127.0.0.1:{port}")
+    # When / Then the CLI says so
     assert main(["ca", "list"]) == 2
+    assert "unreachable" in capsys.readouterr().err

@@ -1,15 +1,61 @@
-"""A client of fleetkey's admin API. Requests to a deployed stack are signed with SigV4 (the API
-is IAM-authenticated); the embedded stack is reached in-process through the same API Gateway
-event shape."""
+"""A client of fleetkey's admin API. Requests are signed with SigV4 for execute-api, as the API is
+IAM-authenticated: a deployed stack's with the standard AWS credential chain, the local stack's
+(`make serve`, http://127.0.0.1:8080) with its own local credentials when no others are
+configured. Tests and the demo can also reach the admin handler in-process, through the same
+API Gateway event shape.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Protocol
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
+
+# Where `make serve` puts the local API gateway (fleetkey_local.api_gateway.DEFAULT_PORT).
+LOCAL_ENDPOINT = "http://127.0.0.1:8080"
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for an endpoint on this machine (127.0.0.0/8, ::1, localhost): the local stack."""
+    host = urlsplit(endpoint).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def configured_credentials(*, instance_metadata: bool = True):
+    """The standard AWS credential chain's credentials, or None. Without `instance_metadata`
+    the EC2/container metadata endpoints are not asked (they take seconds to time out on a
+    machine that is not in AWS)."""
+    import botocore.session
+
+    session = botocore.session.get_session()
+    if not instance_metadata:
+        resolver = session.get_component("credential_provider")
+        for name in ("iam-role", "container-role"):
+            resolver.remove(name)
+    return session.get_credentials()
+
+
+def local_credentials():
+    """The local stack's credentials (fleetkey_local.server.FAKE_CREDENTIALS): only the local
+    API gateway accepts them."""
+    from botocore.credentials import Credentials
+
+    from fleetkey_local.server import FAKE_CREDENTIALS
+
+    return Credentials(
+        FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        FAKE_CREDENTIALS.get("AWS_SESSION_TOKEN"),
+    )
 
 
 @dataclass(frozen=True)
@@ -22,7 +68,9 @@ class AdminApiError(Exception):
     def __init__(self, response: ApiResponse) -> None:
         self.response = response
         body = response.body or {}
-        super().__init__(f"{response.status} {body.get('error', '')}: {body.get('message', body)}")
+        # fleetkey's errors carry a code; API Gateway's own answers (403, 413, 502) only a message.
+        code = f" {body['error']}" if body.get("error") else ""
+        super().__init__(f"{response.status}{code}: {body.get('message', body)}")
 
 
 class Transport(Protocol):
@@ -30,15 +78,19 @@ class Transport(Protocol):
 
 
 class SigV4Transport:
-    """HTTPS to a deployed admin API (`endpoint` is the stage URL), signed for execute-api."""
+    """HTTP(S) to an admin API signed for execute-api: `endpoint` is a deployed stage URL or the
+    local gateway's URL. `credentials` (botocore credentials) default to the standard chain's."""
 
-    def __init__(self, endpoint: str, region: str, timeout: float = 30.0) -> None:
-        import botocore.session
-
+    def __init__(
+        self, endpoint: str, region: str, timeout: float = 30.0, credentials=None
+    ) -> None:
         self._endpoint = endpoint.rstrip("/")
         self._region = region
         self._timeout = timeout
-        self._credentials = botocore.session.get_session().get_credentials()
+        self._credentials = credentials if credentials is not None else configured_credentials()
+        # Never send a request for this machine to a proxy ($HTTP_PROXY) elsewhere.
+        handlers = [urllib.request.ProxyHandler({})] if is_loopback(endpoint) else []
+        self._opener = urllib.request.build_opener(*handlers)
 
     def __call__(self, method: str, path: str, body: str | None, headers: dict) -> ApiResponse:
         from botocore.auth import SigV4Auth
@@ -55,7 +107,7 @@ class SigV4Transport:
             url, data=request.body or None, method=method, headers=dict(request.headers)
         )
         try:
-            with urllib.request.urlopen(prepared, timeout=self._timeout) as response:
+            with self._opener.open(prepared, timeout=self._timeout) as response:
                 return ApiResponse(response.status, json.loads(response.read() or b"{}"))
         except urllib.error.HTTPError as exc:
             try:
@@ -83,6 +135,12 @@ class InProcessTransport:
         return ApiResponse(response["statusCode"], json.loads(response.get("body") or "{}"))
 
 
+def _segment(value: str) -> str:
+    """One path segment, percent-encoded. ':' stays as it is (legal in a path segment): the admin
+    API matches the path as sent, and device ids may contain ':'."""
+    return quote(value, safe=":")
+
+
 class AdminClient:
     def __init__(self, transport: Transport) -> None:
         self._transport = transport
@@ -106,7 +164,7 @@ class AdminClient:
         )
 
     def device(self, device_id: str) -> dict:
-        return self._call("GET", f"/devices/{quote(device_id, safe='')}")
+        return self._call("GET", f"/devices/{_segment(device_id)}")
 
     def audit(self, subject: str) -> dict:
         paths = {"device": "/devices/{}/audit", "certificate": "/certificates/{}/audit",
@@ -114,7 +172,7 @@ class AdminClient:
         kind, _, name = subject.partition(":")
         if kind not in paths or not name:
             kind, name = "device", subject  # device ids may themselves contain ':'
-        return self._call("GET", paths[kind].format(quote(name, safe="")))
+        return self._call("GET", paths[kind].format(_segment(name)))
 
     def registration_code(self) -> str:
         return self._call("GET", "/cas/registration-code")["registration_code"]
@@ -131,4 +189,4 @@ class AdminClient:
         return self._call("GET", "/cas")["cas"]
 
     def set_ca_enabled(self, name: str, enabled: bool) -> dict:
-        return self._call("POST", f"/cas/{quote(name, safe='')}/{'enable' if enabled else 'disable'}")
+        return self._call("POST", f"/cas/{_segment(name)}/{'enable' if enabled else 'disable'}")

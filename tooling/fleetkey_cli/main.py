@@ -1,12 +1,17 @@
 """fleetkey — operator command line.
 
-    fleetkey --endpoint https://<api>/prod allowlist import factory-manifest.csv
+    fleetkey allowlist import factory-manifest.csv       # the local stack (`make serve`)
     fleetkey device show pump-0001
     fleetkey audit device:pump-0001
     fleetkey ca register --name acme-2026 --certificate acme-ca.pem --ca-key acme-ca.key
+    fleetkey --endpoint https://<api-id>.execute-api.eu-west-1.amazonaws.com/prod ca list
 
-The endpoint is the admin API's stage URL (or FLEETKEY_ENDPOINT); requests are signed with SigV4
-using the standard AWS credential chain.
+The endpoint is the admin API's stage URL (--endpoint, or $FLEETKEY_ENDPOINT); without either it
+is the local stack's API gateway, http://127.0.0.1:8080. Requests are signed with SigV4 using the
+standard AWS credential chain. For an endpoint on this machine (loopback) with no AWS credentials
+configured, the local stack's own credentials are used; they are never used for any other
+endpoint. The region is the local stack's for a loopback endpoint, else $AWS_REGION /
+$AWS_DEFAULT_REGION (--region overrides both).
 """
 
 from __future__ import annotations
@@ -17,7 +22,15 @@ import os
 import sys
 from pathlib import Path
 
-from fleetkey_cli.client import AdminApiError, AdminClient, SigV4Transport
+from fleetkey_cli.client import (
+    LOCAL_ENDPOINT,
+    AdminApiError,
+    AdminClient,
+    SigV4Transport,
+    configured_credentials,
+    is_loopback,
+    local_credentials,
+)
 
 
 def _print(value) -> None:
@@ -25,11 +38,18 @@ def _print(value) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fleetkey", description="fleetkey operator CLI")
-    parser.add_argument("--endpoint", default=os.environ.get("FLEETKEY_ENDPOINT"),
-                        help="admin API stage URL (default: $FLEETKEY_ENDPOINT)")
-    parser.add_argument("--region", default=os.environ.get("AWS_REGION")
-                        or os.environ.get("AWS_DEFAULT_REGION") or "eu-west-1")
+    parser = argparse.ArgumentParser(
+        prog="fleetkey", description="fleetkey operator CLI",
+        epilog="Without --endpoint or $FLEETKEY_ENDPOINT the CLI talks to the local stack "
+               f"(`make serve`, {LOCAL_ENDPOINT}), signing with the local credentials unless "
+               "AWS credentials are configured. A deployed stack: --endpoint <stage URL> and the "
+               "standard AWS credential chain.")
+    parser.add_argument("--endpoint", default=os.environ.get("FLEETKEY_ENDPOINT") or LOCAL_ENDPOINT,
+                        help="admin API stage URL (default: $FLEETKEY_ENDPOINT, else the local "
+                             f"stack at {LOCAL_ENDPOINT})")
+    parser.add_argument("--region",
+                        help="region the API is signed for (default: the local stack's for a "
+                             "loopback endpoint, else $AWS_REGION, $AWS_DEFAULT_REGION, eu-west-1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     allowlist = commands.add_parser("allowlist", help="allow-list entries").add_subparsers(
@@ -131,18 +151,44 @@ def run(args: argparse.Namespace, client: AdminClient) -> int:
     return 0
 
 
+def _transport(endpoint: str, region: str | None) -> SigV4Transport:
+    """SigV4 with the standard credential chain. For the local stack (a loopback endpoint): its
+    region, and its own credentials when none are configured. Local credentials are never sent
+    anywhere else: a non-loopback endpoint without credentials is an error."""
+    if not is_loopback(endpoint):
+        region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return SigV4Transport(endpoint, region or "eu-west-1")
+    from fleetkey_local.stack import REGION as LOCAL_REGION
+
+    credentials = configured_credentials(instance_metadata=False) or local_credentials()
+    return SigV4Transport(endpoint, region or LOCAL_REGION, credentials=credentials)
+
+
+def _local_hint(endpoint: str, error: AdminApiError) -> str | None:
+    if not is_loopback(endpoint):
+        return None
+    if error.response.status == 0:
+        return "is the local stack running? (`make serve`)"
+    if error.response.status == 403:
+        return ("the local stack accepts only its own credentials: unset AWS_ACCESS_KEY_ID/"
+                "AWS_PROFILE, or set AWS_ACCESS_KEY_ID=fleetkey-local "
+                "AWS_SECRET_ACCESS_KEY=fleetkey-local")
+    return None
+
+
 def main(argv: list[str] | None = None, client: AdminClient | None = None) -> int:
     args = _parser().parse_args(argv)
     if client is None:
-        if not args.endpoint:
-            print("fleetkey: --endpoint (or FLEETKEY_ENDPOINT) is required", file=sys.stderr)
-            return 2
-        client = AdminClient(SigV4Transport(args.endpoint, args.region))
+        client = AdminClient(_transport(args.endpoint, args.region))
     try:
         return run(args, client)
     except AdminApiError as exc:
         print(f"fleetkey: {exc}", file=sys.stderr)
-        return 1
+        hint = _local_hint(args.endpoint, exc)
+        if hint:
+            print(f"fleetkey: {hint}", file=sys.stderr)
+        # 1: the API answered with an error; 2: it could not be reached (like a local problem).
+        return 2 if exc.response.status == 0 else 1
     except (OSError, ValueError) as exc:  # unreadable files, bad key material
         print(f"fleetkey: {exc}", file=sys.stderr)
         return 2

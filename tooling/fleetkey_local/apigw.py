@@ -1,13 +1,25 @@
-"""API Gateway REST proxy events, shaped as the deployed API sends them to a function."""
+"""API Gateway REST proxy events, shaped as the deployed API sends them to a function.
+
+What API Gateway does and this reproduces (checked against AWS's documented input format and the
+sample events/admin-import-manifest-csv.json): `path` is the request path without the stage, still
+percent-encoded; `resource` is the matched resource template; `pathParameters` hold the decoded
+values of its variables (`{"proxy": "allowlist/import"}`); query parameters are decoded, the last
+value in `queryStringParameters` and all of them in `multiValueQueryStringParameters`; headers
+keep the client's spelling, the last value in `headers` and all of them in `multiValueHeaders`; a
+binary body is base64 with `isBase64Encoded` true; the stage appears only in `requestContext`.
+"""
 
 from __future__ import annotations
 
 import base64
 import time
 import uuid
-from urllib.parse import parse_qsl, urlsplit
+from collections.abc import Iterable, Mapping
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 ADMIN_RESOURCE = "/v1/admin/{proxy+}"
+STAGE = "prod"
+ACCOUNT = "123456789012"
 
 
 def proxy_event(
@@ -15,59 +27,94 @@ def proxy_event(
     url_path: str,
     *,
     body: str | bytes | None = None,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
     caller_arn: str | None = None,
     resource: str = ADMIN_RESOURCE,
-    stage: str = "prod",
-    account: str = "123456789012",
+    path_parameters: dict[str, str] | None = None,
+    stage: str = STAGE,
+    account: str = ACCOUNT,
+    access_key: str | None = None,
+    source_ip: str = "127.0.0.1",
+    request_id: str | None = None,
+    domain_name: str | None = None,
 ) -> dict:
     """The event API Gateway (REST, Lambda proxy integration) builds for one request.
 
-    `caller_arn` is the IAM principal API Gateway authenticated with SigV4; None means the
-    request was not IAM-authenticated (only possible on routes without IAM authorization).
+    `url_path` is the path and query as sent (percent-encoded). `headers` is a mapping, or the
+    (name, value) pairs as received when a header may repeat. `caller_arn` is the IAM principal
+    API Gateway authenticated with SigV4; None means the request was not IAM-authenticated (only
+    possible on routes without IAM authorization). `path_parameters` default to `{"proxy": ...}`
+    for a `{proxy+}` resource. A `bytes` body is binary: it is sent base64-encoded.
     """
     parts = urlsplit(url_path)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    headers = dict(headers or {})
+    pairs = list(headers.items() if isinstance(headers, Mapping) else headers or ())
+    multi_headers: dict[str, list[str]] = {}
+    for name, value in pairs:
+        multi_headers.setdefault(name, []).append(value)
+    single_headers = {name: values[-1] for name, values in multi_headers.items()}
     multi_query: dict[str, list[str]] = {}
-    for key, value in query:
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
         multi_query.setdefault(key, []).append(value)
     is_base64 = isinstance(body, bytes)
     if is_base64:
         body = base64.b64encode(body).decode()
-    prefix = resource.split("{", 1)[0]
-    proxy = parts.path[len(prefix) :] if parts.path.startswith(prefix) else None
+    if path_parameters is None:
+        path_parameters = _proxy_parameter(resource, parts.path)
+    user_agent = next(
+        (v for k, v in single_headers.items() if k.lower() == "user-agent"), "fleetkey-local"
+    )
+    principal_id = caller_arn.rsplit("/", 1)[-1] if caller_arn else None
+    now = time.time()
     return {
         "resource": resource,
         "path": parts.path,
         "httpMethod": method.upper(),
-        "headers": headers,
-        "multiValueHeaders": {k: [v] for k, v in headers.items()},
+        "headers": single_headers,
+        "multiValueHeaders": multi_headers,
         "queryStringParameters": {k: v[-1] for k, v in multi_query.items()} or None,
         "multiValueQueryStringParameters": multi_query or None,
-        "pathParameters": {"proxy": proxy} if proxy is not None else None,
+        "pathParameters": path_parameters or None,
         "stageVariables": None,
         "requestContext": {
             "resourceId": "local",
             "resourcePath": resource,
             "httpMethod": method.upper(),
-            "requestTime": time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime()),
-            "requestTimeEpoch": int(time.time() * 1000),
+            "extendedRequestId": f"local-{uuid.uuid4().hex[:12]}",
+            "requestTime": time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now)),
+            "requestTimeEpoch": int(now * 1000),
             "path": f"/{stage}{parts.path}",
             "accountId": account,
             "protocol": "HTTP/1.1",
             "stage": stage,
-            "requestId": str(uuid.uuid4()),
+            "domainPrefix": (domain_name or "local").split(".", 1)[0],
+            "domainName": domain_name or "local",
+            "requestId": request_id or str(uuid.uuid4()),
             "identity": {
+                "cognitoIdentityPoolId": None,
+                "cognitoIdentityId": None,
+                "cognitoAuthenticationType": None,
+                "cognitoAuthenticationProvider": None,
+                "apiKey": None,
+                "apiKeyId": None,
+                "principalOrgId": None,
+                "accessKey": access_key if caller_arn else None,
                 "accountId": account if caller_arn else None,
-                "caller": caller_arn.rsplit("/", 1)[-1] if caller_arn else None,
+                "caller": principal_id,
                 "userArn": caller_arn,
-                "user": caller_arn.rsplit("/", 1)[-1] if caller_arn else None,
-                "sourceIp": "127.0.0.1",
-                "userAgent": headers.get("user-agent", "fleetkey-local"),
+                "user": principal_id,
+                "sourceIp": source_ip,
+                "userAgent": user_agent,
             },
             "apiId": "local",
         },
         "body": body,
         "isBase64Encoded": is_base64,
     }
+
+
+def _proxy_parameter(resource: str, path: str) -> dict[str, str] | None:
+    """`{"proxy": <rest of the path, decoded>}` for a resource ending in `{proxy+}`."""
+    prefix, brace, variable = resource.partition("{")
+    if not brace or not variable.endswith("+}") or not path.startswith(prefix):
+        return None
+    return {variable[:-2]: unquote(path[len(prefix) :])}

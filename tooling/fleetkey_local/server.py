@@ -16,6 +16,7 @@ FAKE_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "fleetkey-local",
     "AWS_SECRET_ACCESS_KEY": "fleetkey-local",
     "AWS_SESSION_TOKEN": "fleetkey-local",
+    "AWS_SECURITY_TOKEN": "fleetkey-local",  # botocore reads this one first
 }
 
 

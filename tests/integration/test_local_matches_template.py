@@ -1,0 +1,169 @@
+"""The local stack is the deployed stack: what `fleetkey_local` provisions and serves matches the
+CloudFormation template the CDK app synthesizes (table, IoT policies and thing types, the IoT
+rule, the API's routes, the functions' settings)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pytest
+
+from fleetkey_local.provision import NAME_PREFIX
+from fleetkey_local.stack import ACCOUNT, REGION, TABLE
+
+PSEUDO_PARAMETERS = {"AWS::Partition": "aws", "AWS::Region": REGION, "AWS::AccountId": ACCOUNT}
+
+
+@pytest.fixture(scope="module")
+def resources(tmp_path_factory) -> dict[str, dict]:
+    """The synthesized template's resources (the real synthesis: cdk.json context, cdk-nag)."""
+    os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
+    os.environ.setdefault("JSII_SILENCE_WARNING_UNTESTED_NODE_VERSION", "1")
+    from aws_cdk.assertions import Template
+    from fleetkey_infra import constants
+    from fleetkey_infra.application import create_app
+
+    if not (constants.DEFAULT_LAYER_DIR / "python" / "fleetkey").is_dir():
+        pytest.fail(f"{constants.DEFAULT_LAYER_DIR} is not built: run `make layer` first "
+                    "(`make test` does it for you).", pytrace=False)
+    # Templates only: skip copying the layer into the assembly (the template is the same).
+    app = create_app(outdir=str(tmp_path_factory.mktemp("cdk.out")),
+                     context={"aws:cdk:disable-asset-staging": True})
+    app.synth()
+    return Template.from_stack(app.node.find_child(constants.STACK_ID)).to_json()["Resources"]
+
+
+def of_type(resources: dict[str, dict], cfn_type: str) -> dict[str, dict]:
+    return {lid: r for lid, r in resources.items() if r["Type"] == cfn_type}
+
+
+def resolve(value: Any) -> Any:
+    """The value as deployed in the local stack's account and region: Fn::Join and Refs to the
+    pseudo parameters resolved; anything else referring to another resource is an error."""
+    if isinstance(value, list):
+        return [resolve(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if set(value) == {"Fn::Join"}:
+        separator, parts = value["Fn::Join"]
+        return separator.join(resolve(p) for p in parts)
+    if set(value) == {"Ref"} and value["Ref"] in PSEUDO_PARAMETERS:
+        return PSEUDO_PARAMETERS[value["Ref"]]
+    if set(value) & {"Ref", "Fn::GetAtt", "Fn::Sub", "Fn::ImportValue"}:
+        raise AssertionError(f"cannot resolve {value} locally")
+    return {k: resolve(v) for k, v in value.items()}
+
+
+def function_name(resources: dict[str, dict], arn_or_ref: Any) -> str:
+    """The fleetkey function (functions/<name>) a template reference points at, by the service
+    name the stack gives it (`fleetkey-<name>`)."""
+    text = json.dumps(arn_or_ref)
+    for lid, function in of_type(resources, "AWS::Lambda::Function").items():
+        if f'"{lid}"' in text:
+            service = function["Properties"]["Environment"]["Variables"]["POWERTOOLS_SERVICE_NAME"]
+            return service.removeprefix(f"{NAME_PREFIX}-")
+    raise AssertionError(f"no function referenced by {arn_or_ref}")
+
+
+def test_table_matches(stack, resources):
+    # Given the template's table and the table the local stack created
+    (table,) = of_type(resources, "AWS::DynamoDB::Table").values()
+    expected = table["Properties"]
+    local = stack.dynamodb.describe_table(TableName=TABLE)["Table"]
+    ttl = stack.dynamodb.describe_time_to_live(TableName=TABLE)["TimeToLiveDescription"]
+    # Then keys, attribute types, indexes, billing and the TTL attribute are the same
+    assert local["KeySchema"] == expected["KeySchema"]
+    by_name = lambda items: sorted(items, key=lambda a: a["AttributeName"])  # noqa: E731
+    assert by_name(local["AttributeDefinitions"]) == by_name(expected["AttributeDefinitions"])
+    assert local["BillingModeSummary"]["BillingMode"] == expected["BillingMode"]
+    indexes = lambda items: sorted(  # noqa: E731
+        ({"IndexName": i["IndexName"], "KeySchema": i["KeySchema"], "Projection": i["Projection"]}
+         for i in items), key=lambda i: i["IndexName"])
+    assert indexes(local.get("GlobalSecondaryIndexes", [])) == indexes(
+        expected.get("GlobalSecondaryIndexes", []))
+    assert expected["TimeToLiveSpecification"]["Enabled"] is True
+    assert ttl == {"TimeToLiveStatus": "ENABLED",
+                   "AttributeName": expected["TimeToLiveSpecification"]["AttributeName"]}
+
+
+def test_iot_policies_match(stack, resources):
+    template = {r["Properties"]["PolicyName"]: resolve(r["Properties"]["PolicyDocument"])
+                for r in of_type(resources, "AWS::IoT::Policy").values()}
+    local = {p["policyName"] for p in stack.harness_iot.list_policies()["policies"]}
+    # Then the local stack has exactly the template's policies, with the same documents
+    assert {n for n in local if n.startswith(f"{NAME_PREFIX}-")} == set(template)
+    for name, document in template.items():
+        got = stack.harness_iot.get_policy(policyName=name)["policyDocument"]
+        assert json.loads(got) == document, name
+
+
+def test_thing_types_match(stack, resources):
+    template = {r["Properties"]["ThingTypeName"]: r["Properties"]["ThingTypeProperties"]
+                for r in of_type(resources, "AWS::IoT::ThingType").values()}
+    local = {t["thingTypeName"] for t in stack.harness_iot.list_thing_types()["thingTypes"]}
+    assert {n for n in local if n.startswith(f"{NAME_PREFIX}-")} == set(template)
+    for name, expected in template.items():
+        got = stack.harness_iot.describe_thing_type(thingTypeName=name)["thingTypeProperties"]
+        assert got["searchableAttributes"] == expected["SearchableAttributes"], name
+        assert got["thingTypeDescription"] == expected["ThingTypeDescription"], name
+
+
+def test_iot_rules_match(resources):
+    rules = pytest.importorskip("fleetkey_local.rules")
+    local = {rule.sql: rule for rule in rules.RULES}
+    topic_rules = of_type(resources, "AWS::IoT::TopicRule").values()
+    assert topic_rules
+    for rule in topic_rules:
+        payload = rule["Properties"]["TopicRulePayload"]
+        # Then every rule of the template is emulated with the same SQL, feeding the same function
+        assert payload["Sql"] in local, payload["Sql"]
+        (action,) = payload["Actions"]
+        assert local[payload["Sql"]].function == function_name(resources, action["Lambda"])
+        assert payload["AwsIotSqlVersion"] == getattr(rules, "IOT_SQL_VERSION", "2016-03-23")
+
+
+def _resource_paths(resources: dict[str, dict]) -> dict[str, str]:
+    """Logical id of each API Gateway resource -> its path ("/v1/admin/{proxy+}")."""
+    apis = of_type(resources, "AWS::ApiGateway::RestApi")
+    nodes = of_type(resources, "AWS::ApiGateway::Resource")
+
+    def path(parent: Any) -> str:
+        if isinstance(parent, dict) and "Fn::GetAtt" in parent:
+            assert parent["Fn::GetAtt"][0] in apis and parent["Fn::GetAtt"][1] == "RootResourceId"
+            return ""
+        node = nodes[parent["Ref"]]["Properties"]
+        return f"{path(node['ParentId'])}/{node['PathPart']}"
+
+    return {lid: path({"Ref": lid}) for lid in nodes}
+
+
+def test_api_routes_match(resources):
+    from fleetkey_local.api_gateway import ROUTES
+
+    paths = _resource_paths(resources)
+    template = set()
+    for method in of_type(resources, "AWS::ApiGateway::Method").values():
+        props = method["Properties"]
+        resource = props["ResourceId"]
+        path = "/" if "Fn::GetAtt" in resource else paths[resource["Ref"]]
+        integration = props.get("Integration", {})
+        assert integration.get("Type") == "AWS_PROXY", f"{props['HttpMethod']} {path}"
+        template.add((props["HttpMethod"], path, function_name(resources, integration["Uri"]),
+                      props.get("AuthorizationType", "NONE")))
+    # Then the local gateway serves the same methods, on the same resources, with the same
+    # functions and authorization
+    local = {(r.method, r.resource, r.function, r.authorization) for r in ROUTES}
+    assert local == template
+
+
+def test_function_settings_are_set_locally(resources):
+    from fleetkey_local.server import function_environment
+
+    local = function_environment("http://127.0.0.1:1")
+    for lid, function in of_type(resources, "AWS::Lambda::Function").items():
+        variables = function["Properties"].get("Environment", {}).get("Variables", {})
+        # Then every setting the stack gives a function, the local stack gives it too
+        assert set(variables) <= set(local), lid
+        assert variables.get("FLEETKEY_NAME_PREFIX", NAME_PREFIX) == local["FLEETKEY_NAME_PREFIX"]

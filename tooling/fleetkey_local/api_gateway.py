@@ -1,0 +1,648 @@
+"""The local API gateway: fleetkey's HTTP API on 127.0.0.1, in front of the real handlers.
+
+It plays API Gateway's part for the embedded stack: it routes each request by the same resources
+and methods as the deployed REST API, authenticates IAM routes with SigV4 as API Gateway does
+(known local credentials only), turns the request into the REST proxy event the deployed API
+would send (`fleetkey_local.apigw.proxy_event`), invokes the function's handler, and turns the
+proxy result back into an HTTP response. API Gateway's own answers keep their shape and status:
+403 `Missing Authentication Token` for an unknown resource or method, 403 for a bad signature,
+413 for a body over 10 MB (or an event over Lambda's 6 MB), 502 `Internal server error` when the
+function fails.
+
+Differences from AWS, on purpose: URLs have no stage prefix (`http://127.0.0.1:8080/v1/...`, like
+a custom domain); an authenticated principal may call every IAM route (no IAM policy evaluation);
+throttling is not emulated; each function runs one invocation at a time (one warm instance).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import re
+import sys
+import threading
+import traceback
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlsplit
+
+from botocore.auth import SIGV4_TIMESTAMP, SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.compat import HTTPHeaders
+from botocore.credentials import Credentials
+
+from fleetkey_local.apigw import ACCOUNT, proxy_event
+from fleetkey_local.server import FAKE_CREDENTIALS
+from fleetkey_local.stack import REGION
+
+log = logging.getLogger(__name__)
+
+AWS_IAM = "AWS_IAM"
+NONE = "NONE"
+SERVICE = "execute-api"
+DEFAULT_PORT = 8080
+MAX_BODY_BYTES = 10 * 1024 * 1024  # API Gateway's request payload limit (REST APIs)
+MAX_EVENT_BYTES = 6 * 1024 * 1024  # Lambda's synchronous invocation payload limit
+CLOCK_SKEW = timedelta(minutes=5)
+# A client that keeps sending past the limit is read to this point (so it sees the 413) and then
+# disconnected.
+_DRAIN_LIMIT = 4 * MAX_BODY_BYTES
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+@dataclass(frozen=True)
+class Route:
+    """One method on one API Gateway resource: `method` is an HTTP method or ANY, `resource` a
+    resource template (`/v1/devices/{device_id}/certificates`, `/v1/admin/{proxy+}`),
+    `authorization` AWS_IAM or NONE."""
+
+    method: str
+    resource: str
+    function: str
+    authorization: str = NONE
+
+    def __post_init__(self) -> None:
+        if self.authorization not in (AWS_IAM, NONE):
+            raise ValueError(f"authorization must be {AWS_IAM} or {NONE}")
+        if self.method != "ANY" and self.method not in _METHODS:
+            raise ValueError(f"unsupported method {self.method}")
+
+    @property
+    def segments(self) -> list[str]:
+        return self.resource.strip("/").split("/") if self.resource != "/" else []
+
+    def path_parameters(self, segments: list[str]) -> dict[str, str] | None:
+        """The decoded path parameters if the (still encoded) path segments fit the resource."""
+        params: dict[str, str] = {}
+        template = self.segments
+        for i, part in enumerate(template):
+            if part.startswith("{") and part.endswith("+}"):  # greedy: the rest, at least one
+                if i != len(template) - 1 or len(segments) <= i or not segments[i]:
+                    return None
+                params[part[1:-2]] = unquote("/".join(segments[i:]))
+                return params
+            if i >= len(segments):
+                return None
+            if part.startswith("{") and part.endswith("}"):
+                if not segments[i]:
+                    return None
+                params[part[1:-1]] = unquote(segments[i])
+            elif unquote(segments[i]) != part:
+                return None
+        return params if len(segments) == len(template) else None
+
+    @property
+    def specificity(self) -> tuple[int, ...]:
+        """API Gateway prefers literal segments to variables, and variables to greedy ones."""
+        return tuple(
+            2 if p.endswith("+}") else 1 if p.startswith("{") else 0 for p in self.segments
+        )
+
+
+# The deployed API's routes (infra/fleetkey_infra/constructs/admin_api.py). Public device routes
+# (POST /v1/token, ...) are Route(..., authorization=NONE).
+ROUTES: tuple[Route, ...] = (
+    Route("ANY", "/v1/admin/{proxy+}", "admin", AWS_IAM),
+)
+
+
+@dataclass(frozen=True)
+class LocalPrincipal:
+    """An IAM principal the local gateway knows, by its credentials."""
+
+    arn: str
+    access_key: str
+    secret_key: str
+    session_token: str | None = None
+
+
+LOCAL_OPERATOR_ARN = f"arn:aws:iam::{ACCOUNT}:user/fleetkey-local-operator"
+
+
+def local_operator() -> LocalPrincipal:
+    """The local stack's credentials (`fleetkey_local.server.FAKE_CREDENTIALS`), whose requests
+    are the local operator's."""
+    return LocalPrincipal(
+        arn=LOCAL_OPERATOR_ARN,
+        access_key=FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        secret_key=FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        session_token=FAKE_CREDENTIALS.get("AWS_SESSION_TOKEN"),
+    )
+
+
+class GatewayError(Exception):
+    """An answer API Gateway gives itself, before or instead of the integration."""
+
+    def __init__(self, status: int, message: str, error_type: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type
+
+
+def _missing_token() -> GatewayError:
+    return GatewayError(403, "Missing Authentication Token", "MissingAuthenticationTokenException")
+
+
+class _Headers:
+    """Request headers as received: case-insensitive names, every value of a repeated header."""
+
+    def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
+        self.pairs = list(pairs)
+        self._values: dict[str, list[str]] = {}
+        for name, value in self.pairs:
+            self._values.setdefault(name.lower(), []).append(value)
+
+    def get(self, name: str) -> str | None:
+        values = self._values.get(name.lower())
+        return values[-1] if values else None
+
+    def get_all(self, name: str) -> list[str]:
+        return self._values.get(name.lower(), [])
+
+
+class _SignedRequest(SigV4Auth):
+    """botocore's SigV4 computation, over exactly the headers the client signed (botocore would
+    add `host` and skip some headers it never signs itself)."""
+
+    def headers_to_sign(self, request: AWSRequest) -> HTTPHeaders:
+        headers = HTTPHeaders()
+        for name, value in request.headers.items():
+            headers[name.lower()] = value
+        return headers
+
+
+_AUTHORIZATION = re.compile(r"^AWS4-HMAC-SHA256\s+(?P<params>.*)$", re.DOTALL)
+
+
+class SigV4Verifier:
+    """Authenticates requests signed with AWS Signature Version 4 for `execute-api`, as API
+    Gateway does for methods with IAM authorization, against a fixed set of principals."""
+
+    def __init__(
+        self,
+        principals: Iterable[LocalPrincipal],
+        region: str = REGION,
+        service: str = SERVICE,
+        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    ) -> None:
+        self._principals = {p.access_key: p for p in principals}
+        self._region = region
+        self._service = service
+        self._clock = clock
+
+    def authenticate(
+        self, method: str, target: str, headers: _Headers, body: bytes
+    ) -> LocalPrincipal:
+        """The principal that signed the request. Raises GatewayError (403) otherwise."""
+        authorization = headers.get("authorization")
+        if not authorization:
+            raise _missing_token()
+        match = _AUTHORIZATION.match(authorization.strip())
+        if not match:
+            raise GatewayError(
+                403,
+                f"Authorization header requires the AWS4-HMAC-SHA256 algorithm. "
+                f"Authorization={authorization}",
+                "IncompleteSignatureException",
+            )
+        params = {}
+        for part in re.split(r"\s*,\s*", match["params"].strip()):
+            name, _, value = part.partition("=")
+            params[name.strip()] = value.strip()
+        amz_date = headers.get("x-amz-date")
+        problems = [
+            f"Authorization header requires '{name}' parameter."
+            for name in ("Credential", "Signature", "SignedHeaders")
+            if not params.get(name)
+        ]
+        if not amz_date:
+            problems.append("Authorization header requires existence of a 'X-Amz-Date' header.")
+        if problems:
+            raise GatewayError(
+                403, " ".join(problems) + f" Authorization={authorization}",
+                "IncompleteSignatureException",
+            )
+        scope = params["Credential"].split("/")
+        if len(scope) != 5 or scope[4] != "aws4_request":
+            raise GatewayError(
+                403,
+                f"Credential should be scoped to a valid region. Credential={params['Credential']}",
+                "IncompleteSignatureException",
+            )
+        access_key, scope_date, scope_region, scope_service, _ = scope
+        principal = self._principals.get(access_key)
+        if principal is None:
+            raise GatewayError(
+                403, "The security token included in the request is invalid.",
+                "UnrecognizedClientException",
+            )
+        self._check_date(amz_date)
+        if scope_date != amz_date[:8]:
+            raise GatewayError(
+                403,
+                f"Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date "
+                f"from HTTP: '{scope_date}' != '{amz_date[:8]}', from '{amz_date}'.",
+                "InvalidSignatureException",
+            )
+        if scope_region != self._region:
+            raise GatewayError(
+                403, f"Credential should be scoped to a valid region. Expected '{self._region}'.",
+                "InvalidSignatureException",
+            )
+        if scope_service != self._service:
+            raise GatewayError(
+                403, f"Credential should be scoped to correct service: '{self._service}'.",
+                "InvalidSignatureException",
+            )
+        token = headers.get("x-amz-security-token")
+        if token is not None and not (
+            principal.session_token
+            and hmac.compare_digest(token.encode(), principal.session_token.encode())
+        ):
+            raise GatewayError(
+                403, "The security token included in the request is invalid.",
+                "UnrecognizedClientException",
+            )
+        expected, canonical, string_to_sign = self._signature(
+            principal, method, target, headers, body, params["SignedHeaders"], amz_date
+        )
+        if not hmac.compare_digest(expected.encode(), params["Signature"].encode()):
+            raise GatewayError(
+                403,
+                "The request signature we calculated does not match the signature you provided. "
+                "Check your AWS Secret Access Key and signing method. Consult the service "
+                "documentation for details.\n\nThe Canonical String for this request should "
+                f"have been\n'{canonical}'\n\nThe String-to-Sign should have been\n"
+                f"'{string_to_sign}'\n",
+                "InvalidSignatureException",
+            )
+        return principal
+
+    def _check_date(self, amz_date: str) -> None:
+        try:
+            signed_at = datetime.strptime(amz_date, SIGV4_TIMESTAMP).replace(tzinfo=timezone.utc)
+        except ValueError:
+            raise GatewayError(
+                403, f"Date must be in ISO-8601 'basic format'. Got '{amz_date}'.",
+                "IncompleteSignatureException",
+            ) from None
+        now = self._clock()
+        stamp = lambda t: t.strftime(SIGV4_TIMESTAMP)  # noqa: E731
+        if signed_at < now - CLOCK_SKEW:
+            raise GatewayError(
+                403,
+                f"Signature expired: {amz_date} is now earlier than {stamp(now - CLOCK_SKEW)} "
+                f"({stamp(now)} - 5 min.)",
+                "InvalidSignatureException",
+            )
+        if signed_at > now + CLOCK_SKEW:
+            raise GatewayError(
+                403,
+                f"Signature not yet current: {amz_date} is still later than "
+                f"{stamp(now + CLOCK_SKEW)} ({stamp(now)} + 5 min.)",
+                "InvalidSignatureException",
+            )
+
+    def _signature(
+        self, principal: LocalPrincipal, method: str, target: str, headers: _Headers,
+        body: bytes, signed_headers: str, amz_date: str,
+    ) -> tuple[str, str, str]:
+        """Recompute the signature of the request as received, at the request's own X-Amz-Date
+        (SigV4Auth.add_auth would sign at the current time)."""
+        signed = {}
+        for name in signed_headers.split(";"):
+            values = headers.get_all(name)
+            if values:
+                signed[name.lower()] = ",".join(values)
+        # A client may sign a body hash instead of the body; it must be this body's hash.
+        declared_hash = headers.get("x-amz-content-sha256")
+        if declared_hash is not None and declared_hash != hashlib.sha256(body).hexdigest():
+            signed["x-amz-content-sha256"] = hashlib.sha256(body).hexdigest()
+        host = headers.get("host") or "localhost"
+        request = AWSRequest(method=method, url=f"http://{host}{target}", data=body, headers=signed)
+        request.context["timestamp"] = amz_date
+        signer = _SignedRequest(
+            Credentials(principal.access_key, principal.secret_key, principal.session_token),
+            self._service,
+            self._region,
+        )
+        canonical = signer.canonical_request(request)
+        string_to_sign = signer.string_to_sign(request, canonical)
+        return signer.signature(string_to_sign, request), canonical, string_to_sign
+
+
+@dataclass
+class HttpResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+def _gateway_response(error: GatewayError, request_id: str) -> HttpResponse:
+    headers = [("Content-Type", "application/json"), ("x-amzn-RequestId", request_id)]
+    if error.error_type:
+        headers.append(("x-amzn-ErrorType", error.error_type))
+    return HttpResponse(error.status, headers, json.dumps({"message": error.message}).encode())
+
+
+class LocalApiGateway:
+    """fleetkey's API on `http://127.0.0.1:<port>` (port 0 picks a free one; see `url`).
+
+    `functions` maps a route's function name to its handler; by default each is loaded from
+    functions/<name>/handler.py when the gateway starts. `principals` are the IAM identities
+    SigV4 requests may be signed as (default: the local operator, with the local credentials).
+    The handlers read their settings from the process environment (`fleetkey_local.server.
+    local_aws()` sets it).
+    """
+
+    def __init__(
+        self,
+        port: int = DEFAULT_PORT,
+        *,
+        host: str = "127.0.0.1",
+        routes: Iterable[Route] = ROUTES,
+        region: str = REGION,
+        principals: Iterable[LocalPrincipal] | None = None,
+        functions: Mapping[str, Callable[[dict, object], dict]] | None = None,
+    ) -> None:
+        self._address = (host, port)
+        self.routes = tuple(routes)
+        self.region = region
+        self._verifier = SigV4Verifier(
+            principals if principals is not None else [local_operator()], region
+        )
+        self._handlers: dict[str, Callable] = dict(functions or {})
+        # One warm instance per function: Lambda runs one invocation at a time per instance, and
+        # the handlers keep per-invocation state in module globals (Powertools' current event).
+        self._locks: dict[str, threading.Lock] = {}
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("the gateway is not started")
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "LocalApiGateway":
+        from fleetkey_local.functions import load_function
+
+        for route in self.routes:
+            if route.function not in self._handlers:
+                self._handlers[route.function] = load_function(route.function).handler
+            self._locks.setdefault(route.function, threading.Lock())
+        server = _Server(self._address, _RequestHandler)
+        server.gateway = self
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.1},
+            name="fleetkey-local-api-gateway", daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+        self._server = self._thread = None
+
+    def __enter__(self) -> "LocalApiGateway":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- one request -------------------------------------------------------------------------
+
+    def resolve(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        """The route for a request and its path parameters, API Gateway's way: the most specific
+        matching resource, then the method on it (or ANY). Raises GatewayError (403)."""
+        segments = path.strip("/").split("/") if path.strip("/") else []
+        candidates = []
+        for route in self.routes:
+            params = route.path_parameters(segments)
+            if params is not None:
+                candidates.append((route.specificity, route, params))
+        if not candidates:
+            raise _missing_token()
+        best = min(c[0] for c in candidates)
+        on_resource = [(r, p) for s, r, p in candidates if s == best]
+        for route, params in on_resource:
+            if route.method == method:
+                return route, params
+        for route, params in on_resource:
+            if route.method == "ANY":
+                return route, params
+        raise _missing_token()
+
+    def handle(
+        self, method: str, target: str, header_pairs: Iterable[tuple[str, str]], body: bytes,
+        source_ip: str = "127.0.0.1",
+    ) -> HttpResponse:
+        request_id = str(uuid.uuid4())
+        headers = _Headers(header_pairs)
+        parts = urlsplit(target)  # origin-form ("/v1/...?a=b"), or absolute-form from a proxy
+        path = parts.path or "/"
+        target = path + (f"?{parts.query}" if parts.query else "")
+        try:
+            route, params = self.resolve(method, path)
+            principal = None
+            if route.authorization == AWS_IAM:
+                principal = self._verifier.authenticate(method, target, headers, body)
+            event = proxy_event(
+                method,
+                target,
+                body=_event_body(body),
+                headers=headers.pairs,
+                caller_arn=principal.arn if principal else None,
+                access_key=principal.access_key if principal else None,
+                resource=route.resource,
+                path_parameters=params,
+                source_ip=source_ip,
+                request_id=request_id,
+                domain_name=(headers.get("host") or "localhost").split(":", 1)[0],
+            )
+            if len(json.dumps(event)) > MAX_EVENT_BYTES:
+                raise GatewayError(413, "Request Too Long")
+            return self._invoke(route, event, request_id)
+        except GatewayError as error:
+            return _gateway_response(error, request_id)
+
+    def _invoke(self, route: Route, event: dict, request_id: str) -> HttpResponse:
+        from fleetkey_local.functions import LambdaContext
+
+        name = route.function
+        context = LambdaContext(
+            function_name=f"fleetkey-{name}",
+            invoked_function_arn=f"arn:aws:lambda:{self.region}:{ACCOUNT}:function:fleetkey-{name}",
+            aws_request_id=str(uuid.uuid4()),
+        )
+        try:
+            with self._locks[name]:
+                result = self._handlers[name](event, context)
+            return _integration_response(result, request_id)
+        except Exception:  # what API Gateway shows for any function error: no detail
+            print(f"fleetkey-local api gateway: {name} failed on "
+                  f"{event['httpMethod']} {event['path']}", file=sys.stderr)
+            traceback.print_exc(file=sys.stderr)
+            raise GatewayError(502, "Internal server error") from None
+
+
+def _event_body(body: bytes) -> str | bytes | None:
+    """Text stays text; a body that is not UTF-8 goes base64 (`isBase64Encoded`)."""
+    if not body:
+        return None
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        return body
+
+
+def _integration_response(result: object, request_id: str) -> HttpResponse:
+    """The HTTP response for a proxy integration result; a malformed one is API Gateway's 502."""
+    if not isinstance(result, dict):
+        raise ValueError(f"malformed Lambda proxy response: {type(result).__name__}")
+    status = int(result["statusCode"])
+    if not 100 <= status <= 599:
+        raise ValueError(f"malformed Lambda proxy response: statusCode {status}")
+    # API Gateway merges both header maps; for a name in both, multiValueHeaders wins.
+    multi = {k: [str(v) for v in vs] for k, vs in (result.get("multiValueHeaders") or {}).items()}
+    merged: dict[str, list[str]] = {
+        k: [str(v)] for k, v in (result.get("headers") or {}).items() if k not in multi
+    }
+    merged.update(multi)
+    body = result.get("body") or ""
+    if not isinstance(body, str):
+        raise ValueError("malformed Lambda proxy response: body is not a string")
+    try:
+        encoded = result.get("isBase64Encoded")
+        data = base64.b64decode(body, validate=True) if encoded else body.encode()
+    except binascii.Error:
+        raise ValueError("malformed Lambda proxy response: body is not base64") from None
+    headers = [(k, v) for k, vs in merged.items() for v in vs]
+    if not any(k.lower() == "content-type" for k, _ in headers):
+        headers.append(("Content-Type", "application/json"))
+    headers.append(("x-amzn-RequestId", request_id))
+    return HttpResponse(status, headers, data)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    gateway: LocalApiGateway
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _RequestHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "fleetkey-local-apigw"
+    timeout = 60  # an idle keep-alive connection or a stalled upload is dropped after this
+    server: _Server
+
+    def handle_expect_100(self) -> bool:
+        # Refuse an announced oversized body before the client sends it.
+        length = self._declared_length()
+        if length is not None and length > MAX_BODY_BYTES:
+            self.close_connection = True
+            self._send(_gateway_response(GatewayError(413, "Request Too Long"), str(uuid.uuid4())))
+            return False
+        return super().handle_expect_100()
+
+    def _declared_length(self) -> int | None:
+        value = self.headers.get("Content-Length")
+        try:
+            return int(value) if value is not None else None
+        except ValueError:
+            return None
+
+    def _serve(self) -> None:
+        try:
+            body = self._read_body()
+        except _BodyTooLarge:
+            self.close_connection = True
+            self._send(_gateway_response(GatewayError(413, "Request Too Long"), str(uuid.uuid4())))
+            return
+        except ValueError:
+            self.close_connection = True
+            self.send_error(400, "Bad Request")
+            return
+        response = self.server.gateway.handle(
+            self.command, self.path, self.headers.items(), body, self.client_address[0]
+        )
+        self._send(response)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _serve
+
+    def _read_body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            return self._read_chunked()
+        value = self.headers.get("Content-Length")
+        if value is None:
+            return b""
+        length = int(value)  # ValueError: 400
+        if length < 0:
+            raise ValueError("negative Content-Length")
+        if length > MAX_BODY_BYTES:
+            self._discard(length)
+            raise _BodyTooLarge
+        return self.rfile.read(length)
+
+    def _read_chunked(self) -> bytes:
+        chunks, total = [], 0
+        while True:
+            size = int(self.rfile.readline(1024).split(b";", 1)[0].strip() or b"x", 16)
+            if size == 0:
+                while self.rfile.readline(1024).strip():  # trailers
+                    pass
+                break
+            total += size
+            if total > MAX_BODY_BYTES:
+                self._discard(size + 2)
+                raise _BodyTooLarge
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline(1024)  # CRLF after the chunk
+        return b"".join(chunks)
+
+    def _discard(self, length: int) -> None:
+        """Read what the client sends anyway (up to a bound), so it receives the 413 instead of
+        a reset connection."""
+        remaining = min(length, _DRAIN_LIMIT)
+        while remaining > 0:
+            chunk = self.rfile.read(min(remaining, 1 << 16))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+
+    def _send(self, response: HttpResponse) -> None:
+        self.send_response(response.status)
+        for name, value in response.headers:
+            if name.lower() not in ("content-length", "connection", "transfer-encoding"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(response.body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(response.body)
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (BaseHTTPRequestHandler's name)
+        log.info("%s %s", self.address_string(), format % args)
