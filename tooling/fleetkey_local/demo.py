@@ -11,15 +11,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fleetkey_cli.client import AdminClient, InProcessTransport
+from fleetkey_cli.client import AdminClient, SigV4Transport, local_credentials
+from fleetkey_local.api_gateway import LocalApiGateway
 from fleetkey_local.fleet import IotTransport, SimulatedDevice, build_fleet, registration_phases
 from fleetkey_local.functions import LambdaContext, load_function
 from fleetkey_local.iot import connect_refusal
 from fleetkey_local.server import local_aws
 from fleetkey_local.simulator import Simulation
-from fleetkey_local.stack import EmbeddedStack, client_factory
+from fleetkey_local.stack import REGION, EmbeddedStack, client_factory
 
-OPERATOR = "arn:aws:sts::123456789012:assumed-role/fleet-operator/demo"
 
 
 class EmulatedIot(IotTransport):
@@ -53,10 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     with local_aws() as endpoint:
         print(f"local AWS (moto) at {endpoint}")
         stack = EmbeddedStack(client_factory(endpoint)).provision()
-        admin_function = load_function("admin")
-        admin = AdminClient(InProcessTransport(admin_function.handler, OPERATOR, LambdaContext()))
-        simulation = Simulation(progress=not args.no_progress)
-        return simulation.run(registration_phases(admin, EmulatedIot(stack), fleet))
+        with LocalApiGateway(port=0) as api:
+            print(f"local API at {api.url}")
+            # The operator uses the admin API over HTTP, signed with SigV4, like the CLI.
+            admin = AdminClient(SigV4Transport(api.url, REGION, credentials=local_credentials()))
+            simulation = Simulation(progress=not args.no_progress)
+            return simulation.run(registration_phases(admin, EmulatedIot(stack), fleet))
 
 
 if __name__ == "__main__":
