@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import urllib.request
 import warnings
 from contextlib import contextmanager
 from typing import Iterator
@@ -52,6 +53,10 @@ def local_aws(port: int = 0) -> Iterator[str]:
     server.start()
     host, bound = server.get_host_and_port()
     endpoint = f"http://{host}:{bound}"
+    # moto's state lives in the process, not the server: start from an empty account.
+    urllib.request.urlopen(
+        urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=5
+    ).read()
     saved = dict(os.environ)
     os.environ.update(function_environment(endpoint))
     try:
