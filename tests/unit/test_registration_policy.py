@@ -34,6 +34,7 @@ CERT = DeviceCertificate(
     not_before=START,
     not_after=START + timedelta(days=365),
     key_description="ec:secp256r1",
+    public_key_pem="-----BEGIN PUBLIC KEY-----\n...\n-----END PUBLIC KEY-----\n",
 )
 CA = ManufacturerCa(
     name="acme",

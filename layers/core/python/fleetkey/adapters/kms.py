@@ -13,10 +13,17 @@ _ALGORITHMS = {"secp256r1": ("ECDSA_SHA_256", 32), "secp384r1": ("ECDSA_SHA_384"
 class KmsSigner:
     """Signs with an ECC_NIST_P256/P384 SIGN_VERIFY key. `client` is a boto3 KMS client."""
 
-    def __init__(self, key_id: str, client=None, region: str | None = None) -> None:
+    def __init__(
+        self,
+        key_id: str,
+        client=None,
+        region: str | None = None,
+        public_key: ec.EllipticCurvePublicKey | None = None,
+    ) -> None:
+        """`public_key`, when known (it never changes for a key id), saves the GetPublicKey."""
         self.key_id = key_id
         self._client = client or aws_client("kms", region)
-        self._public_key: ec.EllipticCurvePublicKey | None = None
+        self._public_key = public_key
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         """The verifying key, read from KMS once per signer (it never changes for a key id)."""
@@ -41,3 +48,41 @@ class KmsSigner:
         _, size = _ALGORITHMS[self.public_key().curve.name]
         r, s = utils.decode_dss_signature(self.sign_der(message))
         return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+
+
+class KmsKeys:
+    """Creating, reading and retiring fleetkey's KMS signing keys. `client` is a boto3 KMS client."""
+
+    def __init__(self, client=None, region: str | None = None) -> None:
+        self._client = client or aws_client("kms", region)
+
+    @property
+    def client(self):
+        return self._client
+
+    def create_signing_key(
+        self, description: str, tags: dict[str, str], policy: str | None = None
+    ) -> str:
+        """A new ECC_NIST_P256 SIGN_VERIFY key (its private key never leaves KMS); its key id."""
+        kwargs = {"Policy": policy} if policy else {}
+        response = self._client.create_key(
+            KeySpec="ECC_NIST_P256",
+            KeyUsage="SIGN_VERIFY",
+            Description=description,
+            Tags=[{"TagKey": k, "TagValue": v} for k, v in tags.items()],
+            **kwargs,
+        )
+        return response["KeyMetadata"]["KeyId"]
+
+    def public_key(self, key_id: str) -> ec.EllipticCurvePublicKey:
+        return KmsSigner(key_id, client=self._client).public_key()
+
+    def schedule_deletion(self, key_id: str, days: int = 7) -> None:
+        """Schedule the key's deletion; a key already pending deletion counts as done."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=days)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "KMSInvalidStateException":
+                raise

@@ -36,6 +36,7 @@ class DeviceCertificate:
     not_before: datetime
     not_after: datetime
     key_description: str  # e.g. "ec:secp256r1", "rsa:2048"
+    public_key_pem: str  # SubjectPublicKeyInfo, what the device's client assertions verify with
 
 
 def load_certificate(pem: str | bytes) -> x509.Certificate:
@@ -211,6 +212,9 @@ def validate_device_certificate(
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
         key_description=describe_key(cert),
+        public_key_pem=cert.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode(),
     )
 
 

@@ -20,6 +20,9 @@ class Device:
     public_key_fingerprint: str | None = None
     attributes: dict[str, str] = field(default_factory=dict)
     certificate_id: str | None = None
+    # The current certificate's public key (PEM) and its kind ("ec:secp256r1", "rsa:2048").
+    certificate_public_key: str | None = None
+    certificate_key: str | None = None
     created_at: str | None = None
     updated_at: str | None = None
 

@@ -198,6 +198,8 @@ class RegistrationService:
                         new_state=target_state(device.state, Transition.REGISTER),
                         set_attributes={
                             "certificate_id": certificate.certificate_id,
+                            "certificate_public_key": certificate.public_key_pem,
+                            "certificate_key": certificate.key_description,
                             "certificate_not_after": timestamp(certificate.not_after),
                             "registered_at": at,
                         },

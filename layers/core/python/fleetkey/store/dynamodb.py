@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import time
+from decimal import Decimal
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
@@ -37,6 +38,17 @@ MAX_TRANSACTION_ATTEMPTS = 8
 TRANSIENT_CANCELLATION_CODES = frozenset(
     {"TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded", "RequestLimitExceeded"}
 )
+
+
+def _plain(value: Any) -> Any:
+    """DynamoDB numbers come back as Decimal; the registry holds whole numbers only."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Decimal):
+        return int(value)
+    return value
 
 
 def _ser(item: dict[str, Any]) -> dict[str, Any]:
@@ -88,6 +100,8 @@ def _device_from_item(item: dict[str, Any]) -> Device:
         public_key_fingerprint=item.get("public_key_fingerprint"),
         attributes=dict(item.get("attributes") or {}),
         certificate_id=item.get("certificate_id"),
+        certificate_public_key=item.get("certificate_public_key"),
+        certificate_key=item.get("certificate_key"),
         created_at=item.get("created_at"),
         updated_at=item.get("updated_at"),
     )
@@ -519,6 +533,101 @@ class Store:
     def stream_head(self, stream: str) -> ChainHead:
         item = self._get(schema.stream_head_key(stream))
         return ChainHead(int(item["audit_seq"]), item["audit_hash"]) if item else ChainHead()
+
+    # ---- tokens ---------------------------------------------------------------------------
+
+    def use_assertion(
+        self, device_id: str, jti: str, expires_at: int, now: int, nonce: str | None = None
+    ) -> None:
+        """Record a client assertion's jti as used (and consume its challenge nonce), in one
+        conditional write. A jti may be reused only once its earlier assertion has expired.
+
+        Raises:
+            ConditionFailed: 'jti' (a replay) and/or 'nonce' (unknown, used or expired).
+        """
+        actions = [
+            Action(
+                "jti",
+                {
+                    "Put": {
+                        "TableName": self.table,
+                        "Item": _ser({**schema.assertion_key(device_id, jti),
+                                      schema.TTL_ATTRIBUTE: expires_at}),
+                        "ConditionExpression": "attribute_not_exists(pk) OR #exp < :now",
+                        "ExpressionAttributeNames": {"#exp": schema.TTL_ATTRIBUTE},
+                        "ExpressionAttributeValues": _ser({":now": now}),
+                    }
+                },
+            )
+        ]
+        if nonce is not None:
+            actions.append(
+                Action(
+                    "nonce",
+                    {
+                        "Delete": {
+                            "TableName": self.table,
+                            "Key": _ser(schema.nonce_key(nonce)),
+                            "ConditionExpression": "attribute_exists(pk) AND #exp >= :now",
+                            "ExpressionAttributeNames": {"#exp": schema.TTL_ATTRIBUTE},
+                            "ExpressionAttributeValues": _ser({":now": now}),
+                        }
+                    },
+                )
+            )
+        self._transact(actions)
+
+    def put_nonce(self, nonce: str, expires_at: int) -> None:
+        self._client.put_item(
+            TableName=self.table,
+            Item=_ser({**schema.nonce_key(nonce), schema.TTL_ATTRIBUTE: expires_at}),
+            ConditionExpression="attribute_not_exists(pk)",
+        )
+
+    def revoke_token(self, jti: str, expires_at: int) -> None:
+        self._client.put_item(
+            TableName=self.table,
+            Item=_ser({**schema.revoked_token_key(jti), schema.TTL_ATTRIBUTE: expires_at}),
+        )
+
+    def is_token_revoked(self, jti: str, now: int) -> bool:
+        item = self._get(schema.revoked_token_key(jti))
+        return bool(item) and int(item[schema.TTL_ATTRIBUTE]) >= now
+
+    def get_signing_keys(self) -> tuple[ChainHead, list[dict[str, Any]]]:
+        item = self._get(schema.stream_head_key("signing-keys"))
+        if not item:
+            return ChainHead(), []
+        head = ChainHead(int(item["audit_seq"]), item["audit_hash"])
+        return head, [_plain(k) for k in item.get("keys", [])]
+
+    def put_signing_keys(
+        self, head: ChainHead, keys: list[dict[str, Any]], record: AuditRecord
+    ) -> None:
+        """Replace the signing-key registry, conditional on it being as read (its audit head),
+        with the audit record of the change.
+
+        Raises:
+            ConditionFailed('registry'): it changed since it was read.
+        """
+        key = schema.stream_head_key("signing-keys")
+        self._transact(
+            [
+                Action(
+                    "registry",
+                    {
+                        "Put": {
+                            "TableName": self.table,
+                            "Item": _ser({**key, "audit_seq": record.seq,
+                                          "audit_hash": record.hash, "keys": keys}),
+                            "ConditionExpression": "attribute_not_exists(pk) OR audit_seq = :prev",
+                            "ExpressionAttributeValues": _ser({":prev": head.seq}),
+                        }
+                    },
+                ),
+                self._audit_put(record),
+            ]
+        )
 
     # ---- manufacturer CAs -------------------------------------------------------------------
 

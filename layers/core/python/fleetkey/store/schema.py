@@ -10,6 +10,13 @@
     CAID#<iot_ca_id>    CAID            which name a CA is registered under (one name per CA)
     STREAM#<name>       HEAD            head of a chain of events with no other subject
     STREAM#<name>       AUDIT#<seq>     e.g. malformed registration events
+    STREAM#signing-keys HEAD            the token signing keys (the registry is its head item)
+    JTI#<device>#<jti>  JTI             a client assertion already used (until it expires)
+    NONCE#<nonce>       NONCE           a challenge not yet used (until it expires)
+    REVOKED#<jti>       REVOKED         a revoked access token (until it expires)
+
+Items that only matter until a moment carry `expires_at` (epoch seconds, the table's TTL
+attribute); code checks it too, since TTL deletion lags by up to days.
 """
 
 PARTITION_KEY = "pk"
@@ -37,6 +44,18 @@ def ca_key(ca_name: str) -> dict:
 
 def ca_id_key(iot_ca_id: str) -> dict:
     return {PARTITION_KEY: f"CAID#{iot_ca_id}", SORT_KEY: "CAID"}
+
+
+def assertion_key(device_id: str, jti: str) -> dict:
+    return {PARTITION_KEY: f"JTI#{device_id}#{jti}", SORT_KEY: "JTI"}
+
+
+def nonce_key(nonce: str) -> dict:
+    return {PARTITION_KEY: f"NONCE#{nonce}", SORT_KEY: "NONCE"}
+
+
+def revoked_token_key(jti: str) -> dict:
+    return {PARTITION_KEY: f"REVOKED#{jti}", SORT_KEY: "REVOKED"}
 
 
 def audit_key(subject: str, seq: int) -> dict:
