@@ -62,6 +62,14 @@ def create_iot_profiles(iot, region: str, account: str, prefix: str = NAME_PREFI
                 raise
 
 
+def create_token_key(kms) -> str:
+    """The first access-token signing key (ECC_NIST_P256, SIGN_VERIFY), as the stack creates it."""
+    from fleetkey.adapters.kms import KmsKeys
+    from fleetkey.services.signing_keys import TAGS
+
+    return KmsKeys(client=kms).create_signing_key("fleetkey access-token signing key", TAGS)
+
+
 def provision(session_clients, table_name: str, region: str, account: str) -> None:
     """`session_clients(service)` returns a boto3 client for the service."""
     create_table(session_clients("dynamodb"), table_name)

@@ -13,7 +13,11 @@ from fleetkey.adapters.aws import CLIENT_CONFIG
 from fleetkey.adapters.iot import IotRegistry
 from fleetkey.events import CertificateRegisteredEvent
 from fleetkey.services.allowlist import AllowlistService
+from fleetkey.adapters.kms import KmsKeys
 from fleetkey.services.devices import DeviceService
+from fleetkey.services.introspection import IntrospectionService
+from fleetkey.services.signing_keys import SigningKeys
+from fleetkey.services.tokens import TokenService
 from fleetkey.services.registration import RegistrationOutcome, RegistrationService
 from fleetkey.services.trust import ManufacturerCaService, TrustAnchors
 from fleetkey.settings import Settings
@@ -21,7 +25,7 @@ from fleetkey.store.dynamodb import Store
 from fleetkey_local import iot as iot_emulation
 from fleetkey_local import moto_patches
 from fleetkey_local.pki import CertificateAuthority, pem
-from fleetkey_local.provision import create_iot_profiles, create_table
+from fleetkey_local.provision import create_iot_profiles, create_table, create_token_key
 
 REGION = "eu-west-1"
 ACCOUNT = "123456789012"
@@ -62,14 +66,21 @@ class EmbeddedStack:
         self.cas = ManufacturerCaService(self.store, self.registry)
         self.allowlist = AllowlistService(self.settings, self.store)
         self.devices = DeviceService(self.store)
+        self.kms = self.make_client("kms")
+        self.signing_keys = SigningKeys(self.store, KmsKeys(client=self.kms))
+        self.tokens = TokenService(self.settings, self.store, self.signing_keys)
+        self.introspection = IntrospectionService(self.settings, self.store, self.signing_keys)
 
     def provision(self) -> "EmbeddedStack":
         create_table(self.make_client("dynamodb"), self.settings.table_name)
         create_iot_profiles(self.harness_iot, self.settings.region, self.account)
+        # The stack's first token signing key, as the CDK stack creates it.
+        self.token_key_id = create_token_key(self.make_client("kms"))
+        self.signing_keys.initialize(self.token_key_id, actor="provisioning")
         return self
 
     def service_clients(self) -> tuple:
-        return (self.dynamodb, self.iot)
+        return (self.dynamodb, self.iot, self.kms)
 
     # ---- the operator's side ----------------------------------------------------------------
 

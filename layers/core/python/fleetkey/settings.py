@@ -27,6 +27,10 @@ class Settings:
     trust_anchor_cache_seconds: int = 60
     # The largest allow-list manifest one import accepts.
     max_import_rows: int = 10_000
+    # The token issuer (RFC 8414 `issuer`): the API's base URL; assertions are addressed to it.
+    issuer: str = "http://127.0.0.1:8080"
+    # The KMS key created with the stack, adopted as the first token signing key.
+    token_key_id: str | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -51,4 +55,6 @@ class Settings:
             name_prefix=env.get("FLEETKEY_NAME_PREFIX", "fleetkey"),
             trust_anchor_cache_seconds=cache_seconds,
             max_import_rows=max_rows,
+            issuer=env.get("FLEETKEY_ISSUER", cls.issuer).rstrip("/"),
+            token_key_id=env.get("FLEETKEY_TOKEN_KEY_ID") or None,
         )
