@@ -15,11 +15,14 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from fleetkey.adapters.aws import error_code, is_transient
 from fleetkey.adapters.iot import IotRegistry
+from fleetkey.adapters.kms import KmsKeys
 from fleetkey.domain.allowlist import parse_entry
 from fleetkey.errors import FleetkeyError, InvalidRequest, TransientAwsError
 from fleetkey.observability import logger, metrics, tracer
 from fleetkey.services.allowlist import AllowlistService
 from fleetkey.services.devices import DeviceService
+from fleetkey.services.introspection import IntrospectionService
+from fleetkey.services.signing_keys import SigningKeys
 from fleetkey.services.trust import ManufacturerCaService
 from fleetkey.settings import Settings
 from fleetkey.store.dynamodb import Store
@@ -35,6 +38,8 @@ class Services:
         self.allowlist = AllowlistService(settings, store)
         self.devices = DeviceService(store)
         self.cas = ManufacturerCaService(store, IotRegistry(region=settings.region))
+        self.signing_keys = SigningKeys(store, KmsKeys(region=settings.region))
+        self.introspection = IntrospectionService(settings, store, self.signing_keys)
 
 
 @lru_cache(maxsize=1)
@@ -205,6 +210,45 @@ def disable_ca(name: str):
 def enable_ca(name: str):
     name = unquote(name)
     return services().cas.set_enabled(name, True, actor=_actor()).to_public()
+
+
+# ---- token signing keys and revocation -------------------------------------------------------
+
+
+def _signing_keys_view() -> dict:
+    return {
+        "keys": [
+            {"kid": k.kid, "key_id": k.key_id, "active_from": k.active_from,
+             "retire_after": k.retire_after}
+            for k in services().signing_keys.keys()
+        ]
+    }
+
+
+@app.get("/signing-keys")
+def list_signing_keys():
+    return _signing_keys_view()
+
+
+@app.post("/signing-keys/rotate")
+def rotate_signing_key():
+    key = services().signing_keys.rotate(actor=_actor())
+    return _created({"kid": key.kid, "key_id": key.key_id, "active_from": key.active_from})
+
+
+@app.post("/signing-keys/retire")
+def retire_signing_keys():
+    return {"retired": services().signing_keys.retire_expired(actor=_actor())}
+
+
+@app.post("/tokens/revoke")
+def revoke_token():
+    body = _json_body()
+    jti, exp = body.get("jti"), body.get("exp")
+    if not isinstance(jti, str) or not 0 < len(jti) <= 128 or not isinstance(exp, int):
+        raise InvalidRequest("body must be {\"jti\": <token id>, \"exp\": <its expiry, epoch seconds>}")
+    services().introspection.revoke(jti, exp)
+    return {"revoked": jti}
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True)

@@ -185,6 +185,18 @@ class AdminClient:
              "verification_certificate_pem": verification_pem},
         )
 
+    def signing_keys(self) -> dict:
+        return self._call("GET", "/signing-keys")
+
+    def rotate_signing_key(self) -> dict:
+        return self._call("POST", "/signing-keys/rotate")
+
+    def retire_signing_keys(self) -> dict:
+        return self._call("POST", "/signing-keys/retire")
+
+    def revoke_token(self, jti: str, exp: int) -> dict:
+        return self._call("POST", "/tokens/revoke", {"jti": jti, "exp": exp})
+
     def list_cas(self) -> list[dict]:
         return self._call("GET", "/cas")["cas"]
 

@@ -85,6 +85,18 @@ def _parser() -> argparse.ArgumentParser:
                        help="CA private key PEM: the proof is made here; the key is not sent")
     for name in ("disable", "enable"):
         ca.add_parser(name).add_argument("name")
+
+    keys = commands.add_parser("signing-keys", help="access-token signing keys (KMS)")
+    keys_actions = keys.add_subparsers(dest="action", required=True)
+    keys_actions.add_parser("list", help="the keys published in the JWKS")
+    keys_actions.add_parser("rotate", help="create a new key: published now, signing after the "
+                                           "publish lead; the old one retires after its tokens")
+    keys_actions.add_parser("retire", help="schedule deletion of keys whose tokens have expired")
+
+    token = commands.add_parser("token", help="access tokens").add_subparsers(dest="action", required=True)
+    revoke = token.add_parser("revoke", help="revoke an access token (introspection reports it inactive)")
+    revoke.add_argument("--jti", required=True)
+    revoke.add_argument("--exp", type=int, required=True, help="the token's exp (epoch seconds)")
     return parser
 
 
@@ -148,6 +160,12 @@ def run(args: argparse.Namespace, client: AdminClient) -> int:
             _print(client.register_ca(args.name, certificate, verification))
         else:
             _print(client.set_ca_enabled(args.name, args.action == "enable"))
+    elif args.command == "signing-keys":
+        actions = {"list": client.signing_keys, "rotate": client.rotate_signing_key,
+                   "retire": client.retire_signing_keys}
+        _print(actions[args.action]())
+    elif args.command == "token":
+        _print(client.revoke_token(args.jti, args.exp))
     return 0
 
 

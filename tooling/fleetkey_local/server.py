@@ -30,6 +30,7 @@ def function_environment(endpoint_url: str, service_name: str = "fleetkey") -> d
         "AWS_DEFAULT_REGION": REGION,
         "FLEETKEY_TABLE": TABLE,
         "FLEETKEY_NAME_PREFIX": "fleetkey",
+        "FLEETKEY_ISSUER": "http://127.0.0.1:8080",
         "POWERTOOLS_SERVICE_NAME": service_name,
         "POWERTOOLS_METRICS_NAMESPACE": "fleetkey",
         "POWERTOOLS_TRACE_DISABLED": "true",

@@ -12,6 +12,10 @@ from typing import Mapping
 from fleetkey.errors import FleetkeyError
 
 
+# The local stack's API address; a deployed stack sets FLEETKEY_ISSUER to its API's URL.
+LOCAL_ISSUER = "http://127.0.0.1:8080"
+
+
 class SettingsError(FleetkeyError):
     code = "misconfigured"
 
@@ -28,7 +32,7 @@ class Settings:
     # The largest allow-list manifest one import accepts.
     max_import_rows: int = 10_000
     # The token issuer (RFC 8414 `issuer`): the API's base URL; assertions are addressed to it.
-    issuer: str = "http://127.0.0.1:8080"
+    issuer: str = LOCAL_ISSUER
     # The KMS key created with the stack, adopted as the first token signing key.
     token_key_id: str | None = None
 
@@ -55,6 +59,6 @@ class Settings:
             name_prefix=env.get("FLEETKEY_NAME_PREFIX", "fleetkey"),
             trust_anchor_cache_seconds=cache_seconds,
             max_import_rows=max_rows,
-            issuer=env.get("FLEETKEY_ISSUER", cls.issuer).rstrip("/"),
+            issuer=env.get("FLEETKEY_ISSUER", LOCAL_ISSUER).rstrip("/"),
             token_key_id=env.get("FLEETKEY_TOKEN_KEY_ID") or None,
         )

@@ -1,0 +1,70 @@
+"""Public discovery: GET /.well-known/jwks.json (every key that can verify an unexpired token) and
+GET /.well-known/oauth-authorization-server (RFC 8414 metadata). Reads only; no KMS access."""
+
+from functools import lru_cache
+
+from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
+from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from fleetkey.adapters.kms import KmsKeys
+from fleetkey.domain.profiles import PROFILES
+from fleetkey.observability import logger, metrics, tracer
+from fleetkey.services.signing_keys import SigningKeys
+from fleetkey.services.tokens import ASSERTION_ALGORITHMS
+from fleetkey.settings import Settings
+from fleetkey.store.dynamodb import Store
+
+app = APIGatewayRestResolver()
+# Shorter than the signing-key publish lead (300 s), so a cached JWKS always has a key before
+# tokens signed with it appear.
+JWKS_MAX_AGE = 240
+
+
+@lru_cache(maxsize=1)
+def context() -> tuple[Settings, SigningKeys]:
+    settings = Settings.from_environ()
+    store = Store(settings.table_name, region=settings.region)
+    return settings, SigningKeys(store, KmsKeys(region=settings.region))
+
+
+@app.get("/.well-known/jwks.json")
+def jwks():
+    return Response(
+        status_code=200,
+        content_type="application/jwk-set+json",
+        body=context()[1].jwks(),
+        headers={"Cache-Control": f"public, max-age={JWKS_MAX_AGE}"},
+    )
+
+
+@app.get("/.well-known/oauth-authorization-server")
+def metadata():
+    settings = context()[0]
+    issuer = settings.issuer
+    scopes = sorted({s for p in PROFILES.values() for s in p.token_rules.scopes})
+    return Response(
+        status_code=200,
+        content_type=content_types.APPLICATION_JSON,
+        body={
+            "issuer": issuer,
+            "token_endpoint": f"{issuer}/v1/token",
+            "jwks_uri": f"{issuer}/.well-known/jwks.json",
+            "introspection_endpoint": f"{issuer}/v1/introspect",
+            "grant_types_supported": ["client_credentials"],
+            "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+            "token_endpoint_auth_signing_alg_values_supported": sorted(ASSERTION_ALGORITHMS),
+            "scopes_supported": scopes,
+            "response_types_supported": ["token"],
+            "introspection_endpoint_auth_methods_supported": ["aws_sigv4"],
+            "fleetkey_challenge_endpoint": f"{issuer}/v1/challenge",
+        },
+        headers={"Cache-Control": "public, max-age=3600"},
+    )
+
+
+@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True)
+@metrics.log_metrics
+@tracer.capture_lambda_handler
+def handler(event: dict, context_: LambdaContext) -> dict:
+    return app.resolve(event, context_)

@@ -1,0 +1,108 @@
+"""Device-facing token endpoint: POST /v1/token (client-credentials grant with a JWT client
+assertion) and POST /v1/challenge (a single-use nonce). Public routes, throttled by API Gateway.
+Errors are RFC 6749 §5.2 JSON; nothing in them tells which check failed."""
+
+from functools import lru_cache
+from urllib.parse import parse_qsl
+
+from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
+from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from botocore.exceptions import BotoCoreError, ClientError
+
+from fleetkey.adapters.aws import is_transient
+from fleetkey.adapters.kms import KmsKeys
+from fleetkey.domain.oauth import InvalidClient, OAuthError, OAuthInvalidRequest
+from fleetkey.errors import FleetkeyError
+from fleetkey.observability import logger, metrics, tracer
+from fleetkey.services.signing_keys import SigningKeys
+from fleetkey.services.tokens import TokenService
+from fleetkey.settings import Settings
+from fleetkey.store.dynamodb import Store
+
+app = APIGatewayRestResolver()
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+MAX_FORM_BYTES = 16 * 1024
+
+
+@lru_cache(maxsize=1)
+def service() -> TokenService:
+    settings = Settings.from_environ()
+    store = Store(settings.table_name, region=settings.region)
+    keys = SigningKeys(store, KmsKeys(region=settings.region))
+    if not keys.keys() and settings.token_key_id:
+        keys.initialize(settings.token_key_id, actor="token-function")
+    return TokenService(settings, store, keys)
+
+
+def _json(status: int, body: dict) -> Response:
+    return Response(
+        status_code=status, content_type=content_types.APPLICATION_JSON, body=body, headers=NO_STORE
+    )
+
+
+def _form() -> dict[str, str]:
+    """application/x-www-form-urlencoded, each parameter at most once (RFC 6749 §3.2)."""
+    content_type = (app.current_event.headers.get("content-type") or "").lower()
+    if not content_type.startswith("application/x-www-form-urlencoded"):
+        raise OAuthInvalidRequest("the body must be application/x-www-form-urlencoded")
+    try:
+        body = app.current_event.decoded_body or ""
+    except UnicodeDecodeError:
+        raise OAuthInvalidRequest("the body must be UTF-8") from None
+    if len(body) > MAX_FORM_BYTES:
+        raise OAuthInvalidRequest("the request is too large")
+    try:
+        pairs = parse_qsl(body, keep_blank_values=True, strict_parsing=bool(body), max_num_fields=16)
+    except ValueError:
+        raise OAuthInvalidRequest("the body is not a valid form") from None
+    form: dict[str, str] = {}
+    for name, value in pairs:
+        if name in form:
+            raise OAuthInvalidRequest(f"parameter {name} appears more than once")
+        form[name] = value
+    return form
+
+
+@app.exception_handler(OAuthError)
+def _oauth_error(exc: OAuthError) -> Response:
+    reason = exc.reason if isinstance(exc, InvalidClient) else exc.message
+    metrics.add_dimension(name="error", value=exc.code)
+    metrics.add_metric(name="TokensRefused", unit=MetricUnit.Count, value=1)
+    logger.warning("token refused", extra={"error": exc.code, "reason": reason})
+    return _json(exc.status, exc.to_body())
+
+
+@app.exception_handler(FleetkeyError)
+def _unavailable(exc: FleetkeyError) -> Response:
+    logger.error("token endpoint unavailable", extra={"code": exc.code})
+    return _json(503, {"error": "temporarily_unavailable", "error_description": "try again later"})
+
+
+@app.exception_handler(ClientError)
+@app.exception_handler(BotoCoreError)
+def _aws_error(exc: Exception) -> Response:
+    if not is_transient(exc):
+        raise exc
+    logger.warning("AWS unavailable", extra={"error": type(exc).__name__})
+    return _json(503, {"error": "temporarily_unavailable", "error_description": "try again later"})
+
+
+@app.post("/v1/token")
+def token():
+    response = service().issue(_form())
+    metrics.add_metric(name="TokensIssued", unit=MetricUnit.Count, value=1)
+    return _json(200, response)
+
+
+@app.post("/v1/challenge")
+def challenge():
+    return _json(200, service().challenge())
+
+
+@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True)
+@metrics.log_metrics
+@tracer.capture_lambda_handler
+def handler(event: dict, context: LambdaContext) -> dict:
+    return app.resolve(event, context)
