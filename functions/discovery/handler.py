@@ -1,6 +1,7 @@
 """Public discovery: GET /.well-known/jwks.json (every key that can verify an unexpired token) and
 GET /.well-known/oauth-authorization-server (RFC 8414 metadata). Reads only; no KMS access."""
 
+import json
 from functools import lru_cache
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
@@ -33,7 +34,8 @@ def jwks():
     return Response(
         status_code=200,
         content_type="application/jwk-set+json",
-        body=context()[1].jwks(),
+        # Powertools serializes dict bodies only for application/json.
+        body=json.dumps(context()[1].jwks(), separators=(",", ":")),
         headers={"Cache-Control": f"public, max-age={JWKS_MAX_AGE}"},
     )
 

@@ -13,6 +13,7 @@ from aws_cdk import Duration
 from aws_cdk import aws_logs as logs
 
 from fleetkey.domain.profiles import FLEETKEY_THING_ATTRIBUTES
+from fleetkey.services.signing_keys import TAGS as TOKEN_SIGNING_KEY_TAGS
 
 # Repository layout, resolved from this file so that synthesis works from any working directory.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +24,9 @@ DEFAULT_LAYER_DIR = REPO_ROOT / "build" / "layer"
 LAYER_DIR_CONTEXT_KEY = "layerDir"
 
 STACK_ID = "Fleetkey"
-STACK_DESCRIPTION = "fleetkey: serverless IoT device identity lifecycle (registration, admin API)"
+STACK_DESCRIPTION = (
+    "fleetkey: serverless IoT device identity lifecycle (registration, token vending, admin API)"
+)
 PROJECT_TAG = "fleetkey"
 
 # Prefix of the AWS IoT resources fleetkey owns (policies, thing types); the functions receive the
@@ -34,15 +37,35 @@ NAME_PREFIX = "fleetkey"
 # at most three searchable attributes per thing type).
 THING_SEARCHABLE_ATTRIBUTES = FLEETKEY_THING_ATTRIBUTES
 
+# Token signing keys: KMS ECC_NIST_P256 SIGN_VERIFY. The tag marks every key fleetkey signs
+# tokens with (the stack's first key and the keys the admin function creates when it rotates);
+# the token function may sign only with keys that carry it. One definition, in the core
+# (fleetkey.services.signing_keys.TAGS), which tags the keys it creates.
+((TOKEN_SIGNING_TAG_KEY, TOKEN_SIGNING_TAG_VALUE),) = TOKEN_SIGNING_KEY_TAGS.items()
+TOKEN_KEY_DESCRIPTION = "fleetkey access-token signing key (the first; rotation adds new keys)"
+
 # Lambda
 HANDLER = "handler.handler"
 REGISTRATION_CODE_DIR = FUNCTIONS_DIR / "registration"
 ADMIN_CODE_DIR = FUNCTIONS_DIR / "admin"
+TOKEN_CODE_DIR = FUNCTIONS_DIR / "token"
+DISCOVERY_CODE_DIR = FUNCTIONS_DIR / "discovery"
+INTROSPECT_CODE_DIR = FUNCTIONS_DIR / "introspect"
 REGISTRATION_MEMORY_MB = 512
 ADMIN_MEMORY_MB = 512
+# The API functions verify signatures with `cryptography` on their first call: Lambda gives CPU
+# in proportion to memory, so a smaller size mostly buys slower cold starts.
+TOKEN_MEMORY_MB = 512
+DISCOVERY_MEMORY_MB = 512
+INTROSPECT_MEMORY_MB = 512
 REGISTRATION_TIMEOUT = Duration.seconds(30)
 # API Gateway's integration timeout is 29 s; a longer function would be cut off mid-write.
 ADMIN_TIMEOUT = Duration.seconds(29)
+# Device- and relying-party-facing calls are a few DynamoDB and KMS requests: fail fast (the
+# client retries) rather than hold a connection for API Gateway's 29 s.
+TOKEN_TIMEOUT = Duration.seconds(10)
+DISCOVERY_TIMEOUT = Duration.seconds(10)
+INTROSPECT_TIMEOUT = Duration.seconds(10)
 REGISTRATION_ASYNC_RETRY_ATTEMPTS = 2
 LOG_RETENTION = logs.RetentionDays.ONE_MONTH
 # Failed events wait here for an operator (SQS's maximum retention).
@@ -51,8 +74,13 @@ FAILED_EVENT_RETENTION = Duration.days(14)
 # Function environment (read by fleetkey.settings.Settings.from_environ and Powertools)
 ENV_TABLE = "FLEETKEY_TABLE"
 ENV_NAME_PREFIX = "FLEETKEY_NAME_PREFIX"
+ENV_ISSUER = "FLEETKEY_ISSUER"
+ENV_TOKEN_KEY_ID = "FLEETKEY_TOKEN_KEY_ID"
 REGISTRATION_SERVICE_NAME = "fleetkey-registration"
 ADMIN_SERVICE_NAME = "fleetkey-admin"
+TOKEN_SERVICE_NAME = "fleetkey-token"
+DISCOVERY_SERVICE_NAME = "fleetkey-discovery"
+INTROSPECT_SERVICE_NAME = "fleetkey-introspect"
 METRICS_NAMESPACE = "fleetkey"
 LOG_LEVEL = "INFO"
 
@@ -60,8 +88,22 @@ LOG_LEVEL = "INFO"
 REGISTRATION_RULE_SQL = "SELECT * FROM '$aws/events/certificates/registered/+'"
 IOT_SQL_VERSION = "2016-03-23"
 
-# Admin API
+# The API (one regional REST API, one stage). Its base URL is the token issuer.
 API_STAGE_NAME = "prod"
-API_PATH = ("v1", "admin")
+# Resources
+ADMIN_PATH = "/v1/admin/{proxy+}"
+TOKEN_PATH = "/v1/token"
+CHALLENGE_PATH = "/v1/challenge"
+JWKS_PATH = "/.well-known/jwks.json"
+METADATA_PATH = "/.well-known/oauth-authorization-server"
+INTROSPECT_PATH = "/v1/introspect"
+# Stage-wide throttling (steady requests per second, burst), for every method without its own.
 API_THROTTLE_RATE = 50
 API_THROTTLE_BURST = 100
+# The public, device-facing methods are throttled one by one: an unauthenticated flood on one of
+# them is held at its own limit. Discovery documents are cacheable and cheap (one GetItem),
+# token and challenge each cost DynamoDB writes (and a KMS Sign).
+TOKEN_THROTTLE_RATE = 50
+TOKEN_THROTTLE_BURST = 100
+DISCOVERY_THROTTLE_RATE = 100
+DISCOVERY_THROTTLE_BURST = 200

@@ -12,17 +12,18 @@ from constructs import Construct
 
 from fleetkey_infra import constants
 from fleetkey_infra.constructs import (
-    AdminApi,
+    Api,
     CoreLayer,
     Data,
     Functions,
     IotResources,
     RegistrationRule,
+    TokenKeys,
 )
 from fleetkey_infra.nag import acknowledge, wildcard_resource
 
-# Item-level actions only: TransactWriteItems is authorized per item by Put/Update/ConditionCheck.
-# No Scan, no DeleteItem, no Batch*: the store does not use them.
+# Item-level actions only: TransactWriteItems is authorized per item by
+# Put/Update/Delete/ConditionCheck. No Scan, no Batch*: the store does not use them.
 TABLE_ITEM_ACTIONS = (
     "dynamodb:GetItem",
     "dynamodb:Query",
@@ -30,12 +31,24 @@ TABLE_ITEM_ACTIONS = (
     "dynamodb:UpdateItem",
     "dynamodb:ConditionCheckItem",
 )
+# The token function: read devices and the signing-key registry (GetItem); store challenges
+# (PutItem); record an assertion's jti and consume its challenge in one transaction (Put +
+# Delete); adopt the first signing key into the registry (a transaction of Puts).
+TOKEN_TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:DeleteItem")
+# Discovery (the signing-key registry) and introspection (registry, device, revocation) only read.
+READ_TABLE_ACTIONS = ("dynamodb:GetItem",)
 # What DynamoDB asks of the caller's principal on a table encrypted with a customer managed key.
 TABLE_KEY_ACTIONS = ("kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey")
+READ_TABLE_KEY_ACTIONS = ("kms:Decrypt",)
+# Token signing keys. Only the token function signs; GetPublicKey reads a key's public half when
+# it joins the registry (the token function's adoption of the first key, the admin's rotation).
+TOKEN_KEY_SIGNING_ACTIONS = ("kms:Sign", "kms:GetPublicKey")
+TOKEN_KEY_ADMIN_ACTIONS = ("kms:GetPublicKey", "kms:ScheduleKeyDeletion")
 
 
 class FleetkeyStack(Stack):
-    """Attributes: `data`, `iot`, `layer`, `functions`, `registration_rule`, `admin_api`."""
+    """Attributes: `data`, `token_keys`, `iot`, `layer`, `api`, `functions`,
+    `registration_rule`."""
 
     def __init__(
         self,
@@ -50,22 +63,35 @@ class FleetkeyStack(Stack):
         Tags.of(self).add("project", constants.PROJECT_TAG)
 
         self.data = Data(self, "Data")
+        self.token_keys = TokenKeys(self, "TokenKeys")
         self.iot = IotResources(self, "Iot", name_prefix=name_prefix)
         self.layer = CoreLayer(self, "CoreLayer", directory=layer_dir or self._layer_dir())
+        # The API first: its base URL is the functions' issuer; the routes follow the functions.
+        self.api = Api(self, "Api")
         self.functions = Functions(
             self,
             "Functions",
             layer=self.layer.layer,
             table_name=self.data.table.table_name,
+            issuer=self.api.issuer,
+            token_key_id=self.token_keys.key.key_id,
             name_prefix=name_prefix,
+        )
+        self.api.add_routes(
+            admin=self.functions.admin,
+            token=self.functions.token,
+            discovery=self.functions.discovery,
+            introspect=self.functions.introspect,
         )
         self.registration_rule = RegistrationRule(
             self, "RegistrationRule", function=self.functions.registration
         )
-        self.admin_api = AdminApi(self, "AdminApi", function=self.functions.admin)
 
         self._grant_registration(self.functions.registration_role)
         self._grant_admin(self.functions.admin_role)
+        self._grant_token(self.functions.token_role)
+        self._grant_discovery(self.functions.discovery_role)
+        self._grant_introspect(self.functions.introspect_role)
         self._build_outputs()
 
     def _layer_dir(self) -> Path:
@@ -84,19 +110,37 @@ class FleetkeyStack(Stack):
             arn_format=ArnFormat.SLASH_RESOURCE_NAME,
         )
 
-    def _grant_table_items(self, role: iam.IRole) -> None:
+    def _kms_keys_arn(self) -> str:
+        """Every KMS key of this account and region (narrowed by tag conditions where used)."""
+        return self.format_arn(
+            service="kms",
+            resource="key",
+            resource_name="*",
+            arn_format=ArnFormat.SLASH_RESOURCE_NAME,
+        )
+
+    def _grant_table_items(
+        self,
+        role: iam.IRole,
+        actions: tuple[str, ...] = TABLE_ITEM_ACTIONS,
+        key_actions: tuple[str, ...] = TABLE_KEY_ACTIONS,
+    ) -> None:
         table: dynamodb.ITable = self.data.table
         key: kms.IKey = self.data.key
         role.add_to_principal_policy(
             iam.PolicyStatement(
-                sid="TableItems", actions=list(TABLE_ITEM_ACTIONS), resources=[table.table_arn]
+                sid="TableItems", actions=list(actions), resources=[table.table_arn]
             )
         )
         role.add_to_principal_policy(
-            iam.PolicyStatement(
-                sid="TableKey", actions=list(TABLE_KEY_ACTIONS), resources=[key.key_arn]
-            )
+            iam.PolicyStatement(sid="TableKey", actions=list(key_actions), resources=[key.key_arn])
         )
+
+    @staticmethod
+    def _token_signing_tag(prefix: str) -> dict[str, str]:
+        """`{<prefix>/fleetkey:purpose: token-signing}`: `aws:ResourceTag` (the key carries the
+        tag) or `aws:RequestTag` (the request sets it)."""
+        return {f"{prefix}/{constants.TOKEN_SIGNING_TAG_KEY}": constants.TOKEN_SIGNING_TAG_VALUE}
 
     def _grant_registration(self, role: iam.IRole) -> None:
         """JITR: read the certificate, create the thing, bind certificate, policy and thing,
@@ -151,8 +195,52 @@ class FleetkeyStack(Stack):
         self._acknowledge_tracing(role)
 
     def _grant_admin(self, role: iam.IRole) -> None:
-        """Operators: allow-list and device records in the table, manufacturer CA registration."""
+        """Operators: allow-list and device records in the table, manufacturer CA registration,
+        token signing-key rotation (create a tagged key, read its public key) and retirement
+        (schedule the deletion of a tagged key)."""
         self._grant_table_items(role)
+        tagged_keys = self._kms_keys_arn()
+        only_the_purpose_tag = {
+            "ForAllValues:StringEquals": {"aws:TagKeys": [constants.TOKEN_SIGNING_TAG_KEY]}
+        }
+        # CreateKey has no resource before the key exists. It is allowed only for a P-256 signing
+        # key whose request tags it for token signing, and with no other tag.
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="CreateTokenKeys",
+                actions=["kms:CreateKey"],
+                resources=["*"],
+                conditions={
+                    "StringEquals": {
+                        **self._token_signing_tag("aws:RequestTag"),
+                        "kms:KeySpec": "ECC_NIST_P256",
+                        "kms:KeyUsage": "SIGN_VERIFY",
+                    },
+                    **only_the_purpose_tag,
+                },
+            )
+        )
+        # CreateKey with Tags also needs TagResource, on (at least) every key of the account and
+        # region; it is limited to setting exactly the token-signing tag.
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="TagTokenKeys",
+                actions=["kms:TagResource"],
+                resources=[tagged_keys],
+                conditions={
+                    "StringEquals": self._token_signing_tag("aws:RequestTag"),
+                    **only_the_purpose_tag,
+                },
+            )
+        )
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="ManageTokenKeys",
+                actions=list(TOKEN_KEY_ADMIN_ACTIONS),
+                resources=[tagged_keys],
+                conditions={"StringEquals": self._token_signing_tag("aws:ResourceTag")},
+            )
+        )
         role.add_to_principal_policy(
             iam.PolicyStatement(
                 sid="CaRegistration",
@@ -171,8 +259,19 @@ class FleetkeyStack(Stack):
             role,
             wildcard_resource("*"),
             "iot:GetRegistrationCode and iot:RegisterCACertificate do not support resource-level "
-            "permissions (the CA does not exist before it is registered); X-Ray's "
-            "PutTraceSegments/PutTelemetryRecords, added by active tracing, do not either.",
+            "permissions (the CA does not exist before it is registered), nor does kms:CreateKey "
+            "(allowed only for ECC_NIST_P256 SIGN_VERIFY keys tagged fleetkey:purpose="
+            "token-signing); X-Ray's PutTraceSegments/PutTelemetryRecords, added by active "
+            "tracing, do not either.",
+        )
+        acknowledge(
+            role,
+            wildcard_resource("arn:<AWS::Partition>:kms:<AWS::Region>:<AWS::AccountId>:key/*"),
+            "Rotation creates token signing keys at run time, ids unknown at deploy time: "
+            "GetPublicKey and ScheduleKeyDeletion only on keys tagged fleetkey:purpose="
+            "token-signing (aws:ResourceTag condition); TagResource only to set that one tag "
+            "(aws:RequestTag and aws:TagKeys conditions), which KMS requires for CreateKey with "
+            "tags on every key of the account and region.",
         )
         acknowledge(
             role,
@@ -180,6 +279,46 @@ class FleetkeyStack(Stack):
             "Manufacturer CAs are registered by operators at run time, their ids unknown at "
             "deploy time; only Describe/UpdateCACertificate are granted on them.",
         )
+
+    def _grant_token(self, role: iam.IRole) -> None:
+        """Devices' tokens: read devices and the registry, record assertions and challenges, and
+        sign with the token signing keys. No other role may sign with them."""
+        self._grant_table_items(role, TOKEN_TABLE_ACTIONS)
+        # The stack's first key by ARN; the keys rotation adds (created at run time) by their tag.
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="FirstTokenKey",
+                actions=list(TOKEN_KEY_SIGNING_ACTIONS),
+                resources=[self.token_keys.key.key_arn],
+            )
+        )
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="RotatedTokenKeys",
+                actions=list(TOKEN_KEY_SIGNING_ACTIONS),
+                resources=[self._kms_keys_arn()],
+                conditions={"StringEquals": self._token_signing_tag("aws:ResourceTag")},
+            )
+        )
+        acknowledge(
+            role,
+            wildcard_resource("arn:<AWS::Partition>:kms:<AWS::Region>:<AWS::AccountId>:key/*"),
+            "Signing keys added by rotation are created at run time, their ids unknown at deploy "
+            "time: kms:Sign and kms:GetPublicKey apply only to keys tagged fleetkey:purpose="
+            "token-signing (aws:ResourceTag condition) in this account and region.",
+        )
+        self._acknowledge_tracing(role)
+
+    def _grant_discovery(self, role: iam.IRole) -> None:
+        """JWKS and metadata: read the signing-key registry (public keys are stored in it)."""
+        self._grant_table_items(role, READ_TABLE_ACTIONS, READ_TABLE_KEY_ACTIONS)
+        self._acknowledge_tracing(role)
+
+    def _grant_introspect(self, role: iam.IRole) -> None:
+        """Introspection: read the registry, the device and the revocation list; verification
+        uses the registry's public keys, not KMS."""
+        self._grant_table_items(role, READ_TABLE_ACTIONS, READ_TABLE_KEY_ACTIONS)
+        self._acknowledge_tracing(role)
 
     @staticmethod
     def _acknowledge_tracing(role: iam.IRole) -> None:
@@ -194,7 +333,9 @@ class FleetkeyStack(Stack):
 
     def _build_outputs(self) -> None:
         CfnOutput(self, "TableName", value=self.data.table.table_name)
-        CfnOutput(self, "AdminApiUrl", value=self.admin_api.url)
+        CfnOutput(self, "ApiUrl", value=self.api.url)
+        CfnOutput(self, "Issuer", value=self.api.issuer)
+        CfnOutput(self, "TokenSigningKeyId", value=self.token_keys.key.key_id)
         CfnOutput(
             self, "RegistrationFunctionName", value=self.functions.registration.function_name
         )

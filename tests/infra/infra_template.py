@@ -13,6 +13,7 @@ PARTITION = "<AWS::Partition>"
 REGION = "<AWS::Region>"
 ACCOUNT = "<AWS::AccountId>"
 IOT_ARN_PREFIX = f"arn:{PARTITION}:iot:{REGION}:{ACCOUNT}"
+KMS_KEYS = f"arn:{PARTITION}:kms:{REGION}:{ACCOUNT}:key/*"
 
 
 def of_type(resources: dict[str, dict], cfn_type: str) -> dict[str, dict]:
@@ -80,3 +81,32 @@ def resources_for(statements: list[dict], action: str) -> list:
         if s["Effect"] == "Allow" and action in as_list(s["Action"]):
             found.extend(render(as_list(s["Resource"])))
     return found
+
+
+def statements_for(statements: list[dict], action: str) -> list[dict]:
+    """The Allow statements that grant `action`, rendered."""
+    return [
+        render(s) for s in statements if s["Effect"] == "Allow" and action in as_list(s["Action"])
+    ]
+
+
+def table_key_id(resources: dict[str, dict]) -> str:
+    """The logical id of the KMS key that encrypts the table."""
+    _, table = only(resources, "AWS::DynamoDB::Table")
+    return table["Properties"]["SSESpecification"]["KMSMasterKeyId"]["Fn::GetAtt"][0]
+
+
+def method_paths(resources: dict[str, dict]) -> dict[tuple[str, str], dict]:
+    """Every API method by (HTTP method, resource path), e.g. ("POST", "/v1/token")."""
+    nodes = of_type(resources, "AWS::ApiGateway::Resource")
+
+    def path(ref: dict) -> str:
+        if "Fn::GetAtt" in ref:  # the root resource
+            return ""
+        node = nodes[ref["Ref"]]["Properties"]
+        return f"{path(node['ParentId'])}/{node['PathPart']}"
+
+    return {
+        (m["Properties"]["HttpMethod"], path(m["Properties"]["ResourceId"]) or "/"): m
+        for m in of_type(resources, "AWS::ApiGateway::Method").values()
+    }

@@ -10,12 +10,21 @@ from cfnlint.config import ManualArgs
 from fleetkey_infra import constants
 from fleetkey_infra.constructs.layer import LayerNotBuiltError
 from fleetkey_infra.stack import FleetkeyStack
-from infra_template import IOT_ARN_PREFIX
+from infra_template import IOT_ARN_PREFIX, KMS_KEYS
 
 # Every acknowledged cdk-nag finding, and where: a new one is a reviewed change of this list.
+API = "Fleetkey/Api/Api"
+PUBLIC_METHODS = [
+    f"{API}/Default/v1/token/POST",
+    f"{API}/Default/v1/challenge/POST",
+    f"{API}/Default/.well-known/jwks.json/GET",
+    f"{API}/Default/.well-known/oauth-authorization-server/GET",
+]
+IAM_METHODS = [f"{API}/Default/v1/admin/{{proxy+}}/ANY", f"{API}/Default/v1/introspect/POST"]
+FUNCTIONS = ["Registration", "Admin", "Token", "Discovery", "Introspect"]
 EXPECTED_ACKNOWLEDGEMENTS = {
-    ("AwsSolutions-IAM5[Resource::*]", "Fleetkey/Functions/RegistrationRole"),
-    ("AwsSolutions-IAM5[Resource::*]", "Fleetkey/Functions/AdminRole"),
+    # X-Ray (every function), CA registration and CreateKey (admin): no resource-level permissions
+    *(("AwsSolutions-IAM5[Resource::*]", f"Fleetkey/Functions/{f}Role") for f in FUNCTIONS),
     (
         f"AwsSolutions-IAM5[Resource::{IOT_ARN_PREFIX}:cert/*]",
         "Fleetkey/Functions/RegistrationRole",
@@ -28,17 +37,24 @@ EXPECTED_ACKNOWLEDGEMENTS = {
         f"AwsSolutions-IAM5[Resource::{IOT_ARN_PREFIX}:cacert/*]",
         "Fleetkey/Functions/AdminRole",
     ),
-    ("AwsSolutions-L1", "Fleetkey/Functions/Registration"),
-    ("AwsSolutions-L1", "Fleetkey/Functions/Admin"),
+    # Token signing keys created by rotation: by tag (aws:ResourceTag / aws:RequestTag)
+    (f"AwsSolutions-IAM5[Resource::{KMS_KEYS}]", "Fleetkey/Functions/AdminRole"),
+    (f"AwsSolutions-IAM5[Resource::{KMS_KEYS}]", "Fleetkey/Functions/TokenRole"),
+    *(("AwsSolutions-L1", f"Fleetkey/Functions/{f}") for f in FUNCTIONS),
     ("AwsSolutions-SQS3", "Fleetkey/Functions/RegistrationFailures"),
     ("AwsSolutions-SQS3", "Fleetkey/RegistrationRule/Errors"),
     (
         "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
         "AmazonAPIGatewayPushToCloudWatchLogs]",
-        "Fleetkey/AdminApi/Api",
+        API,
     ),
-    ("AwsSolutions-APIG3", "Fleetkey/AdminApi/Api"),
-    ("AwsSolutions-COG4", "Fleetkey/AdminApi/Api"),
+    ("AwsSolutions-APIG3", API),
+    # IAM-authorized methods: SigV4 instead of Cognito
+    *(("AwsSolutions-COG4", m) for m in IAM_METHODS),
+    # Public device-facing methods: the client authenticates with a signed JWT assertion
+    # (RFC 7523); discovery documents are public (RFC 8414, RFC 7517)
+    *(("AwsSolutions-APIG4", m) for m in PUBLIC_METHODS),
+    *(("AwsSolutions-COG4", m) for m in PUBLIC_METHODS),
 }
 
 # cfn-lint warnings accepted, with the reason:

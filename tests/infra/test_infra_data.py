@@ -2,7 +2,7 @@
 
 from aws_cdk.assertions import Match, Template
 from fleetkey.store import schema
-from infra_template import only
+from infra_template import only, table_key_id
 
 
 def test_table_uses_the_core_schema_keys_on_demand(template: Template) -> None:
@@ -50,8 +50,9 @@ def test_table_has_point_in_time_recovery_and_deletion_protection(template: Temp
 def test_table_is_encrypted_with_the_rotating_customer_managed_key(
     resources: dict[str, dict],
 ) -> None:
-    # Given the table and the one KMS key
-    key_id, key = only(resources, "AWS::KMS::Key")
+    # Given the table and the key that encrypts it
+    key_id = table_key_id(resources)
+    key = resources[key_id]
     _, table = only(resources, "AWS::DynamoDB::Table")
 
     # When reading the table's encryption settings
@@ -63,5 +64,7 @@ def test_table_is_encrypted_with_the_rotating_customer_managed_key(
         "SSEType": "KMS",
         "KMSMasterKeyId": {"Fn::GetAtt": [key_id, "Arn"]},
     }
+    assert key["Type"] == "AWS::KMS::Key"
+    assert key["Properties"].get("KeySpec", "SYMMETRIC_DEFAULT") == "SYMMETRIC_DEFAULT"
     assert key["Properties"]["EnableKeyRotation"] is True
     assert key["DeletionPolicy"] == "Retain"

@@ -1,19 +1,28 @@
-"""The two functions: runtime, layer, tracing, logs, environment and the failure destination."""
+"""The functions: runtime, layer, tracing, logs, environment and the failure destination."""
 
 import pytest
 from fleetkey_infra import constants
 from infra_template import function_by_service, of_type, only, render
 
-SERVICES = [constants.REGISTRATION_SERVICE_NAME, constants.ADMIN_SERVICE_NAME]
+SERVICES = [
+    constants.REGISTRATION_SERVICE_NAME,
+    constants.ADMIN_SERVICE_NAME,
+    constants.TOKEN_SERVICE_NAME,
+    constants.DISCOVERY_SERVICE_NAME,
+    constants.INTROSPECT_SERVICE_NAME,
+]
 
 
-def test_there_are_exactly_two_functions(resources: dict[str, dict]) -> None:
+def test_there_are_exactly_the_fleetkey_functions(resources: dict[str, dict]) -> None:
     # Given the synthesized stack
     # When listing its functions
     functions = of_type(resources, "AWS::Lambda::Function")
 
-    # Then there are the registration and admin functions and nothing else (no CDK helpers)
-    assert len(functions) == 2
+    # Then there are registration, admin, token, discovery and introspect and nothing else (no
+    # CDK helpers)
+    assert len(functions) == len(SERVICES)
+    for service in SERVICES:
+        function_by_service(resources, service)
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -38,7 +47,13 @@ def test_function_runs_python312_on_arm64_with_the_core_layer(
 
 @pytest.mark.parametrize(
     ("service", "memory", "timeout"),
-    [(constants.REGISTRATION_SERVICE_NAME, 512, 30), (constants.ADMIN_SERVICE_NAME, 512, 29)],
+    [
+        (constants.REGISTRATION_SERVICE_NAME, 512, 30),
+        (constants.ADMIN_SERVICE_NAME, 512, 29),
+        (constants.TOKEN_SERVICE_NAME, 512, 10),
+        (constants.DISCOVERY_SERVICE_NAME, 512, 10),
+        (constants.INTROSPECT_SERVICE_NAME, 512, 10),
+    ],
 )
 def test_function_memory_and_timeout(
     resources: dict[str, dict], service: str, memory: int, timeout: int
@@ -47,9 +62,21 @@ def test_function_memory_and_timeout(
     _, function = function_by_service(resources, service)
 
     # When reading its sizing
-    # Then memory and timeout are as designed (admin stays under API Gateway's 29 s)
+    # Then memory and timeout are as designed (the API's functions stay within API Gateway's
+    # 29 s)
     assert function["Properties"]["MemorySize"] == memory
     assert function["Properties"]["Timeout"] == timeout
+
+
+# The settings each function receives beyond the common ones (table, name prefix, Powertools).
+ISSUER = "FLEETKEY_ISSUER"
+EXTRA_SETTINGS = {
+    constants.REGISTRATION_SERVICE_NAME: set(),
+    constants.ADMIN_SERVICE_NAME: {ISSUER},
+    constants.TOKEN_SERVICE_NAME: {ISSUER, "FLEETKEY_TOKEN_KEY_ID"},
+    constants.DISCOVERY_SERVICE_NAME: {ISSUER},
+    constants.INTROSPECT_SERVICE_NAME: {ISSUER},
+}
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -63,14 +90,34 @@ def test_function_environment_configures_settings_and_powertools(
     # When reading its environment
     env = function["Properties"]["Environment"]["Variables"]
 
-    # Then Settings.from_environ and Powertools find what they need
-    assert env == {
+    # Then Settings.from_environ and Powertools find what they need, and nothing else is set
+    common = {
         "FLEETKEY_TABLE": {"Ref": table_id},
         "FLEETKEY_NAME_PREFIX": constants.NAME_PREFIX,
         "POWERTOOLS_SERVICE_NAME": service,
         "POWERTOOLS_METRICS_NAMESPACE": "fleetkey",
         "POWERTOOLS_LOG_LEVEL": "INFO",
     }
+    assert {k: v for k, v in env.items() if k in common} == common
+    assert set(env) - set(common) == EXTRA_SETTINGS[service]
+
+
+@pytest.mark.parametrize(
+    "service", sorted(s for s, extra in EXTRA_SETTINGS.items() if ISSUER in extra)
+)
+def test_issuer_is_the_api_stage_base_url(resources: dict[str, dict], service: str) -> None:
+    # Given the REST API and the function of one service that knows the issuer
+    api_id, _ = only(resources, "AWS::ApiGateway::RestApi")
+    _, function = function_by_service(resources, service)
+
+    # When reading FLEETKEY_ISSUER
+    issuer = render(function["Properties"]["Environment"]["Variables"][ISSUER])
+
+    # Then it is the stage's base URL, without a trailing slash (the RFC 8414 issuer, the
+    # audience of device assertions), built from the API's id and the stage name
+    assert issuer == (
+        f"https://<{api_id}>.execute-api.<AWS::Region>.<AWS::URLSuffix>/{constants.API_STAGE_NAME}"
+    )
 
 
 @pytest.mark.parametrize("service", SERVICES)

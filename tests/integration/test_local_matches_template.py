@@ -14,6 +14,12 @@ from fleetkey_local.provision import NAME_PREFIX
 from fleetkey_local.stack import ACCOUNT, REGION, TABLE
 
 PSEUDO_PARAMETERS = {"AWS::Partition": "aws", "AWS::Region": REGION, "AWS::AccountId": ACCOUNT}
+# Settings the deployed stack passes from its own resources and the local stack provisions
+# instead: FLEETKEY_TOKEN_KEY_ID names the stack's first token signing key, which the token
+# function adopts into the signing-key registry when the registry is empty; the embedded stack
+# creates that key and adopts it itself (EmbeddedStack.provision). See
+# test_first_token_signing_key_matches.
+PROVISIONED_LOCALLY = {"FLEETKEY_TOKEN_KEY_ID"}
 
 
 @pytest.fixture(scope="module")
@@ -165,5 +171,30 @@ def test_function_settings_are_set_locally(resources):
     for lid, function in of_type(resources, "AWS::Lambda::Function").items():
         variables = function["Properties"].get("Environment", {}).get("Variables", {})
         # Then every setting the stack gives a function, the local stack gives it too
-        assert set(variables) <= set(local), lid
+        assert set(variables) - PROVISIONED_LOCALLY <= set(local), lid
         assert variables.get("FLEETKEY_NAME_PREFIX", NAME_PREFIX) == local["FLEETKEY_NAME_PREFIX"]
+
+
+def test_first_token_signing_key_matches(stack, resources):
+    from fleetkey.services.signing_keys import TAGS
+
+    # Given the template's token signing key (the KMS key the token function is told to adopt)
+    token_functions = [
+        f for f in of_type(resources, "AWS::Lambda::Function").values()
+        if "FLEETKEY_TOKEN_KEY_ID" in f["Properties"]["Environment"]["Variables"]
+    ]
+    assert token_functions
+    (key_ref,) = {json.dumps(f["Properties"]["Environment"]["Variables"]["FLEETKEY_TOKEN_KEY_ID"])
+                  for f in token_functions}
+    expected = resources[json.loads(key_ref)["Ref"]]["Properties"]
+    # and the key the local stack created
+    local = stack.kms.describe_key(KeyId=stack.token_key_id)["KeyMetadata"]
+    tags = stack.kms.list_resource_tags(KeyId=stack.token_key_id)["Tags"]
+    # Then it is the same kind of key with the same token-signing tag
+    assert local["KeySpec"] == expected["KeySpec"]
+    assert local["KeyUsage"] == expected["KeyUsage"]
+    expected_tags = {t["Key"]: t["Value"] for t in expected["Tags"]}
+    assert expected_tags.items() >= TAGS.items()
+    assert {t["TagKey"]: t["TagValue"] for t in tags}.items() >= TAGS.items()
+    # and, adopted already, it is the registry's signing key (what the variable leads to in AWS)
+    assert [k.key_id for k in stack.signing_keys.keys()] == [stack.token_key_id]

@@ -106,9 +106,16 @@ class Route:
         )
 
 
-# The deployed API's routes (infra/fleetkey_infra/constructs/admin_api.py). Public device routes
-# (POST /v1/token, ...) are Route(..., authorization=NONE).
+# The deployed API's routes (infra/fleetkey_infra/constructs/api.py; the integration test
+# tests/integration/test_local_matches_template.py holds both to the same list).
 ROUTES: tuple[Route, ...] = (
+    # Device-facing, public: devices authenticate to the token endpoint with a signed assertion.
+    Route("POST", "/v1/token", "token", NONE),
+    Route("POST", "/v1/challenge", "token", NONE),
+    Route("GET", "/.well-known/jwks.json", "discovery", NONE),
+    Route("GET", "/.well-known/oauth-authorization-server", "discovery", NONE),
+    # Relying parties and operators: IAM (SigV4).
+    Route("POST", "/v1/introspect", "introspect", AWS_IAM),
     Route("ANY", "/v1/admin/{proxy+}", "admin", AWS_IAM),
 )
 

@@ -9,11 +9,12 @@ any phase failed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fleetkey_cli.client import AdminClient, SigV4Transport, local_credentials
 from fleetkey_local.api_gateway import LocalApiGateway
-from fleetkey_local.fleet import IotTransport, SimulatedDevice, build_fleet, registration_phases
+from fleetkey_local.fleet import IotTransport, SimulatedDevice, build_fleet, lifecycle_phases
 from fleetkey_local.functions import LambdaContext, load_function
 from fleetkey_local.iot import connect_refusal
 from fleetkey_local.server import local_aws
@@ -55,10 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         stack = EmbeddedStack(client_factory(endpoint)).provision()
         with LocalApiGateway(port=0) as api:
             print(f"local API at {api.url}")
+            # The issuer is the API's address; functions read it when they first run.
+            os.environ["FLEETKEY_ISSUER"] = api.url
             # The operator uses the admin API over HTTP, signed with SigV4, like the CLI.
             admin = AdminClient(SigV4Transport(api.url, REGION, credentials=local_credentials()))
             simulation = Simulation(progress=not args.no_progress)
-            return simulation.run(registration_phases(admin, EmulatedIot(stack), fleet))
+            return simulation.run(lifecycle_phases(admin, EmulatedIot(stack), fleet, api.url))
 
 
 if __name__ == "__main__":

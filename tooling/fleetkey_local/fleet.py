@@ -216,12 +216,102 @@ class VerifyAuditTrails:
                    "the clone attempt is in the device's own trail")
 
 
-def registration_phases(admin: AdminClient, transport: IotTransport, fleet: Fleet) -> list:
+# ---- tokens ---------------------------------------------------------------------------------
+
+TELEMETRY = "urn:fleetkey:telemetry"  # an audience every profile's tokens carry
+PUMP_FIRMWARE = ("2.4.1", "7981a0c2a8f3203495d07847ee27eb5eb31d68545fd04cd4a76842099d64054f")
+
+
+def post_form(url: str, form: dict) -> tuple[int, dict]:
+    """What a device's HTTP client does: a form POST, JSON back."""
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    request = urllib.request.Request(
+        url, data=urllib.parse.urlencode(form).encode(), method="POST",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+@dataclass
+class TokenVending:
+    """Every device proves its identity with its own key and gets an access token; an IoT
+    application verifies each one offline through the JWKS; forged and replayed assertions and
+    assertions for another device are refused."""
+
+    api_url: str
+    fleet: Fleet
+    name: str = "devices get access tokens; a relying party verifies them through the JWKS"
+
+    def _assertion(self, device: SimulatedDevice, **options) -> str:
+        from fleetkey_local.device import client_assertion
+
+        if device.profile == "infusion-pump":
+            options.setdefault("firmware_version", PUMP_FIRMWARE[0])
+            options.setdefault("firmware_sha256", PUMP_FIRMWARE[1])
+        return client_assertion(device.key, device.certificate_id, device.device_id, self.api_url, **options)
+
+    def run(self, sim: Simulation) -> None:
+        from fleetkey.verifier import InvalidToken, TokenVerifier
+        from fleetkey_local.device import token_request
+
+        verifier = TokenVerifier(self.api_url)
+        token_url = f"{self.api_url}/v1/token"
+        issued, verified = 0, 0
+        for device in sim.each(self.fleet.devices, "tokens"):
+            status, body = sim.measure("device: get access token",
+                                       lambda d=device: post_form(token_url, token_request(self._assertion(d))))
+            if status != 200:
+                continue
+            issued += 1
+            try:
+                sim.measure("relying party: verify token offline",
+                            lambda b=body: verifier.verify(b["access_token"], audience=TELEMETRY))
+                verified += 1
+            except InvalidToken:
+                pass
+        total = len(self.fleet.devices)
+        sim.expect(issued == total, f"{issued}/{total} devices got an access token")
+        sim.expect(verified == total, f"{verified}/{total} tokens verified through the JWKS")
+
+        device, other = self.fleet.devices[0], self.fleet.devices[1]
+        status, challenge = post_form(f"{self.api_url}/v1/challenge", {})
+        nonce_assertion = self._assertion(device, nonce=challenge.get("nonce"))
+        status, _ = post_form(token_url, token_request(nonce_assertion))
+        sim.expect(status == 200, "a device without a clock gets a token with a server challenge")
+        replayed = post_form(token_url, token_request(nonce_assertion))
+        sim.expect(replayed[0] == 400 and replayed[1].get("error") == "invalid_grant",
+                   "a replayed assertion is refused (invalid_grant)")
+        assertion = self._assertion(device)
+        head, payload, signature = assertion.split(".")
+        tampered = f"{head}.{payload[:-2]}{'A' if payload[-2] != 'A' else 'B'}{payload[-1]}.{signature}"
+        answer = post_form(token_url, token_request(tampered))
+        sim.expect(answer[0] == 401 and answer[1].get("error") == "invalid_client",
+                   "a tampered assertion is refused (invalid_client)")
+        from fleetkey_local.device import client_assertion
+
+        wrong = client_assertion(device.key, device.certificate_id, other.device_id, self.api_url)
+        answer_wrong = post_form(token_url, token_request(wrong))
+        sim.expect(answer_wrong[0] == 401 and answer_wrong[1] == answer[1],
+                   "an assertion for another device is refused, with the same answer")
+
+
+def lifecycle_phases(admin: AdminClient, transport: IotTransport, fleet: Fleet, api_url: str) -> list:
+    """Every phase of a device's life that fleetkey covers so far, in order."""
     return [
         RegisterManufacturerCas(admin, fleet),
         ImportManifest(admin, fleet),
         FirstConnection(transport, fleet),
         Reconnection(transport, fleet),
         RogueDevices(transport, admin, fleet),
+        TokenVending(api_url, fleet),
         VerifyAuditTrails(admin, fleet),
     ]

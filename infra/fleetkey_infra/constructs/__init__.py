@@ -1,10 +1,19 @@
 """One construct per concern; the stack composes them and does the grants where they meet."""
 
-from fleetkey_infra.constructs.admin_api import AdminApi
+from fleetkey_infra.constructs.api import Api
 from fleetkey_infra.constructs.data import Data
 from fleetkey_infra.constructs.functions import Functions
 from fleetkey_infra.constructs.iot_profiles import IotResources
 from fleetkey_infra.constructs.iot_rules import RegistrationRule
 from fleetkey_infra.constructs.layer import CoreLayer
+from fleetkey_infra.constructs.token_keys import TokenKeys
 
-__all__ = ["AdminApi", "CoreLayer", "Data", "Functions", "IotResources", "RegistrationRule"]
+__all__ = [
+    "Api",
+    "CoreLayer",
+    "Data",
+    "Functions",
+    "IotResources",
+    "RegistrationRule",
+    "TokenKeys",
+]

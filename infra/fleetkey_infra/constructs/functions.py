@@ -1,4 +1,6 @@
-"""The Lambda functions: registration (JITR, invoked by an IoT rule) and admin (behind the API).
+"""The Lambda functions: registration (JITR, invoked by an IoT rule), and behind the API: admin
+(operators), token (devices), discovery (JWKS and metadata, public) and introspect (relying
+parties).
 
 Each function has its own role holding only what the function itself needs to run (writing to its
 own log group; X-Ray comes with active tracing). What a function may do to the table, the key and
@@ -22,9 +24,14 @@ from fleetkey_infra.nag import acknowledge
 
 
 class Functions(Construct):
-    """Attributes: `registration` and `admin` (lambda.Function), their `registration_role` and
-    `admin_role` (iam.Role), and `registration_failures` (sqs.Queue), the on-failure destination
-    of the registration function's asynchronous invocations."""
+    """Attributes: `registration`, `admin`, `token`, `discovery` and `introspect`
+    (lambda.Function), each with its own role (`registration_role`, `admin_role`, `token_role`,
+    `discovery_role`, `introspect_role`: iam.Role), and `registration_failures` (sqs.Queue), the
+    on-failure destination of the registration function's asynchronous invocations.
+
+    `issuer` is the API's base URL (FLEETKEY_ISSUER: token `iss`, the `aud` of device
+    assertions); `token_key_id` the first token signing key (FLEETKEY_TOKEN_KEY_ID).
+    """
 
     def __init__(
         self,
@@ -33,12 +40,15 @@ class Functions(Construct):
         *,
         layer: lambda_.ILayerVersion,
         table_name: str,
+        issuer: str,
+        token_key_id: str,
         name_prefix: str = constants.NAME_PREFIX,
     ) -> None:
         super().__init__(scope, construct_id)
         self._layer = layer
         self._table_name = table_name
         self._name_prefix = name_prefix
+        issuer_env = {constants.ENV_ISSUER: issuer}
 
         self.registration_failures = self._build_failure_queue()
         self.registration_role = self._build_role("RegistrationRole", "registration")
@@ -63,7 +73,41 @@ class Functions(Construct):
             service_name=constants.ADMIN_SERVICE_NAME,
             memory_mb=constants.ADMIN_MEMORY_MB,
             timeout=constants.ADMIN_TIMEOUT,
-            description="fleetkey operator API: allow-list, trust anchors, devices",
+            description="fleetkey operator API: allow-list, trust anchors, devices, signing keys",
+            environment=issuer_env,
+        )
+        self.token_role = self._build_role("TokenRole", "token")
+        self.token = self._build_function(
+            "Token",
+            role=self.token_role,
+            code_dir=constants.TOKEN_CODE_DIR,
+            service_name=constants.TOKEN_SERVICE_NAME,
+            memory_mb=constants.TOKEN_MEMORY_MB,
+            timeout=constants.TOKEN_TIMEOUT,
+            description="fleetkey token endpoint: access tokens for devices, challenges",
+            environment={**issuer_env, constants.ENV_TOKEN_KEY_ID: token_key_id},
+        )
+        self.discovery_role = self._build_role("DiscoveryRole", "discovery")
+        self.discovery = self._build_function(
+            "Discovery",
+            role=self.discovery_role,
+            code_dir=constants.DISCOVERY_CODE_DIR,
+            service_name=constants.DISCOVERY_SERVICE_NAME,
+            memory_mb=constants.DISCOVERY_MEMORY_MB,
+            timeout=constants.DISCOVERY_TIMEOUT,
+            description="fleetkey discovery: JWKS and authorization server metadata",
+            environment=issuer_env,
+        )
+        self.introspect_role = self._build_role("IntrospectRole", "introspect")
+        self.introspect = self._build_function(
+            "Introspect",
+            role=self.introspect_role,
+            code_dir=constants.INTROSPECT_CODE_DIR,
+            service_name=constants.INTROSPECT_SERVICE_NAME,
+            memory_mb=constants.INTROSPECT_MEMORY_MB,
+            timeout=constants.INTROSPECT_TIMEOUT,
+            description="fleetkey token introspection for relying parties",
+            environment=issuer_env,
         )
 
     def _build_failure_queue(self) -> sqs.Queue:
@@ -104,6 +148,7 @@ class Functions(Construct):
         memory_mb: int,
         timeout: Duration,
         description: str,
+        environment: dict[str, str] | None = None,
         retry_attempts: int | None = None,
         on_failure: lambda_.IDestination | None = None,
     ) -> lambda_.Function:
@@ -130,6 +175,7 @@ class Functions(Construct):
                 "POWERTOOLS_SERVICE_NAME": service_name,
                 "POWERTOOLS_METRICS_NAMESPACE": constants.METRICS_NAMESPACE,
                 "POWERTOOLS_LOG_LEVEL": constants.LOG_LEVEL,
+                **(environment or {}),
             },
             retry_attempts=retry_attempts,
             on_failure=on_failure,

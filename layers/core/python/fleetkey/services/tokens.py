@@ -112,7 +112,7 @@ class TokenService:
                 leeway=CLOCK_SKEW,
                 options={"require": required},
             )
-        except jwt.PyJWTError as exc:
+        except (jwt.PyJWTError, TypeError, ValueError, OverflowError) as exc:
             raise InvalidClient(f"assertion: {type(exc).__name__}") from None
         if nonce is None and not 0 < claims["exp"] - claims["iat"] <= MAX_ASSERTION_LIFETIME:
             raise InvalidClient("assertion lifetime")
@@ -170,6 +170,10 @@ class TokenService:
             raise InvalidClient("kid")
         if claims.get("iss") != claims.get("sub"):
             raise InvalidClient("iss differs from sub")
+        # NumericDate claims must be numbers (pyjwt would coerce strings and fail on others).
+        for name in ("exp", "iat", "nbf"):
+            if name in claims and type(claims[name]) is not int:
+                raise InvalidClient(f"{name} is not an integer")
         return header, claims
 
     def _public_key(self, certificate_id: str, pem: str):

@@ -1,0 +1,268 @@
+"""fleetkey's HTTP API: one regional REST API, one stage.
+
+- Device-facing, public (no API Gateway authorization, throttled method by method):
+  `POST /v1/token`, `POST /v1/challenge` -> token; `GET /.well-known/jwks.json`,
+  `GET /.well-known/oauth-authorization-server` -> discovery. Devices authenticate to the token
+  endpoint with a JWT client assertion (RFC 7523), which the token function verifies.
+- IAM (SigV4) authenticated: `POST /v1/introspect` -> introspect (relying parties),
+  `ANY /v1/admin/{proxy+}` -> admin (operators).
+
+The stage's base URL is the token issuer (`issuer`); the functions receive it as FLEETKEY_ISSUER.
+The API is built first and the routes added once the functions exist: the functions' environment
+refers to the RestApi's id, and the methods to the functions, without a cycle.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from aws_cdk import Aws
+from aws_cdk import aws_apigateway as apigateway
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from constructs import Construct
+
+from fleetkey_infra import constants
+from fleetkey_infra.nag import acknowledge
+
+# Access log record: who called (for IAM routes, the principal is the operator's or relying
+# party's identity), from where, what, and how it ended. One JSON object per line, so CloudWatch
+# Logs Insights can query it.
+_ACCESS_LOG_FORMAT = {
+    "requestId": apigateway.AccessLogField.context_request_id(),
+    "extendedRequestId": apigateway.AccessLogField.context_extended_request_id(),
+    "requestTime": apigateway.AccessLogField.context_request_time(),
+    "ip": apigateway.AccessLogField.context_identity_source_ip(),
+    "caller": apigateway.AccessLogField.context_identity_caller(),
+    "userArn": apigateway.AccessLogField.context_identity_user_arn(),
+    "httpMethod": apigateway.AccessLogField.context_http_method(),
+    "resourcePath": apigateway.AccessLogField.context_resource_path(),
+    "path": apigateway.AccessLogField.context_path(),
+    "status": apigateway.AccessLogField.context_status(),
+    "responseLength": apigateway.AccessLogField.context_response_length(),
+    "integrationLatency": apigateway.AccessLogField.context_integration_latency(),
+    "errorMessage": apigateway.AccessLogField.context_error_message(),
+}
+
+
+@dataclass(frozen=True)
+class Throttle:
+    rate: int
+    burst: int
+
+
+_TOKEN_THROTTLE = Throttle(constants.TOKEN_THROTTLE_RATE, constants.TOKEN_THROTTLE_BURST)
+_DISCOVERY_THROTTLE = Throttle(
+    constants.DISCOVERY_THROTTLE_RATE, constants.DISCOVERY_THROTTLE_BURST
+)
+
+# The public methods and their own throttling, by (HTTP method, resource path).
+PUBLIC_ROUTE_THROTTLES: dict[tuple[str, str], Throttle] = {
+    ("POST", constants.TOKEN_PATH): _TOKEN_THROTTLE,
+    ("POST", constants.CHALLENGE_PATH): _TOKEN_THROTTLE,
+    ("GET", constants.JWKS_PATH): _DISCOVERY_THROTTLE,
+    ("GET", constants.METADATA_PATH): _DISCOVERY_THROTTLE,
+}
+
+# Why each public method has no API Gateway authorization (cdk-nag APIG4 and COG4).
+_TOKEN_ENDPOINT_REASON = (
+    "Device-facing OAuth 2.0 token endpoint (client-credentials grant, RFC 6749 section 4.4): "
+    "the device authenticates in the request body with a JWT client assertion signed by its "
+    "own private key (RFC 7523 section 2.2), which the token function verifies against the "
+    "device's registered certificate; no API Gateway authorizer can check it. Throttled per "
+    "method."
+)
+_CHALLENGE_REASON = (
+    "Device-facing challenge endpoint of the token flow: it hands out a single-use, "
+    "short-lived nonce that a device without a trusted clock puts into its signed client "
+    "assertion (RFC 7523). It precedes authentication and grants nothing by itself; throttled "
+    "per method."
+)
+_DISCOVERY_REASON = (
+    "Public by standard: the JWK Set (RFC 7517) and the authorization server metadata "
+    "(RFC 8414) are fetched without credentials by devices and relying parties to verify "
+    "tokens offline; they hold only public keys and endpoint URLs. Throttled per method."
+)
+_PUBLIC_REASONS = {
+    constants.TOKEN_PATH: _TOKEN_ENDPOINT_REASON,
+    constants.CHALLENGE_PATH: _CHALLENGE_REASON,
+    constants.JWKS_PATH: _DISCOVERY_REASON,
+    constants.METADATA_PATH: _DISCOVERY_REASON,
+}
+_IAM_REASON = (
+    "Operators (/v1/admin) and relying parties (/v1/introspect) are AWS principals: the method "
+    "uses IAM (SigV4) authorization, which the design requires instead of a Cognito user pool."
+)
+
+
+class Api(Construct):
+    """Attributes: `api` (apigateway.RestApi), `access_logs` (logs.LogGroup), `validator`
+    (apigateway.RequestValidator), `issuer` (str: the stage's base URL, no trailing slash),
+    `url` (str: the same with a trailing slash), and after `add_routes`, `methods`
+    (dict of (HTTP method, resource path) -> apigateway.Method)."""
+
+    def __init__(self, scope: Construct, construct_id: str) -> None:
+        super().__init__(scope, construct_id)
+        self.access_logs = self._build_access_logs()
+        self.api = self._build_api(self.access_logs)
+        self.validator = self._build_validator()
+        # Built from the RestApi's id and the stage's name, not from the Stage resource: the
+        # Stage depends on the deployment, which depends on the methods, which depend on the
+        # functions whose environment holds this URL.
+        self.issuer = (
+            f"https://{self.api.rest_api_id}.execute-api.{Aws.REGION}.{Aws.URL_SUFFIX}/"
+            f"{constants.API_STAGE_NAME}"
+        )
+        self.url = self.api.url
+        self.methods: dict[tuple[str, str], apigateway.Method] = {}
+        self._acknowledge_findings()
+
+    def add_routes(
+        self,
+        *,
+        admin: lambda_.IFunction,
+        token: lambda_.IFunction,
+        discovery: lambda_.IFunction,
+        introspect: lambda_.IFunction,
+    ) -> None:
+        self._iam_route(
+            "ANY",
+            constants.ADMIN_PATH,
+            admin,
+            request_parameters={"method.request.path.proxy": True},
+        )
+        self._iam_route("POST", constants.INTROSPECT_PATH, introspect)
+        self._public_route("POST", constants.TOKEN_PATH, token)
+        self._public_route("POST", constants.CHALLENGE_PATH, token)
+        self._public_route("GET", constants.JWKS_PATH, discovery)
+        self._public_route("GET", constants.METADATA_PATH, discovery)
+
+    # -- routes ----------------------------------------------------------------------------------
+
+    def _add_method(
+        self,
+        http_method: str,
+        path: str,
+        function: lambda_.IFunction,
+        authorization_type: apigateway.AuthorizationType,
+        request_parameters: dict[str, bool] | None = None,
+    ) -> apigateway.Method:
+        method = self.api.root.resource_for_path(path).add_method(
+            http_method,
+            apigateway.LambdaIntegration(function, proxy=True),
+            authorization_type=authorization_type,
+            request_validator=self.validator,
+            request_parameters=request_parameters,
+        )
+        self.methods[(http_method, path)] = method
+        return method
+
+    def _iam_route(
+        self,
+        http_method: str,
+        path: str,
+        function: lambda_.IFunction,
+        request_parameters: dict[str, bool] | None = None,
+    ) -> None:
+        method = self._add_method(
+            http_method, path, function, apigateway.AuthorizationType.IAM, request_parameters
+        )
+        acknowledge(method, "AwsSolutions-COG4", _IAM_REASON)
+
+    def _public_route(self, http_method: str, path: str, function: lambda_.IFunction) -> None:
+        if (http_method, path) not in PUBLIC_ROUTE_THROTTLES:
+            raise ValueError(f"public route without its own throttling: {http_method} {path}")
+        method = self._add_method(http_method, path, function, apigateway.AuthorizationType.NONE)
+        acknowledge(method, "AwsSolutions-APIG4", _PUBLIC_REASONS[path])
+        acknowledge(
+            method,
+            "AwsSolutions-COG4",
+            "No API Gateway authorizer on this public method (see its APIG4 acknowledgement); "
+            "a Cognito user pool authenticates users, not devices holding X.509-bound keys. "
+            + _PUBLIC_REASONS[path],
+        )
+
+    # -- the API and its stage -------------------------------------------------------------------
+
+    def _acknowledge_findings(self) -> None:
+        acknowledge(
+            self.api,
+            "AwsSolutions-APIG3",
+            "No WAF web ACL in the stack: IAM routes are rejected unsigned before any "
+            "integration runs, and the public device routes authenticate clients in the "
+            "function and are throttled per method. A web ACL (e.g. a rate-based rule per "
+            "source IP) is an account-level choice (rules, cost) associated with the stage at "
+            "deployment.",
+        )
+        acknowledge(
+            self.api,
+            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
+            "AmazonAPIGatewayPushToCloudWatchLogs]",
+            "The account-level role API Gateway uses to write execution and access logs; AWS's "
+            "managed policy is the documented one for this service role and grants only "
+            "CloudWatch Logs actions.",
+        )
+
+    def _build_access_logs(self) -> logs.LogGroup:
+        return logs.LogGroup(self, "AccessLogs", retention=constants.LOG_RETENTION)
+
+    def _build_api(self, access_logs: logs.ILogGroup) -> apigateway.RestApi:
+        api = apigateway.RestApi(
+            self,
+            "Api",
+            description="fleetkey API: device tokens and discovery (public), introspection and "
+            "operators (IAM authenticated)",
+            endpoint_configuration=apigateway.EndpointConfiguration(
+                types=[apigateway.EndpointType.REGIONAL]
+            ),
+            # API Gateway writes execution and access logs only once the account has a CloudWatch
+            # role; this stack sets it (one per account and region).
+            cloud_watch_role=True,
+            # IAM-authenticated unless a method says otherwise; only the public device routes do.
+            default_method_options=apigateway.MethodOptions(
+                authorization_type=apigateway.AuthorizationType.IAM
+            ),
+            deploy_options=apigateway.StageOptions(
+                stage_name=constants.API_STAGE_NAME,
+                access_log_destination=apigateway.LogGroupLogDestination(access_logs),
+                access_log_format=apigateway.AccessLogFormat.custom(
+                    json.dumps(_ACCESS_LOG_FORMAT)
+                ),
+                logging_level=apigateway.MethodLoggingLevel.INFO,
+                # Request and response bodies carry manifests, certificates, assertions and
+                # tokens: keep them out of the execution logs.
+                data_trace_enabled=False,
+                metrics_enabled=True,
+                tracing_enabled=True,
+                throttling_rate_limit=constants.API_THROTTLE_RATE,
+                throttling_burst_limit=constants.API_THROTTLE_BURST,
+                method_options=self._public_method_options(),
+            ),
+        )
+        # RestApi adds an "Endpoint" output of its own; the stack publishes the URL under a
+        # stable name (ApiUrl) instead of the generated one.
+        api.node.try_remove_child("Endpoint")
+        return api
+
+    @staticmethod
+    def _public_method_options() -> dict[str, apigateway.MethodDeploymentOptions]:
+        """Each public method's own throttling. A method setting stands on its own in API
+        Gateway, so it repeats the stage's logging and metrics settings."""
+        return {
+            f"{path}/{http_method}": apigateway.MethodDeploymentOptions(
+                throttling_rate_limit=throttle.rate,
+                throttling_burst_limit=throttle.burst,
+                logging_level=apigateway.MethodLoggingLevel.INFO,
+                data_trace_enabled=False,
+                metrics_enabled=True,
+            )
+            for (http_method, path), throttle in PUBLIC_ROUTE_THROTTLES.items()
+        }
+
+    def _build_validator(self) -> apigateway.RequestValidator:
+        # Bodies are validated by the functions against their own models (one schema, in the
+        # code); the validator enforces the declared request parameters and any model added later.
+        return self.api.add_request_validator(
+            "Validator", validate_request_body=True, validate_request_parameters=True
+        )
