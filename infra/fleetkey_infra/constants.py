@@ -12,6 +12,7 @@ from pathlib import Path
 from aws_cdk import Duration
 from aws_cdk import aws_logs as logs
 
+from fleetkey import events
 from fleetkey.domain.profiles import FLEETKEY_THING_ATTRIBUTES
 from fleetkey.services.signing_keys import TAGS as TOKEN_SIGNING_KEY_TAGS
 
@@ -85,8 +86,8 @@ METRICS_NAMESPACE = "fleetkey"
 LOG_LEVEL = "INFO"
 
 # IoT rule: just-in-time registration
-REGISTRATION_RULE_SQL = "SELECT * FROM '$aws/events/certificates/registered/+'"
-IOT_SQL_VERSION = "2016-03-23"
+REGISTRATION_RULE_SQL = events.REGISTRATION_RULE_SQL
+IOT_SQL_VERSION = events.IOT_SQL_VERSION
 
 # The API (one regional REST API, one stage). Its base URL is the token issuer.
 API_STAGE_NAME = "prod"

@@ -16,7 +16,24 @@ def load_function(name: str):
     spec = importlib.util.spec_from_file_location(f"fleetkey_function_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    module.handler = _clearing_metrics(module.handler)
     return module
+
+
+def _clearing_metrics(handler):
+    """Powertools (3.37) never clears its metric set while POWERTOOLS_METRICS_DISABLED is set, and
+    prints it anyway once 100 values pile up; the local stack runs with metrics disabled, so each
+    invocation starts from an empty set, as a fresh Lambda environment's flush would leave it."""
+    from fleetkey.observability import metrics
+
+    def invoke(event, context):
+        try:
+            return handler(event, context)
+        finally:
+            metrics.clear_metrics()
+
+    invoke.__wrapped__ = handler
+    return invoke
 
 
 @dataclass

@@ -6,6 +6,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
+# The IoT rules that deliver AWS IoT's events to fleetkey (the CDK stack and the local IoT Core
+# emulator both build them from these).
+IOT_SQL_VERSION = "2016-03-23"
+REGISTRATION_RULE_SQL = "SELECT * FROM '$aws/events/certificates/registered/+'"
+PRESENCE_CONNECTED_RULE_SQL = "SELECT * FROM '$aws/events/presence/connected/+'"
+
 CertificateId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
