@@ -1,0 +1,64 @@
+"""A device's MQTT connection to AWS IoT Core (or the local emulator): paho-mqtt over mutual TLS,
+driven from the caller's thread (no background loop, so paho never reconnects by itself)."""
+
+from __future__ import annotations
+
+import ssl
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+TIMEOUT = 10.0
+
+
+class MqttDevice:
+    def __init__(self, client_id: str, certfile: Path, keyfile: Path, endpoint_ca: Path,
+                 address: tuple[str, int]) -> None:
+        self.client_id = client_id
+        self.certfile, self.keyfile, self.endpoint_ca = certfile, keyfile, endpoint_ca
+        self.address = address
+        self.client: mqtt.Client | None = None
+        self.outcome: str | None = None
+
+    def connect(self, client_id: str | None = None, timeout: float = TIMEOUT) -> str:
+        """'accepted', or 'refused: <CONNACK reason or connection error>'."""
+        self.close()
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or self.client_id,
+                             protocol=mqtt.MQTTv311, clean_session=True)
+        try:
+            client.tls_set(ca_certs=str(self.endpoint_ca), certfile=str(self.certfile),
+                           keyfile=str(self.keyfile))
+        except ssl.SSLError as exc:  # the device's own TLS stack refuses its key (e.g. RSA-1024)
+            self.outcome = f"refused: client TLS: {exc.reason}"
+            return self.outcome
+        self.outcome, self.client = None, client
+
+        def on_connect(_c, _u, _flags, reason, _props):
+            self.outcome = "accepted" if not reason.is_failure else f"refused: {reason}"
+
+        def on_disconnect(_c, _u, _flags, reason, _props):
+            if self.outcome is None:
+                self.outcome = f"refused: connection closed ({reason})"
+
+        client.on_connect, client.on_disconnect = on_connect, on_disconnect
+        try:
+            client.connect(*self.address, keepalive=30)
+        except OSError as exc:  # e.g. the TLS handshake refused the client certificate
+            self.outcome = f"refused: {type(exc).__name__}"
+            return self.outcome
+        deadline = time.monotonic() + timeout
+        while self.outcome is None and time.monotonic() < deadline:
+            rc = client.loop(timeout=0.05)
+            if rc != mqtt.MQTT_ERR_SUCCESS and self.outcome is None:
+                self.outcome = f"refused: connection lost ({mqtt.error_string(rc)})"
+        return self.outcome or "refused: no answer"
+
+    def close(self) -> None:
+        if self.client is not None:
+            try:
+                self.client.disconnect()
+                self.client.loop(0.05)
+            except Exception:  # noqa: BLE001 - closing a connection the broker already closed
+                pass
+            self.client = None
