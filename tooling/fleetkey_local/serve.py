@@ -10,6 +10,7 @@ files (certificate and key) let you make devices that register just in time.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         api = LocalApiGateway(port=args.api_port)
         iot = IotCoreEmulator(args.state_dir, port=args.mqtt_port, account=ACCOUNT, region=REGION)
         api.start()
+        os.environ["FLEETKEY_ISSUER"] = api.url  # the functions' issuer is this API's address
         iot.start()
         print(
             f"fleetkey local stack\n"
