@@ -60,6 +60,7 @@ synth: $(STAMP) $(LAYER_DIR)/.built
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/registration.py
+	$(BIN)/python benchmarks/tokens.py
 
 importtime: $(STAMP)
 	$(BIN)/python benchmarks/importtime.py

@@ -1,0 +1,134 @@
+"""The token, discovery and introspection functions as Lambda runs them, from the sample events."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import urlencode
+
+import pytest
+from botocore.exceptions import ClientError
+
+from fleetkey.domain.allowlist import AllowlistEntry
+from fleetkey_local.device import client_assertion, token_request
+from fleetkey_local.pki import pem
+from fleetkey_local.stack import TABLE
+from tests.conftest import load_event
+from tests.support.handlers import LambdaContext, load_handler
+from tests.support.pki_cache import ca as cached_ca
+
+ISSUER = "https://abcdef1234.execute-api.eu-west-1.amazonaws.com/prod"
+
+
+@pytest.fixture
+def functions(stack, monkeypatch):
+    monkeypatch.setenv("FLEETKEY_TABLE", TABLE)
+    monkeypatch.setenv("FLEETKEY_ISSUER", ISSUER)
+    loaded = {name: load_handler(name) for name in ("token", "discovery", "introspect")}
+    yield loaded
+    loaded["token"].service.cache_clear()
+    loaded["discovery"].context.cache_clear()
+    loaded["introspect"].service.cache_clear()
+
+
+@pytest.fixture
+def device(stack):
+    acme = cached_ca("acme")
+    stack.register_ca(acme)
+    stack.allowlist.add(AllowlistEntry(device_id="pump-0001", serial_number="SN-1", manufacturer_ca="acme",
+                                       profile="telemetry-sensor"), actor="op")
+    key, cert = acme.issue_device("pump-0001", serial_number="SN-1")
+    event = stack.first_connect(pem(cert), acme.pem)
+    assert stack.register(event).accepted
+    return key, event["certificateId"]
+
+
+def headers_of(response: dict) -> dict:
+    """API Gateway REST answers carry headers or multiValueHeaders; Powertools uses the latter."""
+    merged = dict(response.get("headers") or {})
+    merged.update({k: v[-1] for k, v in (response.get("multiValueHeaders") or {}).items()})
+    return merged
+
+
+def call(function, event):
+    response = function.handler(event, LambdaContext())
+    return response["statusCode"], json.loads(response["body"]), headers_of(response)
+
+
+def with_body(event: dict, body: str, content_type: str = "application/x-www-form-urlencoded") -> dict:
+    event = json.loads(json.dumps(event))
+    event["body"] = body
+    event["headers"]["content-type"] = content_type
+    event["multiValueHeaders"]["content-type"] = [content_type]
+    return event
+
+
+def test_sample_token_request_with_a_forged_assertion_is_invalid_client(functions):
+    # Given the sample request (its assertion's signature is a placeholder)
+    status, body, headers = call(functions["token"], load_event("token-request"))
+    # Then: 401 invalid_client, not cacheable
+    assert (status, body["error"]) == (401, "invalid_client")
+    assert headers["Cache-Control"] == "no-store"
+
+
+def test_token_request_issues_a_token_and_introspection_sees_it(functions, device):
+    key, certificate_id = device
+    form = token_request(client_assertion(key, certificate_id, "pump-0001", ISSUER))
+    # When the device asks for a token
+    status, body, _ = call(functions["token"], with_body(load_event("token-request"), urlencode(form)))
+    # Then it gets one, which introspection reports active
+    assert status == 200 and body["token_type"] == "Bearer"
+    introspection = with_body(load_event("introspection-request"), urlencode({"token": body["access_token"]}))
+    status, answer, _ = call(functions["introspect"], introspection)
+    assert status == 200 and answer["active"] is True and answer["sub"] == "pump-0001"
+
+
+@pytest.mark.parametrize(
+    "body,content_type,error",
+    [
+        ("grant_type=client_credentials", "application/json", "invalid_request"),
+        ("grant_type=client_credentials&grant_type=client_credentials", None, "invalid_request"),
+        ("grant_type=password&username=a&password=b", None, "unsupported_grant_type"),
+        ("client_assertion=x", None, "invalid_request"),
+        ("%%%", None, "invalid_request"),
+        ("grant_type=client_credentials&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion=" + "a" * 9000, None, "invalid_request"),
+    ],
+    ids=["not-a-form", "repeated-parameter", "other-grant", "no-grant", "malformed-form", "oversized-assertion"],
+)
+def test_malformed_token_requests_are_400(functions, body, content_type, error):
+    event = with_body(load_event("token-request"), body, content_type or "application/x-www-form-urlencoded")
+    status, answer, _ = call(functions["token"], event)
+    assert (status, answer["error"]) == (400, error)
+
+
+def test_kms_outage_is_503_temporarily_unavailable(functions, device, monkeypatch):
+    key, certificate_id = device
+    service = functions["token"].service()
+    _, signer = service._keys.current()
+
+    def throttled(**_):
+        raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "slow down"}}, "Sign")
+
+    monkeypatch.setattr(signer._client, "sign", throttled)
+    form = token_request(client_assertion(key, certificate_id, "pump-0001", ISSUER))
+    status, body, _ = call(functions["token"], with_body(load_event("token-request"), urlencode(form)))
+    assert (status, body["error"]) == (503, "temporarily_unavailable")
+
+
+def test_challenge_jwks_and_metadata_samples(functions, device):
+    status, body, _ = call(functions["token"], load_event("challenge-request"))
+    assert status == 200 and body["expires_in"] == 120 and len(body["nonce"]) >= 32
+    response = functions["discovery"].handler(load_event("jwks-request"), LambdaContext())
+    assert response["statusCode"] == 200
+    assert headers_of(response)["Content-Type"] == "application/jwk-set+json"
+    assert "max-age" in headers_of(response)["Cache-Control"]
+    assert json.loads(response["body"])["keys"][0]["alg"] == "ES256"
+    status, metadata, _ = call(functions["discovery"], load_event("authorization-server-metadata-request"))
+    assert metadata["issuer"] == ISSUER and metadata["token_endpoint"] == f"{ISSUER}/v1/token"
+    assert metadata["token_endpoint_auth_methods_supported"] == ["private_key_jwt"]
+
+
+def test_introspection_sample_and_missing_token(functions):
+    status, body, _ = call(functions["introspect"], load_event("introspection-request"))
+    assert (status, body) == (200, {"active": False})
+    status, body, _ = call(functions["introspect"], with_body(load_event("introspection-request"), "nothing=here"))
+    assert (status, body["error"]) == (400, "invalid_request")
