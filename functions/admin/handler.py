@@ -243,12 +243,11 @@ def retire_signing_keys():
 
 @app.post("/tokens/revoke")
 def revoke_token():
-    body = _json_body()
-    jti, exp = body.get("jti"), body.get("exp")
-    if not isinstance(jti, str) or not 0 < len(jti) <= 128 or not isinstance(exp, int):
-        raise InvalidRequest("body must be {\"jti\": <token id>, \"exp\": <its expiry, epoch seconds>}")
-    services().introspection.revoke(jti, exp)
-    return {"revoked": jti}
+    jti = _json_body().get("jti")
+    if not isinstance(jti, str) or not 0 < len(jti) <= 128 or not jti.isprintable():
+        raise InvalidRequest('body must be {"jti": <the token\'s jti>}')
+    until = services().introspection.revoke(jti, actor=_actor())
+    return {"revoked": jti, "until": until}
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True)

@@ -17,9 +17,9 @@ from fleetkey.settings import Settings
 from fleetkey.store.dynamodb import Store
 
 app = APIGatewayRestResolver()
-# Shorter than the signing-key publish lead (300 s), so a cached JWKS always has a key before
-# tokens signed with it appear.
-JWKS_MAX_AGE = 240
+# With the function's own 60 s registry cache, still well under the signing-key publish lead
+# (300 s): a cached JWKS always has a key before tokens signed with it appear.
+JWKS_MAX_AGE = 180
 
 
 @lru_cache(maxsize=1)

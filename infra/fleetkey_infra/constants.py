@@ -52,6 +52,7 @@ ADMIN_CODE_DIR = FUNCTIONS_DIR / "admin"
 TOKEN_CODE_DIR = FUNCTIONS_DIR / "token"
 DISCOVERY_CODE_DIR = FUNCTIONS_DIR / "discovery"
 INTROSPECT_CODE_DIR = FUNCTIONS_DIR / "introspect"
+MAINTENANCE_CODE_DIR = FUNCTIONS_DIR / "maintenance"
 REGISTRATION_MEMORY_MB = 512
 ADMIN_MEMORY_MB = 512
 # The API functions verify signatures with `cryptography` on their first call: Lambda gives CPU
@@ -59,6 +60,8 @@ ADMIN_MEMORY_MB = 512
 TOKEN_MEMORY_MB = 512
 DISCOVERY_MEMORY_MB = 512
 INTROSPECT_MEMORY_MB = 512
+# An hourly job of a few AWS calls, where a slower cold start costs nothing.
+MAINTENANCE_MEMORY_MB = 256
 REGISTRATION_TIMEOUT = Duration.seconds(30)
 # API Gateway's integration timeout is 29 s; a longer function would be cut off mid-write.
 ADMIN_TIMEOUT = Duration.seconds(29)
@@ -67,6 +70,9 @@ ADMIN_TIMEOUT = Duration.seconds(29)
 TOKEN_TIMEOUT = Duration.seconds(10)
 DISCOVERY_TIMEOUT = Duration.seconds(10)
 INTROSPECT_TIMEOUT = Duration.seconds(10)
+# One registry read, a ScheduleKeyDeletion per due key and one transaction, each retried by the
+# SDK: far less than a minute, with room for a few keys at once.
+MAINTENANCE_TIMEOUT = Duration.seconds(60)
 REGISTRATION_ASYNC_RETRY_ATTEMPTS = 2
 LOG_RETENTION = logs.RetentionDays.ONE_MONTH
 # Failed events wait here for an operator (SQS's maximum retention).
@@ -82,12 +88,22 @@ ADMIN_SERVICE_NAME = "fleetkey-admin"
 TOKEN_SERVICE_NAME = "fleetkey-token"
 DISCOVERY_SERVICE_NAME = "fleetkey-discovery"
 INTROSPECT_SERVICE_NAME = "fleetkey-introspect"
+MAINTENANCE_SERVICE_NAME = "fleetkey-maintenance"
 METRICS_NAMESPACE = "fleetkey"
 LOG_LEVEL = "INFO"
 
 # IoT rule: just-in-time registration
 REGISTRATION_RULE_SQL = events.REGISTRATION_RULE_SQL
 IOT_SQL_VERSION = events.IOT_SQL_VERSION
+
+# Scheduled maintenance: retire the token signing keys whose tokens have all expired. Hourly, so
+# that a retired key leaves the JWKS (and KMS) within the hour after its `retire_after`.
+MAINTENANCE_SCHEDULE_RATE = Duration.hours(1)
+# EventBridge's retries when it cannot invoke the function (throttled, missing); after them, and
+# for events older than the next run, the event goes to the rule's dead-letter queue. Failures
+# inside the function are Lambda's asynchronous retries; the next run repeats the work anyway.
+MAINTENANCE_TARGET_RETRY_ATTEMPTS = 2
+MAINTENANCE_TARGET_MAX_EVENT_AGE = Duration.hours(1)
 
 # The API (one regional REST API, one stage). Its base URL is the token issuer.
 API_STAGE_NAME = "prod"

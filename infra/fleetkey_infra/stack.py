@@ -18,6 +18,7 @@ from fleetkey_infra.constructs import (
     Functions,
     IotResources,
     RegistrationRule,
+    Schedules,
     TokenKeys,
 )
 from fleetkey_infra.nag import acknowledge, wildcard_resource
@@ -42,13 +43,20 @@ TABLE_KEY_ACTIONS = ("kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey")
 READ_TABLE_KEY_ACTIONS = ("kms:Decrypt",)
 # Token signing keys. Only the token function signs; GetPublicKey reads a key's public half when
 # it joins the registry (the token function's adoption of the first key, the admin's rotation).
-TOKEN_KEY_SIGNING_ACTIONS = ("kms:Sign", "kms:GetPublicKey")
-TOKEN_KEY_ADMIN_ACTIONS = ("kms:GetPublicKey", "kms:ScheduleKeyDeletion")
+TOKEN_KEY_SIGNING_ACTIONS = ("kms:Sign", "kms:GetPublicKey", "kms:ListResourceTags")
+TOKEN_KEY_ADMIN_ACTIONS = ("kms:GetPublicKey", "kms:ListResourceTags", "kms:ScheduleKeyDeletion")
+# Scheduled retirement: read the signing-key registry (GetItem), then replace it and append its
+# audit record in one transaction of two Puts (PutItem); schedule the retired keys' deletion.
+MAINTENANCE_TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:PutItem")
+TOKEN_KEY_RETIREMENT_ACTIONS = ("kms:ScheduleKeyDeletion",)
+# Every function that reads the signing-key registry trusts an entry only once KMS confirms it
+# (the key's public half and its tag), so a write to the table alone cannot publish a key.
+TOKEN_KEY_CONFIRM_ACTIONS = ("kms:GetPublicKey", "kms:ListResourceTags")
 
 
 class FleetkeyStack(Stack):
     """Attributes: `data`, `token_keys`, `iot`, `layer`, `api`, `functions`,
-    `registration_rule`."""
+    `registration_rule`, `schedules`."""
 
     def __init__(
         self,
@@ -86,12 +94,14 @@ class FleetkeyStack(Stack):
         self.registration_rule = RegistrationRule(
             self, "RegistrationRule", function=self.functions.registration
         )
+        self.schedules = Schedules(self, "Schedules", maintenance=self.functions.maintenance)
 
         self._grant_registration(self.functions.registration_role)
         self._grant_admin(self.functions.admin_role)
         self._grant_token(self.functions.token_role)
         self._grant_discovery(self.functions.discovery_role)
         self._grant_introspect(self.functions.introspect_role)
+        self._grant_maintenance(self.functions.maintenance_role)
         self._build_outputs()
 
     def _layer_dir(self) -> Path:
@@ -309,15 +319,63 @@ class FleetkeyStack(Stack):
         )
         self._acknowledge_tracing(role)
 
+    def _grant_confirm_token_keys(self, role: iam.IRole) -> None:
+        """Read a token signing key's public half and tags, to confirm a registry entry."""
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="ConfirmTokenKeys",
+                actions=list(TOKEN_KEY_CONFIRM_ACTIONS),
+                resources=[self._kms_keys_arn()],
+                conditions={"StringEquals": self._token_signing_tag("aws:ResourceTag")},
+            )
+        )
+
     def _grant_discovery(self, role: iam.IRole) -> None:
-        """JWKS and metadata: read the signing-key registry (public keys are stored in it)."""
+        """JWKS and metadata: read the signing-key registry, each entry confirmed with KMS."""
         self._grant_table_items(role, READ_TABLE_ACTIONS, READ_TABLE_KEY_ACTIONS)
+        self._grant_confirm_token_keys(role)
+        self._acknowledge_confirmation(role)
         self._acknowledge_tracing(role)
 
     def _grant_introspect(self, role: iam.IRole) -> None:
-        """Introspection: read the registry, the device and the revocation list; verification
-        uses the registry's public keys, not KMS."""
+        """Introspection: read the registry (each entry confirmed with KMS), the device and the
+        revocation list."""
         self._grant_table_items(role, READ_TABLE_ACTIONS, READ_TABLE_KEY_ACTIONS)
+        self._grant_confirm_token_keys(role)
+        self._acknowledge_confirmation(role)
+        self._acknowledge_tracing(role)
+
+    @staticmethod
+    def _acknowledge_confirmation(role: iam.IRole) -> None:
+        acknowledge(
+            role,
+            wildcard_resource("arn:<AWS::Partition>:kms:<AWS::Region>:<AWS::AccountId>:key/*"),
+            "Token signing keys are created by rotation at run time, their ids unknown at deploy "
+            "time: kms:GetPublicKey and kms:ListResourceTags (to confirm a registry entry against "
+            "KMS) apply only to keys tagged fleetkey:purpose=token-signing.",
+        )
+
+    def _grant_maintenance(self, role: iam.IRole) -> None:
+        """Scheduled retirement of token signing keys: read and rewrite the signing-key registry
+        (with its audit record), and schedule the deletion of the keys it retires. No CreateKey,
+        no Sign, no GetPublicKey."""
+        self._grant_table_items(role, MAINTENANCE_TABLE_ACTIONS)
+        self._grant_confirm_token_keys(role)
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="RetireTokenKeys",
+                actions=list(TOKEN_KEY_RETIREMENT_ACTIONS),
+                resources=[self._kms_keys_arn()],
+                conditions={"StringEquals": self._token_signing_tag("aws:ResourceTag")},
+            )
+        )
+        acknowledge(
+            role,
+            wildcard_resource("arn:<AWS::Partition>:kms:<AWS::Region>:<AWS::AccountId>:key/*"),
+            "The keys to retire were created by rotation at run time, their ids unknown at deploy "
+            "time: kms:ScheduleKeyDeletion applies only to keys tagged fleetkey:purpose="
+            "token-signing (aws:ResourceTag condition) in this account and region.",
+        )
         self._acknowledge_tracing(role)
 
     @staticmethod
@@ -346,4 +404,12 @@ class FleetkeyStack(Stack):
         )
         CfnOutput(
             self, "RegistrationRuleErrorQueueUrl", value=self.registration_rule.errors.queue_url
+        )
+        CfnOutput(
+            self, "MaintenanceFunctionName", value=self.functions.maintenance.function_name
+        )
+        CfnOutput(
+            self,
+            "MaintenanceDeadLetterQueueUrl",
+            value=self.schedules.dead_letters.queue_url,
         )

@@ -181,7 +181,7 @@ def test_stack_outputs_what_operators_need(template: Template) -> None:
     outputs = template.to_json()["Outputs"]
 
     # Then the table, the API URL and issuer, the first token key, the registration function and
-    # its failure queue are there
+    # its failure queue, the maintenance function and its schedule's dead-letter queue are there
     assert {
         "TableName",
         "ApiUrl",
@@ -189,6 +189,8 @@ def test_stack_outputs_what_operators_need(template: Template) -> None:
         "TokenSigningKeyId",
         "RegistrationFunctionName",
         "RegistrationFailureQueueUrl",
+        "MaintenanceFunctionName",
+        "MaintenanceDeadLetterQueueUrl",
     } <= set(outputs)
 
 

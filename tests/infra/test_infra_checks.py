@@ -21,7 +21,7 @@ PUBLIC_METHODS = [
     f"{API}/Default/.well-known/oauth-authorization-server/GET",
 ]
 IAM_METHODS = [f"{API}/Default/v1/admin/{{proxy+}}/ANY", f"{API}/Default/v1/introspect/POST"]
-FUNCTIONS = ["Registration", "Admin", "Token", "Discovery", "Introspect"]
+FUNCTIONS = ["Registration", "Admin", "Token", "Discovery", "Introspect", "Maintenance"]
 EXPECTED_ACKNOWLEDGEMENTS = {
     # X-Ray (every function), CA registration and CreateKey (admin): no resource-level permissions
     *(("AwsSolutions-IAM5[Resource::*]", f"Fleetkey/Functions/{f}Role") for f in FUNCTIONS),
@@ -40,9 +40,13 @@ EXPECTED_ACKNOWLEDGEMENTS = {
     # Token signing keys created by rotation: by tag (aws:ResourceTag / aws:RequestTag)
     (f"AwsSolutions-IAM5[Resource::{KMS_KEYS}]", "Fleetkey/Functions/AdminRole"),
     (f"AwsSolutions-IAM5[Resource::{KMS_KEYS}]", "Fleetkey/Functions/TokenRole"),
+    (f"AwsSolutions-IAM5[Resource::{KMS_KEYS}]", "Fleetkey/Functions/MaintenanceRole"),
+    (f"AwsSolutions-IAM5[Resource::{KMS_KEYS}]", "Fleetkey/Functions/DiscoveryRole"),
+    (f"AwsSolutions-IAM5[Resource::{KMS_KEYS}]", "Fleetkey/Functions/IntrospectRole"),
     *(("AwsSolutions-L1", f"Fleetkey/Functions/{f}") for f in FUNCTIONS),
     ("AwsSolutions-SQS3", "Fleetkey/Functions/RegistrationFailures"),
     ("AwsSolutions-SQS3", "Fleetkey/RegistrationRule/Errors"),
+    ("AwsSolutions-SQS3", "Fleetkey/Schedules/MaintenanceDeadLetters"),
     (
         "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
         "AmazonAPIGatewayPushToCloudWatchLogs]",

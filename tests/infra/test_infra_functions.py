@@ -10,6 +10,7 @@ SERVICES = [
     constants.TOKEN_SERVICE_NAME,
     constants.DISCOVERY_SERVICE_NAME,
     constants.INTROSPECT_SERVICE_NAME,
+    constants.MAINTENANCE_SERVICE_NAME,
 ]
 
 
@@ -18,8 +19,8 @@ def test_there_are_exactly_the_fleetkey_functions(resources: dict[str, dict]) ->
     # When listing its functions
     functions = of_type(resources, "AWS::Lambda::Function")
 
-    # Then there are registration, admin, token, discovery and introspect and nothing else (no
-    # CDK helpers)
+    # Then there are registration, admin, token, discovery, introspect and maintenance and
+    # nothing else (no CDK helpers)
     assert len(functions) == len(SERVICES)
     for service in SERVICES:
         function_by_service(resources, service)
@@ -53,6 +54,7 @@ def test_function_runs_python312_on_arm64_with_the_core_layer(
         (constants.TOKEN_SERVICE_NAME, 512, 10),
         (constants.DISCOVERY_SERVICE_NAME, 512, 10),
         (constants.INTROSPECT_SERVICE_NAME, 512, 10),
+        (constants.MAINTENANCE_SERVICE_NAME, 256, 60),
     ],
 )
 def test_function_memory_and_timeout(
@@ -76,6 +78,7 @@ EXTRA_SETTINGS = {
     constants.TOKEN_SERVICE_NAME: {ISSUER, "FLEETKEY_TOKEN_KEY_ID"},
     constants.DISCOVERY_SERVICE_NAME: {ISSUER},
     constants.INTROSPECT_SERVICE_NAME: {ISSUER},
+    constants.MAINTENANCE_SERVICE_NAME: set(),
 }
 
 

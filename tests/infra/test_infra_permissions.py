@@ -21,6 +21,7 @@ ADMIN = constants.ADMIN_SERVICE_NAME
 TOKEN = constants.TOKEN_SERVICE_NAME
 DISCOVERY = constants.DISCOVERY_SERVICE_NAME
 INTROSPECT = constants.INTROSPECT_SERVICE_NAME
+MAINTENANCE = constants.MAINTENANCE_SERVICE_NAME
 
 TABLE_ACTIONS = {
     "dynamodb:GetItem",
@@ -33,23 +34,28 @@ TABLE_ACTIONS = {
 # of a Put and a Delete), initialize (a transaction of Puts).
 TOKEN_TABLE_ACTIONS = {"dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:DeleteItem"}
 READ_TABLE_ACTIONS = {"dynamodb:GetItem"}
+# retire_expired: read the registry (GetItem), then put_signing_keys, a transaction of two Puts
+# (the registry item and its audit record).
+MAINTENANCE_TABLE_ACTIONS = {"dynamodb:GetItem", "dynamodb:PutItem"}
 KEY_ACTIONS = {"kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey"}
 READ_KEY_ACTIONS = {"kms:Decrypt"}
 LOG_ACTIONS = {"logs:CreateLogStream", "logs:PutLogEvents"}
 TRACING_ACTIONS = {"xray:PutTraceSegments", "xray:PutTelemetryRecords"}
-TOKEN_SIGNING_ACTIONS = {"kms:Sign", "kms:GetPublicKey"}
+# Reading a token key's public half and tags: every registry reader confirms entries with KMS.
+CONFIRM_ACTIONS = {"kms:GetPublicKey", "kms:ListResourceTags"}
+TOKEN_SIGNING_ACTIONS = {"kms:Sign"} | CONFIRM_ACTIONS
 TOKEN_KEY_ADMIN_ACTIONS = {
     "kms:CreateKey",
     "kms:TagResource",
-    "kms:GetPublicKey",
     "kms:ScheduleKeyDeletion",
-}
+} | CONFIRM_ACTIONS
 TABLE_GRANTS = {
     REGISTRATION: (TABLE_ACTIONS, KEY_ACTIONS),
     ADMIN: (TABLE_ACTIONS, KEY_ACTIONS),
     TOKEN: (TOKEN_TABLE_ACTIONS, KEY_ACTIONS),
     DISCOVERY: (READ_TABLE_ACTIONS, READ_KEY_ACTIONS),
     INTROSPECT: (READ_TABLE_ACTIONS, READ_KEY_ACTIONS),
+    MAINTENANCE: (MAINTENANCE_TABLE_ACTIONS, KEY_ACTIONS),
 }
 
 EXPECTED_ACTIONS = {
@@ -82,8 +88,14 @@ EXPECTED_ACTIONS = {
     | LOG_ACTIONS
     | TRACING_ACTIONS
     | TOKEN_SIGNING_ACTIONS,
-    DISCOVERY: READ_TABLE_ACTIONS | READ_KEY_ACTIONS | LOG_ACTIONS | TRACING_ACTIONS,
-    INTROSPECT: READ_TABLE_ACTIONS | READ_KEY_ACTIONS | LOG_ACTIONS | TRACING_ACTIONS,
+    DISCOVERY: READ_TABLE_ACTIONS | READ_KEY_ACTIONS | LOG_ACTIONS | TRACING_ACTIONS | CONFIRM_ACTIONS,
+    INTROSPECT: READ_TABLE_ACTIONS | READ_KEY_ACTIONS | LOG_ACTIONS | TRACING_ACTIONS | CONFIRM_ACTIONS,
+    MAINTENANCE: MAINTENANCE_TABLE_ACTIONS
+    | KEY_ACTIONS
+    | LOG_ACTIONS
+    | TRACING_ACTIONS
+    | CONFIRM_ACTIONS
+    | {"kms:ScheduleKeyDeletion"},
 }
 # Actions no function may ever hold, whatever else changes.
 FORBIDDEN = {
@@ -100,13 +112,14 @@ FORBIDDEN = {
     "kms:UntagResource",
     "kms:DisableKey",
 }
-# ... and the ones only one function may hold.
+# ... and the functions that alone may hold some.
 ONLY = {
-    "kms:Sign": TOKEN,  # only the token function may sign with the token keys
-    "kms:CreateKey": ADMIN,
-    "kms:TagResource": ADMIN,
-    "kms:ScheduleKeyDeletion": ADMIN,
-    "dynamodb:DeleteItem": TOKEN,  # consuming a challenge
+    "kms:Sign": {TOKEN},  # only the token function may sign with the token keys
+    "kms:CreateKey": {ADMIN},
+    "kms:TagResource": {ADMIN},
+    # retirement: the admin API on demand, the maintenance schedule every hour
+    "kms:ScheduleKeyDeletion": {ADMIN, MAINTENANCE},
+    "dynamodb:DeleteItem": {TOKEN},  # consuming a challenge
 }
 # The only actions allowed on Resource "*", because they support no resource-level permissions.
 STAR_ACTIONS = {
@@ -116,6 +129,7 @@ STAR_ACTIONS = {
     TOKEN: TRACING_ACTIONS,
     DISCOVERY: TRACING_ACTIONS,
     INTROSPECT: TRACING_ACTIONS,
+    MAINTENANCE: TRACING_ACTIONS,
 }
 TOKEN_SIGNING_TAG = {"aws:ResourceTag/fleetkey:purpose": "token-signing"}
 TOKEN_SIGNING_REQUEST_TAG = {"aws:RequestTag/fleetkey:purpose": "token-signing"}
@@ -153,16 +167,16 @@ def test_single_owner_actions_belong_to_their_function_only(resources: dict[str,
         service: role_of(function_by_service(resources, service)[1]) for service in EXPECTED_ACTIONS
     }
 
-    # When looking for the actions only one function may hold
-    for action, owner in ONLY.items():
+    # When looking for the actions only some functions may hold
+    for action, owners in ONLY.items():
         holders = {
             role_id
             for role_id in roles
             if action in allowed_actions(role_statements(resources, role_id))
         }
 
-        # Then exactly that function's role holds it (no other role may sign with the token keys)
-        assert holders == {owner_roles[owner]}, action
+        # Then exactly those functions' roles hold it (no other role may sign with the token keys)
+        assert holders == {owner_roles[owner] for owner in owners}, action
 
 
 @pytest.mark.parametrize("service", sorted(EXPECTED_ACTIONS))
@@ -309,3 +323,17 @@ def test_each_function_has_its_own_role_without_managed_policies(
         assert "ManagedPolicyArns" not in props
         [statement] = props["AssumeRolePolicyDocument"]["Statement"]
         assert statement["Principal"] == {"Service": "lambda.amazonaws.com"}
+
+
+def test_maintenance_schedules_deletion_of_tagged_keys_only(resources: dict[str, dict]) -> None:
+    # Given the maintenance role (its action set is pinned above: no CreateKey, no Sign)
+    statements = statements_of(resources, MAINTENANCE)
+
+    # When reading the statement that allows ScheduleKeyDeletion
+    [retire] = statements_for(statements, "kms:ScheduleKeyDeletion")
+
+    # Then it allows that action alone, on this account's and region's keys tagged for token
+    # signing only
+    assert retire["Action"] == "kms:ScheduleKeyDeletion"
+    assert retire["Resource"] == KMS_KEYS
+    assert retire["Condition"] == {"StringEquals": TOKEN_SIGNING_TAG}

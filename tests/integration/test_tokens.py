@@ -244,16 +244,19 @@ def test_a_token_costs_three_aws_calls_and_no_public_key_reads(stack, acme):
         assert "kms.GetPublicKey" not in calls
 
 
-def test_the_first_token_of_a_cold_function_reads_the_registry_not_kms_public_keys(stack, acme):
+def test_the_first_token_of_a_cold_function_reads_and_confirms_the_registry_once(stack, acme):
     # Given a token function that just started (no cached registry)
     dev = enroll(stack, acme, "sensor-cold")
     service = fresh_token_service(stack)
     counter = AwsCallCounter().watch(*stack.service_clients())
     # When it issues its first token
     issue(stack, dev.assertion(stack), service=service)
-    # Then the one extra call is the registry read; the signing key's public half comes from it
+    # Then the extra calls are the registry read and KMS confirming the key (public key and tag)
     assert counter.calls == COLD_CALLS
-    assert "kms.GetPublicKey" not in counter.calls
+    # And the second token has none of them
+    counter.reset()
+    issue(stack, dev.assertion(stack), service=service)
+    assert counter.calls == ["dynamodb.GetItem", "dynamodb.TransactWriteItems", "kms.Sign"]
 
 
 # ---- attacks ------------------------------------------------------------------------------------
@@ -546,7 +549,7 @@ def test_signed_assertions_with_malformed_times_are_invalid_client(stack, acme):
 def test_scopes_and_audiences_are_the_profiles(stack, acme):
     # Given an infusion pump (two scopes, two audiences) with attested firmware
     dev = enroll(stack, acme, "pump-scopes", profile="infusion-pump")
-    firmware = {"firmware_sha256": PUMP_FIRMWARE}
+    firmware = {"firmware_version": "2.4.1", "firmware_sha256": PUMP_FIRMWARE}
 
     # When it asks for a scope outside its profile, Then invalid_scope, and the assertion is not used
     assertion = dev.assertion(stack, **firmware)
@@ -650,8 +653,10 @@ def test_an_expired_nonce_is_refused(stack, acme):
 
 # ---- faults -------------------------------------------------------------------------------------
 
-# A token function that just started: device read, jti write, registry read, KMS signature.
-COLD_CALLS = ["dynamodb.GetItem", "dynamodb.TransactWriteItems", "dynamodb.GetItem", "kms.Sign"]
+# A token function that just started: device read, jti write, registry read, KMS confirming the
+# registry's key (once per key per process), KMS signature.
+COLD_CALLS = ["dynamodb.GetItem", "dynamodb.TransactWriteItems", "dynamodb.GetItem",
+              "kms.GetPublicKey", "kms.ListResourceTags", "kms.Sign"]
 JTI_WRITE = 2
 
 
@@ -766,7 +771,7 @@ def test_tokens_of_suspended_or_rebound_devices_and_revoked_tokens_introspect_in
     kept = issue(stack, dev.assertion(stack))["access_token"]
     claims = claims_of(revoked)
     # When one is revoked by its jti until it expires
-    stack.introspection.revoke(claims["jti"], claims["exp"])
+    stack.introspection.revoke(claims["jti"], actor="op")
     # Then it is inactive and the other is still active
     assert stack.introspection.introspect(revoked) == {"active": False}
     assert stack.introspection.introspect(kept)["active"] is True

@@ -194,8 +194,8 @@ class AdminClient:
     def retire_signing_keys(self) -> dict:
         return self._call("POST", "/signing-keys/retire")
 
-    def revoke_token(self, jti: str, exp: int) -> dict:
-        return self._call("POST", "/tokens/revoke", {"jti": jti, "exp": exp})
+    def revoke_token(self, jti: str) -> dict:
+        return self._call("POST", "/tokens/revoke", {"jti": jti})
 
     def list_cas(self) -> list[dict]:
         return self._call("GET", "/cas")["cas"]

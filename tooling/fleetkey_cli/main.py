@@ -96,7 +96,6 @@ def _parser() -> argparse.ArgumentParser:
     token = commands.add_parser("token", help="access tokens").add_subparsers(dest="action", required=True)
     revoke = token.add_parser("revoke", help="revoke an access token (introspection reports it inactive)")
     revoke.add_argument("--jti", required=True)
-    revoke.add_argument("--exp", type=int, required=True, help="the token's exp (epoch seconds)")
     return parser
 
 
@@ -165,7 +164,7 @@ def run(args: argparse.Namespace, client: AdminClient) -> int:
                    "retire": client.retire_signing_keys}
         _print(actions[args.action]())
     elif args.command == "token":
-        _print(client.revoke_token(args.jti, args.exp))
+        _print(client.revoke_token(args.jti))
     return 0
 
 

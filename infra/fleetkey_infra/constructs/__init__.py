@@ -6,6 +6,7 @@ from fleetkey_infra.constructs.functions import Functions
 from fleetkey_infra.constructs.iot_profiles import IotResources
 from fleetkey_infra.constructs.iot_rules import RegistrationRule
 from fleetkey_infra.constructs.layer import CoreLayer
+from fleetkey_infra.constructs.schedules import Schedules
 from fleetkey_infra.constructs.token_keys import TokenKeys
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "Functions",
     "IotResources",
     "RegistrationRule",
+    "Schedules",
     "TokenKeys",
 ]

@@ -1,6 +1,6 @@
-"""The Lambda functions: registration (JITR, invoked by an IoT rule), and behind the API: admin
+"""The Lambda functions: registration (JITR, invoked by an IoT rule), behind the API: admin
 (operators), token (devices), discovery (JWKS and metadata, public) and introspect (relying
-parties).
+parties), and maintenance (signing-key retirement, invoked by an EventBridge schedule).
 
 Each function has its own role holding only what the function itself needs to run (writing to its
 own log group; X-Ray comes with active tracing). What a function may do to the table, the key and
@@ -24,10 +24,11 @@ from fleetkey_infra.nag import acknowledge
 
 
 class Functions(Construct):
-    """Attributes: `registration`, `admin`, `token`, `discovery` and `introspect`
+    """Attributes: `registration`, `admin`, `token`, `discovery`, `introspect` and `maintenance`
     (lambda.Function), each with its own role (`registration_role`, `admin_role`, `token_role`,
-    `discovery_role`, `introspect_role`: iam.Role), and `registration_failures` (sqs.Queue), the
-    on-failure destination of the registration function's asynchronous invocations.
+    `discovery_role`, `introspect_role`, `maintenance_role`: iam.Role), and
+    `registration_failures` (sqs.Queue), the on-failure destination of the registration
+    function's asynchronous invocations.
 
     `issuer` is the API's base URL (FLEETKEY_ISSUER: token `iss`, the `aud` of device
     assertions); `token_key_id` the first token signing key (FLEETKEY_TOKEN_KEY_ID).
@@ -108,6 +109,17 @@ class Functions(Construct):
             timeout=constants.INTROSPECT_TIMEOUT,
             description="fleetkey token introspection for relying parties",
             environment=issuer_env,
+        )
+        # Scheduled (constructs.Schedules); needs neither the issuer nor the first key's id.
+        self.maintenance_role = self._build_role("MaintenanceRole", "maintenance")
+        self.maintenance = self._build_function(
+            "Maintenance",
+            role=self.maintenance_role,
+            code_dir=constants.MAINTENANCE_CODE_DIR,
+            service_name=constants.MAINTENANCE_SERVICE_NAME,
+            memory_mb=constants.MAINTENANCE_MEMORY_MB,
+            timeout=constants.MAINTENANCE_TIMEOUT,
+            description="fleetkey maintenance: retires expired token signing keys",
         )
 
     def _build_failure_queue(self) -> sqs.Queue:

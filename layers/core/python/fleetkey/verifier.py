@@ -9,15 +9,23 @@
         ...  # 401
     device_id = claims["sub"]
 
-Only pyjwt is needed. The JWKS is fetched once and cached; a token signed by a key the cache
-does not know triggers one refetch (a new signing key is published before it signs).
+Only pyjwt (2.10.1 or later) is needed. The JWKS is fetched once and cached; a token whose key
+the cache does not know triggers a refetch at most once a minute (a new signing key is published
+minutes before it signs), so tokens with made-up key ids cannot make the verifier hammer the
+issuer.
 """
 
 from __future__ import annotations
 
+import re
+import threading
+import time
+
 import jwt
 
 ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
+_KID = re.compile(r"[A-Za-z0-9_-]{43}")  # an RFC 7638 SHA-256 thumbprint, base64url
+REFRESH_INTERVAL_SECONDS = 60
 REQUIRED_CLAIMS = ["iss", "sub", "aud", "exp", "iat", "jti", "client_id"]
 
 
@@ -36,6 +44,23 @@ class TokenVerifier:
             lifespan=cache_seconds,
             timeout=10,
         )
+        self._lock = threading.Lock()
+        self._refreshed_at = float("-inf")
+
+    def _key(self, kid: str):
+        """The verification key for `kid`: from the cached JWKS, refetched for an unknown kid at
+        most once per REFRESH_INTERVAL_SECONDS."""
+        for key in self._jwks.get_jwk_set().keys:
+            if key.key_id == kid:
+                return key
+        with self._lock:
+            if time.monotonic() - self._refreshed_at < REFRESH_INTERVAL_SECONDS:
+                raise InvalidToken("unknown signing key")
+            self._refreshed_at = time.monotonic()
+        for key in self._jwks.get_jwk_set(refresh=True).keys:
+            if key.key_id == kid:
+                return key
+        raise InvalidToken("unknown signing key")
 
     def verify(self, token: str, audience: str, *, scope: str | None = None) -> dict:
         """Check signature (ES256, a key of the issuer's JWKS), typ (at+jwt), issuer, audience,
@@ -48,7 +73,10 @@ class TokenVerifier:
             header = jwt.get_unverified_header(token)
             if str(header.get("typ", "")).lower() not in ACCESS_TOKEN_TYPES:
                 raise InvalidToken("not an access token (typ)")
-            key = self._jwks.get_signing_key_from_jwt(token)
+            kid = header.get("kid")
+            if not isinstance(kid, str) or not _KID.fullmatch(kid):
+                raise InvalidToken("missing or malformed kid")
+            key = self._key(kid)
             claims = jwt.decode(
                 token,
                 key.key,
@@ -60,6 +88,8 @@ class TokenVerifier:
             )
         except (jwt.PyJWTError, jwt.PyJWKClientError) as exc:
             raise InvalidToken(str(exc)) from None
+        except (ValueError, TypeError, RecursionError):  # hostile JSON inside the token
+            raise InvalidToken("malformed token") from None
         if scope is not None and scope not in str(claims.get("scope", "")).split():
             raise InvalidToken(f"scope {scope!r} was not granted")
         return claims

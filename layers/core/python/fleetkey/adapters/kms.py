@@ -77,6 +77,12 @@ class KmsKeys:
     def public_key(self, key_id: str) -> ec.EllipticCurvePublicKey:
         return KmsSigner(key_id, client=self._client).public_key()
 
+    def tags(self, key_id: str) -> dict[str, str]:
+        tags: dict[str, str] = {}
+        for page in self._client.get_paginator("list_resource_tags").paginate(KeyId=key_id):
+            tags.update({t["TagKey"]: t["TagValue"] for t in page.get("Tags", [])})
+        return tags
+
     def schedule_deletion(self, key_id: str, days: int = 7) -> None:
         """Schedule the key's deletion; a key already pending deletion counts as done."""
         from botocore.exceptions import ClientError

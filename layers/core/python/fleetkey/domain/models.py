@@ -23,8 +23,16 @@ class Device:
     # The current certificate's public key (PEM) and its kind ("ec:secp256r1", "rsa:2048").
     certificate_public_key: str | None = None
     certificate_key: str | None = None
+    certificate_not_after: str | None = None  # ISO 8601
     created_at: str | None = None
     updated_at: str | None = None
+
+    def certificate_not_after_epoch(self) -> int | None:
+        if not self.certificate_not_after:
+            return None
+        from datetime import datetime
+
+        return int(datetime.fromisoformat(self.certificate_not_after).timestamp())
 
     def thing_attributes(self) -> dict[str, str]:
         """The AWS IoT thing attributes: the entry's own plus those fleetkey sets."""

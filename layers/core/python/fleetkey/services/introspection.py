@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import jwt
 
-from fleetkey.clock import Clock, utc_now
+from fleetkey.clock import Clock, timestamp, utc_now
 from fleetkey.crypto.jose import b64url
 from fleetkey.domain.lifecycle import DeviceState
-from fleetkey.services.signing_keys import SigningKeys
-from fleetkey.services.tokens import ACCESS_TOKEN_TYPE
+from fleetkey.services.signing_keys import MAX_TOKEN_LIFETIME_SECONDS, SigningKeys
+from fleetkey.services.tokens import ACCESS_TOKEN_TYPE, CLOCK_SKEW
 from fleetkey.settings import Settings
 from fleetkey.store.dynamodb import Store
 
@@ -33,7 +33,7 @@ class IntrospectionService:
             return INACTIVE
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, ValueError, RecursionError):
             return INACTIVE
         key = next((k for k in self._keys.keys() if k.kid == header.get("kid")), None)
         if key is None or header.get("typ") != ACCESS_TOKEN_TYPE:
@@ -46,7 +46,7 @@ class IntrospectionService:
                 issuer=self._settings.issuer,
                 options={"verify_aud": False, "require": ["exp", "iat", "sub", "jti", "cnf"]},
             )
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, ValueError, RecursionError, TypeError):
             return INACTIVE
         device = self._store.get_device(claims["sub"])
         bound = claims.get("cnf", {}).get("x5t#S256")
@@ -61,6 +61,14 @@ class IntrospectionService:
             return INACTIVE
         return {"active": True, "token_type": "Bearer", **claims}
 
-    def revoke(self, token_jti: str, expires_at: int) -> None:
-        """Revoke an access token by its jti until it would have expired anyway."""
-        self._store.revoke_token(token_jti, expires_at)
+    def revoke(self, token_jti: str, *, actor: str) -> int:
+        """Revoke an access token by its jti, for as long as any token can live, and audit it in
+        the `stream:token-revocations` chain. Returns when the revocation lapses (epoch s)."""
+        now = int(self._clock().timestamp())
+        until = now + MAX_TOKEN_LIFETIME_SECONDS + CLOCK_SKEW
+        self._store.revoke_token(token_jti, until)
+        self._store.append_to_stream(
+            "token-revocations", action="token_revoked", actor=actor,
+            details={"jti": token_jti, "until": until}, at=timestamp(self._clock()),
+        )
+        return until

@@ -14,11 +14,15 @@ token function may keep using its cached registry).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from botocore.exceptions import ClientError
+
+from fleetkey.adapters.aws import is_transient
 from fleetkey.adapters.kms import KmsKeys, KmsSigner
 from fleetkey.clock import Clock, timestamp, utc_now
 from fleetkey.crypto.jose import jwk_thumbprint, public_jwk
@@ -26,6 +30,7 @@ from fleetkey.domain.audit import ChainHead
 from fleetkey.errors import Conflict, FleetkeyError
 from fleetkey.store.dynamodb import ConditionFailed, Store
 
+logger = logging.getLogger(__name__)
 MAX_TOKEN_LIFETIME_SECONDS = 3600
 TAGS = {"fleetkey:purpose": "token-signing"}
 STREAM = "signing-keys"
@@ -89,6 +94,8 @@ class SigningKeys:
         self._monotonic = monotonic
         self._cached: tuple[float, ChainHead, list[SigningKey]] | None = None
         self._signers: dict[str, KmsSigner] = {}
+        # key id -> whether KMS confirmed the registry's entry for it (checked once per process)
+        self._confirmed: dict[str, bool] = {}
 
     def _now(self) -> int:
         return int(self._clock().timestamp())
@@ -100,8 +107,37 @@ class SigningKeys:
             or self._monotonic() - self._cached[0] > self._cache_seconds
         ):
             head, items = self._store.get_signing_keys()
-            self._cached = (self._monotonic(), head, [SigningKey.from_item(i) for i in items])
+            keys = [k for k in map(SigningKey.from_item, items) if self._confirm(k)]
+            self._cached = (self._monotonic(), head, keys)
         return self._cached[1], self._cached[2]
+
+    def _confirm(self, key: SigningKey) -> bool:
+        """A registry entry is trusted only if KMS agrees: the key is tagged as a token-signing
+        key and its public key is the entry's JWK (so a write to the table alone cannot publish
+        or introduce a key). Once per key per process: neither ever changes for a key id."""
+        confirmed = self._confirmed.get(key.key_id)
+        if confirmed is None:
+            try:
+                jwk = public_jwk(self._kms.public_key(key.key_id))
+                tagged = all(self._kms.tags(key.key_id).get(k) == v for k, v in TAGS.items())
+                confirmed = (
+                    tagged
+                    and jwk_thumbprint(jwk) == key.kid
+                    and all(key.jwk.get(name) == value for name, value in jwk.items())
+                )
+            except ValueError:  # not an EC P-256/P-384 key
+                confirmed = False
+            except ClientError as exc:
+                # No such key, or one this function may not read (IAM only allows tagged keys);
+                # a passing failure propagates and the entry is checked again next time.
+                if is_transient(exc):
+                    raise
+                confirmed = False
+            if not confirmed:
+                logger.error("signing-key registry entry not confirmed by KMS; ignored",
+                             extra={"key_id": key.key_id, "kid": key.kid})
+            self._confirmed[key.key_id] = confirmed
+        return confirmed
 
     def keys(self) -> list[SigningKey]:
         """Every key a relying party may need: published, current and retiring."""
@@ -184,6 +220,10 @@ class SigningKeys:
         for key in expired:
             self._kms.schedule_deletion(key.key_id)
         remaining = [k for k in keys if k not in expired]
-        self._write(head, remaining, "signing_keys_retired", actor,
-                    {"kids": [k.kid for k in expired]})
+        try:
+            self._write(head, remaining, "signing_keys_retired", actor,
+                        {"kids": [k.kid for k in expired]})
+        except ConditionFailed:
+            raise Conflict("signing keys changed meanwhile; retry (deletions already scheduled "
+                           "are kept)") from None
         return [k.key_id for k in expired]

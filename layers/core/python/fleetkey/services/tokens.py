@@ -43,6 +43,7 @@ ACCESS_TOKEN_TYPE = "at+jwt"
 _CERTIFICATE_ID = re.compile(r"[0-9a-f]{64}")
 _DEVICE_ID = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_PRINTABLE = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 class TokenService:
@@ -116,10 +117,21 @@ class TokenService:
             raise InvalidClient(f"assertion: {type(exc).__name__}") from None
         if nonce is None and not 0 < claims["exp"] - claims["iat"] <= MAX_ASSERTION_LIFETIME:
             raise InvalidClient("assertion lifetime")
-        if not isinstance(claims["jti"], str) or not 0 < len(claims["jti"]) <= 128:
+        if not isinstance(claims["jti"], str) or not _PRINTABLE.fullmatch(claims["jti"]):
             raise InvalidClient("jti")
-        if nonce is not None and (not isinstance(nonce, str) or len(nonce) > 128):
+        if nonce is not None and (not isinstance(nonce, str) or not _PRINTABLE.fullmatch(nonce)):
             raise InvalidClient("nonce")
+        # With a nonce, iat/exp may be absent; an exp that is present is bounded all the same
+        # (without one, exp - iat <= 5 min and pyjwt's iat check bound it).
+        if (
+            nonce is not None
+            and "exp" in claims
+            and claims["exp"] > now + MAX_ASSERTION_LIFETIME + CLOCK_SKEW
+        ):
+            raise InvalidClient("assertion lifetime")
+        certificate_expiry = device.certificate_not_after_epoch()
+        if certificate_expiry is not None and now >= certificate_expiry:
+            raise InvalidClient("certificate expired")
 
         rules = get_profile(device.profile).token_rules
         scopes = self._granted(form.get("scope"), rules.scopes, "scope")
@@ -135,6 +147,8 @@ class TokenService:
             raise InvalidGrant("the challenge is unknown, used or expired") from None
 
         lifetime = rules.lifetime_seconds
+        if certificate_expiry is not None:
+            lifetime = min(lifetime, certificate_expiry - now)
         key, signer = self._keys.current()
         token_claims = {
             "iss": self._settings.issuer,
@@ -162,7 +176,7 @@ class TokenService:
         try:
             header = jwt.get_unverified_header(assertion)
             claims = jwt.decode(assertion, options={"verify_signature": False})
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, ValueError, RecursionError):  # e.g. JSON nested 1,500 deep
             raise InvalidClient("malformed assertion") from None
         if header.get("alg") not in ASSERTION_ALGORITHMS:
             raise InvalidClient("algorithm not allowed")
@@ -201,6 +215,8 @@ class TokenService:
         if rules.require_attestation:
             if not isinstance(measurement, str) or measurement not in rules.allowed_firmware:
                 raise InvalidGrant("firmware measurement is not an allowed release")
+            if "firmware_version" not in firmware:
+                raise InvalidGrant("firmware_version is required")
             firmware["firmware_sha256"] = measurement
         elif isinstance(measurement, str) and _SHA256_HEX.fullmatch(measurement):
             firmware["firmware_sha256"] = measurement

@@ -102,6 +102,7 @@ def _device_from_item(item: dict[str, Any]) -> Device:
         certificate_id=item.get("certificate_id"),
         certificate_public_key=item.get("certificate_public_key"),
         certificate_key=item.get("certificate_key"),
+        certificate_not_after=item.get("certificate_not_after"),
         created_at=item.get("created_at"),
         updated_at=item.get("updated_at"),
     )

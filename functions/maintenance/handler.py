@@ -1,0 +1,62 @@
+"""Scheduled maintenance, invoked by an EventBridge schedule: retires the access-token signing keys
+whose tokens have all expired (schedules their KMS deletion, then unpublishes them from the JWKS).
+
+Idempotent: each run reads the registry afresh, and a key already pending deletion counts as
+retired. AWS failures, and a registry changed meanwhile (Conflict), propagate, so EventBridge's
+asynchronous invocation is retried by Lambda (and the next scheduled run catches up anyway).
+An event that is not EventBridge's scheduled event is logged and ignored.
+"""
+
+from functools import lru_cache
+
+from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from fleetkey.adapters.kms import KmsKeys
+from fleetkey.errors import Conflict
+from fleetkey.observability import logger, metrics, tracer
+from fleetkey.services.signing_keys import SigningKeys
+from fleetkey.settings import Settings
+from fleetkey.store.dynamodb import Store
+
+ACTOR = "schedule:signing-key-maintenance"
+SCHEDULED_EVENT = {"source": "aws.events", "detail-type": "Scheduled Event"}
+
+
+@lru_cache(maxsize=1)
+def signing_keys() -> SigningKeys:
+    settings = Settings.from_environ()
+    store = Store(settings.table_name, region=settings.region)
+    return SigningKeys(store, KmsKeys(region=settings.region))
+
+
+def _is_scheduled_event(event: object) -> bool:
+    return isinstance(event, dict) and all(event.get(k) == v for k, v in SCHEDULED_EVENT.items())
+
+
+@logger.inject_lambda_context(correlation_id_path=correlation_paths.EVENT_BRIDGE, clear_state=True)
+@metrics.log_metrics
+@tracer.capture_lambda_handler
+def handler(event: dict, context: LambdaContext) -> dict:
+    if not _is_scheduled_event(event):
+        fields = event if isinstance(event, dict) else {}
+        logger.warning(
+            "not a scheduled event; ignored",
+            extra={"source": fields.get("source"), "detail_type": fields.get("detail-type")},
+        )
+        return {"status": "ignored"}
+
+    try:
+        retired = signing_keys().retire_expired(actor=ACTOR)
+    except Conflict:
+        # A rotation (or another retirement) wrote the registry meanwhile: the retry reads it
+        # afresh; deletions already scheduled count as done then.
+        logger.warning("signing keys changed during retirement; retrying")
+        raise
+    metrics.add_metric(name="SigningKeysRetired", unit=MetricUnit.Count, value=len(retired))
+    if retired:
+        logger.info("signing keys retired", extra={"key_ids": retired, "count": len(retired)})
+    else:
+        logger.info("no signing key due for retirement")
+    return {"status": "done", "retired": retired}

@@ -1,0 +1,65 @@
+"""Scheduled work: the EventBridge rule that runs the maintenance function (signing-key
+retirement) every hour."""
+
+from __future__ import annotations
+
+from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as targets
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from fleetkey_infra import constants
+from fleetkey_infra.nag import acknowledge
+
+
+class Schedules(Construct):
+    """An hourly EventBridge rule -> the maintenance function, with the full scheduled event as
+    its input (the function checks `source` and `detail-type`).
+
+    EventBridge invokes the function asynchronously. When it cannot (throttled, function missing)
+    it retries, then keeps the event in `dead_letters`; the invoke permission it needs is bound
+    to the rule's ARN. Failures inside the function are Lambda's asynchronous retries.
+
+    Attributes: `maintenance_rule` (events.Rule), `dead_letters` (sqs.Queue).
+    """
+
+    def __init__(
+        self, scope: Construct, construct_id: str, *, maintenance: lambda_.IFunction
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.dead_letters = self._build_dead_letter_queue()
+        self.maintenance_rule = events.Rule(
+            self,
+            "SigningKeyMaintenance",
+            description="fleetkey: retire token signing keys whose tokens have all expired",
+            schedule=events.Schedule.rate(constants.MAINTENANCE_SCHEDULE_RATE),
+            enabled=True,
+            targets=[
+                targets.LambdaFunction(
+                    maintenance,
+                    retry_attempts=constants.MAINTENANCE_TARGET_RETRY_ATTEMPTS,
+                    max_event_age=constants.MAINTENANCE_TARGET_MAX_EVENT_AGE,
+                    dead_letter_queue=self.dead_letters,
+                )
+            ],
+        )
+
+    def _build_dead_letter_queue(self) -> sqs.Queue:
+        # SQS-managed encryption: EventBridge may send to it without a grant on a customer key.
+        queue = sqs.Queue(
+            self,
+            "MaintenanceDeadLetters",
+            encryption=sqs.QueueEncryption.SQS_MANAGED,
+            enforce_ssl=True,
+            retention_period=constants.FAILED_EVENT_RETENTION,
+        )
+        acknowledge(
+            queue,
+            "AwsSolutions-SQS3",
+            "This queue is itself the dead-letter queue: the maintenance schedule's target keeps "
+            "here the events EventBridge could not deliver to the function after its retries. "
+            "Nothing replays them (the next hourly run does the same work); an operator "
+            "inspects them.",
+        )
+        return queue
