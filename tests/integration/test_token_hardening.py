@@ -170,3 +170,45 @@ def test_the_verifier_does_not_refetch_for_every_unknown_kid(stack):
         assert len(fetches) <= 2
     finally:
         server.shutdown()
+
+
+def test_the_verifier_checks_the_certificate_binding(stack):
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    # Given a token of a device, and a JWKS served locally
+    acme = cached_ca("acme")
+    stack.register_ca(acme)
+    stack.allowlist.add(AllowlistEntry(device_id="bound-1", serial_number="SN-b", manufacturer_ca="acme",
+                                       profile="telemetry-sensor"), actor="op")
+    key, cert = acme.issue_device("bound-1", serial_number="SN-b")
+    event = stack.first_connect(pem(cert), acme.pem)
+    assert stack.register(event).accepted
+    token = stack.tokens.issue(token_request(client_assertion(key, event["certificateId"], "bound-1",
+                                                              stack.settings.issuer)))["access_token"]
+    jwks = json.dumps(stack.signing_keys.jwks()).encode()
+
+    class Jwks(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(jwks)
+
+        def log_message(self, *_):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Jwks)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        verifier = TokenVerifier(stack.settings.issuer,
+                                 jwks_uri=f"http://127.0.0.1:{server.server_address[1]}/jwks")
+        # When the application checks the binding with the device's own certificate, Then it passes
+        claims = verifier.verify(token, audience="urn:fleetkey:telemetry",
+                                 client_certificate_der=cert.public_bytes(Encoding.DER))
+        assert claims["sub"] == "bound-1"
+        # And with another certificate, Then it fails
+        _, other = acme.issue_device("bound-1", serial_number="SN-b")
+        with pytest.raises(InvalidToken):
+            verifier.verify(token, audience="urn:fleetkey:telemetry",
+                            client_certificate_der=other.public_bytes(Encoding.DER))
+    finally:
+        server.shutdown()

@@ -17,6 +17,8 @@ issuer.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 import threading
 import time
@@ -62,9 +64,18 @@ class TokenVerifier:
                 return key
         raise InvalidToken("unknown signing key")
 
-    def verify(self, token: str, audience: str, *, scope: str | None = None) -> dict:
+    def verify(
+        self,
+        token: str,
+        audience: str,
+        *,
+        scope: str | None = None,
+        client_certificate_der: bytes | None = None,
+    ) -> dict:
         """Check signature (ES256, a key of the issuer's JWKS), typ (at+jwt), issuer, audience,
-        expiry and, if given, that `scope` was granted. Returns the claims.
+        expiry and, if given, that `scope` was granted and that the token is bound to the client
+        certificate the caller presented over mutual TLS (RFC 8705 `cnf.x5t#S256`). Returns the
+        claims.
 
         Raises:
             InvalidToken: any check failed (the message says which, for logs; not for callers).
@@ -92,4 +103,9 @@ class TokenVerifier:
             raise InvalidToken("malformed token") from None
         if scope is not None and scope not in str(claims.get("scope", "")).split():
             raise InvalidToken(f"scope {scope!r} was not granted")
+        if client_certificate_der is not None:
+            thumbprint = base64.urlsafe_b64encode(hashlib.sha256(client_certificate_der).digest())
+            bound = (claims.get("cnf") or {}).get("x5t#S256")
+            if not isinstance(bound, str) or bound != thumbprint.rstrip(b"=").decode():
+                raise InvalidToken("token is not bound to the presented certificate")
         return claims
