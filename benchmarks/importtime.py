@@ -39,9 +39,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-FUNCTIONS = ("registration", "admin")
-
-SERVICE_NAMES = {"registration": "fleetkey-registration", "admin": "fleetkey-admin"}
+SERVICE_NAMES = {
+    "registration": "fleetkey-registration",
+    "admin": "fleetkey-admin",
+    "token": "fleetkey-token",
+    "discovery": "fleetkey-discovery",
+}
+FUNCTIONS = tuple(SERVICE_NAMES)
 LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)\s*$")
 
 NO_NETWORK = """
