@@ -22,7 +22,7 @@ from fleetkey.observability import logger, metrics, tracer
 from fleetkey.services.allowlist import AllowlistService
 from fleetkey.services.devices import DeviceService
 from fleetkey.services.introspection import IntrospectionService
-from fleetkey.services.signing_keys import SigningKeys
+from fleetkey.services.signing_keys import SigningKeys, token_key_policy
 from fleetkey.services.trust import ManufacturerCaService
 from fleetkey.settings import Settings
 from fleetkey.store.dynamodb import Store
@@ -39,6 +39,11 @@ class Services:
         self.devices = DeviceService(store)
         self.cas = ManufacturerCaService(store, IotRegistry(region=settings.region))
         self.signing_keys = SigningKeys(store, KmsKeys(region=settings.region))
+        self.token_key_policy = (
+            token_key_policy(settings.token_signer_role_arn)
+            if settings.token_signer_role_arn
+            else None
+        )
         self.introspection = IntrospectionService(settings, store, self.signing_keys)
 
 
@@ -232,7 +237,7 @@ def list_signing_keys():
 
 @app.post("/signing-keys/rotate")
 def rotate_signing_key():
-    key = services().signing_keys.rotate(actor=_actor())
+    key = services().signing_keys.rotate(actor=_actor(), policy=services().token_key_policy)
     return _created({"kid": key.kid, "key_id": key.key_id, "active_from": key.active_from})
 
 

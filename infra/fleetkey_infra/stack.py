@@ -294,6 +294,20 @@ class FleetkeyStack(Stack):
         """Devices' tokens: read devices and the registry, record assertions and challenges, and
         sign with the token signing keys. No other role may sign with them."""
         self._grant_table_items(role, TOKEN_TABLE_ACTIONS)
+        # Whatever IAM grants elsewhere in the account, nobody else may sign with the stack's key;
+        # rotation gives its keys the same policy (fleetkey.services.signing_keys.token_key_policy,
+        # with the role ARN passed to the admin function).
+        self.token_keys.key.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="OnlyTheTokenFunctionSigns",
+                effect=iam.Effect.DENY,
+                principals=[iam.AnyPrincipal()],
+                actions=["kms:Sign"],
+                resources=["*"],
+                conditions={"ArnNotEquals": {"aws:PrincipalArn": role.role_arn}},
+            )
+        )
+        self.functions.admin.add_environment(constants.ENV_TOKEN_SIGNER_ROLE_ARN, role.role_arn)
         # The stack's first key by ARN; the keys rotation adds (created at run time) by their tag.
         role.add_to_principal_policy(
             iam.PolicyStatement(

@@ -71,3 +71,23 @@ def test_token_function_adopts_the_key_by_its_id(resources: dict[str, dict]) -> 
 
     # Then FLEETKEY_TOKEN_KEY_ID is that key's id (Ref of a KMS key is its key id)
     assert env["FLEETKEY_TOKEN_KEY_ID"] == {"Ref": key_id}
+
+
+def test_only_the_token_role_may_sign_whatever_iam_grants(resources: dict[str, dict]) -> None:
+    # Given the token signing key and the token function's role
+    [(_, key)] = [(i, r) for i, r in resources.items() if r["Type"] == "AWS::KMS::Key"
+                  and r["Properties"].get("KeySpec") == "ECC_NIST_P256"]
+    statements = key["Properties"]["KeyPolicy"]["Statement"]
+
+    # When reading its key policy
+    [deny] = [s for s in statements if s.get("Effect") == "Deny"]
+
+    # Then every principal but one is denied kms:Sign, and that one is the token role; the admin
+    # function knows the role, to give rotated keys the same policy
+    assert deny["Action"] == "kms:Sign" and deny["Principal"] == {"AWS": "*"}
+    [role_arn] = deny["Condition"]["ArnNotEquals"]["aws:PrincipalArn"]["Fn::GetAtt"][:1]
+    assert "Token" in role_arn
+    admin = [r for r in resources.values() if r["Type"] == "AWS::Lambda::Function"
+             and r["Properties"]["Environment"]["Variables"].get("POWERTOOLS_SERVICE_NAME") == "fleetkey-admin"]
+    env = admin[0]["Properties"]["Environment"]["Variables"]
+    assert env["FLEETKEY_TOKEN_SIGNER_ROLE_ARN"]["Fn::GetAtt"][0] == role_arn

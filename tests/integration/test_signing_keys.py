@@ -279,3 +279,20 @@ def test_no_signing_key_before_initialization():
     with pytest.raises(NoSigningKey) as unavailable:
         keys.current()
     assert unavailable.value.status == 503 and keys.jwks() == {"keys": []}
+
+
+def test_rotated_keys_let_only_the_token_role_sign(stack):
+    import json as _json
+
+    from fleetkey.services.signing_keys import token_key_policy
+
+    # Given the token function's role
+    role = "arn:aws:iam::123456789012:role/fleetkey-token"
+    # When a rotation creates a key with fleetkey's key policy
+    key = stack.signing_keys.rotate(actor="op", policy=token_key_policy(role))
+    # Then its policy keeps the account's IAM in charge and denies kms:Sign to everyone but the role
+    policy = _json.loads(stack.kms.get_key_policy(KeyId=key.key_id, PolicyName="default")["Policy"])
+    allow, deny = policy["Statement"]
+    assert allow["Principal"] == {"AWS": "arn:aws:iam::123456789012:root"} and allow["Action"] == "kms:*"
+    assert deny["Effect"] == "Deny" and deny["Action"] == "kms:Sign"
+    assert deny["Condition"] == {"ArnNotEquals": {"aws:PrincipalArn": role}}

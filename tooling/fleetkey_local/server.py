@@ -31,6 +31,7 @@ def function_environment(endpoint_url: str, service_name: str = "fleetkey") -> d
         "FLEETKEY_TABLE": TABLE,
         "FLEETKEY_NAME_PREFIX": "fleetkey",
         "FLEETKEY_ISSUER": "http://127.0.0.1:8080",
+        "FLEETKEY_TOKEN_SIGNER_ROLE_ARN": "arn:aws:iam::123456789012:role/fleetkey-local-token",
         "POWERTOOLS_SERVICE_NAME": service_name,
         "POWERTOOLS_METRICS_NAMESPACE": "fleetkey",
         "POWERTOOLS_TRACE_DISABLED": "true",

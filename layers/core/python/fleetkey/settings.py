@@ -35,6 +35,8 @@ class Settings:
     issuer: str = LOCAL_ISSUER
     # The KMS key created with the stack, adopted as the first token signing key.
     token_key_id: str | None = None
+    # The token function's role: the only principal a rotated signing key's policy lets sign.
+    token_signer_role_arn: str | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -61,4 +63,5 @@ class Settings:
             max_import_rows=max_rows,
             issuer=env.get("FLEETKEY_ISSUER", LOCAL_ISSUER).rstrip("/"),
             token_key_id=env.get("FLEETKEY_TOKEN_KEY_ID") or None,
+            token_signer_role_arn=env.get("FLEETKEY_TOKEN_SIGNER_ROLE_ARN") or None,
         )

@@ -64,6 +64,37 @@ class SigningKey:
         return jwt.algorithms.ECAlgorithm.from_jwk(self.jwk)
 
 
+def token_key_policy(signer_role_arn: str) -> str:
+    """The key policy of a token signing key: the account's IAM policies govern it (as with
+    KMS's default policy), except that nobody but the token function's role may sign with it,
+    whatever IAM grants elsewhere in the account."""
+    import json
+
+    partition, account = signer_role_arn.split(":")[1], signer_role_arn.split(":")[4]
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Sid": "EnableIamPolicies",
+                    "Effect": "Allow",
+                    "Principal": {"AWS": f"arn:{partition}:iam::{account}:root"},
+                    "Action": "kms:*",
+                    "Resource": "*",
+                },
+                {
+                    "Sid": "OnlyTheTokenFunctionSigns",
+                    "Effect": "Deny",
+                    "Principal": {"AWS": "*"},
+                    "Action": "kms:Sign",
+                    "Resource": "*",
+                    "Condition": {"ArnNotEquals": {"aws:PrincipalArn": signer_role_arn}},
+                },
+            ],
+        }
+    )
+
+
 def _key_from_kms(kms: KmsKeys, key_id: str, active_from: int) -> SigningKey:
     jwk = public_jwk(kms.public_key(key_id))
     kid = jwk_thumbprint(jwk)
