@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     cold, warm = samples[0], samples[1:]
     warm_calls = Counter(len(s[2]) for s in warm)
     names = Counter(name for s in warm for name in s[2])
-    print(f"| operation | n | AWS calls | handler CPU ms p50 / p95 | wall ms p50 / p95 |")
-    print(f"|---|---:|---:|---:|---:|")
+    print("| operation | n | AWS calls | handler CPU ms p50 / p95 | wall ms p50 / p95 |")
+    print("|---|---:|---:|---:|---:|")
     print(f"| token, cold invocation | 1 | {len(cold[2])} | {cold[0]:.1f} | {cold[1]:.1f} |")
     cpu = [s[0] for s in warm]
     wall = [s[1] for s in warm]

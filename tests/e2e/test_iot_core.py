@@ -10,13 +10,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 
 from fleetkey.domain.allowlist import AllowlistEntry
 from fleetkey.domain.lifecycle import DeviceState
 from fleetkey_local import iot
 from fleetkey_local.iot_core import IotCoreEmulator
+from fleetkey_local.mqtt_device import MqttDevice
 from fleetkey_local.pki import CertificateAuthority, key_pem, pem
 from fleetkey_local.rules import (
     DEVICE_EVENTS_RULE_SQL,
@@ -96,79 +96,21 @@ def world(tmp_path_factory):
             emulator.stop()
 
 
-class Device:
-    """A device: its key and certificate files, and a paho-mqtt client driven from the test's
-    thread (no background loop, so paho never reconnects by itself)."""
+class Device(MqttDevice):
+    """A device of the test world: every client it opens is closed when the world ends."""
 
     def __init__(self, world: World, name: str, certfile: Path, keyfile: Path) -> None:
+        super().__init__(name, certfile, keyfile, world.emulator.endpoint_ca_path,
+                         world.emulator.address)
         self.world = world
         self.name = name
-        self.certfile, self.keyfile = certfile, keyfile
-        self.client: mqtt.Client | None = None
-        self.messages: list[mqtt.MQTTMessage] = []
-        self.suback: list | None = None
-        self.outcome: str | None = None
 
     def connect(self, client_id: str | None = None, timeout: float = TIMEOUT,
                 clean_session: bool = True) -> str:
-        """'accepted', 'refused: <CONNACK reason>' or 'refused: <connection error>'."""
-        self.close()
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or self.name,
-                             protocol=mqtt.MQTTv311, clean_session=clean_session)
-        client.tls_set(ca_certs=str(self.world.emulator.endpoint_ca_path),
-                       certfile=str(self.certfile), keyfile=str(self.keyfile))
-        self.outcome, self.client = None, client
-        self.world.clients.append(self)
-
-        def on_connect(_c, _u, _flags, reason, _props):
-            self.outcome = "accepted" if not reason.is_failure else f"refused: {reason}"
-
-        def on_disconnect(_c, _u, _flags, reason, _props):
-            if self.outcome is None:
-                self.outcome = f"refused: connection closed ({reason})"
-            elif self.outcome == "accepted":
-                self.outcome = f"disconnected ({reason})"
-
-        client.on_connect, client.on_disconnect = on_connect, on_disconnect
-        client.on_message = lambda _c, _u, message: self.messages.append(message)
-        client.on_subscribe = lambda _c, _u, _mid, codes, _props: setattr(self, "suback", codes)
-        host, port = self.world.emulator.address
-        try:
-            client.connect(host, port, keepalive=30)
-        except OSError as exc:  # TLS 1.2 refuses the client certificate inside connect()
-            self.outcome = f"refused: {type(exc).__name__}: {exc}"
-            return self.outcome
-        self.pump(lambda: self.outcome is not None, timeout)
-        return self.outcome or "no answer"
-
-    def pump(self, until, timeout: float = TIMEOUT) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if until():
-                return True
-            rc = self.client.loop(timeout=0.05)
-            if rc != mqtt.MQTT_ERR_SUCCESS and self.outcome is None:
-                self.outcome = f"refused: connection lost ({mqtt.error_string(rc)})"
-        return until()
-
-    def subscribe(self, topic_filter: str, qos: int = 1) -> list:
-        self.suback = None
-        self.client.subscribe(topic_filter, qos)
-        assert self.pump(lambda: self.suback is not None), "no SUBACK"
-        return [code.value for code in self.suback]
-
-    def publish(self, topic: str, payload: dict, qos: int = 1) -> None:
-        info = self.client.publish(topic, json.dumps(payload), qos)
-        self.pump(lambda: info.is_published() or self.outcome != "accepted", 5)
-
-    def close(self) -> None:
+        outcome = super().connect(client_id, timeout, clean_session)
         if self.client is not None:
-            try:
-                self.client.disconnect()
-                self.client.loop(0.05)
-            except Exception:
-                pass
-            self.client = None
+            self.world.clients.append(self)
+        return outcome
 
 
 def eventually(predicate, timeout: float = TIMEOUT) -> bool:

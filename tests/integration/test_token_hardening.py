@@ -6,6 +6,7 @@ import base64
 import json
 import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -14,8 +15,7 @@ import pytest
 
 from fleetkey.crypto.jose import jwk_thumbprint, public_jwk, sign_jwt
 from fleetkey.domain.allowlist import AllowlistEntry
-from fleetkey.domain.audit import ChainHead
-from fleetkey.domain.oauth import InvalidClient, InvalidGrant
+from fleetkey.domain.oauth import InvalidClient
 from fleetkey.verifier import InvalidToken, TokenVerifier
 from fleetkey_local.device import client_assertion, token_request
 from fleetkey_local.pki import generate_key, pem
@@ -29,6 +29,31 @@ def b64(data: bytes) -> str:
 def nested_jwt() -> str:
     deep = b"[" * 1500 + b"]" * 1500
     return f"{b64(deep)}.{b64(deep)}.{b64(b'sig')}"
+
+
+@contextmanager
+def served_jwks(jwks: dict):
+    """The JWKS over HTTP on 127.0.0.1, as a relying party fetches it; yields its URL and the
+    list of fetches made."""
+    body, fetches = json.dumps(jwks).encode(), []
+
+    class Jwks(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            fetches.append(self.path)
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Jwks)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/jwks.json", fetches
+    finally:
+        server.shutdown()
 
 
 def register(stack, device_id="sensor-1", **issue):
@@ -142,24 +167,8 @@ def test_a_challenge_assertion_cannot_carry_a_far_exp(stack):
 
 def test_the_verifier_does_not_refetch_for_every_unknown_kid(stack):
     # Given a JWKS endpoint that counts its fetches
-    fetches = []
-    jwks = json.dumps(stack.signing_keys.jwks()).encode()
-
-    class Jwks(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            fetches.append(self.path)
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.end_headers()
-            self.wfile.write(jwks)
-
-        def log_message(self, *_):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Jwks)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        verifier = TokenVerifier(f"http://127.0.0.1:{server.server_address[1]}")
+    with served_jwks(stack.signing_keys.jwks()) as (url, fetches):
+        verifier = TokenVerifier(stack.settings.issuer, jwks_uri=url)
         # When fifty tokens with made-up key ids arrive
         for i in range(50):
             header = {"alg": "ES256", "typ": "at+jwt", "kid": b64(bytes([i]) * 32)}
@@ -168,8 +177,6 @@ def test_the_verifier_does_not_refetch_for_every_unknown_kid(stack):
                 verifier.verify(token, audience="urn:fleetkey:telemetry")
         # Then the JWKS was fetched at most twice (first load, one refresh)
         assert len(fetches) <= 2
-    finally:
-        server.shutdown()
 
 
 def test_the_verifier_checks_the_certificate_binding(stack):
@@ -185,22 +192,8 @@ def test_the_verifier_checks_the_certificate_binding(stack):
     assert stack.register(event).accepted
     token = stack.tokens.issue(token_request(client_assertion(key, event["certificateId"], "bound-1",
                                                               stack.settings.issuer)))["access_token"]
-    jwks = json.dumps(stack.signing_keys.jwks()).encode()
-
-    class Jwks(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(jwks)
-
-        def log_message(self, *_):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Jwks)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        verifier = TokenVerifier(stack.settings.issuer,
-                                 jwks_uri=f"http://127.0.0.1:{server.server_address[1]}/jwks")
+    with served_jwks(stack.signing_keys.jwks()) as (url, _):
+        verifier = TokenVerifier(stack.settings.issuer, jwks_uri=url)
         # When the application checks the binding with the device's own certificate, Then it passes
         claims = verifier.verify(token, audience="urn:fleetkey:telemetry",
                                  client_certificate_der=cert.public_bytes(Encoding.DER))
@@ -210,5 +203,3 @@ def test_the_verifier_checks_the_certificate_binding(stack):
         with pytest.raises(InvalidToken):
             verifier.verify(token, audience="urn:fleetkey:telemetry",
                             client_certificate_der=other.public_bytes(Encoding.DER))
-    finally:
-        server.shutdown()

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from fleetkey.events import (  # one definition, shared with the CDK stack
-    IOT_SQL_VERSION,
+    IOT_SQL_VERSION,  # noqa: F401 - re-exported: the template test reads rules.IOT_SQL_VERSION
     PRESENCE_CONNECTED_RULE_SQL,
     REGISTRATION_RULE_SQL,
 )

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fleetkey_local.api_gateway import LocalApiGateway
 from fleetkey_local.iot_core import IotCoreEmulator
-from fleetkey_local.pki import CertificateAuthority, key_pem, pem
+from fleetkey_local.pki import CertificateAuthority, key_pem
 from fleetkey_local.server import local_aws
 from fleetkey_local.stack import ACCOUNT, REGION, EmbeddedStack, client_factory
 

@@ -20,6 +20,7 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from fleetkey_infra import constants
+from fleetkey_infra.dead_letters import dead_letter_queue
 from fleetkey_infra.nag import acknowledge
 
 
@@ -123,21 +124,13 @@ class Functions(Construct):
         )
 
     def _build_failure_queue(self) -> sqs.Queue:
-        queue = sqs.Queue(
+        return dead_letter_queue(
             self,
             "RegistrationFailures",
-            encryption=sqs.QueueEncryption.SQS_MANAGED,
-            enforce_ssl=True,
-            retention_period=constants.FAILED_EVENT_RETENTION,
+            holds="the registration function's on-failure destination for events that exhausted "
+            "their retries. Nothing consumes it automatically; an operator inspects and replays "
+            "the events.",
         )
-        acknowledge(
-            queue,
-            "AwsSolutions-SQS3",
-            "This queue is itself the dead-letter destination: the registration function's "
-            "on-failure destination for events that exhausted their retries. Nothing consumes "
-            "it automatically; an operator inspects and replays the events.",
-        )
-        return queue
 
     def _build_role(self, construct_id: str, purpose: str) -> iam.Role:
         return iam.Role(

@@ -10,7 +10,7 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from fleetkey_infra import constants
-from fleetkey_infra.nag import acknowledge
+from fleetkey_infra.dead_letters import dead_letter_queue
 
 
 class RegistrationRule(Construct):
@@ -34,20 +34,12 @@ class RegistrationRule(Construct):
         self.invoke_permission = self._build_invoke_permission(function)
 
     def _build_error_queue(self) -> sqs.Queue:
-        queue = sqs.Queue(
+        return dead_letter_queue(
             self,
             "Errors",
-            encryption=sqs.QueueEncryption.SQS_MANAGED,
-            enforce_ssl=True,
-            retention_period=constants.FAILED_EVENT_RETENTION,
+            holds="the IoT rule's error action for registration events it could not deliver to "
+            "the function. An operator replays them.",
         )
-        acknowledge(
-            queue,
-            "AwsSolutions-SQS3",
-            "This queue is itself the dead-letter destination: the IoT rule's error action for "
-            "registration events it could not deliver to the function. An operator replays them.",
-        )
-        return queue
 
     def _build_error_role(self, errors: sqs.IQueue) -> iam.Role:
         role = iam.Role(

@@ -10,7 +10,7 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from fleetkey_infra import constants
-from fleetkey_infra.nag import acknowledge
+from fleetkey_infra.dead_letters import dead_letter_queue
 
 
 class Schedules(Construct):
@@ -46,20 +46,10 @@ class Schedules(Construct):
         )
 
     def _build_dead_letter_queue(self) -> sqs.Queue:
-        # SQS-managed encryption: EventBridge may send to it without a grant on a customer key.
-        queue = sqs.Queue(
+        return dead_letter_queue(
             self,
             "MaintenanceDeadLetters",
-            encryption=sqs.QueueEncryption.SQS_MANAGED,
-            enforce_ssl=True,
-            retention_period=constants.FAILED_EVENT_RETENTION,
+            holds="the maintenance schedule's target keeps here the events EventBridge could not "
+            "deliver to the function after its retries. Nothing replays them (the next hourly run "
+            "does the same work); an operator inspects them.",
         )
-        acknowledge(
-            queue,
-            "AwsSolutions-SQS3",
-            "This queue is itself the dead-letter queue: the maintenance schedule's target keeps "
-            "here the events EventBridge could not deliver to the function after its retries. "
-            "Nothing replays them (the next hourly run does the same work); an operator "
-            "inspects them.",
-        )
-        return queue

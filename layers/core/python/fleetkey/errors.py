@@ -59,12 +59,6 @@ class InvalidCertificate(InvalidRequest):
         self.reason = reason
 
 
-class MalformedEvent(InvalidRequest):
-    """An event from AWS (IoT rule, etc.) does not have the documented shape."""
-
-    code = "malformed_event"
-
-
 class AuditChainBroken(FleetkeyError):
     """Verification of an audit hash chain found a gap, a reordering or an altered record."""
 

@@ -7,7 +7,6 @@ import re
 from fleetkey.domain.audit import AuditRecord, ChainVerification, verify_chain
 from fleetkey.domain.models import Device
 from fleetkey.errors import InvalidRequest, NotFound
-from fleetkey.store import schema
 from fleetkey.store.dynamodb import Store
 
 SUBJECT_KINDS = ("device", "certificate", "ca", "stream")

@@ -35,13 +35,14 @@ class IntrospectionService:
             header = jwt.get_unverified_header(token)
         except (jwt.PyJWTError, ValueError, RecursionError):
             return INACTIVE
-        key = next((k for k in self._keys.keys() if k.kid == header.get("kid")), None)
+        kid = header.get("kid")
+        key = self._keys.verification_key(kid) if isinstance(kid, str) else None
         if key is None or header.get("typ") != ACCESS_TOKEN_TYPE:
             return INACTIVE
         try:
             claims = jwt.decode(
                 token,
-                key.public_key(),
+                key,
                 algorithms=["ES256"],
                 issuer=self._settings.issuer,
                 options={"verify_aud": False, "require": ["exp", "iat", "sub", "jti", "cnf"]},

@@ -127,6 +127,8 @@ class SigningKeys:
         self._signers: dict[str, KmsSigner] = {}
         # key id -> whether KMS confirmed the registry's entry for it (checked once per process)
         self._confirmed: dict[str, bool] = {}
+        # kid -> public key, parsed once (a kid is the key's thumbprint: it never changes)
+        self._public_keys: dict[str, ec.EllipticCurvePublicKey] = {}
 
     def _now(self) -> int:
         return int(self._clock().timestamp())
@@ -174,6 +176,17 @@ class SigningKeys:
         """Every key a relying party may need: published, current and retiring."""
         return self._read()[1]
 
+    def verification_key(self, kid: str) -> ec.EllipticCurvePublicKey | None:
+        """The public key of a currently published (confirmed) key, or None: a retired kid is
+        unknown again. Only the parsing is cached."""
+        published = next((k for k in self.keys() if k.kid == kid), None)
+        if published is None:
+            return None
+        key = self._public_keys.get(kid)
+        if key is None:
+            key = self._public_keys[kid] = published.public_key()
+        return key
+
     def jwks(self) -> dict:
         return {"keys": [k.jwk for k in self.keys()]}
 
@@ -191,7 +204,7 @@ class SigningKeys:
         signer = self._signers.get(key.key_id)
         if signer is None:
             signer = self._signers[key.key_id] = KmsSigner(
-                key.key_id, client=self._kms.client, public_key=key.public_key()
+                key.key_id, client=self._kms.client, public_key=self.verification_key(key.kid)
             )
         return key, signer
 
