@@ -11,7 +11,7 @@ export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export JSII_SILENCE_WARNING_UNTESTED_NODE_VERSION := 1
 export AWS_DEFAULT_REGION ?= eu-west-1
 
-.PHONY: install demo serve test unit integration infra layer synth bench importtime clean
+.PHONY: install demo serve lint test unit integration infra layer synth bench importtime clean
 
 $(STAMP): pyproject.toml package.json
 	$(PYTHON) -m venv $(VENV)
@@ -49,7 +49,14 @@ demo: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/python -m fleetkey_local.serve $(SERVE_ARGS)
 
-test: $(STAMP) $(LAYER_DIR)/.built
+# Guardrails, before any test runs: lint, formatting, and strict types on what runs in Lambda (the
+# core layer and every function; the files and settings are in pyproject.toml's [tool.mypy]).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint $(STAMP) $(LAYER_DIR)/.built
 	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
 
 unit: $(STAMP)

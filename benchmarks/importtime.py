@@ -1,4 +1,5 @@
-"""Import time of the Lambda handler modules (the init phase of a cold start), by `python -X importtime`.
+"""Import time of the Lambda handler modules (the init phase of a cold start), by
+`python -X importtime`.
 
     .venv/bin/python benchmarks/importtime.py [--runs 5] [--top 12] [--json PATH]
 
@@ -63,7 +64,7 @@ import handler
 def environment(function: str, pycache: Path, write_bytecode: bool) -> dict:
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": os.environ.get("HOME", "/tmp"),
+        "HOME": os.environ.get("HOME", tempfile.gettempdir()),
         "LANG": "C.UTF-8",
         "PYTHONPATH": str(ROOT / "layers" / "core" / "python"),
         "PYTHONPYCACHEPREFIX": str(pycache),
@@ -86,9 +87,13 @@ def environment(function: str, pycache: Path, write_bytecode: bool) -> dict:
 def python(function: str, pycache: Path, args: list[str], write_bytecode: bool = False):
     cwd = ROOT / "functions" / function
     start = time.perf_counter()
-    done = subprocess.run(
-        [PYTHON, *args], cwd=cwd, env=environment(function, pycache, write_bytecode),
-        capture_output=True, text=True, timeout=120,
+    done = subprocess.run(  # noqa: S603 - this interpreter, with the benchmark's own arguments
+        [PYTHON, *args],
+        cwd=cwd,
+        env=environment(function, pycache, write_bytecode),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     wall = time.perf_counter() - start
     if done.returncode != 0:
@@ -104,7 +109,7 @@ class Node:
     name: str
     self_us: int
     cumulative_us: int
-    children: list["Node"] = field(default_factory=list)
+    children: list[Node] = field(default_factory=list)
 
 
 def parse(stderr: str) -> list[Node]:
@@ -172,10 +177,12 @@ def measure(function: str, pycache: Path, runs: int) -> dict:
         "interpreter_only_wall_ms": statistics.median(baseline) * 1000,
         "packages": {
             package: {
-                "self_ms": statistics.median(f["self_us"] + [0] * (runs - len(f["self_us"]))) / 1000,
+                "self_ms": statistics.median(f["self_us"] + [0] * (runs - len(f["self_us"])))
+                / 1000,
                 "inclusive_ms": statistics.median(
                     f["inclusive_us"] + [0] * (runs - len(f["inclusive_us"]))
-                ) / 1000,
+                )
+                / 1000,
             }
             for package, f in packages.items()
         },
@@ -185,7 +192,9 @@ def measure(function: str, pycache: Path, runs: int) -> dict:
 def run(runs: int) -> dict:
     results: dict = {
         "machine": {
-            "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "nproc": len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
@@ -218,10 +227,14 @@ def render(results: dict, top: int) -> str:
         f"Machine: {m['nproc']} CPU(s), Python {m['python']}, {m['platform']}; "
         f"medians of {results['runs']} runs.",
         "",
-        "| Function | `import handler` (-X importtime, cumulative) ms | process wall ms (`python -c \"import handler\"`) | interpreter alone ms |",
+        "| Function | `import handler` (-X importtime, cumulative) ms "
+        '| process wall ms (`python -c "import handler"`) | interpreter alone ms |',
         "|---|---:|---:|---:|",
     ]
-    cases = (("bytecode_cached", "bytecode cached"), ("no_dependency_bytecode", "no .pyc for dependencies"))
+    cases = (
+        ("bytecode_cached", "bytecode cached"),
+        ("no_dependency_bytecode", "no .pyc for dependencies"),
+    )
     for function, data in results["functions"].items():
         for key, label in cases:
             d = data[key]
@@ -233,13 +246,16 @@ def render(results: dict, top: int) -> str:
         d = data["bytecode_cached"]
         ranked = sorted(
             ((k, v) for k, v in d["packages"].items() if k != "handler"),
-            key=lambda kv: kv[1]["inclusive_ms"], reverse=True,
+            key=lambda kv: kv[1]["inclusive_ms"],
+            reverse=True,
         )
         out += [
             "",
-            f"{function}: top {top} packages, bytecode cached (total {d['handler_cumulative_ms']:.0f} ms)",
+            f"{function}: top {top} packages, bytecode cached "
+            f"(total {d['handler_cumulative_ms']:.0f} ms)",
             "",
-            "| Package | inclusive ms (first import, with what it pulls in) | self ms (own modules only) |",
+            "| Package | inclusive ms (first import, with what it pulls in) "
+            "| self ms (own modules only) |",
             "|---|---:|---:|",
         ]
         for package, figures in ranked[:top]:

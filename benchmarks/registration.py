@@ -17,12 +17,14 @@ Keys and certificates are generated, and devices "connect" (AWS IoT's side), bef
 The first invocation (the handler builds its clients and loads the trust-anchor cache) is
 reported separately as "cold". moto and the harness share the handler's heap here, which Lambda
 would not: before each invocation their objects are frozen out of the garbage collector
-(gc.freeze; --no-gc-freeze to see the difference, about 3x on the cold invocation). The handler's stdout (Powertools logs and EMF metrics, as in
-Lambda) goes to a temporary file, whose size per invocation is reported.
+(gc.freeze; --no-gc-freeze to see the difference, about 3x on the cold invocation). The
+handler's stdout (Powertools logs and EMF metrics, as in Lambda) goes to a temporary file, whose
+size per invocation is reported.
 
 Exit status 1 when the AWS call budget is exceeded (accepted registration > 7 calls; refusal of
-an unknown device or of a certificate on its own merits > 3) or an operation did not end as
-expected; the known-device refusal (clone) costs 4 by design and is reported, not checked.
+an unknown device or of a certificate on its own merits, malformed included, > 3; a mismatched
+event > 3) or an operation did not end as expected; the known-device refusal (clone) costs 4 by
+design and is reported, not checked.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import uuid
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +67,13 @@ ENVIRONMENT = {
     "POWERTOOLS_DEV": "false",
 }
 
-BUDGET = {"accepted": 7, "refused_not_allowlisted": 3, "refused_expired": 3}
+BUDGET = {
+    "accepted": 7,
+    "refused_not_allowlisted": 3,
+    "refused_expired": 3,
+    "refused_malformed": 3,
+    "mismatched": 3,
+}
 CLONE_NOTE = (
     "A refusal of a known device (here: a second certificate for an ACTIVE device, suspected "
     "clone) costs 4 calls by design: the device's audit-chain head must be read (the failed "
@@ -241,7 +249,9 @@ def machine() -> dict:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return {
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "nproc": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
         "cpu": cpu,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -251,14 +261,20 @@ def machine() -> dict:
 def versions() -> dict:
     from importlib.metadata import version
 
-    return {p: version(p) for p in ("boto3", "botocore", "aws-lambda-powertools", "pydantic", "cryptography", "moto")}
+    return {
+        p: version(p)
+        for p in ("boto3", "botocore", "aws-lambda-powertools", "pydantic", "cryptography", "moto")
+    }
 
 
 # ---- the benchmark ---------------------------------------------------------------------------
 
 
 def run(
-    devices: int, log_level: str, import_rows: int, handler_stdout: str | None = None,
+    devices: int,
+    log_level: str,
+    import_rows: int,
+    handler_stdout: str | None = None,
     freeze_gc: bool = True,
 ) -> dict:
     os.environ.update(ENVIRONMENT)
@@ -275,7 +291,11 @@ def run(
 
 
 def _run(
-    devices: int, log_level: str, endpoint: str, import_rows: int, handler_stdout: str | None,
+    devices: int,
+    log_level: str,
+    endpoint: str,
+    import_rows: int,
+    handler_stdout: str | None,
     freeze_gc: bool,
 ) -> dict:
     import boto3
@@ -302,7 +322,7 @@ def _run(
 
     acme = CertificateAuthority.create("acme")
     stack.register_ca(acme)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
 
     def manifest(ids: list[str]) -> str:
         lines = [",".join(CSV_COLUMNS)]
@@ -322,6 +342,33 @@ def _run(
         _, cert = acme.issue_device(device_id, serial_number=f"SN-{device_id}", **kwargs)
         return pem(cert)
 
+    def malformed_cert(device_id: str) -> str:
+        """A certificate acme signed whose extendedKeyUsage is a second keyUsage: its extensions
+        do not parse (refused as malformed_certificate)."""
+        import base64
+
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        _, cert = acme.issue_device(device_id, serial_number=f"SN-{device_id}")
+        extended_key_usage, key_usage = bytes.fromhex("0603551d25"), bytes.fromhex("0603551d0f")
+        tbs = cert.tbs_certificate_bytes.replace(extended_key_usage, key_usage)
+        signature = acme.key.sign(tbs, ec.ECDSA(cert.signature_hash_algorithm))
+        der = cert.public_bytes(Encoding.DER)
+        algorithm = der[der.index(cert.tbs_certificate_bytes) + len(cert.tbs_certificate_bytes) :]
+        algorithm = algorithm[: 2 + algorithm[1]]  # the signatureAlgorithm SEQUENCE (short form)
+
+        def tlv(tag: int, content: bytes) -> bytes:
+            n = len(content)
+            if n < 0x80:
+                return bytes([tag, n]) + content
+            raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+            return bytes([tag, 0x80 | len(raw)]) + raw + content
+
+        der = tlv(0x30, tbs + algorithm + tlv(0x03, b"\x00" + signature))
+        body = base64.encodebytes(der).decode()
+        return f"-----BEGIN CERTIFICATE-----\n{body}-----END CERTIFICATE-----\n"
+
     certs = {
         "cold": [device_cert(d) for d in cold_ids],
         "accepted": [device_cert(d) for d in accepted_ids],
@@ -332,6 +379,9 @@ def _run(
         ],
         # A second certificate (new key) for each device the accepted phase activates.
         "refused_clone": [device_cert(d) for d in accepted_ids],
+        "refused_malformed": [malformed_cert(f"bad-{i:05d}") for i in range(devices)],
+        # Events naming a CA that did not issue the certificate (AWS IoT reports acme).
+        "mismatched": [device_cert(f"mis-{i:05d}") for i in range(devices)],
     }
 
     registration = load_handler()
@@ -413,11 +463,28 @@ def _run(
             connect(certs["refused_not_allowlisted"]),
             counter,
         )
-        phase("refused_expired", "refused: expired certificate", connect(certs["refused_expired"]), counter)
+        phase(
+            "refused_expired",
+            "refused: expired certificate",
+            connect(certs["refused_expired"]),
+            counter,
+        )
         phase(
             "refused_clone",
             "refused: suspected clone (2nd certificate, ACTIVE device)",
             connect(certs["refused_clone"]),
+            counter,
+        )
+        phase(
+            "refused_malformed",
+            "refused: malformed certificate (extensions do not parse)",
+            connect(certs["refused_malformed"]),
+            counter,
+        )
+        phase(
+            "mismatched",
+            "mismatched event (names a CA that did not issue the certificate)",
+            [{**e, "caCertificateId": "0" * 64} for e in connect(certs["mismatched"])],
             counter,
         )
         phase("duplicate", "duplicate delivery of an accepted event", accepted_events, counter)
@@ -488,6 +555,8 @@ EXPECTED = {
     "refused_not_allowlisted": ("refused", "not_allowlisted"),
     "refused_expired": ("refused", "expired"),
     "refused_clone": ("refused", "clone_suspected"),
+    "refused_malformed": ("refused", "malformed_certificate"),
+    "mismatched": ("mismatched", None),
     "duplicate": ("accepted", None),
 }
 
@@ -525,7 +594,8 @@ def render(results: dict) -> str:
         f"Devices per operation: {results['devices']}; handler log level {results['log_level']}; "
         "moto server on 127.0.0.1 in-process (its CPU is not in the handler CPU figures).",
         "",
-        "| Operation | n | AWS calls (min-max) | Budget | Handler CPU ms p50 / p95 | Wall ms p50 / p95 | stdout B/inv |",
+        "| Operation | n | AWS calls (min-max) | Budget | Handler CPU ms p50 / p95 "
+        "| Wall ms p50 / p95 | stdout B/inv |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     cold = results["cold"]
@@ -540,7 +610,11 @@ def render(results: dict) -> str:
     )
     for key, op in results["operations"].items():
         budget = BUDGET.get(key, "-")
-        calls = f"{op['calls_min']}" if op["calls_min"] == op["calls_max"] else f"{op['calls_min']}-{op['calls_max']}"
+        calls = (
+            f"{op['calls_min']}"
+            if op["calls_min"] == op["calls_max"]
+            else f"{op['calls_min']}-{op['calls_max']}"
+        )
         out.append(
             f"| {op['operation']} | {op['n']} | {calls} | {budget} | "
             f"{op['cpu_ms_p50']:.2f} / {op['cpu_ms_p95']:.2f} | "
@@ -549,12 +623,14 @@ def render(results: dict) -> str:
     imp = results["import"]
     out += [
         "",
-        "| Allow-list import (core service, direct) | Rows | AWS calls | Wall s | Caller-thread CPU s |",
+        "| Allow-list import (core service, direct) | Rows | AWS calls | Wall s "
+        "| Caller-thread CPU s |",
         "|---|---:|---:|---:|---:|",
         f"| first import | {imp['rows']:,} | {imp['calls']} "
         f"({', '.join(f'{n} {k}' for k, n in imp['calls_by_operation'].items())}) | "
         f"{imp['wall_s']:.2f} | {imp['caller_cpu_s']:.2f} |",
-        f"| re-run (all rows unchanged) | {imp['rows']:,} | {imp['rerun_calls']} | {imp['rerun_wall_s']:.2f} | - |",
+        f"| re-run (all rows unchanged) | {imp['rows']:,} | {imp['rerun_calls']} "
+        f"| {imp['rerun_wall_s']:.2f} | - |",
         "",
         "AWS calls per operation:",
         f"- cold start: {', '.join(cold['calls'])}",
@@ -563,37 +639,55 @@ def render(results: dict) -> str:
         for variant in op["call_sequences"]:
             share = "" if len(op["call_sequences"]) == 1 else f" ({variant['count']} of {op['n']})"
             out.append(f"- {op['operation']}{share}: {', '.join(variant['calls'])}")
-    warned = [(op["operation"], w, n) for op in results["operations"].values() for w, n in op["warnings"].items()]
+    warned = [
+        (op["operation"], w, n)
+        for op in results["operations"].values()
+        for w, n in op["warnings"].items()
+    ]
     warned += [(cold["operation"], w, 1) for w in cold["warnings"]]
     if warned:
-        out += ["", "Python warnings raised inside the handler (Lambda would write them to stderr):"]
+        out += [
+            "",
+            "Python warnings raised inside the handler (Lambda would write them to stderr):",
+        ]
         out += [f"- {name}: {w} ({n} invocations)" for name, w, n in warned]
     refreshed = sum(op["anchor_refreshes"] for op in results["operations"].values())
     if refreshed:
-        out += ["", f"{refreshed} warm invocation(s) also re-read the trust-anchor snapshot "
-                "(+1 dynamodb.Query, once its TTL of "
-                f"{os.environ.get('FLEETKEY_TRUST_ANCHOR_CACHE_SECONDS', '60')} s passes); "
-                "the budget check excludes it."]
+        out += [
+            "",
+            f"{refreshed} warm invocation(s) also re-read the trust-anchor snapshot "
+            "(+1 dynamodb.Query, once its TTL of "
+            f"{os.environ.get('FLEETKEY_TRUST_ANCHOR_CACHE_SECONDS', '60')} s passes); "
+            "the budget check excludes it.",
+        ]
     out += ["", f"Note: {CLONE_NOTE}"]
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--devices", type=int, default=200, help="devices per operation (default 200)")
+    parser.add_argument(
+        "--devices", type=int, default=200, help="devices per operation (default 200)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument(
-        "--import-rows", type=int, default=10_000, help="rows of the allow-list import (default 10000)"
+        "--import-rows",
+        type=int,
+        default=10_000,
+        help="rows of the allow-list import (default 10000)",
     )
     parser.add_argument(
-        "--log-level", default="INFO",
-        help="POWERTOOLS_LOG_LEVEL for the handler (default INFO, as deployed); output is discarded",
+        "--log-level",
+        default="INFO",
+        help="POWERTOOLS_LOG_LEVEL for the handler (default INFO, as deployed); "
+        "output is discarded",
     )
     parser.add_argument(
         "--handler-stdout", metavar="PATH", help="keep what the handler wrote to stdout (logs, EMF)"
     )
     parser.add_argument(
-        "--no-gc-freeze", action="store_true",
+        "--no-gc-freeze",
+        action="store_true",
         help="let the handler's garbage collections scan the harness's and moto's objects too",
     )
     args = parser.parse_args(argv)
@@ -613,7 +707,10 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print("\nFAILED:\n" + "\n".join(f"- {p}" for p in problems), file=sys.stderr)
         return 1
-    print("\nBudget check: OK (accepted <= 7, unknown device / certificate on its own merits <= 3).")
+    print(
+        "\nBudget check: OK (accepted <= 7, unknown device / certificate on its own merits,"
+        " malformed included, <= 3, mismatched event <= 3)."
+    )
     return 0
 
 

@@ -38,7 +38,7 @@ BUDGET = 3
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,19 +53,30 @@ def main(argv: list[str] | None = None) -> int:
         devices = []
         for i in range(args.devices):
             device_id = f"sensor-{i:04d}"
-            stack.allowlist.add(AllowlistEntry(device_id=device_id, serial_number=f"SN-{i}",
-                                               manufacturer_ca="acme", profile="telemetry-sensor"),
-                                actor="bench")
+            stack.allowlist.add(
+                AllowlistEntry(
+                    device_id=device_id,
+                    serial_number=f"SN-{i}",
+                    manufacturer_ca="acme",
+                    profile="telemetry-sensor",
+                ),
+                actor="bench",
+            )
             key, cert = acme.issue_device(device_id, serial_number=f"SN-{i}")
             event = stack.first_connect(pem(cert), acme.pem)
             assert stack.register(event).accepted
             devices.append((device_id, key, event["certificateId"]))
         issuer = os.environ["FLEETKEY_ISSUER"]
         requests = [
-            proxy_event("POST", "/v1/token", resource="/v1/token",
-                        headers={"content-type": "application/x-www-form-urlencoded"},
-                        body=urlencode(token_request(client_assertion(key, cert_id, device_id, issuer))))
-            for _ in range(args.rounds) for device_id, key, cert_id in devices
+            proxy_event(
+                "POST",
+                "/v1/token",
+                resource="/v1/token",
+                headers={"content-type": "application/x-www-form-urlencoded"},
+                body=urlencode(token_request(client_assertion(key, cert_id, device_id, issuer))),
+            )
+            for _ in range(args.rounds)
+            for device_id, key, cert_id in devices
         ]
         counter = AwsCallCounter().watch_default_session()
         token = load_function("token")
@@ -92,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| token, cold invocation | 1 | {len(cold[2])} | {cold[0]:.1f} | {cold[1]:.1f} |")
     cpu = [s[0] for s in warm]
     wall = [s[1] for s in warm]
-    print(f"| token, warm | {len(warm)} | {min(warm_calls)}-{max(warm_calls)} | "
-          f"{statistics.median(cpu):.2f} / {percentile(cpu, 0.95):.2f} | "
-          f"{statistics.median(wall):.2f} / {percentile(wall, 0.95):.2f} |")
+    print(
+        f"| token, warm | {len(warm)} | {min(warm_calls)}-{max(warm_calls)} | "
+        f"{statistics.median(cpu):.2f} / {percentile(cpu, 0.95):.2f} | "
+        f"{statistics.median(wall):.2f} / {percentile(wall, 0.95):.2f} |"
+    )
     print(f"cold calls: {', '.join(cold[2])}")
     print(f"warm calls per token: {json.dumps(dict(warm_calls))}; by operation: {dict(names)}")
     failed = max(warm_calls) > BUDGET or names.get("kms.GetPublicKey")

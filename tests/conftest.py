@@ -5,6 +5,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# IAM derived from the code: records each function's AWS calls, checks them against the
+# synthesized roles at the end of a whole-suite run (see the module).
+pytest_plugins = ("tests.support.aws_calls",)
 
 # Offline, fake credentials, no tracing daemon: set before anything builds a client.
 os.environ.update(

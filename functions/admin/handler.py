@@ -4,6 +4,7 @@ CAs, devices and audit trails. Routing, parsing and error mapping only; the rule
 
 import json
 from functools import lru_cache
+from typing import Any
 from urllib.parse import unquote
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
@@ -22,7 +23,7 @@ from fleetkey.observability import logger, metrics, tracer
 from fleetkey.services.allowlist import AllowlistService
 from fleetkey.services.devices import DeviceService
 from fleetkey.services.introspection import IntrospectionService
-from fleetkey.services.signing_keys import SigningKeys, token_key_policy
+from fleetkey.services.signing_keys import KeyTrust, SigningKeys
 from fleetkey.services.trust import ManufacturerCaService
 from fleetkey.settings import Settings
 from fleetkey.store.dynamodb import Store
@@ -38,11 +39,8 @@ class Services:
         self.allowlist = AllowlistService(settings, store)
         self.devices = DeviceService(store)
         self.cas = ManufacturerCaService(store, IotRegistry(region=settings.region))
-        self.signing_keys = SigningKeys(store, KmsKeys(region=settings.region))
-        self.token_key_policy = (
-            token_key_policy(settings.token_signer_role_arn)
-            if settings.token_signer_role_arn
-            else None
+        self.signing_keys = SigningKeys(
+            store, KmsKeys(region=settings.region), trust=KeyTrust.from_settings(settings)
         )
         self.introspection = IntrospectionService(settings, store, self.signing_keys)
 
@@ -74,21 +72,33 @@ def _created(payload: dict) -> Response:
 
 @app.exception_handler(ClientError)
 @app.exception_handler(BotoCoreError)
-def _aws_error(exc: Exception) -> Response:
+def _aws_error(exc: Exception) -> Response[Any]:
     """AWS failures that are not the caller's fault: 503 when a retry may succeed, 400 when AWS
-    refused what the caller sent (e.g. a CA certificate AWS IoT will not register)."""
+    refused what the caller sent (e.g. a CA certificate AWS IoT will not register).
+
+    Certificates never reach here unparsed: the services turn every parse failure of a
+    certificate into InvalidCertificate (400) before any AWS call.
+
+    Raises:
+        the AWS error itself when it is neither (a 502: fleetkey's fault, logged by Lambda).
+    """
     if is_transient(exc):
-        return _fleetkey_error(TransientAwsError("AWS is unavailable; retry the request"))
+        return _error_response(TransientAwsError("AWS is unavailable; retry the request"))
     if isinstance(exc, ClientError) and error_code(exc) in CALLER_ERROR_CODES:
-        return _fleetkey_error(InvalidRequest(f"AWS refused the request: {error_code(exc)}"))
+        return _error_response(InvalidRequest(f"AWS refused the request: {error_code(exc)}"))
     raise exc
 
 
 @app.exception_handler(FleetkeyError)
-def _fleetkey_error(exc: FleetkeyError) -> Response:
+def _fleetkey_error(exc: FleetkeyError) -> Response[Any]:
+    return _error_response(exc)
+
+
+def _error_response(exc: FleetkeyError) -> Response[Any]:
+    """The JSON error body and status of a typed error; a 5xx is logged with its stack."""
     if exc.status >= 500:
         logger.exception("request failed", extra={"code": exc.code})
-    body = {"error": exc.code, "message": exc.message}
+    body: dict[str, Any] = {"error": exc.code, "message": exc.message}
     if exc.details:
         body["details"] = exc.details
     return Response(status_code=exc.status, content_type=content_types.APPLICATION_JSON, body=body)
@@ -237,7 +247,7 @@ def list_signing_keys():
 
 @app.post("/signing-keys/rotate")
 def rotate_signing_key():
-    key = services().signing_keys.rotate(actor=_actor(), policy=services().token_key_policy)
+    key = services().signing_keys.rotate(actor=_actor())
     return _created({"kid": key.kid, "key_id": key.key_id, "active_from": key.active_from})
 
 

@@ -1,5 +1,6 @@
 """Public discovery: GET /.well-known/jwks.json (every key that can verify an unexpired token) and
-GET /.well-known/oauth-authorization-server (RFC 8414 metadata). Reads only; no KMS access."""
+GET /.well-known/oauth-authorization-server (RFC 8414 metadata). Reads only: the signing-key
+registry, each key confirmed with KMS (public key, tags, key policy)."""
 
 import json
 from functools import lru_cache
@@ -11,7 +12,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from fleetkey.adapters.kms import KmsKeys
 from fleetkey.domain.profiles import PROFILES
 from fleetkey.observability import logger, metrics, tracer
-from fleetkey.services.signing_keys import SigningKeys
+from fleetkey.services.signing_keys import KeyTrust, SigningKeys
 from fleetkey.services.tokens import ASSERTION_ALGORITHMS
 from fleetkey.settings import Settings
 from fleetkey.store.dynamodb import Store
@@ -26,7 +27,8 @@ JWKS_MAX_AGE = 180
 def context() -> tuple[Settings, SigningKeys]:
     settings = Settings.from_environ()
     store = Store(settings.table_name, region=settings.region)
-    return settings, SigningKeys(store, KmsKeys(region=settings.region))
+    trust = KeyTrust.from_settings(settings)
+    return settings, SigningKeys(store, KmsKeys(region=settings.region), trust=trust)
 
 
 @app.get("/.well-known/jwks.json")
@@ -65,7 +67,9 @@ def metadata():
     )
 
 
-@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True)
+@logger.inject_lambda_context(
+    correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True
+)
 @metrics.log_metrics
 @tracer.capture_lambda_handler
 def handler(event: dict, context_: LambdaContext) -> dict:

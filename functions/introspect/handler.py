@@ -1,6 +1,7 @@
 """POST /v1/introspect (RFC 7662), IAM-authenticated: for relying parties that check online."""
 
 from functools import lru_cache
+from typing import Any
 from urllib.parse import parse_qsl
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
@@ -10,7 +11,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from fleetkey.adapters.kms import KmsKeys
 from fleetkey.observability import logger, metrics, tracer
 from fleetkey.services.introspection import IntrospectionService
-from fleetkey.services.signing_keys import SigningKeys
+from fleetkey.services.signing_keys import KeyTrust, SigningKeys
 from fleetkey.settings import Settings
 from fleetkey.store.dynamodb import Store
 
@@ -21,11 +22,14 @@ app = APIGatewayRestResolver()
 def service() -> IntrospectionService:
     settings = Settings.from_environ()
     store = Store(settings.table_name, region=settings.region)
-    return IntrospectionService(settings, store, SigningKeys(store, KmsKeys(region=settings.region)))
+    keys = SigningKeys(
+        store, KmsKeys(region=settings.region), trust=KeyTrust.from_settings(settings)
+    )
+    return IntrospectionService(settings, store, keys)
 
 
 @app.post("/v1/introspect")
-def introspect():
+def introspect() -> Response[dict[str, Any]]:
     try:
         form = dict(parse_qsl(app.current_event.decoded_body or "", max_num_fields=8))
     except (ValueError, UnicodeDecodeError):
@@ -44,8 +48,10 @@ def introspect():
     )
 
 
-@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True)
+@logger.inject_lambda_context(
+    correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True
+)
 @metrics.log_metrics
 @tracer.capture_lambda_handler
-def handler(event: dict, context: LambdaContext) -> dict:
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return app.resolve(event, context)

@@ -16,7 +16,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from fleetkey.adapters.kms import KmsKeys
 from fleetkey.errors import Conflict
 from fleetkey.observability import logger, metrics, tracer
-from fleetkey.services.signing_keys import SigningKeys
+from fleetkey.services.signing_keys import KeyTrust, SigningKeys
 from fleetkey.settings import Settings
 from fleetkey.store.dynamodb import Store
 
@@ -28,7 +28,9 @@ SCHEDULED_EVENT = {"source": "aws.events", "detail-type": "Scheduled Event"}
 def signing_keys() -> SigningKeys:
     settings = Settings.from_environ()
     store = Store(settings.table_name, region=settings.region)
-    return SigningKeys(store, KmsKeys(region=settings.region))
+    return SigningKeys(
+        store, KmsKeys(region=settings.region), trust=KeyTrust.from_settings(settings)
+    )
 
 
 def _is_scheduled_event(event: object) -> bool:

@@ -1,19 +1,31 @@
 """Just-in-time registration, invoked by the IoT rule on $aws/events/certificates/registered/+.
 
 Transient AWS failures propagate, so Lambda's async retries and the failure destination take the
-event; a malformed event is audited and acknowledged (retrying it cannot help).
+event; a malformed event, or one that does not match what AWS IoT says about its certificate
+(mismatched), is audited and acknowledged (retrying it cannot help).
+
+Metrics: `RegistrationsAccepted` and `RegistrationsRefused` (dimension `reason`) count decisions,
+once per certificate: only the invocation that records the decision counts it, at the moment it
+is recorded (Powertools flushes metrics even when the invocation then fails, and the redrive that
+finishes the decision does not count it again). `RegistrationEventsMalformed`,
+`RegistrationEventsMismatched` and `RegistrationEventsRepeated` (a delivery for a certificate
+already decided: a duplicate, a redrive, a concurrent copy) count deliveries.
 """
 
+from __future__ import annotations
+
 from functools import lru_cache
+from typing import Any
 
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import ValidationError
 
 from fleetkey.adapters.iot import IotRegistry
+from fleetkey.domain.rejection import RejectionReason
 from fleetkey.events import CertificateRegisteredEvent
 from fleetkey.observability import logger, metrics, tracer
-from fleetkey.services.registration import RegistrationService
+from fleetkey.services.registration import RegistrationOutcome, RegistrationService
 from fleetkey.services.trust import TrustAnchors
 from fleetkey.settings import Settings
 from fleetkey.store.dynamodb import Store
@@ -28,13 +40,25 @@ def service() -> RegistrationService:
         store,
         IotRegistry(region=settings.region),
         TrustAnchors(store, settings.trust_anchor_cache_seconds),
+        on_decision=count_decision,
     )
+
+
+def count_decision(outcome: RegistrationOutcome) -> None:
+    """Count a decision this invocation has just recorded (at most one per invocation, so the
+    `reason` dimension applies to it alone)."""
+    if outcome.accepted:
+        metrics.add_metric(name="RegistrationsAccepted", unit=MetricUnit.Count, value=1)
+        return
+    reason = outcome.reason.value if outcome.reason else "unknown"
+    metrics.add_dimension(name="reason", value=reason)
+    metrics.add_metric(name="RegistrationsRefused", unit=MetricUnit.Count, value=1)
 
 
 @logger.inject_lambda_context(correlation_id_path="certificateId", clear_state=True)
 @metrics.log_metrics
 @tracer.capture_lambda_handler
-def handler(event: dict, context: LambdaContext) -> dict:
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     try:
         parsed = CertificateRegisteredEvent.model_validate(event)
     except ValidationError as exc:
@@ -44,13 +68,20 @@ def handler(event: dict, context: LambdaContext) -> dict:
         return {"status": "malformed"}
 
     outcome = service().register(parsed)
+    if outcome.reason is RejectionReason.MISMATCHED_EVENT:
+        metrics.add_metric(name="RegistrationEventsMismatched", unit=MetricUnit.Count, value=1)
+        return {"status": "mismatched"}
+    if not outcome.decided:
+        metrics.add_metric(name="RegistrationEventsRepeated", unit=MetricUnit.Count, value=1)
     if outcome.accepted:
-        metrics.add_metric(name="RegistrationsAccepted", unit=MetricUnit.Count, value=1)
-        logger.info("registration accepted", extra={"device_id": outcome.device_id})
+        logger.info(
+            "registration accepted",
+            extra={"device_id": outcome.device_id, "decided": outcome.decided},
+        )
         return {"status": "accepted", "device_id": outcome.device_id}
     reason = outcome.reason.value if outcome.reason else "unknown"
-    # One registration metric per invocation, so the dimension applies to it alone.
-    metrics.add_dimension(name="reason", value=reason)
-    metrics.add_metric(name="RegistrationsRefused", unit=MetricUnit.Count, value=1)
-    logger.warning("registration refused", extra={"device_id": outcome.device_id, "reason": reason})
+    logger.warning(
+        "registration refused",
+        extra={"device_id": outcome.device_id, "reason": reason, "decided": outcome.decided},
+    )
     return {"status": "refused", "device_id": outcome.device_id, "reason": reason}

@@ -3,6 +3,7 @@ assertion) and POST /v1/challenge (a single-use nonce). Public routes, throttled
 Errors are RFC 6749 §5.2 JSON; nothing in them tells which check failed."""
 
 from functools import lru_cache
+from typing import Any
 from urllib.parse import parse_qsl
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
@@ -16,7 +17,7 @@ from fleetkey.adapters.kms import KmsKeys
 from fleetkey.domain.oauth import InvalidClient, OAuthError, OAuthInvalidRequest
 from fleetkey.errors import FleetkeyError
 from fleetkey.observability import logger, metrics, tracer
-from fleetkey.services.signing_keys import SigningKeys
+from fleetkey.services.signing_keys import KeyTrust, SigningKeys
 from fleetkey.services.tokens import TokenService
 from fleetkey.settings import Settings
 from fleetkey.store.dynamodb import Store
@@ -30,13 +31,15 @@ MAX_FORM_BYTES = 16 * 1024
 def service() -> TokenService:
     settings = Settings.from_environ()
     store = Store(settings.table_name, region=settings.region)
-    keys = SigningKeys(store, KmsKeys(region=settings.region))
-    if not keys.keys() and settings.token_key_id:
-        keys.initialize(settings.token_key_id, actor="token-function")
+    # Reads only: while the registry is empty, the stack's first key (from settings) is the
+    # current key; the token role may write nothing but its own JTI#/NONCE# items.
+    keys = SigningKeys(
+        store, KmsKeys(region=settings.region), trust=KeyTrust.from_settings(settings)
+    )
     return TokenService(settings, store, keys)
 
 
-def _json(status: int, body: dict) -> Response:
+def _json(status: int, body: dict[str, Any]) -> Response[dict[str, Any]]:
     return Response(
         status_code=status, content_type=content_types.APPLICATION_JSON, body=body, headers=NO_STORE
     )
@@ -49,12 +52,14 @@ def _form() -> dict[str, str]:
         raise OAuthInvalidRequest("the body must be application/x-www-form-urlencoded")
     try:
         body = app.current_event.decoded_body or ""
-    except UnicodeDecodeError:
-        raise OAuthInvalidRequest("the body must be UTF-8") from None
+    except ValueError:  # UnicodeDecodeError, or binascii.Error for a body flagged base64
+        raise OAuthInvalidRequest("the body must be UTF-8 (base64 when flagged so)") from None
     if len(body) > MAX_FORM_BYTES:
         raise OAuthInvalidRequest("the request is too large")
     try:
-        pairs = parse_qsl(body, keep_blank_values=True, strict_parsing=bool(body), max_num_fields=16)
+        pairs = parse_qsl(
+            body, keep_blank_values=True, strict_parsing=bool(body), max_num_fields=16
+        )
     except ValueError:
         raise OAuthInvalidRequest("the body is not a valid form") from None
     form: dict[str, str] = {}
@@ -66,7 +71,7 @@ def _form() -> dict[str, str]:
 
 
 @app.exception_handler(OAuthError)
-def _oauth_error(exc: OAuthError) -> Response:
+def _oauth_error(exc: OAuthError) -> Response[dict[str, Any]]:
     reason = exc.reason if isinstance(exc, InvalidClient) else exc.message
     metrics.add_dimension(name="error", value=exc.code)
     metrics.add_metric(name="TokensRefused", unit=MetricUnit.Count, value=1)
@@ -75,14 +80,14 @@ def _oauth_error(exc: OAuthError) -> Response:
 
 
 @app.exception_handler(FleetkeyError)
-def _unavailable(exc: FleetkeyError) -> Response:
+def _unavailable(exc: FleetkeyError) -> Response[dict[str, Any]]:
     logger.error("token endpoint unavailable", extra={"code": exc.code})
     return _json(503, {"error": "temporarily_unavailable", "error_description": "try again later"})
 
 
 @app.exception_handler(ClientError)
 @app.exception_handler(BotoCoreError)
-def _aws_error(exc: Exception) -> Response:
+def _aws_error(exc: Exception) -> Response[dict[str, Any]]:
     if not is_transient(exc):
         raise exc
     logger.warning("AWS unavailable", extra={"error": type(exc).__name__})
@@ -90,19 +95,21 @@ def _aws_error(exc: Exception) -> Response:
 
 
 @app.post("/v1/token")
-def token():
+def token() -> Response[dict[str, Any]]:
     response = service().issue(_form())
     metrics.add_metric(name="TokensIssued", unit=MetricUnit.Count, value=1)
     return _json(200, response)
 
 
 @app.post("/v1/challenge")
-def challenge():
+def challenge() -> Response[dict[str, Any]]:
     return _json(200, service().challenge())
 
 
-@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True)
+@logger.inject_lambda_context(
+    correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True
+)
 @metrics.log_metrics
 @tracer.capture_lambda_handler
-def handler(event: dict, context: LambdaContext) -> dict:
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return app.resolve(event, context)

@@ -22,9 +22,7 @@ def cdk_json_context() -> dict[str, Any]:
     return json.loads(constants.CDK_JSON.read_text())["context"]
 
 
-def create_app(
-    *, outdir: str | None = None, context: Mapping[str, Any] | None = None
-) -> App:
+def create_app(*, outdir: str | None = None, context: Mapping[str, Any] | None = None) -> App:
     """The fleetkey app. cdk-nag's AwsSolutions pack runs on every synthesis; an unacknowledged
     finding fails it."""
     # Under the CLI, CDK_OUTDIR names the assembly directory; run directly, write <repo>/cdk.out.

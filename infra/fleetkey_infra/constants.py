@@ -14,7 +14,7 @@ from aws_cdk import aws_logs as logs
 
 from fleetkey import events
 from fleetkey.domain.profiles import FLEETKEY_THING_ATTRIBUTES
-from fleetkey.services.signing_keys import TAGS as TOKEN_SIGNING_KEY_TAGS
+from fleetkey.services.signing_keys import KEY_SPEC, KEY_USAGE, TAG_KEY
 
 # Repository layout, resolved from this file so that synthesis works from any working directory.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -38,11 +38,27 @@ NAME_PREFIX = "fleetkey"
 # at most three searchable attributes per thing type).
 THING_SEARCHABLE_ATTRIBUTES = FLEETKEY_THING_ATTRIBUTES
 
-# Token signing keys: KMS ECC_NIST_P256 SIGN_VERIFY. The tag marks every key fleetkey signs
-# tokens with (the stack's first key and the keys the admin function creates when it rotates);
-# the token function may sign only with keys that carry it. One definition, in the core
-# (fleetkey.services.signing_keys.TAGS), which tags the keys it creates.
-((TOKEN_SIGNING_TAG_KEY, TOKEN_SIGNING_TAG_VALUE),) = TOKEN_SIGNING_KEY_TAGS.items()
+# Token signing keys: KMS ECC_NIST_P256 SIGN_VERIFY. The tag marks every key this stack signs
+# tokens with (its first key and the keys rotation creates), and its value names the stack
+# (`fleetkey:purpose=token-signing:<stack name>`, fleetkey.services.signing_keys.
+# token_signing_tags): every KMS grant on `key/*` is conditioned on it and on the key spec and
+# usage, so no role of this stack reaches another key. One definition, in the core.
+TOKEN_SIGNING_TAG_KEY = TAG_KEY
+TOKEN_KEY_SPEC = KEY_SPEC
+TOKEN_KEY_USAGE = KEY_USAGE
+# What no fleetkey function role may do to the table's key, whatever IAM grants (a Deny in the
+# key's own policy): manage, re-tag, re-permission, disable or delete it.
+TABLE_KEY_DENIED_ACTIONS = (
+    "kms:CancelKeyDeletion",
+    "kms:CreateGrant",
+    "kms:DisableKey",
+    "kms:DisableKeyRotation",
+    "kms:PutKeyPolicy",
+    "kms:ScheduleKeyDeletion",
+    "kms:TagResource",
+    "kms:UntagResource",
+    "kms:UpdateKeyDescription",
+)
 TOKEN_KEY_DESCRIPTION = "fleetkey access-token signing key (the first; rotation adds new keys)"
 
 # Lambda
@@ -84,6 +100,7 @@ ENV_NAME_PREFIX = "FLEETKEY_NAME_PREFIX"
 ENV_ISSUER = "FLEETKEY_ISSUER"
 ENV_TOKEN_KEY_ID = "FLEETKEY_TOKEN_KEY_ID"
 ENV_TOKEN_SIGNER_ROLE_ARN = "FLEETKEY_TOKEN_SIGNER_ROLE_ARN"
+ENV_STACK_NAME = "FLEETKEY_STACK_NAME"
 REGISTRATION_SERVICE_NAME = "fleetkey-registration"
 ADMIN_SERVICE_NAME = "fleetkey-admin"
 TOKEN_SERVICE_NAME = "fleetkey-token"

@@ -20,5 +20,7 @@ def dead_letter_queue(scope: Construct, construct_id: str, *, holds: str) -> sqs
         enforce_ssl=True,
         retention_period=constants.FAILED_EVENT_RETENTION,
     )
-    acknowledge(queue, "AwsSolutions-SQS3", f"This queue is itself the dead-letter destination: {holds}")
+    acknowledge(
+        queue, "AwsSolutions-SQS3", f"This queue is itself the dead-letter destination: {holds}"
+    )
     return queue

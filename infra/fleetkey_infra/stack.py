@@ -10,6 +10,7 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from constructs import Construct
 
+from fleetkey.services.signing_keys import token_signing_tags
 from fleetkey_infra import constants
 from fleetkey_infra.constructs import (
     Api,
@@ -32,26 +33,39 @@ TABLE_ITEM_ACTIONS = (
     "dynamodb:UpdateItem",
     "dynamodb:ConditionCheckItem",
 )
-# The token function: read devices and the signing-key registry (GetItem); store challenges
-# (PutItem); record an assertion's jti and consume its challenge in one transaction (Put +
-# Delete); adopt the first signing key into the registry (a transaction of Puts).
-TOKEN_TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:DeleteItem")
+# The admin function writes devices, CAs and audit records with single puts/updates and
+# transactions of them; it checks no other item in a transaction (no ConditionCheckItem).
+ADMIN_TABLE_ACTIONS = (
+    "dynamodb:GetItem",
+    "dynamodb:Query",
+    "dynamodb:PutItem",
+    "dynamodb:UpdateItem",
+)
+# The token function reads devices, the signing-key registry and challenges (GetItem), and writes
+# only its own items: challenges (PutItem NONCE#), an assertion's jti with its challenge consumed
+# (a transaction of a Put JTI# and a Delete NONCE#). dynamodb:LeadingKeys holds it to those.
+TOKEN_READ_ACTIONS = ("dynamodb:GetItem",)
+TOKEN_WRITE_ACTIONS = ("dynamodb:PutItem", "dynamodb:DeleteItem")
+TOKEN_WRITABLE_PARTITIONS = ("JTI#*", "NONCE#*")
 # Discovery (the signing-key registry) and introspection (registry, device, revocation) only read.
 READ_TABLE_ACTIONS = ("dynamodb:GetItem",)
 # What DynamoDB asks of the caller's principal on a table encrypted with a customer managed key.
 TABLE_KEY_ACTIONS = ("kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey")
 READ_TABLE_KEY_ACTIONS = ("kms:Decrypt",)
-# Token signing keys. Only the token function signs; GetPublicKey reads a key's public half when
-# it joins the registry (the token function's adoption of the first key, the admin's rotation).
-TOKEN_KEY_SIGNING_ACTIONS = ("kms:Sign", "kms:GetPublicKey", "kms:ListResourceTags")
-TOKEN_KEY_ADMIN_ACTIONS = ("kms:GetPublicKey", "kms:ListResourceTags", "kms:ScheduleKeyDeletion")
+# Every function that reads the signing-key registry trusts a key only once KMS confirms it: its
+# public half, spec and usage (GetPublicKey), its tag (ListResourceTags) and its key policy
+# (GetKeyPolicy), so a write to the table alone cannot publish a key.
+TOKEN_KEY_CONFIRM_ACTIONS = ("kms:GetPublicKey", "kms:ListResourceTags", "kms:GetKeyPolicy")
+# Only the token function signs.
+TOKEN_KEY_SIGNING_ACTIONS = ("kms:Sign", *TOKEN_KEY_CONFIRM_ACTIONS)
+# Rotation (admin) confirms the keys it creates; retirement (admin on demand, maintenance hourly)
+# schedules their deletion, and so does a refused rotation for the key it created.
+TOKEN_KEY_ADMIN_ACTIONS = (*TOKEN_KEY_CONFIRM_ACTIONS, "kms:ScheduleKeyDeletion")
 # Scheduled retirement: read the signing-key registry (GetItem), then replace it and append its
-# audit record in one transaction of two Puts (PutItem); schedule the retired keys' deletion.
+# audit record in one transaction of two Puts, both in the STREAM#signing-keys partition.
 MAINTENANCE_TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:PutItem")
-TOKEN_KEY_RETIREMENT_ACTIONS = ("kms:ScheduleKeyDeletion",)
-# Every function that reads the signing-key registry trusts an entry only once KMS confirms it
-# (the key's public half and its tag), so a write to the table alone cannot publish a key.
-TOKEN_KEY_CONFIRM_ACTIONS = ("kms:GetPublicKey", "kms:ListResourceTags")
+MAINTENANCE_WRITABLE_PARTITIONS = ("STREAM#signing-keys",)
+TOKEN_KEY_RETIREMENT_ACTIONS = (*TOKEN_KEY_CONFIRM_ACTIONS, "kms:ScheduleKeyDeletion")
 
 
 class FleetkeyStack(Stack):
@@ -102,6 +116,7 @@ class FleetkeyStack(Stack):
         self._grant_discovery(self.functions.discovery_role)
         self._grant_introspect(self.functions.introspect_role)
         self._grant_maintenance(self.functions.maintenance_role)
+        self._protect_table_key()
         self._build_outputs()
 
     def _layer_dir(self) -> Path:
@@ -121,7 +136,7 @@ class FleetkeyStack(Stack):
         )
 
     def _kms_keys_arn(self) -> str:
-        """Every KMS key of this account and region (narrowed by tag conditions where used)."""
+        """Every KMS key of this account and region (always narrowed by `_token_key_conditions`)."""
         return self.format_arn(
             service="kms",
             resource="key",
@@ -129,32 +144,81 @@ class FleetkeyStack(Stack):
             arn_format=ArnFormat.SLASH_RESOURCE_NAME,
         )
 
+    def _token_signing_tag(self, prefix: str) -> dict[str, str]:
+        """`{<prefix>/fleetkey:purpose: token-signing:<stack name>}`: `aws:ResourceTag` (the key
+        carries the tag) or `aws:RequestTag` (the request sets it)."""
+        return {
+            f"{prefix}/{key}": value for key, value in token_signing_tags(self.stack_name).items()
+        }
+
+    @staticmethod
+    def _token_key_shape() -> dict[str, str]:
+        """A P-256 signing key: what every token key is, and the table's key (symmetric) is not."""
+        return {"kms:KeySpec": constants.TOKEN_KEY_SPEC, "kms:KeyUsage": constants.TOKEN_KEY_USAGE}
+
+    def _token_key_conditions(self) -> dict[str, dict[str, str]]:
+        """An existing key this stack signs tokens with: its tag names this stack, and it is a
+        P-256 signing key."""
+        return {
+            "StringEquals": {
+                **self._token_signing_tag("aws:ResourceTag"),
+                **self._token_key_shape(),
+            }
+        }
+
     def _grant_table_items(
         self,
         role: iam.IRole,
         actions: tuple[str, ...] = TABLE_ITEM_ACTIONS,
         key_actions: tuple[str, ...] = TABLE_KEY_ACTIONS,
+        *,
+        sid: str = "TableItems",
+        leading_keys: tuple[str, ...] = (),
     ) -> None:
+        """`actions` on the table; with `leading_keys`, only on items whose partition key matches
+        one of them (dynamodb:LeadingKeys, checked per item, transactions included)."""
         table: dynamodb.ITable = self.data.table
-        key: kms.IKey = self.data.key
+        conditions = (
+            {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": list(leading_keys)}}
+            if leading_keys
+            else None
+        )
         role.add_to_principal_policy(
             iam.PolicyStatement(
-                sid="TableItems", actions=list(actions), resources=[table.table_arn]
+                sid=sid, actions=list(actions), resources=[table.table_arn], conditions=conditions
             )
         )
+        if key_actions:
+            key: kms.IKey = self.data.key
+            role.add_to_principal_policy(
+                iam.PolicyStatement(
+                    sid="TableKey", actions=list(key_actions), resources=[key.key_arn]
+                )
+            )
+
+    def _grant_token_keys(self, role: iam.IRole, sid: str, actions: tuple[str, ...]) -> None:
+        """`actions` on this stack's token signing keys only (tag, spec and usage conditions)."""
         role.add_to_principal_policy(
-            iam.PolicyStatement(sid="TableKey", actions=list(key_actions), resources=[key.key_arn])
+            iam.PolicyStatement(
+                sid=sid,
+                actions=list(actions),
+                resources=[self._kms_keys_arn()],
+                conditions=self._token_key_conditions(),
+            )
+        )
+        acknowledge(
+            role,
+            wildcard_resource("arn:<AWS::Partition>:kms:<AWS::Region>:<AWS::AccountId>:key/*"),
+            "Token signing keys are created by rotation at run time, their ids unknown at deploy "
+            "time: the key/* statements apply only to keys tagged fleetkey:purpose=token-signing:"
+            "<this stack> that are ECC_NIST_P256 SIGN_VERIFY keys (aws:ResourceTag, kms:KeySpec, "
+            "kms:KeyUsage conditions); TagResource only sets that tag on such a key.",
         )
 
-    @staticmethod
-    def _token_signing_tag(prefix: str) -> dict[str, str]:
-        """`{<prefix>/fleetkey:purpose: token-signing}`: `aws:ResourceTag` (the key carries the
-        tag) or `aws:RequestTag` (the request sets it)."""
-        return {f"{prefix}/{constants.TOKEN_SIGNING_TAG_KEY}": constants.TOKEN_SIGNING_TAG_VALUE}
-
     def _grant_registration(self, role: iam.IRole) -> None:
-        """JITR: read the certificate, create the thing, bind certificate, policy and thing,
-        then activate (or revoke) the certificate."""
+        """JITR: read the certificate, create (or take over) the thing, bind certificate, policy
+        and thing, then activate (or revoke) the certificate. Resource types are those of the
+        Service Authorization Reference (see infra/README.md)."""
         self._grant_table_items(role)
         certificates = self._iot_arn("cert")
         things = self._iot_arn("thing")
@@ -165,27 +229,30 @@ class FleetkeyStack(Stack):
                 resources=[certificates],
             )
         )
+        # ListThingPrincipals: the take-over of an existing thing lists its certificates.
         role.add_to_principal_policy(
             iam.PolicyStatement(
-                sid="Things", actions=["iot:CreateThing", "iot:UpdateThing"], resources=[things]
+                sid="Things",
+                actions=["iot:CreateThing", "iot:UpdateThing", "iot:ListThingPrincipals"],
+                resources=[things],
             )
         )
-        # AWS IoT's documentation names the thing for AttachThingPrincipal in one place and the
-        # certificate in another; both are granted, neither as "*".
+        # Attach/DetachThingPrincipal are authorized on the certificate; the thing is the
+        # iot:thingArn condition (this account's and region's things).
         role.add_to_principal_policy(
             iam.PolicyStatement(
                 sid="ThingPrincipals",
-                actions=["iot:AttachThingPrincipal"],
-                resources=[things, certificates],
+                actions=["iot:AttachThingPrincipal", "iot:DetachThingPrincipal"],
+                resources=[certificates],
+                conditions={"ArnLike": {"iot:thingArn": things}},
             )
         )
-        # AttachPolicy is authorized on the target (the certificate); the profile policies are
-        # listed too, so that a future policy-scoped check keeps working.
+        # AttachPolicy is authorized on the target (the certificate) only: the reference lists
+        # no policy resource and no condition key naming the policy, so IAM cannot limit which
+        # policy is attached (the code attaches only its profiles' policies; see README).
         role.add_to_principal_policy(
             iam.PolicyStatement(
-                sid="ProfilePolicies",
-                actions=["iot:AttachPolicy"],
-                resources=[certificates, *self.iot.policy_arns],
+                sid="CertificatePolicies", actions=["iot:AttachPolicy"], resources=[certificates]
             )
         )
         acknowledge(
@@ -193,64 +260,56 @@ class FleetkeyStack(Stack):
             wildcard_resource("arn:<AWS::Partition>:iot:<AWS::Region>:<AWS::AccountId>:cert/*"),
             "JITR handles certificates it has never seen: the id arrives in the registration "
             "event, so the grant covers this account's and region's certificates, and only "
-            "Describe/UpdateCertificate, AttachPolicy and AttachThingPrincipal on them.",
+            "Describe/UpdateCertificate, AttachPolicy and Attach/DetachThingPrincipal on them.",
         )
         acknowledge(
             role,
             wildcard_resource("arn:<AWS::Partition>:iot:<AWS::Region>:<AWS::AccountId>:thing/*"),
             "Things are created at registration under the device id from the allow-list, not "
             "known at deploy time; the grant is limited to Create/UpdateThing and "
-            "AttachThingPrincipal in this account and region (no DeleteThing).",
+            "ListThingPrincipals in this account and region (no DeleteThing).",
         )
         self._acknowledge_tracing(role)
 
     def _grant_admin(self, role: iam.IRole) -> None:
         """Operators: allow-list and device records in the table, manufacturer CA registration,
-        token signing-key rotation (create a tagged key, read its public key) and retirement
-        (schedule the deletion of a tagged key)."""
-        self._grant_table_items(role)
-        tagged_keys = self._kms_keys_arn()
+        token signing-key rotation (create a key of this stack, confirm it) and retirement
+        (schedule the deletion of a key of this stack)."""
+        self._grant_table_items(role, ADMIN_TABLE_ACTIONS)
         only_the_purpose_tag = {
             "ForAllValues:StringEquals": {"aws:TagKeys": [constants.TOKEN_SIGNING_TAG_KEY]}
         }
+        creates_a_token_key = {
+            **self._token_signing_tag("aws:RequestTag"),
+            **self._token_key_shape(),
+        }
         # CreateKey has no resource before the key exists. It is allowed only for a P-256 signing
-        # key whose request tags it for token signing, and with no other tag.
+        # key whose request tags it for this stack, and with no other tag.
         role.add_to_principal_policy(
             iam.PolicyStatement(
                 sid="CreateTokenKeys",
                 actions=["kms:CreateKey"],
                 resources=["*"],
-                conditions={
-                    "StringEquals": {
-                        **self._token_signing_tag("aws:RequestTag"),
-                        "kms:KeySpec": "ECC_NIST_P256",
-                        "kms:KeyUsage": "SIGN_VERIFY",
-                    },
-                    **only_the_purpose_tag,
-                },
+                conditions={"StringEquals": creates_a_token_key, **only_the_purpose_tag},
             )
         )
-        # CreateKey with Tags also needs TagResource, on (at least) every key of the account and
-        # region; it is limited to setting exactly the token-signing tag.
+        # CreateKey with Tags also needs TagResource on keys (KMS asks it of an IAM policy). It
+        # sets exactly this stack's tag, only on a P-256 signing key (never on the table's key,
+        # nor any other kind), and never re-tags a key that carries another purpose tag value
+        # (another stack's signing key).
         role.add_to_principal_policy(
             iam.PolicyStatement(
                 sid="TagTokenKeys",
                 actions=["kms:TagResource"],
-                resources=[tagged_keys],
+                resources=[self._kms_keys_arn()],
                 conditions={
-                    "StringEquals": self._token_signing_tag("aws:RequestTag"),
+                    "StringEquals": creates_a_token_key,
+                    "StringEqualsIfExists": self._token_signing_tag("aws:ResourceTag"),
                     **only_the_purpose_tag,
                 },
             )
         )
-        role.add_to_principal_policy(
-            iam.PolicyStatement(
-                sid="ManageTokenKeys",
-                actions=list(TOKEN_KEY_ADMIN_ACTIONS),
-                resources=[tagged_keys],
-                conditions={"StringEquals": self._token_signing_tag("aws:ResourceTag")},
-            )
-        )
+        self._grant_token_keys(role, "ManageTokenKeys", TOKEN_KEY_ADMIN_ACTIONS)
         role.add_to_principal_policy(
             iam.PolicyStatement(
                 sid="CaRegistration",
@@ -261,7 +320,7 @@ class FleetkeyStack(Stack):
         role.add_to_principal_policy(
             iam.PolicyStatement(
                 sid="CaCertificates",
-                actions=["iot:UpdateCACertificate", "iot:DescribeCACertificate"],
+                actions=["iot:UpdateCACertificate"],
                 resources=[self._iot_arn("cacert")],
             )
         )
@@ -270,127 +329,71 @@ class FleetkeyStack(Stack):
             wildcard_resource("*"),
             "iot:GetRegistrationCode and iot:RegisterCACertificate do not support resource-level "
             "permissions (the CA does not exist before it is registered), nor does kms:CreateKey "
-            "(allowed only for ECC_NIST_P256 SIGN_VERIFY keys tagged fleetkey:purpose="
-            "token-signing); X-Ray's PutTraceSegments/PutTelemetryRecords, added by active "
-            "tracing, do not either.",
-        )
-        acknowledge(
-            role,
-            wildcard_resource("arn:<AWS::Partition>:kms:<AWS::Region>:<AWS::AccountId>:key/*"),
-            "Rotation creates token signing keys at run time, ids unknown at deploy time: "
-            "GetPublicKey and ScheduleKeyDeletion only on keys tagged fleetkey:purpose="
-            "token-signing (aws:ResourceTag condition); TagResource only to set that one tag "
-            "(aws:RequestTag and aws:TagKeys conditions), which KMS requires for CreateKey with "
-            "tags on every key of the account and region.",
+            "(allowed only for ECC_NIST_P256 SIGN_VERIFY keys tagged for this stack); X-Ray's "
+            "PutTraceSegments/PutTelemetryRecords, added by active tracing, do not either.",
         )
         acknowledge(
             role,
             wildcard_resource("arn:<AWS::Partition>:iot:<AWS::Region>:<AWS::AccountId>:cacert/*"),
             "Manufacturer CAs are registered by operators at run time, their ids unknown at "
-            "deploy time; only Describe/UpdateCACertificate are granted on them.",
+            "deploy time; only UpdateCACertificate is granted on them.",
         )
 
     def _grant_token(self, role: iam.IRole) -> None:
-        """Devices' tokens: read devices and the registry, record assertions and challenges, and
-        sign with the token signing keys. No other role may sign with them."""
-        self._grant_table_items(role, TOKEN_TABLE_ACTIONS)
-        # Whatever IAM grants elsewhere in the account, nobody else may sign with the stack's key;
-        # rotation gives its keys the same policy (fleetkey.services.signing_keys.token_key_policy,
-        # with the role ARN passed to the admin function).
-        self.token_keys.key.add_to_resource_policy(
-            iam.PolicyStatement(
-                sid="OnlyTheTokenFunctionSigns",
-                effect=iam.Effect.DENY,
-                principals=[iam.AnyPrincipal()],
-                actions=["kms:Sign"],
-                resources=["*"],
-                conditions={"ArnNotEquals": {"aws:PrincipalArn": role.role_arn}},
-            )
-        )
-        self.functions.admin.add_environment(constants.ENV_TOKEN_SIGNER_ROLE_ARN, role.role_arn)
-        # The stack's first key by ARN; the keys rotation adds (created at run time) by their tag.
-        role.add_to_principal_policy(
-            iam.PolicyStatement(
-                sid="FirstTokenKey",
-                actions=list(TOKEN_KEY_SIGNING_ACTIONS),
-                resources=[self.token_keys.key.key_arn],
-            )
-        )
-        role.add_to_principal_policy(
-            iam.PolicyStatement(
-                sid="RotatedTokenKeys",
-                actions=list(TOKEN_KEY_SIGNING_ACTIONS),
-                resources=[self._kms_keys_arn()],
-                conditions={"StringEquals": self._token_signing_tag("aws:ResourceTag")},
-            )
-        )
-        acknowledge(
+        """Devices' tokens: read devices, challenges and the registry; write only its own items
+        (JTI#, NONCE#); sign with this stack's token keys. No other role may sign with them."""
+        self._grant_table_items(role, TOKEN_READ_ACTIONS, TABLE_KEY_ACTIONS, sid="TableReads")
+        self._grant_table_items(
             role,
-            wildcard_resource("arn:<AWS::Partition>:kms:<AWS::Region>:<AWS::AccountId>:key/*"),
-            "Signing keys added by rotation are created at run time, their ids unknown at deploy "
-            "time: kms:Sign and kms:GetPublicKey apply only to keys tagged fleetkey:purpose="
-            "token-signing (aws:ResourceTag condition) in this account and region.",
+            TOKEN_WRITE_ACTIONS,
+            (),
+            sid="OwnItemsOnly",
+            leading_keys=TOKEN_WRITABLE_PARTITIONS,
         )
+        # Whatever IAM grants elsewhere in the account, nobody else may sign with the stack's
+        # key: it gets the policy every signing key gets (token_key_policy), which the functions
+        # check before they trust a key.
+        self.token_keys.restrict_signing_to(role)
+        self._grant_token_keys(role, "TokenKeys", TOKEN_KEY_SIGNING_ACTIONS)
         self._acknowledge_tracing(role)
 
-    def _grant_confirm_token_keys(self, role: iam.IRole) -> None:
-        """Read a token signing key's public half and tags, to confirm a registry entry."""
-        role.add_to_principal_policy(
-            iam.PolicyStatement(
-                sid="ConfirmTokenKeys",
-                actions=list(TOKEN_KEY_CONFIRM_ACTIONS),
-                resources=[self._kms_keys_arn()],
-                conditions={"StringEquals": self._token_signing_tag("aws:ResourceTag")},
-            )
-        )
-
     def _grant_discovery(self, role: iam.IRole) -> None:
-        """JWKS and metadata: read the signing-key registry, each entry confirmed with KMS."""
+        """JWKS and metadata: read the signing-key registry, each key confirmed with KMS."""
         self._grant_table_items(role, READ_TABLE_ACTIONS, READ_TABLE_KEY_ACTIONS)
-        self._grant_confirm_token_keys(role)
-        self._acknowledge_confirmation(role)
+        self._grant_token_keys(role, "ConfirmTokenKeys", TOKEN_KEY_CONFIRM_ACTIONS)
         self._acknowledge_tracing(role)
 
     def _grant_introspect(self, role: iam.IRole) -> None:
-        """Introspection: read the registry (each entry confirmed with KMS), the device and the
+        """Introspection: read the registry (each key confirmed with KMS), the device and the
         revocation list."""
         self._grant_table_items(role, READ_TABLE_ACTIONS, READ_TABLE_KEY_ACTIONS)
-        self._grant_confirm_token_keys(role)
-        self._acknowledge_confirmation(role)
+        self._grant_token_keys(role, "ConfirmTokenKeys", TOKEN_KEY_CONFIRM_ACTIONS)
         self._acknowledge_tracing(role)
-
-    @staticmethod
-    def _acknowledge_confirmation(role: iam.IRole) -> None:
-        acknowledge(
-            role,
-            wildcard_resource("arn:<AWS::Partition>:kms:<AWS::Region>:<AWS::AccountId>:key/*"),
-            "Token signing keys are created by rotation at run time, their ids unknown at deploy "
-            "time: kms:GetPublicKey and kms:ListResourceTags (to confirm a registry entry against "
-            "KMS) apply only to keys tagged fleetkey:purpose=token-signing.",
-        )
 
     def _grant_maintenance(self, role: iam.IRole) -> None:
         """Scheduled retirement of token signing keys: read and rewrite the signing-key registry
-        (with its audit record), and schedule the deletion of the keys it retires. No CreateKey,
-        no Sign, no GetPublicKey."""
-        self._grant_table_items(role, MAINTENANCE_TABLE_ACTIONS)
-        self._grant_confirm_token_keys(role)
-        role.add_to_principal_policy(
-            iam.PolicyStatement(
-                sid="RetireTokenKeys",
-                actions=list(TOKEN_KEY_RETIREMENT_ACTIONS),
-                resources=[self._kms_keys_arn()],
-                conditions={"StringEquals": self._token_signing_tag("aws:ResourceTag")},
-            )
-        )
-        acknowledge(
+        (with its audit record, in the registry's partition only), confirm its keys, and schedule
+        the deletion of the ones it retires. No CreateKey, no Sign."""
+        self._grant_table_items(
             role,
-            wildcard_resource("arn:<AWS::Partition>:kms:<AWS::Region>:<AWS::AccountId>:key/*"),
-            "The keys to retire were created by rotation at run time, their ids unknown at deploy "
-            "time: kms:ScheduleKeyDeletion applies only to keys tagged fleetkey:purpose="
-            "token-signing (aws:ResourceTag condition) in this account and region.",
+            MAINTENANCE_TABLE_ACTIONS,
+            leading_keys=MAINTENANCE_WRITABLE_PARTITIONS,
         )
+        self._grant_token_keys(role, "RetireTokenKeys", TOKEN_KEY_RETIREMENT_ACTIONS)
         self._acknowledge_tracing(role)
+
+    def _protect_table_key(self) -> None:
+        """The table's key policy denies every function role the key's management."""
+        self.data.deny_key_management(
+            [
+                self.functions.registration_role,
+                self.functions.admin_role,
+                self.functions.token_role,
+                self.functions.discovery_role,
+                self.functions.introspect_role,
+                self.functions.maintenance_role,
+            ]
+        )
 
     @staticmethod
     def _acknowledge_tracing(role: iam.IRole) -> None:
@@ -408,9 +411,7 @@ class FleetkeyStack(Stack):
         CfnOutput(self, "ApiUrl", value=self.api.url)
         CfnOutput(self, "Issuer", value=self.api.issuer)
         CfnOutput(self, "TokenSigningKeyId", value=self.token_keys.key.key_id)
-        CfnOutput(
-            self, "RegistrationFunctionName", value=self.functions.registration.function_name
-        )
+        CfnOutput(self, "RegistrationFunctionName", value=self.functions.registration.function_name)
         CfnOutput(
             self,
             "RegistrationFailureQueueUrl",
@@ -419,9 +420,7 @@ class FleetkeyStack(Stack):
         CfnOutput(
             self, "RegistrationRuleErrorQueueUrl", value=self.registration_rule.errors.queue_url
         )
-        CfnOutput(
-            self, "MaintenanceFunctionName", value=self.functions.maintenance.function_name
-        )
+        CfnOutput(self, "MaintenanceFunctionName", value=self.functions.maintenance.function_name)
         CfnOutput(
             self,
             "MaintenanceDeadLetterQueueUrl",

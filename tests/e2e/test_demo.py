@@ -11,7 +11,10 @@ def test_demo_registers_the_fleet_and_refuses_rogues():
     # When the demo runs with a small fleet
     result = subprocess.run(
         [sys.executable, "-m", "fleetkey_local.demo", "--devices", "6", "--no-progress"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     # Then every expectation held
     assert result.returncode == 0, result.stdout + result.stderr

@@ -82,8 +82,11 @@ def world(tmp_path_factory):
             *RULES,
             Rule.select_all("device_events_double", DEVICE_EVENTS_RULE_SQL, device_events),
             Rule.select_all("presence_double", PRESENCE_CONNECTED_RULE_SQL, presence),
-            Rule.select_all("presence_disconnected_double",
-                            "SELECT * FROM '$aws/events/presence/disconnected/+'", presence),
+            Rule.select_all(
+                "presence_disconnected_double",
+                "SELECT * FROM '$aws/events/presence/disconnected/+'",
+                presence,
+            ),
         ]
         emulator = IotCoreEmulator(tmp / "state", port=0, rules=rules, endpoint_url=endpoint)
         emulator.start()
@@ -100,13 +103,15 @@ class Device(MqttDevice):
     """A device of the test world: every client it opens is closed when the world ends."""
 
     def __init__(self, world: World, name: str, certfile: Path, keyfile: Path) -> None:
-        super().__init__(name, certfile, keyfile, world.emulator.endpoint_ca_path,
-                         world.emulator.address)
+        super().__init__(
+            name, certfile, keyfile, world.emulator.endpoint_ca_path, world.emulator.address
+        )
         self.world = world
         self.name = name
 
-    def connect(self, client_id: str | None = None, timeout: float = TIMEOUT,
-                clean_session: bool = True) -> str:
+    def connect(
+        self, client_id: str | None = None, timeout: float = TIMEOUT, clean_session: bool = True
+    ) -> str:
         outcome = super().connect(client_id, timeout, clean_session)
         if self.client is not None:
             self.world.clients.append(self)
@@ -124,14 +129,19 @@ def eventually(predicate, timeout: float = TIMEOUT) -> bool:
 
 def allowlist(world: World, device_id: str, profile: str = "telemetry-sensor") -> None:
     world.stack.allowlist.add(
-        AllowlistEntry(device_id=device_id, serial_number=f"SN-{device_id}",
-                       manufacturer_ca="acme-2026", profile=profile),
+        AllowlistEntry(
+            device_id=device_id,
+            serial_number=f"SN-{device_id}",
+            manufacturer_ca="acme-2026",
+            profile=profile,
+        ),
         actor="test",
     )
 
 
-def factory_device(world: World, device_id: str,
-                   authority: CertificateAuthority | None = None) -> Device:
+def factory_device(
+    world: World, device_id: str, authority: CertificateAuthority | None = None
+) -> Device:
     authority = authority or world.acme
     key, certificate = authority.issue_device(device_id, serial_number=f"SN-{device_id}")
     base = world.tmp / device_id
@@ -143,8 +153,11 @@ def factory_device(world: World, device_id: str,
 
 
 def registration_invocations(world: World, certificate_id: str):
-    return [i for i in world.emulator.invocations
-            if i.rule == "registration" and i.event["certificateId"] == certificate_id]
+    return [
+        i
+        for i in world.emulator.invocations
+        if i.rule == "registration" and i.event["certificateId"] == certificate_id
+    ]
 
 
 def certificate_id(device: Device) -> str:
@@ -163,6 +176,7 @@ def onboard(world: World, device_id: str, profile: str = "telemetry-sensor") -> 
 
 
 # ---- just-in-time registration ----------------------------------------------------------------
+
 
 def test_first_connection_registers_the_device_just_in_time_then_it_connects(world):
     # Given an allow-listed device with a factory certificate from the registered manufacturer CA
@@ -227,14 +241,18 @@ def test_a_refused_connection_with_a_victims_client_id_leaves_the_victim_alone(w
 
 # ---- messages and policies --------------------------------------------------------------------
 
+
 def test_a_device_event_reaches_its_rule(world):
     device = onboard(world, "well-0301")
     device.publish("fleetkey/well-0301/events/alarm", {"level": "high"})
     event = world.device_events.wait_for(lambda e: e.get("level") == "high")
     assert event == {"level": "high"}
     assert world.emulator.drain(TIMEOUT)
-    [invocation] = [i for i in world.emulator.invocations if i.rule == "device_events_double"
-                    and i.topic == "fleetkey/well-0301/events/alarm"]
+    [invocation] = [
+        i
+        for i in world.emulator.invocations
+        if i.rule == "device_events_double" and i.topic == "fleetkey/well-0301/events/alarm"
+    ]
     assert invocation.status == "succeeded" and invocation.attempts == 1
     assert device.outcome == "accepted"
 
@@ -271,11 +289,13 @@ def test_publishing_outside_its_topics_disconnects_the_device(world):
     assert device.pump(lambda: device.outcome != "accepted")
     assert device.outcome.startswith("disconnected")
     assert world.emulator.statistics()["publishes"].get("denied", 0) >= 1
-    assert eventually(lambda: world.emulator.statistics()["connections"]["disconnected"].get(
-        "AUTH_ERROR", 0) >= 1)
+    assert eventually(
+        lambda: world.emulator.statistics()["connections"]["disconnected"].get("AUTH_ERROR", 0) >= 1
+    )
 
 
 # ---- refused devices --------------------------------------------------------------------------
+
 
 def test_a_rogue_device_is_refused_then_refused_again_with_its_certificate_revoked(world):
     rogue = factory_device(world, "rogue-0001")  # not allow-listed
@@ -299,8 +319,14 @@ def test_a_certificate_from_an_unregistered_ca_is_refused_at_tls(world):
     refused = world.emulator.statistics()["connections"]["refused"]
     before = refused.get("tls_untrusted_certificate", 0)
     assert device.connect().startswith("refused")
-    assert eventually(lambda: world.emulator.statistics()["connections"]["refused"].get(
-        "tls_untrusted_certificate", 0) == before + 1)
+    assert eventually(
+        lambda: (
+            world.emulator.statistics()["connections"]["refused"].get(
+                "tls_untrusted_certificate", 0
+            )
+            == before + 1
+        )
+    )
     # Nothing reached AWS IoT
     assert not registration_invocations(world, certificate_id(device))
 
@@ -312,14 +338,19 @@ def test_a_second_connection_with_the_same_identity_takes_over_the_first(world):
     # AWS IoT disconnects the client already connected with that client id
     assert first.pump(lambda: first.outcome != "accepted")
     event = world.presence.wait_for(
-        lambda e: e["clientId"] == "well-0701" and e["eventType"] == "disconnected")
+        lambda e: e["clientId"] == "well-0701" and e["eventType"] == "disconnected"
+    )
     assert event["disconnectReason"] == "DUPLICATE_CLIENTID"
     assert event["clientInitiatedDisconnect"] is False
     assert event["principalIdentifier"] == certificate_id(first)
     assert second.subscribe("fleetkey/well-0701/commands/#", qos=2) == [1]  # AWS IoT: QoS <= 1
     second.close()
-    event = world.presence.wait_for(lambda e: e["clientId"] == "well-0701"
-                                    and e.get("disconnectReason") == "CLIENT_INITIATED_DISCONNECT")
+    event = world.presence.wait_for(
+        lambda e: (
+            e["clientId"] == "well-0701"
+            and e.get("disconnectReason") == "CLIENT_INITIATED_DISCONNECT"
+        )
+    )
     assert event["clientInitiatedDisconnect"] is True
 
 
@@ -351,8 +382,12 @@ def test_a_ca_registered_while_the_emulator_runs_is_trusted_at_once(world):
     globex = CertificateAuthority.create("globex-2026")
     world.stack.register_ca(globex)
     world.stack.allowlist.add(
-        AllowlistEntry(device_id="well-0801", serial_number="SN-well-0801",
-                       manufacturer_ca="globex-2026", profile="telemetry-sensor"),
+        AllowlistEntry(
+            device_id="well-0801",
+            serial_number="SN-well-0801",
+            manufacturer_ca="globex-2026",
+            profile="telemetry-sensor",
+        ),
         actor="test",
     )
     device = factory_device(world, "well-0801", authority=globex)
@@ -362,6 +397,7 @@ def test_a_ca_registered_while_the_emulator_runs_is_trusted_at_once(world):
 
 
 # ---- the rules engine alone -------------------------------------------------------------------
+
 
 class Flaky:
     def __init__(self, failures: int) -> None:
@@ -374,12 +410,14 @@ class Flaky:
         return {"ok": event["n"], "request": context.aws_request_id}
 
 
-@pytest.mark.parametrize("failures, status, attempts", [(0, "succeeded", 1), (2, "succeeded", 3),
-                                                        (5, "failed", 3)])
+@pytest.mark.parametrize(
+    "failures, status, attempts", [(0, "succeeded", 1), (2, "succeeded", 3), (5, "failed", 3)]
+)
 def test_functions_are_retried_twice_like_lambda_async_invocations(failures, status, attempts):
     function = Flaky(failures)
-    engine = RulesEngine([Rule.select_all("r", "SELECT * FROM 'a/+/b'", function)],
-                         retry_delays=(0, 0))
+    engine = RulesEngine(
+        [Rule.select_all("r", "SELECT * FROM 'a/+/b'", function)], retry_delays=(0, 0)
+    )
     try:
         assert [r.name for r in engine.dispatch("a/1/b", b'{"n": 1}')] == ["r"]
         assert engine.dispatch("a/1/c", b'{"n": 2}') == []

@@ -1,5 +1,6 @@
 """The local API gateway over real HTTP: SigV4 as API Gateway checks it, the deployed API's routes
-and events, the real admin function behind it, and the CLI pointed at it."""
+and events, its resource policy (operators, relying parties) and per-client limits, the real admin
+function behind it, and the CLI pointed at it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import shutil
 import subprocess
 import urllib.error
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from unittest import mock
 from urllib.parse import urlsplit
 
@@ -21,7 +22,15 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from fleetkey_cli.main import main
-from fleetkey_local.api_gateway import LOCAL_OPERATOR_ARN, MAX_BODY_BYTES, LocalApiGateway
+from fleetkey_infra.edge import Audience, RateLimit
+from fleetkey_local.api_gateway import (
+    LOCAL_OPERATOR_ARN,
+    LOCAL_RELYING_PARTY_ARN,
+    LOCAL_RELYING_PARTY_KEY,
+    MAX_BODY_BYTES,
+    LocalApiGateway,
+    RateLimiter,
+)
 from fleetkey_local.pki import key_pem
 from fleetkey_local.server import FAKE_CREDENTIALS, local_aws
 from fleetkey_local.stack import REGION, EmbeddedStack, client_factory
@@ -58,8 +67,9 @@ def signed(method, url, body=b"", headers=None, credentials=LOCAL, at=None, regi
     else:
         with mock.patch("botocore.auth.get_current_datetime", return_value=at):
             signer.add_auth(request)
-    return urllib.request.Request(url, data=body or None, method=method,
-                                  headers=dict(request.headers))
+    return urllib.request.Request(
+        url, data=body or None, method=method, headers=dict(request.headers)
+    )
 
 
 def send(request) -> tuple[int, dict, bytes]:
@@ -104,7 +114,7 @@ def test_unknown_access_key_is_refused(gateway):
 
 def test_stale_signature_is_refused(gateway):
     # Given a correctly signed request from six minutes ago
-    then = datetime.now(timezone.utc) - timedelta(minutes=6)
+    then = datetime.now(UTC) - timedelta(minutes=6)
     # When it is sent (a replay, or a clock far off)
     status, _, body = send(signed("GET", gateway.url + "/v1/admin/cas", at=then))
     # Then it is refused as expired
@@ -118,8 +128,12 @@ def test_signature_for_another_region_is_refused(gateway):
 
 def test_body_changed_after_signing_is_refused(gateway):
     # Given a signed import whose body is replaced in transit
-    request = signed("POST", gateway.url + "/v1/admin/allowlist", body=b'{"device_id": "a"}',
-                     headers={"content-type": "application/json"})
+    request = signed(
+        "POST",
+        gateway.url + "/v1/admin/allowlist",
+        body=b'{"device_id": "a"}',
+        headers={"content-type": "application/json"},
+    )
     request.data = b'{"device_id": "b"}'
     # Then the signature (over the body's hash) no longer matches
     assert send(request)[0] == 403
@@ -160,12 +174,28 @@ def test_cli_imports_a_manifest_and_the_audit_names_the_local_operator(
     (tmp_path / "ca.pem").write_text(acme.pem)
     (tmp_path / "ca.key").write_text(key_pem(acme.key))
     manifest = tmp_path / "factory.csv"
-    manifest.write_text("device_id,serial_number,manufacturer_ca,public_key_fingerprint,profile\n"
-                        "pump-0001,SN-0001,acme,,infusion-pump\n"
-                        "well:0002,SN-0002,acme,,telemetry-sensor\n")
+    manifest.write_text(
+        "device_id,serial_number,manufacturer_ca,public_key_fingerprint,profile\n"
+        "pump-0001,SN-0001,acme,,infusion-pump\n"
+        "well:0002,SN-0002,acme,,telemetry-sensor\n"
+    )
     # Given a manufacturer CA registered over HTTP (registration code read, proof made locally)
-    assert main([*cli, "ca", "register", "--name", "acme", "--certificate",
-                 str(tmp_path / "ca.pem"), "--ca-key", str(tmp_path / "ca.key")]) == 0
+    assert (
+        main(
+            [
+                *cli,
+                "ca",
+                "register",
+                "--name",
+                "acme",
+                "--certificate",
+                str(tmp_path / "ca.pem"),
+                "--ca-key",
+                str(tmp_path / "ca.key"),
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["status"] == "ACTIVE"
     # When a manifest is imported and a device shown, through the local gateway
     assert main([*cli, "allowlist", "import", str(manifest)]) == 0
@@ -184,16 +214,23 @@ def test_cli_imports_a_manifest_and_the_audit_names_the_local_operator(
 @pytest.fixture
 def no_aws_credentials(monkeypatch, tmp_path):
     """An operator's machine with no AWS credentials anywhere (environment, files, metadata)."""
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                 "AWS_SECURITY_TOKEN", "AWS_PROFILE", "FLEETKEY_ENDPOINT"):
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_SECURITY_TOKEN",
+        "AWS_PROFILE",
+        "FLEETKEY_ENDPOINT",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
 
-def test_cli_defaults_to_the_local_stack_with_local_credentials(gateway, no_aws_credentials,
-                                                                 monkeypatch, capsys):
+def test_cli_defaults_to_the_local_stack_with_local_credentials(
+    gateway, no_aws_credentials, monkeypatch, capsys
+):
     # Given no endpoint, no credentials, and a region that is not the local stack's
     monkeypatch.setattr("fleetkey_cli.main.LOCAL_ENDPOINT", gateway.url)  # `make serve`'s :8080
     monkeypatch.setenv("AWS_REGION", "us-east-1")
@@ -218,18 +255,25 @@ def test_cli_never_uses_local_credentials_for_a_remote_endpoint(no_aws_credentia
 
 def test_binary_body_reaches_the_function_base64_encoded(gateway):
     # Given a manifest that is not UTF-8 text
-    body = "device_id\nпомпа\n".encode("utf-16")
+    body = "device_id\nпомпа\n".encode("utf-16")  # noqa: RUF001 - Cyrillic on purpose
     # When it is imported
-    status, _, response = send(signed("POST", gateway.url + "/v1/admin/allowlist/import?format=csv",
-                                      body=body, headers={"content-type": "text/csv"}))
+    status, _, response = send(
+        signed(
+            "POST",
+            gateway.url + "/v1/admin/allowlist/import?format=csv",
+            body=body,
+            headers={"content-type": "text/csv"},
+        )
+    )
     # Then the function got it base64-encoded, decoded it, and refused it as not UTF-8
     assert status == 400 and "UTF-8" in json.loads(response)["message"]
 
 
 def test_body_over_10_mb_is_refused_with_413(gateway):
     # When a body one byte over API Gateway's limit is sent
-    request = urllib.request.Request(gateway.url + "/v1/admin/allowlist/import",
-                                     data=b"x" * (MAX_BODY_BYTES + 1), method="POST")
+    request = urllib.request.Request(
+        gateway.url + "/v1/admin/allowlist/import", data=b"x" * (MAX_BODY_BYTES + 1), method="POST"
+    )
     status, _, body = send(request)
     # Then API Gateway's 413 comes back before authorization or the function
     assert status == 413 and message(body) == "Request Too Long"
@@ -259,8 +303,9 @@ def test_event_has_the_deployed_apis_shape(recording):
     sample = load_event("admin-import-manifest-csv")
     # When a CSV import is sent, with a header that repeats
     path = "/v1/admin/allowlist/import?format=csv"
-    request = signed("POST", api.url + path, body=sample["body"].encode(),
-                     headers={"content-type": "text/csv"})
+    request = signed(
+        "POST", api.url + path, body=sample["body"].encode(), headers={"content-type": "text/csv"}
+    )
     connection = http.client.HTTPConnection(urlsplit(api.url).netloc, timeout=30)
     connection.putrequest("POST", path, skip_accept_encoding=True)
     for name, value in [*request.header_items(), ("X-Trace", "a"), ("X-Trace", "b")]:
@@ -276,8 +321,16 @@ def test_event_has_the_deployed_apis_shape(recording):
     assert set(event) == set(sample)
     assert set(sample["requestContext"]) <= set(event["requestContext"])
     assert set(sample["requestContext"]["identity"]) <= set(event["requestContext"]["identity"])
-    for key in ("resource", "path", "httpMethod", "queryStringParameters",
-                "multiValueQueryStringParameters", "pathParameters", "body", "isBase64Encoded"):
+    for key in (
+        "resource",
+        "path",
+        "httpMethod",
+        "queryStringParameters",
+        "multiValueQueryStringParameters",
+        "pathParameters",
+        "body",
+        "isBase64Encoded",
+    ):
         assert event[key] == sample[key], key
     assert event["requestContext"]["path"] == "/prod/v1/admin/allowlist/import"
     assert event["requestContext"]["resourcePath"] == "/v1/admin/{proxy+}"
@@ -298,12 +351,24 @@ def test_path_parameters_are_decoded_and_the_path_is_not(recording):
 def test_non_utf8_body_is_base64_and_proxy_response_is_rendered(recording):
     api, events, answers = recording
     payload = bytes(range(256))
-    answers.append({"statusCode": 201, "headers": {"X-One": "1"},
-                    "multiValueHeaders": {"Set-Cookie": ["a=1", "b=2"]},
-                    "body": base64.b64encode(b"\x00\xff").decode(), "isBase64Encoded": True})
+    answers.append(
+        {
+            "statusCode": 201,
+            "headers": {"X-One": "1"},
+            "multiValueHeaders": {"Set-Cookie": ["a=1", "b=2"]},
+            "body": base64.b64encode(b"\x00\xff").decode(),
+            "isBase64Encoded": True,
+        }
+    )
     # When a binary body is sent and the function answers in binary
-    status, headers, body = send(signed("PUT", api.url + "/v1/admin/blob", body=payload,
-                                        headers={"content-type": "application/octet-stream"}))
+    status, headers, body = send(
+        signed(
+            "PUT",
+            api.url + "/v1/admin/blob",
+            body=payload,
+            headers={"content-type": "application/octet-stream"},
+        )
+    )
     # Then the event carried it base64, and the answer is decoded with every header
     assert events[-1]["isBase64Encoded"] is True
     assert base64.b64decode(events[-1]["body"]) == payload
@@ -343,13 +408,168 @@ def _curl_with_sigv4() -> bool:
 def test_curl_with_aws_sigv4_reaches_the_admin_api(gateway):
     # When the README's curl example is run against the local gateway
     result = subprocess.run(
-        ["curl", "--silent", "--show-error", "--noproxy", "*",
-         "--aws-sigv4", f"aws:amz:{REGION}:execute-api",
-         "--user", f"{LOCAL.access_key}:{LOCAL.secret_key}",
-         "--write-out", "\n%{http_code}", gateway.url + "/v1/admin/cas/registration-code"],
-        capture_output=True, text=True, timeout=30,
+        [
+            "curl",
+            "--silent",
+            "--show-error",
+            "--noproxy",
+            "*",
+            "--aws-sigv4",
+            f"aws:amz:{REGION}:execute-api",
+            "--user",
+            f"{LOCAL.access_key}:{LOCAL.secret_key}",
+            "--write-out",
+            "\n%{http_code}",
+            gateway.url + "/v1/admin/cas/registration-code",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     # Then the signature is accepted and the function answered
     body, _, status = result.stdout.rpartition("\n")
     assert status == "200", result.stdout + result.stderr
     assert json.loads(body)["registration_code"]
+
+
+# ---- the resource policy: operators on the admin routes, relying parties on introspection -------
+
+RELYING_PARTY = Credentials(LOCAL_RELYING_PARTY_KEY, LOCAL_RELYING_PARTY_KEY)
+
+
+def test_a_principal_that_is_not_an_operator_is_denied_the_admin_routes(gateway):
+    # Given the local relying party: a valid local identity, signing correctly, not an operator
+    for method, path in (
+        ("GET", "/v1/admin/cas"),
+        ("POST", "/v1/admin/signing-keys/rotate"),
+        ("GET", "/v1/%61dmin/cas"),
+    ):
+        # When it calls an admin route
+        status, headers, body = send(signed(method, gateway.url + path, credentials=RELYING_PARTY))
+        # Then API Gateway's answer for a resource policy's explicit deny comes back, naming it
+        assert status == 403, path
+        assert headers["x-amzn-ErrorType"] == "AccessDeniedException"
+        assert message(body).startswith(
+            f"User: {LOCAL_RELYING_PARTY_ARN} is not authorized to perform: execute-api:Invoke"
+        )
+        assert message(body).endswith("with an explicit deny")
+
+
+def test_relying_party_and_operator_may_introspect(gateway):
+    # Given the local relying party and the local operator
+    for credentials in (RELYING_PARTY, LOCAL):
+        # When each introspects a token
+        status, _, body = send(
+            signed(
+                "POST",
+                gateway.url + "/v1/introspect",
+                body=b"token=not-a-token",
+                headers={"content-type": "application/x-www-form-urlencoded"},
+                credentials=credentials,
+            )
+        )
+        # Then the introspection function answered (an unknown token is inactive)
+        assert (status, json.loads(body)) == (200, {"active": False}), credentials.access_key
+
+
+def test_an_operator_outside_the_introspection_audience_is_denied(gateway):
+    # Given a gateway whose relying parties do not include the local operator
+    audiences = [
+        Audience("operators", "/v1/admin/*", (LOCAL_OPERATOR_ARN,)),
+        Audience("relying parties", "/v1/introspect", (LOCAL_RELYING_PARTY_ARN,)),
+    ]
+    with LocalApiGateway(0, audiences=audiences, functions=_answering()) as api:
+        # When the operator introspects, and calls an admin route
+        introspect = send(signed("POST", api.url + "/v1/introspect", body=b"token=x"))
+        admin = send(signed("GET", api.url + "/v1/admin/cas"))
+    # Then introspection is denied to it, the admin route is not
+    assert introspect[0] == 403 and message(introspect[2]).endswith("with an explicit deny")
+    assert admin[0] == 200
+
+
+# ---- per-client limits ---------------------------------------------------------------------------
+
+
+def _answering() -> dict:
+    ok = lambda event, context: {"statusCode": 200, "body": "{}"}  # noqa: E731
+    return {name: ok for name in ("admin", "token", "discovery", "introspect")}
+
+
+def from_address(url: str, source: str, method: str, path: str, headers=None):
+    """A request sent from `source` (any 127.0.0.x: Linux routes all of 127/8 to loopback)."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(
+        parts.hostname, parts.port, timeout=30, source_address=(source, 0)
+    )
+    try:
+        connection.request(
+            method, path, body=b"" if method == "POST" else None, headers=headers or {}
+        )
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def limited():
+    """A gateway with small per-client limits (3 token requests, 5 discovery requests a minute)."""
+    limits = [
+        RateLimit("token", ("/v1/token", "/v1/challenge"), 3, 60),
+        RateLimit("discovery", ("/.well-known/",), 5, 60),
+    ]
+    with LocalApiGateway(0, rate_limits=limits, functions=_answering()) as api:
+        yield api
+
+
+def test_a_client_over_its_limit_gets_429_and_others_do_not(limited):
+    # Given a client that spends its token-endpoint allowance
+    first = [from_address(limited.url, "127.0.0.2", "POST", "/v1/challenge")[0] for _ in range(3)]
+    # When it calls again, whatever it claims in X-Forwarded-For
+    status, headers, body = from_address(
+        limited.url, "127.0.0.2", "POST", "/v1/token", {"X-Forwarded-For": "203.0.113.7"}
+    )
+    # Then it gets 429 with a Retry-After in seconds and a JSON body
+    assert first == [200, 200, 200]
+    assert status == 429
+    assert int(headers["Retry-After"]) >= 1
+    assert headers["Content-Type"] == "application/json"
+    assert json.loads(body) == {"message": "Too Many Requests"}
+    # and another client, and the same client's discovery requests, are served
+    assert from_address(limited.url, "127.0.0.3", "POST", "/v1/token")[0] == 200
+    assert from_address(limited.url, "127.0.0.2", "GET", "/.well-known/jwks.json")[0] == 200
+
+
+def test_an_encoded_path_counts_with_the_route_it_reaches(limited):
+    # Given a client over its token-endpoint allowance
+    for _ in range(3):
+        from_address(limited.url, "127.0.0.4", "POST", "/v1/challenge")
+    # When it spells the path another way, Then it is still limited
+    for path in ("/v1/%74oken", "/V1/TOKEN", "/v1//challenge"):
+        assert from_address(limited.url, "127.0.0.4", "POST", path)[0] == 429, path
+
+
+def test_the_admin_routes_have_no_per_client_limit(limited):
+    # Given the local operator's address, over its token-endpoint allowance
+    for _ in range(4):
+        from_address(limited.url, "127.0.0.1", "POST", "/v1/challenge")
+    # When it calls the admin API
+    status, _, _ = send(signed("GET", limited.url + "/v1/admin/cas"))
+    # Then it is served (only the public routes are limited per client)
+    assert status == 200
+
+
+def test_an_allowance_refills_at_its_rate():
+    # Given a limit of 2 per 10 s, spent by a client, on a controlled clock
+    now = [0.0]
+    limiter = RateLimiter([RateLimit("token", ("/v1/token",), 2, 10)], clock=lambda: now[0])
+    assert limiter.retry_after("/v1/token", "a") is None
+    assert limiter.retry_after("/v1/token", "a") is None
+    # When it asks again at once, Then it must wait one token's time (10 s / 2)
+    assert limiter.retry_after("/v1/token", "a") == 5
+    # When that time has passed, Then one request passes, and the next waits again
+    now[0] = 5.0
+    assert limiter.retry_after("/v1/token", "a") is None
+    assert limiter.retry_after("/v1/token", "a") == 5
+    # and paths no limit covers are never counted
+    assert limiter.retry_after("/v1/admin/cas", "a") is None

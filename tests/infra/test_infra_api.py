@@ -1,10 +1,26 @@
 """The API: public device routes, IAM everywhere else; logged, traced, throttled, validated,
-regional."""
+regional; a resource policy admitting only the configured operators and relying parties to the IAM
+routes, and a WAF web ACL limiting each client on the public routes."""
+
+import json
 
 import pytest
+from aws_cdk import App, Stack
+from aws_cdk import aws_apigateway as apigateway
 from aws_cdk.assertions import Match, Template
-from fleetkey_infra import constants
-from infra_template import function_by_service, method_paths, of_type, only, render
+
+from fleetkey_infra import constants, edge
+from fleetkey_infra.constructs import Api
+from infra_template import (
+    ACCOUNT,
+    PARTITION,
+    REGION,
+    function_by_service,
+    method_paths,
+    of_type,
+    only,
+    render,
+)
 
 # Every method of the API: (HTTP method, resource path) -> (function, authorization type).
 EXPECTED_METHODS = {
@@ -204,3 +220,253 @@ def test_issuer_output_is_the_functions_issuer(
     # When comparing them
     # Then operators read the same issuer URL the functions use
     assert issuer == function["Properties"]["Environment"]["Variables"]["FLEETKEY_ISSUER"]
+
+
+# ---- who may call what: the resource policy ------------------------------------------------------
+
+OPERATOR = f"arn:{PARTITION}:iam::{ACCOUNT}:role/fleetkey-operator"
+RELYING_PARTY = f"arn:{PARTITION}:iam::{ACCOUNT}:role/fleetkey-relying-party"
+
+
+def _policy_statements(resources: dict[str, dict]) -> dict[str, dict]:
+    _, api = only(resources, "AWS::ApiGateway::RestApi")
+    return {s["Sid"]: render(s) for s in api["Properties"]["Policy"]["Statement"]}
+
+
+def test_resource_policy_opens_only_the_public_routes(resources: dict[str, dict]) -> None:
+    # Given the REST API's resource policy
+    statements = _policy_statements(resources)
+
+    # When collecting what it allows
+    allows = [s for s in statements.values() if s["Effect"] == "Allow"]
+
+    # Then the one Allow is for everyone on exactly the public methods (unauthorized methods need
+    # an explicit Allow once a policy exists), and nothing IAM-authorized is allowed by it
+    assert len(allows) == 1
+    assert allows[0]["Principal"] == "*" and allows[0]["Action"] == "execute-api:Invoke"
+    assert sorted(allows[0]["Resource"]) == sorted(
+        f"execute-api:/*/{method}{path}" for method, path in PUBLIC
+    )
+
+
+@pytest.mark.parametrize(
+    ("sid", "resource", "admitted"),
+    [
+        ("OnlyConfiguredOperators", "execute-api:/*/*/v1/admin/*", [OPERATOR]),
+        ("OnlyConfiguredRelyingParties", "execute-api:/*/*/v1/introspect", [RELYING_PARTY]),
+    ],
+)
+def test_iam_routes_are_denied_outside_their_configured_principals(
+    resources: dict[str, dict], sid: str, resource: str, admitted: list[str]
+) -> None:
+    # Given the resource policy, synthesized with the default edge configuration
+    statement = _policy_statements(resources)[sid]
+
+    # When reading the statement guarding one group of IAM routes
+    # Then it is an explicit Deny (same-account callers are admitted if EITHER their identity
+    # policy or the resource policy allows: only a Deny narrows) for every principal whose ARN is
+    # not a configured one
+    assert statement["Effect"] == "Deny"
+    assert statement["Principal"] == "*" and statement["Action"] == "execute-api:Invoke"
+    assert statement["Resource"] == resource
+    assert statement["Condition"] == {"ArnNotLike": {"aws:PrincipalArn": admitted}}
+
+
+# ---- per-client limits: the WAF web ACL ----------------------------------------------------------
+
+# The rate-based rules: name -> (limit, window, the URI path fragments they count)
+EXPECTED_RATE_RULES = {
+    "token-per-client": (60, 60, ["/v1/token", "/v1/challenge"]),
+    "discovery-per-client": (300, 60, ["/.well-known/"]),
+}
+
+
+def _scope_down_fragments(statement: dict) -> list[str]:
+    matches = statement["OrStatement"]["Statements"] if "OrStatement" in statement else [statement]
+    fragments = []
+    for match in matches:
+        byte_match = match["ByteMatchStatement"]
+        assert byte_match["FieldToMatch"] == {"UriPath": {}}
+        assert byte_match["PositionalConstraint"] == "CONTAINS"
+        assert [t["Type"] for t in byte_match["TextTransformations"]] == [
+            "URL_DECODE",
+            "NORMALIZE_PATH",
+            "LOWERCASE",
+        ]
+        fragments.append(byte_match["SearchString"])
+    return fragments
+
+
+def test_web_acl_limits_each_client_on_the_public_routes(resources: dict[str, dict]) -> None:
+    # Given the web ACL
+    _, acl = only(resources, "AWS::WAFv2::WebACL")
+    props = acl["Properties"]
+    rules = {rule["Name"]: rule for rule in props["Rules"]}
+
+    # When reading its rules
+    # Then it is regional, lets through what no rule blocks, and has one rate-based rule per
+    # group of public routes, counting each source IP on those paths alone, with its limit
+    assert props["Scope"] == "REGIONAL"
+    assert props["DefaultAction"] == {"Allow": {}}
+    assert set(rules) == set(EXPECTED_RATE_RULES)
+    for name, (limit, window, fragments) in EXPECTED_RATE_RULES.items():
+        statement = rules[name]["Statement"]["RateBasedStatement"]
+        assert statement["AggregateKeyType"] == "IP", name
+        assert (statement["Limit"], statement["EvaluationWindowSec"]) == (limit, window), name
+        assert _scope_down_fragments(statement["ScopeDownStatement"]) == fragments, name
+        assert rules[name]["VisibilityConfig"]["CloudWatchMetricsEnabled"] is True
+        assert rules[name]["VisibilityConfig"]["SampledRequestsEnabled"] is True
+    assert props["VisibilityConfig"]["CloudWatchMetricsEnabled"] is True
+
+
+def test_every_public_route_is_under_exactly_one_rate_rule(resources: dict[str, dict]) -> None:
+    # Given the rules' path fragments, and the public routes
+    _, acl = only(resources, "AWS::WAFv2::WebACL")
+    fragments = {
+        rule["Name"]: _scope_down_fragments(
+            rule["Statement"]["RateBasedStatement"]["ScopeDownStatement"]
+        )
+        for rule in acl["Properties"]["Rules"]
+    }
+
+    # When matching each public route's stage path against them (as WAF sees it: /prod/...)
+    # Then each falls under one rule, and no IAM route under any
+    for method, path in EXPECTED_METHODS:
+        uri = f"/{constants.API_STAGE_NAME}{path}".lower()
+        covering = [name for name, frags in fragments.items() if any(f in uri for f in frags)]
+        expected = 1 if (method, path) in PUBLIC else 0
+        assert len(covering) == expected, (path, covering)
+
+
+def test_a_client_over_its_limit_gets_429_with_retry_after(resources: dict[str, dict]) -> None:
+    # Given the web ACL
+    _, acl = only(resources, "AWS::WAFv2::WebACL")
+    props = acl["Properties"]
+
+    # When reading what its rate rules do
+    # Then they block with a 429 (not WAF's default 403), a Retry-After of the window, and a
+    # JSON body like API Gateway's own throttling answer
+    for rule in props["Rules"]:
+        response = rule["Action"]["Block"]["CustomResponse"]
+        window = rule["Statement"]["RateBasedStatement"]["EvaluationWindowSec"]
+        assert response["ResponseCode"] == 429
+        assert response["ResponseHeaders"] == [{"Name": "Retry-After", "Value": str(window)}]
+        body = props["CustomResponseBodies"][response["CustomResponseBodyKey"]]
+        assert body["ContentType"] == "APPLICATION_JSON"
+        assert json.loads(body["Content"]) == {"message": "Too Many Requests"}
+
+
+def test_web_acl_is_associated_with_the_stage(resources: dict[str, dict]) -> None:
+    # Given the web ACL association, the API and its stage
+    _, association = only(resources, "AWS::WAFv2::WebACLAssociation")
+    acl_id, _ = only(resources, "AWS::WAFv2::WebACL")
+    api_id, _ = only(resources, "AWS::ApiGateway::RestApi")
+    stage_id, _ = only(resources, "AWS::ApiGateway::Stage")
+
+    # When reading what it associates
+    props = render(association["Properties"])
+
+    # Then the ACL protects the API's deployed stage
+    assert props["WebACLArn"] == f"<{acl_id}.Arn>"
+    assert props["ResourceArn"] == (
+        f"arn:{PARTITION}:apigateway:{REGION}::/restapis/<{api_id}>/stages/<{stage_id}>"
+    )
+
+
+def test_blocked_requests_are_logged_without_credentials(resources: dict[str, dict]) -> None:
+    # Given the web ACL's logging configuration and its log group
+    _, logging = only(resources, "AWS::WAFv2::LoggingConfiguration")
+    acl_id, _ = only(resources, "AWS::WAFv2::WebACL")
+    props = render(logging["Properties"])
+    [destination] = props["LogDestinationConfigs"]
+    group_id = destination.rsplit(":log-group:<", 1)[1].rstrip(">")
+
+    # When reading them
+    # Then the ACL logs what it blocks or counts, to an aws-waf-logs- group (WAF's required
+    # prefix) with a retention, and redacts SigV4 signatures and session tokens
+    assert props["ResourceArn"] == f"<{acl_id}.Arn>"
+    assert resources[group_id]["Properties"]["LogGroupName"].startswith("aws-waf-logs-")
+    assert resources[group_id]["Properties"]["RetentionInDays"] > 0
+    assert props["LoggingFilter"]["DefaultBehavior"] == "DROP"
+    assert {
+        c["ActionCondition"]["Action"] for c in props["LoggingFilter"]["Filters"][0]["Conditions"]
+    } == {"BLOCK", "COUNT"}
+    assert {f["SingleHeader"]["Name"] for f in props["RedactedFields"]} == {
+        "authorization",
+        "x-amz-security-token",
+    }
+
+
+# ---- the edge configuration, from CDK context ----------------------------------------------------
+
+
+def _api_template(context: dict[str, object]) -> dict[str, dict]:
+    """The Api construct alone, in a stack with `context` (a stand-in method: the API must have
+    one to synthesize)."""
+    app = App(context=context)
+    stack = Stack(app, "EdgeTest")
+    api = Api(stack, "Api")
+    api.api.root.add_method("GET", apigateway.MockIntegration())
+    return Template.from_stack(stack).to_json()["Resources"]
+
+
+def test_operators_relying_parties_and_limits_come_from_context() -> None:
+    # Given context naming operators (an ARN with a wildcard, a role of the stack's account),
+    # no relying party, and other limits
+    context = {
+        edge.OPERATOR_PRINCIPALS_KEY: ["arn:aws:iam::111122223333:role/ops/*", "role/break-glass"],
+        edge.RELYING_PARTY_PRINCIPALS_KEY: [],
+        edge.TOKEN_RATE_LIMIT_KEY: "120",  # as `cdk -c tokenRateLimit=120` passes it
+        edge.RATE_LIMIT_WINDOW_KEY: 300,
+    }
+
+    # When synthesizing the API with it
+    resources = _api_template(context)
+    statements = _policy_statements(resources)
+    _, acl = only(resources, "AWS::WAFv2::WebACL")
+    rules = {r["Name"]: r["Statement"]["RateBasedStatement"] for r in acl["Properties"]["Rules"]}
+
+    # Then the admin routes admit exactly those operators, introspection nobody, and the limits
+    # are the configured ones
+    assert statements["OnlyConfiguredOperators"]["Condition"] == {
+        "ArnNotLike": {
+            "aws:PrincipalArn": [
+                "arn:aws:iam::111122223333:role/ops/*",
+                f"arn:{PARTITION}:iam::{ACCOUNT}:role/break-glass",
+            ]
+        }
+    }
+    assert "Condition" not in statements["OnlyConfiguredRelyingParties"]
+    assert statements["OnlyConfiguredRelyingParties"]["Effect"] == "Deny"
+    assert (
+        rules["token-per-client"]["Limit"],
+        rules["token-per-client"]["EvaluationWindowSec"],
+    ) == (
+        120,
+        300,
+    )
+    assert rules["discovery-per-client"]["Limit"] == edge.DEFAULT_DISCOVERY_RATE_LIMIT
+
+
+@pytest.mark.parametrize(
+    ("context", "complaint"),
+    [
+        ({edge.OPERATOR_PRINCIPALS_KEY: []}, "admit nobody"),
+        ({edge.OPERATOR_PRINCIPALS_KEY: ["*"]}, "not an IAM role or user"),
+        ({edge.OPERATOR_PRINCIPALS_KEY: ["role/*"]}, "matches every role"),
+        (
+            {edge.OPERATOR_PRINCIPALS_KEY: ["arn:aws:sts::111122223333:assumed-role/ops/s"]},
+            "name the role",
+        ),
+        ({edge.RATE_LIMIT_WINDOW_KEY: 30}, "evaluation windows"),
+        ({edge.TOKEN_RATE_LIMIT_KEY: 5}, "between 10"),
+        ({edge.DISCOVERY_RATE_LIMIT_KEY: "many"}, "whole number"),
+    ],
+)
+def test_an_unsafe_or_impossible_edge_configuration_fails_synthesis(
+    context: dict[str, object], complaint: str
+) -> None:
+    # Given context that admits nobody or everybody, or a limit WAF cannot apply
+    # When building the API, Then synthesis stops with a message saying what to fix
+    with pytest.raises(edge.EdgeConfigError, match=complaint):
+        _api_template(context)

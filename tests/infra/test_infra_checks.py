@@ -7,6 +7,7 @@ from aws_cdk import App
 from aws_cdk import aws_sqs as sqs
 from cfnlint.api import lint
 from cfnlint.config import ManualArgs
+
 from fleetkey_infra import constants
 from fleetkey_infra.constructs.layer import LayerNotBuiltError
 from fleetkey_infra.stack import FleetkeyStack
@@ -52,7 +53,6 @@ EXPECTED_ACKNOWLEDGEMENTS = {
         "AmazonAPIGatewayPushToCloudWatchLogs]",
         API,
     ),
-    ("AwsSolutions-APIG3", API),
     # IAM-authorized methods: SigV4 instead of Cognito
     *(("AwsSolutions-COG4", m) for m in IAM_METHODS),
     # Public device-facing methods: the client authenticates with a signed JWT assertion

@@ -1,6 +1,7 @@
 """The table and its key: the single-table layout of the core, encrypted, recoverable, retained."""
 
 from aws_cdk.assertions import Match, Template
+
 from fleetkey.store import schema
 from infra_template import only, table_key_id
 

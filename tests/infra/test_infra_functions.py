@@ -1,6 +1,7 @@
 """The functions: runtime, layer, tracing, logs, environment and the failure destination."""
 
 import pytest
+
 from fleetkey_infra import constants
 from infra_template import function_by_service, of_type, only, render
 
@@ -72,13 +73,16 @@ def test_function_memory_and_timeout(
 
 # The settings each function receives beyond the common ones (table, name prefix, Powertools).
 ISSUER = "FLEETKEY_ISSUER"
+# Every registry reader trusts a signing key only if its policy is the one built from the token
+# role's ARN, and reads the stack's first key while the registry is empty.
+KEY_TRUST = {"FLEETKEY_TOKEN_SIGNER_ROLE_ARN", "FLEETKEY_TOKEN_KEY_ID"}
 EXTRA_SETTINGS = {
     constants.REGISTRATION_SERVICE_NAME: set(),
-    constants.ADMIN_SERVICE_NAME: {ISSUER, "FLEETKEY_TOKEN_SIGNER_ROLE_ARN"},
-    constants.TOKEN_SERVICE_NAME: {ISSUER, "FLEETKEY_TOKEN_KEY_ID"},
-    constants.DISCOVERY_SERVICE_NAME: {ISSUER},
-    constants.INTROSPECT_SERVICE_NAME: {ISSUER},
-    constants.MAINTENANCE_SERVICE_NAME: set(),
+    constants.ADMIN_SERVICE_NAME: {ISSUER} | KEY_TRUST,
+    constants.TOKEN_SERVICE_NAME: {ISSUER} | KEY_TRUST,
+    constants.DISCOVERY_SERVICE_NAME: {ISSUER} | KEY_TRUST,
+    constants.INTROSPECT_SERVICE_NAME: {ISSUER} | KEY_TRUST,
+    constants.MAINTENANCE_SERVICE_NAME: KEY_TRUST,
 }
 
 
@@ -97,6 +101,7 @@ def test_function_environment_configures_settings_and_powertools(
     common = {
         "FLEETKEY_TABLE": {"Ref": table_id},
         "FLEETKEY_NAME_PREFIX": constants.NAME_PREFIX,
+        "FLEETKEY_STACK_NAME": constants.STACK_ID,
         "POWERTOOLS_SERVICE_NAME": service,
         "POWERTOOLS_METRICS_NAMESPACE": "fleetkey",
         "POWERTOOLS_LOG_LEVEL": "INFO",
@@ -174,7 +179,6 @@ def test_failure_queues_refuse_requests_without_tls(resources: dict[str, dict]) 
 
         # Then insecure transport is denied (enforce_ssl)
         assert any(
-            s["Effect"] == "Deny"
-            and s["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+            s["Effect"] == "Deny" and s["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
             for s in statements
         ), render(statements)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from fleetkey.domain.profiles import PROFILES, THING_VARIABLE
 from fleetkey_infra import constants
 from infra_template import (
@@ -33,9 +34,7 @@ def test_one_iot_policy_and_thing_type_per_profile(resources: dict[str, dict]) -
 
     # Then each profile has its policy and thing type, named as the functions will look them up
     assert policy_names == {p.iot_policy_name(constants.NAME_PREFIX) for p in PROFILES.values()}
-    assert set(thing_types) == {
-        p.thing_type_name(constants.NAME_PREFIX) for p in PROFILES.values()
-    }
+    assert set(thing_types) == {p.thing_type_name(constants.NAME_PREFIX) for p in PROFILES.values()}
     for properties in thing_types.values():
         assert properties["SearchableAttributes"] == [
             "serial_number",

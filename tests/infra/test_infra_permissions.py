@@ -1,6 +1,7 @@
 """Least privilege: each function's own role grants what the function calls, and nothing more."""
 
 import pytest
+
 from fleetkey_infra import constants
 from infra_template import (
     IOT_ARN_PREFIX,
@@ -9,6 +10,7 @@ from infra_template import (
     function_by_service,
     of_type,
     only,
+    render,
     resources_for,
     role_of,
     role_statements,
@@ -30,8 +32,9 @@ TABLE_ACTIONS = {
     "dynamodb:UpdateItem",
     "dynamodb:ConditionCheckItem",
 }
-# get_device / signing-key registry (GetItem), put_nonce (PutItem), use_assertion (a transaction
-# of a Put and a Delete), initialize (a transaction of Puts).
+# get_device / signing-key registry / challenges (GetItem), put_nonce (PutItem NONCE#),
+# use_assertion (a transaction of a Put JTI# and a Delete NONCE#). Never the registry: readers
+# take the stack's first key from settings while it is empty.
 TOKEN_TABLE_ACTIONS = {"dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:DeleteItem"}
 READ_TABLE_ACTIONS = {"dynamodb:GetItem"}
 # retire_expired: read the registry (GetItem), then put_signing_keys, a transaction of two Puts
@@ -41,18 +44,20 @@ KEY_ACTIONS = {"kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey"}
 READ_KEY_ACTIONS = {"kms:Decrypt"}
 LOG_ACTIONS = {"logs:CreateLogStream", "logs:PutLogEvents"}
 TRACING_ACTIONS = {"xray:PutTraceSegments", "xray:PutTelemetryRecords"}
-# Reading a token key's public half and tags: every registry reader confirms entries with KMS.
-CONFIRM_ACTIONS = {"kms:GetPublicKey", "kms:ListResourceTags"}
+# Reading a token key's public half, tags and key policy: every registry reader confirms keys.
+CONFIRM_ACTIONS = {"kms:GetPublicKey", "kms:ListResourceTags", "kms:GetKeyPolicy"}
 TOKEN_SIGNING_ACTIONS = {"kms:Sign"} | CONFIRM_ACTIONS
 TOKEN_KEY_ADMIN_ACTIONS = {
     "kms:CreateKey",
     "kms:TagResource",
     "kms:ScheduleKeyDeletion",
 } | CONFIRM_ACTIONS
+# The admin function checks no other item in its transactions (no ConditionCheckItem).
+ADMIN_TABLE_ACTIONS = TABLE_ACTIONS - {"dynamodb:ConditionCheckItem"}
 TABLE_GRANTS = {
     REGISTRATION: (TABLE_ACTIONS, KEY_ACTIONS),
-    ADMIN: (TABLE_ACTIONS, KEY_ACTIONS),
-    TOKEN: (TOKEN_TABLE_ACTIONS, KEY_ACTIONS),
+    ADMIN: (ADMIN_TABLE_ACTIONS, KEY_ACTIONS),
+    TOKEN: ({"dynamodb:GetItem"}, KEY_ACTIONS),
     DISCOVERY: (READ_TABLE_ACTIONS, READ_KEY_ACTIONS),
     INTROSPECT: (READ_TABLE_ACTIONS, READ_KEY_ACTIONS),
     MAINTENANCE: (MAINTENANCE_TABLE_ACTIONS, KEY_ACTIONS),
@@ -70,9 +75,11 @@ EXPECTED_ACTIONS = {
         "iot:CreateThing",
         "iot:UpdateThing",
         "iot:AttachThingPrincipal",
+        "iot:DetachThingPrincipal",
+        "iot:ListThingPrincipals",
         "iot:AttachPolicy",
     },
-    ADMIN: TABLE_ACTIONS
+    ADMIN: ADMIN_TABLE_ACTIONS
     | KEY_ACTIONS
     | LOG_ACTIONS
     | TRACING_ACTIONS
@@ -81,15 +88,22 @@ EXPECTED_ACTIONS = {
         "iot:GetRegistrationCode",
         "iot:RegisterCACertificate",
         "iot:UpdateCACertificate",
-        "iot:DescribeCACertificate",
     },
     TOKEN: TOKEN_TABLE_ACTIONS
     | KEY_ACTIONS
     | LOG_ACTIONS
     | TRACING_ACTIONS
     | TOKEN_SIGNING_ACTIONS,
-    DISCOVERY: READ_TABLE_ACTIONS | READ_KEY_ACTIONS | LOG_ACTIONS | TRACING_ACTIONS | CONFIRM_ACTIONS,
-    INTROSPECT: READ_TABLE_ACTIONS | READ_KEY_ACTIONS | LOG_ACTIONS | TRACING_ACTIONS | CONFIRM_ACTIONS,
+    DISCOVERY: READ_TABLE_ACTIONS
+    | READ_KEY_ACTIONS
+    | LOG_ACTIONS
+    | TRACING_ACTIONS
+    | CONFIRM_ACTIONS,
+    INTROSPECT: READ_TABLE_ACTIONS
+    | READ_KEY_ACTIONS
+    | LOG_ACTIONS
+    | TRACING_ACTIONS
+    | CONFIRM_ACTIONS,
     MAINTENANCE: MAINTENANCE_TABLE_ACTIONS
     | KEY_ACTIONS
     | LOG_ACTIONS
@@ -131,8 +145,12 @@ STAR_ACTIONS = {
     INTROSPECT: TRACING_ACTIONS,
     MAINTENANCE: TRACING_ACTIONS,
 }
-TOKEN_SIGNING_TAG = {"aws:ResourceTag/fleetkey:purpose": "token-signing"}
-TOKEN_SIGNING_REQUEST_TAG = {"aws:RequestTag/fleetkey:purpose": "token-signing"}
+STACK_TAG_VALUE = f"token-signing:{constants.STACK_ID}"
+TOKEN_SIGNING_TAG = {"aws:ResourceTag/fleetkey:purpose": STACK_TAG_VALUE}
+TOKEN_SIGNING_REQUEST_TAG = {"aws:RequestTag/fleetkey:purpose": STACK_TAG_VALUE}
+P256_SIGNING_KEY = {"kms:KeySpec": "ECC_NIST_P256", "kms:KeyUsage": "SIGN_VERIFY"}
+# Every statement on key/*: this stack's tag, and a P-256 signing key.
+TOKEN_KEY_CONDITION = {"StringEquals": {**TOKEN_SIGNING_TAG, **P256_SIGNING_KEY}}
 ONLY_THE_PURPOSE_TAG = {"ForAllValues:StringEquals": {"aws:TagKeys": ["fleetkey:purpose"]}}
 
 
@@ -210,28 +228,52 @@ def test_table_and_key_actions_target_the_fleetkey_table_and_key(
 
     # When reading the resources of the table and key actions
     # Then each is the one table (no index, no other table) and the one key
-    for action in table_actions:
+    for action in table_actions | (
+        {"dynamodb:PutItem", "dynamodb:DeleteItem"} if service == TOKEN else set()
+    ):
         assert resources_for(statements, action) == [f"<{table_id}.Arn>"], action
     for action in key_actions:
         assert resources_for(statements, action) == [f"<{key_id}.Arn>"], action
 
 
-def test_token_signs_with_the_first_key_and_tagged_keys_only(resources: dict[str, dict]) -> None:
-    # Given the token role and the stack's token signing key
+def test_token_signs_with_this_stacks_signing_keys_only(resources: dict[str, dict]) -> None:
+    # Given the token role
     statements = statements_of(resources, TOKEN)
-    key_arn = f"<{token_key_id(resources)}.Arn>"
 
     # When reading the statements that allow signing
     for action in TOKEN_SIGNING_ACTIONS:
-        granted = statements_for(statements, action)
+        [granted] = statements_for(statements, action)
 
-        # Then the first key is named by ARN, and any other key must carry the token-signing tag
-        assert len(granted) == 2, action
-        by_resource = {s["Resource"]: s.get("Condition") for s in granted}
-        assert by_resource == {
-            key_arn: None,
-            KMS_KEYS: {"StringEquals": TOKEN_SIGNING_TAG},
+        # Then they apply to P-256 signing keys tagged for this stack only (the first key too)
+        assert granted["Resource"] == KMS_KEYS, action
+        assert granted["Condition"] == TOKEN_KEY_CONDITION, action
+
+
+def test_token_writes_only_its_own_items(resources: dict[str, dict]) -> None:
+    # Given the token role (internet-facing)
+    statements = statements_of(resources, TOKEN)
+
+    # When reading the statements that allow writes
+    for action in ("dynamodb:PutItem", "dynamodb:DeleteItem"):
+        [granted] = statements_for(statements, action)
+
+        # Then they hold only for items in its own partitions: assertions and challenges
+        assert granted["Condition"] == {
+            "ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["JTI#*", "NONCE#*"]}
         }, action
+
+
+def test_maintenance_writes_only_the_signing_key_registry(resources: dict[str, dict]) -> None:
+    # Given the maintenance role
+    statements = statements_of(resources, MAINTENANCE)
+
+    # When reading the statement that allows PutItem
+    [granted] = statements_for(statements, "dynamodb:PutItem")
+
+    # Then it holds only in the registry's partition (the registry and its audit chain)
+    assert granted["Condition"] == {
+        "ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["STREAM#signing-keys"]}
+    }
 
 
 def test_admin_creates_only_tagged_signing_keys(resources: dict[str, dict]) -> None:
@@ -244,11 +286,7 @@ def test_admin_creates_only_tagged_signing_keys(resources: dict[str, dict]) -> N
     # Then the request must create a P-256 signing key tagged for token signing, and no other tag
     assert create["Resource"] == "*"
     assert create["Condition"] == {
-        "StringEquals": {
-            **TOKEN_SIGNING_REQUEST_TAG,
-            "kms:KeySpec": "ECC_NIST_P256",
-            "kms:KeyUsage": "SIGN_VERIFY",
-        },
+        "StringEquals": {**TOKEN_SIGNING_REQUEST_TAG, **P256_SIGNING_KEY},
         **ONLY_THE_PURPOSE_TAG,
     }
 
@@ -260,22 +298,35 @@ def test_admin_tags_only_with_the_token_signing_tag(resources: dict[str, dict]) 
     # When reading the statement that allows TagResource (CreateKey with tags needs it)
     [tag] = statements_for(statements, "kms:TagResource")
 
-    # Then it sets only fleetkey:purpose=token-signing, on this account's and region's keys
+    # Then it sets only this stack's tag, and only on a P-256 signing key (never on the table's
+    # symmetric key, nor on any other kind of key)
     assert tag["Resource"] == KMS_KEYS
-    assert tag["Condition"] == {"StringEquals": TOKEN_SIGNING_REQUEST_TAG, **ONLY_THE_PURPOSE_TAG}
+    assert tag["Condition"] == {
+        "StringEquals": {**TOKEN_SIGNING_REQUEST_TAG, **P256_SIGNING_KEY},
+        "StringEqualsIfExists": TOKEN_SIGNING_TAG,  # never re-tags another stack's key
+        **ONLY_THE_PURPOSE_TAG,
+    }
 
 
-@pytest.mark.parametrize("action", ["kms:GetPublicKey", "kms:ScheduleKeyDeletion"])
-def test_admin_manages_tagged_keys_only(resources: dict[str, dict], action: str) -> None:
-    # Given the admin role
-    statements = statements_of(resources, ADMIN)
+@pytest.mark.parametrize("service", [ADMIN, TOKEN, DISCOVERY, INTROSPECT, MAINTENANCE])
+def test_every_key_statement_is_scoped_to_this_stacks_signing_keys(
+    resources: dict[str, dict], service: str
+) -> None:
+    # Given one function's role
+    statements = [render(s) for s in statements_of(resources, service)]
 
-    # When reading the statement that allows the action
-    [granted] = statements_for(statements, action)
+    # When reading its statements on key/* (all keys of the account and region)
+    on_keys = [s for s in statements if s["Resource"] == KMS_KEYS]
 
-    # Then it applies only to keys tagged for token signing
-    assert granted["Resource"] == KMS_KEYS
-    assert granted["Condition"] == {"StringEquals": TOKEN_SIGNING_TAG}
+    # Then each holds only for P-256 signing keys of this stack: the tag (existing keys) or the
+    # request tag (tagging a key being created)
+    assert on_keys, service
+    for statement in on_keys:
+        condition = statement["Condition"]["StringEquals"]
+        assert condition.items() >= P256_SIGNING_KEY.items(), statement
+        assert condition.items() >= TOKEN_SIGNING_TAG.items() or (
+            condition.items() >= TOKEN_SIGNING_REQUEST_TAG.items()
+        ), statement
 
 
 def test_registration_iot_actions_are_scoped_to_certificates_things_and_profile_policies(
@@ -293,8 +344,15 @@ def test_registration_iot_actions_are_scoped_to_certificates_things_and_profile_
     assert resources_for(statements, "iot:UpdateCertificate") == [certificates]
     assert resources_for(statements, "iot:CreateThing") == [things]
     assert resources_for(statements, "iot:UpdateThing") == [things]
-    assert set(resources_for(statements, "iot:AttachThingPrincipal")) == {things, certificates}
-    assert set(resources_for(statements, "iot:AttachPolicy")) == {certificates} | policies
+    assert resources_for(statements, "iot:ListThingPrincipals") == [things]
+    # By the Service Authorization Reference: Attach/DetachThingPrincipal are authorized on the
+    # certificate (the thing is the iot:thingArn condition), AttachPolicy on its target only
+    for action in ("iot:AttachThingPrincipal", "iot:DetachThingPrincipal"):
+        [granted] = statements_for(statements, action)
+        assert granted["Resource"] == certificates, action
+        assert granted["Condition"] == {"ArnLike": {"iot:thingArn": things}}, action
+    assert resources_for(statements, "iot:AttachPolicy") == [certificates]
+    assert policies  # the profiles' policies exist, and no grant names them (see README)
 
 
 def test_admin_ca_actions_are_scoped_to_ca_certificates(resources: dict[str, dict]) -> None:
@@ -303,7 +361,7 @@ def test_admin_ca_actions_are_scoped_to_ca_certificates(resources: dict[str, dic
 
     # When reading the resources of the CA actions that support resource-level permissions
     # Then they target CA certificates only
-    for action in ("iot:UpdateCACertificate", "iot:DescribeCACertificate"):
+    for action in ("iot:UpdateCACertificate",):
         assert resources_for(statements, action) == [f"{IOT_ARN_PREFIX}:cacert/*"]
 
 
@@ -311,9 +369,7 @@ def test_each_function_has_its_own_role_without_managed_policies(
     resources: dict[str, dict],
 ) -> None:
     # Given every function
-    roles = [
-        role_of(function_by_service(resources, service)[1]) for service in EXPECTED_ACTIONS
-    ]
+    roles = [role_of(function_by_service(resources, service)[1]) for service in EXPECTED_ACTIONS]
 
     # When reading their roles
     # Then the roles are distinct, assumable by Lambda only, with no AWS managed policy
@@ -325,15 +381,39 @@ def test_each_function_has_its_own_role_without_managed_policies(
         assert statement["Principal"] == {"Service": "lambda.amazonaws.com"}
 
 
-def test_maintenance_schedules_deletion_of_tagged_keys_only(resources: dict[str, dict]) -> None:
+def test_maintenance_schedules_deletion_of_this_stacks_keys_only(
+    resources: dict[str, dict],
+) -> None:
     # Given the maintenance role (its action set is pinned above: no CreateKey, no Sign)
     statements = statements_of(resources, MAINTENANCE)
 
     # When reading the statement that allows ScheduleKeyDeletion
     [retire] = statements_for(statements, "kms:ScheduleKeyDeletion")
 
-    # Then it allows that action alone, on this account's and region's keys tagged for token
-    # signing only
-    assert retire["Action"] == "kms:ScheduleKeyDeletion"
+    # Then it applies to P-256 signing keys tagged for this stack only
     assert retire["Resource"] == KMS_KEYS
-    assert retire["Condition"] == {"StringEquals": TOKEN_SIGNING_TAG}
+    assert retire["Condition"] == TOKEN_KEY_CONDITION
+
+
+def test_table_key_policy_denies_its_management_to_every_function_role(
+    resources: dict[str, dict],
+) -> None:
+    # Given the table's key and every function's role
+    key = resources[table_key_id(resources)]
+    roles = {role_of(function_by_service(resources, s)[1]) for s in EXPECTED_ACTIONS}
+
+    # When reading the Deny statements of its key policy
+    [deny] = [s for s in key["Properties"]["KeyPolicy"]["Statement"] if s["Effect"] == "Deny"]
+
+    # Then no function role may tag, re-permission, disable or delete it, whatever IAM grants
+    assert deny["Principal"] == {"AWS": "*"} and deny["Resource"] == "*"
+    assert set(deny["Action"]) == set(constants.TABLE_KEY_DENIED_ACTIONS)
+    assert {
+        "kms:TagResource",
+        "kms:ScheduleKeyDeletion",
+        "kms:DisableKey",
+        "kms:PutKeyPolicy",
+        "kms:CreateGrant",
+    } <= set(deny["Action"])
+    denied = {arn["Fn::GetAtt"][0] for arn in deny["Condition"]["ArnEquals"]["aws:PrincipalArn"]}
+    assert denied == roles

@@ -1,8 +1,8 @@
 """The first access-token signing key: an asymmetric KMS signing key, tagged, retained."""
 
-from fleetkey.services.signing_keys import TAGS
+from fleetkey.services.signing_keys import same_policy, token_key_policy, token_signing_tags
 from fleetkey_infra import constants
-from infra_template import function_by_service, of_type, table_key_id
+from infra_template import ACCOUNT, PARTITION, function_by_service, of_type, render, table_key_id
 
 
 def token_key(resources: dict[str, dict]) -> tuple[str, dict]:
@@ -37,17 +37,18 @@ def test_token_key_is_a_p256_signing_key_without_kms_rotation(resources: dict[st
     assert props["Description"]
 
 
-def test_token_key_carries_the_token_signing_tag_of_the_core(resources: dict[str, dict]) -> None:
+def test_token_key_carries_the_stacks_token_signing_tag(resources: dict[str, dict]) -> None:
     # Given the token signing key
     _, key = token_key(resources)
 
     # When reading its tags
     tags = {t["Key"]: t["Value"] for t in key["Properties"]["Tags"]}
 
-    # Then it has the tag the core puts on the keys it creates (and the grants key on)
-    assert TAGS == {"fleetkey:purpose": "token-signing"}
-    assert tags.items() >= TAGS.items()
-    assert {constants.TOKEN_SIGNING_TAG_KEY: constants.TOKEN_SIGNING_TAG_VALUE} == TAGS
+    # Then it has the tag the core puts on the keys it creates for this stack (and the grants
+    # key on): its value names the stack, so no other stack's grants reach it
+    expected = token_signing_tags(constants.STACK_ID)
+    assert expected == {"fleetkey:purpose": f"token-signing:{constants.STACK_ID}"}
+    assert tags.items() >= expected.items()
 
 
 def test_token_key_is_retained(resources: dict[str, dict]) -> None:
@@ -61,33 +62,58 @@ def test_token_key_is_retained(resources: dict[str, dict]) -> None:
     assert key["UpdateReplacePolicy"] == "Retain"
 
 
-def test_token_function_adopts_the_key_by_its_id(resources: dict[str, dict]) -> None:
-    # Given the token signing key and the token function
+def test_every_registry_reader_knows_the_first_key_by_its_id(resources: dict[str, dict]) -> None:
+    # Given the token signing key and the functions that read the signing-key registry
     key_id, _ = token_key(resources)
-    _, function = function_by_service(resources, constants.TOKEN_SERVICE_NAME)
+    for service in READERS:
+        _, function = function_by_service(resources, service)
 
-    # When reading the function's environment
-    env = function["Properties"]["Environment"]["Variables"]
+        # When reading the function's environment
+        env = function["Properties"]["Environment"]["Variables"]
 
-    # Then FLEETKEY_TOKEN_KEY_ID is that key's id (Ref of a KMS key is its key id)
-    assert env["FLEETKEY_TOKEN_KEY_ID"] == {"Ref": key_id}
+        # Then FLEETKEY_TOKEN_KEY_ID is that key's id (Ref of a KMS key is its key id): the sole
+        # key while the registry is empty
+        assert env["FLEETKEY_TOKEN_KEY_ID"] == {"Ref": key_id}, service
+
+
+READERS = (
+    constants.ADMIN_SERVICE_NAME,
+    constants.TOKEN_SERVICE_NAME,
+    constants.DISCOVERY_SERVICE_NAME,
+    constants.INTROSPECT_SERVICE_NAME,
+    constants.MAINTENANCE_SERVICE_NAME,
+)
+
+
+def test_the_first_key_has_exactly_the_policy_the_functions_trust(
+    resources: dict[str, dict],
+) -> None:
+    # Given the token signing key and the token function's role
+    _, key = token_key(resources)
+    _, token = function_by_service(resources, constants.TOKEN_SERVICE_NAME)
+    role_arn = f"<{token['Properties']['Role']['Fn::GetAtt'][0]}.Arn>"
+
+    # When comparing its key policy with the one the core builds (and checks keys against)
+    expected = token_key_policy(partition=PARTITION, account=ACCOUNT, signer_role_arn=role_arn)
+
+    # Then they say the same: the stack's first key confirms like every rotated key
+    assert same_policy(render(key["Properties"]["KeyPolicy"]), expected)
 
 
 def test_only_the_token_role_may_sign_whatever_iam_grants(resources: dict[str, dict]) -> None:
     # Given the token signing key and the token function's role
-    [(_, key)] = [(i, r) for i, r in resources.items() if r["Type"] == "AWS::KMS::Key"
-                  and r["Properties"].get("KeySpec") == "ECC_NIST_P256"]
+    _, key = token_key(resources)
     statements = key["Properties"]["KeyPolicy"]["Statement"]
 
     # When reading its key policy
     [deny] = [s for s in statements if s.get("Effect") == "Deny"]
 
-    # Then every principal but one is denied kms:Sign, and that one is the token role; the admin
-    # function knows the role, to give rotated keys the same policy
+    # Then every principal but one is denied kms:Sign, and that one is the token role; every
+    # registry reader knows the role, to compare keys' policies (and admin, to write them)
     assert deny["Action"] == "kms:Sign" and deny["Principal"] == {"AWS": "*"}
     [role_arn] = deny["Condition"]["ArnNotEquals"]["aws:PrincipalArn"]["Fn::GetAtt"][:1]
     assert "Token" in role_arn
-    admin = [r for r in resources.values() if r["Type"] == "AWS::Lambda::Function"
-             and r["Properties"]["Environment"]["Variables"].get("POWERTOOLS_SERVICE_NAME") == "fleetkey-admin"]
-    env = admin[0]["Properties"]["Environment"]["Variables"]
-    assert env["FLEETKEY_TOKEN_SIGNER_ROLE_ARN"]["Fn::GetAtt"][0] == role_arn
+    for service in READERS:
+        _, function = function_by_service(resources, service)
+        env = function["Properties"]["Environment"]["Variables"]
+        assert env["FLEETKEY_TOKEN_SIGNER_ROLE_ARN"]["Fn::GetAtt"][0] == role_arn, service

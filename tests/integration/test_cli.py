@@ -16,7 +16,9 @@ from tests.support.pki_cache import ca as cached_ca
 def client(stack, monkeypatch):
     monkeypatch.setenv("FLEETKEY_TABLE", TABLE)
     admin = load_handler("admin")
-    yield AdminClient(InProcessTransport(admin.handler, "arn:aws:iam::123456789012:user/ops", LambdaContext()))
+    yield AdminClient(
+        InProcessTransport(admin.handler, "arn:aws:iam::123456789012:user/ops", LambdaContext())
+    )
     admin.services.cache_clear()
 
 
@@ -25,13 +27,29 @@ def test_ca_register_with_local_key_then_import_show_and_audit(client, tmp_path,
     (tmp_path / "ca.pem").write_text(acme.pem)
     (tmp_path / "ca.key").write_text(key_pem(acme.key))
     # Given a CA registered with a proof made locally from the CA key
-    assert main(["ca", "register", "--name", "acme", "--certificate", str(tmp_path / "ca.pem"),
-                 "--ca-key", str(tmp_path / "ca.key")], client=client) == 0
+    assert (
+        main(
+            [
+                "ca",
+                "register",
+                "--name",
+                "acme",
+                "--certificate",
+                str(tmp_path / "ca.pem"),
+                "--ca-key",
+                str(tmp_path / "ca.key"),
+            ],
+            client=client,
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["status"] == "ACTIVE"
     # When a manifest with one bad row is imported
     manifest = tmp_path / "factory.csv"
-    manifest.write_text("device_id,serial_number,manufacturer_ca,public_key_fingerprint,profile\n"
-                        "pump-1,SN-1,acme,,infusion-pump\nbad id,SN-2,acme,,infusion-pump\n")
+    manifest.write_text(
+        "device_id,serial_number,manufacturer_ca,public_key_fingerprint,profile\n"
+        "pump-1,SN-1,acme,,infusion-pump\nbad id,SN-2,acme,,infusion-pump\n"
+    )
     code = main(["allowlist", "import", str(manifest)], client=client)
     report = json.loads(capsys.readouterr().out)
     # Then the good row is in, the bad one reported, and the exit code says so

@@ -9,7 +9,10 @@ from fleetkey.adapters.kms import KmsSigner
 from fleetkey_local.instrument import AwsCallCounter
 
 
-@pytest.mark.parametrize("spec,size,digest", [("ECC_NIST_P256", 32, hashes.SHA256()), ("ECC_NIST_P384", 48, hashes.SHA384())])
+@pytest.mark.parametrize(
+    "spec,size,digest",
+    [("ECC_NIST_P256", 32, hashes.SHA256()), ("ECC_NIST_P384", 48, hashes.SHA384())],
+)
 def test_signatures_verify_and_the_public_key_is_fetched_once(moto, spec, size, digest):
     # Given a KMS signing key
     kms = boto3.client("kms", region_name="eu-west-1")

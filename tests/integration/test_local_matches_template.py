@@ -12,14 +12,16 @@ import pytest
 
 from fleetkey_local.provision import NAME_PREFIX
 from fleetkey_local.stack import ACCOUNT, REGION, TABLE
+from tests.support.aws_calls import remember_template
 
 PSEUDO_PARAMETERS = {"AWS::Partition": "aws", "AWS::Region": REGION, "AWS::AccountId": ACCOUNT}
 # Settings the deployed stack passes from its own resources and the local stack provisions
-# instead: FLEETKEY_TOKEN_KEY_ID names the stack's first token signing key, which the token
-# function adopts into the signing-key registry when the registry is empty; the embedded stack
-# creates that key and adopts it itself (EmbeddedStack.provision). See
-# test_first_token_signing_key_matches.
-PROVISIONED_LOCALLY = {"FLEETKEY_TOKEN_KEY_ID"}
+# instead: FLEETKEY_TOKEN_KEY_ID names the stack's first token signing key, which every registry
+# reader takes as the sole key while the registry is empty; the embedded stack creates that key
+# and writes it into its registry itself (EmbeddedStack.provision). FLEETKEY_STACK_NAME is the
+# value of the signing keys' tag: the local stack's functions keep Settings' default (the local
+# stack's name), which its keys are tagged with. See test_first_token_signing_key_matches.
+PROVISIONED_LOCALLY = {"FLEETKEY_TOKEN_KEY_ID", "FLEETKEY_STACK_NAME"}
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +30,7 @@ def resources(tmp_path_factory) -> dict[str, dict]:
     os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
     os.environ.setdefault("JSII_SILENCE_WARNING_UNTESTED_NODE_VERSION", "1")
     from aws_cdk.assertions import Template
+
     from fleetkey_infra import constants
     from fleetkey_infra.application import create_app
 
@@ -38,7 +41,9 @@ def resources(tmp_path_factory) -> dict[str, dict]:
     app = create_app(outdir=str(tmp_path_factory.mktemp("cdk.out")),
                      context={"aws:cdk:disable-asset-staging": True})
     app.synth()
-    return Template.from_stack(app.node.find_child(constants.STACK_ID)).to_json()["Resources"]
+    template = Template.from_stack(app.node.find_child(constants.STACK_ID)).to_json()
+    remember_template(template)  # the suite's IAM check evaluates this template too
+    return template["Resources"]
 
 
 def of_type(resources: dict[str, dict], cfn_type: str) -> dict[str, dict]:
@@ -176,25 +181,38 @@ def test_function_settings_are_set_locally(resources):
 
 
 def test_first_token_signing_key_matches(stack, resources):
-    from fleetkey.services.signing_keys import TAGS
+    from fleetkey.services.signing_keys import same_policy, token_signing_tags
+    from fleetkey.settings import LOCAL_STACK_NAME, LOCAL_TOKEN_SIGNER_ROLE_ARN
+    from fleetkey_infra import constants
 
-    # Given the template's token signing key (the KMS key the token function is told to adopt)
-    token_functions = [
+    # Given the template's first token signing key (every registry reader is told its id)
+    readers = [
         f for f in of_type(resources, "AWS::Lambda::Function").values()
         if "FLEETKEY_TOKEN_KEY_ID" in f["Properties"]["Environment"]["Variables"]
     ]
-    assert token_functions
+    assert readers
     (key_ref,) = {json.dumps(f["Properties"]["Environment"]["Variables"]["FLEETKEY_TOKEN_KEY_ID"])
-                  for f in token_functions}
+                  for f in readers}
     expected = resources[json.loads(key_ref)["Ref"]]["Properties"]
     # and the key the local stack created
     local = stack.kms.describe_key(KeyId=stack.token_key_id)["KeyMetadata"]
     tags = stack.kms.list_resource_tags(KeyId=stack.token_key_id)["Tags"]
-    # Then it is the same kind of key with the same token-signing tag
+    policy = json.loads(
+        stack.kms.get_key_policy(KeyId=stack.token_key_id, PolicyName="default")["Policy"]
+    )
+    # Then it is the same kind of key, tagged for its own stack as the template's is for its own
     assert local["KeySpec"] == expected["KeySpec"]
     assert local["KeyUsage"] == expected["KeyUsage"]
     expected_tags = {t["Key"]: t["Value"] for t in expected["Tags"]}
-    assert expected_tags.items() >= TAGS.items()
-    assert {t["TagKey"]: t["TagValue"] for t in tags}.items() >= TAGS.items()
-    # and, adopted already, it is the registry's signing key (what the variable leads to in AWS)
-    assert [k.key_id for k in stack.signing_keys.keys()] == [stack.token_key_id]
+    assert expected_tags.items() >= token_signing_tags(constants.STACK_ID).items()
+    local_tags = {t["TagKey"]: t["TagValue"] for t in tags}
+    assert local_tags.items() >= token_signing_tags(LOCAL_STACK_NAME).items()
+    # and it has the template's key policy, the token role being the local stack's
+    (signer,) = {json.dumps(s["Condition"]["ArnNotEquals"]["aws:PrincipalArn"])
+                 for s in expected["KeyPolicy"]["Statement"] if s["Effect"] == "Deny"}
+    deployed = json.loads(json.dumps(expected["KeyPolicy"]).replace(
+        signer, json.dumps(LOCAL_TOKEN_SIGNER_ROLE_ARN)))
+    assert same_policy(policy, resolve(deployed))
+    # and it is the registry's signing key (what the variable leads to in AWS)
+    registry = stack.signing_keys.keys()
+    assert [k.key_id for k in registry] == [stack.token_key_id]

@@ -1,27 +1,111 @@
 """Manufacturer CA registration and disabling: one name per CA, AWS IoT and fleetkey agree."""
 
 import pytest
+from botocore.exceptions import BotoCoreError, ClientError
 
 from fleetkey.errors import Conflict, InvalidCertificate, InvalidRequest
+from fleetkey_local.instrument import AwsCallCounter
 from fleetkey_local.iot import certificate_id
 from fleetkey_local.pki import CertificateAuthority, pem
 from tests.support.faults import FaultInjector
 from tests.support.pki_cache import ca as cached_ca
 
+# What an injected fault surfaces as: the ClientError before a call, the timeout after it.
+INJECTED = (ClientError, BotoCoreError)
+
 
 def iot_status(stack, ca_id):
-    return stack.harness_iot.describe_ca_certificate(certificateId=ca_id)["certificateDescription"]["status"]
+    return stack.harness_iot.describe_ca_certificate(certificateId=ca_id)["certificateDescription"][
+        "status"
+    ]
 
 
-def test_one_ca_cannot_take_two_names(stack):
-    # Given a CA registered as acme
+def iot_state(stack, ca_id):
+    described = stack.harness_iot.describe_ca_certificate(certificateId=ca_id)[
+        "certificateDescription"
+    ]
+    return described["status"], described["autoRegistrationStatus"]
+
+
+@pytest.mark.parametrize("disabled", [False, True], ids=["active", "disabled"])
+def test_one_ca_cannot_take_two_names_and_the_refusal_changes_nothing(stack, disabled):
+    # Given a CA registered as acme (and perhaps disabled since)
     acme = cached_ca("acme")
-    stack.register_ca(acme, name="acme")
+    ca_id = stack.register_ca(acme, name="acme").iot_ca_id
+    if disabled:
+        stack.cas.set_enabled("acme", False, actor="op")
+    before = iot_state(stack, ca_id)
+    calls = AwsCallCounter().watch(*stack.service_clients())
     # When the same CA is registered under another name
     with pytest.raises(Conflict):
         stack.register_ca(acme, name="zz-acme")
-    # Then there is one trust anchor for it
+    # Then there is one trust anchor for it, AWS IoT is exactly as it was (JITR still on for an
+    # active CA), and the refusal made no AWS IoT call at all
     assert [ca.name for ca in stack.cas.list()] == ["acme"]
+    assert (
+        iot_state(stack, ca_id)
+        == before
+        == (("INACTIVE", "DISABLE") if disabled else ("ACTIVE", "ENABLE"))
+    )
+    assert [c for c in calls.calls if not c.startswith("dynamodb.")] == [], calls.calls
+    records, _ = stack.devices.audit("ca:acme")
+    assert [r.action for r in records] == ["ca_registered"] + (["ca_disabled"] if disabled else [])
+
+
+def test_the_local_aws_iot_refuses_a_second_registration_of_a_ca_as_aws_does(stack):
+    # Given a CA registered with AWS IoT, active with auto-registration
+    acme = cached_ca("acme")
+    ca_id = stack.register_ca(acme).iot_ca_id
+    code = stack.harness_iot.get_registration_code()["registrationCode"]
+    # When it is registered again (inactive)
+    with pytest.raises(stack.harness_iot.exceptions.ResourceAlreadyExistsException):
+        stack.harness_iot.register_ca_certificate(
+            caCertificate=acme.pem,
+            verificationCertificate=pem(acme.verification_certificate(code)),
+            setAsActive=False,
+            allowAutoRegistration=False,
+        )
+    # Then the registered CA is unchanged
+    assert iot_state(stack, ca_id) == ("ACTIVE", "ENABLE")
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    from tests.support.hostile_x509 import HostileX509
+
+    return HostileX509(tmp_path_factory.mktemp("hostile-cas"))
+
+
+def test_hostile_ca_certificates_are_refused_before_aws_iot_hears_of_them(stack, hostile):
+    cases = hostile.ca_cases()
+    assert cases
+    calls = AwsCallCounter().watch(*stack.service_clients())
+    for case in cases:
+        # Given a CA certificate wrong in one way (e.g. an extension that does not decode)
+        # When it is registered / Then it is an InvalidCertificate (a 400), never a parser error
+        with pytest.raises(InvalidCertificate) as refused:
+            stack.cas.register("hostile", case.pem, case.pem, actor="op")
+        if case.reason is not None:
+            assert refused.value.reason == case.reason.value, case.name
+    # And AWS IoT and fleetkey never heard of any of them: refused before any AWS call
+    assert calls.calls == []
+    assert stack.cas.list() == []
+
+
+def test_hostile_proofs_of_possession_are_refused_before_aws_iot_hears_of_the_ca(stack, hostile):
+    acme = cached_ca("acme")
+    code = stack.harness_iot.get_registration_code()["registrationCode"]
+    calls = AwsCallCounter().watch(*stack.service_clients())
+    cases = [case for case in hostile.leaf_cases(acme, common_name=code) if case.reason is not None]
+    for case in cases:
+        # Given a verification certificate, signed by the CA, wrong in one way (legal oddities,
+        # such as a UniversalString CN, are left out: they may be a valid proof)
+        # When the CA is registered with it / Then it is refused, with nothing registered
+        with pytest.raises(InvalidCertificate):
+            stack.cas.register("acme", acme.pem, case.pem, actor="op")
+    # Only reads reached AWS: the CA was never registered with AWS IoT
+    assert set(calls.calls) <= {"dynamodb.GetItem", "iot.GetRegistrationCode"}, calls.calls
+    assert stack.cas.list() == []
 
 
 def test_reserved_and_invalid_names(stack):
@@ -56,7 +140,7 @@ def test_registration_converges_after_a_failure_at_any_call(stack, after):
         # Given a failure at the k-th call of registering a new CA
         authority, name = CertificateAuthority.create(f"ca{k}"), f"ca-{k}"
         faults.arm(k, after=after)
-        with pytest.raises(Exception):
+        with pytest.raises(INJECTED):
             register(name, authority)
         assert faults.fired == clean_calls[k - 1]
         faults.arm(None)

@@ -4,19 +4,25 @@ deliveries, and concurrent copies all end in exactly the state of one clean run.
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from botocore.exceptions import BotoCoreError, ClientError
 
 from fleetkey.domain.allowlist import AllowlistEntry
 from fleetkey_local.pki import pem
 from tests.support.faults import FaultInjector
 from tests.support.pki_cache import ca as cached_ca
 
+# What an injected fault surfaces as: the ClientError before a call, the timeout after it.
+INJECTED = (ClientError, BotoCoreError)
+
 
 def _entry(device_id: str) -> AllowlistEntry:
     return AllowlistEntry(
-        device_id=device_id, serial_number=f"SN-{device_id}", manufacturer_ca="acme",
+        device_id=device_id,
+        serial_number=f"SN-{device_id}",
+        manufacturer_ca="acme",
         profile="telemetry-sensor",
     )
 
@@ -34,11 +40,27 @@ def _prepare(stack, scenario: str):
         assert stack.register(stack.first_connect(pem(original), acme.pem)).accepted
     options = {}
     if scenario == "expired":
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         options = {"not_before": now - timedelta(days=9), "not_after": now - timedelta(days=1)}
     _, cert = acme.issue_device(device_id, serial_number=f"SN-{device_id}", **options)
-    event = stack.first_connect(pem(cert), acme.pem)
+    text = pem(cert)
+    if scenario == "malformed":
+        text = _duplicate_key_usage(cert, acme.key)
+    event = stack.first_connect(text, acme.pem)
     return event, device_id
+
+
+def _duplicate_key_usage(cert, key) -> str:
+    """`cert` with its extendedKeyUsage turned into a second keyUsage, signed again by the CA:
+    a certificate whose extensions do not parse."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from tests.support.hostile_x509 import pem_text, resign
+
+    tbs = cert.tbs_certificate_bytes.replace(
+        bytes.fromhex("0603551d25"), bytes.fromhex("0603551d0f")
+    )
+    return pem_text(resign(cert.public_bytes(Encoding.DER), tbs, key))
 
 
 def snapshot(stack, event: dict, device_id: str) -> dict:
@@ -51,11 +73,17 @@ def snapshot(stack, event: dict, device_id: str) -> dict:
     try:
         thing = iot.describe_thing(thingName=device_id)
         principals = iot.list_thing_principals(thingName=device_id)["principals"]
-        thing_state = (thing.get("thingTypeName"), sorted(thing.get("attributes", {})),
-                       ["this" if p == cert["certificateArn"] else "other" for p in principals])
+        thing_state = (
+            thing.get("thingTypeName"),
+            sorted(thing.get("attributes", {})),
+            ["this" if p == cert["certificateArn"] else "other" for p in principals],
+        )
     except iot.exceptions.ResourceNotFoundException:
         thing_state = None
-    policies = [p["policyName"] for p in iot.list_attached_policies(target=cert["certificateArn"])["policies"]]
+    policies = [
+        p["policyName"]
+        for p in iot.list_attached_policies(target=cert["certificateArn"])["policies"]
+    ]
 
     def actions(subject):
         try:
@@ -68,14 +96,18 @@ def snapshot(stack, event: dict, device_id: str) -> dict:
         "certificate_status": cert["status"],
         "policies": policies,
         "thing": thing_state,
-        "device": None if device is None else (device.state.value, device.certificate_id == cert_id, device.audit_head.seq),
-        "decision": None if decision is None else (decision.outcome.value, decision.reason, decision.device_id),
+        "device": None
+        if device is None
+        else (device.state.value, device.certificate_id == cert_id, device.audit_head.seq),
+        "decision": None
+        if decision is None
+        else (decision.outcome.value, decision.reason, decision.device_id),
         "device_audit": actions(f"device:{device_id}"),
         "certificate_audit": actions(f"certificate:{cert_id}"),
     }
 
 
-SCENARIOS = ["accepted", "not-allowlisted", "clone", "expired"]
+SCENARIOS = ["accepted", "not-allowlisted", "clone", "expired", "malformed"]
 
 
 def _clean_run(make_stack, scenario):
@@ -135,7 +167,7 @@ def test_failure_at_every_call_then_retry_converges(make_stack, scenario, after)
         faults = FaultInjector().watch(*stack.service_clients())
         faults.arm(k, after=after)
         # When the registration fails there (Lambda sees the error and retries the event)
-        with pytest.raises(Exception):
+        with pytest.raises(INJECTED):
             stack.register(event)
         assert faults.fired == clean_calls[k - 1], (k, faults.calls)
         faults.arm(None)
@@ -144,7 +176,7 @@ def test_failure_at_every_call_then_retry_converges(make_stack, scenario, after)
         assert snapshot(stack, event, device_id) == expected, f"fault at call {k} ({faults.fired})"
 
 
-@pytest.mark.parametrize("scenario", ["accepted", "not-allowlisted", "clone"])
+@pytest.mark.parametrize("scenario", ["accepted", "not-allowlisted", "clone", "malformed"])
 def test_ten_concurrent_copies_end_as_one_run(make_stack, scenario):
     expected, _ = _clean_run(make_stack, scenario)
     # Given the scenario's starting state
@@ -153,11 +185,12 @@ def test_ten_concurrent_copies_end_as_one_run(make_stack, scenario):
     # When ten copies of the event are processed at once
     barrier = threading.Barrier(10)
     errors: list[BaseException] = []
+    outcomes = []
 
     def deliver():
         barrier.wait()
         try:
-            stack.register(event)
+            outcomes.append(stack.register(event))
         except BaseException as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
@@ -166,8 +199,10 @@ def test_ten_concurrent_copies_end_as_one_run(make_stack, scenario):
         t.start()
     for t in threads:
         t.join()
-    # Then every copy succeeds and the state is that of one clean run
+    # Then every copy succeeds, exactly one made the decision (so it is counted once), and the
+    # state is that of one clean run
     assert errors == []
+    assert sum(outcome.decided for outcome in outcomes) == 1
     assert snapshot(stack, event, device_id) == expected
 
 

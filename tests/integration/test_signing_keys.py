@@ -4,8 +4,10 @@ a clock the test moves, shared by the registry, the token service and the regist
 
 from __future__ import annotations
 
+import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from urllib.parse import urlencode
 
 import jwt
 import pytest
@@ -14,10 +16,20 @@ from fleetkey.adapters.kms import KmsKeys
 from fleetkey.domain.audit import ChainHead
 from fleetkey.domain.profiles import PROFILES
 from fleetkey.errors import Conflict
-from fleetkey.services.signing_keys import MAX_TOKEN_LIFETIME_SECONDS, TAGS, NoSigningKey, SigningKeys
+from fleetkey.services.signing_keys import (
+    KEY_DESCRIPTION,
+    MAX_TOKEN_LIFETIME_SECONDS,
+    KeyTrust,
+    NoSigningKey,
+    SigningKeys,
+    same_policy,
+    token_key_policy_for,
+    token_signing_tags,
+)
 from fleetkey.services.tokens import TokenService
 from fleetkey_local.device import token_request
 from fleetkey_local.instrument import AwsCallCounter
+from tests.conftest import ROOT
 from tests.integration.test_tokens import TELEMETRY, enroll
 from tests.support.pki_cache import ca as cached_ca
 
@@ -32,7 +44,7 @@ class Clock:
         self.t = float(int(time.time()))
 
     def __call__(self) -> datetime:
-        return datetime.fromtimestamp(self.t, timezone.utc)
+        return datetime.fromtimestamp(self.t, UTC)
 
     def monotonic(self) -> float:
         return self.t
@@ -53,8 +65,14 @@ def acme(stack):
 
 
 def registry(stack, clock) -> SigningKeys:
-    return SigningKeys(stack.store, KmsKeys(client=stack.kms), clock=clock, monotonic=clock.monotonic,
-                       cache_seconds=CACHE, publish_lead_seconds=LEAD)
+    return SigningKeys(
+        stack.store,
+        KmsKeys(client=stack.kms),
+        clock=clock,
+        monotonic=clock.monotonic,
+        cache_seconds=CACHE,
+        publish_lead_seconds=LEAD,
+    )
 
 
 def published(stack) -> dict:
@@ -72,8 +90,14 @@ def verifies(stack, token: str, jwks: dict, now: float) -> bool:
     if kid_of(token) not in keys:
         return False
     key = jwt.PyJWK.from_dict(keys[kid_of(token)])
-    claims = jwt.decode(token, key, algorithms=["ES256"], audience=TELEMETRY, issuer=stack.settings.issuer,
-                        options={"verify_exp": False, "verify_iat": False})
+    claims = jwt.decode(
+        token,
+        key,
+        algorithms=["ES256"],
+        audience=TELEMETRY,
+        issuer=stack.settings.issuer,
+        options={"verify_exp": False, "verify_iat": False},
+    )
     return claims["iat"] <= now < claims["exp"]
 
 
@@ -82,7 +106,9 @@ def assert_unexpired_tokens_verify(stack, issued: list[str], now: float) -> None
     for token in issued:
         exp = jwt.decode(token, options={"verify_signature": False})["exp"]
         if exp > now:
-            assert verifies(stack, token, jwks, now), f"an unexpired token of key {kid_of(token)} no longer verifies"
+            assert verifies(stack, token, jwks, now), (
+                f"an unexpired token of key {kid_of(token)} no longer verifies"
+            )
 
 
 def test_jwks_continuity_across_a_rotation(stack, acme):
@@ -109,7 +135,7 @@ def test_jwks_continuity_across_a_rotation(stack, acme):
     # Then B is published at once (A stays), and signs only from its active_from
     assert b.active_from == clock.t + LEAD
     assert [k["kid"] for k in published(stack)["keys"]] == [a.kid, b.kid]
-    retiring = {k.kid: k for k in keys.keys()}[a.kid]
+    retiring = {k.kid: k for k in keys.keys()}[a.kid]  # noqa: SIM118 (SigningKeys.keys, not a dict)
     assert retiring.retire_after == b.active_from + MAX_TOKEN_LIFETIME_SECONDS + CACHE
     assert kid_of(token()) == a.kid
     clock.advance(CACHE - 10)  # the stale function still signs from its cache
@@ -126,10 +152,15 @@ def test_jwks_continuity_across_a_rotation(stack, acme):
 
     # and A's retirement waits for the longest token A could have signed
     last_a_signature = b.active_from - 1
-    longest = max(MAX_TOKEN_LIFETIME_SECONDS, *(p.token_rules.lifetime_seconds for p in PROFILES.values()))
+    longest = max(
+        MAX_TOKEN_LIFETIME_SECONDS, *(p.token_rules.lifetime_seconds for p in PROFILES.values())
+    )
     assert retiring.retire_after >= last_a_signature + longest
     a_tokens = [t for t in issued if kid_of(t) == a.kid]
-    assert all(jwt.decode(t, options={"verify_signature": False})["exp"] <= retiring.retire_after for t in a_tokens)
+    assert all(
+        jwt.decode(t, options={"verify_signature": False})["exp"] <= retiring.retire_after
+        for t in a_tokens
+    )
 
     # When retirement runs before A's retire_after (and at it), Then nothing is removed
     for moment in (b.active_from + 1800, retiring.retire_after - 1, retiring.retire_after):
@@ -141,8 +172,9 @@ def test_jwks_continuity_across_a_rotation(stack, acme):
 
     # When it runs after, Then A leaves the JWKS and its KMS key is scheduled for deletion
     clock.set(retiring.retire_after + 1)
-    assert all(jwt.decode(t, options={"verify_signature": False})["exp"] <= clock.t for t in a_tokens), \
-        "A is retired while one of its tokens is still valid"
+    assert all(
+        jwt.decode(t, options={"verify_signature": False})["exp"] <= clock.t for t in a_tokens
+    ), "A is retired while one of its tokens is still valid"
     assert keys.retire_expired(actor="scheduler") == [a.key_id]
     assert [k["kid"] for k in published(stack)["keys"]] == [b.kid]
     assert stack.kms.describe_key(KeyId=a.key_id)["KeyMetadata"]["KeyState"] == "PendingDeletion"
@@ -154,11 +186,19 @@ def test_jwks_continuity_across_a_rotation(stack, acme):
 
     # and every change is in the signing-keys audit chain, which verifies
     records, verification = stack.devices.audit("stream:signing-keys")
-    assert [r.action for r in records] == ["signing_key_initialized", "signing_key_rotated", "signing_keys_retired"]
+    assert [r.action for r in records] == [
+        "signing_key_initialized",
+        "signing_key_rotated",
+        "signing_keys_retired",
+    ]
     assert verification.records == 3
     assert records[1].actor == "operator"
-    assert records[1].details == {"kid": b.kid, "key_id": b.key_id, "active_from": b.active_from,
-                                  "previous_retire_after": retiring.retire_after}
+    assert records[1].details == {
+        "kid": b.kid,
+        "key_id": b.key_id,
+        "active_from": b.active_from,
+        "previous_retire_after": retiring.retire_after,
+    }
     assert records[2].details == {"kids": [a.kid]}
 
 
@@ -173,7 +213,7 @@ def test_two_rotations_before_the_first_takes_effect(stack, acme):
     b = keys.rotate(actor="op")
     clock.advance(100)
     c = keys.rotate(actor="op")
-    by_kid = {k.kid: k for k in keys.keys()}
+    by_kid = {k.kid: k for k in keys.keys()}  # noqa: SIM118 (SigningKeys.keys, not a dict)
     # Then A keeps its first retire_after; B gets one covering its short signing window
     assert by_kid[a.kid].retire_after == b.active_from + MAX_TOKEN_LIFETIME_SECONDS + CACHE
     assert by_kid[b.kid].retire_after == c.active_from + MAX_TOKEN_LIFETIME_SECONDS + CACHE
@@ -199,7 +239,7 @@ def test_initialize_is_idempotent(stack):
     assert len(first) == 1 and first[0].key_id == stack.token_key_id
 
     # When initialization runs again, with that key or another
-    other_key = KmsKeys(client=stack.kms).create_signing_key("spare", TAGS)
+    other_key = spare_key(stack)
     again = stack.signing_keys.initialize(stack.token_key_id, actor="token-function")
     other = stack.signing_keys.initialize(other_key, actor="token-function")
 
@@ -208,6 +248,18 @@ def test_initialize_is_idempotent(stack):
     assert [k["kid"] for k in published(stack)["keys"]] == [first[0].kid]
     records, verification = stack.devices.audit("stream:signing-keys")
     assert [r.action for r in records] == ["signing_key_initialized"] and verification.records == 1
+
+
+def spare_key(stack, trust: KeyTrust | None = None, policy: dict | None = None) -> str:
+    """A key as fleetkey creates one (this stack's tags and key policy, unless told otherwise)."""
+    trust = trust or stack.key_trust
+    return KmsKeys(client=stack.kms).create_signing_key(
+        KEY_DESCRIPTION, dict(trust.tags), json.dumps(policy or trust.policy)
+    )
+
+
+def key_state(stack, key_id: str) -> str:
+    return stack.kms.describe_key(KeyId=key_id)["KeyMetadata"]["KeyState"]
 
 
 class StaleReads:
@@ -227,7 +279,7 @@ class StaleReads:
 def test_concurrent_initialization_adopts_the_winners_key(stack):
     # Given a function that saw an empty registry, while another initialized it meanwhile
     racer = SigningKeys(StaleReads(stack.store, (ChainHead(), [])), KmsKeys(client=stack.kms))
-    spare = KmsKeys(client=stack.kms).create_signing_key("spare", TAGS)
+    spare = spare_key(stack)
     # When it initializes with its own key
     adopted = racer.initialize(spare, actor="token-function")
     # Then it adopts the winner's key, and the registry has that one key only
@@ -240,15 +292,26 @@ def test_a_rotation_racing_another_is_a_conflict_and_changes_nothing(stack):
     clock = Clock()
     before = stack.store.get_signing_keys()
     winner = registry(stack, clock).rotate(actor="op-1")
-    loser = SigningKeys(StaleReads(stack.store, before), KmsKeys(client=stack.kms), clock=clock,
-                        monotonic=clock.monotonic)
+    loser = SigningKeys(
+        StaleReads(stack.store, before),
+        KmsKeys(client=stack.kms),
+        clock=clock,
+        monotonic=clock.monotonic,
+    )
+    keys_before = {k["KeyId"] for k in stack.kms.list_keys()["Keys"]}
     # When the late rotation writes, Then it is a conflict and the winner's registry stands
     with pytest.raises(Conflict) as conflict:
         loser.rotate(actor="op-2")
-    assert "unused" in conflict.value.message
-    assert [k["kid"] for k in published(stack)["keys"]] == [stack.signing_keys.keys()[0].kid, winner.kid]
+    assert "nothing was changed" in conflict.value.message
+    assert [k["kid"] for k in published(stack)["keys"]] == [
+        stack.signing_keys.keys()[0].kid,
+        winner.kid,
+    ]
     records, _ = stack.devices.audit("stream:signing-keys")
     assert [r.actor for r in records] == ["provisioning", "op-1"]
+    # and the key the refused rotation created is already on its way out (nothing left behind)
+    [created] = {k["KeyId"] for k in stack.kms.list_keys()["Keys"]} - keys_before
+    assert key_state(stack, created) == "PendingDeletion"
 
 
 def test_the_registry_is_read_once_per_cache_period(stack):
@@ -282,17 +345,204 @@ def test_no_signing_key_before_initialization():
 
 
 def test_rotated_keys_let_only_the_token_role_sign(stack):
-    import json as _json
-
-    from fleetkey.services.signing_keys import token_key_policy
-
-    # Given the token function's role
-    role = "arn:aws:iam::123456789012:role/fleetkey-token"
-    # When a rotation creates a key with fleetkey's key policy
-    key = stack.signing_keys.rotate(actor="op", policy=token_key_policy(role))
+    # Given the stack's trust (the token function's role in its key policy)
+    role = stack.settings.token_signer_role_arn
+    # When a rotation creates a key
+    key = stack.signing_keys.rotate(actor="op")
     # Then its policy keeps the account's IAM in charge and denies kms:Sign to everyone but the role
-    policy = _json.loads(stack.kms.get_key_policy(KeyId=key.key_id, PolicyName="default")["Policy"])
+    policy = json.loads(stack.kms.get_key_policy(KeyId=key.key_id, PolicyName="default")["Policy"])
     allow, deny = policy["Statement"]
-    assert allow["Principal"] == {"AWS": "arn:aws:iam::123456789012:root"} and allow["Action"] == "kms:*"
+    assert (
+        allow["Principal"] == {"AWS": "arn:aws:iam::123456789012:root"}
+        and allow["Action"] == "kms:*"
+    )
     assert deny["Effect"] == "Deny" and deny["Action"] == "kms:Sign"
     assert deny["Condition"] == {"ArnNotEquals": {"aws:PrincipalArn": role}}
+    # and it carries this stack's tag
+    tags = KmsKeys(client=stack.kms).tags(key.key_id)
+    assert tags == token_signing_tags(stack.settings.stack_name)
+
+
+def rotation_to(stack, key_id: str) -> None:
+    """Write a registry entry for `key_id` as a rotation would (the table alone: no KMS check)."""
+    from fleetkey.crypto.jose import jwk_thumbprint, public_jwk
+
+    head, items = stack.store.get_signing_keys()
+    jwk = public_jwk(KmsKeys(client=stack.kms).public_key(key_id))
+    kid = jwk_thumbprint(jwk)
+    new = {
+        "key_id": key_id,
+        "kid": kid,
+        "jwk": {**jwk, "kid": kid, "use": "sig", "alg": "ES256"},
+        "active_from": 0,
+        "retire_after": None,
+    }
+    record = head.next_record(
+        subject="stream:signing-keys",
+        at="2026-01-01T00:00:00Z",
+        action="signing_key_rotated",
+        actor="intruder",
+        details={},
+    )
+    stack.store.put_signing_keys(head, [*items, new], record)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["policy_lets_another_role_sign", "policy_without_the_deny", "tagged_for_another_stack"],
+)
+def test_a_registry_entry_is_refused_unless_tags_and_key_policy_are_fleetkeys(stack, variant):
+    # Given a P-256 signing key, tagged and with a policy differing from fleetkey's in one way
+    trust = stack.key_trust
+    if variant == "policy_lets_another_role_sign":
+        key_id = spare_key(
+            stack, policy=token_key_policy_for("arn:aws:iam::123456789012:role/other")
+        )
+    elif variant == "policy_without_the_deny":
+        key_id = spare_key(
+            stack, policy={**trust.policy, "Statement": trust.policy["Statement"][:1]}
+        )
+    else:
+        key_id = spare_key(
+            stack, trust=KeyTrust.for_stack("another-stack", stack.settings.token_signer_role_arn)
+        )
+    # When an entry for it lands in the registry (a write to the table alone)
+    rotation_to(stack, key_id)
+    # Then no registry reader publishes it or signs with it
+    reader = SigningKeys(stack.store, KmsKeys(client=stack.kms), trust=trust)
+    assert key_id not in {k.key_id for k in reader.keys()}  # noqa: SIM118 (SigningKeys.keys, not a dict)
+    assert reader.current()[0].key_id == stack.token_key_id
+
+
+def test_a_key_with_fleetkeys_policy_in_another_layout_is_confirmed(stack):
+    # Given a key whose policy says the same as fleetkey's, reordered, re-spelled and without Sids
+    allow, deny = stack.key_trust.policy["Statement"]
+    relaid = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                **{k: v for k, v in deny.items() if k != "Sid"},
+                "Action": ["KMS:Sign"],
+                "Principal": "*",
+            },
+            {**allow, "Resource": ["*"], "Sid": "Other"},
+        ],
+    }
+    key_id = spare_key(stack, policy=relaid)
+    # When it is registered, Then it is confirmed and published
+    rotation_to(stack, key_id)
+    reader = SigningKeys(stack.store, KmsKeys(client=stack.kms), trust=stack.key_trust)
+    assert key_id in {k.key_id for k in reader.keys()}  # noqa: SIM118 (SigningKeys.keys, not a dict)
+
+
+def test_same_policy_compares_by_meaning():
+    # Given fleetkey's policy for one role
+    policy = token_key_policy_for("arn:aws:iam::123456789012:role/token")
+    # Then statement order, Sids and list-vs-string do not matter; a different role does
+    swapped = {**policy, "Statement": list(reversed(policy["Statement"]))}
+    assert same_policy(policy, swapped)
+    assert not same_policy(policy, token_key_policy_for("arn:aws:iam::123456789012:role/other"))
+    assert not same_policy(policy, {**policy, "Version": "2008-10-17"})
+
+
+class EmptyRegistry:
+    """The store of a deployed stack that never rotated: the registry item does not exist."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+
+    def get_signing_keys(self):
+        return ChainHead(), []
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def test_an_empty_registry_serves_the_stacks_first_key_without_writing(stack):
+    # Given a deployed stack's view: no registry item, the first key named in settings
+    trust = KeyTrust.for_stack(
+        stack.settings.stack_name, stack.settings.token_signer_role_arn, stack.token_key_id
+    )
+    reader = SigningKeys(EmptyRegistry(stack.store), KmsKeys(client=stack.kms), trust=trust)
+    counter = AwsCallCounter().watch(*stack.service_clients())
+    # When a reader asks for the current key and the JWKS
+    key, _ = reader.current()
+    jwks = reader.jwks()
+    # Then the first key is current and published, confirmed with KMS, and nothing was written
+    assert key.key_id == stack.token_key_id and [k["kid"] for k in jwks["keys"]] == [key.kid]
+    calls = counter.reset()
+    assert "kms.GetKeyPolicy" in calls and "kms.ListResourceTags" in calls
+    assert not [
+        c for c in calls if c.split(".")[1] in {"PutItem", "TransactWriteItems", "UpdateItem"}
+    ]
+
+
+def test_an_empty_registry_refuses_a_first_key_that_is_not_fleetkeys(stack):
+    # Given settings naming a key created without fleetkey's policy
+    other = KmsKeys(client=stack.kms).create_signing_key(
+        KEY_DESCRIPTION, dict(stack.key_trust.tags)
+    )
+    trust = KeyTrust.for_stack(
+        stack.settings.stack_name, stack.settings.token_signer_role_arn, other
+    )
+    reader = SigningKeys(EmptyRegistry(stack.store), KmsKeys(client=stack.kms), trust=trust)
+    # When a token would be signed, Then there is no key (503), not that key
+    with pytest.raises(NoSigningKey):
+        reader.current()
+
+
+def forget_registry(stack) -> None:
+    """Delete the registry and its audit chain: the state of a deployed stack before any rotation
+    (the local stack's provisioning writes its first key in)."""
+    items = stack.dynamodb.query(
+        TableName=stack.settings.table_name,
+        KeyConditionExpression="pk = :pk",
+        ExpressionAttributeValues={":pk": {"S": "STREAM#signing-keys"}},
+    )["Items"]
+    for item in items:
+        stack.dynamodb.delete_item(
+            TableName=stack.settings.table_name, Key={"pk": item["pk"], "sk": item["sk"]}
+        )
+
+
+def test_the_first_rotation_writes_the_first_key_into_the_registry(stack, monkeypatch):
+    # Given a deployed stack's empty registry (the local stack's provisioning wrote one: remove it)
+    forget_registry(stack)
+    trust = KeyTrust.for_stack(
+        stack.settings.stack_name, stack.settings.token_signer_role_arn, stack.token_key_id
+    )
+    keys = SigningKeys(stack.store, KmsKeys(client=stack.kms), trust=trust)
+    first = keys.current()[0]
+    # When an operator rotates
+    new = keys.rotate(actor="op")
+    # Then the registry holds the first key (now retiring) and the new one
+    _, items = stack.store.get_signing_keys()
+    assert [i["key_id"] for i in items] == [stack.token_key_id, new.key_id]
+    assert items[0]["retire_after"] is not None and items[0]["kid"] == first.kid
+
+
+def test_the_token_function_never_writes_the_registry(stack, acme, monkeypatch):
+    # Given a deployed stack's token function: empty registry, the first key from its settings
+    from tests.support.handlers import LambdaContext, load_handler
+
+    forget_registry(stack)
+    monkeypatch.setenv("FLEETKEY_TABLE", stack.settings.table_name)
+    monkeypatch.setenv("FLEETKEY_ISSUER", stack.settings.issuer)
+    monkeypatch.setenv("FLEETKEY_TOKEN_KEY_ID", stack.token_key_id)
+    token = load_handler("token")
+    dev = enroll(stack, acme, "sensor-first-key")
+    event = json.loads((ROOT / "events" / "token-request.json").read_text())
+    event["body"] = urlencode(token_request(dev.assertion(stack)))
+    try:
+        # When a device asks for a token
+        response = token.handler(event, LambdaContext())
+    finally:
+        token.service.cache_clear()
+    # Then it is signed by the first key, and the registry is still not written
+    assert response["statusCode"] == 200, response["body"]
+    first = KeyTrust.for_stack(
+        stack.settings.stack_name, stack.settings.token_signer_role_arn, stack.token_key_id
+    )
+    first_kid = SigningKeys(stack.store, KmsKeys(client=stack.kms), trust=first).keys()[0].kid
+    assert kid_of(json.loads(response["body"])["access_token"]) == first_kid
+    assert stack.store.get_signing_keys() == (ChainHead(), [])

@@ -34,8 +34,15 @@ def functions(stack, monkeypatch):
 def device(stack):
     acme = cached_ca("acme")
     stack.register_ca(acme)
-    stack.allowlist.add(AllowlistEntry(device_id="pump-0001", serial_number="SN-1", manufacturer_ca="acme",
-                                       profile="telemetry-sensor"), actor="op")
+    stack.allowlist.add(
+        AllowlistEntry(
+            device_id="pump-0001",
+            serial_number="SN-1",
+            manufacturer_ca="acme",
+            profile="telemetry-sensor",
+        ),
+        actor="op",
+    )
     key, cert = acme.issue_device("pump-0001", serial_number="SN-1")
     event = stack.first_connect(pem(cert), acme.pem)
     assert stack.register(event).accepted
@@ -54,7 +61,9 @@ def call(function, event):
     return response["statusCode"], json.loads(response["body"]), headers_of(response)
 
 
-def with_body(event: dict, body: str, content_type: str = "application/x-www-form-urlencoded") -> dict:
+def with_body(
+    event: dict, body: str, content_type: str = "application/x-www-form-urlencoded"
+) -> dict:
     event = json.loads(json.dumps(event))
     event["body"] = body
     event["headers"]["content-type"] = content_type
@@ -74,10 +83,14 @@ def test_token_request_issues_a_token_and_introspection_sees_it(functions, devic
     key, certificate_id = device
     form = token_request(client_assertion(key, certificate_id, "pump-0001", ISSUER))
     # When the device asks for a token
-    status, body, _ = call(functions["token"], with_body(load_event("token-request"), urlencode(form)))
+    status, body, _ = call(
+        functions["token"], with_body(load_event("token-request"), urlencode(form))
+    )
     # Then it gets one, which introspection reports active
     assert status == 200 and body["token_type"] == "Bearer"
-    introspection = with_body(load_event("introspection-request"), urlencode({"token": body["access_token"]}))
+    introspection = with_body(
+        load_event("introspection-request"), urlencode({"token": body["access_token"]})
+    )
     status, answer, _ = call(functions["introspect"], introspection)
     assert status == 200 and answer["active"] is True and answer["sub"] == "pump-0001"
 
@@ -90,12 +103,26 @@ def test_token_request_issues_a_token_and_introspection_sees_it(functions, devic
         ("grant_type=password&username=a&password=b", None, "unsupported_grant_type"),
         ("client_assertion=x", None, "invalid_request"),
         ("%%%", None, "invalid_request"),
-        ("grant_type=client_credentials&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion=" + "a" * 9000, None, "invalid_request"),
+        (
+            "grant_type=client_credentials&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion="
+            + "a" * 9000,
+            None,
+            "invalid_request",
+        ),
     ],
-    ids=["not-a-form", "repeated-parameter", "other-grant", "no-grant", "malformed-form", "oversized-assertion"],
+    ids=[
+        "not-a-form",
+        "repeated-parameter",
+        "other-grant",
+        "no-grant",
+        "malformed-form",
+        "oversized-assertion",
+    ],
 )
 def test_malformed_token_requests_are_400(functions, body, content_type, error):
-    event = with_body(load_event("token-request"), body, content_type or "application/x-www-form-urlencoded")
+    event = with_body(
+        load_event("token-request"), body, content_type or "application/x-www-form-urlencoded"
+    )
     status, answer, _ = call(functions["token"], event)
     assert (status, answer["error"]) == (400, error)
 
@@ -106,11 +133,15 @@ def test_kms_outage_is_503_temporarily_unavailable(functions, device, monkeypatc
     _, signer = service._keys.current()
 
     def throttled(**_):
-        raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "slow down"}}, "Sign")
+        raise ClientError(
+            {"Error": {"Code": "ThrottlingException", "Message": "slow down"}}, "Sign"
+        )
 
     monkeypatch.setattr(signer._client, "sign", throttled)
     form = token_request(client_assertion(key, certificate_id, "pump-0001", ISSUER))
-    status, body, _ = call(functions["token"], with_body(load_event("token-request"), urlencode(form)))
+    status, body, _ = call(
+        functions["token"], with_body(load_event("token-request"), urlencode(form))
+    )
     assert (status, body["error"]) == (503, "temporarily_unavailable")
 
 
@@ -122,7 +153,9 @@ def test_challenge_jwks_and_metadata_samples(functions, device):
     assert headers_of(response)["Content-Type"] == "application/jwk-set+json"
     assert "max-age" in headers_of(response)["Cache-Control"]
     assert json.loads(response["body"])["keys"][0]["alg"] == "ES256"
-    status, metadata, _ = call(functions["discovery"], load_event("authorization-server-metadata-request"))
+    status, metadata, _ = call(
+        functions["discovery"], load_event("authorization-server-metadata-request")
+    )
     assert metadata["issuer"] == ISSUER and metadata["token_endpoint"] == f"{ISSUER}/v1/token"
     assert metadata["token_endpoint_auth_methods_supported"] == ["private_key_jwt"]
 
@@ -130,5 +163,76 @@ def test_challenge_jwks_and_metadata_samples(functions, device):
 def test_introspection_sample_and_missing_token(functions):
     status, body, _ = call(functions["introspect"], load_event("introspection-request"))
     assert (status, body) == (200, {"active": False})
-    status, body, _ = call(functions["introspect"], with_body(load_event("introspection-request"), "nothing=here"))
+    status, body, _ = call(
+        functions["introspect"], with_body(load_event("introspection-request"), "nothing=here")
+    )
     assert (status, body["error"]) == (400, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    "body,base64_flag,status,error",
+    [
+        ("!!!not-base64", True, 400, "invalid_request"),
+        ("/w==", True, 400, "invalid_request"),  # base64 of a byte that is not UTF-8
+        (
+            "grant_type=client_credentials&client_assertion_type="
+            "urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer"
+            "&client_assertion=%FF%FE.%00.%00",
+            False,
+            401,
+            "invalid_client",
+        ),
+        (
+            "grant_type=client_credentials&client_assertion_type="
+            "urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer"
+            "&client_assertion=WyJhIl0.e30.AA",
+            False,
+            401,
+            "invalid_client",
+        ),  # header ["a"]
+        (
+            "grant_type=client_credentials&client_assertion_type="
+            "urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer"
+            "&client_assertion=eyJhbGciOlsiRVMyNTYiXX0.e30.AA",
+            False,
+            401,
+            "invalid_client",
+        ),
+    ],
+    ids=[
+        "bad-base64-body",
+        "non-utf8-base64-body",
+        "non-utf8-assertion",
+        "header-array",
+        "alg-array",
+    ],
+)
+def test_hostile_bodies_get_their_oauth_error_never_a_5xx(
+    functions, body, base64_flag, status, error
+):
+    # Given a token request whose body or assertion is hostile in its encoding
+    event = with_body(load_event("token-request"), body)
+    event["isBase64Encoded"] = base64_flag
+    # When the function answers, Then with the path's OAuth error, not a crash or a 5xx
+    answered, answer, _ = call(functions["token"], event)
+    assert (answered, answer["error"]) == (status, error)
+
+
+def test_a_client_id_naming_another_device_is_invalid_client_at_the_function(functions, device):
+    # Given a device's valid assertion sent with a client_id that names another client
+    key, certificate_id = device
+    assertion = client_assertion(key, certificate_id, "pump-0001", ISSUER)
+    form = token_request(assertion, client_id="pump-0002")
+    # When the function answers, Then 401 invalid_client (RFC 7521 §4.2.1)
+    status, body, _ = call(
+        functions["token"], with_body(load_event("token-request"), urlencode(form))
+    )
+    assert (status, body["error"]) == (401, "invalid_client")
+    # and with its own client_id, a token
+    form = token_request(
+        client_assertion(key, certificate_id, "pump-0001", ISSUER), client_id="pump-0001"
+    )
+    status, body, _ = call(
+        functions["token"], with_body(load_event("token-request"), urlencode(form))
+    )
+    assert status == 200 and body["token_type"] == "Bearer"

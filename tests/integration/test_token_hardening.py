@@ -7,7 +7,7 @@ import json
 import threading
 import time
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jwt
@@ -38,7 +38,7 @@ def served_jwks(jwks: dict):
     body, fetches = json.dumps(jwks).encode(), []
 
     class Jwks(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
+        def do_GET(self):
             fetches.append(self.path)
             self.send_response(200)
             self.send_header("content-type", "application/json")
@@ -60,8 +60,15 @@ def register(stack, device_id="sensor-1", **issue):
     acme = cached_ca("acme")
     if not stack.cas.list():
         stack.register_ca(acme)
-    stack.allowlist.add(AllowlistEntry(device_id=device_id, serial_number=f"SN-{device_id}",
-                                       manufacturer_ca="acme", profile="telemetry-sensor"), actor="op")
+    stack.allowlist.add(
+        AllowlistEntry(
+            device_id=device_id,
+            serial_number=f"SN-{device_id}",
+            manufacturer_ca="acme",
+            profile="telemetry-sensor",
+        ),
+        actor="op",
+    )
     key, cert = acme.issue_device(device_id, serial_number=f"SN-{device_id}", **issue)
     event = stack.first_connect(pem(cert), acme.pem)
     assert stack.register(event).accepted
@@ -81,17 +88,27 @@ def test_deeply_nested_json_is_refused_not_crashed(stack):
 
 def test_a_key_written_into_the_registry_without_kms_is_not_trusted(stack):
     # Given an attacker who can write the table adds their own key to the signing-key registry
-    key, certificate_id = register(stack)
+    _key, _certificate_id = register(stack)
     head, items = stack.store.get_signing_keys()
     rogue = generate_key("ec:secp256r1")
     jwk = public_jwk(rogue.public_key())
     kid = jwk_thumbprint(jwk)
-    forged_entry = {"key_id": "00000000-0000-0000-0000-000000000000", "kid": kid,
-                    "jwk": {**jwk, "kid": kid, "use": "sig", "alg": "ES256"},
-                    "active_from": 0, "retire_after": None}
-    record = head.next_record(subject="stream:signing-keys", at="2026-11-21T00:00:00.000+00:00",
-                              action="forged", actor="attacker", details={})
-    stack.store.put_signing_keys(head, items + [forged_entry], record)
+    forged_entry = {
+        "key_id": "00000000-0000-0000-0000-000000000000",
+        "kid": kid,
+        "jwk": {**jwk, "kid": kid, "use": "sig", "alg": "ES256"},
+        "active_from": 0,
+        "retire_after": None,
+    }
+    record = head.next_record(
+        subject="stream:signing-keys",
+        at="2026-11-21T00:00:00.000+00:00",
+        action="forged",
+        actor="attacker",
+        details={},
+    )
+    stack.store.put_signing_keys(head, [*items, forged_entry], record)
+
     # ... and signs a token with it
     class LocalSigner:
         def public_key(self):
@@ -105,10 +122,22 @@ def test_a_key_written_into_the_registry_without_kms_is_not_trusted(stack):
             return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
     now = int(time.time())
-    forged = sign_jwt(LocalSigner(), kid, {"iss": stack.settings.issuer, "sub": "sensor-1",
-                                           "aud": "urn:fleetkey:telemetry", "exp": now + 600,
-                                           "iat": now, "jti": "x", "client_id": "sensor-1",
-                                           "scope": "admin", "cnf": {}}, "at+jwt")
+    forged = sign_jwt(
+        LocalSigner(),
+        kid,
+        {
+            "iss": stack.settings.issuer,
+            "sub": "sensor-1",
+            "aud": "urn:fleetkey:telemetry",
+            "exp": now + 600,
+            "iat": now,
+            "jti": "x",
+            "client_id": "sensor-1",
+            "scope": "admin",
+            "cnf": {},
+        },
+        "at+jwt",
+    )
     # When a fresh function reads the registry
     from fleetkey.adapters.kms import KmsKeys
     from fleetkey.services.introspection import IntrospectionService
@@ -125,8 +154,9 @@ def test_a_key_written_into_the_registry_without_kms_is_not_trusted(stack):
 def test_revocation_lasts_as_long_as_any_token_and_is_audited(stack):
     # Given a token
     key, certificate_id = register(stack)
-    token = stack.tokens.issue(token_request(client_assertion(key, certificate_id, "sensor-1",
-                                                              stack.settings.issuer)))["access_token"]
+    token = stack.tokens.issue(
+        token_request(client_assertion(key, certificate_id, "sensor-1", stack.settings.issuer))
+    )["access_token"]
     jti = jwt.decode(token, options={"verify_signature": False})["jti"]
     # When an operator revokes it
     until = stack.introspection.revoke(jti, actor="op")
@@ -139,28 +169,43 @@ def test_revocation_lasts_as_long_as_any_token_and_is_audited(stack):
 
 def test_an_expired_device_certificate_gets_no_token_and_tokens_never_outlive_it(stack):
     # Given a device whose certificate expires in 100 seconds
-    now = datetime.now(timezone.utc)
-    key, certificate_id = register(stack, "sensor-short", not_before=now - timedelta(days=1),
-                                   not_after=now + timedelta(seconds=100))
+    now = datetime.now(UTC)
+    key, certificate_id = register(
+        stack,
+        "sensor-short",
+        not_before=now - timedelta(days=1),
+        not_after=now + timedelta(seconds=100),
+    )
     # When it asks for a token now, Then the token ends with the certificate
-    response = stack.tokens.issue(token_request(client_assertion(key, certificate_id, "sensor-short",
-                                                                 stack.settings.issuer)))
+    response = stack.tokens.issue(
+        token_request(client_assertion(key, certificate_id, "sensor-short", stack.settings.issuer))
+    )
     assert response["expires_in"] <= 100
     # When the certificate has expired, Then no token
     from fleetkey.services.tokens import TokenService
 
-    later = TokenService(stack.settings, stack.store, stack.signing_keys,
-                         clock=lambda: now + timedelta(seconds=200))
+    later = TokenService(
+        stack.settings, stack.store, stack.signing_keys, clock=lambda: now + timedelta(seconds=200)
+    )
     with pytest.raises(InvalidClient):
-        later.issue(token_request(client_assertion(key, certificate_id, "sensor-short",
-                                                   stack.settings.issuer)))
+        later.issue(
+            token_request(
+                client_assertion(key, certificate_id, "sensor-short", stack.settings.issuer)
+            )
+        )
 
 
 def test_a_challenge_assertion_cannot_carry_a_far_exp(stack):
     key, certificate_id = register(stack)
     nonce = stack.tokens.challenge()["nonce"]
-    assertion = client_assertion(key, certificate_id, "sensor-1", stack.settings.issuer, nonce=nonce,
-                                 extra_claims={"exp": int(time.time()) + 10**7})
+    assertion = client_assertion(
+        key,
+        certificate_id,
+        "sensor-1",
+        stack.settings.issuer,
+        nonce=nonce,
+        extra_claims={"exp": int(time.time()) + 10**7},
+    )
     with pytest.raises(InvalidClient):
         stack.tokens.issue(token_request(assertion))
 
@@ -185,21 +230,395 @@ def test_the_verifier_checks_the_certificate_binding(stack):
     # Given a token of a device, and a JWKS served locally
     acme = cached_ca("acme")
     stack.register_ca(acme)
-    stack.allowlist.add(AllowlistEntry(device_id="bound-1", serial_number="SN-b", manufacturer_ca="acme",
-                                       profile="telemetry-sensor"), actor="op")
+    stack.allowlist.add(
+        AllowlistEntry(
+            device_id="bound-1",
+            serial_number="SN-b",
+            manufacturer_ca="acme",
+            profile="telemetry-sensor",
+        ),
+        actor="op",
+    )
     key, cert = acme.issue_device("bound-1", serial_number="SN-b")
     event = stack.first_connect(pem(cert), acme.pem)
     assert stack.register(event).accepted
-    token = stack.tokens.issue(token_request(client_assertion(key, event["certificateId"], "bound-1",
-                                                              stack.settings.issuer)))["access_token"]
+    token = stack.tokens.issue(
+        token_request(
+            client_assertion(key, event["certificateId"], "bound-1", stack.settings.issuer)
+        )
+    )["access_token"]
     with served_jwks(stack.signing_keys.jwks()) as (url, _):
         verifier = TokenVerifier(stack.settings.issuer, jwks_uri=url)
         # When the application checks the binding with the device's own certificate, Then it passes
-        claims = verifier.verify(token, audience="urn:fleetkey:telemetry",
-                                 client_certificate_der=cert.public_bytes(Encoding.DER))
+        claims = verifier.verify(
+            token,
+            audience="urn:fleetkey:telemetry",
+            client_certificate_der=cert.public_bytes(Encoding.DER),
+        )
         assert claims["sub"] == "bound-1"
         # And with another certificate, Then it fails
         _, other = acme.issue_device("bound-1", serial_number="SN-b")
         with pytest.raises(InvalidToken):
-            verifier.verify(token, audience="urn:fleetkey:telemetry",
-                            client_certificate_der=other.public_bytes(Encoding.DER))
+            verifier.verify(
+                token,
+                audience="urn:fleetkey:telemetry",
+                client_certificate_der=other.public_bytes(Encoding.DER),
+            )
+
+
+# ---- JOSE and OAuth by current best practice (issue 7, item 3) --------------------------------
+
+
+def active_device(stack, device_id="sensor-jose"):
+    """An ACTIVE P-256 device: its key, certificate id and an assertion maker."""
+    key, certificate_id = register(stack, device_id)
+
+    def assertion(**kw):
+        return client_assertion(key, certificate_id, device_id, stack.settings.issuer, **kw)
+
+    return key, certificate_id, assertion
+
+
+def stored_keys(stack) -> set[tuple[str, str]]:
+    """Every (pk, sk) in the table, read with a client the counters do not watch."""
+    items = stack.make_client("dynamodb").scan(TableName=stack.settings.table_name)["Items"]
+    return {(i["pk"]["S"], i["sk"]["S"]) for i in items}
+
+
+def issued_or_refused(stack, form) -> str:
+    """'issued', or the OAuth error code; anything else (a crash) propagates."""
+    from fleetkey.domain.oauth import OAuthError
+
+    try:
+        stack.tokens.issue(form)
+    except OAuthError as refused:
+        return refused.code
+    return "issued"
+
+
+def test_an_assertion_with_a_crit_header_is_invalid_client(stack):
+    # Given a device that signs assertions naming critical extensions (RFC 7515 §4.1.11)
+    _, _, assertion = active_device(stack)
+    critical = {
+        "registered claim": {"crit": ["exp"]},
+        "private extension": {"crit": ["urn:example:x"], "urn:example:x": True},
+        "empty list": {"crit": []},
+        "b64 (RFC 7797)": {"crit": ["b64"], "b64": True},
+    }
+    for name, headers in critical.items():
+        # When each is presented, Then invalid_client: fleetkey understands no extension
+        assert (
+            issued_or_refused(stack, token_request(assertion(extra_headers=headers)))
+            == "invalid_client"
+        ), name
+    # while the same device without crit gets a token
+    assert issued_or_refused(stack, token_request(assertion())) == "issued"
+
+
+@pytest.mark.parametrize(
+    "typ,outcome",
+    [
+        (None, "issued"),  # untyped: 7523bis says servers should not refuse it
+        ("JWT", "issued"),
+        ("jwt", "issued"),
+        ("client-authentication+jwt", "issued"),
+        ("application/client-authentication+jwt", "issued"),
+        ("Client-Authentication+JWT", "issued"),
+        ("at+jwt", "invalid_client"),  # an access token is never an assertion (RFC 8725 §3.11)
+        ("application/at+jwt", "invalid_client"),
+        ("dpop+jwt", "invalid_client"),
+        ("secevent+jwt", "invalid_client"),
+        ("JOSE", "invalid_client"),
+        (42, "invalid_client"),
+    ],
+)
+def test_an_assertion_must_not_say_it_is_another_kind_of_jwt(stack, typ, outcome):
+    # Given an assertion of an ACTIVE device with this typ header
+    _, _, assertion = active_device(stack)
+    form = token_request(assertion(typ=typ))
+    # When it is presented, Then only a client assertion's types (or none) are accepted
+    assert issued_or_refused(stack, form) == outcome
+
+
+def test_the_assertion_audience_is_the_issuer_as_its_sole_value(stack):
+    # Given a device, the issuer and the token endpoint URL
+    _, _, assertion = active_device(stack)
+    issuer = stack.settings.issuer
+    cases = {
+        "the issuer": (issuer, "issued"),
+        "the issuer in a one-element array": ([issuer], "issued"),
+        "the issuer among others": ([issuer, "https://other.example"], "invalid_client"),
+        "the issuer twice": ([issuer, issuer], "invalid_client"),
+        "the token endpoint": (f"{issuer}/v1/token", "invalid_client"),
+        "the token endpoint and the issuer": ([f"{issuer}/v1/token", issuer], "invalid_client"),
+        "the issuer with a trailing slash": (issuer + "/", "invalid_client"),
+        "an empty array": ([], "invalid_client"),
+        "null": (None, "invalid_client"),
+    }
+    for name, (audience, outcome) in cases.items():
+        # When each audience is presented, Then only the issuer alone gets a token (7523bis §4)
+        form = token_request(assertion(extra_claims={"aud": audience}))
+        assert issued_or_refused(stack, form) == outcome, name
+
+
+def test_a_client_id_parameter_must_name_the_assertions_device(stack):
+    # Given two ACTIVE devices
+    _, _, assertion = active_device(stack, "sensor-a")
+    register(stack, "sensor-b")
+    # When the client_id names the other device, an unknown one, or is empty, Then invalid_client
+    # (RFC 7521 §4.2: it must identify the client the assertion does; §4.2.1: invalid_client)
+    for client_id in ("sensor-b", "ghost", ""):
+        before = stored_keys(stack)
+        form = token_request(assertion(), client_id=client_id)
+        assert issued_or_refused(stack, form) == "invalid_client", client_id
+        assert stored_keys(stack) == before
+    # When it names the assertion's own device, Then a token
+    assert issued_or_refused(stack, token_request(assertion(), client_id="sensor-a")) == "issued"
+
+
+def _segments(header, payload, signature=b"\x01" * 64) -> str:
+    def encode(part):
+        if isinstance(part, bytes):
+            return b64(part)
+        if isinstance(part, str):
+            return part
+        return b64(json.dumps(part).encode())
+
+    return ".".join(encode(p) for p in (header, payload, signature))
+
+
+def malformed_assertions(stack, certificate_id) -> dict[str, str]:
+    """Assertions broken in their JOSE form, each otherwise naming the ACTIVE device."""
+    now = int(time.time())
+    claims = {
+        "iss": "sensor-jose",
+        "sub": "sensor-jose",
+        "aud": stack.settings.issuer,
+        "jti": "j-1",
+        "iat": now,
+        "exp": now + 60,
+    }
+    good = {"alg": "ES256", "kid": certificate_id}
+    raw_claims = json.dumps(claims).encode()
+    return {
+        "header is an array": _segments([good], claims),
+        "header is a string": _segments("ES256", claims),
+        "header is null": _segments(None, claims),
+        "alg is a list": _segments({**good, "alg": ["ES256"]}, claims),
+        "alg is an object": _segments({**good, "alg": {"ES256": 1}}, claims),
+        "alg is null": _segments({**good, "alg": None}, claims),
+        "alg is a number": _segments({**good, "alg": 256}, claims),
+        "kid is a number": _segments({**good, "kid": 7}, claims),
+        "kid is a list": _segments({**good, "kid": [certificate_id]}, claims),
+        "kid is an object": _segments({**good, "kid": {"id": certificate_id}}, claims),
+        "typ is a list": _segments({**good, "typ": ["JWT"]}, claims),
+        "duplicate alg": _segments(
+            b64(b'{"alg":"ES256","kid":"' + certificate_id.encode() + b'","alg":"none"}'), claims
+        ),
+        "header nested 1,500 deep": _segments(b"[" * 1500 + b"]" * 1500, claims),
+        "payload nested deep": _segments(good, {**claims, "x": json.loads("[" * 900 + "]" * 900)}),
+        "payload is an array": _segments(good, [claims]),
+        "payload 5,000-digit number": _segments(
+            good, raw_claims[:-1] + b', "n": ' + b"9" * 5000 + b"}"
+        ),
+        "payload exp 1e400": _segments(good, raw_claims.replace(str(now + 60).encode(), b"1e400")),
+        "payload NaN": _segments(good, raw_claims[:-1] + b', "n": NaN}'),
+        "sub is a list": _segments(
+            good, {**claims, "sub": ["sensor-jose"], "iss": ["sensor-jose"]}
+        ),
+        "header not UTF-8": _segments(b'{"alg":"ES256","kid":"\xff"}', claims),
+        "header UTF-16": _segments(json.dumps(good).encode("utf-16"), claims),
+        "header bad base64": _segments("e@J!", claims),
+        "header non-canonical base64": _segments(b64(json.dumps(good).encode())[:-1] + "_", claims)
+        if len(b64(json.dumps(good).encode())) % 4
+        else _segments("eyJ9", claims),
+        "signature bad base64": _segments(good, claims, "***"),
+        "four segments": _segments(good, claims) + ".AAAA",
+        "two segments": b64(json.dumps(good).encode()) + "." + b64(raw_claims),
+        "padding": _segments(good, claims).replace(".", "==.", 1),
+        "non-ASCII": _segments(good, claims) + "é",
+    }
+
+
+def test_malformed_assertions_are_invalid_client_never_a_crash(stack):
+    # Given an ACTIVE device, and assertions naming it whose JOSE form is broken in every way
+    _, certificate_id, _ = active_device(stack)
+    failures = []
+    for name, assertion in malformed_assertions(stack, certificate_id).items():
+        # When each is presented
+        try:
+            outcome = issued_or_refused(stack, token_request(assertion))
+        except Exception as exc:  # noqa: BLE001 - collected, reported below
+            outcome = f"crashed: {type(exc).__name__}: {exc}"
+        # Then it is invalid_client
+        if outcome != "invalid_client":
+            failures.append(f"{name}: {outcome}")
+    assert not failures, failures
+
+
+def set_device(stack, device_id, action, **changes):
+    """Change a stored device as the services do (conditional write with its audit record)."""
+    from fleetkey.clock import timestamp, utc_now
+    from fleetkey.store import schema
+
+    device = stack.store.get_device(device_id)
+    record = device.audit_head.next_record(
+        subject=schema.device_subject(device_id),
+        at=timestamp(utc_now()),
+        action=action,
+        actor="test",
+        details={},
+    )
+    stack.store.update_device(device, record, **changes)
+
+
+def unusable_keys() -> dict[str, str]:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    def pem_of(key):
+        return key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+
+    return {
+        "garbage PEM": "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+        "not PEM": "not a key",
+        "an Ed25519 key": pem_of(ed25519.Ed25519PrivateKey.generate().public_key()),
+        "a P-384 key for a P-256 device": pem_of(generate_key("ec:secp384r1").public_key()),
+    }
+
+
+@pytest.mark.parametrize("kind", list(unusable_keys()))
+def test_a_stored_device_key_that_is_unusable_is_invalid_client(stack, kind):
+    # Given an ACTIVE P-256 device whose stored certificate key is corrupt or of another kind
+    _, _, assertion = active_device(stack, "sensor-corrupt")
+    set_device(
+        stack,
+        "sensor-corrupt",
+        "corrupted",
+        set_attributes={"certificate_public_key": unusable_keys()[kind]},
+    )
+    # When it asks for a token, Then invalid_client (not a server error)
+    assert issued_or_refused(stack, token_request(assertion())) == "invalid_client"
+
+
+class VerificationSpy:
+    """Counts pyjwt's signature verifications, with the algorithm class and key kind of each."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[tuple[str, str]] = []
+        for cls in (
+            jwt.algorithms.ECAlgorithm,
+            jwt.algorithms.RSAAlgorithm,
+            jwt.algorithms.RSAPSSAlgorithm,
+        ):
+            original = cls.verify
+
+            def verify(self_, msg, key, sig, _original=original, _cls=cls):
+                self.calls.append((_cls.__name__, type(key).__name__))
+                return _original(self_, msg, key, sig)
+
+            monkeypatch.setattr(cls, "verify", verify)
+
+
+def test_every_invalid_client_after_the_device_read_verifies_one_signature(stack, monkeypatch):
+    # Given an ACTIVE device, a SUSPENDED one, and a spy on signature verification and AWS calls
+    from fleetkey.domain.lifecycle import Transition, target_state
+    from fleetkey_local.instrument import AwsCallCounter
+
+    key, certificate_id, _assertion = active_device(stack, "sensor-timing")
+    _, gone_certificate, gone_assertion = active_device(stack, "sensor-gone")
+    gone = stack.store.get_device("sensor-gone")
+    set_device(
+        stack, "sensor-gone", "suspended", new_state=target_state(gone.state, Transition.SUSPEND)
+    )
+    _, _, corrupt_assertion = active_device(stack, "sensor-corrupt")
+    set_device(
+        stack,
+        "sensor-corrupt",
+        "corrupted",
+        set_attributes={"certificate_public_key": unusable_keys()["garbage PEM"]},
+    )
+    issuer = stack.settings.issuer
+    impostor = generate_key("ec:secp256r1")
+    rsa_impostor = generate_key("rsa:2048")
+    cases = {
+        "unknown device": client_assertion(impostor, certificate_id, "ghost-7", issuer),
+        "unknown device, RSA": client_assertion(
+            rsa_impostor, certificate_id, "ghost-8", issuer, algorithm="PS256"
+        ),
+        "not active": gone_assertion(),
+        "not its certificate": client_assertion(key, gone_certificate, "sensor-timing", issuer),
+        "algorithm not its key's": client_assertion(
+            generate_key("ec:secp384r1"), certificate_id, "sensor-timing", issuer
+        ),
+        "stored key unusable": corrupt_assertion(),
+        "bad signature": client_assertion(impostor, certificate_id, "sensor-timing", issuer),
+    }
+    spy = VerificationSpy(monkeypatch)
+    counter = AwsCallCounter().watch(*stack.service_clients())
+    for name, presented in cases.items():
+        spy.calls.clear()
+        counter.reset()
+        # When each is presented
+        outcome = issued_or_refused(stack, token_request(presented))
+        # Then it is invalid_client after one device read and exactly one signature verification,
+        # by the algorithm the assertion names
+        assert outcome == "invalid_client", name
+        assert counter.reset() == ["dynamodb.GetItem"], name
+        alg = jwt.get_unverified_header(presented)["alg"]
+        expected = {"ES256": "ECAlgorithm", "ES384": "ECAlgorithm", "PS256": "RSAPSSAlgorithm"}
+        assert [c[0] for c in spy.calls] == [expected[alg]], (name, spy.calls)
+
+
+def kms_signed(stack, claims: dict, **header) -> str:
+    """A token signed by the stack's current KMS key with exactly this header (typ at+jwt unless
+    given; None drops it), as a forger holding the key's signature could not but fleetkey could."""
+    signing_key, signer = stack.signing_keys.current()
+    fields = {"alg": "ES256", "typ": "at+jwt", "kid": signing_key.kid, **header}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    signing_input = b64(json.dumps(fields).encode()) + "." + b64(json.dumps(claims).encode())
+    return signing_input + "." + b64(signer.sign_raw(signing_input.encode()))
+
+
+def test_introspection_and_the_verifier_refuse_crit_and_insist_on_at_jwt(stack):
+    # Given the claims of a genuine token, re-signed by the same KMS key under other headers
+    _key, _certificate_id, assertion = active_device(stack, "sensor-rp")
+    genuine = stack.tokens.issue(token_request(assertion()))["access_token"]
+    claims = jwt.decode(genuine, options={"verify_signature": False})
+    cases = {
+        "as issued": ({}, True),
+        "typ in full media type form": ({"typ": "application/at+jwt"}, True),
+        "typ in capitals": ({"typ": "AT+JWT"}, True),
+        "crit naming a registered claim": ({"crit": ["exp"]}, False),
+        "crit naming a private extension": ({"crit": ["urn:x"], "urn:x": 1}, False),
+        "no typ": ({"typ": None}, False),
+        "typ JWT": ({"typ": "JWT"}, False),
+        "typ of a client assertion": ({"typ": "client-authentication+jwt"}, False),
+        "typ not a string": ({"typ": ["at+jwt"]}, False),
+    }
+    with served_jwks(stack.signing_keys.jwks()) as (url, _):
+        verifier = TokenVerifier(stack.settings.issuer, jwks_uri=url)
+        for name, (header, accepted) in cases.items():
+            token = kms_signed(stack, claims, **header)
+            # When introspection and a relying party's verifier meet it
+            introspected = stack.introspection.introspect(token)
+            try:
+                verifier.verify(token, audience="urn:fleetkey:telemetry")
+                verified = True
+            except InvalidToken:
+                verified = False
+            # Then both accept it only when typ says at+jwt and nothing is critical
+            assert introspected["active"] is accepted, name
+            assert verified is accepted, name
+
+
+def test_malformed_tokens_are_inactive_and_invalid_for_relying_parties(stack):
+    # Given tokens broken in their JOSE form (the assertion cases, with the access token's typ)
+    _, certificate_id, _ = active_device(stack, "sensor-rp-malformed")
+    with served_jwks(stack.signing_keys.jwks()) as (url, _):
+        verifier = TokenVerifier(stack.settings.issuer, jwks_uri=url)
+        for name, token in malformed_assertions(stack, certificate_id).items():
+            # When introspection and the verifier meet each, Then inactive / InvalidToken
+            assert stack.introspection.introspect(token) == {"active": False}, name
+            with pytest.raises(InvalidToken):
+                verifier.verify(token, audience="urn:fleetkey:telemetry")

@@ -9,8 +9,8 @@ import hmac
 import json
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from functools import lru_cache
+from datetime import UTC, datetime, timedelta
+from functools import cache
 
 import jwt
 import pytest
@@ -49,7 +49,7 @@ TELEMETRY = "urn:fleetkey:telemetry"
 # ---- helpers ------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def device_key(kind: str, name: str) -> PrivateKey:
     """Key generation (RSA above all) dominates; each named device keeps its key across tests."""
     return generate_key(kind)
@@ -64,7 +64,9 @@ class Enrolled:
     profile: str
 
     def assertion(self, stack, **kw) -> str:
-        return client_assertion(self.key, self.certificate_id, self.device_id, stack.settings.issuer, **kw)
+        return client_assertion(
+            self.key, self.certificate_id, self.device_id, stack.settings.issuer, **kw
+        )
 
 
 @pytest.fixture
@@ -74,19 +76,31 @@ def acme(stack):
     return authority
 
 
-def enroll(stack, authority, device_id, *, profile="telemetry-sensor", key_kind="ec:secp256r1") -> Enrolled:
+def enroll(
+    stack, authority, device_id, *, profile="telemetry-sensor", key_kind="ec:secp256r1"
+) -> Enrolled:
     """Allow-list a device, connect it for the first time and register it: it is ACTIVE."""
     stack.allowlist.add(
-        AllowlistEntry(device_id=device_id, serial_number=f"SN-{device_id}", manufacturer_ca=authority.name,
-                       profile=profile),
+        AllowlistEntry(
+            device_id=device_id,
+            serial_number=f"SN-{device_id}",
+            manufacturer_ca=authority.name,
+            profile=profile,
+        ),
         actor="op",
     )
-    key, cert = authority.issue_device(device_id, serial_number=f"SN-{device_id}",
-                                       key=device_key(key_kind, device_id))
+    key, cert = authority.issue_device(
+        device_id, serial_number=f"SN-{device_id}", key=device_key(key_kind, device_id)
+    )
     event = stack.first_connect(pem(cert), authority.pem)
     assert stack.register(event).accepted
-    return Enrolled(device_id, key, cert.public_bytes(serialization.Encoding.DER), event["certificateId"],
-                    profile)
+    return Enrolled(
+        device_id,
+        key,
+        cert.public_bytes(serialization.Encoding.DER),
+        event["certificateId"],
+        profile,
+    )
 
 
 def issue(stack, assertion, service=None, **kw) -> dict:
@@ -96,7 +110,9 @@ def issue(stack, assertion, service=None, **kw) -> dict:
 def verify_pyjwt(stack, token: str, audience=TELEMETRY) -> dict:
     jwks = jwt.PyJWKSet.from_dict(stack.signing_keys.jwks())
     key = jwks[jwt.get_unverified_header(token)["kid"]]
-    return jwt.decode(token, key, algorithms=["ES256"], audience=audience, issuer=stack.settings.issuer)
+    return jwt.decode(
+        token, key, algorithms=["ES256"], audience=audience, issuer=stack.settings.issuer
+    )
 
 
 def verify_jwcrypto(stack, token: str) -> tuple[dict, dict]:
@@ -126,7 +142,10 @@ def change_device(stack, device_id: str, action: str, **changes):
     """Apply a change to the device the way the services do: conditional, with its audit record."""
     device = stack.store.get_device(device_id)
     record = device.audit_head.next_record(
-        subject=schema.device_subject(device_id), at=timestamp(utc_now()), action=action, actor="test",
+        subject=schema.device_subject(device_id),
+        at=timestamp(utc_now()),
+        action=action,
+        actor="test",
         details={},
     )
     return stack.store.update_device(device, record, **changes)
@@ -134,17 +153,20 @@ def change_device(stack, device_id: str, action: str, **changes):
 
 def suspend(stack, device_id: str):
     device = stack.store.get_device(device_id)
-    return change_device(stack, device_id, "suspended",
-                         new_state=target_state(device.state, Transition.SUSPEND))
+    return change_device(
+        stack, device_id, "suspended", new_state=target_state(device.state, Transition.SUSPEND)
+    )
 
 
 def replace_certificate(stack, device_id: str, new_id: str = "c" * 64):
-    return change_device(stack, device_id, "certificate_rotated", set_attributes={"certificate_id": new_id})
+    return change_device(
+        stack, device_id, "certificate_rotated", set_attributes={"certificate_id": new_id}
+    )
 
 
 class MovableClock:
     def __init__(self, start: datetime | None = None) -> None:
-        self.now = start or datetime.now(timezone.utc)
+        self.now = start or datetime.now(UTC)
 
     def __call__(self) -> datetime:
         return self.now
@@ -169,13 +191,22 @@ DEVICES = [
 ]
 
 
-@pytest.mark.parametrize("device_id,profile,key_kind,algorithm", DEVICES,
-                         ids=[f"{d[0]}-{d[3] or 'default'}" for d in DEVICES])
-def test_a_registered_device_gets_a_verifiable_access_token(stack, acme, device_id, profile, key_kind, algorithm):
+@pytest.mark.parametrize(
+    "device_id,profile,key_kind,algorithm",
+    DEVICES,
+    ids=[f"{d[0]}-{d[3] or 'default'}" for d in DEVICES],
+)
+def test_a_registered_device_gets_a_verifiable_access_token(
+    stack, acme, device_id, profile, key_kind, algorithm
+):
     # Given an ACTIVE device of the profile, with its key of the kind
     dev = enroll(stack, acme, device_id, profile=profile, key_kind=key_kind)
     rules = get_profile(profile).token_rules
-    firmware = {"firmware_version": "2.4.1", "firmware_sha256": PUMP_FIRMWARE} if rules.require_attestation else {}
+    firmware = (
+        {"firmware_version": "2.4.1", "firmware_sha256": PUMP_FIRMWARE}
+        if rules.require_attestation
+        else {}
+    )
 
     # When it asks for a token with a client assertion signed by its own key
     before = int(time.time())
@@ -190,9 +221,14 @@ def test_a_registered_device_gets_a_verifiable_access_token(stack, acme, device_
 
     # and the header is RFC 9068's, kid the RFC 7638 thumbprint of the KMS key's public half
     kms_public = serialization.load_der_public_key(
-        stack.kms.get_public_key(KeyId=stack.token_key_id)["PublicKey"])
+        stack.kms.get_public_key(KeyId=stack.token_key_id)["PublicKey"]
+    )
     header = jwt.get_unverified_header(token)
-    assert header == {"typ": "at+jwt", "alg": "ES256", "kid": jwk_thumbprint(public_jwk(kms_public))}
+    assert header == {
+        "typ": "at+jwt",
+        "alg": "ES256",
+        "kid": jwk_thumbprint(public_jwk(kms_public)),
+    }
     assert header["kid"] == jwcrypto_jwk.JWK.from_pyca(kms_public).thumbprint()
 
     # and pyjwt and jwcrypto both verify it against the published JWKS
@@ -220,8 +256,11 @@ def test_a_registered_device_gets_a_verifiable_access_token(stack, acme, device_
         assert "firmware_sha256" not in claims
 
     # and a second token has a jti of its own
-    again = verify_pyjwt(stack, issue(stack, dev.assertion(stack, algorithm=algorithm, **firmware))["access_token"],
-                         audience=audiences[0])
+    again = verify_pyjwt(
+        stack,
+        issue(stack, dev.assertion(stack, algorithm=algorithm, **firmware))["access_token"],
+        audience=audiences[0],
+    )
     assert again["jti"] != claims["jti"]
 
 
@@ -264,14 +303,21 @@ def test_the_first_token_of_a_cold_function_reads_and_confirms_the_registry_once
 
 def _alg_none(stack, me, other):
     claims = claims_of(me.assertion(stack))
-    return _b64json({"alg": "none", "typ": "JWT", "kid": me.certificate_id}) + "." + _b64json(claims) + "."
+    return (
+        _b64json({"alg": "none", "typ": "JWT", "kid": me.certificate_id})
+        + "."
+        + _b64json(claims)
+        + "."
+    )
 
 
 def _hs256_with_public_key(stack, me, other):
     """The RS/ES -> HS confusion: an HMAC keyed with the public key the server holds."""
     claims = claims_of(me.assertion(stack))
     public_pem = stack.store.get_device(me.device_id).certificate_public_key.encode()
-    signing_input = _b64json({"alg": "HS256", "typ": "JWT", "kid": me.certificate_id}) + "." + _b64json(claims)
+    signing_input = (
+        _b64json({"alg": "HS256", "typ": "JWT", "kid": me.certificate_id}) + "." + _b64json(claims)
+    )
     signature = hmac.new(public_pem, signing_input.encode(), hashlib.sha256).digest()
     return signing_input + "." + b64url(signature)
 
@@ -294,8 +340,12 @@ def _sub_of_another_device(stack, me, other):
 
 
 def _signed_by_another_key(stack, me, other):
-    return client_assertion(device_key("ec:secp256r1", "impostor"), me.certificate_id, me.device_id,
-                            stack.settings.issuer)
+    return client_assertion(
+        device_key("ec:secp256r1", "impostor"),
+        me.certificate_id,
+        me.device_id,
+        stack.settings.issuer,
+    )
 
 
 def _unknown_device(stack, me, other):
@@ -458,8 +508,15 @@ def test_a_device_that_is_not_active_gets_no_token(stack, acme):
     dev = enroll(stack, acme, "sensor-suspended")
     suspend(stack, dev.device_id)
     assert stack.store.get_device(dev.device_id).state is DeviceState.SUSPENDED
-    stack.allowlist.add(AllowlistEntry(device_id="sensor-listed", serial_number="SN-L", manufacturer_ca="acme",
-                                       profile="telemetry-sensor"), actor="op")
+    stack.allowlist.add(
+        AllowlistEntry(
+            device_id="sensor-listed",
+            serial_number="SN-L",
+            manufacturer_ca="acme",
+            profile="telemetry-sensor",
+        ),
+        actor="op",
+    )
     listed = client_assertion(dev.key, dev.certificate_id, "sensor-listed", stack.settings.issuer)
     before = stored_keys(stack)
 
@@ -474,7 +531,9 @@ def test_a_device_that_is_not_active_gets_no_token(stack, acme):
 
     # and once resumed, the device gets tokens again
     device = stack.store.get_device(dev.device_id)
-    change_device(stack, dev.device_id, "resumed", new_state=target_state(device.state, Transition.RESUME))
+    change_device(
+        stack, dev.device_id, "resumed", new_state=target_state(device.state, Transition.RESUME)
+    )
     issue(stack, dev.assertion(stack))
 
 
@@ -487,7 +546,9 @@ def test_refusals_do_not_tell_which_check_failed(stack, acme):
         "unknown device": _unknown_device(stack, dev, None),
         "bad signature": _signed_by_another_key(stack, dev, None),
         "suspended": gone.assertion(stack),
-        "wrong kid": client_assertion(dev.key, gone.certificate_id, dev.device_id, stack.settings.issuer),
+        "wrong kid": client_assertion(
+            dev.key, gone.certificate_id, dev.device_id, stack.settings.issuer
+        ),
         "expired": _expired(stack, dev, None),
     }
     # When each is presented
@@ -498,8 +559,10 @@ def test_refusals_do_not_tell_which_check_failed(stack, acme):
         bodies[name] = refused.value.to_body()
     # Then every caller reads the same body
     assert all(body == bodies["unknown device"] for body in bodies.values()), bodies
-    assert bodies["unknown device"] == {"error": "invalid_client",
-                                        "error_description": "client authentication failed"}
+    assert bodies["unknown device"] == {
+        "error": "invalid_client",
+        "error_description": "client authentication failed",
+    }
     assert InvalidClient("x").status == 401
 
 
@@ -509,16 +572,30 @@ def test_refusals_do_not_tell_which_check_failed(stack, acme):
         ({}, OAuthInvalidRequest),
         ({"grant_type": "password"}, UnsupportedGrantType),
         ({"grant_type": "client_credentials"}, OAuthInvalidRequest),
-        ({"grant_type": "client_credentials", "client_assertion_type": "urn:other"}, OAuthInvalidRequest),
+        (
+            {"grant_type": "client_credentials", "client_assertion_type": "urn:other"},
+            OAuthInvalidRequest,
+        ),
         (token_request(""), OAuthInvalidRequest),
         (token_request("a" * (8 * 1024 + 1)), OAuthInvalidRequest),
     ],
-    ids=["empty", "password-grant", "no-assertion-type", "wrong-assertion-type", "no-assertion", "too-large"],
+    ids=[
+        "empty",
+        "password-grant",
+        "no-assertion-type",
+        "wrong-assertion-type",
+        "no-assertion",
+        "too-large",
+    ],
 )
 def test_malformed_requests_are_refused_before_any_aws_call(form, error):
     # Given a token service whose store and keys must not be touched
-    service = TokenService(Settings(table_name="t", region="eu-west-1"), store=None, signing_keys=None,
-                           clock=MovableClock())
+    service = TokenService(
+        Settings(table_name="t", region="eu-west-1"),
+        store=None,
+        signing_keys=None,
+        clock=MovableClock(),
+    )
     # When a malformed request arrives, Then it is refused with the right error
     with pytest.raises(error):
         service.issue(form)
@@ -535,7 +612,7 @@ MALFORMED_TIMES = {
 def test_signed_assertions_with_malformed_times_are_invalid_client(stack, acme):
     # Given an ACTIVE device that signs assertions whose time claims are not integers
     dev = enroll(stack, acme, "sensor-times")
-    for name, (claims, nonce) in MALFORMED_TIMES.items():
+    for _name, (claims, nonce) in MALFORMED_TIMES.items():
         extra = {"nonce": stack.tokens.challenge()["nonce"]} if nonce else {}
         assertion = dev.assertion(stack, extra_claims={**claims(int(time.time())), **extra})
         # When each is presented, Then it is refused as invalid_client (not a server error)
@@ -551,7 +628,7 @@ def test_scopes_and_audiences_are_the_profiles(stack, acme):
     dev = enroll(stack, acme, "pump-scopes", profile="infusion-pump")
     firmware = {"firmware_version": "2.4.1", "firmware_sha256": PUMP_FIRMWARE}
 
-    # When it asks for a scope outside its profile, Then invalid_scope, and the assertion is not used
+    # When it asks for a scope outside its profile, Then invalid_scope, the assertion left unused
     assertion = dev.assertion(stack, **firmware)
     with pytest.raises(InvalidScope):
         issue(stack, assertion, scope="telemetry:write admin:all")
@@ -566,8 +643,11 @@ def test_scopes_and_audiences_are_the_profiles(stack, acme):
     assert claims["scope"] == "therapy:report" and claims["aud"] == "urn:fleetkey:therapy"
 
     # and with no scope or audience asked, every one of the profile's
-    claims = verify_pyjwt(stack, issue(stack, dev.assertion(stack, **firmware))["access_token"],
-                          audience="urn:fleetkey:therapy")
+    claims = verify_pyjwt(
+        stack,
+        issue(stack, dev.assertion(stack, **firmware))["access_token"],
+        audience="urn:fleetkey:therapy",
+    )
     assert claims["scope"] == "telemetry:write therapy:report"
     assert claims["aud"] == ["urn:fleetkey:telemetry", "urn:fleetkey:therapy"]
 
@@ -585,9 +665,14 @@ def test_a_pump_without_an_allowed_firmware_measurement_gets_no_token(stack, acm
     refusals = {
         "no claims": {},
         "version only": {"firmware_version": "2.4.1"},
-        "unknown measurement": {"firmware_sha256": hashlib.sha256(b"tampered firmware").hexdigest()},
+        "unknown measurement": {
+            "firmware_sha256": hashlib.sha256(b"tampered firmware").hexdigest()
+        },
         "not canonical hex": {"firmware_sha256": PUMP_FIRMWARE.upper()},
-        "not a string": {"firmware_sha256": None, "extra_claims": {"firmware_sha256": [PUMP_FIRMWARE]}},
+        "not a string": {
+            "firmware_sha256": None,
+            "extra_claims": {"firmware_sha256": [PUMP_FIRMWARE]},
+        },
     }
     for name, firmware in refusals.items():
         assertion = dev.assertion(stack, **firmware)
@@ -655,13 +740,22 @@ def test_an_expired_nonce_is_refused(stack, acme):
 
 # A token function that just started: device read, jti write, registry read, KMS confirming the
 # registry's key (once per key per process), KMS signature.
-COLD_CALLS = ["dynamodb.GetItem", "dynamodb.TransactWriteItems", "dynamodb.GetItem",
-              "kms.GetPublicKey", "kms.ListResourceTags", "kms.Sign"]
+COLD_CALLS = [
+    "dynamodb.GetItem",
+    "dynamodb.TransactWriteItems",
+    "dynamodb.GetItem",
+    "kms.GetPublicKey",
+    "kms.ListResourceTags",
+    "kms.GetKeyPolicy",
+    "kms.Sign",
+]
 JTI_WRITE = 2
 
 
 def fresh_token_service(stack) -> TokenService:
-    return TokenService(stack.settings, stack.store, SigningKeys(stack.store, KmsKeys(client=stack.kms)))
+    return TokenService(
+        stack.settings, stack.store, SigningKeys(stack.store, KmsKeys(client=stack.kms))
+    )
 
 
 FAULTS = [(k, after) for k in range(1, len(COLD_CALLS) + 1) for after in (False, True)]
@@ -670,7 +764,9 @@ FAULTS = [(k, after) for k in range(1, len(COLD_CALLS) + 1) for after in (False,
 def test_a_fault_at_any_aws_call_never_gives_two_tokens_for_one_assertion(stack, acme):
     injector = FaultInjector().watch(*stack.service_clients())
     for k, after in FAULTS:
-        case = f"call {k} ({COLD_CALLS[k - 1]}) fails {'after' if after else 'before'} AWS applied it"
+        case = (
+            f"call {k} ({COLD_CALLS[k - 1]}) fails {'after' if after else 'before'} AWS applied it"
+        )
         # Given an ACTIVE device and a token function that just started
         dev = enroll(stack, acme, f"sensor-fault-{k}-{int(after)}")
         service = fresh_token_service(stack)
@@ -681,7 +777,9 @@ def test_a_fault_at_any_aws_call_never_gives_two_tokens_for_one_assertion(stack,
         with pytest.raises(Exception) as failed:
             service.issue(token_request(assertion))
         assert injector.fired == COLD_CALLS[k - 1].split(".")[1], case
-        assert not isinstance(failed.value, OAuthError), f"{case}: an AWS failure is not the client's fault"
+        assert not isinstance(failed.value, OAuthError), (
+            f"{case}: an AWS failure is not the client's fault"
+        )
         injector.arm(None)
 
         # Then a new assertion from the same device gets a token (nothing is stuck)
@@ -729,19 +827,31 @@ def test_tokens_that_are_not_valid_introspect_inactive(stack, acme):
     impostor = device_key("ec:secp256r1", "impostor")
     # (and a token issued two hours ago, by a token service on a clock set back: its signature is
     # good, only its lifetime is over)
-    past = TokenService(stack.settings, stack.store, stack.signing_keys,
-                        clock=MovableClock(datetime.now(timezone.utc) - timedelta(hours=2)))
+    past = TokenService(
+        stack.settings,
+        stack.store,
+        stack.signing_keys,
+        clock=MovableClock(datetime.now(UTC) - timedelta(hours=2)),
+    )
     expired = issue(stack, dev.assertion(stack), service=past)["access_token"]
-    jwt.decode(expired, jwt.PyJWKSet.from_dict(stack.signing_keys.jwks())[kid], algorithms=["ES256"],
-               options={"verify_exp": False, "verify_aud": False})
+    jwt.decode(
+        expired,
+        jwt.PyJWKSet.from_dict(stack.signing_keys.jwks())[kid],
+        algorithms=["ES256"],
+        options={"verify_exp": False, "verify_aud": False},
+    )
     forged = {
         "expired": expired,
         "garbage": "garbage",
         "empty": "",
         "bad signature": f"{header}.{payload}.{b64url(bytes(64))}",
-        "other key, same kid": jwt.encode(claims, impostor, algorithm="ES256", headers={"typ": "at+jwt", "kid": kid}),
+        "other key, same kid": jwt.encode(
+            claims, impostor, algorithm="ES256", headers={"typ": "at+jwt", "kid": kid}
+        ),
         "alg none": _b64json({"alg": "none", "typ": "at+jwt", "kid": kid}) + "." + payload + ".",
-        "unknown kid": jwt.encode(claims, impostor, algorithm="ES256", headers={"typ": "at+jwt", "kid": "nope"}),
+        "unknown kid": jwt.encode(
+            claims, impostor, algorithm="ES256", headers={"typ": "at+jwt", "kid": "nope"}
+        ),
         "a client assertion": dev.assertion(stack),
         "too large": token + "A" * 8192,
         "other issuer": f"{header}.{_b64json({**claims, 'iss': 'https://evil.example'})}.{token.split('.')[2]}",
@@ -754,7 +864,7 @@ def test_tokens_that_are_not_valid_introspect_inactive(stack, acme):
 
 
 def test_tokens_of_suspended_or_rebound_devices_and_revoked_tokens_introspect_inactive(stack, acme):
-    # Given a token of a device that is then SUSPENDED, and one of a device whose certificate changed
+    # Given a token of a device then SUSPENDED, and one of a device whose certificate changed
     suspended = enroll(stack, acme, "sensor-intro-susp")
     of_suspended = issue(stack, suspended.assertion(stack))["access_token"]
     suspend(stack, suspended.device_id)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from fleetkey.domain.allowlist import (
     MAX_MANIFEST_BYTES,
@@ -177,7 +178,7 @@ def test_missing_fields_are_all_reported():
 
 def test_entry_is_immutable():
     entry = parse_entry(VALID)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         entry.device_id = "other"  # type: ignore[misc]
 
 
@@ -439,9 +440,7 @@ def test_unknown_format_is_rejected(fmt):
 
 def test_ten_thousand_row_csv_parses():
     # Given a 10,000-row CSV (the default import limit), with an attribute column
-    rows = (
-        f"dev-{i:05d},SN{i},acme,{i:064x},telemetry-sensor,site-{i % 7}" for i in range(10_000)
-    )
+    rows = (f"dev-{i:05d},SN{i},acme,{i:064x},telemetry-sensor,site-{i % 7}" for i in range(10_000))
     text = csv_text(*rows, header=HEADER + ",attribute.site")
 
     # When it is parsed (no timing assertion: this guards against pathological slowness)

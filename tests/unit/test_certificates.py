@@ -1,10 +1,11 @@
 """X.509 checks for device certificates, manufacturer CAs and CA proof of possession."""
 
 import hashlib
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
@@ -20,9 +21,10 @@ from fleetkey.domain.profiles import KeyPolicy
 from fleetkey.domain.rejection import RejectionReason
 from fleetkey.errors import InvalidCertificate, InvalidRequest
 from fleetkey_local.pki import CertificateAuthority, generate_key, key_pem, pem
+from tests.support.hostile_x509 import der_element, resign
 
 # Key generation dominates run time: every CA and RSA key is made once for the module.
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 ACME = CertificateAuthority.create("acme")
 # Same subject name as ACME (the name is derived from "acme"), different key: an impostor.
 IMPOSTOR = CertificateAuthority.create("acme")
@@ -69,9 +71,14 @@ def leaf_builder(
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=digital_signature, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=False,
-                key_cert_sign=key_cert_sign, crl_sign=key_cert_sign, encipher_only=False,
+                digital_signature=digital_signature,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=key_cert_sign,
+                crl_sign=key_cert_sign,
+                encipher_only=False,
                 decipher_only=False,
             ),
             critical=True,
@@ -192,8 +199,12 @@ def test_validity_is_checked_before_the_issuer():
 
 @pytest.mark.parametrize(
     "key",
-    [RSA_1024, generate_key("ec:secp256k1"), generate_key("ec:secp521r1"),
-     ed25519.Ed25519PrivateKey.generate()],
+    [
+        RSA_1024,
+        generate_key("ec:secp256k1"),
+        generate_key("ec:secp521r1"),
+        ed25519.Ed25519PrivateKey.generate(),
+    ],
     ids=["rsa1024", "secp256k1", "secp521r1", "ed25519"],
 )
 def test_weak_or_disallowed_keys_are_refused(key):
@@ -317,8 +328,16 @@ def test_load_certificate_accepts_str_and_bytes():
         "A" * (MAX_PEM_BYTES + 1),
         pem(ACME.certificate) + "#" * MAX_PEM_BYTES,
     ],
-    ids=["empty", "garbage", "bad-base64-body", "two-certs", "private-key", "der", "oversized",
-         "valid-but-padded-over-limit"],
+    ids=[
+        "empty",
+        "garbage",
+        "bad-base64-body",
+        "two-certs",
+        "private-key",
+        "der",
+        "oversized",
+        "valid-but-padded-over-limit",
+    ],
 )
 def test_load_certificate_rejects_anything_but_one_pem_certificate(data):
     # Given input that is not exactly one PEM certificate
@@ -466,6 +485,37 @@ def test_proof_of_possession_signed_by_another_key_is_refused(signer):
     assert "does not verify against the CA" in caught.value.message
 
 
+def _version_1(proof: x509.Certificate, signer_key) -> x509.Certificate:
+    # The version field patched out of a v3 certificate's TBS, then re-signed: what OpenSSL
+    # 3.0's `x509 -req` without extensions makes (AWS IoT's documented recipe).
+    der = proof.public_bytes(serialization.Encoding.DER)
+    tbs = proof.tbs_certificate_bytes
+    version = b"\xa0\x03\x02\x01\x02"
+    assert version in tbs[:10]
+    content = tbs[tbs.index(version) + len(version) :]
+    v1 = x509.load_der_x509_certificate(resign(der, der_element(b"\x30", content), signer_key))
+    assert v1.version is x509.Version.v1
+    return v1
+
+
+def test_version_1_proof_of_possession_signed_by_the_ca_is_accepted():
+    # Given a v1 verification certificate with the right code, signed by the CA's key
+    v1 = _version_1(ACME.verification_certificate(REGISTRATION_CODE), ACME.key)
+
+    # When / Then: the proof holds (no exception)
+    verify_proof_of_possession(ACME.certificate, pem(v1), REGISTRATION_CODE, NOW)
+
+
+def test_version_1_proof_of_possession_signed_by_another_key_is_refused():
+    # Given a v1 verification certificate naming the CA as issuer, signed by an impostor's key
+    v1 = _version_1(ACME.verification_certificate(REGISTRATION_CODE), IMPOSTOR.key)
+
+    # When / Then
+    with pytest.raises(InvalidCertificate) as caught:
+        verify_proof_of_possession(ACME.certificate, pem(v1), REGISTRATION_CODE, NOW)
+    assert caught.value.reason == RejectionReason.INVALID_CHAIN
+
+
 def test_expired_proof_of_possession_is_refused():
     # Given a valid proof checked two days later (it is valid for one day)
     proof = pem(ACME.verification_certificate(REGISTRATION_CODE))
@@ -484,15 +534,117 @@ def test_malformed_proof_of_possession_is_refused():
     assert caught.value.reason == RejectionReason.MALFORMED_CERTIFICATE
 
 
-def test_weak_manufacturer_ca_is_registrable_but_its_devices_are_refused():
+def test_weak_manufacturer_ca_is_refused_at_registration():
     # Given a manufacturer CA with an RSA-1024 key
     weak = CertificateAuthority.create("weak", key_kind="rsa:1024")
 
-    # When it is validated for registration (current behaviour: the CA's own key is not checked)
-    validate_manufacturer_ca(weak.pem, NOW)
+    # When / Then: the baseline key policy applies to CA certificates too
+    with pytest.raises(InvalidCertificate) as caught:
+        validate_manufacturer_ca(weak.pem, NOW)
+    assert caught.value.reason == RejectionReason.WEAK_KEY
 
-    # Then every device certificate it issues is still refused, by the chain verifier
+
+def test_devices_of_a_weak_anchor_registered_before_the_policy_are_refused():
+    # Given a weak CA already stored as a trust anchor (registered before the baseline policy)
+    weak = CertificateAuthority.create("weak", key_kind="rsa:1024")
     _, cert = weak.issue_device("pump-0001")
+
+    # When / Then: every device certificate it issues is still refused, by the chain verifier
     error = refused(cert, anchor=weak)
     assert error.reason == RejectionReason.INVALID_CHAIN
     assert "too weak" in error.details["error"]
+
+
+# --- parse failures never escape ------------------------------------------------------------------
+
+
+class _LazilyBrokenCertificate:
+    """Stands for a certificate whose lazily parsed fields fail when read (cryptography parses
+    extensions, names and keys on first access)."""
+
+    def __init__(self, real: x509.Certificate, broken: str, error: Exception) -> None:
+        self._real, self._broken, self._error = real, broken, error
+
+    def __getattr__(self, name: str) -> object:
+        if name == self._broken:
+            raise self._error
+        return getattr(self._real, name)
+
+    def public_key(self) -> object:
+        if self._broken == "public_key":
+            raise self._error
+        return self._real.public_key()
+
+
+@pytest.mark.parametrize(
+    "field, error",
+    [
+        (
+            "extensions",
+            x509.DuplicateExtension("Duplicate 2.5.29.15 extension found", x509.OID_KEY_USAGE),
+        ),
+        ("extensions", x509.UnsupportedGeneralNameType("x400Address")),
+        ("subject", ValueError("error parsing asn1 value")),
+        ("issuer", TypeError("bad name")),
+        ("public_key", UnsupportedAlgorithm("unknown key type")),
+        ("signature_hash_algorithm", UnsupportedAlgorithm("unknown hash")),
+        ("serial_number", ValueError("bad serial")),
+    ],
+    ids=[
+        "duplicate-extension",
+        "general-name",
+        "subject",
+        "issuer",
+        "public-key",
+        "hash",
+        "serial",
+    ],
+)
+def test_a_field_that_fails_to_decode_is_a_malformed_certificate(field, error):
+    # Given a certificate object whose `field` raises when read, as cryptography's lazy parsers do
+    _, real = ACME.issue_device("pump-0001")
+    cert = _LazilyBrokenCertificate(real, field, error)
+
+    # When it is validated
+    with pytest.raises(InvalidCertificate) as caught:
+        validate_device_certificate(cert, ACME.certificate, NOW, BASELINE)  # type: ignore[arg-type]
+
+    # Then the parser's exception is the typed refusal
+    assert caught.value.reason == RejectionReason.MALFORMED_CERTIFICATE
+    assert caught.value.details["error"] == type(error).__name__
+
+
+def test_manufacturer_ca_with_a_malformed_extension_is_a_400_not_a_crash():
+    # Given a CA certificate whose subjectAltName does not decode (DER surgery, re-signed)
+    key = generate_key("ec:secp256r1")
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "odd CA")])
+    der = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+        )
+        .add_extension(
+            x509.UnrecognizedExtension(
+                x509.ObjectIdentifier("2.5.29.113"), b"\x30\x03\x82\x05\x41"
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    tbs = x509.load_der_x509_certificate(der).tbs_certificate_bytes
+    patched = tbs.replace(b"\x06\x03\x55\x1d\x71", b"\x06\x03\x55\x1d\x11")  # -> 2.5.29.17
+    broken = x509.load_der_x509_certificate(resign(der, patched, key))
+
+    # When / Then
+    with pytest.raises(InvalidCertificate) as caught:
+        validate_manufacturer_ca(pem(broken), NOW)
+    assert caught.value.reason == RejectionReason.MALFORMED_CERTIFICATE
+    assert caught.value.status == 400

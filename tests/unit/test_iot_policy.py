@@ -106,19 +106,30 @@ def test_substituted_variables_are_literals_not_wildcards(policy):
 def test_explicit_deny_overrides_any_allow(policy):
     deny = {
         "Version": "2012-10-17",
-        "Statement": [{
-            "Effect": "Deny",
-            "Action": ["iot:Publish"],
-            "Resource":
-                f"{PREFIX}:topic/fleetkey/${{iot:Connection.Thing.ThingName}}/events/debug*",
-        }],
+        "Statement": [
+            {
+                "Effect": "Deny",
+                "Action": ["iot:Publish"],
+                "Resource": (
+                    f"{PREFIX}:topic/fleetkey/${{iot:Connection.Thing.ThingName}}/events/debug*"
+                ),
+            }
+        ],
     }
     context = attached()
-    decision = evaluate([policy, deny], "iot:Publish",
-                        topic_resource(PREFIX, f"fleetkey/{DEVICE}/events/debug/1"), context)
+    decision = evaluate(
+        [policy, deny],
+        "iot:Publish",
+        topic_resource(PREFIX, f"fleetkey/{DEVICE}/events/debug/1"),
+        context,
+    )
     assert not decision.allowed and decision.reason == "explicit_deny"
-    assert is_allowed([policy, deny], "iot:Publish",
-                      topic_resource(PREFIX, f"fleetkey/{DEVICE}/events/alarm"), context)
+    assert is_allowed(
+        [policy, deny],
+        "iot:Publish",
+        topic_resource(PREFIX, f"fleetkey/{DEVICE}/events/alarm"),
+        context,
+    )
 
 
 def test_default_deny_and_the_reason():
@@ -127,14 +138,16 @@ def test_default_deny_and_the_reason():
 
 
 def test_actions_match_wildcards_and_any_case_resources_lists_and_question_marks():
-    document = json.dumps({
-        "Version": "2012-10-17",
-        "Statement": {
-            "Effect": "Allow",
-            "Action": "iot:*",
-            "Resource": [f"{PREFIX}:topic/a/?", f"{PREFIX}:client/${{iot:ClientId}}"],
-        },
-    })
+    document = json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": {
+                "Effect": "Allow",
+                "Action": "iot:*",
+                "Resource": [f"{PREFIX}:topic/a/?", f"{PREFIX}:client/${{iot:ClientId}}"],
+            },
+        }
+    )
     context = ConnectionContext(client_id="any-client")
     assert is_allowed([document], "iot:Publish", topic_resource(PREFIX, "a/b"), context)
     assert is_allowed([document], "IOT:RECEIVE", topic_resource(PREFIX, "a/c"), context)
@@ -161,55 +174,87 @@ def test_not_action_and_not_resource():
 def test_thing_type_and_attribute_variables_and_conditions():
     document = {
         "Version": "2012-10-17",
-        "Statement": [{
-            "Effect": "Allow",
-            "Action": "iot:Publish",
-            "Resource": f"{PREFIX}:topic/sites/${{iot:Connection.Thing.Attributes[site]}}/*",
-            "Condition": {
-                "StringEquals": {"iot:Connection.Thing.ThingTypeName": "fleetkey-telemetry-sensor"},
-                "StringLike": {"iot:ClientId": ["well-*", "pump-*"]},
-            },
-        }],
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": "iot:Publish",
+                "Resource": f"{PREFIX}:topic/sites/${{iot:Connection.Thing.Attributes[site]}}/*",
+                "Condition": {
+                    "StringEquals": {
+                        "iot:Connection.Thing.ThingTypeName": "fleetkey-telemetry-sensor"
+                    },
+                    "StringLike": {"iot:ClientId": ["well-*", "pump-*"]},
+                },
+            }
+        ],
     }
-    context = ConnectionContext(client_id="well-1", thing_name="well-1",
-                                thing_type_name="fleetkey-telemetry-sensor",
-                                thing_attributes={"site": "permian-14"})
-    assert is_allowed([document], "iot:Publish",
-                      topic_resource(PREFIX, "sites/permian-14/t"), context)
-    assert not is_allowed([document], "iot:Publish",
-                          topic_resource(PREFIX, "sites/ward-7/t"), context)
-    no_site = ConnectionContext(client_id="well-1", thing_name="well-1",
-                                thing_type_name="fleetkey-telemetry-sensor")
+    context = ConnectionContext(
+        client_id="well-1",
+        thing_name="well-1",
+        thing_type_name="fleetkey-telemetry-sensor",
+        thing_attributes={"site": "permian-14"},
+    )
+    assert is_allowed(
+        [document], "iot:Publish", topic_resource(PREFIX, "sites/permian-14/t"), context
+    )
+    assert not is_allowed(
+        [document], "iot:Publish", topic_resource(PREFIX, "sites/ward-7/t"), context
+    )
+    no_site = ConnectionContext(
+        client_id="well-1", thing_name="well-1", thing_type_name="fleetkey-telemetry-sensor"
+    )
     assert not is_allowed([document], "iot:Publish", topic_resource(PREFIX, "sites//t"), no_site)
-    other_type = ConnectionContext(client_id="well-1", thing_name="well-1",
-                                   thing_type_name="other", thing_attributes={"site": "permian-14"})
-    assert not is_allowed([document], "iot:Publish",
-                          topic_resource(PREFIX, "sites/permian-14/t"), other_type)
+    other_type = ConnectionContext(
+        client_id="well-1",
+        thing_name="well-1",
+        thing_type_name="other",
+        thing_attributes={"site": "permian-14"},
+    )
+    assert not is_allowed(
+        [document], "iot:Publish", topic_resource(PREFIX, "sites/permian-14/t"), other_type
+    )
 
 
 def test_variables_are_not_substituted_in_old_policy_versions():
     document = {
         "Version": "2008-10-17",
-        "Statement": [{"Effect": "Allow", "Action": "iot:Connect",
-                       "Resource": f"{PREFIX}:client/${{iot:ClientId}}"}],
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": "iot:Connect",
+                "Resource": f"{PREFIX}:client/${{iot:ClientId}}",
+            }
+        ],
     }
-    assert not is_allowed([document], "iot:Connect", client_resource(PREFIX, "c"),
-                          ConnectionContext(client_id="c"))
-    assert is_allowed([document], "iot:Connect", client_resource(PREFIX, "${iot:ClientId}"),
-                      ConnectionContext(client_id="c"))
+    assert not is_allowed(
+        [document], "iot:Connect", client_resource(PREFIX, "c"), ConnectionContext(client_id="c")
+    )
+    assert is_allowed(
+        [document],
+        "iot:Connect",
+        client_resource(PREFIX, "${iot:ClientId}"),
+        ConnectionContext(client_id="c"),
+    )
 
 
 def test_is_attached_condition_false_and_if_exists():
     document = {
         "Version": "2012-10-17",
-        "Statement": [{
-            "Effect": "Allow", "Action": "iot:Connect", "Resource": "*",
-            "Condition": {"Bool": {"iot:Connection.Thing.IsAttached": False},
-                          "StringEqualsIfExists": {"iot:Connection.Thing.ThingName": "nothing"}},
-        }],
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": "iot:Connect",
+                "Resource": "*",
+                "Condition": {
+                    "Bool": {"iot:Connection.Thing.IsAttached": False},
+                    "StringEqualsIfExists": {"iot:Connection.Thing.ThingName": "nothing"},
+                },
+            }
+        ],
     }
-    assert is_allowed([document], "iot:Connect", client_resource(PREFIX, "c"),
-                      ConnectionContext(client_id="c"))
+    assert is_allowed(
+        [document], "iot:Connect", client_resource(PREFIX, "c"), ConnectionContext(client_id="c")
+    )
     assert not is_allowed([document], "iot:Connect", client_resource(PREFIX, "c"), attached("c"))
 
 
@@ -217,14 +262,25 @@ def statement(**fields):
     return {"Version": "2012-10-17", "Statement": [fields]}
 
 
-@pytest.mark.parametrize("document", [
-    statement(Effect="Allow", Action="iot:Connect", Resource="*",
-              Condition={"IpAddress": {"aws:SourceIp": "10.0.0.0/8"}}),
-    statement(Effect="Maybe", Action="iot:Connect", Resource="*"),
-    statement(Effect="Allow", Resource="*"),
-    "not json",
-])
+@pytest.mark.parametrize(
+    "document",
+    [
+        statement(
+            Effect="Allow",
+            Action="iot:Connect",
+            Resource="*",
+            Condition={"IpAddress": {"aws:SourceIp": "10.0.0.0/8"}},
+        ),
+        statement(Effect="Maybe", Action="iot:Connect", Resource="*"),
+        statement(Effect="Allow", Resource="*"),
+        "not json",
+    ],
+)
 def test_what_it_does_not_understand_is_an_error_never_an_allow(document):
     with pytest.raises(PolicyError):
-        evaluate([document], "iot:Connect", client_resource(PREFIX, "c"),
-                 ConnectionContext(client_id="c"))
+        evaluate(
+            [document],
+            "iot:Connect",
+            client_resource(PREFIX, "c"),
+            ConnectionContext(client_id="c"),
+        )

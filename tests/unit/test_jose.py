@@ -5,8 +5,8 @@ import json
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
 from jwcrypto import jwk as jwcrypto_jwk
 
 from fleetkey.crypto.jose import algorithms_for, b64url, jwk_thumbprint, public_jwk, sign_jwt
@@ -36,7 +36,10 @@ def test_rfc7638_rsa_example_thumbprint():
     assert jwk == {"kty": "RSA", "n": RFC7638_N, "e": "AQAB"}
     assert jwk_thumbprint(jwk) == RFC7638_THUMBPRINT
     # and optional members (kid, alg, use) do not change it
-    assert jwk_thumbprint({**jwk, "kid": "2011-04-29", "alg": "RS256", "use": "sig"}) == RFC7638_THUMBPRINT
+    assert (
+        jwk_thumbprint({**jwk, "kid": "2011-04-29", "alg": "RS256", "use": "sig"})
+        == RFC7638_THUMBPRINT
+    )
 
 
 def _p256_key_with_short_x() -> ec.EllipticCurvePrivateKey:
@@ -109,7 +112,9 @@ def test_sign_jwt_with_a_kms_style_signer_verifies_with_pyjwt(curve, alg):
     # Then one signature was made, the header is as specified and pyjwt verifies it
     assert signer.calls == 1
     assert jwt.get_unverified_header(token) == {"alg": alg, "typ": "at+jwt", "kid": kid}
-    decoded = jwt.decode(token, signer.public_key(), algorithms=[alg], options={"verify_aud": False})
+    decoded = jwt.decode(
+        token, signer.public_key(), algorithms=[alg], options={"verify_aud": False}
+    )
     assert decoded == claims
 
 
@@ -119,7 +124,9 @@ def test_sign_jwt_signature_is_not_accepted_by_another_key():
     token = sign_jwt(signer, "kid", {"sub": "x"}, "at+jwt")
     # When it is verified with another key, Then it is refused
     with pytest.raises(jwt.InvalidSignatureError):
-        jwt.decode(token, ec.generate_private_key(ec.SECP256R1()).public_key(), algorithms=["ES256"])
+        jwt.decode(
+            token, ec.generate_private_key(ec.SECP256R1()).public_key(), algorithms=["ES256"]
+        )
 
 
 def test_b64url_has_no_padding():
@@ -146,3 +153,126 @@ def test_algorithms_for_a_device_key(description, expected):
     # Given a device key description, When asked which algorithms it may use,
     # Then only its own family's asymmetric algorithms (never none, never HMAC)
     assert algorithms_for(description) == expected
+
+
+# ---- strict parsing (RFC 7515 §5.2, §4.1.11; RFC 8725 §3) ---------------------------------------
+
+from fleetkey.crypto.jose import (  # noqa: E402 - grouped with the tests that use them
+    MalformedJws,
+    media_type,
+    parse_compact_jws,
+    stand_in_keys,
+)
+
+
+def _jws(header: bytes | str, payload: bytes | str = b"{}", signature: str = "AA") -> str:
+    part = lambda p: p if isinstance(p, str) else b64url(p)  # noqa: E731
+    return f"{part(header)}.{part(payload)}.{signature}"
+
+
+def test_a_well_formed_jws_is_taken_apart():
+    # Given a compact JWS with an object header and payload
+    token = _jws(b'{"alg":"ES256","kid":"k","typ":"JWT"}', b'{"sub":"d","exp":1700000000}')
+    # When it is parsed, Then header and claims come back as they were written
+    parsed = parse_compact_jws(token, max_bytes=8192)
+    assert parsed.header == {"alg": "ES256", "kid": "k", "typ": "JWT"}
+    assert parsed.claims == {"sub": "d", "exp": 1700000000}
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        _jws(b'{"alg":"ES256","crit":["exp"]}'),
+        _jws(b'{"alg":"ES256","crit":[]}'),
+        _jws(b'{"alg":"ES256","b64":false,"crit":["b64"]}'),
+        _jws(b'{"alg":"ES256","b64":true}'),
+        _jws(b'{"alg":"ES256","alg":"none"}'),
+        _jws(b'{"alg":"ES256"}', b'{"sub":"a","sub":"b"}'),
+        _jws(b'{"alg":["ES256"]}'),
+        _jws(b'{"alg":null}'),
+        _jws(b"{}"),
+        _jws(b'["ES256"]'),
+        _jws(b'{"alg":"ES256"}', b'"a string"'),
+        _jws(b'{"alg":"ES256"}', b'{"n":' + b"1" * 21 + b"}"),
+        _jws(b'{"alg":"ES256"}', b'{"n":1e400}'),
+        _jws(b'{"alg":"ES256"}', b'{"n":NaN}'),
+        _jws(b'{"alg":"ES256"}', b'{"n":-Infinity}'),
+        _jws(b"[" * 5000 + b"]" * 5000),
+        _jws('{"alg":"ES256"}'.encode("utf-16")),
+        _jws(b'{"alg":"\xff"}'),
+        _jws("eyJhbGciOiJFUzI1NiJ9="),  # padded
+        _jws(b'{"alg":"ES256"}', "e31"),  # "{}" with non-zero trailing bits: non-canonical
+        _jws("e+J/"),  # base64, not base64url
+        _jws(b'{"alg":"ES256"}', signature="A"),  # impossible length
+        _jws(b'{"alg":"ES256"}') + ".AA",
+        "eyJhbGciOiJFUzI1NiJ9.e30",
+        "",
+        "a" * 9000,
+    ],
+    ids=[
+        "crit",
+        "crit-empty",
+        "b64-false",
+        "b64-true",
+        "duplicate-header-member",
+        "duplicate-claim",
+        "alg-list",
+        "alg-null",
+        "alg-missing",
+        "header-array",
+        "payload-string",
+        "21-digit-integer",
+        "float-overflow",
+        "nan",
+        "infinity",
+        "nested-5000",
+        "utf-16",
+        "not-utf-8",
+        "padded",
+        "non-canonical-base64",
+        "standard-base64",
+        "impossible-length",
+        "four-segments",
+        "two-segments",
+        "empty",
+        "too-large",
+    ],
+)
+def test_what_rfc_7515_and_8725_ask_to_refuse_is_malformed(token):
+    # Given a token broken in one way, When parsed, Then one typed error (never another exception)
+    with pytest.raises(MalformedJws):
+        parse_compact_jws(token, max_bytes=8192)
+
+
+@pytest.mark.parametrize(
+    "typ,expected",
+    [
+        ("at+jwt", "application/at+jwt"),
+        ("AT+JWT", "application/at+jwt"),
+        ("application/at+jwt", "application/at+jwt"),
+        ("JWT", "application/jwt"),
+        ("client-authentication+jwt", "application/client-authentication+jwt"),
+        (None, None),
+        (["at+jwt"], None),
+        (1, None),
+    ],
+)
+def test_media_type_reads_typ_as_rfc_7515_says(typ, expected):
+    # Given a typ header value, When read as a media type,
+    # Then case-insensitive with "application/" implied, and None for what is not a string
+    assert media_type(typ) == expected
+
+
+def test_stand_in_keys_fit_every_assertion_algorithm_and_are_made_once():
+    # Given the stand-in keys of this process
+    keys = stand_in_keys()
+    # Then there is one per device algorithm, of that algorithm's kind, made once per process
+    assert set(keys) == {"ES256", "ES384", "PS256", "RS256"}
+    assert keys["ES256"].curve.name == "secp256r1" and keys["ES384"].curve.name == "secp384r1"
+    assert isinstance(keys["PS256"], rsa.RSAPublicKey) and keys["PS256"].key_size == 2048
+    assert stand_in_keys() is keys
+    # and a signature by some key never verifies under one (nobody holds their private halves)
+    signer = ec.generate_private_key(ec.SECP256R1())
+    token = jwt.encode({"sub": "x"}, signer, algorithm="ES256")
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.decode(token, keys["ES256"], algorithms=["ES256"])

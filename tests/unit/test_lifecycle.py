@@ -117,5 +117,8 @@ def test_states_and_transitions_accept_their_string_values():
     assert DeviceState("SUSPENDED") is S.SUSPENDED
     assert Transition("recommission") is T.RECOMMISSION
     assert [s.value for s in DeviceState] == [
-        "ALLOWLISTED", "ACTIVE", "SUSPENDED", "DECOMMISSIONED"
+        "ALLOWLISTED",
+        "ACTIVE",
+        "SUSPENDED",
+        "DECOMMISSIONED",
     ]

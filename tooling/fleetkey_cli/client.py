@@ -11,8 +11,9 @@ import ipaddress
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 from urllib.parse import quote, urlencode, urlsplit
 
 # Where `make serve` puts the local API gateway (fleetkey_local.api_gateway.DEFAULT_PORT).
@@ -81,9 +82,9 @@ class SigV4Transport:
     """HTTP(S) to an admin API signed for execute-api: `endpoint` is a deployed stage URL or the
     local gateway's URL. `credentials` (botocore credentials) default to the standard chain's."""
 
-    def __init__(
-        self, endpoint: str, region: str, timeout: float = 30.0, credentials=None
-    ) -> None:
+    def __init__(self, endpoint: str, region: str, timeout: float = 30.0, credentials=None) -> None:
+        if urlsplit(endpoint).scheme not in ("http", "https"):
+            raise SystemExit(f"the admin API endpoint must be an http(s) URL, not {endpoint!r}")
         self._endpoint = endpoint.rstrip("/")
         self._region = region
         self._timeout = timeout
@@ -103,7 +104,8 @@ class SigV4Transport:
         SigV4Auth(self._credentials.get_frozen_credentials(), "execute-api", self._region).add_auth(
             request
         )
-        prepared = urllib.request.Request(
+        # the endpoint's scheme is http(s), checked in __init__
+        prepared = urllib.request.Request(  # noqa: S310
             url, data=request.body or None, method=method, headers=dict(request.headers)
         )
         try:
@@ -167,8 +169,12 @@ class AdminClient:
         return self._call("GET", f"/devices/{_segment(device_id)}")
 
     def audit(self, subject: str) -> dict:
-        paths = {"device": "/devices/{}/audit", "certificate": "/certificates/{}/audit",
-                 "ca": "/cas/{}/audit", "stream": "/audit-streams/{}"}
+        paths = {
+            "device": "/devices/{}/audit",
+            "certificate": "/certificates/{}/audit",
+            "ca": "/cas/{}/audit",
+            "stream": "/audit-streams/{}",
+        }
         kind, _, name = subject.partition(":")
         if kind not in paths or not name:
             kind, name = "device", subject  # device ids may themselves contain ':'
@@ -181,8 +187,11 @@ class AdminClient:
         return self._call(
             "POST",
             "/cas",
-            {"name": name, "certificate_pem": certificate_pem,
-             "verification_certificate_pem": verification_pem},
+            {
+                "name": name,
+                "certificate_pem": certificate_pem,
+                "verification_certificate_pem": verification_pem,
+            },
         )
 
     def signing_keys(self) -> dict:

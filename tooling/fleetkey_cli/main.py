@@ -39,21 +39,29 @@ def _print(value) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fleetkey", description="fleetkey operator CLI",
+        prog="fleetkey",
+        description="fleetkey operator CLI",
         epilog="Without --endpoint or $FLEETKEY_ENDPOINT the CLI talks to the local stack "
-               f"(`make serve`, {LOCAL_ENDPOINT}), signing with the local credentials unless "
-               "AWS credentials are configured. A deployed stack: --endpoint <stage URL> and the "
-               "standard AWS credential chain.")
-    parser.add_argument("--endpoint", default=os.environ.get("FLEETKEY_ENDPOINT") or LOCAL_ENDPOINT,
-                        help="admin API stage URL (default: $FLEETKEY_ENDPOINT, else the local "
-                             f"stack at {LOCAL_ENDPOINT})")
-    parser.add_argument("--region",
-                        help="region the API is signed for (default: the local stack's for a "
-                             "loopback endpoint, else $AWS_REGION, $AWS_DEFAULT_REGION, eu-west-1)")
+        f"(`make serve`, {LOCAL_ENDPOINT}), signing with the local credentials unless "
+        "AWS credentials are configured. A deployed stack: --endpoint <stage URL> and the "
+        "standard AWS credential chain.",
+    )
+    parser.add_argument(
+        "--endpoint",
+        default=os.environ.get("FLEETKEY_ENDPOINT") or LOCAL_ENDPOINT,
+        help="admin API stage URL (default: $FLEETKEY_ENDPOINT, else the local "
+        f"stack at {LOCAL_ENDPOINT})",
+    )
+    parser.add_argument(
+        "--region",
+        help="region the API is signed for (default: the local stack's for a "
+        "loopback endpoint, else $AWS_REGION, $AWS_DEFAULT_REGION, eu-west-1)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     allowlist = commands.add_parser("allowlist", help="allow-list entries").add_subparsers(
-        dest="action", required=True)
+        dest="action", required=True
+    )
     add = allowlist.add_parser("add", help="allow-list one device")
     add.add_argument("--device-id", required=True)
     add.add_argument("--serial-number", required=True)
@@ -65,36 +73,54 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("file", type=Path)
     imp.add_argument("--format", choices=["csv", "json"])
 
-    device = commands.add_parser("device", help="devices").add_subparsers(dest="action", required=True)
+    device = commands.add_parser("device", help="devices").add_subparsers(
+        dest="action", required=True
+    )
     device.add_parser("show").add_argument("device_id")
 
     audit = commands.add_parser("audit", help="read and verify an audit trail")
-    audit.add_argument("subject", help="device id, or device:<id>, certificate:<id>, ca:<name>, "
-                                       "stream:<name>")
+    audit.add_argument(
+        "subject", help="device id, or device:<id>, certificate:<id>, ca:<name>, stream:<name>"
+    )
 
-    ca = commands.add_parser("ca", help="manufacturer CAs").add_subparsers(dest="action", required=True)
+    ca = commands.add_parser("ca", help="manufacturer CAs").add_subparsers(
+        dest="action", required=True
+    )
     ca.add_parser("list")
     ca.add_parser("registration-code")
     register = ca.add_parser("register", help="register a manufacturer CA with AWS IoT")
     register.add_argument("--name", required=True)
     register.add_argument("--certificate", type=Path, required=True, help="CA certificate PEM")
     proof = register.add_mutually_exclusive_group(required=True)
-    proof.add_argument("--verification-certificate", type=Path,
-                       help="PEM whose CN is the registration code, signed by the CA key")
-    proof.add_argument("--ca-key", type=Path,
-                       help="CA private key PEM: the proof is made here; the key is not sent")
+    proof.add_argument(
+        "--verification-certificate",
+        type=Path,
+        help="PEM whose CN is the registration code, signed by the CA key",
+    )
+    proof.add_argument(
+        "--ca-key",
+        type=Path,
+        help="CA private key PEM: the proof is made here; the key is not sent",
+    )
     for name in ("disable", "enable"):
         ca.add_parser(name).add_argument("name")
 
     keys = commands.add_parser("signing-keys", help="access-token signing keys (KMS)")
     keys_actions = keys.add_subparsers(dest="action", required=True)
     keys_actions.add_parser("list", help="the keys published in the JWKS")
-    keys_actions.add_parser("rotate", help="create a new key: published now, signing after the "
-                                           "publish lead; the old one retires after its tokens")
+    keys_actions.add_parser(
+        "rotate",
+        help="create a new key: published now, signing after the "
+        "publish lead; the old one retires after its tokens",
+    )
     keys_actions.add_parser("retire", help="schedule deletion of keys whose tokens have expired")
 
-    token = commands.add_parser("token", help="access tokens").add_subparsers(dest="action", required=True)
-    revoke = token.add_parser("revoke", help="revoke an access token (introspection reports it inactive)")
+    token = commands.add_parser("token", help="access tokens").add_subparsers(
+        dest="action", required=True
+    )
+    revoke = token.add_parser(
+        "revoke", help="revoke an access token (introspection reports it inactive)"
+    )
     revoke.add_argument("--jti", required=True)
     return parser
 
@@ -126,9 +152,13 @@ def run(args: argparse.Namespace, client: AdminClient) -> int:
             print(f"fleetkey: --attribute takes NAME=VALUE, not {malformed[0]!r}", file=sys.stderr)
             return 2
         attributes = dict(a.split("=", 1) for a in args.attribute)
-        entry = {"device_id": args.device_id, "serial_number": args.serial_number,
-                 "manufacturer_ca": args.manufacturer_ca, "profile": args.profile,
-                 "attributes": attributes}
+        entry = {
+            "device_id": args.device_id,
+            "serial_number": args.serial_number,
+            "manufacturer_ca": args.manufacturer_ca,
+            "profile": args.profile,
+            "attributes": attributes,
+        }
         if args.public_key_fingerprint:
             entry["public_key_fingerprint"] = args.public_key_fingerprint
         _print(client.add_entry(entry))
@@ -142,8 +172,10 @@ def run(args: argparse.Namespace, client: AdminClient) -> int:
     elif args.command == "audit":
         trail = client.audit(args.subject)
         for record in trail["records"]:
-            print(f"{record['seq']:>4}  {record['at']}  {record['action']:<22} {record['actor']}  "
-                  f"{json.dumps(record['details'], sort_keys=True)}")
+            print(
+                f"{record['seq']:>4}  {record['at']}  {record['action']:<22} {record['actor']}  "
+                f"{json.dumps(record['details'], sort_keys=True)}"
+            )
         print(f"chain verified: {len(trail['records'])} records, head {trail['head']['hash']}")
     elif args.command == "ca":
         if args.action == "list":
@@ -160,8 +192,11 @@ def run(args: argparse.Namespace, client: AdminClient) -> int:
         else:
             _print(client.set_ca_enabled(args.name, args.action == "enable"))
     elif args.command == "signing-keys":
-        actions = {"list": client.signing_keys, "rotate": client.rotate_signing_key,
-                   "retire": client.retire_signing_keys}
+        actions = {
+            "list": client.signing_keys,
+            "rotate": client.rotate_signing_key,
+            "retire": client.retire_signing_keys,
+        }
         _print(actions[args.action]())
     elif args.command == "token":
         _print(client.revoke_token(args.jti))
@@ -187,9 +222,11 @@ def _local_hint(endpoint: str, error: AdminApiError) -> str | None:
     if error.response.status == 0:
         return "is the local stack running? (`make serve`)"
     if error.response.status == 403:
-        return ("the local stack accepts only its own credentials: unset AWS_ACCESS_KEY_ID/"
-                "AWS_PROFILE, or set AWS_ACCESS_KEY_ID=fleetkey-local "
-                "AWS_SECRET_ACCESS_KEY=fleetkey-local")
+        return (
+            "the local stack accepts only its own credentials: unset AWS_ACCESS_KEY_ID/"
+            "AWS_PROFILE, or set AWS_ACCESS_KEY_ID=fleetkey-local "
+            "AWS_SECRET_ACCESS_KEY=fleetkey-local"
+        )
     return None
 
 

@@ -9,9 +9,20 @@ proxy result back into an HTTP response. API Gateway's own answers keep their sh
 413 for a body over 10 MB (or an event over Lambda's 6 MB), 502 `Internal server error` when the
 function fails.
 
+The deployed API's edge (`fleetkey_infra.edge`) is enforced too: the REST API's resource policy
+admits to `/v1/admin/*` only the operators and to `/v1/introspect` only the relying parties (any
+other signed caller gets API Gateway's 403 `AccessDeniedException` "... with an explicit deny"),
+and the WAF web ACL's per-client limits, when the gateway is given them (`make serve` is), answer
+a client (by its peer address; `X-Forwarded-For` is ignored, as WAF's IP aggregation ignores it)
+over its limit `429` with `Retry-After` and `{"message": "Too Many Requests"}`, before routing. A
+token bucket per client and limit stands in for WAF's sliding window: `limit` requests at once,
+then `limit` per window.
+
 Differences from AWS, on purpose: URLs have no stage prefix (`http://127.0.0.1:8080/v1/...`, like
-a custom domain); an authenticated principal may call every IAM route (no IAM policy evaluation);
-throttling is not emulated; each function runs one invocation at a time (one warm instance).
+a custom domain); identity policies are not evaluated (every known local principal is as if its
+own policy allowed `execute-api:Invoke`, so only the resource policy's Deny refuses one); stage
+and method throttling are not emulated; each function runs one invocation at a time (one warm
+instance).
 """
 
 from __future__ import annotations
@@ -22,15 +33,18 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import re
 import sys
 import threading
+import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from botocore.auth import SIGV4_TIMESTAMP, SigV4Auth
@@ -38,7 +52,14 @@ from botocore.awsrequest import AWSRequest
 from botocore.compat import HTTPHeaders
 from botocore.credentials import Credentials
 
-from fleetkey_local.apigw import ACCOUNT, proxy_event
+from fleetkey_infra.edge import (
+    RATE_LIMITED_MESSAGE,
+    RATE_LIMITED_STATUS,
+    Audience,
+    EdgeConfig,
+    RateLimit,
+)
+from fleetkey_local.apigw import ACCOUNT, STAGE, proxy_event
 from fleetkey_local.server import FAKE_CREDENTIALS
 from fleetkey_local.stack import REGION
 
@@ -55,6 +76,10 @@ CLOCK_SKEW = timedelta(minutes=5)
 # disconnected.
 _DRAIN_LIMIT = 4 * MAX_BODY_BYTES
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+# A Lambda handler: (event, context) -> proxy result.
+Handler = Callable[[dict[str, Any], object], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -131,6 +156,8 @@ class LocalPrincipal:
 
 
 LOCAL_OPERATOR_ARN = f"arn:aws:iam::{ACCOUNT}:user/fleetkey-local-operator"
+LOCAL_RELYING_PARTY_ARN = f"arn:aws:iam::{ACCOUNT}:user/fleetkey-local-relying-party"
+LOCAL_RELYING_PARTY_KEY = "fleetkey-local-relying-party"  # access key and secret
 
 
 def local_operator() -> LocalPrincipal:
@@ -144,14 +171,41 @@ def local_operator() -> LocalPrincipal:
     )
 
 
-class GatewayError(Exception):
-    """An answer API Gateway gives itself, before or instead of the integration."""
+def local_relying_party() -> LocalPrincipal:
+    """A second local identity: a relying party, admitted to introspection and not an operator
+    (API Gateway's 403 on the admin routes)."""
+    return LocalPrincipal(
+        arn=LOCAL_RELYING_PARTY_ARN,
+        access_key=LOCAL_RELYING_PARTY_KEY,
+        secret_key=LOCAL_RELYING_PARTY_KEY,
+    )
 
-    def __init__(self, status: int, message: str, error_type: str | None = None) -> None:
+
+# The local stack's edge configuration: the deployed one's rules, naming the local principals.
+# The local operator may also introspect (README's curl example signs with one credential).
+LOCAL_EDGE = EdgeConfig(
+    operator_principals=(LOCAL_OPERATOR_ARN,),
+    relying_party_principals=(LOCAL_OPERATOR_ARN, LOCAL_RELYING_PARTY_ARN),
+)
+LOCAL_AUDIENCES = LOCAL_EDGE.audiences("aws", ACCOUNT)
+
+
+class GatewayError(Exception):
+    """An answer API Gateway (or the WAF in front of it) gives itself, before or instead of the
+    integration."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        error_type: str | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
+        self.headers = tuple(headers)
 
 
 def _missing_token() -> GatewayError:
@@ -198,7 +252,7 @@ class SigV4Verifier:
         principals: Iterable[LocalPrincipal],
         region: str = REGION,
         service: str = SERVICE,
-        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._principals = {p.access_key: p for p in principals}
         self._region = region
@@ -224,7 +278,7 @@ class SigV4Verifier:
         for part in re.split(r"\s*,\s*", match["params"].strip()):
             name, _, value = part.partition("=")
             params[name.strip()] = value.strip()
-        amz_date = headers.get("x-amz-date")
+        amz_date = headers.get("x-amz-date") or ""
         problems = [
             f"Authorization header requires '{name}' parameter."
             for name in ("Credential", "Signature", "SignedHeaders")
@@ -234,7 +288,8 @@ class SigV4Verifier:
             problems.append("Authorization header requires existence of a 'X-Amz-Date' header.")
         if problems:
             raise GatewayError(
-                403, " ".join(problems) + f" Authorization={authorization}",
+                403,
+                " ".join(problems) + f" Authorization={authorization}",
                 "IncompleteSignatureException",
             )
         scope = params["Credential"].split("/")
@@ -248,7 +303,8 @@ class SigV4Verifier:
         principal = self._principals.get(access_key)
         if principal is None:
             raise GatewayError(
-                403, "The security token included in the request is invalid.",
+                403,
+                "The security token included in the request is invalid.",
                 "UnrecognizedClientException",
             )
         self._check_date(amz_date)
@@ -261,12 +317,14 @@ class SigV4Verifier:
             )
         if scope_region != self._region:
             raise GatewayError(
-                403, f"Credential should be scoped to a valid region. Expected '{self._region}'.",
+                403,
+                f"Credential should be scoped to a valid region. Expected '{self._region}'.",
                 "InvalidSignatureException",
             )
         if scope_service != self._service:
             raise GatewayError(
-                403, f"Credential should be scoped to correct service: '{self._service}'.",
+                403,
+                f"Credential should be scoped to correct service: '{self._service}'.",
                 "InvalidSignatureException",
             )
         token = headers.get("x-amz-security-token")
@@ -275,7 +333,8 @@ class SigV4Verifier:
             and hmac.compare_digest(token.encode(), principal.session_token.encode())
         ):
             raise GatewayError(
-                403, "The security token included in the request is invalid.",
+                403,
+                "The security token included in the request is invalid.",
                 "UnrecognizedClientException",
             )
         expected, canonical, string_to_sign = self._signature(
@@ -295,14 +354,18 @@ class SigV4Verifier:
 
     def _check_date(self, amz_date: str) -> None:
         try:
-            signed_at = datetime.strptime(amz_date, SIGV4_TIMESTAMP).replace(tzinfo=timezone.utc)
+            signed_at = datetime.strptime(amz_date, SIGV4_TIMESTAMP).replace(tzinfo=UTC)
         except ValueError:
             raise GatewayError(
-                403, f"Date must be in ISO-8601 'basic format'. Got '{amz_date}'.",
+                403,
+                f"Date must be in ISO-8601 'basic format'. Got '{amz_date}'.",
                 "IncompleteSignatureException",
             ) from None
         now = self._clock()
-        stamp = lambda t: t.strftime(SIGV4_TIMESTAMP)  # noqa: E731
+
+        def stamp(moment: datetime) -> str:
+            return moment.strftime(SIGV4_TIMESTAMP)
+
         if signed_at < now - CLOCK_SKEW:
             raise GatewayError(
                 403,
@@ -319,8 +382,14 @@ class SigV4Verifier:
             )
 
     def _signature(
-        self, principal: LocalPrincipal, method: str, target: str, headers: _Headers,
-        body: bytes, signed_headers: str, amz_date: str,
+        self,
+        principal: LocalPrincipal,
+        method: str,
+        target: str,
+        headers: _Headers,
+        body: bytes,
+        signed_headers: str,
+        amz_date: str,
     ) -> tuple[str, str, str]:
         """Recompute the signature of the request as received, at the request's own X-Amz-Date
         (SigV4Auth.add_auth would sign at the current time)."""
@@ -357,7 +426,72 @@ def _gateway_response(error: GatewayError, request_id: str) -> HttpResponse:
     headers = [("Content-Type", "application/json"), ("x-amzn-RequestId", request_id)]
     if error.error_type:
         headers.append(("x-amzn-ErrorType", error.error_type))
+    headers.extend(error.headers)
     return HttpResponse(error.status, headers, json.dumps({"message": error.message}).encode())
+
+
+class RateLimiter:
+    """Per-client limits, as the WAF web ACL applies them: for each limit covering the request's
+    path, a token bucket per client address holding `limit` requests, refilled at `limit` per
+    `window_seconds`. Thread-safe."""
+
+    _PRUNE_AT = 10_000  # buckets; full ones are forgotten beyond this
+
+    def __init__(
+        self, limits: Iterable[RateLimit], clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.limits = tuple(limits)
+        for limit in self.limits:
+            if limit.limit < 1 or limit.window_seconds < 1:
+                raise ValueError(f"rate limit {limit.name}: limit and window must be positive")
+        self._clock = clock
+        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}  # -> (tokens, at)
+        self._lock = threading.Lock()
+
+    def retry_after(self, path: str, client: str) -> int | None:
+        """None if the request may pass (and it is counted), else the seconds to wait."""
+        covering = [limit for limit in self.limits if limit.covers(path)]
+        if not covering:
+            return None
+        with self._lock:
+            now = self._clock()
+            waits = []
+            for limit in covering:
+                rate = limit.limit / limit.window_seconds
+                tokens, at = self._buckets.get((limit.name, client), (float(limit.limit), now))
+                tokens = min(float(limit.limit), tokens + (now - at) * rate)
+                if tokens >= 1:
+                    self._buckets[(limit.name, client)] = (tokens - 1, now)
+                else:
+                    self._buckets[(limit.name, client)] = (tokens, now)
+                    waits.append(max(1, math.ceil((1 - tokens) / rate)))
+            if len(self._buckets) > self._PRUNE_AT:
+                self._prune(now)
+            return max(waits) if waits else None
+
+    def _prune(self, now: float) -> None:
+        by_name = {limit.name: limit for limit in self.limits}
+        for key, (tokens, at) in list(self._buckets.items()):
+            limit = by_name[key[0]]
+            if tokens + (now - at) * limit.limit / limit.window_seconds >= limit.limit:
+                del self._buckets[key]
+
+
+def _rate_limited(retry_after: int) -> GatewayError:
+    return GatewayError(
+        RATE_LIMITED_STATUS, RATE_LIMITED_MESSAGE, headers=[("Retry-After", str(retry_after))]
+    )
+
+
+def _explicit_deny(principal: LocalPrincipal, method: str, path: str, region: str) -> GatewayError:
+    """API Gateway's answer when the resource policy denies an authenticated caller."""
+    resource = f"arn:aws:execute-api:{region}:********{ACCOUNT[-4:]}:local/{STAGE}/{method}{path}"
+    return GatewayError(
+        403,
+        f"User: {principal.arn} is not authorized to perform: execute-api:Invoke on resource: "
+        f"{resource} with an explicit deny",
+        "AccessDeniedException",
+    )
 
 
 class LocalApiGateway:
@@ -365,7 +499,11 @@ class LocalApiGateway:
 
     `functions` maps a route's function name to its handler; by default each is loaded from
     functions/<name>/handler.py when the gateway starts. `principals` are the IAM identities
-    SigV4 requests may be signed as (default: the local operator, with the local credentials).
+    SigV4 requests may be signed as (default: the local operator, with the local credentials,
+    and the local relying party). `audiences` are the resource policy's admitted principals per
+    IAM route group (default `LOCAL_AUDIENCES`: the local operator on the admin routes, both on
+    introspection). `rate_limits` are the per-client limits (default none: the demo sends a whole
+    fleet from one address; `make serve` passes the configured ones).
     The handlers read their settings from the process environment (`fleetkey_local.server.
     local_aws()` sets it).
     """
@@ -378,15 +516,20 @@ class LocalApiGateway:
         routes: Iterable[Route] = ROUTES,
         region: str = REGION,
         principals: Iterable[LocalPrincipal] | None = None,
-        functions: Mapping[str, Callable[[dict, object], dict]] | None = None,
+        audiences: Iterable[Audience] = LOCAL_AUDIENCES,
+        rate_limits: Iterable[RateLimit] = (),
+        functions: Mapping[str, Handler] | None = None,
     ) -> None:
         self._address = (host, port)
         self.routes = tuple(routes)
         self.region = region
         self._verifier = SigV4Verifier(
-            principals if principals is not None else [local_operator()], region
+            principals if principals is not None else [local_operator(), local_relying_party()],
+            region,
         )
-        self._handlers: dict[str, Callable] = dict(functions or {})
+        self.audiences = tuple(audiences)
+        self.rate_limiter = RateLimiter(rate_limits)
+        self._handlers: dict[str, Handler] = dict(functions or {})
         # One warm instance per function: Lambda runs one invocation at a time per instance, and
         # the handlers keep per-invocation state in module globals (Powertools' current event).
         self._locks: dict[str, threading.Lock] = {}
@@ -400,9 +543,9 @@ class LocalApiGateway:
         if self._server is None:
             raise RuntimeError("the gateway is not started")
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host.decode() if isinstance(host, bytes) else host}:{port}"
 
-    def start(self) -> "LocalApiGateway":
+    def start(self) -> LocalApiGateway:
         from fleetkey_local.functions import load_function
 
         for route in self.routes:
@@ -413,8 +556,10 @@ class LocalApiGateway:
         server.gateway = self
         self._server = server
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.1},
-            name="fleetkey-local-api-gateway", daemon=True,
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="fleetkey-local-api-gateway",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -424,13 +569,14 @@ class LocalApiGateway:
             return
         self._server.shutdown()
         self._server.server_close()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         self._server = self._thread = None
 
-    def __enter__(self) -> "LocalApiGateway":
+    def __enter__(self) -> LocalApiGateway:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     # ---- one request -------------------------------------------------------------------------
@@ -457,7 +603,11 @@ class LocalApiGateway:
         raise _missing_token()
 
     def handle(
-        self, method: str, target: str, header_pairs: Iterable[tuple[str, str]], body: bytes,
+        self,
+        method: str,
+        target: str,
+        header_pairs: Iterable[tuple[str, str]],
+        body: bytes,
         source_ip: str = "127.0.0.1",
     ) -> HttpResponse:
         request_id = str(uuid.uuid4())
@@ -466,10 +616,15 @@ class LocalApiGateway:
         path = parts.path or "/"
         target = path + (f"?{parts.query}" if parts.query else "")
         try:
+            # The web ACL sees the request before API Gateway routes or authenticates it.
+            retry_after = self.rate_limiter.retry_after(path, source_ip)
+            if retry_after is not None:
+                raise _rate_limited(retry_after)
             route, params = self.resolve(method, path)
             principal = None
             if route.authorization == AWS_IAM:
                 principal = self._verifier.authenticate(method, target, headers, body)
+                self._authorize(principal, method, route, path)
             event = proxy_event(
                 method,
                 target,
@@ -489,7 +644,16 @@ class LocalApiGateway:
         except GatewayError as error:
             return _gateway_response(error, request_id)
 
-    def _invoke(self, route: Route, event: dict, request_id: str) -> HttpResponse:
+    def _authorize(self, principal: LocalPrincipal, method: str, route: Route, path: str) -> None:
+        """The resource policy: an explicit Deny for a caller outside the route's audience. The
+        route's resource is checked as well as the path, so an encoded path (`/v1/%61dmin/...`)
+        that reaches a guarded route is guarded too."""
+        for audience in self.audiences:
+            guarded = audience.guards(route.resource) or audience.guards(unquote(path))
+            if guarded and not audience.admits(principal.arn):
+                raise _explicit_deny(principal, method, path, self.region)
+
+    def _invoke(self, route: Route, event: dict[str, Any], request_id: str) -> HttpResponse:
         from fleetkey_local.functions import LambdaContext
 
         name = route.function
@@ -502,9 +666,12 @@ class LocalApiGateway:
             with self._locks[name]:
                 result = self._handlers[name](event, context)
             return _integration_response(result, request_id)
-        except Exception:  # what API Gateway shows for any function error: no detail
-            print(f"fleetkey-local api gateway: {name} failed on "
-                  f"{event['httpMethod']} {event['path']}", file=sys.stderr)
+        except Exception:  # noqa: BLE001 - API Gateway shows any function error as a bare 502
+            print(
+                f"fleetkey-local api gateway: {name} failed on "
+                f"{event['httpMethod']} {event['path']}",
+                file=sys.stderr,
+            )
             traceback.print_exc(file=sys.stderr)
             raise GatewayError(502, "Internal server error") from None
 
@@ -651,5 +818,5 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def version_string(self) -> str:
         return self.server_version
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 (BaseHTTPRequestHandler's name)
+    def log_message(self, format: str, *args: Any) -> None:
         log.info("%s %s", self.address_string(), format % args)

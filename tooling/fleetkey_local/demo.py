@@ -19,13 +19,12 @@ from fleetkey_local.api_gateway import LocalApiGateway
 from fleetkey_local.fleet import IotTransport, SimulatedDevice, build_fleet, lifecycle_phases
 from fleetkey_local.functions import LambdaContext, load_function
 from fleetkey_local.iot import connect_refusal
-from fleetkey_local.server import local_aws
-from fleetkey_local.simulator import Simulation
 from fleetkey_local.iot_core import IotCoreEmulator
 from fleetkey_local.mqtt_device import MqttDevice
 from fleetkey_local.pki import key_pem
+from fleetkey_local.server import local_aws
+from fleetkey_local.simulator import Simulation
 from fleetkey_local.stack import ACCOUNT, REGION, EmbeddedStack, client_factory
-
 
 
 class EmulatedIot(IotTransport):
@@ -44,7 +43,9 @@ class EmulatedIot(IotTransport):
 
     def connect(self, device: SimulatedDevice, client_id: str | None = None) -> str | None:
         try:
-            return connect_refusal(self._stack.harness_iot, device.certificate_id, client_id or device.device_id)
+            return connect_refusal(
+                self._stack.harness_iot, device.certificate_id, client_id or device.device_id
+            )
         except self._stack.harness_iot.exceptions.ResourceNotFoundException:
             return "unknown certificate"
 
@@ -62,8 +63,13 @@ class MqttIot(IotTransport):
         if not certfile.exists():
             certfile.write_text(device.certificate_pem)
             keyfile.write_text(key_pem(device.key))
-        return MqttDevice(device.device_id, certfile, keyfile, self._emulator.endpoint_ca_path,
-                          self._emulator.address)
+        return MqttDevice(
+            device.device_id,
+            certfile,
+            keyfile,
+            self._emulator.endpoint_ca_path,
+            self._emulator.address,
+        )
 
     def first_connect(self, device: SimulatedDevice) -> dict | None:
         connection = self._device(device)
@@ -88,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fleetkey-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=100, help="fleet size (default 100)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--in-process-iot", action="store_true",
-                        help="emulate AWS IoT's side without MQTT (faster, no network)")
+    parser.add_argument(
+        "--in-process-iot",
+        action="store_true",
+        help="emulate AWS IoT's side without MQTT (faster, no network)",
+    )
     args = parser.parse_args(argv)
     print(f"fleetkey demo: manufacturing {args.devices} devices ...", flush=True)
     fleet = build_fleet(args.devices)
@@ -108,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             emulator = IotCoreEmulator(Path(state), port=0, account=ACCOUNT, region=REGION)
             emulator.start()
             try:
-                print(f"local AWS IoT Core (MQTT over TLS) at {emulator.address[0]}:{emulator.address[1]}")
+                host, port = emulator.address[0], emulator.address[1]
+                print(f"local AWS IoT Core (MQTT over TLS) at {host}:{port}")
                 devices_dir = Path(state) / "devices"
                 devices_dir.mkdir()
                 transport = MqttIot(emulator, devices_dir)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from fleetkey_local.pki import PrivateKey
+
+# The explicit type of a client authentication JWT (draft-ietf-oauth-rfc7523bis §4, RFC 8725 §3.11).
+CLIENT_ASSERTION_TYPE = "client-authentication+jwt"
 
 
 def assertion_algorithm(key: PrivateKey) -> str:
@@ -31,12 +35,21 @@ def client_assertion(
     firmware_version: str | None = None,
     firmware_sha256: str | None = None,
     algorithm: str | None = None,
-    extra_claims: dict | None = None,
+    extra_claims: dict[str, Any] | None = None,
+    typ: str | None = CLIENT_ASSERTION_TYPE,
+    extra_headers: dict[str, Any] | None = None,
 ) -> str:
-    """RFC 7523 client assertion: iss = sub = device id, aud = the issuer, kid = the AWS IoT
-    certificate id of the device's current certificate."""
+    """RFC 7523 client assertion: iss = sub = device id, aud = the issuer (a string, its sole
+    value, draft-ietf-oauth-rfc7523bis §4), kid = the AWS IoT certificate id of the device's
+    current certificate, explicitly typed `client-authentication+jwt` (`typ=None` leaves the
+    header without a type). `extra_claims` and `extra_headers` override, for tests."""
     issued = int(now if now is not None else time.time())
-    claims = {"iss": device_id, "sub": device_id, "aud": audience, "jti": uuid.uuid4().hex}
+    claims: dict[str, Any] = {
+        "iss": device_id,
+        "sub": device_id,
+        "aud": audience,
+        "jti": uuid.uuid4().hex,
+    }
     if nonce is not None:
         claims["nonce"] = nonce
     else:
@@ -46,12 +59,19 @@ def client_assertion(
     if firmware_sha256:
         claims["firmware_sha256"] = firmware_sha256
     claims.update(extra_claims or {})
-    return jwt.encode(
-        claims, key, algorithm=algorithm or assertion_algorithm(key), headers={"kid": certificate_id}
-    )
+    # pyjwt drops a `typ` of None from the header it writes.
+    headers = {"kid": certificate_id, "typ": typ, **(extra_headers or {})}
+    return jwt.encode(claims, key, algorithm=algorithm or assertion_algorithm(key), headers=headers)
 
 
-def token_request(assertion: str, scope: str | None = None, audience: str | None = None) -> dict:
+def token_request(
+    assertion: str,
+    scope: str | None = None,
+    audience: str | None = None,
+    client_id: str | None = None,
+) -> dict[str, str]:
+    """The form of a client-credentials token request authenticated by `assertion`; `client_id`
+    is optional (RFC 7521 §4.2) and, when sent, must name the assertion's device."""
     form = {
         "grant_type": "client_credentials",
         "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
@@ -61,4 +81,6 @@ def token_request(assertion: str, scope: str | None = None, audience: str | None
         form["scope"] = scope
     if audience:
         form["audience"] = audience
+    if client_id is not None:
+        form["client_id"] = client_id
     return form

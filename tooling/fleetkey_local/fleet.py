@@ -4,7 +4,7 @@ their life against the local stack."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 
@@ -13,7 +13,9 @@ from fleetkey_local.iot import certificate_id
 from fleetkey_local.pki import CertificateAuthority, PrivateKey, pem
 from fleetkey_local.simulator import Simulation
 
-MANIFEST_HEADER = "device_id,serial_number,manufacturer_ca,public_key_fingerprint,profile,attribute.site"
+MANIFEST_HEADER = (
+    "device_id,serial_number,manufacturer_ca,public_key_fingerprint,profile,attribute.site"
+)
 
 
 @dataclass
@@ -74,24 +76,67 @@ def build_fleet(size: int) -> Fleet:
         profile = "infusion-pump" if device_id.startswith("pump") else "telemetry-sensor"
         key, cert = acme.issue_device(device_id, serial_number=f"SN-{device_id}")
         devices.append(SimulatedDevice(device_id, profile, acme, key, cert))
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     clone_of = devices[0]
     rogues = []
 
-    def rogue(label, device_id, authority, reason, allowlisted=True, allowlisted_ca=None,
-              may_fail_tls=False, **options):
+    def rogue(
+        label,
+        device_id,
+        authority,
+        reason,
+        allowlisted=True,
+        allowlisted_ca=None,
+        may_fail_tls=False,
+        **options,
+    ):
         key, cert = authority.issue_device(device_id, serial_number=f"SN-{device_id}", **options)
-        rogues.append(SimulatedDevice(device_id, "telemetry-sensor", authority, key, cert, reason,
-                                      label, allowlisted, allowlisted_ca, may_fail_tls))
+        rogues.append(
+            SimulatedDevice(
+                device_id,
+                "telemetry-sensor",
+                authority,
+                key,
+                cert,
+                reason,
+                label,
+                allowlisted,
+                allowlisted_ca,
+                may_fail_tls,
+            )
+        )
 
     rogue("not allow-listed", "rogue-0001", acme, "not_allowlisted", allowlisted=False)
     key, cert = acme.issue_device(clone_of.device_id, serial_number=clone_of.serial_number)
-    rogues.append(SimulatedDevice(clone_of.device_id, clone_of.profile, acme, key, cert,
-                                  "clone_suspected", "cloned identity", allowlisted=False))
-    rogue("expired certificate", "expired-0001", acme, "expired", may_fail_tls=True,
-          not_before=now - timedelta(days=400), not_after=now - timedelta(days=1))
-    rogue("weak key (RSA-1024)", "weakkey-0001", acme, "weak_key", may_fail_tls=True,
-          key_kind="rsa:1024")
+    rogues.append(
+        SimulatedDevice(
+            clone_of.device_id,
+            clone_of.profile,
+            acme,
+            key,
+            cert,
+            "clone_suspected",
+            "cloned identity",
+            allowlisted=False,
+        )
+    )
+    rogue(
+        "expired certificate",
+        "expired-0001",
+        acme,
+        "expired",
+        may_fail_tls=True,
+        not_before=now - timedelta(days=400),
+        not_after=now - timedelta(days=1),
+    )
+    rogue(
+        "weak key (RSA-1024)",
+        "weakkey-0001",
+        acme,
+        "weak_key",
+        may_fail_tls=True,
+        key_kind="rsa:1024",
+    )
     rogue("wrong manufacturer CA", "wrongca-0001", globex, "wrong_issuer", allowlisted_ca=acme.name)
     rogue("unregistered CA", "rogue-0002", unknown, "connection_refused", allowlisted=False)
     return Fleet({a.name: a for a in (acme, globex, unknown)}, devices, rogues)
@@ -116,14 +161,20 @@ class RegisterManufacturerCas:
     name: str = "operator registers manufacturer CAs through the admin API"
 
     def run(self, sim: Simulation) -> None:
-        for authority in (self.fleet.authorities["acme-2026"], self.fleet.authorities["globex-2026"]):
+        for authority in (
+            self.fleet.authorities["acme-2026"],
+            self.fleet.authorities["globex-2026"],
+        ):
             code = self.admin.registration_code()
             proof = pem(authority.verification_certificate(code))
             ca = sim.measure(
                 "admin: register CA",
                 lambda a=authority, p=proof: self.admin.register_ca(a.name, a.pem, p),
             )
-            sim.expect(ca["status"] == "ACTIVE", f"{authority.name} registered with AWS IoT, auto-registration on")
+            sim.expect(
+                ca["status"] == "ACTIVE",
+                f"{authority.name} registered with AWS IoT, auto-registration on",
+            )
 
 
 @dataclass
@@ -135,9 +186,13 @@ class ImportManifest:
     def run(self, sim: Simulation) -> None:
         manifest = self.fleet.manifest()
         expected = manifest.count("\n") - 1
-        report = sim.measure("admin: import manifest", lambda: self.admin.import_manifest(manifest, "csv"))
-        sim.expect(report["imported"] == expected and not report["rejected"],
-                   f"{report['imported']} of {expected} imported, {len(report['rejected'])} rejected")
+        report = sim.measure(
+            "admin: import manifest", lambda: self.admin.import_manifest(manifest, "csv")
+        )
+        sim.expect(
+            report["imported"] == expected and not report["rejected"],
+            f"{report['imported']} of {expected} imported, {len(report['rejected'])} rejected",
+        )
 
 
 @dataclass
@@ -149,7 +204,9 @@ class FirstConnection:
     def run(self, sim: Simulation) -> None:
         accepted = 0
         for device in sim.each(self.fleet.devices, "first connection"):
-            outcome = sim.measure("device: first connection (JITR)", lambda d=device: self.transport.first_connect(d))
+            outcome = sim.measure(
+                "device: first connection (JITR)", lambda d=device: self.transport.first_connect(d)
+            )
             accepted += bool(outcome and outcome.get("status") == "accepted")
         total = len(self.fleet.devices)
         sim.expect(accepted == total, f"{accepted}/{total} registered and ACTIVE")
@@ -169,8 +226,10 @@ class Reconnection:
         total = len(self.fleet.devices)
         sim.expect(connected == total, f"{connected}/{total} connected")
         first, second = self.fleet.devices[0], self.fleet.devices[1]
-        sim.expect(self.transport.connect(first, client_id=second.device_id) is not None,
-                   "a device using another device's client id is refused")
+        sim.expect(
+            self.transport.connect(first, client_id=second.device_id) is not None,
+            "a device using another device's client id is refused",
+        )
 
 
 @dataclass
@@ -182,26 +241,46 @@ class RogueDevices:
 
     def run(self, sim: Simulation) -> None:
         for device in self.fleet.rogues:
-            outcome = sim.measure(f"device: rogue ({device.label})", lambda d=device: self.transport.first_connect(d))
-            if device.expected_refusal == "connection_refused" or (outcome is None and device.may_fail_tls):
+            outcome = sim.measure(
+                f"device: rogue ({device.label})", lambda d=device: self.transport.first_connect(d)
+            )
+            if device.expected_refusal == "connection_refused" or (
+                outcome is None and device.may_fail_tls
+            ):
                 sim.expect(outcome is None, f"{device.label:<24} refused by AWS IoT at connection")
                 continue
             reason = outcome.get("reason") if outcome else "no registration event"
-            sim.expect(outcome is not None and outcome["status"] == "refused" and reason == device.expected_refusal
-                       and self.transport.connect(device) is not None,
-                       f"{device.label:<24} refused: {reason}, cannot connect")
+            sim.expect(
+                outcome is not None
+                and outcome["status"] == "refused"
+                and reason == device.expected_refusal
+                and self.transport.connect(device) is not None,
+                f"{device.label:<24} refused: {reason}, cannot connect",
+            )
         clone_target = self.fleet.devices[0]
         record = self.admin.device(clone_target.device_id)
-        sim.expect(record["state"] == "ACTIVE" and record["certificate_id"] == clone_target.certificate_id
-                   and self.transport.connect(clone_target) is None,
-                   "the cloned device keeps its certificate and still connects")
+        sim.expect(
+            record["state"] == "ACTIVE"
+            and record["certificate_id"] == clone_target.certificate_id
+            and self.transport.connect(clone_target) is None,
+            "the cloned device keeps its certificate and still connects",
+        )
         self.admin.set_ca_enabled("globex-2026", False)
         globex = self.fleet.authorities["globex-2026"]
         key, cert = globex.issue_device("globex-0002", serial_number="SN-globex-0002")
-        late = SimulatedDevice("globex-0002", "telemetry-sensor", globex, key, cert,
-                               "connection_refused", "disabled CA")
-        sim.expect(self.transport.first_connect(late) is None,
-                   f"{'disabled CA':<24} refused by AWS IoT at connection (auto-registration off)")
+        late = SimulatedDevice(
+            "globex-0002",
+            "telemetry-sensor",
+            globex,
+            key,
+            cert,
+            "connection_refused",
+            "disabled CA",
+        )
+        sim.expect(
+            self.transport.first_connect(late) is None,
+            f"{'disabled CA':<24} refused by AWS IoT at connection (auto-registration off)",
+        )
 
 
 @dataclass
@@ -213,12 +292,17 @@ class VerifyAuditTrails:
     def run(self, sim: Simulation) -> None:
         verified = 0
         for device in sim.each(self.fleet.devices, "audit"):
-            trail = sim.measure("admin: read and verify audit", lambda d=device: self.admin.audit(d.device_id))
+            trail = sim.measure(
+                "admin: read and verify audit", lambda d=device: self.admin.audit(d.device_id)
+            )
             verified += trail["verified"]
         sim.expect(verified == len(self.fleet.devices), f"{verified} device chains verified")
         clone_trail = self.admin.audit(self.fleet.devices[0].device_id)
-        sim.expect([r["action"] for r in clone_trail["records"]] == ["allowlisted", "registered", "registration_refused"],
-                   "the clone attempt is in the device's own trail")
+        sim.expect(
+            [r["action"] for r in clone_trail["records"]]
+            == ["allowlisted", "registered", "registration_refused"],
+            "the clone attempt is in the device's own trail",
+        )
 
 
 # ---- tokens ---------------------------------------------------------------------------------
@@ -234,8 +318,11 @@ def post_form(url: str, form: dict) -> tuple[int, dict]:
     import urllib.parse
     import urllib.request
 
-    request = urllib.request.Request(
-        url, data=urllib.parse.urlencode(form).encode(), method="POST",
+    # `url` is one the fleet built from the local gateway's http(s) base URL
+    request = urllib.request.Request(  # noqa: S310
+        url,
+        data=urllib.parse.urlencode(form).encode(),
+        method="POST",
         headers={"content-type": "application/x-www-form-urlencoded"},
     )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -262,7 +349,9 @@ class TokenVending:
         if device.profile == "infusion-pump":
             options.setdefault("firmware_version", PUMP_FIRMWARE[0])
             options.setdefault("firmware_sha256", PUMP_FIRMWARE[1])
-        return client_assertion(device.key, device.certificate_id, device.device_id, self.api_url, **options)
+        return client_assertion(
+            device.key, device.certificate_id, device.device_id, self.api_url, **options
+        )
 
     def run(self, sim: Simulation) -> None:
         from fleetkey.verifier import InvalidToken, TokenVerifier
@@ -272,14 +361,18 @@ class TokenVending:
         token_url = f"{self.api_url}/v1/token"
         issued, verified = 0, 0
         for device in sim.each(self.fleet.devices, "tokens"):
-            status, body = sim.measure("device: get access token",
-                                       lambda d=device: post_form(token_url, token_request(self._assertion(d))))
+            status, body = sim.measure(
+                "device: get access token",
+                lambda d=device: post_form(token_url, token_request(self._assertion(d))),
+            )
             if status != 200:
                 continue
             issued += 1
             try:
-                sim.measure("relying party: verify token offline",
-                            lambda b=body: verifier.verify(b["access_token"], audience=TELEMETRY))
+                sim.measure(
+                    "relying party: verify token offline",
+                    lambda b=body: verifier.verify(b["access_token"], audience=TELEMETRY),
+                )
                 verified += 1
             except InvalidToken:
                 pass
@@ -293,23 +386,33 @@ class TokenVending:
         status, _ = post_form(token_url, token_request(nonce_assertion))
         sim.expect(status == 200, "a device without a clock gets a token with a server challenge")
         replayed = post_form(token_url, token_request(nonce_assertion))
-        sim.expect(replayed[0] == 400 and replayed[1].get("error") == "invalid_grant",
-                   "a replayed assertion is refused (invalid_grant)")
+        sim.expect(
+            replayed[0] == 400 and replayed[1].get("error") == "invalid_grant",
+            "a replayed assertion is refused (invalid_grant)",
+        )
         assertion = self._assertion(device)
         head, payload, signature = assertion.split(".")
-        tampered = f"{head}.{payload[:-2]}{'A' if payload[-2] != 'A' else 'B'}{payload[-1]}.{signature}"
+        tampered = (
+            f"{head}.{payload[:-2]}{'A' if payload[-2] != 'A' else 'B'}{payload[-1]}.{signature}"
+        )
         answer = post_form(token_url, token_request(tampered))
-        sim.expect(answer[0] == 401 and answer[1].get("error") == "invalid_client",
-                   "a tampered assertion is refused (invalid_client)")
+        sim.expect(
+            answer[0] == 401 and answer[1].get("error") == "invalid_client",
+            "a tampered assertion is refused (invalid_client)",
+        )
         from fleetkey_local.device import client_assertion
 
         wrong = client_assertion(device.key, device.certificate_id, other.device_id, self.api_url)
         answer_wrong = post_form(token_url, token_request(wrong))
-        sim.expect(answer_wrong[0] == 401 and answer_wrong[1] == answer[1],
-                   "an assertion for another device is refused, with the same answer")
+        sim.expect(
+            answer_wrong[0] == 401 and answer_wrong[1] == answer[1],
+            "an assertion for another device is refused, with the same answer",
+        )
 
 
-def lifecycle_phases(admin: AdminClient, transport: IotTransport, fleet: Fleet, api_url: str) -> list:
+def lifecycle_phases(
+    admin: AdminClient, transport: IotTransport, fleet: Fleet, api_url: str
+) -> list:
     """Every phase of a device's life that fleetkey covers so far, in order."""
     return [
         RegisterManufacturerCas(admin, fleet),

@@ -14,12 +14,12 @@ class AwsCallCounter:
         self._lock = threading.Lock()
         self.calls: list[str] = []
 
-    def watch(self, *clients) -> "AwsCallCounter":
+    def watch(self, *clients) -> AwsCallCounter:
         for client in clients:
             client.meta.events.register("before-call.*.*", self._on_call)
         return self
 
-    def watch_default_session(self) -> "AwsCallCounter":
+    def watch_default_session(self) -> AwsCallCounter:
         """Count the calls of every client later made from boto3's default session (the one the
         Lambda functions use)."""
         import boto3

@@ -39,8 +39,10 @@ def auto_register(iot, device_pem: str, ca_pem: str, account: str) -> dict | Non
     """Emulate AWS IoT meeting `device_pem` for the first time.
 
     Returns the certificate-registered event, or None when AWS IoT would publish none: the CA is
-    not registered or not active, or the certificate is already registered (known certificates
-    are not auto-registered again; they connect or are refused by their status).
+    not registered, not active or without auto-registration, or the certificate is already
+    registered (known certificates are not auto-registered again; they connect or are refused by
+    their status). The certificate is registered with its CA, so DescribeCertificate reports the
+    CA's id as `caCertificateId`, as AWS IoT does.
     """
     ca_id = certificate_id(ca_pem)
     try:
@@ -49,7 +51,7 @@ def auto_register(iot, device_pem: str, ca_pem: str, account: str) -> dict | Non
         if exc.response["Error"]["Code"] == "ResourceNotFoundException":
             return None
         raise
-    if ca.get("status") != "ACTIVE":
+    if ca.get("status") != "ACTIVE" or ca.get("autoRegistrationStatus") != "ENABLE":
         return None
     try:
         registered = iot.register_certificate(

@@ -49,11 +49,12 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from amqtt.broker import Broker
 from amqtt.contexts import Action
@@ -65,6 +66,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.utils import gen_client_id
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -97,7 +99,7 @@ SHUTDOWN_TIMEOUT = 5.0
 
 # Running emulators by id: the plugins, which amqtt builds from a configuration of plain values,
 # find theirs here; moto's iot-data Publish is forwarded to those of its account and region.
-_EMULATORS: dict[str, "IotCoreEmulator"] = {}
+_EMULATORS: dict[str, IotCoreEmulator] = {}
 _bridge_lock = threading.Lock()
 
 
@@ -113,6 +115,7 @@ def _snapshot(mapping: dict) -> list:
 
 # ---- the endpoint's PKI -----------------------------------------------------------------------
 
+
 def _write(path: Path, data: bytes, private: bool = False) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
@@ -122,8 +125,9 @@ def _write(path: Path, data: bytes, private: bool = False) -> None:
 
 
 def _key_pem(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def ensure_endpoint_pki(state_dir: Path, hosts: Sequence[str]) -> tuple[Path, Path, Path]:
@@ -131,34 +135,53 @@ def ensure_endpoint_pki(state_dir: Path, hosts: Sequence[str]) -> tuple[Path, Pa
     and a fresh server certificate for `hosts`. Returns (CA, server certificate, server key)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     ca_path, ca_key_path = state_dir / ENDPOINT_CA_FILE, state_dir / ENDPOINT_CA_KEY_FILE
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     if ca_path.exists() and ca_key_path.exists():
         ca_cert = x509.load_pem_x509_certificate(ca_path.read_bytes())
         ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
     else:
         ca_key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fleetkey local"),
-            x509.NameAttribute(NameOID.COMMON_NAME, "fleetkey local IoT endpoint CA"),
-        ])
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fleetkey local"),
+                x509.NameAttribute(NameOID.COMMON_NAME, "fleetkey local IoT endpoint CA"),
+            ]
+        )
         ca_cert = (
-            x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=3650))
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=3650))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                           critical=False)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+            )
             .sign(ca_key, hashes.SHA256())
         )
         _write(ca_key_path, _key_pem(ca_key), private=True)
         _write(ca_path, ca_cert.public_bytes(serialization.Encoding.PEM))
 
-    names: list[x509.GeneralName] = [x509.DNSName("localhost"),
-                                     x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    names: list[x509.GeneralName] = [
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    ]
     for host in hosts:
         try:
             address = ipaddress.ip_address(host)
@@ -174,20 +197,34 @@ def ensure_endpoint_pki(state_dir: Path, hosts: Sequence[str]) -> tuple[Path, Pa
     server_cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_cert.subject).public_key(server_key.public_key())
+        .issuer_name(ca_cert.subject)
+        .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(days=365))
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=365))
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()),
-                       critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
         .sign(ca_key, hashes.SHA256())
     )
     server_path, server_key_path = state_dir / SERVER_CERT_FILE, state_dir / SERVER_KEY_FILE
@@ -253,6 +290,7 @@ def _tls_refusal_reason(exc: BaseException) -> str:
 
 # ---- connections -------------------------------------------------------------------------------
 
+
 @dataclass
 class Connection:
     """An accepted MQTT connection, as AWS IoT sees it (kept in the amqtt session)."""
@@ -292,14 +330,15 @@ async def _drop(handler) -> None:
 class _TlsAcceptor(asyncio.Protocol):
     """Holds a new TCP connection (not reading) until the broker upgrades it to TLS."""
 
-    def __init__(self, broker: "_IotBroker", listener_name: str) -> None:
+    def __init__(self, broker: _IotBroker, listener_name: str) -> None:
         self._broker = broker
         self._listener_name = listener_name
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.pause_reading()  # nothing may be read before the TLS protocol takes over
         task = asyncio.get_running_loop().create_task(
-            self._broker.accept_tls(transport, self._listener_name))
+            self._broker.accept_tls(transport, self._listener_name)
+        )
         self._broker.handshakes.add(task)
         task.add_done_callback(self._broker.handshakes.discard)
 
@@ -311,36 +350,45 @@ class _IotBroker(Broker):
     """amqtt's broker with AWS IoT's connection semantics where amqtt's differ (see the module
     docstring); the authentication and topic decisions are the plugins'."""
 
-    def __init__(self, emulator: "IotCoreEmulator", config: dict, loop) -> None:
+    def __init__(self, emulator: IotCoreEmulator, config: dict, loop) -> None:
         self.emulator = emulator
         self.handshakes: set[asyncio.Task] = set()
+        # the loop holds tasks weakly: these are kept until they are done
+        self.broadcasts: set[asyncio.Task] = set()
         self.stopping = False
         super().__init__(config, loop=loop, plugin_namespace=f"fleetkey.iot_core.{emulator.id}")
 
     # TLS: accept TCP, then upgrade with the current trust store (and see why a handshake failed,
     # which asyncio's ssl= server would only log at debug level).
-    async def _create_server_instance(self, listener_name, listener_type, address, port,
-                                      ssl_context):
+    async def _create_server_instance(
+        self, listener_name, listener_type, address, port, ssl_context
+    ):
         return await self._loop.create_server(
-            lambda: _TlsAcceptor(self, listener_name), address, port, reuse_address=True)
+            lambda: _TlsAcceptor(self, listener_name), address, port, reuse_address=True
+        )
 
     async def accept_tls(self, transport: asyncio.Transport, listener_name: str) -> None:
         loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
-        reader = asyncio.StreamReader(limit=2 ** 16, loop=loop)
+        reader = asyncio.StreamReader(limit=2**16, loop=loop)
         protocol = asyncio.StreamReaderProtocol(
-            reader, lambda r, w: self.stream_connected(r, w, listener_name), loop=loop)
+            reader, lambda r, w: self.stream_connected(r, w, listener_name), loop=loop
+        )
         try:
             context = self.emulator.trust.context()  # a dict read; a rebuild when CAs changed
             tls_transport = await loop.start_tls(
-                transport, protocol, context, server_side=True,
+                transport,
+                protocol,
+                context,
+                server_side=True,
                 ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
                 # closing a connection waits this long at most for the client's close_notify
-                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
+            )
         except asyncio.CancelledError:
             transport.abort()
             raise
-        except Exception as exc:  # the handshake failed: no MQTT on this connection
+        except Exception as exc:  # noqa: BLE001 - the handshake failed: no MQTT on this connection
             self.emulator._count_refusal(_tls_refusal_reason(exc))
             logger.info("TLS handshake from %s refused: %s", peer, exc)
             transport.abort()
@@ -354,7 +402,8 @@ class _IotBroker(Broker):
         disconnects the client already connected with that id (DUPLICATE_CLIENTID)."""
         try:
             handler, session = await BrokerProtocolHandler.init_from_connect(
-                reader, writer, self.plugins_manager)
+                reader, writer, self.plugins_manager
+            )
         except AMQTTError as exc:
             raise AMQTTError(exc) from exc
         except MQTTError as exc:
@@ -367,7 +416,7 @@ class _IotBroker(Broker):
             try:
                 await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
                 await asyncio.wait_for(writer.close(), 5)
-            except (OSError, asyncio.TimeoutError):  # the client hung up first
+            except (TimeoutError, OSError):  # the client hung up first
                 pass
             raise MQTTError(f"connection of {session.client_id!r} refused")
         connection: Connection = session.attributes[SESSION_KEY]
@@ -396,9 +445,20 @@ class _IotBroker(Broker):
             # session stored as clean would then be swept away (with the live connection's
             # handler) by amqtt's session monitor.
             old, _ = self._sessions[session.client_id]
-            for name in ("clean_session", "will_flag", "will_message", "will_topic", "will_qos",
-                         "will_retain", "keep_alive", "username", "password", "ssl_object",
-                         "remote_address", "remote_port"):
+            for name in (
+                "clean_session",
+                "will_flag",
+                "will_message",
+                "will_topic",
+                "will_qos",
+                "will_retain",
+                "keep_alive",
+                "username",
+                "password",
+                "ssl_object",
+                "remote_address",
+                "remote_port",
+            ):
                 setattr(old, name, getattr(session, name))
             old.attributes[SESSION_KEY] = connection
             session = old
@@ -465,8 +525,13 @@ class _IotBroker(Broker):
                 continue
             if not await self._topic_filtering(session, topic, Action.RECEIVE):
                 continue
-            tasks.append(asyncio.ensure_future(handler.mqtt_publish(
-                retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)))
+            tasks.append(
+                asyncio.ensure_future(
+                    handler.mqtt_publish(
+                        retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
+                    )
+                )
+            )
         if tasks:
             await asyncio.wait(tasks)
 
@@ -478,7 +543,7 @@ class IotCoreAuthPlugin(BaseAuthPlugin):
     class Config:
         emulator: str
 
-    def _emulator(self) -> "IotCoreEmulator":
+    def _emulator(self) -> IotCoreEmulator:
         return _EMULATORS[self.config.emulator]
 
     async def authenticate(self, *, session) -> bool:
@@ -521,6 +586,7 @@ def _install_iot_data_bridge() -> None:
 
 # ---- the emulator ---------------------------------------------------------------------------
 
+
 class IotCoreEmulator:
     """AWS IoT Core on `host:port` (port 0: a free one) for the moto backend of `account` and
     `region` in this process. `start()` and `stop()` are synchronous; the broker runs on its own
@@ -555,8 +621,9 @@ class IotCoreEmulator:
         self._requested_port = port
         self._port: int | None = None
         self._endpoint_url = endpoint_url
-        self.rules = RulesEngine(rules, account=account, region=region,
-                                 concurrency=function_concurrency)
+        self.rules = RulesEngine(
+            rules, account=account, region=region, concurrency=function_concurrency
+        )
         self._counters: Counter[str] = Counter()
         self._counters_lock = threading.Lock()
         self._versions: Counter[str] = Counter()
@@ -575,7 +642,7 @@ class IotCoreEmulator:
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
-    def __enter__(self) -> "IotCoreEmulator":
+    def __enter__(self) -> IotCoreEmulator:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -600,7 +667,7 @@ class IotCoreEmulator:
 
         return iot_backends[self.account][self.region]
 
-    def start(self, timeout: float = 30.0) -> "IotCoreEmulator":
+    def start(self, timeout: float = 30.0) -> IotCoreEmulator:
         if self.running:
             return self
         if self._stopped:
@@ -611,7 +678,8 @@ class IotCoreEmulator:
             raise RuntimeError(
                 "moto must use AWS's certificate ids (iot.use_valid_cert): run inside "
                 "fleetkey_local.server.local_aws() or "
-                "mock_aws(config={'iot': {'use_valid_cert': True}})")
+                "mock_aws(config={'iot': {'use_valid_cert': True}})"
+            )
         self.endpoint_ca_path, certfile, keyfile = ensure_endpoint_pki(self.state_dir, [self.host])
         self.trust = TrustStore(self._backend, certfile, keyfile)
         self._iot = client_factory(self._endpoint_url, self.region)("iot")
@@ -625,8 +693,9 @@ class IotCoreEmulator:
         started = threading.Event()
         failure: list[BaseException] = []
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, args=(started, failure),
-                                        name=f"iot-core-{self.id[:8]}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(started, failure), name=f"iot-core-{self.id[:8]}", daemon=True
+        )
         self._thread.start()
         if not started.wait(timeout):
             raise TimeoutError("the IoT Core emulator did not start")
@@ -641,7 +710,7 @@ class IotCoreEmulator:
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(self._start_broker())
-        except BaseException as exc:  # reported by start()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by start() in the caller's thread
             failure.append(exc)
             started.set()
             loop.close()
@@ -698,10 +767,11 @@ class IotCoreEmulator:
                 await _drop(handler)
         try:
             await asyncio.wait_for(broker.shutdown(), SHUTDOWN_TIMEOUT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             # A safety net: amqtt can wait forever on a protocol handler that does not stop.
-            logger.warning("amqtt did not shut down within %s s; closing what is left",
-                           SHUTDOWN_TIMEOUT)
+            logger.warning(
+                "amqtt did not shut down within %s s; closing what is left", SHUTDOWN_TIMEOUT
+            )
             for server in broker._servers.values():
                 server.instance.close()
 
@@ -721,7 +791,9 @@ class IotCoreEmulator:
             counters = dict(self._counters)
 
         def group(prefix: str) -> dict[str, int]:
-            return {k[len(prefix):]: v for k, v in sorted(counters.items()) if k.startswith(prefix)}
+            return {
+                k[len(prefix) :]: v for k, v in sorted(counters.items()) if k.startswith(prefix)
+            }
 
         return {
             "connections": {
@@ -739,11 +811,15 @@ class IotCoreEmulator:
     def connected_clients(self) -> list[str]:
         if self._broker is None:
             return []
-        return sorted(client_id for client_id, (session, _) in list(self._broker.sessions.items())
-                      if session.transitions.is_connected())
+        return sorted(
+            client_id
+            for client_id, (session, _) in list(self._broker.sessions.items())
+            if session.transitions.is_connected()
+        )
 
-    def publish(self, topic: str, payload: bytes | str | dict | list = b"",
-                qos: int | None = None) -> None:
+    def publish(
+        self, topic: str, payload: bytes | str | dict | list = b"", qos: int | None = None
+    ) -> None:
         """iot-data Publish: deliver to the subscribers whose policies allow Receive (at their
         subscription's QoS when `qos` is None), and offer it to the rules."""
         if not self.running:
@@ -759,10 +835,12 @@ class IotCoreEmulator:
         self._count("publish.api")
         self._rules_dispatch(topic, data)
         asyncio.run_coroutine_threadsafe(
-            self._broker.internal_message_broadcast(topic, data, qos), self._loop).result(10)
+            self._broker.internal_message_broadcast(topic, data, qos), self._loop
+        ).result(10)
 
-    def publish_command(self, device_id: str, command: str, payload: Any = None,
-                        qos: int | None = None) -> str:
+    def publish_command(
+        self, device_id: str, command: str, payload: Any = None, qos: int | None = None
+    ) -> str:
         """A fleetkey command to a device on fleetkey/<device_id>/commands/<command>; the topic."""
         if command not in COMMANDS:
             raise ValueError(f"unknown command {command!r}; expected one of {COMMANDS}")
@@ -794,8 +872,8 @@ class IotCoreEmulator:
                 continue
             try:
                 certificate.verify_directly_issued_by(parsed)
-            except Exception:  # InvalidSignature, unsupported key types
-                continue
+            except (InvalidSignature, TypeError, ValueError, UnsupportedAlgorithm):
+                continue  # not its issuer, or a key type or algorithm it cannot verify
             return ca
         return None
 
@@ -826,8 +904,10 @@ class IotCoreEmulator:
 
     def _policies_now(self, backend, certificate_arn: str) -> tuple:
         return self._parsed_policies(
-            policy for (target, _), (_, policy) in _snapshot(backend.principal_policies)
-            if target == certificate_arn)
+            policy
+            for (target, _), (_, policy) in _snapshot(backend.principal_policies)
+            if target == certificate_arn
+        )
 
     def _policies_indexed(self, certificate_arn: str) -> tuple:
         now = time.monotonic()
@@ -847,8 +927,12 @@ class IotCoreEmulator:
         loop = asyncio.get_running_loop()
         try:
             decision = await loop.run_in_executor(
-                self._blocking, self._decide_connect, der, session.client_id or "",
-                session.remote_address)
+                self._blocking,
+                self._decide_connect,
+                der,
+                session.client_id or "",
+                session.remote_address,
+            )
         except Exception:
             logger.exception("connection decision failed")
             decision = ConnectDecision(False, "internal_error")
@@ -860,8 +944,9 @@ class IotCoreEmulator:
             logger.info("connection of %r refused: %s", session.client_id, decision.reason)
         return decision.allowed
 
-    def _decide_connect(self, der: bytes | None, client_id: str,
-                        remote: str | None) -> ConnectDecision:
+    def _decide_connect(
+        self, der: bytes | None, client_id: str, remote: str | None
+    ) -> ConnectDecision:
         if not der:
             return ConnectDecision(False, "no_client_certificate")
         certificate_id = hashlib.sha256(der).hexdigest()
@@ -874,16 +959,26 @@ class IotCoreEmulator:
         context = self._thing_context(backend, registered.arn, client_id)
         policies = self._policies_now(backend, registered.arn)
         try:
-            decision = evaluate(policies, "iot:Connect",
-                                client_resource(self.arn_prefix, client_id), context)
+            decision = evaluate(
+                policies, "iot:Connect", client_resource(self.arn_prefix, client_id), context
+            )
         except PolicyError as exc:
             logger.warning("policy of %s not understood: %s", certificate_id, exc)
             return ConnectDecision(False, "policy_error")
         if not decision.allowed:
             return ConnectDecision(False, "not_authorized")
-        return ConnectDecision(True, "accepted", Connection(
-            client_id=client_id, certificate_id=certificate_id, certificate_arn=registered.arn,
-            context=context, policies=policies, remote_address=remote))
+        return ConnectDecision(
+            True,
+            "accepted",
+            Connection(
+                client_id=client_id,
+                certificate_id=certificate_id,
+                certificate_arn=registered.arn,
+                context=context,
+                policies=policies,
+                remote_address=remote,
+            ),
+        )
 
     def _register_just_in_time(self, backend, der: bytes) -> ConnectDecision:
         try:
@@ -893,8 +988,11 @@ class IotCoreEmulator:
         ca = self._issuing_ca(backend, certificate)
         # moto does not keep a CA's auto-registration status; fleetkey turns it on and off with
         # the CA's status. A registered certificate of an INACTIVE CA still connects (above).
-        if ca is None or ca.status != "ACTIVE" or getattr(
-                ca, "auto_registration_status", "ENABLE") != "ENABLE":
+        if (
+            ca is None
+            or ca.status != "ACTIVE"
+            or getattr(ca, "auto_registration_status", "ENABLE") != "ENABLE"
+        ):
             return ConnectDecision(False, "unknown_certificate")
         device_pem = certificate.public_bytes(serialization.Encoding.PEM).decode()
         event = iot_emulation.auto_register(self._iot, device_pem, ca.certificate_pem, self.account)
@@ -915,31 +1013,37 @@ class IotCoreEmulator:
     def _connected(self, connection: Connection) -> None:
         if "#" in connection.client_id or "+" in connection.client_id:
             return  # AWS IoT publishes no lifecycle events for such client ids
-        self._publish_event(f"$aws/events/presence/connected/{connection.client_id}", {
-            "clientId": connection.client_id,
-            "timestamp": int(time.time() * 1000),
-            "eventType": "connected",
-            "sessionIdentifier": connection.session_identifier,
-            "principalIdentifier": connection.certificate_id,
-            "ipAddress": connection.remote_address,
-            "versionNumber": self._next_version(connection.client_id),
-        })
+        self._publish_event(
+            f"$aws/events/presence/connected/{connection.client_id}",
+            {
+                "clientId": connection.client_id,
+                "timestamp": int(time.time() * 1000),
+                "eventType": "connected",
+                "sessionIdentifier": connection.session_identifier,
+                "principalIdentifier": connection.certificate_id,
+                "ipAddress": connection.remote_address,
+                "versionNumber": self._next_version(connection.client_id),
+            },
+        )
 
     def _disconnected(self, connection: Connection) -> None:
         reason = connection.disconnect_reason or "CONNECTION_LOST"
         self._count(f"disconnect.{reason}")
         if "#" in connection.client_id or "+" in connection.client_id:
             return
-        self._publish_event(f"$aws/events/presence/disconnected/{connection.client_id}", {
-            "clientId": connection.client_id,
-            "timestamp": int(time.time() * 1000),
-            "eventType": "disconnected",
-            "clientInitiatedDisconnect": reason == "CLIENT_INITIATED_DISCONNECT",
-            "sessionIdentifier": connection.session_identifier,
-            "principalIdentifier": connection.certificate_id,
-            "disconnectReason": reason,
-            "versionNumber": self._next_version(connection.client_id),
-        })
+        self._publish_event(
+            f"$aws/events/presence/disconnected/{connection.client_id}",
+            {
+                "clientId": connection.client_id,
+                "timestamp": int(time.time() * 1000),
+                "eventType": "disconnected",
+                "clientInitiatedDisconnect": reason == "CLIENT_INITIATED_DISCONNECT",
+                "sessionIdentifier": connection.session_identifier,
+                "principalIdentifier": connection.certificate_id,
+                "disconnectReason": reason,
+                "versionNumber": self._next_version(connection.client_id),
+            },
+        )
 
     def _publish_event(self, topic: str, event: dict) -> None:
         """An event AWS IoT itself publishes: to the rules, and to subscribers allowed to receive
@@ -950,7 +1054,9 @@ class IotCoreEmulator:
             return
         coroutine = self._broker.internal_message_broadcast(topic, json.dumps(event).encode())
         if threading.current_thread() is self._thread:
-            asyncio.ensure_future(coroutine)
+            task = asyncio.ensure_future(coroutine)
+            self._broker.broadcasts.add(task)
+            task.add_done_callback(self._broker.broadcasts.discard)
         else:
             try:
                 asyncio.run_coroutine_threadsafe(coroutine, loop)
@@ -969,8 +1075,9 @@ class IotCoreEmulator:
         if time.monotonic() - connection.loaded_at <= self.policy_refresh_seconds:
             return
         backend = self._backend()
-        connection.context = self._thing_context(backend, connection.certificate_arn,
-                                                 connection.client_id)
+        connection.context = self._thing_context(
+            backend, connection.certificate_arn, connection.client_id
+        )
         connection.policies = self._policies_indexed(connection.certificate_arn)
         connection.loaded_at = time.monotonic()
 
@@ -986,16 +1093,26 @@ class IotCoreEmulator:
         self._refresh(connection)
         if action == Action.SUBSCRIBE:
             iot_action, resource, counter = (
-                "iot:Subscribe", topic_filter_resource(self.arn_prefix, topic), "subscribe")
+                "iot:Subscribe",
+                topic_filter_resource(self.arn_prefix, topic),
+                "subscribe",
+            )
         elif action == Action.PUBLISH:
             iot_action, resource, counter = (
-                "iot:Publish", topic_resource(self.arn_prefix, topic), "publish")
+                "iot:Publish",
+                topic_resource(self.arn_prefix, topic),
+                "publish",
+            )
         else:
             iot_action, resource, counter = (
-                "iot:Receive", topic_resource(self.arn_prefix, topic), "receive")
+                "iot:Receive",
+                topic_resource(self.arn_prefix, topic),
+                "receive",
+            )
         try:
-            allowed = evaluate(connection.policies, iot_action, resource,
-                               connection.context).allowed
+            allowed = evaluate(
+                connection.policies, iot_action, resource, connection.context
+            ).allowed
         except PolicyError as exc:
             logger.warning("policy of %s not understood: %s", connection.certificate_id, exc)
             allowed = False

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 VARIABLES_VERSION = "2012-10-17"
 _VARIABLE = re.compile(r"\$\{([^}]*)\}")
@@ -114,13 +115,14 @@ class Decision:
 
 # ---- patterns --------------------------------------------------------------------------------
 
+
 def _pattern_regex(pattern: str, context: ConnectionContext | None, variables: bool) -> str | None:
     """The regular expression for a policy pattern with its variables substituted (as literals),
     or None when a variable has no value."""
     parts: list[str] = []
     position = 0
-    for match in (_VARIABLE.finditer(pattern) if variables else ()):
-        parts.append(_glob_regex(pattern[position:match.start()]))
+    for match in _VARIABLE.finditer(pattern) if variables else ():
+        parts.append(_glob_regex(pattern[position : match.start()]))
         name = match.group(1)
         if name in _ESCAPES:
             value = _ESCAPES[name]
@@ -144,8 +146,13 @@ def _compiled(regex: str, ignore_case: bool) -> re.Pattern:
     return re.compile(regex, re.DOTALL | (re.IGNORECASE if ignore_case else 0))
 
 
-def _matches(pattern: str, value: str, context: ConnectionContext | None, variables: bool,
-             ignore_case: bool = False) -> bool:
+def _matches(
+    pattern: str,
+    value: str,
+    context: ConnectionContext | None,
+    variables: bool,
+    ignore_case: bool = False,
+) -> bool:
     regex = _pattern_regex(pattern, context, variables)
     return regex is not None and _compiled(regex, ignore_case).fullmatch(value) is not None
 
@@ -159,6 +166,7 @@ def _as_list(value: Any, what: str) -> list[str]:
 
 
 # ---- conditions ------------------------------------------------------------------------------
+
 
 def _string_values(values: Any, key: str) -> list[str]:
     if isinstance(values, (str, bool, int, float)):
@@ -174,7 +182,7 @@ def _substitute(value: str, context: ConnectionContext, variables: bool) -> str 
     out: list[str] = []
     position = 0
     for match in _VARIABLE.finditer(value):
-        out.append(value[position:match.start()])
+        out.append(value[position : match.start()])
         name = match.group(1)
         resolved = _ESCAPES.get(name) if name in _ESCAPES else context.value(name)
         if resolved is None:
@@ -185,14 +193,23 @@ def _substitute(value: str, context: ConnectionContext, variables: bool) -> str 
     return "".join(out)
 
 
-_OPERATORS = frozenset({
-    "StringEquals", "StringNotEquals", "StringEqualsIgnoreCase", "StringNotEqualsIgnoreCase",
-    "StringLike", "StringNotLike", "Bool", "Null",
-})
+_OPERATORS = frozenset(
+    {
+        "StringEquals",
+        "StringNotEquals",
+        "StringEqualsIgnoreCase",
+        "StringNotEqualsIgnoreCase",
+        "StringLike",
+        "StringNotLike",
+        "Bool",
+        "Null",
+    }
+)
 
 
-def _condition_holds(operator: str, key: str, values: Any, context: ConnectionContext,
-                     variables: bool) -> bool:
+def _condition_holds(
+    operator: str, key: str, values: Any, context: ConnectionContext, variables: bool
+) -> bool:
     if operator.startswith(("ForAnyValue:", "ForAllValues:")):
         raise PolicyError(f"condition set operator not supported: {operator}")
     if_exists = operator.endswith("IfExists")
@@ -237,6 +254,7 @@ def _conditions_hold(conditions: Any, context: ConnectionContext, variables: boo
 
 # ---- statements and documents ----------------------------------------------------------------
 
+
 def parse_document(document: Mapping[str, Any] | str) -> Mapping[str, Any]:
     if isinstance(document, str):
         try:
@@ -257,8 +275,13 @@ def _statements(document: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     raise PolicyError("Statement must be an object or a list of objects")
 
 
-def _statement_applies(statement: Mapping[str, Any], action: str, resource: str,
-                       context: ConnectionContext, variables: bool) -> bool:
+def _statement_applies(
+    statement: Mapping[str, Any],
+    action: str,
+    resource: str,
+    context: ConnectionContext,
+    variables: bool,
+) -> bool:
     if "Action" in statement:
         actions = _as_list(statement["Action"], "Action")
         if not any(_matches(a, action, None, False, ignore_case=True) for a in actions):
@@ -282,8 +305,12 @@ def _statement_applies(statement: Mapping[str, Any], action: str, resource: str,
     return _conditions_hold(statement.get("Condition"), context, variables)
 
 
-def evaluate(policies: Iterable[Mapping[str, Any] | str], action: str, resource: str,
-             context: ConnectionContext) -> Decision:
+def evaluate(
+    policies: Iterable[Mapping[str, Any] | str],
+    action: str,
+    resource: str,
+    context: ConnectionContext,
+) -> Decision:
     """AWS IoT's decision on `action` on `resource` for a connection with these policies."""
     allow: Mapping[str, Any] | None = None
     for document in policies:
@@ -303,6 +330,10 @@ def evaluate(policies: Iterable[Mapping[str, Any] | str], action: str, resource:
     return Decision(False, "implicit_deny", None)
 
 
-def is_allowed(policies: Iterable[Mapping[str, Any] | str], action: str, resource: str,
-               context: ConnectionContext) -> bool:
+def is_allowed(
+    policies: Iterable[Mapping[str, Any] | str],
+    action: str,
+    resource: str,
+    context: ConnectionContext,
+) -> bool:
     return evaluate(policies, action, resource, context).allowed

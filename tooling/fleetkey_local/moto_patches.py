@@ -14,6 +14,17 @@ Each patch names the AWS behaviour it restores. Applied by the embedded stack an
 4. IoT certificate ids: AWS uses the SHA-256 of the certificate's DER; moto does only with its
    `iot.use_valid_cert` option, which `mock_aws(config=...)` sets but the moto server's
    /moto-api/config endpoint silently ignores. `use_aws_certificate_ids` sets it in-process.
+5. IoT RegisterCACertificate: AWS answers ResourceAlreadyExists for a CA certificate already
+   registered in the account and region, and changes nothing; moto replaces the CA (so a refused
+   second registration with setAsActive=False deactivated the first, stopping its JITR).
+6. IoT DescribeCertificate: AWS reports `caCertificateId`, the registered CA that issued the
+   certificate (absent for a certificate registered without a CA); moto keeps it but leaves it
+   out of the description. moto also finds the CA of RegisterCertificate(caCertificatePem=...)
+   only if the PEM text is byte-identical to the registered one; AWS matches the certificate
+   itself, so the patch compares DER.
+7. IoT CA auto-registration: AWS keeps a CA's `autoRegistrationStatus` (RegisterCACertificate
+   `allowAutoRegistration`, UpdateCACertificate `newAutoRegistrationStatus`) and reports it in
+   DescribeCACertificate; JITR happens only while it is ENABLE. moto ignores both parameters.
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ import copy
 import threading
 import types
 import uuid
+from typing import Any
+from urllib.parse import unquote
 
 _applied = False
 _dynamodb_lock = threading.RLock()
@@ -32,8 +45,10 @@ def _stable_registration_code(self) -> str:
 
 
 def _patch_iot() -> None:
+    from moto.core.responses import ActionResult
     from moto.iot.exceptions import ResourceAlreadyExistsException
-    from moto.iot.models import IoTBackend
+    from moto.iot.models import FakeCaCertificate, FakeCertificate, IoTBackend
+    from moto.iot.responses import IoTResponse
 
     IoTBackend.get_registration_code = _stable_registration_code
     original_create_thing = IoTBackend.create_thing
@@ -53,6 +68,85 @@ def _patch_iot() -> None:
         )
 
     IoTBackend.create_thing = create_thing
+
+    def register_ca_certificate(
+        self: IoTBackend, ca_certificate: str, *args: Any, **kwargs: Any
+    ) -> FakeCaCertificate:
+        candidate = FakeCaCertificate(
+            ca_certificate, "INACTIVE", self.account_id, self.region_name, {}
+        )
+        existing = self.ca_certificates.get(candidate.certificate_id)
+        if existing is not None:
+            raise ResourceAlreadyExistsException(
+                "The certificate is already provisioned or registered",
+                existing.certificate_id,
+                existing.arn,
+            )
+        return original_register_ca_certificate(self, ca_certificate, *args, **kwargs)
+
+    original_register_ca_certificate = IoTBackend.register_ca_certificate
+    IoTBackend.register_ca_certificate = register_ca_certificate
+
+    def find_ca_certificate(self: IoTBackend, ca_certificate_pem: str | None) -> str | None:
+        wanted = _der(ca_certificate_pem)
+        if wanted is None:
+            return None
+        for ca_cert in self.ca_certificates.values():
+            if _der(ca_cert.certificate_pem) == wanted:
+                return ca_cert.certificate_id
+        return None
+
+    IoTBackend._find_ca_certificate = find_ca_certificate
+
+    original_description = FakeCertificate.to_description_dict
+
+    def to_description_dict(self: FakeCertificate) -> dict[str, Any]:
+        description = original_description(self)
+        if self.ca_certificate_id is not None:
+            description["caCertificateId"] = self.ca_certificate_id
+        if isinstance(self, FakeCaCertificate):
+            description["autoRegistrationStatus"] = getattr(
+                self, "auto_registration_status", "DISABLE"
+            )
+        return description
+
+    FakeCertificate.to_description_dict = to_description_dict
+
+    def register_ca_response(self: IoTResponse) -> ActionResult:
+        cert = self.iot_backend.register_ca_certificate(
+            ca_certificate=self._get_param("caCertificate"),
+            set_as_active=self._get_bool_param("setAsActive"),
+            registration_config=self._get_param("registrationConfig"),
+        )
+        allow = self._get_bool_param("allowAutoRegistration")
+        cert.auto_registration_status = "ENABLE" if allow else "DISABLE"
+        return ActionResult({"certificateId": cert.certificate_id, "certificateArn": cert.arn})
+
+    IoTResponse.register_ca_certificate = register_ca_response
+    original_update_ca_response = IoTResponse.update_ca_certificate
+
+    def update_ca_response(self: IoTResponse) -> Any:
+        result = original_update_ca_response(self)
+        wanted = self._get_param("newAutoRegistrationStatus")
+        if wanted in ("ENABLE", "DISABLE"):
+            certificate_id = unquote(self.path.split("/")[-1])
+            self.iot_backend.ca_certificates[certificate_id].auto_registration_status = wanted
+        return result
+
+    IoTResponse.update_ca_certificate = update_ca_response
+
+
+def _der(pem: str | None) -> bytes | None:
+    """The DER of a PEM certificate, or None if it does not parse (moto then finds no CA)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    if not pem:
+        return None
+    try:
+        return x509.load_pem_x509_certificate(pem.encode()).public_bytes(Encoding.DER)
+    except ValueError:
+        return None
 
 
 def _patch_dynamodb() -> None:
@@ -79,9 +173,7 @@ def _patch_dynamodb() -> None:
                 continue
             key = op["Item"] if op_type == "Put" else op["Key"]
             hash_value = DynamoType(key[table.hash_key_attr])
-            range_value = (
-                DynamoType(key[table.range_key_attr]) if table.range_key_attr else None
-            )
+            range_value = DynamoType(key[table.range_key_attr]) if table.range_key_attr else None
             current = table.get_item(hash_value, range_value)
             touched.append((table, hash_value, range_value, copy.deepcopy(current)))
         return touched

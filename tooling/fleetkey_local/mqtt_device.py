@@ -3,6 +3,7 @@ driven from the caller's thread (no background loop, so paho never reconnects by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 import time
@@ -17,8 +18,14 @@ class MqttDevice:
     """`outcome` is 'accepted', 'refused: <CONNACK reason or connection error>', or
     'disconnected (<reason>)' once an accepted connection was closed by the broker."""
 
-    def __init__(self, client_id: str, certfile: Path, keyfile: Path, endpoint_ca: Path,
-                 address: tuple[str, int]) -> None:
+    def __init__(
+        self,
+        client_id: str,
+        certfile: Path,
+        keyfile: Path,
+        endpoint_ca: Path,
+        address: tuple[str, int],
+    ) -> None:
         self.client_id = client_id
         self.certfile, self.keyfile, self.endpoint_ca = certfile, keyfile, endpoint_ca
         self.address = address
@@ -27,14 +34,22 @@ class MqttDevice:
         self.messages: list[mqtt.MQTTMessage] = []
         self.suback: list | None = None
 
-    def connect(self, client_id: str | None = None, timeout: float = TIMEOUT,
-                clean_session: bool = True) -> str:
+    def connect(
+        self, client_id: str | None = None, timeout: float = TIMEOUT, clean_session: bool = True
+    ) -> str:
         self.close()
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or self.client_id,
-                             protocol=mqtt.MQTTv311, clean_session=clean_session)
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id or self.client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=clean_session,
+        )
         try:
-            client.tls_set(ca_certs=str(self.endpoint_ca), certfile=str(self.certfile),
-                           keyfile=str(self.keyfile))
+            client.tls_set(
+                ca_certs=str(self.endpoint_ca),
+                certfile=str(self.certfile),
+                keyfile=str(self.keyfile),
+            )
         except ssl.SSLError as exc:  # the device's own TLS stack refuses its key (e.g. RSA-1024)
             self.outcome = f"refused: client TLS: {exc.reason}"
             return self.outcome
@@ -85,9 +100,8 @@ class MqttDevice:
 
     def close(self) -> None:
         if self.client is not None:
-            try:
+            # closing a connection the broker may already have closed: any failure is moot
+            with contextlib.suppress(Exception):
                 self.client.disconnect()
                 self.client.loop(0.05)
-            except Exception:  # noqa: BLE001 - closing a connection the broker already closed
-                pass
             self.client = None

@@ -5,10 +5,13 @@ device profiles."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from botocore.exceptions import ClientError
 
+from fleetkey.adapters.kms import KmsKeys
 from fleetkey.domain.profiles import FLEETKEY_THING_ATTRIBUTES, PROFILES
+from fleetkey.services.signing_keys import KEY_DESCRIPTION, KeyTrust
 from fleetkey.store import schema
 
 NAME_PREFIX = "fleetkey"
@@ -62,12 +65,14 @@ def create_iot_profiles(iot, region: str, account: str, prefix: str = NAME_PREFI
                 raise
 
 
-def create_token_key(kms) -> str:
-    """The first access-token signing key (ECC_NIST_P256, SIGN_VERIFY), as the stack creates it."""
-    from fleetkey.adapters.kms import KmsKeys
-    from fleetkey.services.signing_keys import TAGS
-
-    return KmsKeys(client=kms).create_signing_key("fleetkey access-token signing key", TAGS)
+def create_token_key(kms: Any, trust: KeyTrust | None = None) -> str:
+    """The first access-token signing key (ECC_NIST_P256, SIGN_VERIFY), as the stack creates it:
+    tagged for the (local) stack, with the key policy fleetkey writes (the same document the CDK
+    stack gives its first key and rotation gives new ones), so that it confirms like any key."""
+    trust = trust or KeyTrust.local()
+    return KmsKeys(client=kms).create_signing_key(
+        KEY_DESCRIPTION, dict(trust.tags), trust.policy_json()
+    )
 
 
 def provision(session_clients, table_name: str, region: str, account: str) -> None:

@@ -24,9 +24,10 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from fleetkey.events import (  # one definition, shared with the CDK stack
     IOT_SQL_VERSION,  # noqa: F401 - re-exported: the template test reads rules.IOT_SQL_VERSION
@@ -48,7 +49,7 @@ def topic_filter_of(sql: str) -> str:
     """The topic filter of `SELECT * FROM '<filter>'`; ValueError for any other SQL."""
     match = _SELECT_ALL.match(sql)
     if not match:
-        raise ValueError(f"only SELECT * FROM '<topic filter>' is emulated, not {sql!r}")
+        raise ValueError(f"only SELECT * FROM '<topic filter>' is emulated, not {sql!r}")  # noqa: S608
     return match.group(1)
 
 
@@ -76,11 +77,13 @@ class Rule:
 
     def __post_init__(self) -> None:
         if topic_filter_of(self.sql) != self.topic_filter:
-            raise ValueError(f"rule {self.name}: the SQL reads {topic_filter_of(self.sql)!r}, "
-                             f"not {self.topic_filter!r}")
+            raise ValueError(
+                f"rule {self.name}: the SQL reads {topic_filter_of(self.sql)!r}, "
+                f"not {self.topic_filter!r}"
+            )
 
     @classmethod
-    def select_all(cls, name: str, sql: str, function: str | Handler | None = None) -> "Rule":
+    def select_all(cls, name: str, sql: str, function: str | Handler | None = None) -> Rule:
         return cls(name, sql, topic_filter_of(sql), function)
 
     def matches(self, topic: str) -> bool:
@@ -153,8 +156,14 @@ class RulesEngine:
         self._closed = False
         self._invocations: list[Invocation] = []
         self.counters: dict[str, int] = {
-            "messages": 0, "matched": 0, "dropped_no_function": 0, "not_json": 0,
-            "invoked": 0, "succeeded": 0, "failed": 0, "retried": 0,
+            "messages": 0,
+            "matched": 0,
+            "dropped_no_function": 0,
+            "not_json": 0,
+            "invoked": 0,
+            "succeeded": 0,
+            "failed": 0,
+            "retried": 0,
         }
 
     # ---- dispatch ------------------------------------------------------------------------------
@@ -193,8 +202,12 @@ class RulesEngine:
         return event if isinstance(event, dict) else None
 
     def _queue(self, rule: Rule, topic: str, event: dict) -> None:
-        invocation = Invocation(rule=rule.name, function=rule.function_name, topic=topic,
-                                event=json.loads(json.dumps(event)))
+        invocation = Invocation(
+            rule=rule.name,
+            function=rule.function_name,
+            topic=topic,
+            event=json.loads(json.dumps(event)),
+        )
         with self._lock:
             if self._closed:
                 return
@@ -214,7 +227,8 @@ class RulesEngine:
                 raise RuntimeError("the rules engine is closed")
             if key not in self._executors:
                 self._executors[key] = ThreadPoolExecutor(
-                    max_workers=self.concurrency, thread_name_prefix=f"lambda-{rule.function_name}")
+                    max_workers=self.concurrency, thread_name_prefix=f"lambda-{rule.function_name}"
+                )
             return self._executors[key]
 
     def _finished(self, future: Future | None, invocation: Invocation) -> None:
@@ -251,17 +265,26 @@ class RulesEngine:
             try:
                 handler = self._handler(rule.function)
                 # Each attempt gets the original event, as Lambda redelivers it.
-                invocation.result = handler(json.loads(json.dumps(invocation.event)),
-                                            self._context(invocation))
-            except Exception as exc:  # the function failed: Lambda retries async invocations
+                invocation.result = handler(
+                    json.loads(json.dumps(invocation.event)), self._context(invocation)
+                )
+            except Exception as exc:  # noqa: BLE001 - the function failed: Lambda retries async invocations
                 invocation.error = f"{type(exc).__name__}: {exc}"
-                logger.warning("%s (rule %s) failed, attempt %d: %s", invocation.function,
-                               rule.name, attempt + 1, invocation.error)
+                logger.warning(
+                    "%s (rule %s) failed, attempt %d: %s",
+                    invocation.function,
+                    rule.name,
+                    attempt + 1,
+                    invocation.error,
+                )
                 if attempt < self.retries:
                     with self._lock:
                         self.counters["retried"] += 1
-                    time.sleep(self.retry_delays[min(attempt, len(self.retry_delays) - 1)]
-                               if self.retry_delays else 0)
+                    time.sleep(
+                        self.retry_delays[min(attempt, len(self.retry_delays) - 1)]
+                        if self.retry_delays
+                        else 0
+                    )
                     continue
                 invocation.status = "failed"
                 with self._lock:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from tqdm import tqdm
 
@@ -27,7 +28,7 @@ class OperationStats:
         ordered = sorted(self.durations_ms)
         if not ordered:
             return 0.0
-        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
     def calls_text(self) -> str:
         if not self.calls:
@@ -51,7 +52,7 @@ class PhaseReport:
 class Phase(Protocol):
     name: str
 
-    def run(self, simulation: "Simulation") -> None: ...
+    def run(self, simulation: Simulation) -> None: ...
 
 
 class Simulation:
@@ -83,7 +84,9 @@ class Simulation:
 
     def each(self, items: Iterable[T], description: str) -> Iterable[T]:
         items = list(items)
-        return tqdm(items, desc=f"  {description}", unit="dev", leave=False, disable=not self.progress)
+        return tqdm(
+            items, desc=f"  {description}", unit="dev", leave=False, disable=not self.progress
+        )
 
     # ---- running ----------------------------------------------------------------------------
 
@@ -129,4 +132,5 @@ class Simulation:
                 print(f"  - {text}")
         else:
             checks = sum(len(r.expectations) for r in self.reports)
-            print(f"passed: {checks} expectations across {len(self.reports)} phases in {elapsed:.1f} s")
+            phases = len(self.reports)
+            print(f"passed: {checks} expectations across {phases} phases in {elapsed:.1f} s")

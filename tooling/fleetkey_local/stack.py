@@ -4,21 +4,21 @@ Used by `make demo`, the benchmarks and the tests."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import boto3
 
 from fleetkey.adapters.aws import CLIENT_CONFIG
 from fleetkey.adapters.iot import IotRegistry
+from fleetkey.adapters.kms import KmsKeys
 from fleetkey.events import CertificateRegisteredEvent
 from fleetkey.services.allowlist import AllowlistService
-from fleetkey.adapters.kms import KmsKeys
 from fleetkey.services.devices import DeviceService
 from fleetkey.services.introspection import IntrospectionService
-from fleetkey.services.signing_keys import SigningKeys
-from fleetkey.services.tokens import TokenService
 from fleetkey.services.registration import RegistrationOutcome, RegistrationService
+from fleetkey.services.signing_keys import KeyTrust, SigningKeys
+from fleetkey.services.tokens import TokenService
 from fleetkey.services.trust import ManufacturerCaService, TrustAnchors
 from fleetkey.settings import Settings
 from fleetkey.store.dynamodb import Store
@@ -67,15 +67,19 @@ class EmbeddedStack:
         self.allowlist = AllowlistService(self.settings, self.store)
         self.devices = DeviceService(self.store)
         self.kms = self.make_client("kms")
-        self.signing_keys = SigningKeys(self.store, KmsKeys(client=self.kms))
+        self.key_trust = KeyTrust.from_settings(self.settings)
+        self.signing_keys = SigningKeys(self.store, KmsKeys(client=self.kms), trust=self.key_trust)
         self.tokens = TokenService(self.settings, self.store, self.signing_keys)
         self.introspection = IntrospectionService(self.settings, self.store, self.signing_keys)
 
-    def provision(self) -> "EmbeddedStack":
+    def provision(self) -> EmbeddedStack:
         create_table(self.make_client("dynamodb"), self.settings.table_name)
         create_iot_profiles(self.harness_iot, self.settings.region, self.account)
-        # The stack's first token signing key, as the CDK stack creates it.
-        self.token_key_id = create_token_key(self.make_client("kms"))
+        # The stack's first token signing key, as the CDK stack creates it (same tags, same key
+        # policy). Unlike a deployed stack, whose registry stays empty until the first rotation
+        # (the functions read the first key from FLEETKEY_TOKEN_KEY_ID), the local stack writes
+        # it into the registry here, so the locally loaded functions need no key id setting.
+        self.token_key_id = create_token_key(self.make_client("kms"), self.key_trust)
         self.signing_keys.initialize(self.token_key_id, actor="provisioning")
         return self
 
@@ -84,7 +88,9 @@ class EmbeddedStack:
 
     # ---- the operator's side ----------------------------------------------------------------
 
-    def register_ca(self, ca: CertificateAuthority, name: str | None = None, actor: str = "operator"):
+    def register_ca(
+        self, ca: CertificateAuthority, name: str | None = None, actor: str = "operator"
+    ):
         code = self.harness_iot.get_registration_code()["registrationCode"]
         proof = pem(ca.verification_certificate(code))
         return self.cas.register(name or ca.name, ca.pem, proof, actor=actor)

@@ -8,9 +8,11 @@ from fleetkey_infra.constructs.iot_rules import RegistrationRule
 from fleetkey_infra.constructs.layer import CoreLayer
 from fleetkey_infra.constructs.schedules import Schedules
 from fleetkey_infra.constructs.token_keys import TokenKeys
+from fleetkey_infra.constructs.waf import ApiRateLimits
 
 __all__ = [
     "Api",
+    "ApiRateLimits",
     "CoreLayer",
     "Data",
     "Functions",

@@ -7,6 +7,13 @@
 - IAM (SigV4) authenticated: `POST /v1/introspect` -> introspect (relying parties),
   `ANY /v1/admin/{proxy+}` -> admin (operators).
 
+Who may call what (`fleetkey_infra.edge`, configured in CDK context):
+- a resource policy admits everyone to the public routes, and denies `/v1/admin/*` to every
+  principal that is not a configured operator and `/v1/introspect` to every principal that is not
+  a configured relying party;
+- a WAF web ACL on the stage (`ApiRateLimits`) limits each client (source IP) on the public
+  routes and answers 429 with Retry-After.
+
 The stage's base URL is the token issuer (`issuer`); the functions receive it as FLEETKEY_ISSUER.
 The API is built first and the routes added once the functions exist: the functions' environment
 refers to the RestApi's id, and the methods to the functions, without a cycle.
@@ -19,11 +26,14 @@ from dataclasses import dataclass
 
 from aws_cdk import Aws
 from aws_cdk import aws_apigateway as apigateway
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
 from fleetkey_infra import constants
+from fleetkey_infra.constructs.waf import ApiRateLimits
+from fleetkey_infra.edge import Audience, EdgeConfig, RateLimit
 from fleetkey_infra.nag import acknowledge
 
 # Access log record: who called (for IAM routes, the principal is the operator's or relying
@@ -71,18 +81,19 @@ _TOKEN_ENDPOINT_REASON = (
     "the device authenticates in the request body with a JWT client assertion signed by its "
     "own private key (RFC 7523 section 2.2), which the token function verifies against the "
     "device's registered certificate; no API Gateway authorizer can check it. Throttled per "
-    "method."
+    "method, and per client by the stage's WAF web ACL."
 )
 _CHALLENGE_REASON = (
     "Device-facing challenge endpoint of the token flow: it hands out a single-use, "
     "short-lived nonce that a device without a trusted clock puts into its signed client "
     "assertion (RFC 7523). It precedes authentication and grants nothing by itself; throttled "
-    "per method."
+    "per method, and per client by the stage's WAF web ACL."
 )
 _DISCOVERY_REASON = (
     "Public by standard: the JWK Set (RFC 7517) and the authorization server metadata "
     "(RFC 8414) are fetched without credentials by devices and relying parties to verify "
-    "tokens offline; they hold only public keys and endpoint URLs. Throttled per method."
+    "tokens offline; they hold only public keys and endpoint URLs. Throttled per method, and "
+    "per client by the stage's WAF web ACL."
 )
 _PUBLIC_REASONS = {
     constants.TOKEN_PATH: _TOKEN_ENDPOINT_REASON,
@@ -97,16 +108,22 @@ _IAM_REASON = (
 
 
 class Api(Construct):
-    """Attributes: `api` (apigateway.RestApi), `access_logs` (logs.LogGroup), `validator`
-    (apigateway.RequestValidator), `issuer` (str: the stage's base URL, no trailing slash),
-    `url` (str: the same with a trailing slash), and after `add_routes`, `methods`
-    (dict of (HTTP method, resource path) -> apigateway.Method)."""
+    """Attributes: `edge` (fleetkey_infra.edge.EdgeConfig, from CDK context), `api`
+    (apigateway.RestApi), `access_logs` (logs.LogGroup), `validator`
+    (apigateway.RequestValidator), `rate_limits` (ApiRateLimits: the stage's WAF web ACL),
+    `issuer` (str: the stage's base URL, no trailing slash), `url` (str: the same with a trailing
+    slash), and after `add_routes`, `methods` (dict of (HTTP method, resource path) ->
+    apigateway.Method)."""
 
     def __init__(self, scope: Construct, construct_id: str) -> None:
         super().__init__(scope, construct_id)
+        self.edge = EdgeConfig.from_context(self.node.try_get_context)
         self.access_logs = self._build_access_logs()
-        self.api = self._build_api(self.access_logs)
+        self.api = self._build_api(self.access_logs, self._build_resource_policy(self.edge))
         self.validator = self._build_validator()
+        self.rate_limits = ApiRateLimits(
+            self, "RateLimits", stage=self.api.deployment_stage, rate_limits=self._rate_limits()
+        )
         # Built from the RestApi's id and the stage's name, not from the Stage resource: the
         # Stage depends on the deployment, which depends on the methods, which depend on the
         # functions whose environment holds this URL.
@@ -183,18 +200,9 @@ class Api(Construct):
             + _PUBLIC_REASONS[path],
         )
 
-    # -- the API and its stage -------------------------------------------------------------------
+    # -- findings --------------------------------------------------------------------------------
 
     def _acknowledge_findings(self) -> None:
-        acknowledge(
-            self.api,
-            "AwsSolutions-APIG3",
-            "No WAF web ACL in the stack: IAM routes are rejected unsigned before any "
-            "integration runs, and the public device routes authenticate clients in the "
-            "function and are throttled per method. A web ACL (e.g. a rate-based rule per "
-            "source IP) is an account-level choice (rules, cost) associated with the stage at "
-            "deployment.",
-        )
         acknowledge(
             self.api,
             "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
@@ -204,13 +212,78 @@ class Api(Construct):
             "CloudWatch Logs actions.",
         )
 
+    # -- who may call what ------------------------------------------------------------------------
+
+    def _rate_limits(self) -> tuple[RateLimit, ...]:
+        """The configured per-client limits; every public route falls under exactly one."""
+        limits = self.edge.rate_limits()
+        for _, path in PUBLIC_ROUTE_THROTTLES:
+            covering = [limit.name for limit in limits if limit.covers(path)]
+            if len(covering) != 1:
+                raise ValueError(f"public route {path} is under rate limits {covering}, not one")
+        return limits
+
+    @staticmethod
+    def _build_resource_policy(edge: EdgeConfig) -> iam.PolicyDocument:
+        """The REST API's resource policy.
+
+        With a resource policy, API Gateway admits a caller of a method without authorization
+        only if the policy explicitly allows it: hence the Allow for everyone on the public
+        routes, and on nothing else. For IAM-authorized methods called by a principal of the
+        API's own account, API Gateway admits the caller if EITHER its identity policy OR the
+        resource policy allows it, and refuses on any explicit Deny (API Gateway developer guide,
+        "How API Gateway resource policies affect authorization workflow", table A; a principal
+        of another account needs both, table B). An Allow here cannot narrow who may call the
+        admin routes, only an explicit Deny can: each IAM route group is denied to every
+        principal whose `aws:PrincipalArn` (a role session's is its role's ARN; API Gateway
+        supports the key for IAM authorization) is not one of its configured principals.
+        Operators still need `execute-api:Invoke` in their own identity policy; no principal of
+        another account is admitted (nothing here allows one).
+        """
+        public = iam.PolicyStatement(
+            sid="PublicDeviceRoutes",
+            effect=iam.Effect.ALLOW,
+            principals=[iam.StarPrincipal()],
+            actions=["execute-api:Invoke"],
+            resources=[
+                f"execute-api:/*/{http_method}{path}"
+                for http_method, path in PUBLIC_ROUTE_THROTTLES
+            ],
+        )
+        audiences = edge.audiences(Aws.PARTITION, Aws.ACCOUNT_ID)
+        return iam.PolicyDocument(
+            statements=[public, *(Api._deny_outside(audience) for audience in audiences)]
+        )
+
+    @staticmethod
+    def _deny_outside(audience: Audience) -> iam.PolicyStatement:
+        sid = "OnlyConfigured" + "".join(word.title() for word in audience.name.split())
+        conditions = (
+            {"ArnNotLike": {"aws:PrincipalArn": list(audience.principals)}}
+            if audience.principals
+            else None  # nobody configured: closed to everyone
+        )
+        return iam.PolicyStatement(
+            sid=sid,
+            effect=iam.Effect.DENY,
+            principals=[iam.StarPrincipal()],
+            actions=["execute-api:Invoke"],
+            resources=[f"execute-api:/*/*{audience.policy_path}"],
+            conditions=conditions,
+        )
+
+    # -- the API and its stage -------------------------------------------------------------------
+
     def _build_access_logs(self) -> logs.LogGroup:
         return logs.LogGroup(self, "AccessLogs", retention=constants.LOG_RETENTION)
 
-    def _build_api(self, access_logs: logs.ILogGroup) -> apigateway.RestApi:
+    def _build_api(
+        self, access_logs: logs.ILogGroup, policy: iam.PolicyDocument
+    ) -> apigateway.RestApi:
         api = apigateway.RestApi(
             self,
             "Api",
+            policy=policy,
             description="fleetkey API: device tokens and discovery (public), introspection and "
             "operators (IAM authenticated)",
             endpoint_configuration=apigateway.EndpointConfiguration(
@@ -226,9 +299,7 @@ class Api(Construct):
             deploy_options=apigateway.StageOptions(
                 stage_name=constants.API_STAGE_NAME,
                 access_log_destination=apigateway.LogGroupLogDestination(access_logs),
-                access_log_format=apigateway.AccessLogFormat.custom(
-                    json.dumps(_ACCESS_LOG_FORMAT)
-                ),
+                access_log_format=apigateway.AccessLogFormat.custom(json.dumps(_ACCESS_LOG_FORMAT)),
                 logging_level=apigateway.MethodLoggingLevel.INFO,
                 # Request and response bodies carry manifests, certificates, assertions and
                 # tokens: keep them out of the execution logs.

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aws_cdk import RemovalPolicy
 from aws_cdk import aws_dynamodb as dynamodb
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from constructs import Construct
+
 from fleetkey.store import schema
+from fleetkey_infra import constants
 
 
 class Data(Construct):
@@ -28,6 +33,21 @@ class Data(Construct):
             description="fleetkey: encrypts the device registry table",
             enable_key_rotation=True,
             removal_policy=RemovalPolicy.RETAIN,
+        )
+
+    def deny_key_management(self, roles: Sequence[iam.IRole]) -> None:
+        """Deny `roles` (the functions') every management action on the table's key in the key's
+        own policy, whatever IAM grants them: none may tag it (as a signing key, say), change its
+        policy or grants, disable it or schedule its deletion."""
+        self.key.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="NoFleetkeyFunctionManagesTheTableKey",
+                effect=iam.Effect.DENY,
+                principals=[iam.AnyPrincipal()],
+                actions=list(constants.TABLE_KEY_DENIED_ACTIONS),
+                resources=["*"],
+                conditions={"ArnEquals": {"aws:PrincipalArn": [r.role_arn for r in roles]}},
+            )
         )
 
     def _build_table(self, key: kms.IKey) -> dynamodb.Table:

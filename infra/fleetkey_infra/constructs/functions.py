@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aws_cdk import Duration
+from aws_cdk import Duration, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_lambda_destinations as destinations
@@ -32,7 +32,10 @@ class Functions(Construct):
     function's asynchronous invocations.
 
     `issuer` is the API's base URL (FLEETKEY_ISSUER: token `iss`, the `aud` of device
-    assertions); `token_key_id` the first token signing key (FLEETKEY_TOKEN_KEY_ID).
+    assertions); `token_key_id` the first token signing key (FLEETKEY_TOKEN_KEY_ID). Every
+    function that reads the signing-key registry (all but registration) gets the first key's id
+    and the token role's ARN (FLEETKEY_TOKEN_SIGNER_ROLE_ARN: the key policy it trusts names
+    it); every function gets the stack's name (FLEETKEY_STACK_NAME: its keys' tag value).
     """
 
     def __init__(
@@ -87,7 +90,7 @@ class Functions(Construct):
             memory_mb=constants.TOKEN_MEMORY_MB,
             timeout=constants.TOKEN_TIMEOUT,
             description="fleetkey token endpoint: access tokens for devices, challenges",
-            environment={**issuer_env, constants.ENV_TOKEN_KEY_ID: token_key_id},
+            environment=issuer_env,
         )
         self.discovery_role = self._build_role("DiscoveryRole", "discovery")
         self.discovery = self._build_function(
@@ -111,7 +114,7 @@ class Functions(Construct):
             description="fleetkey token introspection for relying parties",
             environment=issuer_env,
         )
-        # Scheduled (constructs.Schedules); needs neither the issuer nor the first key's id.
+        # Scheduled (constructs.Schedules); no issuer (it signs and verifies no token).
         self.maintenance_role = self._build_role("MaintenanceRole", "maintenance")
         self.maintenance = self._build_function(
             "Maintenance",
@@ -122,6 +125,15 @@ class Functions(Construct):
             timeout=constants.MAINTENANCE_TIMEOUT,
             description="fleetkey maintenance: retires expired token signing keys",
         )
+        self._share_signing_key_trust(token_key_id)
+
+    def _share_signing_key_trust(self, token_key_id: str) -> None:
+        """What a registry reader needs to trust a signing key: the first key's id and the token
+        role (named in the key policy it compares). After the roles exist (admin's precedes the
+        token role)."""
+        for function in (self.admin, self.token, self.discovery, self.introspect, self.maintenance):
+            function.add_environment(constants.ENV_TOKEN_KEY_ID, token_key_id)
+            function.add_environment(constants.ENV_TOKEN_SIGNER_ROLE_ARN, self.token_role.role_arn)
 
     def _build_failure_queue(self) -> sqs.Queue:
         return dead_letter_queue(
@@ -177,6 +189,7 @@ class Functions(Construct):
             environment={
                 constants.ENV_TABLE: self._table_name,
                 constants.ENV_NAME_PREFIX: self._name_prefix,
+                constants.ENV_STACK_NAME: Stack.of(self).stack_name,
                 "POWERTOOLS_SERVICE_NAME": service_name,
                 "POWERTOOLS_METRICS_NAMESPACE": constants.METRICS_NAMESPACE,
                 "POWERTOOLS_LOG_LEVEL": constants.LOG_LEVEL,

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from aws_cdk import Aws, RemovalPolicy
 from aws_cdk import aws_iot as iot
 from constructs import Construct
-from fleetkey.domain.profiles import PROFILES, DeviceProfile
 
+from fleetkey.domain.profiles import PROFILES, DeviceProfile
 from fleetkey_infra import constants
 
 

@@ -24,9 +24,7 @@ class RegistrationRule(Construct):
     `invoke_permission` (lambda.CfnPermission).
     """
 
-    def __init__(
-        self, scope: Construct, construct_id: str, *, function: lambda_.IFunction
-    ) -> None:
+    def __init__(self, scope: Construct, construct_id: str, *, function: lambda_.IFunction) -> None:
         super().__init__(scope, construct_id)
         self.errors = self._build_error_queue()
         self.error_role = self._build_error_role(self.errors)

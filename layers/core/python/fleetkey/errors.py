@@ -5,6 +5,8 @@ Callers branch on the type (or `code`), never on the message text.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class FleetkeyError(Exception):
     """Base of every error fleetkey raises on purpose."""
@@ -12,7 +14,7 @@ class FleetkeyError(Exception):
     code = "internal_error"
     status = 500
 
-    def __init__(self, message: str, *, details: dict | None = None) -> None:
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.details = details or {}
@@ -50,11 +52,14 @@ class ConcurrentModification(Conflict):
 
 
 class InvalidCertificate(InvalidRequest):
-    """A certificate, CSR or CA failed parsing or validation. `reason` is a RejectionReason value."""
+    """A certificate, CSR or CA failed parsing or validation.
+
+    `reason` is a RejectionReason value.
+    """
 
     code = "invalid_certificate"
 
-    def __init__(self, reason: str, message: str, *, details: dict | None = None) -> None:
+    def __init__(self, reason: str, message: str, *, details: dict[str, Any] | None = None) -> None:
         super().__init__(message, details=details)
         self.reason = reason
 

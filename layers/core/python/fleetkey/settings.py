@@ -6,14 +6,18 @@ Domain code receives a `Settings`; only `Settings.from_environ` looks at the env
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from fleetkey.errors import FleetkeyError
 
-
 # The local stack's API address; a deployed stack sets FLEETKEY_ISSUER to its API's URL.
 LOCAL_ISSUER = "http://127.0.0.1:8080"
+# The local stack's name: the value of its token signing keys' tag (a deployed stack's functions
+# get their CloudFormation stack name in FLEETKEY_STACK_NAME).
+LOCAL_STACK_NAME = "fleetkey-local"
+# The local stack's token function role: the only principal its signing keys' policy lets sign.
+LOCAL_TOKEN_SIGNER_ROLE_ARN = "arn:aws:iam::123456789012:role/fleetkey-local-token"
 
 
 class SettingsError(FleetkeyError):
@@ -33,13 +37,17 @@ class Settings:
     max_import_rows: int = 10_000
     # The token issuer (RFC 8414 `issuer`): the API's base URL; assertions are addressed to it.
     issuer: str = LOCAL_ISSUER
-    # The KMS key created with the stack, adopted as the first token signing key.
+    # The KMS key created with the stack: the sole signing key until the first rotation.
     token_key_id: str | None = None
-    # The token function's role: the only principal a rotated signing key's policy lets sign.
-    token_signer_role_arn: str | None = None
+    # The token function's role: the only principal a signing key's policy lets sign. Every
+    # function that confirms signing keys compares their policy with the one built from it.
+    token_signer_role_arn: str = LOCAL_TOKEN_SIGNER_ROLE_ARN
+    # The stack's name: its signing keys are tagged fleetkey:purpose=token-signing:<stack_name>,
+    # and its roles may touch no other key.
+    stack_name: str = LOCAL_STACK_NAME
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         try:
             table_name = env["FLEETKEY_TABLE"]
@@ -63,5 +71,8 @@ class Settings:
             max_import_rows=max_rows,
             issuer=env.get("FLEETKEY_ISSUER", LOCAL_ISSUER).rstrip("/"),
             token_key_id=env.get("FLEETKEY_TOKEN_KEY_ID") or None,
-            token_signer_role_arn=env.get("FLEETKEY_TOKEN_SIGNER_ROLE_ARN") or None,
+            token_signer_role_arn=(
+                env.get("FLEETKEY_TOKEN_SIGNER_ROLE_ARN") or LOCAL_TOKEN_SIGNER_ROLE_ARN
+            ),
+            stack_name=env.get("FLEETKEY_STACK_NAME") or LOCAL_STACK_NAME,
         )

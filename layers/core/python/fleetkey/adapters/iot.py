@@ -3,29 +3,44 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from botocore.exceptions import ClientError
 
 from fleetkey.adapters.aws import client as aws_client
 from fleetkey.adapters.aws import error_code
 
+if TYPE_CHECKING:
+    from mypy_boto3_iot import IoTClient
+    from mypy_boto3_iot.type_defs import AttributePayloadTypeDef
+
 
 @dataclass(frozen=True, slots=True)
 class IotCertificate:
+    """A certificate as AWS IoT describes it. `ca_certificate_id` is the registered CA AWS IoT
+    says issued it (None for a certificate registered without a CA)."""
+
     certificate_id: str
     arn: str
     status: str
     pem: str
+    ca_certificate_id: str | None = None
 
 
 class IotRegistry:
     """`client` is a boto3 IoT client; None builds a real one."""
 
-    def __init__(self, client=None, region: str | None = None) -> None:
-        self._client = client or aws_client("iot", region)
+    def __init__(self, client: IoTClient | None = None, region: str | None = None) -> None:
+        self._client: IoTClient = client or aws_client("iot", region)
 
     def describe_certificate(self, certificate_id: str) -> IotCertificate | None:
-        """None when AWS IoT has no such certificate."""
+        """The certificate as AWS IoT has it, None when AWS IoT has no such certificate.
+
+        AWS calls: 1 (DescribeCertificate).
+
+        Raises:
+            botocore ClientError: any other AWS failure.
+        """
         try:
             description = self._client.describe_certificate(certificateId=certificate_id)[
                 "certificateDescription"
@@ -39,6 +54,7 @@ class IotRegistry:
             arn=description["certificateArn"],
             status=description["status"],
             pem=description["certificatePem"],
+            ca_certificate_id=description.get("caCertificateId") or None,
         )
 
     def ensure_thing(
@@ -52,7 +68,7 @@ class IotRegistry:
         registration: the attributes name this certificate) and ResourceAlreadyExists when it
         differs, so the take-over costs calls only when there is something to take over.
         """
-        payload = {"attributes": attributes, "merge": False}
+        payload: AttributePayloadTypeDef = {"attributes": attributes, "merge": False}
         try:
             self._client.create_thing(
                 thingName=thing_name, thingTypeName=thing_type, attributePayload=payload

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from fleetkey.adapters.aws import client as aws_client
 
-_ALGORITHMS = {"secp256r1": ("ECDSA_SHA_256", 32), "secp384r1": ("ECDSA_SHA_384", 48)}
+if TYPE_CHECKING:
+    from mypy_boto3_kms import KMSClient
+    from mypy_boto3_kms.literals import SigningAlgorithmSpecType
+    from mypy_boto3_kms.type_defs import TagTypeDef
+
+_ALGORITHMS: dict[str, tuple[SigningAlgorithmSpecType, int]] = {
+    "secp256r1": ("ECDSA_SHA_256", 32),
+    "secp384r1": ("ECDSA_SHA_384", 48),
+}
 
 
 class KmsSigner:
@@ -16,23 +28,20 @@ class KmsSigner:
     def __init__(
         self,
         key_id: str,
-        client=None,
+        client: KMSClient | None = None,
         region: str | None = None,
         public_key: ec.EllipticCurvePublicKey | None = None,
     ) -> None:
         """`public_key`, when known (it never changes for a key id), saves the GetPublicKey."""
         self.key_id = key_id
-        self._client = client or aws_client("kms", region)
+        self._client: KMSClient = client or aws_client("kms", region)
         self._public_key = public_key
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         """The verifying key, read from KMS once per signer (it never changes for a key id)."""
         if self._public_key is None:
             der = self._client.get_public_key(KeyId=self.key_id)["PublicKey"]
-            key = serialization.load_der_public_key(der)
-            if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in _ALGORITHMS:
-                raise ValueError(f"KMS key {self.key_id} is not a P-256/P-384 signing key")
-            self._public_key = key
+            self._public_key = _load_verifying_key(der, self.key_id)
         return self._public_key
 
     def sign_der(self, message: bytes) -> bytes:
@@ -41,7 +50,8 @@ class KmsSigner:
         response = self._client.sign(
             KeyId=self.key_id, Message=message, MessageType="RAW", SigningAlgorithm=algorithm
         )
-        return response["Signature"]
+        signature: bytes = response["Signature"]
+        return signature
 
     def sign_raw(self, message: bytes) -> bytes:
         """The same signature as fixed-size r||s, the form JWS (RFC 7518 §3.4) requires."""
@@ -50,14 +60,34 @@ class KmsSigner:
         return r.to_bytes(size, "big") + s.to_bytes(size, "big")
 
 
-class KmsKeys:
-    """Creating, reading and retiring fleetkey's KMS signing keys. `client` is a boto3 KMS client."""
+def _load_verifying_key(der: bytes, key_id: str) -> ec.EllipticCurvePublicKey:
+    """Raises:
+    ValueError: not a P-256/P-384 public key.
+    """
+    key = serialization.load_der_public_key(der)
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in _ALGORITHMS:
+        raise ValueError(f"KMS key {key_id} is not a P-256/P-384 signing key")
+    return key
 
-    def __init__(self, client=None, region: str | None = None) -> None:
-        self._client = client or aws_client("kms", region)
+
+@dataclass(frozen=True, slots=True)
+class PublicKeyInfo:
+    """What KMS GetPublicKey says of a key: its public half, key spec and usage."""
+
+    public_key: ec.EllipticCurvePublicKey
+    key_spec: str | None
+    key_usage: str | None
+
+
+class KmsKeys:
+    """Creating, reading and retiring fleetkey's KMS signing keys. `client` is a boto3 KMS
+    client."""
+
+    def __init__(self, client: KMSClient | None = None, region: str | None = None) -> None:
+        self._client: KMSClient = client or aws_client("kms", region)
 
     @property
-    def client(self):
+    def client(self) -> KMSClient:
         return self._client
 
     def create_signing_key(
@@ -68,18 +98,58 @@ class KmsKeys:
         With `policy`, KMS's lockout check would ask that the caller may change the policy later;
         the policy keeps the account's IAM in charge of the key (root `kms:*`), so nobody is
         locked out and the check is skipped rather than granting the caller PutKeyPolicy."""
-        kwargs = {"Policy": policy, "BypassPolicyLockoutSafetyCheck": True} if policy else {}
-        response = self._client.create_key(
-            KeySpec="ECC_NIST_P256",
-            KeyUsage="SIGN_VERIFY",
-            Description=description,
-            Tags=[{"TagKey": k, "TagValue": v} for k, v in tags.items()],
-            **kwargs,
-        )
-        return response["KeyMetadata"]["KeyId"]
+        key_tags: list[TagTypeDef] = [{"TagKey": k, "TagValue": v} for k, v in tags.items()]
+        if policy:
+            response = self._client.create_key(
+                KeySpec="ECC_NIST_P256",
+                KeyUsage="SIGN_VERIFY",
+                Description=description,
+                Tags=key_tags,
+                Policy=policy,
+                BypassPolicyLockoutSafetyCheck=True,
+            )
+        else:
+            response = self._client.create_key(
+                KeySpec="ECC_NIST_P256",
+                KeyUsage="SIGN_VERIFY",
+                Description=description,
+                Tags=key_tags,
+            )
+        key_id: str = response["KeyMetadata"]["KeyId"]
+        return key_id
 
     def public_key(self, key_id: str) -> ec.EllipticCurvePublicKey:
+        """Raises:
+        ValueError: not a P-256/P-384 key.
+        """
         return KmsSigner(key_id, client=self._client).public_key()
+
+    def describe_public_key(self, key_id: str) -> PublicKeyInfo:
+        """The key's public half, spec and usage, in one GetPublicKey.
+
+        Raises:
+            ValueError: not a P-256/P-384 key.
+        """
+        response: dict[str, Any] = dict(self._client.get_public_key(KeyId=key_id))
+        return PublicKeyInfo(
+            _load_verifying_key(response["PublicKey"], key_id),
+            # moto answers with the older name only
+            response.get("KeySpec") or response.get("CustomerMasterKeySpec"),
+            response.get("KeyUsage"),
+        )
+
+    def key_policy(self, key_id: str) -> dict[str, Any]:
+        """The key's (default, and only) key policy, parsed.
+
+        Raises:
+            ValueError: the policy is not a JSON object.
+        """
+        policy = json.loads(
+            self._client.get_key_policy(KeyId=key_id, PolicyName="default")["Policy"]
+        )
+        if not isinstance(policy, dict):
+            raise ValueError(f"the key policy of {key_id} is not a JSON object")
+        return policy
 
     def tags(self, key_id: str) -> dict[str, str]:
         tags: dict[str, str] = {}

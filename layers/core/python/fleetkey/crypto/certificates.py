@@ -1,7 +1,10 @@
 """X.509 checks for device and manufacturer CA certificates, with cryptography's verifier.
 
 AWS IoT (and moto) accept whatever a registered CA appears to have issued; fleetkey decides trust
-itself: chain to the manufacturer CA, validity window, key usage, key strength.
+itself: chain to the manufacturer CA, validity window, key usage, key strength. Every certificate
+first passes the baseline policy of `fleetkey.crypto.x509_policy` (it decodes, and conforms to
+RFC 5280 / RFC 5480); the rules here are the ones of each role. No function here lets a parser's
+exception escape: a field that does not decode is `InvalidCertificate(malformed_certificate)`.
 """
 
 from __future__ import annotations
@@ -13,16 +16,37 @@ from datetime import datetime
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fleetkey.crypto.x509_policy import (
+    MAX_PEM_BYTES,
+    check_certificate,
+    decode_certificate,
+    decoding,
+    describe_public_key,
+    pem_bytes,
+)
 from fleetkey.domain.profiles import KeyPolicy
 from fleetkey.domain.rejection import RejectionReason
 from fleetkey.errors import InvalidCertificate
 
-# A PEM certificate chain is a few KiB; anything far larger is not a certificate.
-MAX_PEM_BYTES = 64 * 1024
+__all__ = [
+    "MAX_PEM_BYTES",
+    "DeviceCertificate",
+    "certificate_id",
+    "check_key_policy",
+    "claimed_common_name",
+    "describe_key",
+    "load_certificate",
+    "public_key_fingerprint",
+    "validate_device_certificate",
+    "validate_manufacturer_ca",
+    "verify_chain",
+    "verify_proof_of_possession",
+]
+# The longest claimed device id recorded for a refused certificate (AWS IoT thing names: 128).
+MAX_CLAIMED_NAME = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,51 +64,73 @@ class DeviceCertificate:
 
 
 def load_certificate(pem: str | bytes) -> x509.Certificate:
-    """Parse one PEM certificate.
+    """Parse one PEM certificate and force-decode every field (`x509_policy.decode_certificate`),
+    so that whatever reads it later reads values known to decode. Policy is not applied here: a
+    certificate that loads can still be refused, with the reason that says why.
 
     Raises:
-        InvalidCertificate(malformed_certificate): not a single parseable PEM certificate.
+        InvalidCertificate(malformed_certificate): not a single parseable PEM certificate, or a
+            field of it does not decode.
     """
-    data = pem.encode() if isinstance(pem, str) else pem
-    if len(data) > MAX_PEM_BYTES:
-        raise InvalidCertificate(
-            RejectionReason.MALFORMED_CERTIFICATE, "certificate PEM is too large"
-        )
-    try:
+    data = pem_bytes(pem, "certificate")
+    with decoding("certificate"):
         certs = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        raise InvalidCertificate(
-            RejectionReason.MALFORMED_CERTIFICATE, "not a PEM X.509 certificate"
-        ) from None
     if len(certs) != 1:
         raise InvalidCertificate(
             RejectionReason.MALFORMED_CERTIFICATE, "expected exactly one certificate"
         )
+    decode_certificate(certs[0])
     return certs[0]
 
 
+def claimed_common_name(cert: x509.Certificate) -> str | None:
+    """The first subject CN, unverified and truncated, for the records of a refused certificate;
+    None when there is none or it does not decode. Never raises: it is read on the refusal path,
+    for certificates that may not even parse."""
+    try:
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        value = names[0].value if names else None
+    except Exception:  # noqa: BLE001 - a refusal must be recordable whatever the cert holds
+        return None
+    return value[:MAX_CLAIMED_NAME] if isinstance(value, str) else None
+
+
 def certificate_id(cert: x509.Certificate) -> str:
+    """The AWS IoT certificate id: SHA-256 of the DER, lowercase hex (never raises)."""
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
 def public_key_fingerprint(cert: x509.Certificate) -> str:
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    """SHA-256 of the DER SubjectPublicKeyInfo, lowercase hex.
+
+    Raises:
+        InvalidCertificate(malformed_certificate): the public key does not decode.
+    """
+    with decoding("certificate public key"):
+        spki = cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
     return hashlib.sha256(spki).hexdigest()
 
 
 def describe_key(cert: x509.Certificate) -> str:
-    key = cert.public_key()
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        return f"ec:{key.curve.name}"
-    if isinstance(key, rsa.RSAPublicKey):
-        return f"rsa:{key.key_size}"
-    return f"other:{type(key).__name__}"
+    """The certificate's key as `KeyPolicy` names it ("ec:secp256r1", "rsa:2048", "other:...").
+
+    Raises:
+        InvalidCertificate(malformed_certificate): the public key does not decode.
+    """
+    with decoding("certificate public key"):
+        key = cert.public_key()
+    return describe_public_key(key)
 
 
 def check_key_policy(cert: x509.Certificate, policy: KeyPolicy) -> None:
-    """Raises InvalidCertificate(weak_key) for a key type or size the policy does not allow."""
+    """A profile's key policy, on top of the baseline (`x509_policy.check_public_key`).
+
+    Raises:
+        InvalidCertificate: weak_key for a key type or size the policy does not allow;
+            malformed_certificate when the key does not decode.
+    """
     if policy.allows(describe_key(cert)):
         return
     raise InvalidCertificate(
@@ -123,12 +169,8 @@ def _require_client_auth(
 _DEVICE_EE_POLICY = (
     verification.ExtensionPolicy.permit_all()
     .may_be_present(x509.BasicConstraints, verification.Criticality.AGNOSTIC, _forbid_ca)
-    .require_present(
-        x509.KeyUsage, verification.Criticality.AGNOSTIC, _require_digital_signature
-    )
-    .may_be_present(
-        x509.ExtendedKeyUsage, verification.Criticality.AGNOSTIC, _require_client_auth
-    )
+    .require_present(x509.KeyUsage, verification.Criticality.AGNOSTIC, _require_digital_signature)
+    .may_be_present(x509.ExtendedKeyUsage, verification.Criticality.AGNOSTIC, _require_client_auth)
 )
 
 
@@ -153,8 +195,11 @@ def verify_chain(leaf: x509.Certificate, anchor: x509.Certificate, now: datetime
 
     Raises:
         InvalidCertificate: not_yet_valid / expired (leaf validity window), wrong_issuer (another
-            CA's name), invalid_chain (signature, CA constraints, key usage, anchor validity).
+            CA's name), invalid_chain (signature, CA constraints, key usage, anchor validity, an
+            anchor that does not decode), malformed_certificate (the leaf does not decode).
     """
+    decode_certificate(leaf)
+    _decode_anchor(anchor)
     if now < leaf.not_valid_before_utc:
         raise InvalidCertificate(RejectionReason.NOT_YET_VALID, "certificate is not yet valid")
     if now > leaf.not_valid_after_utc:
@@ -163,13 +208,25 @@ def verify_chain(leaf: x509.Certificate, anchor: x509.Certificate, now: datetime
         raise InvalidCertificate(
             RejectionReason.WRONG_ISSUER, "certificate was not issued by the manufacturer CA"
         )
+    # decoding(): whatever else the verifier's parsing raises is a malformed certificate.
+    with decoding("certificate"):
+        try:
+            _verifier(anchor, now, _DEVICE_EE_POLICY).verify(leaf, [])
+        except verification.VerificationError as exc:
+            raise InvalidCertificate(
+                RejectionReason.INVALID_CHAIN,
+                "certificate does not chain to the manufacturer CA",
+                details={"error": str(exc)[:300]},
+            ) from None
+
+
+def _decode_anchor(anchor: x509.Certificate) -> None:
+    # A stored trust anchor that no longer decodes is the CA's fault, not the device's.
     try:
-        _verifier(anchor, now, _DEVICE_EE_POLICY).verify(leaf, [])
-    except verification.VerificationError as exc:
+        decode_certificate(anchor)
+    except InvalidCertificate as exc:
         raise InvalidCertificate(
-            RejectionReason.INVALID_CHAIN,
-            "certificate does not chain to the manufacturer CA",
-            details={"error": str(exc)[:300]},
+            RejectionReason.INVALID_CHAIN, "the CA certificate does not decode", details=exc.details
         ) from None
 
 
@@ -186,9 +243,13 @@ def validate_device_certificate(
 ) -> DeviceCertificate:
     """Fully validate a (parsed) device certificate issued by a manufacturer CA.
 
+    Order: the baseline policy (decoding, RFC 5280 conformance, key, signature algorithm), then the
+    validity window, the issuer, the chain, the profile's key policy, the subject.
+
     Raises:
         InvalidCertificate: with the RejectionReason of the first check that failed.
     """
+    check_certificate(cert)
     verify_chain(cert, anchor, now)
     check_key_policy(cert, key_policy)
     device_id = _single_attribute(cert.subject, NameOID.COMMON_NAME)
@@ -222,10 +283,12 @@ def validate_manufacturer_ca(pem: str | bytes, now: datetime) -> x509.Certificat
     """A manufacturer CA must be a currently valid CA certificate allowed to sign certificates.
 
     Raises:
-        InvalidCertificate: malformed, not a CA, no keyCertSign, outside its validity window,
-            or a self-signed certificate whose signature does not verify.
+        InvalidCertificate: malformed, weak_signature or weak_key (the baseline policy), not a
+            CA, no keyCertSign, outside its validity window, or a self-signed certificate whose
+            signature does not verify.
     """
     cert = load_certificate(pem)
+    check_certificate(cert)
     if not (cert.not_valid_before_utc <= now <= cert.not_valid_after_utc):
         raise InvalidCertificate(RejectionReason.EXPIRED, "CA certificate is not currently valid")
     try:
@@ -240,12 +303,13 @@ def validate_manufacturer_ca(pem: str | bytes, now: datetime) -> x509.Certificat
             RejectionReason.INVALID_CHAIN, "certificate is not a CA allowed to sign certificates"
         )
     if cert.issuer == cert.subject:
-        try:
-            cert.verify_directly_issued_by(cert)
-        except (InvalidSignature, ValueError, TypeError):
-            raise InvalidCertificate(
-                RejectionReason.INVALID_CHAIN, "self-signed CA signature does not verify"
-            ) from None
+        with decoding("CA certificate"):
+            try:
+                cert.verify_directly_issued_by(cert)
+            except (InvalidSignature, ValueError, TypeError):
+                raise InvalidCertificate(
+                    RejectionReason.INVALID_CHAIN, "self-signed CA signature does not verify"
+                ) from None
     return cert
 
 
@@ -256,9 +320,13 @@ def verify_proof_of_possession(
     signed by the CA's private key. Checked here too, because moto does not check it.
 
     Raises:
-        InvalidCertificate(invalid_chain): wrong CN, not signed by the CA, or not currently valid.
+        InvalidCertificate: invalid_chain (wrong CN, not signed by the CA, or a CA that does not
+            decode), expired (not currently valid), malformed_certificate, weak_signature or
+            weak_key (the baseline policy).
     """
+    _decode_anchor(ca)
     cert = load_certificate(verification_pem)
+    check_certificate(cert)
     if _single_attribute(cert.subject, NameOID.COMMON_NAME) != registration_code:
         raise InvalidCertificate(
             RejectionReason.INVALID_CHAIN,
@@ -268,14 +336,36 @@ def verify_proof_of_possession(
         raise InvalidCertificate(
             RejectionReason.EXPIRED, "verification certificate is not currently valid"
         )
+    if cert.version is not x509.Version.v3:
+        # OpenSSL 3.0's `x509 -req` (AWS's documented recipe) writes v1 unless it is given an
+        # extension, and the verifier below requires v3. The proof only has to show the CA's key
+        # signed it: check that directly (issuer name and signature).
+        _verify_signed_by(cert, ca)
+        return
     # Verified with the CA policy device certificates will meet (basicConstraints critical,
     # allowed key algorithms and sizes), so a CA that could never admit a device is refused here
     # rather than every one of its devices later.
+    with decoding("verification certificate"):
+        try:
+            _verifier(ca, now, verification.ExtensionPolicy.permit_all()).verify(cert, [])
+        except verification.VerificationError as exc:
+            raise InvalidCertificate(
+                RejectionReason.INVALID_CHAIN,
+                "verification certificate does not verify against the CA under the device policy",
+                details={"error": str(exc)[:300]},
+            ) from None
+
+
+def _verify_signed_by(cert: x509.Certificate, ca: x509.Certificate) -> None:
+    """`cert` names `ca` as its issuer and verifies with its key.
+
+    Raises:
+        InvalidCertificate(invalid_chain): it does not.
+    """
     try:
-        _verifier(ca, now, verification.ExtensionPolicy.permit_all()).verify(cert, [])
-    except verification.VerificationError as exc:
+        with decoding("verification certificate"):
+            cert.verify_directly_issued_by(ca)
+    except (InvalidCertificate, InvalidSignature):
         raise InvalidCertificate(
-            RejectionReason.INVALID_CHAIN,
-            "verification certificate does not verify against the CA under the device policy",
-            details={"error": str(exc)[:300]},
+            RejectionReason.INVALID_CHAIN, "verification certificate is not signed by the CA"
         ) from None

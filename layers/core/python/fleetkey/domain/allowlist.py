@@ -13,7 +13,14 @@ import json
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from fleetkey.domain.profiles import PROFILES, RESERVED_THING_ATTRIBUTES
 from fleetkey.errors import InvalidRequest
@@ -95,9 +102,7 @@ def parse_entry(data: Any) -> AllowlistEntry:
 def _csv_rows(text: str) -> list[dict[str, Any]]:
     reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     header = reader.fieldnames or []
-    unknown = [
-        c for c in header if c not in CSV_COLUMNS and not c.startswith(CSV_ATTRIBUTE_PREFIX)
-    ]
+    unknown = [c for c in header if c not in CSV_COLUMNS and not c.startswith(CSV_ATTRIBUTE_PREFIX)]
     if not header or unknown or len(set(header)) != len(header):
         raise InvalidRequest(
             "CSV header must name the columns "
@@ -132,7 +137,9 @@ def _json_rows(text: str) -> list[Any]:
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"JSON is malformed: {exc.msg} at line {exc.lineno}") from None
     except (ValueError, RecursionError):  # e.g. a 5,000-digit number, or nesting 100,000 deep
-        raise InvalidRequest("JSON is malformed: a value is too large or too deeply nested") from None
+        raise InvalidRequest(
+            "JSON is malformed: a value is too large or too deeply nested"
+        ) from None
     if isinstance(data, dict) and set(data) == {"devices"}:
         data = data["devices"]
     if not isinstance(data, list):

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from fleetkey.errors import AuditChainBroken
 
@@ -54,7 +55,7 @@ class AuditRecord:
         return hashlib.sha256(self.body.encode()).hexdigest()
 
     @classmethod
-    def from_body(cls, body: str) -> "AuditRecord":
+    def from_body(cls, body: str) -> AuditRecord:
         data = json.loads(body)
         return cls(
             subject=data["subject"],
@@ -69,7 +70,8 @@ class AuditRecord:
 
 @dataclass(frozen=True, slots=True)
 class ChainHead:
-    """Where a chain ends: the sequence number and hash of its last record (0 and genesis if empty)."""
+    """Where a chain ends: the sequence number and hash of its last record (0 and the genesis hash
+    if the chain is empty)."""
 
     seq: int = 0
     hash: str = GENESIS_HASH

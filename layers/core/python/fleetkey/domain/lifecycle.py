@@ -11,19 +11,19 @@ applied by the store as a conditional write on the current state, together with 
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from fleetkey.errors import IllegalTransition
 
 
-class DeviceState(str, Enum):
+class DeviceState(StrEnum):
     ALLOWLISTED = "ALLOWLISTED"
     ACTIVE = "ACTIVE"
     SUSPENDED = "SUSPENDED"
     DECOMMISSIONED = "DECOMMISSIONED"
 
 
-class Transition(str, Enum):
+class Transition(StrEnum):
     REGISTER = "register"
     SUSPEND = "suspend"
     RESUME = "resume"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
+from typing import Any
 
 from fleetkey.domain.audit import ChainHead
 from fleetkey.domain.lifecycle import DeviceState
@@ -43,7 +44,7 @@ class Device:
             "manufacturer_ca": self.manufacturer_ca,
         }
 
-    def to_public(self) -> dict:
+    def to_public(self) -> dict[str, Any]:
         return {
             "device_id": self.device_id,
             "serial_number": self.serial_number,
@@ -59,7 +60,7 @@ class Device:
         }
 
 
-class CaStatus(str, Enum):
+class CaStatus(StrEnum):
     ACTIVE = "ACTIVE"
     DISABLED = "DISABLED"
 
@@ -75,7 +76,7 @@ class ManufacturerCa:
     audit_head: ChainHead
     registered_at: str | None = None
 
-    def to_public(self) -> dict:
+    def to_public(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "iot_ca_id": self.iot_ca_id,
@@ -85,7 +86,7 @@ class ManufacturerCa:
         }
 
 
-class CertificateOutcome(str, Enum):
+class CertificateOutcome(StrEnum):
     ACCEPTED = "accepted"
     REFUSED = "refused"
 

@@ -10,7 +10,7 @@ class OAuthError(FleetkeyError):
     code = "invalid_request"
     status = 400
 
-    def to_body(self) -> dict:
+    def to_body(self) -> dict[str, str]:
         return {"error": self.code, "error_description": self.message}
 
 

@@ -19,11 +19,13 @@ def refusal_for(
     or None when it may. The order puts the most telling reason first."""
     if device.state is DeviceState.DECOMMISSIONED:
         return RejectionReason.DECOMMISSIONED
-    if device.state in (DeviceState.ACTIVE, DeviceState.SUSPENDED):
-        # A second certificate for a device that already has one: a cloned identity until an
-        # operator says otherwise (rotation goes through its own API, not through JITR).
-        if device.certificate_id != certificate.certificate_id:
-            return RejectionReason.CLONE_SUSPECTED
+    # A second certificate for a device that already has one: a cloned identity until an
+    # operator says otherwise (rotation goes through its own API, not through JITR).
+    if (
+        device.state in (DeviceState.ACTIVE, DeviceState.SUSPENDED)
+        and device.certificate_id != certificate.certificate_id
+    ):
+        return RejectionReason.CLONE_SUSPECTED
     if device.manufacturer_ca != ca.name:
         return RejectionReason.WRONG_ISSUER
     if certificate.serial_number is not None and certificate.serial_number != device.serial_number:

@@ -14,8 +14,13 @@ class RejectionReason(str, Enum):
     EXPIRED = "expired"
     NOT_YET_VALID = "not_yet_valid"
     WEAK_KEY = "weak_key"
+    WEAK_SIGNATURE = "weak_signature"
     NOT_ALLOWLISTED = "not_allowlisted"
     UNEXPECTED_PUBLIC_KEY = "unexpected_public_key"
     SERIAL_MISMATCH = "serial_mismatch"
     DECOMMISSIONED = "decommissioned"
     CLONE_SUSPECTED = "clone_suspected"
+    # Not a refusal of the certificate: the event does not match what AWS IoT says about it
+    # (another CA, not PENDING_ACTIVATION, no such certificate), so nothing was done and no
+    # decision was recorded; the event is audited in the registration-events stream.
+    MISMATCHED_EVENT = "mismatched_event"

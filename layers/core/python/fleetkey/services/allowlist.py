@@ -4,12 +4,13 @@ factory manifest; each new device starts ALLOWLISTED with the first record of it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from fleetkey.clock import Clock, timestamp, utc_now
 from fleetkey.domain.allowlist import AllowlistEntry, RejectedRow, parse_manifest
-from fleetkey.domain.audit import ChainHead
+from fleetkey.domain.audit import AuditRecord, ChainHead
 from fleetkey.domain.models import Device
-from fleetkey.errors import Conflict
+from fleetkey.errors import Conflict, FleetkeyError
 from fleetkey.settings import Settings
 from fleetkey.store import schema
 from fleetkey.store.dynamodb import Store
@@ -22,7 +23,7 @@ class ImportReport:
     unchanged: int
     rejected: list[RejectedRow] = field(default_factory=list)
 
-    def to_public(self) -> dict:
+    def to_public(self) -> dict[str, Any]:
         return {
             "received": self.received,
             "imported": self.imported,
@@ -39,7 +40,7 @@ class AllowlistService:
         self._store = store
         self._clock = clock
 
-    def _first_record(self, entry: AllowlistEntry, at: str, actor: str, source: str):
+    def _first_record(self, entry: AllowlistEntry, at: str, actor: str, source: str) -> AuditRecord:
         return ChainHead().next_record(
             subject=schema.device_subject(entry.device_id),
             at=at,
@@ -70,7 +71,8 @@ class AllowlistService:
                 f"device {entry.device_id} is already allow-listed with different details"
             )
         device = self._store.get_device(entry.device_id)
-        assert device is not None
+        if device is None:  # an invariant (no path deletes a device), checked also under -O
+            raise FleetkeyError(f"device {entry.device_id} is missing after it was written")
         return device
 
     def import_manifest(self, text: str, fmt: str, *, actor: str) -> ImportReport:

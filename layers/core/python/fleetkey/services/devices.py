@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from fleetkey.domain.audit import AuditRecord, ChainVerification, verify_chain
+from fleetkey.domain.audit import AuditRecord, ChainHead, ChainVerification, verify_chain
 from fleetkey.domain.models import Device
 from fleetkey.errors import InvalidRequest, NotFound
 from fleetkey.store.dynamodb import Store
@@ -54,7 +54,7 @@ class DeviceService:
         verification = verify_chain(subject, stored, head)
         return [AuditRecord.from_body(body) for body, _ in stored], verification
 
-    def _head(self, kind: str, name: str):
+    def _head(self, kind: str, name: str) -> ChainHead | None:
         if kind == "device":
             device = self._store.get_device(name)
             return device.audit_head if device else None

@@ -1,20 +1,23 @@
 """Token introspection (RFC 7662) for relying parties that check online: a token is active when
 its signature, issuer and lifetime hold, its device is still ACTIVE with the certificate the token
-is bound to, and its jti was not revoked."""
+is bound to, and its jti was not revoked. The token is parsed strictly first (a `crit` header,
+duplicate member names or odd encodings make it inactive) and its `typ` must be `at+jwt`."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import jwt
 
 from fleetkey.clock import Clock, timestamp, utc_now
-from fleetkey.crypto.jose import b64url
+from fleetkey.crypto.jose import MalformedJws, b64url, media_type, parse_compact_jws
 from fleetkey.domain.lifecycle import DeviceState
 from fleetkey.services.signing_keys import MAX_TOKEN_LIFETIME_SECONDS, SigningKeys
 from fleetkey.services.tokens import ACCESS_TOKEN_TYPE, CLOCK_SKEW
 from fleetkey.settings import Settings
 from fleetkey.store.dynamodb import Store
 
-INACTIVE = {"active": False}
+INACTIVE: dict[str, Any] = {"active": False}
 MAX_TOKEN_BYTES = 8 * 1024
 
 
@@ -27,39 +30,47 @@ class IntrospectionService:
         self._keys = signing_keys
         self._clock = clock
 
-    def introspect(self, token: str) -> dict:
-        """RFC 7662 response: {"active": false} for anything not currently valid, never an error."""
-        if not token or len(token) > MAX_TOKEN_BYTES:
-            return INACTIVE
+    def introspect(self, token: str) -> dict[str, Any]:
+        """RFC 7662 response: {"active": false} for anything not currently valid, never an error.
+
+        AWS calls: none for a token refused on its form or type; a signing-key registry read when
+        the cached one is over a minute old; for a token whose signature holds, one device read
+        and one revocation read.
+        """
         try:
-            header = jwt.get_unverified_header(token)
-        except (jwt.PyJWTError, ValueError, RecursionError):
-            return INACTIVE
+            header = parse_compact_jws(token, max_bytes=MAX_TOKEN_BYTES).header
+        except MalformedJws:
+            return dict(INACTIVE)
+        if media_type(header.get("typ")) != f"application/{ACCESS_TOKEN_TYPE}":
+            return dict(INACTIVE)
         kid = header.get("kid")
         key = self._keys.verification_key(kid) if isinstance(kid, str) else None
-        if key is None or header.get("typ") != ACCESS_TOKEN_TYPE:
-            return INACTIVE
+        if key is None:
+            return dict(INACTIVE)
         try:
-            claims = jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token,
                 key,
                 algorithms=["ES256"],
                 issuer=self._settings.issuer,
                 options={"verify_aud": False, "require": ["exp", "iat", "sub", "jti", "cnf"]},
             )
-        except (jwt.PyJWTError, ValueError, RecursionError, TypeError):
-            return INACTIVE
+        except (jwt.PyJWTError, ValueError, RecursionError, TypeError, OverflowError):
+            return dict(INACTIVE)
+        cnf = claims.get("cnf")
+        bound = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
+        if not isinstance(claims["sub"], str) or not isinstance(claims["jti"], str):
+            return dict(INACTIVE)
         device = self._store.get_device(claims["sub"])
-        bound = claims.get("cnf", {}).get("x5t#S256")
         if (
             device is None
             or device.state is not DeviceState.ACTIVE
             or device.certificate_id is None
             or b64url(bytes.fromhex(device.certificate_id)) != bound
         ):
-            return INACTIVE
+            return dict(INACTIVE)
         if self._store.is_token_revoked(claims["jti"], int(self._clock().timestamp())):
-            return INACTIVE
+            return dict(INACTIVE)
         return {"active": True, "token_type": "Bearer", **claims}
 
     def revoke(self, token_jti: str, *, actor: str) -> int:
@@ -69,7 +80,10 @@ class IntrospectionService:
         until = now + MAX_TOKEN_LIFETIME_SECONDS + CLOCK_SKEW
         self._store.revoke_token(token_jti, until)
         self._store.append_to_stream(
-            "token-revocations", action="token_revoked", actor=actor,
-            details={"jti": token_jti, "until": until}, at=timestamp(self._clock()),
+            "token-revocations",
+            action="token_revoked",
+            actor=actor,
+            details={"jti": token_jti, "until": until},
+            at=timestamp(self._clock()),
         )
         return until

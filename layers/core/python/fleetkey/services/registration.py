@@ -1,35 +1,55 @@
 """Just-in-time registration: decide on a certificate AWS IoT auto-registered, and make it so.
 
+JITR acts only on what AWS IoT itself says. The certificate, its status and its CA are the ones
+DescribeCertificate reports (`caCertificateId`), never the ones the event names, and only a
+`PENDING_ACTIVATION` certificate is acted on. An event that does not match (a certificate AWS IoT
+does not have, of another CA than the event names, or not pending and never decided by fleetkey)
+changes nothing: no decision, nothing in AWS IoT; it is audited in the `registration-events`
+stream as `mismatched_event`. No decision is recorded for it, so it cannot block or pre-empt the
+genuine event for that certificate, whenever that arrives.
+
 AWS call budget (warm trust-anchor cache):
     accepted: describe certificate, device lookup, registration transaction, create thing,
               attach policy, attach thing, activate certificate            = 7
-    refused on the certificate's own merits: describe, record, revoke      = 3
+    refused on the certificate's own merits (malformed too): describe,
+              record, revoke                                               = 3
     refused, no such device: describe, lookup-and-record, revoke           = 3
     refused, known device (clone, decommissioned, ...): describe, lookup,
               record in the device's chain, revoke                         = 4
+    mismatched event: describe, [decision lookup,] stream head, append     = 3-4
+    a certificate already decided and no longer pending: describe, decision lookup = 2
 
 Every write is conditional and every AWS IoT call is idempotent, so a duplicate event, concurrent
 copies, or a retry after a failure at any call all end in the state of one clean run. The
 certificate record (CERT#<id>) is the decision: it is written once, in the same transaction as the
-device change, and a retry that finds it finishes what the decision implies.
+device change, and a retry that finds it finishes what the decision implies. Exactly one
+invocation writes it; that invocation's outcome has `decided=True` and it alone calls
+`on_decision`, at the moment the decision commits (so a decision is counted once, even when
+applying it fails and a later delivery finishes it).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 from cryptography import x509
-from cryptography.x509.oid import NameOID
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.x509 import verification
+from pydantic import TypeAdapter, ValidationError
 
 from fleetkey.adapters.iot import IotCertificate, IotRegistry
 from fleetkey.clock import Clock, timestamp, utc_now
 from fleetkey.crypto.certificates import (
     DeviceCertificate,
     certificate_id,
+    claimed_common_name,
     load_certificate,
     validate_device_certificate,
 )
+from fleetkey.domain.allowlist import DeviceId
 from fleetkey.domain.audit import ChainHead
 from fleetkey.domain.lifecycle import DeviceState, Transition, target_state
 from fleetkey.domain.models import CaStatus, CertificateOutcome, CertificateRecord, Device
@@ -45,19 +65,54 @@ from fleetkey.store.dynamodb import ConditionFailed, Store
 
 ACTOR = "aws-iot:jitr"
 logger = logging.getLogger(__name__)
-MALFORMED_EVENTS_STREAM = "registration-events"
+# Events that led to no decision (malformed, mismatched) are audited in this stream.
+REGISTRATION_EVENTS_STREAM = "registration-events"
+MALFORMED_EVENTS_STREAM = REGISTRATION_EVENTS_STREAM
 MAX_DECISION_ROUNDS = 4
+PENDING_ACTIVATION = "PENDING_ACTIVATION"
+# What reading a hostile certificate's fields can raise (cryptography parses names, extensions
+# and keys lazily, on first access). Caught only around pure certificate code, so a bug elsewhere
+# still fails loudly (and is retried) instead of revoking certificates as "malformed".
+CERTIFICATE_PARSE_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    OverflowError,
+    UnsupportedAlgorithm,
+    InvalidSignature,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+    x509.ExtensionNotFound,
+    verification.VerificationError,
+)
+_device_id = TypeAdapter(DeviceId)
+# How much of an unverified subject CN is kept in records (it is never trusted).
+MAX_CLAIMED_ID = 128
 
 
 @dataclass(frozen=True, slots=True)
 class RegistrationOutcome:
+    """What became of a certificate-registered event.
+
+    `decided` is True only for the one invocation whose conditional write recorded fleetkey's
+    decision on the certificate; a retry, a duplicate or a concurrent copy that finds the decision
+    already made reports it with `decided=False`, and so does a mismatched event (reason
+    MISMATCHED_EVENT), which is never a decision.
+    """
+
     certificate_id: str
     accepted: bool
     device_id: str | None = None
     reason: RejectionReason | None = None
+    decided: bool = False
+
+
+DecisionObserver = Callable[[RegistrationOutcome], None]
 
 
 class RegistrationService:
+    """`on_decision` is called once per certificate, by the invocation that records the decision,
+    right after it commits (before AWS IoT is brought in line with it)."""
+
     def __init__(
         self,
         settings: Settings,
@@ -65,67 +120,161 @@ class RegistrationService:
         registry: IotRegistry,
         anchors: TrustAnchors,
         clock: Clock = utc_now,
+        on_decision: DecisionObserver | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._registry = registry
         self._anchors = anchors
         self._clock = clock
+        self._on_decision = on_decision
 
     # ---- entry points -----------------------------------------------------------------------
 
     def register(self, event: CertificateRegisteredEvent) -> RegistrationOutcome:
         """Decide on the certificate of a certificate-registered event and apply the decision.
 
+        Whatever the certificate's bytes, a certificate that cannot be read is refused as
+        `malformed_certificate` (recorded, audited, revoked once); it never makes this fail.
+
+        AWS calls: see the module's budget (at most 7 on a warm trust-anchor cache, plus one
+        Query when the cache is cold or the CA is not in it).
+
         Raises:
             TransientAwsError, botocore errors: an AWS call failed; retrying the same event
+                converges.
+            ConcurrentModification: the device kept changing under this registration; retrying
                 converges.
         """
         cert_id = event.certificateId
         iot_cert = self._registry.describe_certificate(cert_id)
         if iot_cert is None:
-            return self._refuse_alone(cert_id, None, RejectionReason.UNKNOWN_CERTIFICATE, None)
-        try:
-            leaf = load_certificate(iot_cert.pem)
-        except InvalidCertificate:
-            leaf = None
-        if leaf is None or certificate_id(leaf) != cert_id:
-            return self._refuse_alone(
-                cert_id, None, RejectionReason.MALFORMED_CERTIFICATE, iot_cert
-            )
-        claimed = _claimed_device_id(leaf)
-        anchor = self._anchors.get(event.caCertificateId)
-        if anchor is not None and anchor.ca.status is CaStatus.DISABLED:
-            # A refusal revokes for good: make sure the CA was not re-enabled since the snapshot.
-            self._anchors.refresh()
-            anchor = self._anchors.get(event.caCertificateId)
-        if anchor is None:
-            # Not a CA fleetkey manages: its certificates belong to someone else in the account.
-            # Record the refusal, leave the certificate as it is.
-            return self._refuse_alone(cert_id, claimed, RejectionReason.UNKNOWN_CA, iot_cert)
-        if anchor.ca.status is CaStatus.DISABLED:
-            return self._refuse_alone(cert_id, claimed, RejectionReason.CA_DISABLED, iot_cert)
-        try:
-            certificate = validate_device_certificate(
-                leaf, anchor.certificate, self._clock(), BASELINE_KEY_POLICY
-            )
-        except InvalidCertificate as exc:
-            return self._refuse_alone(
-                cert_id, claimed, RejectionReason(exc.reason), iot_cert, exc.details
-            )
-        return self._decide(certificate, anchor, iot_cert)
+            return self._already_decided_or_mismatched(event, None, "unknown_certificate")
+        if iot_cert.ca_certificate_id != event.caCertificateId:
+            # The event names another CA than AWS IoT reports (or AWS IoT reports none: the
+            # certificate was registered without a CA, so no JITR event is genuine for it).
+            problem = "ca_mismatch" if iot_cert.ca_certificate_id else "no_ca"
+            return self._mismatched(event, iot_cert, problem)
+        if iot_cert.status != PENDING_ACTIVATION:
+            return self._already_decided_or_mismatched(event, iot_cert, "not_pending")
+        return self._register_pending(iot_cert, iot_cert.ca_certificate_id)
 
     def record_malformed_event(self, event: object, problem: str) -> None:
-        """Audit an event that does not have the documented shape (it is not retried)."""
+        """Audit an event that does not have the documented shape (it is not retried).
+
+        AWS calls: 2 (stream head, append), more if concurrent writers move the head.
+        """
         self._store.append_to_stream(
-            MALFORMED_EVENTS_STREAM,
+            REGISTRATION_EVENTS_STREAM,
             action="malformed_event",
             actor=ACTOR,
             details={"problem": problem[:1000], "event": repr(event)[:2000]},
             at=timestamp(self._clock()),
         )
 
+    # ---- events that do not match AWS IoT ---------------------------------------------------
+
+    def _already_decided_or_mismatched(
+        self, event: CertificateRegisteredEvent, iot_cert: IotCertificate | None, problem: str
+    ) -> RegistrationOutcome:
+        """A certificate fleetkey cannot act on (AWS IoT has none, or it is not pending): a later
+        delivery of an event fleetkey already decided on reports that decision; anything else is
+        a mismatched event. Nothing in AWS IoT changes either way."""
+        previous = self._store.get_certificate(event.certificateId)
+        if previous is None:
+            return self._mismatched(event, iot_cert, problem)
+        accepted = previous.outcome is CertificateOutcome.ACCEPTED
+        reason = None if accepted else _reason(previous.reason)
+        return RegistrationOutcome(event.certificateId, accepted, previous.device_id, reason)
+
+    def _mismatched(
+        self, event: CertificateRegisteredEvent, iot_cert: IotCertificate | None, problem: str
+    ) -> RegistrationOutcome:
+        """Audit an event that does not match what AWS IoT says, and do nothing else: no
+        decision is recorded, so the genuine event for this certificate is unaffected."""
+        logger.warning(
+            "registration event does not match AWS IoT; ignored",
+            extra={"certificate_id": event.certificateId, "problem": problem},
+        )
+        self._store.append_to_stream(
+            REGISTRATION_EVENTS_STREAM,
+            action="mismatched_event",
+            actor=ACTOR,
+            details={
+                "problem": problem,
+                "certificate_id": event.certificateId,
+                "event_ca_certificate_id": event.caCertificateId,
+                "iot_ca_certificate_id": iot_cert.ca_certificate_id if iot_cert else None,
+                "iot_status": iot_cert.status if iot_cert else None,
+            },
+            at=timestamp(self._clock()),
+        )
+        return RegistrationOutcome(
+            event.certificateId, False, None, RejectionReason.MISMATCHED_EVENT
+        )
+
+    # ---- a pending certificate --------------------------------------------------------------
+
+    def _register_pending(self, iot_cert: IotCertificate, ca_id: str) -> RegistrationOutcome:
+        cert_id = iot_cert.certificate_id
+        leaf, problem = _read_leaf(iot_cert)
+        claimed = _claimed(leaf)
+        try:
+            anchor = self._anchors.get(ca_id)
+            if anchor is not None and anchor.ca.status is CaStatus.DISABLED:
+                # A refusal revokes for good: make sure the CA was not re-enabled since the
+                # snapshot.
+                self._anchors.refresh()
+                anchor = self._anchors.get(ca_id)
+        except InvalidCertificate as exc:
+            # The stored CA certificate no longer loads (a stricter decoder than the one that
+            # admitted it): it cannot vouch for any device. Refused, not retried forever.
+            return self._refuse_alone(
+                cert_id,
+                claimed,
+                RejectionReason.INVALID_CHAIN,
+                iot_cert,
+                {"error": "the CA certificate does not decode", **exc.details},
+            )
+        if anchor is None:
+            # Not a CA fleetkey manages: its certificates belong to someone else in the account.
+            # Record the refusal, leave the certificate as it is (malformed or not).
+            return self._refuse_alone(cert_id, claimed, RejectionReason.UNKNOWN_CA, iot_cert)
+        if anchor.ca.status is CaStatus.DISABLED:
+            return self._refuse_alone(cert_id, claimed, RejectionReason.CA_DISABLED, iot_cert)
+        if leaf is None:
+            return self._refuse_alone(
+                cert_id, None, RejectionReason.MALFORMED_CERTIFICATE, iot_cert, problem
+            )
+        try:
+            certificate = validate_device_certificate(
+                leaf, anchor.certificate, self._clock(), BASELINE_KEY_POLICY
+            )
+        except InvalidCertificate as exc:
+            return self._refuse_alone(cert_id, claimed, _reason(exc.reason), iot_cert, exc.details)
+        except CERTIFICATE_PARSE_ERRORS as exc:
+            # A field that fails to decode (the crypto module maps what it knows of to
+            # InvalidCertificate; this is the registration edge's own guarantee).
+            return self._refuse_alone(
+                cert_id,
+                claimed,
+                RejectionReason.MALFORMED_CERTIFICATE,
+                iot_cert,
+                {"error": type(exc).__name__},
+            )
+        if not _is_device_id(certificate.device_id):
+            # No device can have this id (nor could it be a table key): nothing to look up.
+            return self._refuse_alone(cert_id, claimed, RejectionReason.NOT_ALLOWLISTED, iot_cert)
+        return self._decide(certificate, anchor, iot_cert)
+
     # ---- decision ---------------------------------------------------------------------------
+
+    def _decided(self, outcome: RegistrationOutcome) -> RegistrationOutcome:
+        """The decision `outcome` describes has just been recorded, by this invocation."""
+        outcome = replace(outcome, decided=True)
+        if self._on_decision is not None:
+            self._on_decision(outcome)
+        return outcome
 
     def _decide(
         self, certificate: DeviceCertificate, anchor: TrustAnchor, iot_cert: IotCertificate
@@ -154,9 +303,20 @@ class RegistrationService:
             previous = failure.items.get("certificate")
             if previous is not None:
                 return self._follow(self._store.certificate_from_item(previous), device, iot_cert)
-            assert device is not None
+            if device is None:  # neither condition reported its item: a transaction to retry
+                raise ConcurrentModification(
+                    f"certificate {iot_cert.certificate_id}: retry"
+                ) from failure
             return self._decide_for_device(device, certificate, anchor, iot_cert)
-        return self._revoke(iot_cert, certificate.device_id, RejectionReason.NOT_ALLOWLISTED)
+        decided = self._decided(
+            RegistrationOutcome(
+                iot_cert.certificate_id,
+                False,
+                certificate.device_id,
+                RejectionReason.NOT_ALLOWLISTED,
+            )
+        )
+        return self._revoke(iot_cert, decided)
 
     def _decide_for_device(
         self,
@@ -172,8 +332,6 @@ class RegistrationService:
                 # The device's own current certificate (its decision record is missing only if
                 # written by something other than fleetkey): nothing to register.
                 return RegistrationOutcome(certificate.certificate_id, True, device.device_id)
-            if reason is None and iot_cert.status != "PENDING_ACTIVATION":
-                reason = RejectionReason.CERTIFICATE_NOT_PENDING
             at = timestamp(self._clock())
             accepted = reason is None
             record = device.audit_head.next_record(
@@ -187,7 +345,7 @@ class RegistrationService:
                 certificate.certificate_id,
                 CertificateOutcome.ACCEPTED if accepted else CertificateOutcome.REFUSED,
                 device_id=device.device_id,
-                reason=None if accepted else reason.value,
+                reason=None if reason is None else reason.value,
                 at=at,
             )
             try:
@@ -225,9 +383,12 @@ class RegistrationService:
                     forced = RejectionReason.CA_DISABLED
                     continue
                 raise
+            outcome = self._decided(
+                RegistrationOutcome(iot_cert.certificate_id, accepted, device.device_id, reason)
+            )
             if accepted:
-                return self._provision(device, iot_cert)
-            return self._revoke(iot_cert, device.device_id, reason)
+                return self._provision(device, iot_cert, outcome)
+            return self._revoke(iot_cert, outcome)
         raise ConcurrentModification(f"device {device.device_id} kept changing; retry")
 
     # ---- applying a decision ----------------------------------------------------------------
@@ -235,22 +396,28 @@ class RegistrationService:
     def _follow(
         self, previous: CertificateRecord, device: Device | None, iot_cert: IotCertificate
     ) -> RegistrationOutcome:
-        """A decision on this certificate exists (a retry or a concurrent copy): finish it."""
+        """A decision on this (pending) certificate exists (a retry or a concurrent copy):
+        finish it. Not this invocation's decision, so the outcome has `decided=False`."""
         if previous.outcome is CertificateOutcome.REFUSED:
-            return self._revoke(iot_cert, previous.device_id, RejectionReason(previous.reason))
-        if device is None:
+            outcome = RegistrationOutcome(
+                iot_cert.certificate_id, False, previous.device_id, _reason(previous.reason)
+            )
+            return self._revoke(iot_cert, outcome)
+        accepted = RegistrationOutcome(iot_cert.certificate_id, True, previous.device_id)
+        if device is None and previous.device_id is not None:
             device = self._store.get_device(previous.device_id)
-        still_current = (
-            device is not None
-            and device.state is DeviceState.ACTIVE
-            and device.certificate_id == previous.certificate_id
-        )
-        if not still_current:
+        if (
+            device is None
+            or device.state is not DeviceState.ACTIVE
+            or device.certificate_id != previous.certificate_id
+        ):
             # The device has moved on (suspended, decommissioned): leave AWS IoT as that left it.
-            return RegistrationOutcome(iot_cert.certificate_id, True, previous.device_id)
-        return self._provision(device, iot_cert)
+            return accepted
+        return self._provision(device, iot_cert, accepted)
 
-    def _provision(self, device: Device, iot_cert: IotCertificate) -> RegistrationOutcome:
+    def _provision(
+        self, device: Device, iot_cert: IotCertificate, outcome: RegistrationOutcome
+    ) -> RegistrationOutcome:
         """Bring AWS IoT in line with an accepted registration. Activation is last, so a
         certificate is never usable before its thing and policy are in place."""
         if iot_cert.status != "ACTIVE":
@@ -270,29 +437,30 @@ class RegistrationService:
             self._registry.attach_policy(profile.iot_policy_name(prefix), iot_cert.arn)
             self._registry.attach_exclusively(device.device_id, iot_cert.arn)
             self._registry.activate_certificate(iot_cert.certificate_id)
-        return RegistrationOutcome(iot_cert.certificate_id, True, device.device_id)
+        return outcome
 
     def _revoke(
-        self, iot_cert: IotCertificate, device_id: str | None, reason: RejectionReason
+        self, iot_cert: IotCertificate, outcome: RegistrationOutcome
     ) -> RegistrationOutcome:
         # A certificate of a CA fleetkey does not manage belongs to someone else in the account:
         # the refusal is recorded, the certificate left as it is.
-        if reason is not RejectionReason.UNKNOWN_CA and iot_cert.status != "REVOKED":
+        if outcome.reason is not RejectionReason.UNKNOWN_CA and iot_cert.status != "REVOKED":
             self._registry.revoke_certificate(iot_cert.certificate_id)
-        return RegistrationOutcome(iot_cert.certificate_id, False, device_id, reason)
+        return outcome
 
     def _refuse_alone(
         self,
         cert_id: str,
         claimed_device_id: str | None,
         reason: RejectionReason,
-        iot_cert: IotCertificate | None,
-        extra: dict | None = None,
+        iot_cert: IotCertificate,
+        extra: dict[str, Any] | None = None,
     ) -> RegistrationOutcome:
         """Refuse a certificate on its own merits: its subject is not trusted, so the record goes
         to the certificate's own chain, not to the device it names."""
         at = timestamp(self._clock())
-        details = {"reason": reason.value, "claimed_device_id": claimed_device_id, **(extra or {})}
+        # The reason last: it is what the decision record stores, never a detail's namesake.
+        details = {**(extra or {}), "reason": reason.value, "claimed_device_id": claimed_device_id}
         record = ChainHead().next_record(
             subject=schema.certificate_subject(cert_id),
             at=at,
@@ -304,29 +472,55 @@ class RegistrationService:
             self._store.refuse_certificate(cert_id, claimed_device_id, record, at)
         except ConditionFailed as failure:
             previous = self._store.certificate_from_item(failure.items["certificate"])
-            if previous.outcome is CertificateOutcome.ACCEPTED:
-                # Decided earlier (e.g. accepted under a CA since disabled, or a late duplicate of
-                # an event whose certificate was since deleted): keep that decision.
-                if iot_cert is None:
-                    return RegistrationOutcome(cert_id, True, previous.device_id)
-                return self._follow(previous, None, iot_cert)
-            reason = RejectionReason(previous.reason)
-        if iot_cert is None:
-            return RegistrationOutcome(cert_id, False, claimed_device_id, reason)
-        return self._revoke(iot_cert, claimed_device_id, reason)
+            # Decided earlier (a retry, a copy, or accepted under a CA since disabled): keep and
+            # finish that decision.
+            return self._follow(previous, None, iot_cert)
+        decided = self._decided(RegistrationOutcome(cert_id, False, claimed_device_id, reason))
+        return self._revoke(iot_cert, decided)
 
 
-def _claimed_device_id(leaf: x509.Certificate) -> str | None:
+def _read_leaf(iot_cert: IotCertificate) -> tuple[x509.Certificate | None, dict[str, Any]]:
+    """The certificate AWS IoT holds, parsed, or None and why not (audit details). Never raises
+    for any content of the PEM."""
+    try:
+        leaf = load_certificate(iot_cert.pem)
+        if certificate_id(leaf) != iot_cert.certificate_id:
+            return None, {"error": "the certificate id is not the SHA-256 of its DER"}
+    except InvalidCertificate as exc:
+        return None, {**exc.details, "problem": exc.message[:300]}
+    except CERTIFICATE_PARSE_ERRORS as exc:
+        return None, {"error": type(exc).__name__}
+    return leaf, {}
+
+
+def _claimed(leaf: x509.Certificate | None) -> str | None:
     """The subject CN, unverified: recorded for operators, never trusted."""
-    names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    value = names[0].value if names else None
-    return value[:128] if isinstance(value, str) else None
+    if leaf is None:
+        return None
+    claimed = claimed_common_name(leaf)
+    return claimed[:MAX_CLAIMED_ID] if claimed else None
+
+
+def _is_device_id(value: str) -> bool:
+    try:
+        _device_id.validate_python(value)
+    except ValidationError:
+        return False
+    return True
+
+
+def _reason(value: str | None) -> RejectionReason:
+    """A recorded reason; one this version does not know reads as malformed_certificate."""
+    try:
+        return RejectionReason(value)
+    except ValueError:
+        return RejectionReason.MALFORMED_CERTIFICATE
 
 
 def _details(
     certificate: DeviceCertificate, anchor: TrustAnchor, reason: RejectionReason | None
-) -> dict:
-    details = {
+) -> dict[str, Any]:
+    details: dict[str, Any] = {
         "certificate_id": certificate.certificate_id,
         "manufacturer_ca": anchor.ca.name,
         "key": certificate.key_description,

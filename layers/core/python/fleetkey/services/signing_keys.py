@@ -14,13 +14,15 @@ token function may keep using its cached registry).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
 from cryptography.hazmat.primitives.asymmetric import ec
-
-from botocore.exceptions import ClientError
 
 from fleetkey.adapters.aws import is_transient
 from fleetkey.adapters.kms import KmsKeys, KmsSigner
@@ -28,12 +30,27 @@ from fleetkey.clock import Clock, timestamp, utc_now
 from fleetkey.crypto.jose import jwk_thumbprint, public_jwk
 from fleetkey.domain.audit import ChainHead
 from fleetkey.errors import Conflict, FleetkeyError
+from fleetkey.settings import LOCAL_STACK_NAME, LOCAL_TOKEN_SIGNER_ROLE_ARN, Settings
 from fleetkey.store.dynamodb import ConditionFailed, Store
 
 logger = logging.getLogger(__name__)
 MAX_TOKEN_LIFETIME_SECONDS = 3600
-TAGS = {"fleetkey:purpose": "token-signing"}
 STREAM = "signing-keys"
+KEY_SPEC = "ECC_NIST_P256"
+KEY_USAGE = "SIGN_VERIFY"
+KEY_DESCRIPTION = "fleetkey access-token signing key"
+# The tag that marks a token signing key, and whose value names the stack that owns it: IAM grants
+# on KMS keys are conditioned on it, so one stack's roles cannot reach another stack's keys.
+TAG_KEY = "fleetkey:purpose"
+TAG_VALUE_PREFIX = "token-signing:"
+
+
+def token_signing_tags(stack_name: str) -> dict[str, str]:
+    """The tags of `stack_name`'s token signing keys: `{fleetkey:purpose: token-signing:<stack>}`.
+    CloudFormation stack names are unique in an account and region, as KMS keys are."""
+    return {TAG_KEY: f"{TAG_VALUE_PREFIX}{stack_name}"}
+
+
 
 
 class NoSigningKey(FleetkeyError):
@@ -45,54 +62,161 @@ class NoSigningKey(FleetkeyError):
 class SigningKey:
     key_id: str
     kid: str
-    jwk: dict
+    jwk: dict[str, Any]
     active_from: int
     retire_after: int | None = None
 
-    def to_item(self) -> dict:
-        return {"key_id": self.key_id, "kid": self.kid, "jwk": self.jwk,
-                "active_from": self.active_from, "retire_after": self.retire_after}
+    def to_item(self) -> dict[str, Any]:
+        return {
+            "key_id": self.key_id,
+            "kid": self.kid,
+            "jwk": self.jwk,
+            "active_from": self.active_from,
+            "retire_after": self.retire_after,
+        }
 
     @classmethod
-    def from_item(cls, item: dict) -> "SigningKey":
-        return cls(item["key_id"], item["kid"], dict(item["jwk"]), int(item["active_from"]),
-                   None if item.get("retire_after") is None else int(item["retire_after"]))
+    def from_item(cls, item: Mapping[str, Any]) -> SigningKey:
+        return cls(
+            item["key_id"],
+            item["kid"],
+            dict(item["jwk"]),
+            int(item["active_from"]),
+            None if item.get("retire_after") is None else int(item["retire_after"]),
+        )
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
+        """Raises:
+        ValueError: the JWK is not an EC public key.
+        """
         import jwt
 
-        return jwt.algorithms.ECAlgorithm.from_jwk(self.jwk)
+        key = jwt.algorithms.ECAlgorithm.from_jwk(self.jwk)
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise ValueError("a signing key's JWK must be a public key")
+        return key
 
 
-def token_key_policy(signer_role_arn: str) -> str:
-    """The key policy of a token signing key: the account's IAM policies govern it (as with
-    KMS's default policy), except that nobody but the token function's role may sign with it,
-    whatever IAM grants elsewhere in the account."""
-    import json
+def token_key_policy(*, partition: str, account: str, signer_role_arn: str) -> dict[str, Any]:
+    """The key policy of every token signing key (the stack's first key in CDK, the keys rotation
+    creates, the local stack's): the account's IAM policies govern it (as with KMS's default
+    policy), except that nobody but the token function's role may sign with it, whatever IAM
+    grants elsewhere in the account. The arguments may be CDK tokens: nothing here parses them."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "EnableIamPolicies",
+                "Effect": "Allow",
+                "Principal": {"AWS": f"arn:{partition}:iam::{account}:root"},
+                "Action": "kms:*",
+                "Resource": "*",
+            },
+            {
+                "Sid": "OnlyTheTokenFunctionSigns",
+                "Effect": "Deny",
+                "Principal": {"AWS": "*"},
+                "Action": "kms:Sign",
+                "Resource": "*",
+                "Condition": {"ArnNotEquals": {"aws:PrincipalArn": signer_role_arn}},
+            },
+        ],
+    }
 
-    partition, account = signer_role_arn.split(":")[1], signer_role_arn.split(":")[4]
-    return json.dumps(
-        {
-            "Version": "2012-10-17",
-            "Statement": [
-                {
-                    "Sid": "EnableIamPolicies",
-                    "Effect": "Allow",
-                    "Principal": {"AWS": f"arn:{partition}:iam::{account}:root"},
-                    "Action": "kms:*",
-                    "Resource": "*",
-                },
-                {
-                    "Sid": "OnlyTheTokenFunctionSigns",
-                    "Effect": "Deny",
-                    "Principal": {"AWS": "*"},
-                    "Action": "kms:Sign",
-                    "Resource": "*",
-                    "Condition": {"ArnNotEquals": {"aws:PrincipalArn": signer_role_arn}},
-                },
-            ],
+
+def token_key_policy_for(signer_role_arn: str) -> dict[str, Any]:
+    """`token_key_policy` for a concrete role ARN (partition and account read from it).
+
+    Raises:
+        ValueError: not an IAM role ARN.
+    """
+    parts = signer_role_arn.split(":")
+    if len(parts) != 6 or parts[0] != "arn" or parts[2] != "iam" or not parts[4]:
+        raise ValueError(f"not an IAM role ARN: {signer_role_arn!r}")
+    return token_key_policy(partition=parts[1], account=parts[4], signer_role_arn=signer_role_arn)
+
+
+def _as_sorted(value: object, *, lower: bool = False) -> list[str]:
+    values = value if isinstance(value, list) else [value]
+    return sorted(str(v).lower() if lower else str(v) for v in values)
+
+
+def _canonical_statement(statement: Mapping[str, Any]) -> str:
+    """One statement in a canonical form: the Sid dropped (it changes nothing), single values and
+    lists alike sorted, actions and condition operators/keys lowercased (IAM compares them
+    case-insensitively), the principal `"*"` written as `{"AWS": ["*"]}`."""
+    canonical: dict[str, Any] = {"Effect": statement.get("Effect")}
+    for name in ("Action", "NotAction"):
+        if name in statement:
+            canonical[name] = _as_sorted(statement[name], lower=True)
+    for name in ("Resource", "NotResource"):
+        if name in statement:
+            canonical[name] = _as_sorted(statement[name])
+    for name in ("Principal", "NotPrincipal"):
+        if name in statement:
+            principal = statement[name]
+            if principal == "*":
+                principal = {"AWS": "*"}
+            canonical[name] = {k: _as_sorted(v) for k, v in dict(principal).items()}
+    if statement.get("Condition"):
+        canonical["Condition"] = {
+            operator.lower(): {key.lower(): _as_sorted(v) for key, v in dict(keys).items()}
+            for operator, keys in dict(statement["Condition"]).items()
         }
-    )
+    return json.dumps(canonical, sort_keys=True)
+
+
+def same_policy(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two IAM policy documents say the same (the same version and the same statements,
+    in any order and layout, Sids aside). Not a full policy-equivalence decision: two documents
+    that grant the same through different wording compare as different, which errs on the safe
+    side (the key is not trusted)."""
+    statements_a = a.get("Statement", [])
+    statements_b = b.get("Statement", [])
+    as_list_a = statements_a if isinstance(statements_a, list) else [statements_a]
+    as_list_b = statements_b if isinstance(statements_b, list) else [statements_b]
+    return a.get("Version") == b.get("Version") and sorted(
+        map(_canonical_statement, as_list_a)
+    ) == sorted(map(_canonical_statement, as_list_b))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyTrust:
+    """What a token signing key must be for this stack to trust it: its tags (naming the stack),
+    its key policy (the one fleetkey writes), and the stack's first key, which is the sole key
+    while the registry is empty (the first rotation writes it into the registry)."""
+
+    tags: Mapping[str, str]
+    policy: Mapping[str, Any]
+    first_key_id: str | None = None
+
+    @classmethod
+    def for_stack(
+        cls, stack_name: str, signer_role_arn: str, first_key_id: str | None = None
+    ) -> KeyTrust:
+        """Raises:
+        ValueError: `signer_role_arn` is not an IAM role ARN.
+        """
+        return cls(
+            token_signing_tags(stack_name), token_key_policy_for(signer_role_arn), first_key_id
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KeyTrust:
+        """Raises:
+        ValueError: the settings' token signer role is not an IAM role ARN.
+        """
+        return cls.for_stack(
+            settings.stack_name, settings.token_signer_role_arn, settings.token_key_id
+        )
+
+    @classmethod
+    def local(cls, first_key_id: str | None = None) -> KeyTrust:
+        """The local stack's (the default of `SigningKeys`: outside it, keys do not confirm)."""
+        return cls.for_stack(LOCAL_STACK_NAME, LOCAL_TOKEN_SIGNER_ROLE_ARN, first_key_id)
+
+    def policy_json(self) -> str:
+        return json.dumps(self.policy)
 
 
 def _key_from_kms(kms: KmsKeys, key_id: str, active_from: int) -> SigningKey:
@@ -102,23 +226,29 @@ def _key_from_kms(kms: KmsKeys, key_id: str, active_from: int) -> SigningKey:
 
 
 class SigningKeys:
-    """The registry, as the token, discovery and admin functions see it.
+    """The registry, as the token, discovery, introspection, admin and maintenance functions see
+    it.
 
     Reads are cached for `cache_seconds` (the token function signs with the cached current key;
-    `retire_after` allows for it)."""
+    `retire_after` allows for it). While the registry is empty (a stack that never rotated), the
+    stack's first key (`trust.first_key_id`) is its sole, current key; the first rotation writes it
+    into the registry. So the functions that only read (token included) never write it."""
 
     def __init__(
         self,
         store: Store,
         kms: KmsKeys,
         *,
+        trust: KeyTrust | None = None,
         clock: Clock = utc_now,
         cache_seconds: int = 60,
         publish_lead_seconds: int = 300,
-        monotonic=time.monotonic,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._kms = kms
+        # Without `trust`, the local stack's: keys of any other stack are then never confirmed.
+        self._trust = trust or KeyTrust.local()
         self._clock = clock
         self._cache_seconds = cache_seconds
         self._publish_lead = publish_lead_seconds
@@ -130,8 +260,37 @@ class SigningKeys:
         # kid -> public key, parsed once (a kid is the key's thumbprint: it never changes)
         self._public_keys: dict[str, ec.EllipticCurvePublicKey] = {}
 
+    @property
+    def trust(self) -> KeyTrust:
+        return self._trust
+
     def _now(self) -> int:
         return int(self._clock().timestamp())
+
+    def _registry(self) -> tuple[ChainHead, list[SigningKey]]:
+        """The registry's entries, or, while it was never written, the stack's first key (active
+        since the epoch). Unconfirmed either way.
+
+        Raises:
+            ClientError: KMS failed reading the first key's public half (a missing key
+                included).
+        """
+        head, items = self._store.get_signing_keys()
+        if items or head != ChainHead() or not self._trust.first_key_id:
+            return head, [SigningKey.from_item(item) for item in items]
+        try:
+            first = _key_from_kms(self._kms, self._trust.first_key_id, 0)
+        except ValueError:  # not an EC P-256/P-384 key: _confirm refuses it below
+            return head, [SigningKey(self._trust.first_key_id, "", {}, 0)]
+        except ClientError as exc:
+            if is_transient(exc):
+                raise
+            logger.error(
+                "the stack's first signing key is not readable; ignored",
+                extra={"key_id": self._trust.first_key_id},
+            )
+            return head, []
+        return head, [first]
 
     def _read(self, fresh: bool = False) -> tuple[ChainHead, list[SigningKey]]:
         if (
@@ -139,36 +298,49 @@ class SigningKeys:
             or self._cached is None
             or self._monotonic() - self._cached[0] > self._cache_seconds
         ):
-            head, items = self._store.get_signing_keys()
-            keys = [k for k in map(SigningKey.from_item, items) if self._confirm(k)]
+            head, entries = self._registry()
+            keys = [k for k in entries if self._confirm(k)]
             self._cached = (self._monotonic(), head, keys)
         return self._cached[1], self._cached[2]
 
     def _confirm(self, key: SigningKey) -> bool:
-        """A registry entry is trusted only if KMS agrees: the key is tagged as a token-signing
-        key and its public key is the entry's JWK (so a write to the table alone cannot publish
-        or introduce a key). Once per key per process: neither ever changes for a key id."""
+        """A registry entry is trusted only if KMS agrees: the key is an ECC_NIST_P256
+        SIGN_VERIFY key, tagged as this stack's token-signing key, its key policy is the one
+        fleetkey writes (compared by meaning, not byte for byte), and its public key is the
+        entry's JWK. So a write to the table alone cannot publish or introduce a key, and neither
+        can a key someone else created and tagged. Once per key per process: none of these
+        changes for a key id without an administrator (whom the account's IAM governs).
+
+        Raises:
+            ClientError: a passing KMS failure (the entry is checked again next time).
+        """
         confirmed = self._confirmed.get(key.key_id)
         if confirmed is None:
             try:
-                jwk = public_jwk(self._kms.public_key(key.key_id))
-                tagged = all(self._kms.tags(key.key_id).get(k) == v for k, v in TAGS.items())
+                described = self._kms.describe_public_key(key.key_id)
+                jwk = public_jwk(described.public_key)
+                tags = self._kms.tags(key.key_id)
                 confirmed = (
-                    tagged
+                    described.key_spec == KEY_SPEC
+                    and described.key_usage == KEY_USAGE
+                    and all(tags.get(k) == v for k, v in self._trust.tags.items())
                     and jwk_thumbprint(jwk) == key.kid
                     and all(key.jwk.get(name) == value for name, value in jwk.items())
+                    and same_policy(self._kms.key_policy(key.key_id), self._trust.policy)
                 )
-            except ValueError:  # not an EC P-256/P-384 key
+            except ValueError:  # not an EC P-256/P-384 key, or a policy that is not JSON
                 confirmed = False
             except ClientError as exc:
-                # No such key, or one this function may not read (IAM only allows tagged keys);
-                # a passing failure propagates and the entry is checked again next time.
+                # No such key, or one this function may not read (IAM only allows this stack's
+                # tagged keys); a passing failure propagates and the entry is checked again.
                 if is_transient(exc):
                     raise
                 confirmed = False
             if not confirmed:
-                logger.error("signing-key registry entry not confirmed by KMS; ignored",
-                             extra={"key_id": key.key_id, "kid": key.kid})
+                logger.error(
+                    "signing-key registry entry not confirmed by KMS; ignored",
+                    extra={"key_id": key.key_id, "kid": key.kid},
+                )
             self._confirmed[key.key_id] = confirmed
         return confirmed
 
@@ -187,14 +359,14 @@ class SigningKeys:
             key = self._public_keys[kid] = published.public_key()
         return key
 
-    def jwks(self) -> dict:
+    def jwks(self) -> dict[str, list[dict[str, Any]]]:
         return {"keys": [k.jwk for k in self.keys()]}
 
     def current(self) -> tuple[SigningKey, KmsSigner]:
         """The key to sign with now: the newest whose active_from has come.
 
         Raises:
-            NoSigningKey: none is active (not initialized).
+            NoSigningKey: none is active (no confirmed key).
         """
         now = self._now()
         active = [k for k in self.keys() if k.active_from <= now]
@@ -208,54 +380,116 @@ class SigningKeys:
             )
         return key, signer
 
-    def _write(self, head: ChainHead, keys: list[SigningKey], action: str, actor: str, details: dict):
+    def _write(
+        self,
+        head: ChainHead,
+        keys: list[SigningKey],
+        action: str,
+        actor: str,
+        details: dict[str, Any],
+    ) -> None:
         record = head.next_record(
-            subject=f"stream:{STREAM}", at=timestamp(self._clock()), action=action, actor=actor,
+            subject=f"stream:{STREAM}",
+            at=timestamp(self._clock()),
+            action=action,
+            actor=actor,
             details=details,
         )
         self._store.put_signing_keys(head, [k.to_item() for k in keys], record)
         self._cached = None
 
     def initialize(self, key_id: str, *, actor: str) -> SigningKey:
-        """Adopt `key_id` (created with the stack) as the first, immediately active key, if the
-        registry is empty. Idempotent."""
+        """Write `key_id` into an empty registry as its first, immediately active key. Idempotent.
+        A provisioning step of the local stack only: in AWS the registry starts empty (the stack's
+        first key is read from settings) and the first rotation writes it.
+
+        Raises:
+            NoSigningKey: `key_id` is not a key this stack trusts.
+        """
         head, keys = self._read(fresh=True)
-        if keys:
+        if head != ChainHead():
+            if not keys:
+                raise NoSigningKey("the signing-key registry has no confirmed key")
             return keys[0]
         key = _key_from_kms(self._kms, key_id, self._now())
+        if not self._confirm(key):
+            raise NoSigningKey(f"KMS key {key_id} is not a token signing key of this stack")
         try:
-            self._write(head, [key], "signing_key_initialized", actor, {"kid": key.kid, "key_id": key_id})
+            self._write(
+                head, [key], "signing_key_initialized", actor, {"kid": key.kid, "key_id": key_id}
+            )
         except ConditionFailed:
             return self._read(fresh=True)[1][0]
         return key
 
-    def rotate(self, *, actor: str, policy: str | None = None) -> SigningKey:
-        """Create a new KMS key, publish it now, sign with it from now + publish lead; the key it
-        supersedes stays published until its tokens have expired.
+    def rotate(self, *, actor: str) -> SigningKey:
+        """Create a new KMS key (with the trusted key policy and tags), publish it now, sign with
+        it from now + publish lead; the key it supersedes stays published until its tokens have
+        expired. A registry still empty gets the stack's first key written in as the superseded
+        one. A rotation refused by a concurrent change leaves nothing behind: the new key's
+        deletion is scheduled.
 
         Raises:
             Conflict: the registry changed meanwhile (retry).
         """
         now = self._now()
-        key_id = self._kms.create_signing_key("fleetkey access-token signing key", TAGS, policy)
-        new = _key_from_kms(self._kms, key_id, now + self._publish_lead)
         head, keys = self._read(fresh=True)
+        key_id = self._kms.create_signing_key(
+            KEY_DESCRIPTION, dict(self._trust.tags), self._trust.policy_json()
+        )
+        try:
+            new = _key_from_kms(self._kms, key_id, now + self._publish_lead)
+        except (ValueError, ClientError, BotoCoreError):
+            self._undo_create(key_id)  # the registry was not touched
+            raise
         retire_after = new.active_from + MAX_TOKEN_LIFETIME_SECONDS + self._cache_seconds
         updated = [
-            k if k.retire_after is not None else SigningKey(k.key_id, k.kid, k.jwk, k.active_from, retire_after)
+            k
+            if k.retire_after is not None
+            else SigningKey(k.key_id, k.kid, k.jwk, k.active_from, retire_after)
             for k in keys
         ] + [new]
         try:
-            self._write(head, updated, "signing_key_rotated", actor,
-                        {"kid": new.kid, "key_id": key_id, "active_from": new.active_from,
-                         "previous_retire_after": retire_after})
+            self._write(
+                head,
+                updated,
+                "signing_key_rotated",
+                actor,
+                {
+                    "kid": new.kid,
+                    "key_id": key_id,
+                    "active_from": new.active_from,
+                    "previous_retire_after": retire_after,
+                },
+            )
         except ConditionFailed:
-            raise Conflict("signing keys changed during rotation; the new KMS key is unused: "
-                           f"{key_id} (schedule its deletion or retry)") from None
+            # Refused, so certainly not written: undo the key. (Any other failure may have
+            # written it: the key is kept, and a retry's read tells.)
+            self._undo_create(key_id)
+            raise Conflict(
+                "signing keys changed during rotation; nothing was changed (the "
+                "new KMS key's deletion is scheduled): retry"
+            ) from None
         return new
 
+    def _undo_create(self, key_id: str) -> None:
+        """Schedule the deletion of a key a refused rotation created (never published). A failure
+        here is logged, not raised over the rotation's own error: the key is then an unused,
+        unpublished key that nothing trusts (it is in no registry)."""
+        try:
+            self._kms.schedule_deletion(key_id)
+        except (ClientError, BotoCoreError):
+            logger.error(
+                "could not schedule the deletion of an unused signing key", extra={"key_id": key_id}
+            )
+
     def retire_expired(self, *, actor: str) -> list[str]:
-        """Schedule deletion of keys whose tokens have all expired, then unpublish them."""
+        """Schedule deletion of keys whose tokens have all expired, then unpublish them.
+
+        Raises:
+            Conflict: the registry changed meanwhile (retry; deletions already scheduled count as
+                done).
+        """
         now = self._now()
         head, keys = self._read(fresh=True)
         expired = [k for k in keys if k.retire_after is not None and k.retire_after < now]
@@ -265,9 +499,11 @@ class SigningKeys:
             self._kms.schedule_deletion(key.key_id)
         remaining = [k for k in keys if k not in expired]
         try:
-            self._write(head, remaining, "signing_keys_retired", actor,
-                        {"kids": [k.kid for k in expired]})
+            self._write(
+                head, remaining, "signing_keys_retired", actor, {"kids": [k.kid for k in expired]}
+            )
         except ConditionFailed:
-            raise Conflict("signing keys changed meanwhile; retry (deletions already scheduled "
-                           "are kept)") from None
+            raise Conflict(
+                "signing keys changed meanwhile; retry (deletions already scheduled are kept)"
+            ) from None
         return [k.key_id for k in expired]

@@ -5,6 +5,27 @@ token (RFC 9068) signed by a KMS key, bound to its certificate (RFC 8705 `cnf`).
 AWS calls per issued token: read the device, record the assertion's jti (and consume the
 challenge) in one conditional write, sign with KMS = 3. Public keys of device certificates and of
 signing keys are cached (they never change for an id); the signing-key registry for a minute.
+
+Assertion rules (RFC 8725, RFC 7515 §4.1.11, RFC 7521 §4.2, RFC 7523 as updated by
+draft-ietf-oauth-rfc7523bis-11 §4):
+- parsed strictly before anything else (`fleetkey.crypto.jose.parse_compact_jws`): a `crit` (or
+  `b64`) header, duplicate member names, non-UTF-8 or non-canonical encodings are refused;
+- `typ`, when present, must say the JWT is a client assertion: `client-authentication+jwt`
+  (7523bis's explicit type) or the generic `JWT` (7523bis: servers should not refuse untyped
+  assertions), "application/" optional, any case (RFC 7515 §4.1.9). Any other type, `at+jwt`
+  above all, is refused (RFC 8725 §3.11: an access token is never taken for an assertion);
+- `aud` is the issuer identifier as its sole value: the string itself, or an array holding only
+  it (7523bis -03 allowed the one-element array); the token endpoint URL, or the issuer among
+  other values, is refused;
+- a `client_id` form parameter, when sent, must name the device the assertion authenticates
+  (RFC 7521 §4.2); if not, `invalid_client` (RFC 7521 §4.2.1).
+
+Equal work on every refusal: refusals that depend only on the request are made before any AWS
+call (they say nothing about any device). Once the device is read, the assertion's signature is
+verified in every case: against the device key, or, when the device is unknown, not ACTIVE, the
+kid is not its current certificate, or the algorithm does not fit its key, against a stand-in key
+of the same algorithm made at cold start (`stand_in_keys`). So an unknown device costs what a
+known one with a bad signature costs: one device read and one signature verification.
 """
 
 from __future__ import annotations
@@ -13,14 +34,27 @@ import re
 import secrets
 import uuid
 from collections import OrderedDict
-from typing import Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jwt
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from fleetkey.clock import Clock, utc_now
-from fleetkey.crypto.jose import algorithms_for, b64url, sign_jwt
+from fleetkey.crypto.jose import (
+    MalformedJws,
+    UnverifiedJws,
+    algorithms_for,
+    b64url,
+    media_type,
+    parse_compact_jws,
+    sign_jwt,
+    stand_in_keys,
+)
 from fleetkey.domain.lifecycle import DeviceState
+from fleetkey.domain.models import Device
 from fleetkey.domain.oauth import (
     InvalidClient,
     InvalidGrant,
@@ -28,10 +62,12 @@ from fleetkey.domain.oauth import (
     OAuthInvalidRequest,
     UnsupportedGrantType,
 )
-from fleetkey.domain.profiles import get_profile
+from fleetkey.domain.profiles import TokenRules, get_profile
 from fleetkey.services.signing_keys import SigningKeys
 from fleetkey.settings import Settings
 from fleetkey.store.dynamodb import ConditionFailed, Store
+
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_ALGORITHMS = frozenset({"ES256", "ES384", "PS256", "RS256"})
@@ -40,6 +76,9 @@ MAX_ASSERTION_LIFETIME = 300
 CLOCK_SKEW = 60
 CHALLENGE_SECONDS = 120
 ACCESS_TOKEN_TYPE = "at+jwt"
+# The `typ` values a client assertion may carry (as media types, RFC 7515 §4.1.9), besides none.
+ASSERTION_TYPES = frozenset({"application/client-authentication+jwt", "application/jwt"})
+_CURVE_OF = {"ES256": "secp256r1", "ES384": "secp384r1"}
 _CERTIFICATE_ID = re.compile(r"[0-9a-f]{64}")
 _DEVICE_ID = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -54,11 +93,13 @@ class TokenService:
         self._store = store
         self._keys = signing_keys
         self._clock = clock
-        self._public_keys: OrderedDict[str, object] = OrderedDict()
+        self._public_keys: OrderedDict[str, PublicKey] = OrderedDict()
+        # Made at cold start, not on the first refusal: that one would pay for it.
+        self._stand_in_keys = stand_in_keys()
 
     # ---- challenge --------------------------------------------------------------------------
 
-    def challenge(self) -> dict:
+    def challenge(self) -> dict[str, Any]:
         """A single-use nonce for devices without a trusted clock (one conditional write)."""
         nonce = secrets.token_urlsafe(32)
         self._store.put_nonce(nonce, int(self._clock().timestamp()) + CHALLENGE_SECONDS)
@@ -66,13 +107,18 @@ class TokenService:
 
     # ---- token ------------------------------------------------------------------------------
 
-    def issue(self, form: Mapping[str, str]) -> dict:
+    def issue(self, form: Mapping[str, str]) -> dict[str, Any]:
         """Issue an access token for a client-credentials request with a JWT client assertion.
+
+        AWS calls: none for a request refused on its own content; else one device read, and for a
+        token the jti write and one KMS Sign (3). Every refusal after the device read has
+        verified one signature, whichever check failed (see the module's docstring).
 
         Raises:
             OAuthInvalidRequest, UnsupportedGrantType: the request is malformed.
             InvalidClient: the assertion does not authenticate an ACTIVE device by its current
-                certificate (one answer for every such case).
+                certificate, breaks an assertion rule, or its `client_id` names another client
+                (one answer for every such case).
             InvalidGrant: a replayed assertion, an unknown or used challenge, unattested firmware.
             InvalidScope: a scope or audience outside the device's profile.
         """
@@ -86,35 +132,30 @@ class TokenService:
         if not assertion or len(assertion) > MAX_ASSERTION_BYTES:
             raise OAuthInvalidRequest("client_assertion is required (at most 8 KiB)")
 
-        header, unverified = self._peek(assertion)
-        device_id = unverified.get("sub")
-        if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
-            raise InvalidClient("subject")
+        jws = self._peek(assertion, form.get("client_id"))
+        header, unverified = jws.header, jws.claims
+        device_id: str = unverified["sub"]
         device = self._store.get_device(device_id)
-        if device is None:
-            raise InvalidClient("unknown device")
-        if device.state is not DeviceState.ACTIVE:
-            raise InvalidClient("device not active")
-        if header["kid"] != device.certificate_id or not device.certificate_public_key:
-            raise InvalidClient("not the device's current certificate")
-        if header["alg"] not in algorithms_for(device.certificate_key or ""):
-            raise InvalidClient("algorithm does not match the certificate key")
+        key, refusal = self._verification_key(device, header["kid"], header["alg"])
 
         now = int(self._clock().timestamp())
         nonce = unverified.get("nonce")
         required = ["iss", "sub", "aud", "jti"] + ([] if nonce is not None else ["exp", "iat"])
         try:
-            claims = jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 assertion,
-                self._public_key(device.certificate_id, device.certificate_public_key),
+                key,
                 algorithms=[header["alg"]],
                 audience=self._settings.issuer,
                 issuer=device_id,
                 leeway=CLOCK_SKEW,
                 options={"require": required},
             )
-        except (jwt.PyJWTError, TypeError, ValueError, OverflowError) as exc:
-            raise InvalidClient(f"assertion: {type(exc).__name__}") from None
+        except (jwt.PyJWTError, TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise InvalidClient(refusal or f"assertion: {type(exc).__name__}") from None
+        # Verified by a stand-in key (nobody holds its private half): refused all the same.
+        if refusal is not None or device is None or device.certificate_id is None:
+            raise InvalidClient(refusal or "no device key")
         if nonce is None and not 0 < claims["exp"] - claims["iat"] <= MAX_ASSERTION_LIFETIME:
             raise InvalidClient("assertion lifetime")
         if not isinstance(claims["jti"], str) or not _PRINTABLE.fullmatch(claims["jti"]):
@@ -149,7 +190,7 @@ class TokenService:
         lifetime = rules.lifetime_seconds
         if certificate_expiry is not None:
             lifetime = min(lifetime, certificate_expiry - now)
-        key, signer = self._keys.current()
+        signing_key, signer = self._keys.current()
         token_claims = {
             "iss": self._settings.issuer,
             "sub": device_id,
@@ -164,36 +205,84 @@ class TokenService:
             **firmware,
         }
         return {
-            "access_token": sign_jwt(signer, key.kid, token_claims, ACCESS_TOKEN_TYPE),
+            "access_token": sign_jwt(signer, signing_key.kid, token_claims, ACCESS_TOKEN_TYPE),
             "token_type": "Bearer",
             "expires_in": lifetime,
             "scope": token_claims["scope"],
         }
 
-    @staticmethod
-    def _peek(assertion: str) -> tuple[dict, dict]:
-        """Header and claims before verification: only to find whose key to verify with."""
+    def _peek(self, assertion: str, client_id: str | None) -> UnverifiedJws:
+        """Header and claims before verification, checked for everything that depends on the
+        request alone: to find whose key to verify with, and to refuse early what no device could
+        make acceptable. CPU only, no AWS call.
+
+        Raises:
+            InvalidClient: malformed, or an assertion rule is broken (see the module docstring).
+        """
         try:
-            header = jwt.get_unverified_header(assertion)
-            claims = jwt.decode(assertion, options={"verify_signature": False})
-        except (jwt.PyJWTError, ValueError, RecursionError):  # e.g. JSON nested 1,500 deep
-            raise InvalidClient("malformed assertion") from None
-        if header.get("alg") not in ASSERTION_ALGORITHMS:
+            jws = parse_compact_jws(assertion, max_bytes=MAX_ASSERTION_BYTES)
+        except MalformedJws as exc:
+            raise InvalidClient(f"malformed assertion: {exc}") from None
+        header, claims = jws.header, jws.claims
+        if header["alg"] not in ASSERTION_ALGORITHMS:
             raise InvalidClient("algorithm not allowed")
         if not isinstance(header.get("kid"), str) or not _CERTIFICATE_ID.fullmatch(header["kid"]):
             raise InvalidClient("kid")
-        if claims.get("iss") != claims.get("sub"):
+        if "typ" in header and media_type(header["typ"]) not in ASSERTION_TYPES:
+            raise InvalidClient("typ is not a client assertion's")
+        device_id = claims.get("sub")
+        if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
+            raise InvalidClient("subject")
+        if claims.get("iss") != device_id:
             raise InvalidClient("iss differs from sub")
+        # 7523bis §4: the issuer identifier as the sole audience (simple string comparison).
+        audience = claims.get("aud")
+        if audience != self._settings.issuer and audience != [self._settings.issuer]:
+            raise InvalidClient("aud is not the issuer alone")
+        if client_id is not None and client_id != device_id:  # RFC 7521 §4.2
+            raise InvalidClient("client_id differs from the assertion's subject")
         # NumericDate claims must be numbers (pyjwt would coerce strings and fail on others).
         for name in ("exp", "iat", "nbf"):
             if name in claims and type(claims[name]) is not int:
                 raise InvalidClient(f"{name} is not an integer")
-        return header, claims
+        return jws
 
-    def _public_key(self, certificate_id: str, pem: str):
+    def _verification_key(
+        self, device: Device | None, kid: str, alg: str
+    ) -> tuple[PublicKey, str | None]:
+        """The key to verify the assertion with, and the refusal already decided, if any.
+
+        A device that cannot authenticate (unknown, not ACTIVE, another certificate, an algorithm
+        that does not fit its key, a stored key that does not load) gets the stand-in key of the
+        assertion's algorithm, so that its refusal costs the same signature verification as a
+        bad signature does. CPU only, no AWS call.
+        """
+        stand_in = self._stand_in_keys[alg]
+        if device is None:
+            return stand_in, "unknown device"
+        if device.state is not DeviceState.ACTIVE:
+            return stand_in, "device not active"
+        if kid != device.certificate_id or not device.certificate_public_key:
+            return stand_in, "not the device's current certificate"
+        if alg not in algorithms_for(device.certificate_key or ""):
+            return stand_in, "algorithm does not match the certificate key"
+        key = self._public_key(device.certificate_id, device.certificate_public_key)
+        if key is None or not _key_fits(alg, key):
+            return stand_in, "the certificate's stored key is unusable"
+        return key, None
+
+    def _public_key(self, certificate_id: str, pem: str) -> PublicKey | None:
+        """The certificate's public key, parsed once per certificate id (cached, 10,000 at
+        most); None when the stored PEM does not load as an EC or RSA public key."""
         key = self._public_keys.get(certificate_id)
         if key is None:
-            key = self._public_keys[certificate_id] = load_pem_public_key(pem.encode())
+            try:
+                loaded = load_pem_public_key(pem.encode())
+            except (ValueError, TypeError, UnsupportedAlgorithm):
+                return None
+            if not isinstance(loaded, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
+                return None
+            key = self._public_keys[certificate_id] = loaded
             if len(self._public_keys) > 10_000:
                 self._public_keys.popitem(last=False)
         return key
@@ -206,10 +295,10 @@ class TokenService:
         return wanted
 
     @staticmethod
-    def _attested_firmware(claims: dict, rules) -> dict:
+    def _attested_firmware(claims: Mapping[str, Any], rules: TokenRules) -> dict[str, str]:
         measurement = claims.get("firmware_sha256")
         version = claims.get("firmware_version")
-        firmware = {}
+        firmware: dict[str, str] = {}
         if isinstance(version, str) and len(version) <= 64:
             firmware["firmware_version"] = version
         if rules.require_attestation:
@@ -221,3 +310,11 @@ class TokenService:
         elif isinstance(measurement, str) and _SHA256_HEX.fullmatch(measurement):
             firmware["firmware_sha256"] = measurement
         return firmware
+
+
+def _key_fits(alg: str, key: PublicKey) -> bool:
+    """Whether `key` is of the kind `alg` verifies with (a stored key whose kind contradicts its
+    description is not handed to pyjwt, which would fail on it in its own way)."""
+    if alg in _CURVE_OF:
+        return isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == _CURVE_OF[alg]
+    return isinstance(key, rsa.RSAPublicKey)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -17,6 +19,7 @@ from fleetkey.crypto.certificates import (
     validate_manufacturer_ca,
     verify_proof_of_possession,
 )
+from fleetkey.crypto.x509_policy import decoding
 from fleetkey.domain.allowlist import CaName
 from fleetkey.domain.audit import ChainHead
 from fleetkey.domain.models import CaStatus, ManufacturerCa
@@ -44,7 +47,12 @@ class TrustAnchors:
     a CA disabled a moment ago never admits a device.
     """
 
-    def __init__(self, store: Store, ttl_seconds: int = 60, monotonic=time.monotonic) -> None:
+    def __init__(
+        self,
+        store: Store,
+        ttl_seconds: int = 60,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._store = store
         self._ttl = ttl_seconds
         self._monotonic = monotonic
@@ -61,6 +69,14 @@ class TrustAnchors:
         self._loaded_at = self._monotonic()
 
     def get(self, iot_ca_id: str) -> TrustAnchor | None:
+        """The manufacturer CA AWS IoT knows as `iot_ca_id`, None if fleetkey has none.
+
+        AWS calls: 0 on a warm snapshot, else 1 (Query).
+
+        Raises:
+            InvalidCertificate: the stored CA certificate does not load (a decoder stricter than
+                the one that admitted it).
+        """
         stale = self._loaded_at is None or self._monotonic() - self._loaded_at > self._ttl
         # An unknown id may be a CA registered since the snapshot: look again before refusing,
         # since a refusal revokes the certificate for good. AWS IoT only auto-registers
@@ -103,15 +119,22 @@ class ManufacturerCaService:
     ) -> ManufacturerCa:
         """Register a manufacturer CA with AWS IoT and record it as a trust anchor.
 
-        Order: AWS IoT first, inactive and without auto-registration (harmless if nothing
-        follows); then the record, which claims the name and the CA id together; then AWS IoT is
-        activated with auto-registration on. A retry after a failure at any step converges;
-        registering the same CA under the same name again returns the existing record.
+        Order: everything that can refuse the request is checked before AWS IoT is touched (the
+        name, the certificate, the name's CA and the CA's name in DynamoDB, the proof of
+        possession), so a refused request changes nothing anywhere. Then AWS IoT, inactive and
+        without auto-registration (harmless if nothing follows); then the record, which claims
+        the name and the CA id together; then AWS IoT is activated with auto-registration on. A
+        retry after a failure at any step converges; registering the same CA under the same name
+        again returns the existing record (and re-applies its status to AWS IoT).
+
+        AWS calls: a new CA 6 (CA by name, name by CA id, registration code, RegisterCACertificate,
+        the record's transaction, UpdateCACertificate); the same CA again 2; a refusal at most 2,
+        none of them a write.
 
         Raises:
-            InvalidRequest: bad or reserved name; InvalidCertificate: not a valid CA, or a bad
-            proof of possession; Conflict: the name belongs to another CA, or this CA is
-            registered under another name.
+            InvalidRequest: bad or reserved name; InvalidCertificate: not a valid CA (including
+            one whose fields do not decode), or a bad proof of possession; Conflict: the name
+            belongs to another CA, or this CA is registered under another name.
         """
         try:
             name = _ca_name.validate_python(name)
@@ -122,21 +145,44 @@ class ManufacturerCaService:
         if name in RESERVED_CA_NAMES:
             raise InvalidRequest(f"{name!r} is a reserved name")
         now = self._clock()
-        ca_cert = validate_manufacturer_ca(ca_pem, now)
-        ca_id = certificate_id(ca_cert)
+        with decoding("CA certificate"):
+            ca_cert = validate_manufacturer_ca(ca_pem, now)
+            ca_id = certificate_id(ca_cert)
+            subject = ca_cert.subject.rfc4514_string()
         existing = self._store.get_ca(name)
         if existing is not None and existing.iot_ca_id != ca_id:
             raise Conflict(f"manufacturer CA name {name!r} is taken by another CA")
         if existing is None:
-            verify_proof_of_possession(
-                ca_cert, verification_pem, self._registry.registration_code(), now
-            )
-            existing = self._create(name, ca_cert, verification_pem, ca_id, now, actor)
+            # Checked before AWS IoT is touched: registering this CA again there would change
+            # the CA another name holds (moto replaced it, deactivated, stopping its JITR).
+            other = self._store.ca_name_for(ca_id)
+            if other is not None and other != name:
+                raise Conflict(f"this CA is already registered as {other!r}")
+            code = self._registry.registration_code()
+            with decoding("verification certificate"):
+                verify_proof_of_possession(ca_cert, verification_pem, code, now)
+            existing = self._create(name, ca_cert, subject, verification_pem, ca_id, now, actor)
         # Always (re)applied, so a retry after a failure here converges.
         self._registry.set_ca_active(existing.iot_ca_id, existing.status is CaStatus.ACTIVE)
         return existing
 
-    def _create(self, name, ca_cert, verification_pem, ca_id, now, actor) -> ManufacturerCa:
+    def _create(
+        self,
+        name: str,
+        ca_cert: x509.Certificate,
+        subject: str,
+        verification_pem: str,
+        ca_id: str,
+        now: datetime,
+        actor: str,
+    ) -> ManufacturerCa:
+        """AWS IoT (inactive), then the record. A concurrent registration of the same CA under
+        another name loses at the record; its RegisterCACertificate was answered
+        ResourceAlreadyExists and changed nothing.
+
+        Raises:
+            Conflict: the name or the CA was claimed concurrently.
+        """
         pem = ca_cert.public_bytes(Encoding.PEM).decode()
         iot_ca_id = self._registry.register_ca(pem, verification_pem, ca_id)
         at = timestamp(now)
@@ -145,7 +191,7 @@ class ManufacturerCaService:
             at=at,
             action="ca_registered",
             actor=actor,
-            details={"iot_ca_id": iot_ca_id, "subject": ca_cert.subject.rfc4514_string()},
+            details={"iot_ca_id": iot_ca_id, "subject": subject},
         )
         ca = ManufacturerCa(
             name=name,

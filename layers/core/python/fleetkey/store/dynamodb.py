@@ -676,6 +676,13 @@ class Store:
             ]
         )
 
+    def ca_name_for(self, iot_ca_id: str) -> str | None:
+        """The name the CA with AWS IoT id `iot_ca_id` is registered under (its CAID# item),
+        None when fleetkey has not registered it. One GetItem."""
+        item = self._get(schema.ca_id_key(iot_ca_id))
+        name = item.get("name") if item else None
+        return name if isinstance(name, str) else None
+
     def set_ca_status(self, ca: ManufacturerCa, status: CaStatus, record: AuditRecord) -> ManufacturerCa:
         """Raises ConditionFailed('ca') if the CA changed since it was read."""
         update = Action(

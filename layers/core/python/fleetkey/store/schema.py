@@ -5,7 +5,7 @@
     DEVICE#<device_id>  AUDIT#<seq>     the device's audit chain, one record per change
     CERT#<cert_id>      CERT            a certificate fleetkey decided on, and to which device
     CERT#<cert_id>      AUDIT#<seq>     the audit chain of a certificate refused on its own merits
-    CA                  <ca_name>       a manufacturer CA (trust anchor); one partition, read by Query
+    CA                  <ca_name>       a manufacturer CA (trust anchor); one partition, one Query
     CA#<ca_name>        AUDIT#<seq>     the audit chain of a manufacturer CA
     CAID#<iot_ca_id>    CAID            which name a CA is registered under (one name per CA)
     STREAM#<name>       HEAD            head of a chain of events with no other subject
@@ -19,6 +19,9 @@ Items that only matter until a moment carry `expires_at` (epoch seconds, the tab
 attribute); code checks it too, since TTL deletion lags by up to days.
 """
 
+# An item's primary key, {PARTITION_KEY: ..., SORT_KEY: ...}, as Python values (not yet serialized).
+Key = dict[str, str]
+
 PARTITION_KEY = "pk"
 SORT_KEY = "sk"
 TTL_ATTRIBUTE = "expires_at"
@@ -30,35 +33,35 @@ CA_PK = "CA"
 AUDIT_PREFIX = "AUDIT#"
 
 
-def device_key(device_id: str) -> dict:
+def device_key(device_id: str) -> Key:
     return {PARTITION_KEY: f"DEVICE#{device_id}", SORT_KEY: DEVICE_SK}
 
 
-def certificate_key(certificate_id: str) -> dict:
+def certificate_key(certificate_id: str) -> Key:
     return {PARTITION_KEY: f"CERT#{certificate_id}", SORT_KEY: CERT_SK}
 
 
-def ca_key(ca_name: str) -> dict:
+def ca_key(ca_name: str) -> Key:
     return {PARTITION_KEY: CA_PK, SORT_KEY: ca_name}
 
 
-def ca_id_key(iot_ca_id: str) -> dict:
+def ca_id_key(iot_ca_id: str) -> Key:
     return {PARTITION_KEY: f"CAID#{iot_ca_id}", SORT_KEY: "CAID"}
 
 
-def assertion_key(device_id: str, jti: str) -> dict:
+def assertion_key(device_id: str, jti: str) -> Key:
     return {PARTITION_KEY: f"JTI#{device_id}#{jti}", SORT_KEY: "JTI"}
 
 
-def nonce_key(nonce: str) -> dict:
+def nonce_key(nonce: str) -> Key:
     return {PARTITION_KEY: f"NONCE#{nonce}", SORT_KEY: "NONCE"}
 
 
-def revoked_token_key(jti: str) -> dict:
+def revoked_token_key(jti: str) -> Key:
     return {PARTITION_KEY: f"REVOKED#{jti}", SORT_KEY: "REVOKED"}
 
 
-def audit_key(subject: str, seq: int) -> dict:
+def audit_key(subject: str, seq: int) -> Key:
     return {PARTITION_KEY: subject_partition(subject), SORT_KEY: f"{AUDIT_PREFIX}{seq:010d}"}
 
 
@@ -81,5 +84,5 @@ def ca_subject(ca_name: str) -> str:
     return f"ca:{ca_name}"
 
 
-def stream_head_key(stream: str) -> dict:
+def stream_head_key(stream: str) -> Key:
     return {PARTITION_KEY: f"STREAM#{stream}", SORT_KEY: STREAM_HEAD_SK}

@@ -1,0 +1,290 @@
+"""The API's edge: who may call the IAM routes, and how fast one client may call the public ones.
+
+One definition, read by the CDK app (the REST API's resource policy in `constructs/api.py`, the
+WAF web ACL in `constructs/waf.py`) and by the local API gateway (`fleetkey_local.api_gateway`),
+so the local stack refuses what the deployed stack refuses. This module does not import aws_cdk:
+the local stack imports it.
+
+Configuration (CDK context: cdk.json's "context", or `cdk deploy -c key=value`):
+
+- `operatorPrincipals`: the IAM principals admitted to `/v1/admin/*`. Each entry is an IAM ARN
+  (`arn:aws:iam::111122223333:role/ops/fleetkey-admin`) or `role/<name>` / `user/<name>` in the
+  stack's own account; `*` and `?` match as in IAM's `ArnLike`. Default: `role/fleetkey-operator`.
+  An empty list fails synthesis: an admin API that admits nobody is a misconfiguration, and one
+  that admits everybody is the defect this closes.
+- `relyingPartyPrincipals`: the same for `POST /v1/introspect`. Default:
+  `role/fleetkey-relying-party`. An empty list closes introspection to every principal (relying
+  parties can still verify tokens offline against the JWKS).
+- `tokenRateLimit`, `discoveryRateLimit`: requests one client (source IP) may send to
+  `/v1/token` + `/v1/challenge`, and to `/.well-known/*`, per `rateLimitWindowSeconds` (one of
+  AWS WAF's evaluation windows: 60, 120, 300, 600; default 60). Defaults: 60 and 300. A client over
+  its limit is answered `429` with `Retry-After` until its rate falls back under it.
+
+A list may also be given on the command line as JSON (`-c 'operatorPrincipals=["role/a"]'`) or
+comma-separated (`-c operatorPrincipals=role/a,role/b`).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote
+
+CDK_JSON = Path(__file__).resolve().parents[2] / "cdk.json"
+
+# Context keys
+OPERATOR_PRINCIPALS_KEY = "operatorPrincipals"
+RELYING_PARTY_PRINCIPALS_KEY = "relyingPartyPrincipals"
+TOKEN_RATE_LIMIT_KEY = "tokenRateLimit"
+DISCOVERY_RATE_LIMIT_KEY = "discoveryRateLimit"
+RATE_LIMIT_WINDOW_KEY = "rateLimitWindowSeconds"
+CONTEXT_KEYS = (
+    OPERATOR_PRINCIPALS_KEY,
+    RELYING_PARTY_PRINCIPALS_KEY,
+    TOKEN_RATE_LIMIT_KEY,
+    DISCOVERY_RATE_LIMIT_KEY,
+    RATE_LIMIT_WINDOW_KEY,
+)
+
+# Defaults: roles the deployer creates (or names others in the context).
+DEFAULT_OPERATOR_PRINCIPALS = ("role/fleetkey-operator",)
+DEFAULT_RELYING_PARTY_PRINCIPALS = ("role/fleetkey-relying-party",)
+# Per client (source IP) and window. A device fetching a token sends a challenge and a token
+# request; 60 a minute leaves room for a few dozen devices behind one NAT address. Discovery
+# documents are cheap and cached by well-behaved clients.
+DEFAULT_TOKEN_RATE_LIMIT = 60
+DEFAULT_DISCOVERY_RATE_LIMIT = 300
+DEFAULT_RATE_LIMIT_WINDOW_SECONDS = 60
+
+# What AWS WAF's RateBasedStatement accepts: EvaluationWindowSec 60, 120, 300 or 600 (default
+# 300); Limit at least 10 (AWS WAF developer guide, "Rate-based rule high-level settings").
+WAF_EVALUATION_WINDOWS = (60, 120, 300, 600)
+WAF_MIN_LIMIT = 10
+WAF_MAX_LIMIT = 2_000_000_000
+
+RATE_LIMITED_STATUS = 429
+RATE_LIMITED_MESSAGE = "Too Many Requests"  # API Gateway's own throttling answer says the same
+
+# The IAM routes each audience guards, as API Gateway resource-policy paths.
+ADMIN_POLICY_PATH = "/v1/admin/*"
+INTROSPECT_POLICY_PATH = "/v1/introspect"
+
+
+class EdgeConfigError(ValueError):
+    """The edge configuration cannot be deployed as given."""
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most `limit` requests per `window_seconds` from one client (source IP) to the paths
+    that contain one of `path_fragments` (compared after URL-decoding, path normalization and
+    lowercasing, as the WAF rule's text transformations do)."""
+
+    name: str
+    path_fragments: tuple[str, ...]
+    limit: int
+    window_seconds: int
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9-]*", self.name):
+            raise EdgeConfigError(f"rate limit name must be lowercase letters/digits: {self.name}")
+        if not self.path_fragments:
+            raise EdgeConfigError(f"rate limit {self.name} covers no path")
+
+    def covers(self, path: str) -> bool:
+        normalized = normalize_path(path)
+        return any(fragment in normalized for fragment in self.path_fragments)
+
+    def check_for_waf(self) -> None:
+        """AWS WAF's bounds (the local gateway accepts smaller limits, for tests)."""
+        if self.window_seconds not in WAF_EVALUATION_WINDOWS:
+            raise EdgeConfigError(
+                f"{RATE_LIMIT_WINDOW_KEY} must be one of {WAF_EVALUATION_WINDOWS} (AWS WAF's "
+                f"evaluation windows), not {self.window_seconds}"
+            )
+        if not WAF_MIN_LIMIT <= self.limit <= WAF_MAX_LIMIT:
+            raise EdgeConfigError(
+                f"the {self.name} rate limit must be between {WAF_MIN_LIMIT} and "
+                f"{WAF_MAX_LIMIT} requests per window (AWS WAF's bounds), not {self.limit}"
+            )
+
+
+def normalize_path(path: str) -> str:
+    """URL_DECODE, NORMALIZE_PATH, LOWERCASE: what the WAF rules apply before matching."""
+    decoded = unquote(path)
+    normalized = posixpath.normpath("/" + decoded.lstrip("/")) if decoded else "/"
+    if decoded.endswith("/") and normalized != "/":
+        normalized += "/"
+    return normalized.lower()
+
+
+@dataclass(frozen=True)
+class Audience:
+    """The principals (IAM ARN patterns, `ArnLike`) admitted to the IAM routes under
+    `policy_path` (an API Gateway resource-policy path: `*` matches any characters). No
+    principals: nobody is admitted."""
+
+    name: str
+    policy_path: str
+    principals: tuple[str, ...]
+
+    def guards(self, path: str) -> bool:
+        return _glob(self.policy_path).fullmatch(path) is not None
+
+    def admits(self, principal_arn: str) -> bool:
+        return any(arn_like(pattern, principal_arn) for pattern in self.principals)
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    operator_principals: tuple[str, ...]
+    relying_party_principals: tuple[str, ...]
+    token_rate_limit: int = DEFAULT_TOKEN_RATE_LIMIT
+    discovery_rate_limit: int = DEFAULT_DISCOVERY_RATE_LIMIT
+    rate_limit_window_seconds: int = DEFAULT_RATE_LIMIT_WINDOW_SECONDS
+
+    def __post_init__(self) -> None:
+        if not self.operator_principals:
+            raise EdgeConfigError(
+                f"{OPERATOR_PRINCIPALS_KEY} is empty: the admin API would admit nobody. Name the "
+                "IAM roles (or users) of your operators, e.g. "
+                f"-c '{OPERATOR_PRINCIPALS_KEY}=[\"role/fleetkey-operator\"]'"
+            )
+        for entry in (*self.operator_principals, *self.relying_party_principals):
+            check_principal(entry)
+        for rate_limit in self.rate_limits():
+            rate_limit.check_for_waf()
+
+    @classmethod
+    def from_context(cls, get: Callable[[str], object]) -> EdgeConfig:
+        """From CDK context (`node.try_get_context`, or a dict's `get`): absent keys take the
+        defaults."""
+        return cls(
+            operator_principals=_principals(
+                get(OPERATOR_PRINCIPALS_KEY), OPERATOR_PRINCIPALS_KEY, DEFAULT_OPERATOR_PRINCIPALS
+            ),
+            relying_party_principals=_principals(
+                get(RELYING_PARTY_PRINCIPALS_KEY),
+                RELYING_PARTY_PRINCIPALS_KEY,
+                DEFAULT_RELYING_PARTY_PRINCIPALS,
+            ),
+            token_rate_limit=_integer(
+                get(TOKEN_RATE_LIMIT_KEY), TOKEN_RATE_LIMIT_KEY, DEFAULT_TOKEN_RATE_LIMIT
+            ),
+            discovery_rate_limit=_integer(
+                get(DISCOVERY_RATE_LIMIT_KEY),
+                DISCOVERY_RATE_LIMIT_KEY,
+                DEFAULT_DISCOVERY_RATE_LIMIT,
+            ),
+            rate_limit_window_seconds=_integer(
+                get(RATE_LIMIT_WINDOW_KEY), RATE_LIMIT_WINDOW_KEY, DEFAULT_RATE_LIMIT_WINDOW_SECONDS
+            ),
+        )
+
+    @classmethod
+    def from_cdk_json(cls, path: Path = CDK_JSON) -> EdgeConfig:
+        """What `cdk synth` reads, without the CDK (for the local stack)."""
+        context = json.loads(path.read_text()).get("context", {}) if path.exists() else {}
+        return cls.from_context(context.get)
+
+    def rate_limits(self) -> tuple[RateLimit, ...]:
+        """Stricter on the token endpoint (each request costs DynamoDB writes and a KMS Sign) than
+        on the discovery documents."""
+        window = self.rate_limit_window_seconds
+        return (
+            RateLimit("token", ("/v1/token", "/v1/challenge"), self.token_rate_limit, window),
+            RateLimit("discovery", ("/.well-known/",), self.discovery_rate_limit, window),
+        )
+
+    def audiences(self, partition: str, account: str) -> tuple[Audience, ...]:
+        """The IAM routes' audiences, with `role/<name>` entries made ARNs in `account`."""
+        return (
+            Audience(
+                "operators",
+                ADMIN_POLICY_PATH,
+                resolve_principals(self.operator_principals, partition, account),
+            ),
+            Audience(
+                "relying parties",
+                INTROSPECT_POLICY_PATH,
+                resolve_principals(self.relying_party_principals, partition, account),
+            ),
+        )
+
+
+# ---- principals ------------------------------------------------------------------------------
+
+_RELATIVE = re.compile(r"^(role|user)/[\w+=,.@/*?-]+$")
+_ARN = re.compile(r"^arn:[a-z*?-]+:iam::(\d{12}|[*?]+):(role|user)/[\w+=,.@/*?-]+$")
+
+
+def check_principal(entry: str) -> None:
+    if not (_RELATIVE.match(entry) or _ARN.match(entry)):
+        raise EdgeConfigError(
+            f"{entry!r} is not an IAM role or user: give its ARN "
+            "(arn:aws:iam::<account>:role/<name>) or role/<name> / user/<name> in the stack's "
+            "account. A role session's aws:PrincipalArn is its role's ARN, so name the role, not "
+            "an sts assumed-role ARN."
+        )
+    name = entry.split(":")[-1].split("/", 1)[1]
+    if not name.strip("*?/"):
+        raise EdgeConfigError(f"{entry!r} matches every role or user: name the principals")
+
+
+def resolve_principals(entries: Sequence[str], partition: str, account: str) -> tuple[str, ...]:
+    return tuple(
+        entry if entry.startswith("arn:") else f"arn:{partition}:iam::{account}:{entry}"
+        for entry in entries
+    )
+
+
+def arn_like(pattern: str, arn: str) -> bool:
+    """IAM's ArnLike: each of the six colon-separated parts matched on its own, case-sensitively,
+    with `*` and `?` wildcards."""
+    patterns, parts = pattern.split(":", 5), arn.split(":", 5)
+    if len(patterns) != 6 or len(parts) != 6:
+        return False
+    return all(_glob(p).fullmatch(v) is not None for p, v in zip(patterns, parts, strict=True))
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    return re.compile(
+        "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern),
+        re.DOTALL,
+    )
+
+
+# ---- context values --------------------------------------------------------------------------
+
+
+def _principals(value: object, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    if value is None:
+        return default
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise EdgeConfigError(f"{key}: not a JSON list ({error})") from None
+        else:
+            value = [part.strip() for part in text.split(",") if part.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise EdgeConfigError(f"{key} must be a list of IAM ARNs or role/<name> entries")
+    return tuple(value)
+
+
+def _integer(value: object, key: str, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        raise EdgeConfigError(f"{key} must be a whole number, not {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise EdgeConfigError(f"{key} must be a whole number, not {value!r}")

@@ -1,0 +1,1003 @@
+"""IAM derived from the code: each Lambda function's AWS calls, recorded across the test suite,
+checked against the synthesized template's roles.
+
+Three parts:
+
+- **Recording.** `install()` wraps botocore's `BaseClient._make_api_call`. A call made while a
+  handler loaded by `fleetkey_local.functions.load_function` runs (its `RUNNING_FUNCTION` context
+  variable names the function) becomes one or more `Request`s: the IAM action, the resource ARN
+  and the condition keys the request carries (`to_requests`). A DynamoDB `TransactWriteItems` is
+  one request per item (PutItem, UpdateItem, DeleteItem, ConditionCheckItem), as IAM authorizes
+  it. For a KMS key, the key's tags, spec and usage are read once (with a client of its own, so
+  counting and fault-injecting test clients never see it) for `aws:ResourceTag/*`,
+  `kms:KeySpec` and `kms:KeyUsage`. Names that differ between the tests and a deployment are
+  recorded as placeholders: the functions' table (`FLEETKEY_TABLE`) as `<table>`, the stack's
+  name inside tag values as `<stack>`.
+- **Evaluating.** `evaluate(template, calls)` resolves each function role's identity policy
+  (the template's `AWS::IAM::Policy` statements, intrinsic functions resolved to the tests'
+  account and region) and decides every recorded request: allowed, denied, or not evaluable
+  (a condition key it cannot know, e.g. `aws:SourceIp`; or a KMS key that no longer existed
+  when it was read). Then it lists what each role grants that its function never called, minus
+  the reviewed `UNCALLED_GRANTS`.
+- **Across the suite.** `tests/conftest.py` registers this module as a plugin. Each process
+  (each xdist worker) records into memory; a worker hands its records, and the template if it
+  synthesized one, to the controller through `workeroutput`; the controller (or the single
+  process) evaluates at session end, prints the report and fails the run. The check runs when
+  the whole suite ran (`pytest tests`, no -k/-m/--lf/--deselect), or with FLEETKEY_IAM_CHECK=1
+  (FLEETKEY_IAM_CHECK=0 turns it off); a partial run records nothing worth judging.
+
+What it cannot prove is written down in infra/README.md ("What the IAM test proves").
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+# moto's account, and the tests' region: the template's pseudo parameters resolve to them.
+ACCOUNT = "123456789012"
+REGION = "eu-west-1"
+PARTITION = "aws"
+TABLE_PLACEHOLDER = "<table>"
+STACK_PLACEHOLDER = "<stack>"
+FUNCTION_SERVICE_PREFIX = "fleetkey-"  # POWERTOOLS_SERVICE_NAME = fleetkey-<function>
+CHECK_ENV = "FLEETKEY_IAM_CHECK"
+WORKEROUTPUT_CALLS = "fleetkey_aws_calls"
+WORKEROUTPUT_TEMPLATE = "fleetkey_template"
+
+# Granted, and never called by the function's own code: each with the reason it is needed.
+# Keys: a function name, or "*" for every function.
+UNCALLED_GRANTS: Mapping[str, Mapping[str, str]] = {
+    "*": {
+        "logs:CreateLogStream": "Lambda writes the function's logs with its role",
+        "logs:PutLogEvents": "Lambda writes the function's logs with its role",
+        "xray:PutTraceSegments": "active tracing: Lambda sends the segments with its role",
+        "xray:PutTelemetryRecords": "active tracing",
+        "kms:Decrypt": "DynamoDB decrypts the table (customer managed key) as the caller",
+    },
+    "registration": {
+        "kms:Encrypt": "DynamoDB encrypts the items written, as the caller",
+        "kms:GenerateDataKey": "DynamoDB encrypts the items written, as the caller",
+        "sqs:SendMessage": "Lambda's on-failure destination sends with the function's role",
+        "sqs:GetQueueAttributes": "the on-failure destination (CDK's SqsDestination grant)",
+        "sqs:GetQueueUrl": "the on-failure destination (CDK's SqsDestination grant)",
+    },
+    "admin": {
+        "kms:Encrypt": "DynamoDB encrypts the items written, as the caller",
+        "kms:GenerateDataKey": "DynamoDB encrypts the items written, as the caller",
+        # KMS asks for TagResource when CreateKey carries tags: the recorder models it as an
+        # implied request of CreateKey, so it is checked like any call.
+    },
+    "token": {
+        "kms:Encrypt": "DynamoDB encrypts the items written, as the caller",
+        "kms:GenerateDataKey": "DynamoDB encrypts the items written, as the caller",
+    },
+    "maintenance": {
+        "kms:Encrypt": "DynamoDB encrypts the items written, as the caller",
+        "kms:GenerateDataKey": "DynamoDB encrypts the items written, as the caller",
+    },
+}
+
+
+# ---- requests ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """One IAM authorization a call needs. `context` holds the condition keys (lowercased) the
+    recorder knows for it; `modeled` the condition-key prefixes it models for this action, so
+    that a modeled key missing from `context` is absent (not unknown). `complete` is False when
+    facts about the resource could not be read (the key did not exist)."""
+
+    action: str
+    resource: str
+    context: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    modeled: frozenset[str] = frozenset()
+    complete: bool = True
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_json(), sort_keys=True))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "resource": self.resource,
+            "context": {k: list(v) for k, v in sorted(self.context.items())},
+            "modeled": sorted(self.modeled),
+            "complete": self.complete,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Request:
+        return cls(
+            data["action"],
+            data["resource"],
+            {k: tuple(v) for k, v in data["context"].items()},
+            frozenset(data["modeled"]),
+            bool(data["complete"]),
+        )
+
+
+@dataclass(frozen=True)
+class RecordedCall:
+    """A request made by `function`, first seen in `test` (`service.Operation` made it)."""
+
+    function: str
+    operation: str
+    request: Request
+    test: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "function": self.function,
+            "operation": self.operation,
+            "request": self.request.to_json(),
+            "test": self.test,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RecordedCall:
+        return cls(
+            data["function"], data["operation"], Request.from_json(data["request"]), data["test"]
+        )
+
+
+class UnmappedOperation(Exception):
+    """An AWS operation the recorder does not know how to authorize: model it in `to_requests`."""
+
+
+@dataclass(frozen=True)
+class KeyFacts:
+    """What IAM conditions may ask about a KMS key."""
+
+    tags: Mapping[str, str]
+    key_spec: str
+    key_usage: str
+
+
+# IAM service prefixes of the botocore services fleetkey calls.
+IAM_PREFIX = {"dynamodb": "dynamodb", "iot": "iot", "iot-data": "iot", "kms": "kms", "sqs": "sqs"}
+DYNAMODB_ITEM_ACTIONS = {
+    "GetItem": "GetItem",
+    "PutItem": "PutItem",
+    "DeleteItem": "DeleteItem",
+    "UpdateItem": "UpdateItem",
+}
+TRANSACT_ITEM_ACTIONS = {
+    "Put": "PutItem",
+    "Update": "UpdateItem",
+    "Delete": "DeleteItem",
+    "ConditionCheck": "ConditionCheckItem",
+}
+# AWS IoT, by the Service Authorization Reference: the resource type each action is authorized
+# on, and the request parameter naming it.
+IOT_CERT_ACTIONS = {"DescribeCertificate", "UpdateCertificate", "DeleteCertificate"}
+IOT_THING_ACTIONS = {
+    "CreateThing",
+    "UpdateThing",
+    "DescribeThing",
+    "DeleteThing",
+    "ListThingPrincipals",
+    "ListThingPrincipalsV2",
+}
+IOT_CACERT_ACTIONS = {"DescribeCACertificate", "UpdateCACertificate", "DeleteCACertificate"}
+IOT_NO_RESOURCE_ACTIONS = {
+    "GetRegistrationCode",
+    "RegisterCACertificate",
+    "RegisterCertificate",
+    "ListCACertificates",
+    "ListCertificates",
+    "ListCertificatesByCA",
+}
+KMS_KEY_ACTIONS = {
+    "Sign",
+    "Verify",
+    "GetPublicKey",
+    "ListResourceTags",
+    "GetKeyPolicy",
+    "PutKeyPolicy",
+    "ScheduleKeyDeletion",
+    "CancelKeyDeletion",
+    "DescribeKey",
+    "DisableKey",
+    "EnableKey",
+    "TagResource",
+    "UntagResource",
+}
+KEY_CONDITION_PREFIXES = frozenset({"aws:resourcetag/", "kms:keyspec", "kms:keyusage"})
+
+
+def _arn(service: str, resource: str, region: str, account: str) -> str:
+    return f"arn:{PARTITION}:{service}:{region}:{account}:{resource}"
+
+
+def _table_arn(name: str, region: str, account: str, table_name: str | None) -> str:
+    return _arn(
+        "dynamodb", f"table/{TABLE_PLACEHOLDER if name == table_name else name}", region, account
+    )
+
+
+def _stack_neutral(value: str, stack_name: str | None) -> str:
+    """A tag value with the stack's name replaced by `<stack>`."""
+    if stack_name and value.endswith(f":{stack_name}"):
+        return f"{value[: -len(stack_name)]}{STACK_PLACEHOLDER}"
+    return value
+
+
+def _leading_key(item: Mapping[str, Any], partition_key: str) -> str | None:
+    value = item.get(partition_key)
+    if isinstance(value, Mapping):
+        found = value.get("S")
+        return found if isinstance(found, str) else None
+    return None
+
+
+def _query_leading_key(params: Mapping[str, Any], partition_key: str) -> str | None:
+    """The partition key value of a Query (`pk = :v` in the key condition)."""
+    names = {k: v for k, v in params.get("ExpressionAttributeNames", {}).items()}
+    values = params.get("ExpressionAttributeValues", {})
+    for name, placeholder in re.findall(
+        r"([#\w]+)\s*=\s*(:\w+)", params.get("KeyConditionExpression", "")
+    ):
+        if names.get(name, name) == partition_key:
+            return _leading_key({"v": values.get(placeholder, {})}, "v")
+    return None
+
+
+def _dynamodb_requests(
+    operation: str,
+    params: Mapping[str, Any],
+    region: str,
+    account: str,
+    table_name: str | None,
+    partition_key: str,
+) -> list[Request]:
+    modeled = frozenset({"dynamodb:leadingkeys"})
+
+    def item_request(action: str, table: str, leading: str | None) -> Request:
+        context = {"dynamodb:leadingkeys": (leading,)} if leading is not None else {}
+        return Request(
+            f"dynamodb:{action}", _table_arn(table, region, account, table_name), context, modeled
+        )
+
+    if operation in DYNAMODB_ITEM_ACTIONS:
+        item = params.get("Item") if operation == "PutItem" else params.get("Key")
+        return [
+            item_request(
+                DYNAMODB_ITEM_ACTIONS[operation],
+                params["TableName"],
+                _leading_key(item or {}, partition_key),
+            )
+        ]
+    if operation == "Query":
+        return [
+            item_request("Query", params["TableName"], _query_leading_key(params, partition_key))
+        ]
+    if operation == "TransactWriteItems":
+        requests = []
+        for entry in params["TransactItems"]:
+            ((kind, body),) = entry.items()
+            item = body.get("Item") if kind == "Put" else body.get("Key")
+            requests.append(
+                item_request(
+                    TRANSACT_ITEM_ACTIONS[kind],
+                    body["TableName"],
+                    _leading_key(item or {}, partition_key),
+                )
+            )
+        return requests
+    if operation == "TransactGetItems":
+        return [
+            item_request(
+                "GetItem",
+                entry["Get"]["TableName"],
+                _leading_key(entry["Get"].get("Key", {}), partition_key),
+            )
+            for entry in params["TransactItems"]
+        ]
+    raise UnmappedOperation(f"dynamodb.{operation}")
+
+
+def _iot_requests(
+    operation: str, params: Mapping[str, Any], region: str, account: str
+) -> list[Request]:
+    action = f"iot:{operation}"
+    if operation in IOT_CERT_ACTIONS:
+        return [Request(action, _arn("iot", f"cert/{params['certificateId']}", region, account))]
+    if operation in IOT_THING_ACTIONS:
+        return [Request(action, _arn("iot", f"thing/{params['thingName']}", region, account))]
+    if operation in IOT_CACERT_ACTIONS:
+        return [Request(action, _arn("iot", f"cacert/{params['certificateId']}", region, account))]
+    if operation in IOT_NO_RESOURCE_ACTIONS:
+        return [Request(action, "*")]
+    if operation in ("AttachThingPrincipal", "DetachThingPrincipal"):
+        # Authorized on the certificate; the thing is the iot:thingArn condition key.
+        thing = _arn("iot", f"thing/{params['thingName']}", region, account)
+        return [
+            Request(
+                action,
+                params["principal"],
+                {"iot:thingarn": (thing,)},
+                frozenset({"iot:thingarn"}),
+            )
+        ]
+    if operation in ("AttachPolicy", "DetachPolicy"):
+        # Authorized on the target (a certificate or thing group), not on the policy.
+        return [Request(action, params["target"])]
+    raise UnmappedOperation(f"iot.{operation}")
+
+
+def _iot_data_requests(
+    operation: str, params: Mapping[str, Any], region: str, account: str
+) -> list[Request]:
+    if operation == "Publish":
+        return [Request("iot:Publish", _arn("iot", f"topic/{params['topic']}", region, account))]
+    if operation == "DeleteConnection":
+        client_id = params["clientId"]
+        return [
+            Request("iot:DeleteConnection", _arn("iot", f"client/{client_id}", region, account))
+        ]
+    raise UnmappedOperation(f"iot-data.{operation}")
+
+
+def _key_arn(key_id: str, region: str, account: str) -> str:
+    return key_id if key_id.startswith("arn:") else _arn("kms", f"key/{key_id}", region, account)
+
+
+def key_context(facts: KeyFacts | None, stack_name: str | None) -> dict[str, tuple[str, ...]]:
+    if facts is None:
+        return {}
+    context: dict[str, tuple[str, ...]] = {
+        f"aws:resourcetag/{k.lower()}": (_stack_neutral(v, stack_name),)
+        for k, v in facts.tags.items()
+    }
+    context["kms:keyspec"] = (facts.key_spec,)
+    context["kms:keyusage"] = (facts.key_usage,)
+    return context
+
+
+def _kms_requests(
+    operation: str,
+    params: Mapping[str, Any],
+    region: str,
+    account: str,
+    facts: KeyFacts | None,
+    stack_name: str | None,
+) -> list[Request]:
+    if operation == "CreateKey":
+        tags = {t["TagKey"]: t["TagValue"] for t in params.get("Tags", [])}
+        context: dict[str, tuple[str, ...]] = {
+            f"aws:requesttag/{k.lower()}": (_stack_neutral(v, stack_name),) for k, v in tags.items()
+        }
+        context["aws:tagkeys"] = tuple(tags)
+        context["kms:keyspec"] = (params.get("KeySpec", "SYMMETRIC_DEFAULT"),)
+        context["kms:keyusage"] = (params.get("KeyUsage", "ENCRYPT_DECRYPT"),)
+        modeled = frozenset({"aws:requesttag/", "aws:tagkeys", "kms:keyspec", "kms:keyusage"})
+        requests = [Request("kms:CreateKey", "*", context, modeled)]
+        if tags:
+            # KMS asks for TagResource (in an IAM policy) when CreateKey carries tags: the key
+            # being created is the resource, with the spec and usage of the request.
+            new_key = _arn("kms", "key/<created>", region, account)
+            # The key being created carries no tag yet: aws:ResourceTag/* are absent.
+            requests.append(
+                Request("kms:TagResource", new_key, context, modeled | {"aws:resourcetag/"})
+            )
+        return requests
+    if operation in KMS_KEY_ACTIONS:
+        arn = _key_arn(params["KeyId"], region, account)
+        context = key_context(facts, stack_name)
+        modeled = KEY_CONDITION_PREFIXES
+        if operation == "TagResource":
+            tags = {t["TagKey"]: t["TagValue"] for t in params.get("Tags", [])}
+            context.update(
+                {
+                    f"aws:requesttag/{k.lower()}": (_stack_neutral(v, stack_name),)
+                    for k, v in tags.items()
+                }
+            )
+            context["aws:tagkeys"] = tuple(tags)
+            modeled = modeled | {"aws:requesttag/", "aws:tagkeys"}
+        return [Request(f"kms:{operation}", arn, context, modeled, complete=facts is not None)]
+    raise UnmappedOperation(f"kms.{operation}")
+
+
+def to_requests(
+    service: str,
+    operation: str,
+    params: Mapping[str, Any],
+    *,
+    region: str = REGION,
+    account: str = ACCOUNT,
+    table_name: str | None = None,
+    stack_name: str | None = None,
+    key_facts: KeyFacts | None = None,
+    partition_key: str = "pk",
+) -> list[Request]:
+    """The IAM requests one AWS call needs.
+
+    Raises:
+        UnmappedOperation: the operation is not modeled (add it here, by the Service
+            Authorization Reference).
+    """
+    if service == "dynamodb":
+        return _dynamodb_requests(operation, params, region, account, table_name, partition_key)
+    if service == "iot":
+        return _iot_requests(operation, params, region, account)
+    if service == "iot-data":
+        return _iot_data_requests(operation, params, region, account)
+    if service == "kms":
+        return _kms_requests(operation, params, region, account, key_facts, stack_name)
+    raise UnmappedOperation(f"{service}.{operation}")
+
+
+# ---- policy evaluation -------------------------------------------------------------------------
+
+
+class Decision(enum.Enum):
+    ALLOWED = "allowed"
+    DENIED = "denied"
+    UNEVALUATED = "not evaluable"
+
+
+class _Unknown(Exception):
+    """A condition the evaluator cannot decide."""
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _matches(pattern: str, value: str, *, case: bool = True) -> bool:
+    """IAM wildcard matching (`*` any run, `?` one character)."""
+    if not case:
+        pattern, value = pattern.lower(), value.lower()
+    return fnmatch.fnmatchcase(value, pattern)
+
+
+def _context_values(request: Request, key: str) -> tuple[str, ...] | None:
+    """The request's values for a condition key; () when the key is modeled and absent.
+
+    Raises:
+        _Unknown: a key the recorder does not model for this request.
+    """
+    key = key.lower()
+    if key in request.context:
+        return request.context[key]
+    if any(key.startswith(prefix) for prefix in request.modeled):
+        if not request.complete:
+            raise _Unknown(key)
+        return None
+    raise _Unknown(key)
+
+
+def _operator_holds(operator: str, wanted: list[str], present: tuple[str, ...] | None) -> bool:
+    """One condition operator. Raises _Unknown for operators it does not implement."""
+    qualifier, _, base = operator.rpartition(":")
+    negated = base.startswith(("StringNot", "ArnNot"))
+    if base.endswith("IfExists"):
+        if present is None:
+            return True
+        base = base[: -len("IfExists")]
+    comparisons: dict[str, Callable[[str, str], bool]] = {
+        "StringEquals": lambda p, v: p == v,
+        "StringNotEquals": lambda p, v: p == v,
+        "StringEqualsIgnoreCase": lambda p, v: p.lower() == v.lower(),
+        "StringLike": lambda p, v: _matches(p, v),
+        "StringNotLike": lambda p, v: _matches(p, v),
+        "ArnEquals": lambda p, v: _matches(p, v),
+        "ArnLike": lambda p, v: _matches(p, v),
+        "ArnNotEquals": lambda p, v: _matches(p, v),
+        "ArnNotLike": lambda p, v: _matches(p, v),
+    }
+    compare = comparisons.get(base)
+    if compare is None:
+        raise _Unknown(operator)
+
+    def one(value: str) -> bool:
+        hit = any(compare(p, value) for p in wanted)
+        return not hit if negated else hit
+
+    if qualifier == "ForAllValues":
+        return all(one(v) for v in present or ())
+    if qualifier == "ForAnyValue":
+        return any(one(v) for v in present or ())
+    if qualifier:
+        raise _Unknown(operator)
+    if present is None:
+        return negated  # a negated operator holds on an absent key, a positive one does not
+    return any(one(v) for v in present)
+
+
+def _conditions_hold(condition: Mapping[str, Mapping[str, Any]], request: Request) -> bool:
+    """Raises _Unknown when a condition cannot be decided."""
+    for operator, keys in condition.items():
+        for key, wanted in keys.items():
+            present = _context_values(request, key)
+            if not _operator_holds(operator, [str(w) for w in _as_list(wanted)], present):
+                return False
+    return True
+
+
+def _statement_applies(statement: Mapping[str, Any], request: Request) -> bool | None:
+    """True, False, or None when its condition cannot be decided."""
+    if "NotAction" in statement or "NotResource" in statement:
+        return None
+    actions = [str(a) for a in _as_list(statement.get("Action", []))]
+    if not any(_matches(a, request.action, case=False) for a in actions):
+        return False
+    resources = [str(r) for r in _as_list(statement.get("Resource", []))]
+    if not any(_matches(r, request.resource) for r in resources):
+        return False
+    try:
+        return _conditions_hold(statement.get("Condition", {}), request)
+    except _Unknown:
+        return None
+
+
+def decide(statements: Sequence[Mapping[str, Any]], request: Request) -> Decision:
+    """An identity policy's answer to one request: an explicit Deny wins, then an Allow whose
+    action, resource and conditions all hold; a condition it cannot decide makes the answer
+    UNEVALUATED rather than a guess."""
+    unknown = False
+    for statement in statements:
+        if statement.get("Effect") == "Deny":
+            applies = _statement_applies(statement, request)
+            if applies:
+                return Decision.DENIED
+            unknown = unknown or applies is None
+    for statement in statements:
+        if statement.get("Effect") == "Allow":
+            applies = _statement_applies(statement, request)
+            if applies:
+                return Decision.ALLOWED
+            unknown = unknown or applies is None
+    return Decision.UNEVALUATED if unknown else Decision.DENIED
+
+
+def allowed_actions(statements: Iterable[Mapping[str, Any]]) -> set[str]:
+    return {
+        str(a)
+        for s in statements
+        if s.get("Effect") == "Allow"
+        for a in _as_list(s.get("Action", []))
+    }
+
+
+# ---- the template ------------------------------------------------------------------------------
+
+
+def resolve(value: Any, resources: Mapping[str, Any], stack_name: str) -> Any:
+    """Intrinsic functions resolved to the tests' account and region; each resource's ARN is what
+    the recorder writes for it (the table as `<table>`); the stack's name in tag values as
+    `<stack>`.
+
+    Raises:
+        ValueError: an intrinsic function it does not resolve.
+    """
+    if isinstance(value, list):
+        return [resolve(v, resources, stack_name) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if set(value) == {"Fn::Join"}:
+        separator, parts = value["Fn::Join"]
+        return separator.join(str(resolve(p, resources, stack_name)) for p in parts)
+    if set(value) == {"Ref"}:
+        pseudo = {
+            "AWS::Partition": PARTITION,
+            "AWS::Region": REGION,
+            "AWS::AccountId": ACCOUNT,
+            "AWS::URLSuffix": "amazonaws.com",
+            "AWS::StackName": stack_name,
+        }
+        ref = value["Ref"]
+        return pseudo.get(ref, f"<{ref}>")
+    if set(value) == {"Fn::GetAtt"}:
+        logical_id, attribute = value["Fn::GetAtt"]
+        return _attribute(logical_id, attribute, resources)
+    resolved = {k: resolve(v, resources, stack_name) for k, v in value.items()}
+    if "Condition" in resolved:
+        resolved["Condition"] = {
+            operator: {
+                key: [_stack_neutral(str(v), stack_name) for v in _as_list(values)]
+                if key.lower().startswith(("aws:resourcetag/", "aws:requesttag/"))
+                else values
+                for key, values in keys.items()
+            }
+            for operator, keys in resolved["Condition"].items()
+        }
+    return resolved
+
+
+def _attribute(logical_id: str, attribute: str, resources: Mapping[str, Any]) -> str:
+    resource = resources.get(logical_id, {})
+    kind = resource.get("Type")
+    if attribute == "Arn" and kind == "AWS::DynamoDB::Table":
+        return _arn("dynamodb", f"table/{TABLE_PLACEHOLDER}", REGION, ACCOUNT)
+    if attribute == "Arn" and kind == "AWS::IoT::Policy":
+        name = resource["Properties"].get("PolicyName", logical_id)
+        return _arn("iot", f"policy/{name}", REGION, ACCOUNT)
+    # Anything else (log groups, queues, the table's key, roles): a name the recorder never
+    # produces, so that a grant on it proves no call.
+    return f"arn:{PARTITION}:<{logical_id}.{attribute}>"
+
+
+def function_roles(template: Mapping[str, Any]) -> dict[str, str]:
+    """Function name (functions/<name>) -> the logical id of its role."""
+    roles = {}
+    for resource in template["Resources"].values():
+        if resource["Type"] != "AWS::Lambda::Function":
+            continue
+        env = resource["Properties"].get("Environment", {}).get("Variables", {})
+        service = env.get("POWERTOOLS_SERVICE_NAME", "")
+        if service.startswith(FUNCTION_SERVICE_PREFIX):
+            roles[service[len(FUNCTION_SERVICE_PREFIX) :]] = resource["Properties"]["Role"][
+                "Fn::GetAtt"
+            ][0]
+    return roles
+
+
+def role_policy(template: Mapping[str, Any], role_id: str, stack_name: str) -> list[dict[str, Any]]:
+    """Every statement of the role's identity policies, resolved."""
+    resources = template["Resources"]
+    statements: list[dict[str, Any]] = []
+    for resource in resources.values():
+        if (
+            resource["Type"] == "AWS::IAM::Policy"
+            and {"Ref": role_id} in resource["Properties"]["Roles"]
+        ):
+            statements.extend(resource["Properties"]["PolicyDocument"]["Statement"])
+    for inline in resources[role_id]["Properties"].get("Policies", []):
+        statements.extend(inline["PolicyDocument"]["Statement"])
+    if resources[role_id]["Properties"].get("ManagedPolicyArns"):
+        raise ValueError(f"{role_id} has managed policies: the evaluator cannot read them")
+    return [resolve(s, resources, stack_name) for s in statements]
+
+
+# ---- the report --------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """The verdict on every function: `problems` fail the run, `notes` are what it could not
+    evaluate."""
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    checked: dict[str, int] = field(default_factory=dict)
+    called: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        summary = ", ".join(f"{name} {count}" for name, count in sorted(self.checked.items()))
+        out = [f"IAM derived from the code: requests checked per function: {summary or 'none'}"]
+        out += [
+            f"  {name} called: {', '.join(actions)}"
+            for name, actions in sorted(self.called.items())
+        ]
+        out += [f"  FAIL {p}" for p in self.problems]
+        out += [f"  note {n}" for n in self.notes]
+        return out
+
+
+def uncalled_grants_for(function: str) -> Mapping[str, str]:
+    return {**UNCALLED_GRANTS["*"], **UNCALLED_GRANTS.get(function, {})}
+
+
+def evaluate(
+    template: Mapping[str, Any],
+    calls: Iterable[RecordedCall],
+    *,
+    stack_name: str,
+    unmapped: Iterable[tuple[str, str, str]] = (),
+) -> Report:
+    """Check every recorded request against its function's role in `template`, and every grant
+    of each role against what its function called. `unmapped` holds (function, operation,
+    test) of calls the recorder could not model: each is a problem."""
+    report = Report()
+    roles = function_roles(template)
+    by_function: dict[str, list[RecordedCall]] = {name: [] for name in roles}
+    for call in calls:
+        by_function.setdefault(call.function, []).append(call)
+    for function, operation, test in sorted(set(unmapped)):
+        report.problems.append(
+            f"{function}: {operation} is not modeled by tests/support/aws_calls.py (in {test})"
+        )
+    for function, recorded in sorted(by_function.items()):
+        if function not in roles:
+            report.problems.append(f"{function}: calls AWS but the template has no such function")
+            continue
+        statements = role_policy(template, roles[function], stack_name)
+        report.checked[function] = len(recorded)
+        if not recorded:
+            report.problems.append(
+                f"{function}: no AWS call recorded (no test runs its handler: the check would "
+                "prove nothing)"
+            )
+            continue
+        _check_requests(report, function, statements, recorded)
+        called = {c.request.action for c in recorded}
+        report.called[function] = sorted(called)
+        reviewed = uncalled_grants_for(function)
+        never = sorted(a for a in allowed_actions(statements) if a not in called | set(reviewed))
+        if never:
+            report.problems.append(
+                f"{function}: granted but never called: {', '.join(never)} (remove the grant, "
+                "exercise the path in a test, or review it into UNCALLED_GRANTS)"
+            )
+    return report
+
+
+def _check_requests(
+    report: Report,
+    function: str,
+    statements: Sequence[Mapping[str, Any]],
+    recorded: Sequence[RecordedCall],
+) -> None:
+    seen: set[Request] = set()
+    for call in recorded:
+        if call.request in seen:
+            continue
+        seen.add(call.request)
+        decision = decide(statements, call.request)
+        where = f"{call.request.action} on {call.request.resource}"
+        if call.request.context:
+            where += f" with {dict(call.request.context)}"
+        if decision is Decision.DENIED:
+            report.problems.append(
+                f"{function}: its role does not allow {where} ({call.operation}, in {call.test})"
+            )
+        elif decision is Decision.UNEVALUATED:
+            report.notes.append(f"{function}: could not evaluate {where} (in {call.test})")
+
+
+# ---- recording ---------------------------------------------------------------------------------
+
+
+class Recorder:
+    """Records the requests of the calls made inside a running function (see module doc)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[tuple[str, Request], RecordedCall] = {}
+        self.unmapped: set[tuple[str, str, str]] = set()
+        self.templates: list[dict[str, Any]] = []
+        self._key_facts: dict[tuple[str | None, str], KeyFacts | None] = {}
+        self._fact_clients: dict[tuple[str | None, str], Any] = {}
+        self._installed = False
+
+    # the hook -----------------------------------------------------------------------------
+
+    def install(self) -> None:
+        """Wrap botocore's BaseClient._make_api_call (once per process)."""
+        if self._installed:
+            return
+        from botocore.client import BaseClient
+
+        original = BaseClient._make_api_call  # type: ignore[attr-defined]
+        recorder = self
+
+        def _make_api_call(client: Any, operation_name: str, api_params: dict[str, Any]) -> Any:
+            try:
+                recorder.observe(client, operation_name, api_params)
+            except Exception as exc:  # noqa: BLE001 - a recorder fault must not fail the call
+                recorder.unmapped.add(("?", f"recorder error: {exc!r}", operation_name))
+            return original(client, operation_name, api_params)
+
+        BaseClient._make_api_call = _make_api_call  # type: ignore[attr-defined]
+        self._installed = True
+
+    def observe(self, client: Any, operation: str, params: Mapping[str, Any]) -> None:
+        """Record the call if a function is running; never fails the call itself."""
+        from fleetkey_local.functions import RUNNING_FUNCTION
+
+        function = RUNNING_FUNCTION.get()
+        if function is None or _READING_FACTS.get():
+            return
+        service = client.meta.service_model.service_name
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+        region = client.meta.region_name or REGION
+        facts = None
+        if service == "kms" and "KeyId" in params:
+            facts = self._facts(client, str(params["KeyId"]), region)
+        try:
+            requests = to_requests(
+                service,
+                operation,
+                params,
+                region=region,
+                account=ACCOUNT,
+                table_name=os.environ.get("FLEETKEY_TABLE"),
+                stack_name=_running_stack_name(),
+                key_facts=facts,
+            )
+        except (UnmappedOperation, KeyError, ValueError):
+            self.unmapped.add((function, f"{service}.{operation}", test))
+            return
+        for request in requests:
+            self.calls.setdefault(
+                (function, request), RecordedCall(function, f"{service}.{operation}", request, test)
+            )
+
+    def _facts(self, client: Any, key_id: str, region: str) -> KeyFacts | None:
+        """The key's tags, spec and usage, read once per key with a client of the recorder's own
+        (not the function's: counting and fault-injecting clients must not see these calls)."""
+        endpoint = client.meta.endpoint_url
+        cache_key = (endpoint, key_id)
+        if cache_key in self._key_facts:
+            return self._key_facts[cache_key]
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        kms = self._fact_clients.get((endpoint, region))
+        if kms is None:
+            kms = boto3.session.Session().client("kms", region_name=region, endpoint_url=endpoint)
+            self._fact_clients[(endpoint, region)] = kms
+        token = _READING_FACTS.set(True)
+        try:
+            metadata = kms.describe_key(KeyId=key_id)["KeyMetadata"]
+            tags = {
+                t["TagKey"]: t["TagValue"]
+                for t in kms.list_resource_tags(KeyId=key_id).get("Tags", [])
+            }
+            facts: KeyFacts | None = KeyFacts(
+                tags,
+                metadata.get("KeySpec") or metadata.get("CustomerMasterKeySpec", ""),
+                metadata.get("KeyUsage", ""),
+            )
+        except (ClientError, BotoCoreError):
+            facts = None  # no such key: its conditions cannot be evaluated
+        finally:
+            _READING_FACTS.reset(token)
+        if facts is not None:
+            self._key_facts[cache_key] = facts
+        return facts
+
+    # across processes ------------------------------------------------------------------------
+
+    def export(self) -> dict[str, Any]:
+        return {
+            "calls": [c.to_json() for c in self.calls.values()],
+            "unmapped": sorted(self.unmapped),
+        }
+
+    def merge(self, exported: Mapping[str, Any]) -> None:
+        for data in exported.get("calls", []):
+            call = RecordedCall.from_json(data)
+            self.calls.setdefault((call.function, call.request), call)
+        self.unmapped.update(tuple(u) for u in exported.get("unmapped", []))
+
+
+@contextmanager
+def outside_functions() -> Iterator[None]:
+    """Code a test runs from inside a handler (a hook standing for another actor, e.g. an
+    operator racing the function): its AWS calls are not the function's."""
+    from fleetkey_local.functions import RUNNING_FUNCTION
+
+    token = RUNNING_FUNCTION.set(None)
+    try:
+        yield
+    finally:
+        RUNNING_FUNCTION.reset(token)
+
+
+def _running_stack_name() -> str:
+    from fleetkey.settings import LOCAL_STACK_NAME
+
+    return os.environ.get("FLEETKEY_STACK_NAME") or LOCAL_STACK_NAME
+
+
+RECORDER = Recorder()
+# Set while the recorder reads a key's facts (per thread: the local API serves in threads).
+_READING_FACTS: ContextVar[bool] = ContextVar("fleetkey_reading_key_facts", default=False)
+
+
+def remember_template(template: Mapping[str, Any]) -> None:
+    """Called by the infrastructure tests' synthesis: the template the check evaluates."""
+    RECORDER.templates[:] = [dict(template)]
+
+
+# ---- the pytest plugin -------------------------------------------------------------------------
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def _whole_suite(config: pytest.Config) -> bool:
+    """Whether this run is the whole suite (`pytest tests`, nothing deselected)."""
+    forced = os.environ.get(CHECK_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
+    option = config.option
+    if option.keyword or option.markexpr or getattr(option, "lf", False):
+        return False
+    if getattr(option, "deselect", None):
+        return False
+    tests_root = (ROOT / "tests").resolve()
+    args = [Path(str(a).split("::", 1)[0]).resolve() for a in config.args] or [tests_root]
+    return all(a in (tests_root, ROOT.resolve()) for a in args)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    RECORDER.install()
+    config.stash[_REPORT] = None
+
+
+_REPORT = pytest.StashKey[Report | None]()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """xdist controller: collect a worker's records (and template)."""
+    output = getattr(node, "workeroutput", {}) or {}
+    if WORKEROUTPUT_CALLS in output:
+        RECORDER.merge(json.loads(output[WORKEROUTPUT_CALLS]))
+    if output.get(WORKEROUTPUT_TEMPLATE):
+        RECORDER.templates[:] = [json.loads(output[WORKEROUTPUT_TEMPLATE])]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    if _is_worker(config):
+        output = config.workeroutput  # type: ignore[attr-defined]
+        output[WORKEROUTPUT_CALLS] = json.dumps(RECORDER.export())
+        if RECORDER.templates:
+            output[WORKEROUTPUT_TEMPLATE] = json.dumps(RECORDER.templates[0])
+        return
+    if not _whole_suite(config):
+        return
+    template = RECORDER.templates[0] if RECORDER.templates else _synthesize()
+    from fleetkey_infra import constants
+
+    report = evaluate(
+        template,
+        RECORDER.calls.values(),
+        stack_name=constants.STACK_ID,
+        unmapped=RECORDER.unmapped,
+    )
+    config.stash[_REPORT] = report
+    if not report.ok and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    report = config.stash.get(_REPORT, None)
+    if report is None:
+        return
+    terminalreporter.section("IAM derived from the code", red=not report.ok, green=report.ok)
+    for line in report.lines():
+        terminalreporter.write_line(line)
+
+
+def _synthesize() -> dict[str, Any]:
+    """The template, when no infrastructure test synthesized it in this run."""
+    import tempfile
+
+    os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
+    from fleetkey_infra import constants
+    from fleetkey_infra.application import create_app
+
+    with tempfile.TemporaryDirectory() as outdir:
+        app = create_app(outdir=outdir, context={"aws:cdk:disable-asset-staging": True})
+        assembly = app.synth()
+        template: dict[str, Any] = assembly.get_stack_by_name(constants.STACK_ID).template
+        return template
+
+
+def iter_problems(report: Report) -> Iterator[str]:
+    yield from report.problems
