@@ -11,7 +11,6 @@ from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
-
 from botocore.exceptions import BotoCoreError, ClientError
 
 from fleetkey.adapters.aws import error_code, is_transient
@@ -56,7 +55,7 @@ def _actor() -> str:
     return identity.user_arn or identity.caller or "unknown"
 
 
-def _json_body() -> dict:
+def _json_body() -> dict[str, Any]:
     try:
         body = json.loads(app.current_event.decoded_body or "")
     except (ValueError, RecursionError):  # not JSON, not UTF-8, absurd numbers or nesting
@@ -66,7 +65,7 @@ def _json_body() -> dict:
     return body
 
 
-def _created(payload: dict) -> Response:
+def _created(payload: dict[str, Any]) -> Response[dict[str, Any]]:
     return Response(status_code=201, content_type=content_types.APPLICATION_JSON, body=payload)
 
 
@@ -108,13 +107,13 @@ def _error_response(exc: FleetkeyError) -> Response[Any]:
 
 
 @app.post("/allowlist")
-def add_allowlist_entry():
+def add_allowlist_entry() -> Response[dict[str, Any]]:
     device = services().allowlist.add(parse_entry(_json_body()), actor=_actor())
     return _created(device.to_public())
 
 
 @app.post("/allowlist/import")
-def import_manifest():
+def import_manifest() -> dict[str, Any]:
     params = app.current_event.query_string_parameters or {}
     content_type = (app.current_event.headers.get("content-type") or "").lower()
     fmt = params.get("format") or ("csv" if "csv" in content_type else "json")
@@ -134,12 +133,12 @@ def import_manifest():
 
 
 @app.get("/devices/<device_id>")
-def get_device(device_id: str):
+def get_device(device_id: str) -> dict[str, Any]:
     device_id = unquote(device_id)
     return services().devices.get(device_id).to_public()
 
 
-def _audit(subject: str) -> dict:
+def _audit(subject: str) -> dict[str, Any]:
     records, verification = services().devices.audit(subject)
     return {
         "subject": subject,
@@ -161,25 +160,25 @@ def _audit(subject: str) -> dict:
 
 
 @app.get("/devices/<device_id>/audit")
-def device_audit(device_id: str):
+def device_audit(device_id: str) -> dict[str, Any]:
     device_id = unquote(device_id)
     return _audit(f"device:{device_id}")
 
 
 @app.get("/certificates/<certificate_id>/audit")
-def certificate_audit(certificate_id: str):
+def certificate_audit(certificate_id: str) -> dict[str, Any]:
     certificate_id = unquote(certificate_id)
     return _audit(f"certificate:{certificate_id}")
 
 
 @app.get("/cas/<name>/audit")
-def ca_audit(name: str):
+def ca_audit(name: str) -> dict[str, Any]:
     name = unquote(name)
     return _audit(f"ca:{name}")
 
 
 @app.get("/audit-streams/<name>")
-def stream_audit(name: str):
+def stream_audit(name: str) -> dict[str, Any]:
     name = unquote(name)
     return _audit(f"stream:{name}")
 
@@ -188,17 +187,17 @@ def stream_audit(name: str):
 
 
 @app.get("/cas")
-def list_cas():
+def list_cas() -> dict[str, Any]:
     return {"cas": [ca.to_public() for ca in services().cas.list()]}
 
 
 @app.get("/cas/registration-code")
-def registration_code():
+def registration_code() -> dict[str, Any]:
     return {"registration_code": services().cas.registration_code()}
 
 
 @app.post("/cas")
-def register_ca():
+def register_ca() -> Response[dict[str, Any]]:
     body = _json_body()
     fields = ("name", "certificate_pem", "verification_certificate_pem")
     if not all(isinstance(body.get(f), str) for f in fields):
@@ -210,19 +209,19 @@ def register_ca():
 
 
 @app.get("/cas/<name>")
-def get_ca(name: str):
+def get_ca(name: str) -> dict[str, Any]:
     name = unquote(name)
     return services().cas.get(name).to_public()
 
 
 @app.post("/cas/<name>/disable")
-def disable_ca(name: str):
+def disable_ca(name: str) -> dict[str, Any]:
     name = unquote(name)
     return services().cas.set_enabled(name, False, actor=_actor()).to_public()
 
 
 @app.post("/cas/<name>/enable")
-def enable_ca(name: str):
+def enable_ca(name: str) -> dict[str, Any]:
     name = unquote(name)
     return services().cas.set_enabled(name, True, actor=_actor()).to_public()
 
@@ -230,34 +229,38 @@ def enable_ca(name: str):
 # ---- token signing keys and revocation -------------------------------------------------------
 
 
-def _signing_keys_view() -> dict:
+def _signing_keys_view() -> dict[str, Any]:
     return {
         "keys": [
-            {"kid": k.kid, "key_id": k.key_id, "active_from": k.active_from,
-             "retire_after": k.retire_after}
-            for k in services().signing_keys.keys()
+            {
+                "kid": k.kid,
+                "key_id": k.key_id,
+                "active_from": k.active_from,
+                "retire_after": k.retire_after,
+            }
+            for k in services().signing_keys.keys()  # noqa: SIM118 (SigningKeys.keys, not a dict)
         ]
     }
 
 
 @app.get("/signing-keys")
-def list_signing_keys():
+def list_signing_keys() -> dict[str, Any]:
     return _signing_keys_view()
 
 
 @app.post("/signing-keys/rotate")
-def rotate_signing_key():
+def rotate_signing_key() -> Response[dict[str, Any]]:
     key = services().signing_keys.rotate(actor=_actor())
     return _created({"kid": key.kid, "key_id": key.key_id, "active_from": key.active_from})
 
 
 @app.post("/signing-keys/retire")
-def retire_signing_keys():
+def retire_signing_keys() -> dict[str, Any]:
     return {"retired": services().signing_keys.retire_expired(actor=_actor())}
 
 
 @app.post("/tokens/revoke")
-def revoke_token():
+def revoke_token() -> dict[str, Any]:
     jti = _json_body().get("jti")
     if not isinstance(jti, str) or not 0 < len(jti) <= 128 or not jti.isprintable():
         raise InvalidRequest('body must be {"jti": <the token\'s jti>}')
@@ -265,8 +268,10 @@ def revoke_token():
     return {"revoked": jti, "until": until}
 
 
-@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True)
+@logger.inject_lambda_context(
+    correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True
+)
 @metrics.log_metrics
 @tracer.capture_lambda_handler
-def handler(event: dict, context: LambdaContext) -> dict:
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return app.resolve(event, context)

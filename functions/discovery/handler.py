@@ -4,6 +4,7 @@ registry, each key confirmed with KMS (public key, tags, key policy)."""
 
 import json
 from functools import lru_cache
+from typing import Any
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
 from aws_lambda_powertools.logging import correlation_paths
@@ -32,7 +33,7 @@ def context() -> tuple[Settings, SigningKeys]:
 
 
 @app.get("/.well-known/jwks.json")
-def jwks():
+def jwks() -> Response[str]:
     return Response(
         status_code=200,
         content_type="application/jwk-set+json",
@@ -43,7 +44,7 @@ def jwks():
 
 
 @app.get("/.well-known/oauth-authorization-server")
-def metadata():
+def metadata() -> Response[dict[str, Any]]:
     settings = context()[0]
     issuer = settings.issuer
     scopes = sorted({s for p in PROFILES.values() for s in p.token_rules.scopes})
@@ -72,5 +73,5 @@ def metadata():
 )
 @metrics.log_metrics
 @tracer.capture_lambda_handler
-def handler(event: dict, context_: LambdaContext) -> dict:
+def handler(event: dict[str, Any], context_: LambdaContext) -> dict[str, Any]:
     return app.resolve(event, context_)

@@ -8,6 +8,7 @@ An event that is not EventBridge's scheduled event is logged and ignored.
 """
 
 from functools import lru_cache
+from typing import Any
 
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
@@ -40,7 +41,7 @@ def _is_scheduled_event(event: object) -> bool:
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.EVENT_BRIDGE, clear_state=True)
 @metrics.log_metrics
 @tracer.capture_lambda_handler
-def handler(event: dict, context: LambdaContext) -> dict:
+def handler(event: object, context: LambdaContext) -> dict[str, Any]:
     if not _is_scheduled_event(event):
         fields = event if isinstance(event, dict) else {}
         logger.warning(

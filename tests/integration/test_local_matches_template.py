@@ -35,11 +35,16 @@ def resources(tmp_path_factory) -> dict[str, dict]:
     from fleetkey_infra.application import create_app
 
     if not (constants.DEFAULT_LAYER_DIR / "python" / "fleetkey").is_dir():
-        pytest.fail(f"{constants.DEFAULT_LAYER_DIR} is not built: run `make layer` first "
-                    "(`make test` does it for you).", pytrace=False)
+        pytest.fail(
+            f"{constants.DEFAULT_LAYER_DIR} is not built: run `make layer` first "
+            "(`make test` does it for you).",
+            pytrace=False,
+        )
     # Templates only: skip copying the layer into the assembly (the template is the same).
-    app = create_app(outdir=str(tmp_path_factory.mktemp("cdk.out")),
-                     context={"aws:cdk:disable-asset-staging": True})
+    app = create_app(
+        outdir=str(tmp_path_factory.mktemp("cdk.out")),
+        context={"aws:cdk:disable-asset-staging": True},
+    )
     app.synth()
     template = Template.from_stack(app.node.find_child(constants.STACK_ID)).to_json()
     remember_template(template)  # the suite's IAM check evaluates this template too
@@ -90,18 +95,31 @@ def test_table_matches(stack, resources):
     assert by_name(local["AttributeDefinitions"]) == by_name(expected["AttributeDefinitions"])
     assert local["BillingModeSummary"]["BillingMode"] == expected["BillingMode"]
     indexes = lambda items: sorted(  # noqa: E731
-        ({"IndexName": i["IndexName"], "KeySchema": i["KeySchema"], "Projection": i["Projection"]}
-         for i in items), key=lambda i: i["IndexName"])
+        (
+            {
+                "IndexName": i["IndexName"],
+                "KeySchema": i["KeySchema"],
+                "Projection": i["Projection"],
+            }
+            for i in items
+        ),
+        key=lambda i: i["IndexName"],
+    )
     assert indexes(local.get("GlobalSecondaryIndexes", [])) == indexes(
-        expected.get("GlobalSecondaryIndexes", []))
+        expected.get("GlobalSecondaryIndexes", [])
+    )
     assert expected["TimeToLiveSpecification"]["Enabled"] is True
-    assert ttl == {"TimeToLiveStatus": "ENABLED",
-                   "AttributeName": expected["TimeToLiveSpecification"]["AttributeName"]}
+    assert ttl == {
+        "TimeToLiveStatus": "ENABLED",
+        "AttributeName": expected["TimeToLiveSpecification"]["AttributeName"],
+    }
 
 
 def test_iot_policies_match(stack, resources):
-    template = {r["Properties"]["PolicyName"]: resolve(r["Properties"]["PolicyDocument"])
-                for r in of_type(resources, "AWS::IoT::Policy").values()}
+    template = {
+        r["Properties"]["PolicyName"]: resolve(r["Properties"]["PolicyDocument"])
+        for r in of_type(resources, "AWS::IoT::Policy").values()
+    }
     local = {p["policyName"] for p in stack.harness_iot.list_policies()["policies"]}
     # Then the local stack has exactly the template's policies, with the same documents
     assert {n for n in local if n.startswith(f"{NAME_PREFIX}-")} == set(template)
@@ -111,8 +129,10 @@ def test_iot_policies_match(stack, resources):
 
 
 def test_thing_types_match(stack, resources):
-    template = {r["Properties"]["ThingTypeName"]: r["Properties"]["ThingTypeProperties"]
-                for r in of_type(resources, "AWS::IoT::ThingType").values()}
+    template = {
+        r["Properties"]["ThingTypeName"]: r["Properties"]["ThingTypeProperties"]
+        for r in of_type(resources, "AWS::IoT::ThingType").values()
+    }
     local = {t["thingTypeName"] for t in stack.harness_iot.list_thing_types()["thingTypes"]}
     assert {n for n in local if n.startswith(f"{NAME_PREFIX}-")} == set(template)
     for name, expected in template.items():
@@ -161,8 +181,14 @@ def test_api_routes_match(resources):
         path = "/" if "Fn::GetAtt" in resource else paths[resource["Ref"]]
         integration = props.get("Integration", {})
         assert integration.get("Type") == "AWS_PROXY", f"{props['HttpMethod']} {path}"
-        template.add((props["HttpMethod"], path, function_name(resources, integration["Uri"]),
-                      props.get("AuthorizationType", "NONE")))
+        template.add(
+            (
+                props["HttpMethod"],
+                path,
+                function_name(resources, integration["Uri"]),
+                props.get("AuthorizationType", "NONE"),
+            )
+        )
     # Then the local gateway serves the same methods, on the same resources, with the same
     # functions and authorization
     local = {(r.method, r.resource, r.function, r.authorization) for r in ROUTES}
@@ -187,12 +213,15 @@ def test_first_token_signing_key_matches(stack, resources):
 
     # Given the template's first token signing key (every registry reader is told its id)
     readers = [
-        f for f in of_type(resources, "AWS::Lambda::Function").values()
+        f
+        for f in of_type(resources, "AWS::Lambda::Function").values()
         if "FLEETKEY_TOKEN_KEY_ID" in f["Properties"]["Environment"]["Variables"]
     ]
     assert readers
-    (key_ref,) = {json.dumps(f["Properties"]["Environment"]["Variables"]["FLEETKEY_TOKEN_KEY_ID"])
-                  for f in readers}
+    (key_ref,) = {
+        json.dumps(f["Properties"]["Environment"]["Variables"]["FLEETKEY_TOKEN_KEY_ID"])
+        for f in readers
+    }
     expected = resources[json.loads(key_ref)["Ref"]]["Properties"]
     # and the key the local stack created
     local = stack.kms.describe_key(KeyId=stack.token_key_id)["KeyMetadata"]
@@ -208,10 +237,14 @@ def test_first_token_signing_key_matches(stack, resources):
     local_tags = {t["TagKey"]: t["TagValue"] for t in tags}
     assert local_tags.items() >= token_signing_tags(LOCAL_STACK_NAME).items()
     # and it has the template's key policy, the token role being the local stack's
-    (signer,) = {json.dumps(s["Condition"]["ArnNotEquals"]["aws:PrincipalArn"])
-                 for s in expected["KeyPolicy"]["Statement"] if s["Effect"] == "Deny"}
-    deployed = json.loads(json.dumps(expected["KeyPolicy"]).replace(
-        signer, json.dumps(LOCAL_TOKEN_SIGNER_ROLE_ARN)))
+    (signer,) = {
+        json.dumps(s["Condition"]["ArnNotEquals"]["aws:PrincipalArn"])
+        for s in expected["KeyPolicy"]["Statement"]
+        if s["Effect"] == "Deny"
+    }
+    deployed = json.loads(
+        json.dumps(expected["KeyPolicy"]).replace(signer, json.dumps(LOCAL_TOKEN_SIGNER_ROLE_ARN))
+    )
     assert same_policy(policy, resolve(deployed))
     # and it is the registry's signing key (what the variable leads to in AWS)
     registry = stack.signing_keys.keys()

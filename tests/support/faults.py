@@ -17,7 +17,7 @@ class FaultInjector:
         self.after: bool = False
         self.fired: str | None = None
 
-    def watch(self, *clients) -> "FaultInjector":
+    def watch(self, *clients) -> FaultInjector:
         for client in clients:
             client.meta.events.register("before-call.*.*", self._before)
             client.meta.events.register("after-call.*.*", self._after)

@@ -452,6 +452,8 @@ def test_malformed_manufacturer_ca_is_refused():
 
 
 # --- verify_proof_of_possession -------------------------------------------------------------------
+# A verification certificate is valid from 5 minutes before it is made: it is checked at the
+# current time, not at the module's import-time NOW (a slow run reaches these tests later).
 
 
 def test_proof_of_possession_signed_by_the_ca_is_accepted():
@@ -459,7 +461,7 @@ def test_proof_of_possession_signed_by_the_ca_is_accepted():
     proof = pem(ACME.verification_certificate(REGISTRATION_CODE))
 
     # When / Then: no error
-    verify_proof_of_possession(ACME.certificate, proof, REGISTRATION_CODE, NOW)
+    verify_proof_of_possession(ACME.certificate, proof, REGISTRATION_CODE, datetime.now(UTC))
 
 
 def test_proof_of_possession_with_another_code_is_refused():
@@ -468,7 +470,7 @@ def test_proof_of_possession_with_another_code_is_refused():
 
     # When / Then
     with pytest.raises(InvalidCertificate) as caught:
-        verify_proof_of_possession(ACME.certificate, proof, REGISTRATION_CODE, NOW)
+        verify_proof_of_possession(ACME.certificate, proof, REGISTRATION_CODE, datetime.now(UTC))
     assert caught.value.reason == RejectionReason.INVALID_CHAIN
     assert "common name" in caught.value.message
 
@@ -480,7 +482,7 @@ def test_proof_of_possession_signed_by_another_key_is_refused(signer):
 
     # When / Then: whoever registers the CA must hold its private key
     with pytest.raises(InvalidCertificate) as caught:
-        verify_proof_of_possession(ACME.certificate, proof, REGISTRATION_CODE, NOW)
+        verify_proof_of_possession(ACME.certificate, proof, REGISTRATION_CODE, datetime.now(UTC))
     assert caught.value.reason == RejectionReason.INVALID_CHAIN
     assert "does not verify against the CA" in caught.value.message
 
@@ -503,7 +505,7 @@ def test_version_1_proof_of_possession_signed_by_the_ca_is_accepted():
     v1 = _version_1(ACME.verification_certificate(REGISTRATION_CODE), ACME.key)
 
     # When / Then: the proof holds (no exception)
-    verify_proof_of_possession(ACME.certificate, pem(v1), REGISTRATION_CODE, NOW)
+    verify_proof_of_possession(ACME.certificate, pem(v1), REGISTRATION_CODE, datetime.now(UTC))
 
 
 def test_version_1_proof_of_possession_signed_by_another_key_is_refused():
@@ -512,7 +514,7 @@ def test_version_1_proof_of_possession_signed_by_another_key_is_refused():
 
     # When / Then
     with pytest.raises(InvalidCertificate) as caught:
-        verify_proof_of_possession(ACME.certificate, pem(v1), REGISTRATION_CODE, NOW)
+        verify_proof_of_possession(ACME.certificate, pem(v1), REGISTRATION_CODE, datetime.now(UTC))
     assert caught.value.reason == RejectionReason.INVALID_CHAIN
 
 

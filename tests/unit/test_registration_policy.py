@@ -1,7 +1,7 @@
 """The just-in-time registration decision (refusal_for): each refusal, acceptance, precedence."""
 
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -15,7 +15,7 @@ from fleetkey.errors import InvalidRequest
 
 CERT_ID = "c" * 64
 KEY_FP = "f" * 64
-START = datetime(2025, 1, 1, tzinfo=timezone.utc)
+START = datetime(2025, 1, 1, tzinfo=UTC)
 
 DEVICE = Device(
     device_id="pump-0001",

@@ -7,7 +7,7 @@ real fleet they never leave the device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -20,8 +20,12 @@ PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 def generate_key(kind: str = "ec:secp256r1") -> PrivateKey:
     family, _, param = kind.partition(":")
     if family == "ec":
-        curve = {"secp256r1": ec.SECP256R1(), "secp384r1": ec.SECP384R1(), "secp521r1": ec.SECP521R1(),
-                 "secp256k1": ec.SECP256K1()}[param]
+        curve = {
+            "secp256r1": ec.SECP256R1(),
+            "secp384r1": ec.SECP384R1(),
+            "secp521r1": ec.SECP521R1(),
+            "secp256k1": ec.SECP256K1(),
+        }[param]
         return ec.generate_private_key(curve)
     if family == "rsa":
         return rsa.generate_private_key(public_exponent=65537, key_size=int(param))
@@ -39,7 +43,7 @@ def key_pem(key: PrivateKey) -> str:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 @dataclass
@@ -54,9 +58,13 @@ class CertificateAuthority:
 
     @classmethod
     def create(
-        cls, name: str, *, key_kind: str = "ec:secp384r1", days: int = 3650,
+        cls,
+        name: str,
+        *,
+        key_kind: str = "ec:secp384r1",
+        days: int = 3650,
         not_before: datetime | None = None,
-    ) -> "CertificateAuthority":
+    ) -> CertificateAuthority:
         key = generate_key(key_kind)
         subject = x509.Name(
             [
@@ -76,19 +84,32 @@ class CertificateAuthority:
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=True, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA384() if isinstance(key, ec.EllipticCurvePrivateKey) else hashes.SHA256())
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .sign(
+                key,
+                hashes.SHA384() if isinstance(key, ec.EllipticCurvePrivateKey) else hashes.SHA256(),
+            )
         )
         return cls(name=name, key=key, certificate=cert)
 
     def _sign(self, builder: x509.CertificateBuilder) -> x509.Certificate:
-        algorithm = hashes.SHA384() if isinstance(self.key, ec.EllipticCurvePrivateKey) else hashes.SHA256()
+        algorithm = (
+            hashes.SHA384() if isinstance(self.key, ec.EllipticCurvePrivateKey) else hashes.SHA256()
+        )
         return builder.sign(self.key, algorithm)
 
     def issue_device(
@@ -120,10 +141,15 @@ class CertificateAuthority:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=digital_signature, content_commitment=False,
-                    key_encipherment=not digital_signature, data_encipherment=False,
-                    key_agreement=False, key_cert_sign=False, crl_sign=False,
-                    encipher_only=False, decipher_only=False,
+                    digital_signature=digital_signature,
+                    content_commitment=False,
+                    key_encipherment=not digital_signature,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )

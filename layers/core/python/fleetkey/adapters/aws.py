@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Literal, overload
+
 from botocore.config import Config
 from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
+    from mypy_boto3_iot import IoTClient
+    from mypy_boto3_kms import KMSClient
+
 # Standard retry mode retries throttling and 5xx inside the SDK; what still fails reaches us.
-CLIENT_CONFIG = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=2, read_timeout=5)
+CLIENT_CONFIG = Config(
+    retries={"mode": "standard", "max_attempts": 3}, connect_timeout=2, read_timeout=5
+)
 
 TRANSIENT_CODES = frozenset(
     {
@@ -38,7 +47,17 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionError, HTTPClientError))
 
 
-def client(service: str, region: str | None = None):
+@overload
+def client(service: Literal["dynamodb"], region: str | None = None) -> DynamoDBClient: ...
+@overload
+def client(service: Literal["iot"], region: str | None = None) -> IoTClient: ...
+@overload
+def client(service: Literal["kms"], region: str | None = None) -> KMSClient: ...
+def client(
+    service: Literal["dynamodb", "iot", "kms"], region: str | None = None
+) -> DynamoDBClient | IoTClient | KMSClient:
+    """A boto3 client for one of the services fleetkey calls, with fleetkey's retries and
+    timeouts."""
     import boto3  # imported where a real client is first needed; tests inject their own
 
     return boto3.client(service, region_name=region, config=CLIENT_CONFIG)

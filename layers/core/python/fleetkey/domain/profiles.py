@@ -1,4 +1,5 @@
-"""Device profiles: which IoT policy, thing type, key, token and certificate rules apply to a device.
+"""Device profiles: which IoT policy, thing type, key, token and certificate rules apply to a
+device.
 
 Profiles are code, not data: the CDK stack creates one IoT policy and one thing type per profile
 from these same definitions, and the functions read them to decide what to attach. Adding a profile
@@ -8,6 +9,7 @@ is a reviewed change and a deployment, never a runtime write.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from fleetkey.errors import InvalidRequest
 
@@ -67,7 +69,7 @@ class DeviceProfile:
     def thing_type_name(self, prefix: str) -> str:
         return f"{prefix}-{self.name}"
 
-    def iot_policy_document(self, arn_prefix: str) -> dict:
+    def iot_policy_document(self, arn_prefix: str) -> dict[str, Any]:
         """The least-privilege AWS IoT policy for devices of this profile.
 
         `arn_prefix` is ``arn:<partition>:iot:<region>:<account>``. A device may connect only with
@@ -123,7 +125,8 @@ PROFILES: dict[str, DeviceProfile] = {
                 audiences=frozenset({"urn:fleetkey:telemetry", "urn:fleetkey:therapy"}),
                 require_attestation=True,
                 # Released pump firmware measurements (SHA-256 of the image). The demo fleet's
-                # firmware (sha256 of b"fleetkey-demo-pump-firmware-2.4.1"); a release adds its own here.
+                # firmware (sha256 of b"fleetkey-demo-pump-firmware-2.4.1"); a release adds its
+                # own here.
                 allowed_firmware=frozenset(
                     {"7981a0c2a8f3203495d07847ee27eb5eb31d68545fd04cd4a76842099d64054f"}
                 ),

@@ -1,9 +1,10 @@
-"""Why a certificate was refused. The values are stable: they appear in audit records and metrics."""
+"""Why a certificate was refused. The values are stable: they appear in audit records and
+metrics."""
 
-from enum import Enum
+from enum import StrEnum
 
 
-class RejectionReason(str, Enum):
+class RejectionReason(StrEnum):
     UNKNOWN_CERTIFICATE = "unknown_certificate"
     CERTIFICATE_NOT_PENDING = "certificate_not_pending"
     MALFORMED_CERTIFICATE = "malformed_certificate"

@@ -510,7 +510,10 @@ def _is_device_id(value: str) -> bool:
 
 
 def _reason(value: str | None) -> RejectionReason:
-    """A recorded reason; one this version does not know reads as malformed_certificate."""
+    """A recorded reason; one this version does not know (or none) reads as
+    malformed_certificate."""
+    if value is None:
+        return RejectionReason.MALFORMED_CERTIFICATE
     try:
         return RejectionReason(value)
     except ValueError:

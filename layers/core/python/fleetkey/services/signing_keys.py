@@ -51,8 +51,6 @@ def token_signing_tags(stack_name: str) -> dict[str, str]:
     return {TAG_KEY: f"{TAG_VALUE_PREFIX}{stack_name}"}
 
 
-
-
 class NoSigningKey(FleetkeyError):
     code = "temporarily_unavailable"
     status = 503

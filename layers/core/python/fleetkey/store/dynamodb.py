@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import random
 import time
-from decimal import Decimal
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import BotoCoreError, ClientError
@@ -28,6 +29,10 @@ from fleetkey.domain.models import (
 from fleetkey.errors import TransientAwsError
 from fleetkey.store import schema
 
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
+    from mypy_boto3_dynamodb.type_defs import TransactWriteItemTypeDef
+
 _serializer = TypeSerializer()
 _deserializer = TypeDeserializer()
 
@@ -36,7 +41,12 @@ ROWS_PER_TRANSACTION = 50
 MAX_TRANSACTION_ATTEMPTS = 8
 # Cancellation reasons a retry can outlast (the others, e.g. ValidationError, are our bug).
 TRANSIENT_CANCELLATION_CODES = frozenset(
-    {"TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded", "RequestLimitExceeded"}
+    {
+        "TransactionConflict",
+        "ThrottlingError",
+        "ProvisionedThroughputExceeded",
+        "RequestLimitExceeded",
+    }
 )
 
 
@@ -55,7 +65,7 @@ def _ser(item: dict[str, Any]) -> dict[str, Any]:
     return {k: _serializer.serialize(v) for k, v in item.items() if v is not None}
 
 
-def _de(item: dict[str, Any]) -> dict[str, Any]:
+def _de(item: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deserializer.deserialize(v) for k, v in item.items()}
 
 
@@ -79,7 +89,7 @@ class Action:
     """One named action of a transaction."""
 
     name: str
-    body: dict[str, Any]
+    body: TransactWriteItemTypeDef
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,9 +170,11 @@ def same_entry(item: dict[str, Any], entry: AllowlistEntry) -> bool:
 class Store:
     """The fleetkey table. `client` is a boto3 DynamoDB client; None builds a real one."""
 
-    def __init__(self, table_name: str, client=None, region: str | None = None) -> None:
+    def __init__(
+        self, table_name: str, client: DynamoDBClient | None = None, region: str | None = None
+    ) -> None:
         self.table = table_name
-        self._client = client or aws_client("dynamodb", region)
+        self._client: DynamoDBClient = client or aws_client("dynamodb", region)
 
     # ---- reads -----------------------------------------------------------------------------
 
@@ -312,7 +324,8 @@ class Store:
                 raise
             reasons = exc.response.get("CancellationReasons") or []
             failed, items, other = [], {}, set()
-            for action, reason in zip(actions, reasons):
+            # AWS gives one reason per action; none at all when the response carries no reasons.
+            for action, reason in zip(actions, reasons, strict=False):
                 code = reason.get("Code")
                 if code == "ConditionalCheckFailed":
                     failed.append(action.name)
@@ -325,7 +338,9 @@ class Store:
             if other and other <= TRANSIENT_CANCELLATION_CODES:
                 # Another transaction touched the same items, or capacity ran short; a retry of
                 # the same request converges.
-                raise TransientAwsError(f"transaction cancelled: {', '.join(sorted(other))}") from exc
+                raise TransientAwsError(
+                    f"transaction cancelled: {', '.join(sorted(other))}"
+                ) from exc
             raise
 
     # ---- devices ----------------------------------------------------------------------------
@@ -347,8 +362,13 @@ class Store:
         Raises:
             ConditionFailed: 'certificate' (already decided; the earlier decision is attached)
                 and/or 'device' (the device exists; its item is attached).
+            ValueError: `unless_device_exists` without a `claimed_device_id` to look up.
         """
-        actions = [self.device_absent_check(claimed_device_id)] if unless_device_exists else []
+        actions: list[Action] = []
+        if unless_device_exists:
+            if claimed_device_id is None:
+                raise ValueError("unless_device_exists needs the claimed device id")
+            actions.append(self.device_absent_check(claimed_device_id))
         actions += [
             self.certificate_put(
                 certificate_id,
@@ -378,7 +398,9 @@ class Store:
             ConditionFailed: 'device' when the device changed since it was read (its current item
                 is attached), or the names of failed `extra` actions.
         """
-        assert record.seq == device.audit_head.seq + 1 and record.prev_hash == device.audit_head.hash
+        # A caller's bug, not a race: raised even under `python -O`, before anything is written.
+        if record.seq != device.audit_head.seq + 1 or record.prev_hash != device.audit_head.hash:
+            raise AssertionError("the audit record does not extend the device's chain head")
         values: dict[str, Any] = {
             ":seq": record.seq,
             ":hash": record.hash,
@@ -490,7 +512,8 @@ class Store:
                         raise TransientAwsError(
                             "allow-list import could not finish; re-run it to continue"
                         ) from exc
-                    time.sleep(min(2.0, 0.05 * 2**attempt) * random.random())
+                    jitter = random.random()  # noqa: S311 - backoff jitter, not key material
+                    time.sleep(min(2.0, 0.05 * 2**attempt) * jitter)
                     continue
                 imported.extend(entry.device_id for entry, _ in pending)
                 pending = []
@@ -552,8 +575,12 @@ class Store:
                 {
                     "Put": {
                         "TableName": self.table,
-                        "Item": _ser({**schema.assertion_key(device_id, jti),
-                                      schema.TTL_ATTRIBUTE: expires_at}),
+                        "Item": _ser(
+                            {
+                                **schema.assertion_key(device_id, jti),
+                                schema.TTL_ATTRIBUTE: expires_at,
+                            }
+                        ),
                         "ConditionExpression": "attribute_not_exists(pk) OR #exp < :now",
                         "ExpressionAttributeNames": {"#exp": schema.TTL_ATTRIBUTE},
                         "ExpressionAttributeValues": _ser({":now": now}),
@@ -593,7 +620,9 @@ class Store:
 
     def is_token_revoked(self, jti: str, now: int) -> bool:
         item = self._get(schema.revoked_token_key(jti))
-        return bool(item) and int(item[schema.TTL_ATTRIBUTE]) >= now
+        if not item:
+            return False
+        return int(item[schema.TTL_ATTRIBUTE]) >= now
 
     def get_signing_keys(self) -> tuple[ChainHead, list[dict[str, Any]]]:
         item = self._get(schema.stream_head_key("signing-keys"))
@@ -619,8 +648,14 @@ class Store:
                     {
                         "Put": {
                             "TableName": self.table,
-                            "Item": _ser({**key, "audit_seq": record.seq,
-                                          "audit_hash": record.hash, "keys": keys}),
+                            "Item": _ser(
+                                {
+                                    **key,
+                                    "audit_seq": record.seq,
+                                    "audit_hash": record.hash,
+                                    "keys": keys,
+                                }
+                            ),
                             "ConditionExpression": "attribute_not_exists(pk) OR audit_seq = :prev",
                             "ExpressionAttributeValues": _ser({":prev": head.seq}),
                         }
@@ -683,7 +718,9 @@ class Store:
         name = item.get("name") if item else None
         return name if isinstance(name, str) else None
 
-    def set_ca_status(self, ca: ManufacturerCa, status: CaStatus, record: AuditRecord) -> ManufacturerCa:
+    def set_ca_status(
+        self, ca: ManufacturerCa, status: CaStatus, record: AuditRecord
+    ) -> ManufacturerCa:
         """Raises ConditionFailed('ca') if the CA changed since it was read."""
         update = Action(
             "ca",
