@@ -2,20 +2,23 @@
 
 from functools import lru_cache
 from typing import Any
-from urllib.parse import parse_qsl
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from fleetkey.adapters.kms import KmsKeys
+from fleetkey.domain.oauth import OAuthInvalidRequest
 from fleetkey.observability import logger, metrics, tracer
 from fleetkey.services.introspection import IntrospectionService
 from fleetkey.services.signing_keys import KeyTrust, SigningKeys
+from fleetkey.services.tokens import read_form
 from fleetkey.settings import Settings
 from fleetkey.store.dynamodb import Store
 
 app = APIGatewayRestResolver()
+# An access token is at most 8 KiB (MAX_TOKEN_BYTES), percent-encoded at most ~3x larger.
+MAX_FORM_BYTES = 32 * 1024
 
 
 @lru_cache(maxsize=1)
@@ -28,18 +31,36 @@ def service() -> IntrospectionService:
     return IntrospectionService(settings, store, keys)
 
 
+def _invalid_request(description: str) -> Response[dict[str, Any]]:
+    return Response(
+        status_code=400,
+        content_type=content_types.APPLICATION_JSON,
+        body={"error": "invalid_request", "error_description": description},
+        headers={"Cache-Control": "no-store"},
+    )
+
+
 @app.post("/v1/introspect")
 def introspect() -> Response[dict[str, Any]]:
+    """RFC 7662 §2.1: a form with one `token` (and an optional hint), read as the token endpoint
+    reads its own (`read_form`). A `token` sent twice is refused rather than one of them picked:
+    the caller and fleetkey could otherwise disagree on which token was judged."""
+    event = app.current_event
     try:
-        form = dict(parse_qsl(app.current_event.decoded_body or "", max_num_fields=8))
-    except (ValueError, UnicodeDecodeError):
-        form = {}
-    if "token" not in form:
-        return Response(
-            status_code=400,
-            content_type=content_types.APPLICATION_JSON,
-            body={"error": "invalid_request", "error_description": "token is required"},
+        if len((event.multi_value_headers or {}).get("content-type") or ()) > 1:
+            raise OAuthInvalidRequest("more than one content type")
+        form = read_form(
+            event.headers.get("content-type"),
+            event.decoded_body or "",
+            max_fields=8,
+            max_bytes=MAX_FORM_BYTES,
         )
+    except OAuthInvalidRequest as exc:
+        return _invalid_request(exc.message)
+    except ValueError:  # UnicodeDecodeError, or binascii.Error for a body flagged base64
+        return _invalid_request("the body must be UTF-8 (base64 when flagged so)")
+    if "token" not in form:
+        return _invalid_request("token is required")
     return Response(
         status_code=200,
         content_type=content_types.APPLICATION_JSON,

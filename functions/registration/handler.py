@@ -2,7 +2,10 @@
 
 Transient AWS failures propagate, so Lambda's async retries and the failure destination take the
 event; a malformed event, or one that does not match what AWS IoT says about its certificate
-(mismatched), is audited and acknowledged (retrying it cannot help).
+(mismatched), is audited and acknowledged (retrying it cannot help). `ThingConflict` propagates
+too (a thing of the device's name exists in AWS IoT and is not fleetkey's; nothing in AWS IoT is
+changed): retrying cannot help until an operator resolves the name clash, but the failure queue
+must keep the event, whose redrive then finishes the registration.
 
 Metrics: `RegistrationsAccepted` and `RegistrationsRefused` (dimension `reason`) count decisions,
 once per certificate: only the invocation that records the decision counts it, at the moment it

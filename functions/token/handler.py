@@ -4,7 +4,6 @@ Errors are RFC 6749 §5.2 JSON; nothing in them tells which check failed."""
 
 from functools import lru_cache
 from typing import Any
-from urllib.parse import parse_qsl
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
 from aws_lambda_powertools.logging import correlation_paths
@@ -18,7 +17,7 @@ from fleetkey.domain.oauth import InvalidClient, OAuthError, OAuthInvalidRequest
 from fleetkey.errors import FleetkeyError
 from fleetkey.observability import logger, metrics, tracer
 from fleetkey.services.signing_keys import KeyTrust, SigningKeys
-from fleetkey.services.tokens import TokenService
+from fleetkey.services.tokens import TokenService, read_form
 from fleetkey.settings import Settings
 from fleetkey.store.dynamodb import Store
 
@@ -46,28 +45,25 @@ def _json(status: int, body: dict[str, Any]) -> Response[dict[str, Any]]:
 
 
 def _form() -> dict[str, str]:
-    """application/x-www-form-urlencoded, each parameter at most once (RFC 6749 §3.2)."""
-    content_type = (app.current_event.headers.get("content-type") or "").lower()
-    if not content_type.startswith("application/x-www-form-urlencoded"):
-        raise OAuthInvalidRequest("the body must be application/x-www-form-urlencoded")
+    """The request's form (`read_form`: the one media type, UTF-8, each parameter at most once),
+    from a request that authenticates the client by its assertion alone.
+
+    Raises:
+        OAuthInvalidRequest: a malformed form, or an `Authorization` header: RFC 6749 §2.3, one
+            client authentication method per request (the assertion is one already).
+    """
+    event = app.current_event
+    if event.headers.get("authorization") is not None:
+        raise OAuthInvalidRequest("more than one client authentication method")
+    if len((event.multi_value_headers or {}).get("content-type") or ()) > 1:
+        raise OAuthInvalidRequest("more than one content type")
     try:
-        body = app.current_event.decoded_body or ""
+        body = event.decoded_body or ""
     except ValueError:  # UnicodeDecodeError, or binascii.Error for a body flagged base64
         raise OAuthInvalidRequest("the body must be UTF-8 (base64 when flagged so)") from None
-    if len(body) > MAX_FORM_BYTES:
-        raise OAuthInvalidRequest("the request is too large")
-    try:
-        pairs = parse_qsl(
-            body, keep_blank_values=True, strict_parsing=bool(body), max_num_fields=16
-        )
-    except ValueError:
-        raise OAuthInvalidRequest("the body is not a valid form") from None
-    form: dict[str, str] = {}
-    for name, value in pairs:
-        if name in form:
-            raise OAuthInvalidRequest(f"parameter {name} appears more than once")
-        form[name] = value
-    return form
+    return read_form(
+        event.headers.get("content-type"), body, max_fields=16, max_bytes=MAX_FORM_BYTES
+    )
 
 
 @app.exception_handler(OAuthError)

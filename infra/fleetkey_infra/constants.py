@@ -14,7 +14,7 @@ from aws_cdk import aws_logs as logs
 
 from fleetkey import events
 from fleetkey.domain.profiles import FLEETKEY_THING_ATTRIBUTES
-from fleetkey.services.signing_keys import KEY_SPEC, KEY_USAGE, TAG_KEY
+from fleetkey.services.signing_keys import KEY_ORIGIN, KEY_SPEC, KEY_USAGE, TAG_KEY
 
 # Repository layout, resolved from this file so that synthesis works from any working directory.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +46,9 @@ THING_SEARCHABLE_ATTRIBUTES = FLEETKEY_THING_ATTRIBUTES
 TOKEN_SIGNING_TAG_KEY = TAG_KEY
 TOKEN_KEY_SPEC = KEY_SPEC
 TOKEN_KEY_USAGE = KEY_USAGE
+# Material KMS generates, single-Region (CreateKey is conditioned on both; so is every key/*
+# grant, and the functions trust no key of another origin).
+TOKEN_KEY_ORIGIN = KEY_ORIGIN
 # What no fleetkey function role may do to the table's key, whatever IAM grants (a Deny in the
 # key's own policy): manage, re-tag, re-permission, disable or delete it.
 TABLE_KEY_DENIED_ACTIONS = (
@@ -53,7 +56,10 @@ TABLE_KEY_DENIED_ACTIONS = (
     "kms:CreateGrant",
     "kms:DisableKey",
     "kms:DisableKeyRotation",
+    "kms:ImportKeyMaterial",
     "kms:PutKeyPolicy",
+    "kms:ReplicateKey",
+    "kms:RotateKeyOnDemand",
     "kms:ScheduleKeyDeletion",
     "kms:TagResource",
     "kms:UntagResource",
@@ -100,6 +106,7 @@ ENV_NAME_PREFIX = "FLEETKEY_NAME_PREFIX"
 ENV_ISSUER = "FLEETKEY_ISSUER"
 ENV_TOKEN_KEY_ID = "FLEETKEY_TOKEN_KEY_ID"
 ENV_TOKEN_SIGNER_ROLE_ARN = "FLEETKEY_TOKEN_SIGNER_ROLE_ARN"
+ENV_TOKEN_KEY_RETIRER_ROLE_ARNS = "FLEETKEY_TOKEN_KEY_RETIRER_ROLE_ARNS"
 ENV_STACK_NAME = "FLEETKEY_STACK_NAME"
 REGISTRATION_SERVICE_NAME = "fleetkey-registration"
 ADMIN_SERVICE_NAME = "fleetkey-admin"

@@ -7,9 +7,13 @@ the local stack imports it.
 
 Configuration (CDK context: cdk.json's "context", or `cdk deploy -c key=value`):
 
-- `operatorPrincipals`: the IAM principals admitted to `/v1/admin/*`. Each entry is an IAM ARN
-  (`arn:aws:iam::111122223333:role/ops/fleetkey-admin`) or `role/<name>` / `user/<name>` in the
-  stack's own account; `*` and `?` match as in IAM's `ArnLike`. Default: `role/fleetkey-operator`.
+- `operatorPrincipals`: the IAM principals admitted to `/v1/admin/*`. Each entry is `role/<name>`
+  / `user/<name>` (a path may precede the name: `role/ops/fleetkey-admin`) or the full ARN of a
+  role or user **of the stack's own account** (`arn:aws:iam::<the stack's account>:role/ops/
+  fleetkey-admin`); `*` and `?` match as in IAM's `ArnLike` in the name. A principal of another
+  account is refused at synthesis (or, for an environment-agnostic stack, by a CloudFormation rule
+  at deployment): nothing in the API's resource policy allows one, so it could never be admitted.
+  Default: `role/fleetkey-operator`.
   An empty list fails synthesis: an admin API that admits nobody is a misconfiguration, and one
   that admits everybody is the defect this closes.
 - `relyingPartyPrincipals`: the same for `POST /v1/introspect`. Default:
@@ -70,8 +74,10 @@ RATE_LIMITED_STATUS = 429
 RATE_LIMITED_MESSAGE = "Too Many Requests"  # API Gateway's own throttling answer says the same
 
 # The IAM routes each audience guards, as API Gateway resource-policy paths.
-ADMIN_POLICY_PATH = "/v1/admin/*"
-INTROSPECT_POLICY_PATH = "/v1/introspect"
+ADMIN_POLICY_PATHS = ("/v1/admin/*",)
+# The route itself, and anything under it (a trailing slash, a sub-path): API Gateway matches a
+# resource-policy path literally, so `/v1/introspect` alone would not cover `/v1/introspect/`.
+INTROSPECT_POLICY_PATHS = ("/v1/introspect", "/v1/introspect/*")
 
 
 class EdgeConfigError(ValueError):
@@ -125,15 +131,15 @@ def normalize_path(path: str) -> str:
 @dataclass(frozen=True)
 class Audience:
     """The principals (IAM ARN patterns, `ArnLike`) admitted to the IAM routes under
-    `policy_path` (an API Gateway resource-policy path: `*` matches any characters). No
+    `policy_paths` (API Gateway resource-policy paths: `*` matches any characters). No
     principals: nobody is admitted."""
 
     name: str
-    policy_path: str
+    policy_paths: tuple[str, ...]
     principals: tuple[str, ...]
 
     def guards(self, path: str) -> bool:
-        return _glob(self.policy_path).fullmatch(path) is not None
+        return any(_glob(p).fullmatch(path) is not None for p in self.policy_paths)
 
     def admits(self, principal_arn: str) -> bool:
         return any(arn_like(pattern, principal_arn) for pattern in self.principals)
@@ -200,17 +206,41 @@ class EdgeConfig:
             RateLimit("discovery", ("/.well-known/",), self.discovery_rate_limit, window),
         )
 
+    def named_accounts(self) -> frozenset[str]:
+        """The accounts the full-ARN entries name (`role/<name>` entries are the stack's)."""
+        return frozenset(
+            entry.split(":")[4]
+            for entry in (*self.operator_principals, *self.relying_party_principals)
+            if entry.startswith("arn:")
+        )
+
+    def check_account(self, account: str) -> None:
+        """Every principal must be of `account` (the stack's): the resource policy allows no
+        principal of another account, so one could never be admitted.
+
+        Raises:
+            EdgeConfigError: an entry names another account.
+        """
+        others = sorted(a for a in self.named_accounts() if a != account)
+        if others:
+            raise EdgeConfigError(
+                f"{OPERATOR_PRINCIPALS_KEY}/{RELYING_PARTY_PRINCIPALS_KEY} name principals of "
+                f"account(s) {', '.join(others)}, not the stack's ({account}): nothing allows a "
+                "principal of another account to call the IAM routes, so it could never be "
+                "admitted. Name roles of the stack's account (role/<name>)."
+            )
+
     def audiences(self, partition: str, account: str) -> tuple[Audience, ...]:
         """The IAM routes' audiences, with `role/<name>` entries made ARNs in `account`."""
         return (
             Audience(
                 "operators",
-                ADMIN_POLICY_PATH,
+                ADMIN_POLICY_PATHS,
                 resolve_principals(self.operator_principals, partition, account),
             ),
             Audience(
                 "relying parties",
-                INTROSPECT_POLICY_PATH,
+                INTROSPECT_POLICY_PATHS,
                 resolve_principals(self.relying_party_principals, partition, account),
             ),
         )
@@ -219,16 +249,16 @@ class EdgeConfig:
 # ---- principals ------------------------------------------------------------------------------
 
 _RELATIVE = re.compile(r"^(role|user)/[\w+=,.@/*?-]+$")
-_ARN = re.compile(r"^arn:[a-z*?-]+:iam::(\d{12}|[*?]+):(role|user)/[\w+=,.@/*?-]+$")
+_ARN = re.compile(r"^arn:[a-z-]+:iam::\d{12}:(role|user)/[\w+=,.@/*?-]+$")
 
 
 def check_principal(entry: str) -> None:
     if not (_RELATIVE.match(entry) or _ARN.match(entry)):
         raise EdgeConfigError(
             f"{entry!r} is not an IAM role or user: give its ARN "
-            "(arn:aws:iam::<account>:role/<name>) or role/<name> / user/<name> in the stack's "
-            "account. A role session's aws:PrincipalArn is its role's ARN, so name the role, not "
-            "an sts assumed-role ARN."
+            "(arn:aws:iam::<the stack's account>:role/<name>, no wildcard in partition or "
+            "account) or role/<name> / user/<name> in the stack's account. A role session's "
+            "aws:PrincipalArn is its role's ARN, so name the role, not an sts assumed-role ARN."
         )
     name = entry.split(":")[-1].split("/", 1)[1]
     if not name.strip("*?/"):

@@ -24,6 +24,20 @@ from fleetkey_infra.constructs import (
 )
 from fleetkey_infra.nag import acknowledge, wildcard_resource
 
+# AWS IoT actions, by resource type (Service Authorization Reference; infra/README.md). Add an
+# action the code starts calling here: the IAM check (tests/support/aws_calls.py) names it.
+REGISTRATION_CERTIFICATE_ACTIONS = ("iot:DescribeCertificate", "iot:UpdateCertificate")
+# ListThingPrincipals: the take-over of an existing thing lists its certificates.
+# DescribeThing: a thing that already exists is taken over only if it is fleetkey's.
+REGISTRATION_THING_ACTIONS = (
+    "iot:CreateThing",
+    "iot:DescribeThing",
+    "iot:UpdateThing",
+    "iot:ListThingPrincipals",
+)
+ADMIN_CA_REGISTRATION_ACTIONS = ("iot:GetRegistrationCode", "iot:RegisterCACertificate")
+# DescribeCACertificate: a CA AWS IoT already has, that fleetkey did not register, is refused.
+ADMIN_CA_CERTIFICATE_ACTIONS = ("iot:DescribeCACertificate", "iot:UpdateCACertificate")
 # Item-level actions only: TransactWriteItems is authorized per item by
 # Put/Update/Delete/ConditionCheck. No Scan, no Batch*: the store does not use them.
 TABLE_ITEM_ACTIONS = (
@@ -43,29 +57,33 @@ ADMIN_TABLE_ACTIONS = (
 )
 # The token function reads devices, the signing-key registry and challenges (GetItem), and writes
 # only its own items: challenges (PutItem NONCE#), an assertion's jti with its challenge consumed
-# (a transaction of a Put JTI# and a Delete NONCE#). dynamodb:LeadingKeys holds it to those.
+# (a transaction of a Put JTI# and a Delete NONCE#). dynamodb:LeadingKeys holds it to those, and
+# it deletes challenges only: a recorded jti (replay protection) is never deleted.
 TOKEN_READ_ACTIONS = ("dynamodb:GetItem",)
-TOKEN_WRITE_ACTIONS = ("dynamodb:PutItem", "dynamodb:DeleteItem")
-TOKEN_WRITABLE_PARTITIONS = ("JTI#*", "NONCE#*")
+TOKEN_PUT_PARTITIONS = ("JTI#*", "NONCE#*")
+TOKEN_DELETE_PARTITIONS = ("NONCE#*",)
 # Discovery (the signing-key registry) and introspection (registry, device, revocation) only read.
 READ_TABLE_ACTIONS = ("dynamodb:GetItem",)
 # What DynamoDB asks of the caller's principal on a table encrypted with a customer managed key.
 TABLE_KEY_ACTIONS = ("kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey")
 READ_TABLE_KEY_ACTIONS = ("kms:Decrypt",)
 # Every function that reads the signing-key registry trusts a key only once KMS confirms it: its
-# public half, spec and usage (GetPublicKey), its tag (ListResourceTags) and its key policy
-# (GetKeyPolicy), so a write to the table alone cannot publish a key.
-TOKEN_KEY_CONFIRM_ACTIONS = ("kms:GetPublicKey", "kms:ListResourceTags", "kms:GetKeyPolicy")
-# Only the token function signs.
-TOKEN_KEY_SIGNING_ACTIONS = ("kms:Sign", *TOKEN_KEY_CONFIRM_ACTIONS)
-# Rotation (admin) confirms the keys it creates; retirement (admin on demand, maintenance hourly)
-# schedules their deletion, and so does a refused rotation for the key it created.
-TOKEN_KEY_ADMIN_ACTIONS = (*TOKEN_KEY_CONFIRM_ACTIONS, "kms:ScheduleKeyDeletion")
+# origin, spec, usage and single-Region flag (DescribeKey), its public half (GetPublicKey), its tag
+# (ListResourceTags) and its key policy (GetKeyPolicy), so a write to the table alone cannot
+# publish a key. Read-only: tagging someone else's key as this stack's gains nothing through these.
+TOKEN_KEY_CONFIRM_ACTIONS = (
+    "kms:DescribeKey",
+    "kms:GetPublicKey",
+    "kms:ListResourceTags",
+    "kms:GetKeyPolicy",
+)
+# kms:Sign (the token role) and kms:ScheduleKeyDeletion (admin, maintenance) are NOT granted by
+# IAM: each signing key's own policy grants them to exactly those roles (token_key_policy), so
+# only keys whose policy fleetkey wrote can be signed with or deleted by this stack's roles.
 # Scheduled retirement: read the signing-key registry (GetItem), then replace it and append its
 # audit record in one transaction of two Puts, both in the STREAM#signing-keys partition.
 MAINTENANCE_TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:PutItem")
 MAINTENANCE_WRITABLE_PARTITIONS = ("STREAM#signing-keys",)
-TOKEN_KEY_RETIREMENT_ACTIONS = (*TOKEN_KEY_CONFIRM_ACTIONS, "kms:ScheduleKeyDeletion")
 
 
 class FleetkeyStack(Stack):
@@ -116,6 +134,10 @@ class FleetkeyStack(Stack):
         self._grant_discovery(self.functions.discovery_role)
         self._grant_introspect(self.functions.introspect_role)
         self._grant_maintenance(self.functions.maintenance_role)
+        # What IAM does not grant, the signing keys' policy does (the document rotation writes).
+        self.token_keys.set_policy(
+            self.functions.token_role, self.functions.token_key_retirer_roles
+        )
         self._protect_table_key()
         self._build_outputs()
 
@@ -153,8 +175,19 @@ class FleetkeyStack(Stack):
 
     @staticmethod
     def _token_key_shape() -> dict[str, str]:
-        """A P-256 signing key: what every token key is, and the table's key (symmetric) is not."""
-        return {"kms:KeySpec": constants.TOKEN_KEY_SPEC, "kms:KeyUsage": constants.TOKEN_KEY_USAGE}
+        """A P-256 signing key, material generated by KMS: what every token key is, and the
+        table's key (symmetric) is not. Both condition keys apply to CreateKey (the request's
+        values) and to operations on an existing key (the key's)."""
+        return {
+            "kms:KeySpec": constants.TOKEN_KEY_SPEC,
+            "kms:KeyUsage": constants.TOKEN_KEY_USAGE,
+            "kms:KeyOrigin": constants.TOKEN_KEY_ORIGIN,
+        }
+
+    @staticmethod
+    def _single_region() -> dict[str, dict[str, str]]:
+        """`kms:MultiRegion` is a Boolean condition key."""
+        return {"Bool": {"kms:MultiRegion": "false"}}
 
     def _token_key_conditions(self) -> dict[str, dict[str, str]]:
         """An existing key this stack signs tokens with: its tag names this stack, and it is a
@@ -163,7 +196,8 @@ class FleetkeyStack(Stack):
             "StringEquals": {
                 **self._token_signing_tag("aws:ResourceTag"),
                 **self._token_key_shape(),
-            }
+            },
+            **self._single_region(),
         }
 
     def _grant_table_items(
@@ -196,8 +230,11 @@ class FleetkeyStack(Stack):
                 )
             )
 
-    def _grant_token_keys(self, role: iam.IRole, sid: str, actions: tuple[str, ...]) -> None:
-        """`actions` on this stack's token signing keys only (tag, spec and usage conditions)."""
+    def _grant_token_keys(
+        self, role: iam.IRole, sid: str, actions: tuple[str, ...] = TOKEN_KEY_CONFIRM_ACTIONS
+    ) -> None:
+        """`actions` (read-only: confirming a key) on this stack's token signing keys only (tag,
+        spec, usage, origin and single-Region conditions)."""
         role.add_to_principal_policy(
             iam.PolicyStatement(
                 sid=sid,
@@ -212,7 +249,9 @@ class FleetkeyStack(Stack):
             "Token signing keys are created by rotation at run time, their ids unknown at deploy "
             "time: the key/* statements apply only to keys tagged fleetkey:purpose=token-signing:"
             "<this stack> that are ECC_NIST_P256 SIGN_VERIFY keys (aws:ResourceTag, kms:KeySpec, "
-            "kms:KeyUsage conditions); TagResource only sets that tag on such a key.",
+            "kms:KeyUsage, kms:KeyOrigin, kms:MultiRegion conditions), and only read them; "
+            "TagResource only sets that tag on such a key. Sign and ScheduleKeyDeletion are "
+            "granted by each key's own policy, not here.",
         )
 
     def _grant_registration(self, role: iam.IRole) -> None:
@@ -225,15 +264,14 @@ class FleetkeyStack(Stack):
         role.add_to_principal_policy(
             iam.PolicyStatement(
                 sid="Certificates",
-                actions=["iot:DescribeCertificate", "iot:UpdateCertificate"],
+                actions=list(REGISTRATION_CERTIFICATE_ACTIONS),
                 resources=[certificates],
             )
         )
-        # ListThingPrincipals: the take-over of an existing thing lists its certificates.
         role.add_to_principal_policy(
             iam.PolicyStatement(
                 sid="Things",
-                actions=["iot:CreateThing", "iot:UpdateThing", "iot:ListThingPrincipals"],
+                actions=list(REGISTRATION_THING_ACTIONS),
                 resources=[things],
             )
         )
@@ -283,20 +321,28 @@ class FleetkeyStack(Stack):
             **self._token_signing_tag("aws:RequestTag"),
             **self._token_key_shape(),
         }
-        # CreateKey has no resource before the key exists. It is allowed only for a P-256 signing
-        # key whose request tags it for this stack, and with no other tag.
+        # CreateKey has no resource before the key exists. It is allowed only for a single-Region
+        # P-256 signing key of KMS-generated material whose request tags it for this stack, and
+        # with no other tag.
         role.add_to_principal_policy(
             iam.PolicyStatement(
                 sid="CreateTokenKeys",
                 actions=["kms:CreateKey"],
                 resources=["*"],
-                conditions={"StringEquals": creates_a_token_key, **only_the_purpose_tag},
+                conditions={
+                    "StringEquals": creates_a_token_key,
+                    **self._single_region(),
+                    **only_the_purpose_tag,
+                },
             )
         )
         # CreateKey with Tags also needs TagResource on keys (KMS asks it of an IAM policy). It
         # sets exactly this stack's tag, only on a P-256 signing key (never on the table's key,
         # nor any other kind), and never re-tags a key that carries another purpose tag value
-        # (another stack's signing key).
+        # (another stack's signing key). It can still tag a P-256 key of the account that carries
+        # no purpose tag at all (KMS cannot tell CreateKey's implied TagResource from a later
+        # one): that gains nothing, as no IAM grant of this stack signs with or deletes a key,
+        # and such a key's policy is not fleetkey's (it is never trusted).
         role.add_to_principal_policy(
             iam.PolicyStatement(
                 sid="TagTokenKeys",
@@ -305,22 +351,25 @@ class FleetkeyStack(Stack):
                 conditions={
                     "StringEquals": creates_a_token_key,
                     "StringEqualsIfExists": self._token_signing_tag("aws:ResourceTag"),
+                    **self._single_region(),
                     **only_the_purpose_tag,
                 },
             )
         )
-        self._grant_token_keys(role, "ManageTokenKeys", TOKEN_KEY_ADMIN_ACTIONS)
+        # Confirming the keys it creates and lists; their deletion (retirement, or the undo of a
+        # refused rotation) is granted by their key policy.
+        self._grant_token_keys(role, "ConfirmTokenKeys")
         role.add_to_principal_policy(
             iam.PolicyStatement(
                 sid="CaRegistration",
-                actions=["iot:GetRegistrationCode", "iot:RegisterCACertificate"],
+                actions=list(ADMIN_CA_REGISTRATION_ACTIONS),
                 resources=["*"],
             )
         )
         role.add_to_principal_policy(
             iam.PolicyStatement(
                 sid="CaCertificates",
-                actions=["iot:UpdateCACertificate"],
+                actions=list(ADMIN_CA_CERTIFICATE_ACTIONS),
                 resources=[self._iot_arn("cacert")],
             )
         )
@@ -341,45 +390,49 @@ class FleetkeyStack(Stack):
 
     def _grant_token(self, role: iam.IRole) -> None:
         """Devices' tokens: read devices, challenges and the registry; write only its own items
-        (JTI#, NONCE#); sign with this stack's token keys. No other role may sign with them."""
+        (put JTI#, NONCE#; delete NONCE#); confirm this stack's token keys. It signs with them
+        by their key policy, which lets no other principal sign."""
         self._grant_table_items(role, TOKEN_READ_ACTIONS, TABLE_KEY_ACTIONS, sid="TableReads")
         self._grant_table_items(
             role,
-            TOKEN_WRITE_ACTIONS,
+            ("dynamodb:PutItem",),
             (),
-            sid="OwnItemsOnly",
-            leading_keys=TOKEN_WRITABLE_PARTITIONS,
+            sid="PutOwnItemsOnly",
+            leading_keys=TOKEN_PUT_PARTITIONS,
         )
-        # Whatever IAM grants elsewhere in the account, nobody else may sign with the stack's
-        # key: it gets the policy every signing key gets (token_key_policy), which the functions
-        # check before they trust a key.
-        self.token_keys.restrict_signing_to(role)
-        self._grant_token_keys(role, "TokenKeys", TOKEN_KEY_SIGNING_ACTIONS)
+        self._grant_table_items(
+            role,
+            ("dynamodb:DeleteItem",),
+            (),
+            sid="DeleteChallengesOnly",
+            leading_keys=TOKEN_DELETE_PARTITIONS,
+        )
+        self._grant_token_keys(role, "ConfirmTokenKeys")
         self._acknowledge_tracing(role)
 
     def _grant_discovery(self, role: iam.IRole) -> None:
         """JWKS and metadata: read the signing-key registry, each key confirmed with KMS."""
         self._grant_table_items(role, READ_TABLE_ACTIONS, READ_TABLE_KEY_ACTIONS)
-        self._grant_token_keys(role, "ConfirmTokenKeys", TOKEN_KEY_CONFIRM_ACTIONS)
+        self._grant_token_keys(role, "ConfirmTokenKeys")
         self._acknowledge_tracing(role)
 
     def _grant_introspect(self, role: iam.IRole) -> None:
         """Introspection: read the registry (each key confirmed with KMS), the device and the
         revocation list."""
         self._grant_table_items(role, READ_TABLE_ACTIONS, READ_TABLE_KEY_ACTIONS)
-        self._grant_token_keys(role, "ConfirmTokenKeys", TOKEN_KEY_CONFIRM_ACTIONS)
+        self._grant_token_keys(role, "ConfirmTokenKeys")
         self._acknowledge_tracing(role)
 
     def _grant_maintenance(self, role: iam.IRole) -> None:
         """Scheduled retirement of token signing keys: read and rewrite the signing-key registry
-        (with its audit record, in the registry's partition only), confirm its keys, and schedule
-        the deletion of the ones it retires. No CreateKey, no Sign."""
+        (with its audit record, in the registry's partition only) and confirm its keys; the key
+        policy lets it schedule the deletion of the ones it retires. No CreateKey, no Sign."""
         self._grant_table_items(
             role,
             MAINTENANCE_TABLE_ACTIONS,
             leading_keys=MAINTENANCE_WRITABLE_PARTITIONS,
         )
-        self._grant_token_keys(role, "RetireTokenKeys", TOKEN_KEY_RETIREMENT_ACTIONS)
+        self._grant_token_keys(role, "ConfirmTokenKeys")
         self._acknowledge_tracing(role)
 
     def _protect_table_key(self) -> None:

@@ -475,8 +475,10 @@ def test_relying_party_and_operator_may_introspect(gateway):
 def test_an_operator_outside_the_introspection_audience_is_denied(gateway):
     # Given a gateway whose relying parties do not include the local operator
     audiences = [
-        Audience("operators", "/v1/admin/*", (LOCAL_OPERATOR_ARN,)),
-        Audience("relying parties", "/v1/introspect", (LOCAL_RELYING_PARTY_ARN,)),
+        Audience("operators", ("/v1/admin/*",), (LOCAL_OPERATOR_ARN,)),
+        Audience(
+            "relying parties", ("/v1/introspect", "/v1/introspect/*"), (LOCAL_RELYING_PARTY_ARN,)
+        ),
     ]
     with LocalApiGateway(0, audiences=audiences, functions=_answering()) as api:
         # When the operator introspects, and calls an admin route

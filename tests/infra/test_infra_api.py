@@ -5,7 +5,7 @@ routes, and a WAF web ACL limiting each client on the public routes."""
 import json
 
 import pytest
-from aws_cdk import App, Stack
+from aws_cdk import App, Environment, Stack
 from aws_cdk import aws_apigateway as apigateway
 from aws_cdk.assertions import Match, Template
 
@@ -253,11 +253,17 @@ def test_resource_policy_opens_only_the_public_routes(resources: dict[str, dict]
     ("sid", "resource", "admitted"),
     [
         ("OnlyConfiguredOperators", "execute-api:/*/*/v1/admin/*", [OPERATOR]),
-        ("OnlyConfiguredRelyingParties", "execute-api:/*/*/v1/introspect", [RELYING_PARTY]),
+        (
+            "OnlyConfiguredRelyingParties",
+            # the route, and anything under it (a trailing slash or a sub-path is another
+            # resource-policy path)
+            ["execute-api:/*/*/v1/introspect", "execute-api:/*/*/v1/introspect/*"],
+            [RELYING_PARTY],
+        ),
     ],
 )
 def test_iam_routes_are_denied_outside_their_configured_principals(
-    resources: dict[str, dict], sid: str, resource: str, admitted: list[str]
+    resources: dict[str, dict], sid: str, resource: str | list[str], admitted: list[str]
 ) -> None:
     # Given the resource policy, synthesized with the default edge configuration
     statement = _policy_statements(resources)[sid]
@@ -400,11 +406,12 @@ def test_blocked_requests_are_logged_without_credentials(resources: dict[str, di
 # ---- the edge configuration, from CDK context ----------------------------------------------------
 
 
-def _api_template(context: dict[str, object]) -> dict[str, dict]:
+def _api_template(context: dict[str, object], account: str | None = None) -> dict[str, dict]:
     """The Api construct alone, in a stack with `context` (a stand-in method: the API must have
-    one to synthesize)."""
+    one to synthesize); environment-agnostic unless `account` is given."""
     app = App(context=context)
-    stack = Stack(app, "EdgeTest")
+    env = Environment(account=account, region="eu-west-1") if account else None
+    stack = Stack(app, "EdgeTest", env=env)
     api = Api(stack, "Api")
     api.api.root.add_method("GET", apigateway.MockIntegration())
     return Template.from_stack(stack).to_json()["Resources"]
@@ -458,6 +465,14 @@ def test_operators_relying_parties_and_limits_come_from_context() -> None:
             {edge.OPERATOR_PRINCIPALS_KEY: ["arn:aws:sts::111122223333:assumed-role/ops/s"]},
             "name the role",
         ),
+        ({edge.OPERATOR_PRINCIPALS_KEY: ["arn:aws:iam::*:role/ops"]}, "no wildcard"),
+        (
+            {
+                edge.OPERATOR_PRINCIPALS_KEY: ["arn:aws:iam::111122223333:role/ops"],
+                edge.RELYING_PARTY_PRINCIPALS_KEY: ["arn:aws:iam::444455556666:role/rp"],
+            },
+            "several accounts",
+        ),
         ({edge.RATE_LIMIT_WINDOW_KEY: 30}, "evaluation windows"),
         ({edge.TOKEN_RATE_LIMIT_KEY: 5}, "between 10"),
         ({edge.DISCOVERY_RATE_LIMIT_KEY: "many"}, "whole number"),
@@ -470,3 +485,34 @@ def test_an_unsafe_or_impossible_edge_configuration_fails_synthesis(
     # When building the API, Then synthesis stops with a message saying what to fix
     with pytest.raises(edge.EdgeConfigError, match=complaint):
         _api_template(context)
+
+
+@pytest.mark.parametrize(
+    "key", [edge.OPERATOR_PRINCIPALS_KEY, edge.RELYING_PARTY_PRINCIPALS_KEY], ids=["ops", "rps"]
+)
+def test_a_principal_of_another_account_fails_synthesis(key: str) -> None:
+    # Given a stack in account 111122223333 and a principal of another account (the resource
+    # policy allows no principal of another account: it could never be admitted)
+    context = {key: ["arn:aws:iam::444455556666:role/ops"]}
+
+    # When synthesizing, Then synthesis stops and says why
+    with pytest.raises(edge.EdgeConfigError, match="could never be admitted"):
+        _api_template(context, account="111122223333")
+    # and the same principal in the stack's own account is accepted
+    _api_template({key: ["arn:aws:iam::111122223333:role/ops"]}, account="111122223333")
+
+
+def test_an_environment_agnostic_stack_asserts_the_named_account_at_deployment() -> None:
+    # Given an environment-agnostic stack (the account unknown at synthesis) whose operators are
+    # named by full ARN
+    context = {edge.OPERATOR_PRINCIPALS_KEY: ["arn:aws:iam::111122223333:role/ops"]}
+
+    # When synthesizing it
+    app = App(context=context)
+    stack = Stack(app, "EdgeTest")
+    Api(stack, "Api").api.root.add_method("GET", apigateway.MockIntegration())
+    rules = Template.from_stack(stack).to_json().get("Rules", {})
+
+    # Then a template rule fails the deployment in any other account
+    (assertion,) = rules["ApiPrincipalsOfThisAccountF4FCC660"]["Assertions"]
+    assert assertion["Assert"] == {"Fn::Equals": [{"Ref": "AWS::AccountId"}, "111122223333"]}

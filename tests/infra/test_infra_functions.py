@@ -75,7 +75,11 @@ def test_function_memory_and_timeout(
 ISSUER = "FLEETKEY_ISSUER"
 # Every registry reader trusts a signing key only if its policy is the one built from the token
 # role's ARN, and reads the stack's first key while the registry is empty.
-KEY_TRUST = {"FLEETKEY_TOKEN_SIGNER_ROLE_ARN", "FLEETKEY_TOKEN_KEY_ID"}
+KEY_TRUST = {
+    "FLEETKEY_TOKEN_SIGNER_ROLE_ARN",
+    "FLEETKEY_TOKEN_KEY_RETIRER_ROLE_ARNS",
+    "FLEETKEY_TOKEN_KEY_ID",
+}
 EXTRA_SETTINGS = {
     constants.REGISTRATION_SERVICE_NAME: set(),
     constants.ADMIN_SERVICE_NAME: {ISSUER} | KEY_TRUST,

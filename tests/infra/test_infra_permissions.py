@@ -44,14 +44,17 @@ KEY_ACTIONS = {"kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey"}
 READ_KEY_ACTIONS = {"kms:Decrypt"}
 LOG_ACTIONS = {"logs:CreateLogStream", "logs:PutLogEvents"}
 TRACING_ACTIONS = {"xray:PutTraceSegments", "xray:PutTelemetryRecords"}
-# Reading a token key's public half, tags and key policy: every registry reader confirms keys.
-CONFIRM_ACTIONS = {"kms:GetPublicKey", "kms:ListResourceTags", "kms:GetKeyPolicy"}
-TOKEN_SIGNING_ACTIONS = {"kms:Sign"} | CONFIRM_ACTIONS
-TOKEN_KEY_ADMIN_ACTIONS = {
-    "kms:CreateKey",
-    "kms:TagResource",
-    "kms:ScheduleKeyDeletion",
-} | CONFIRM_ACTIONS
+# Reading a token key's metadata (origin), public half, tags and key policy: every registry reader
+# confirms keys. kms:Sign and kms:ScheduleKeyDeletion are granted by the keys' own policy, never
+# by IAM (tests/infra/test_infra_token_keys.py).
+CONFIRM_ACTIONS = {
+    "kms:DescribeKey",
+    "kms:GetPublicKey",
+    "kms:ListResourceTags",
+    "kms:GetKeyPolicy",
+}
+TOKEN_SIGNING_ACTIONS = CONFIRM_ACTIONS
+TOKEN_KEY_ADMIN_ACTIONS = {"kms:CreateKey", "kms:TagResource"} | CONFIRM_ACTIONS
 # The admin function checks no other item in its transactions (no ConditionCheckItem).
 ADMIN_TABLE_ACTIONS = TABLE_ACTIONS - {"dynamodb:ConditionCheckItem"}
 TABLE_GRANTS = {
@@ -73,6 +76,7 @@ EXPECTED_ACTIONS = {
         "iot:DescribeCertificate",
         "iot:UpdateCertificate",
         "iot:CreateThing",
+        "iot:DescribeThing",
         "iot:UpdateThing",
         "iot:AttachThingPrincipal",
         "iot:DetachThingPrincipal",
@@ -87,6 +91,7 @@ EXPECTED_ACTIONS = {
     | {
         "iot:GetRegistrationCode",
         "iot:RegisterCACertificate",
+        "iot:DescribeCACertificate",
         "iot:UpdateCACertificate",
     },
     TOKEN: TOKEN_TABLE_ACTIONS
@@ -108,8 +113,7 @@ EXPECTED_ACTIONS = {
     | KEY_ACTIONS
     | LOG_ACTIONS
     | TRACING_ACTIONS
-    | CONFIRM_ACTIONS
-    | {"kms:ScheduleKeyDeletion"},
+    | CONFIRM_ACTIONS,
 }
 # Actions no function may ever hold, whatever else changes.
 FORBIDDEN = {
@@ -125,14 +129,15 @@ FORBIDDEN = {
     "kms:CreateGrant",
     "kms:UntagResource",
     "kms:DisableKey",
+    # granted by the signing keys' own policy to exactly fleetkey's roles, never by IAM: a key
+    # someone else owns (whatever its tags) is not one a fleetkey role may sign with or delete
+    "kms:Sign",
+    "kms:ScheduleKeyDeletion",
 }
 # ... and the functions that alone may hold some.
 ONLY = {
-    "kms:Sign": {TOKEN},  # only the token function may sign with the token keys
     "kms:CreateKey": {ADMIN},
     "kms:TagResource": {ADMIN},
-    # retirement: the admin API on demand, the maintenance schedule every hour
-    "kms:ScheduleKeyDeletion": {ADMIN, MAINTENANCE},
     "dynamodb:DeleteItem": {TOKEN},  # consuming a challenge
 }
 # The only actions allowed on Resource "*", because they support no resource-level permissions.
@@ -148,9 +153,15 @@ STAR_ACTIONS = {
 STACK_TAG_VALUE = f"token-signing:{constants.STACK_ID}"
 TOKEN_SIGNING_TAG = {"aws:ResourceTag/fleetkey:purpose": STACK_TAG_VALUE}
 TOKEN_SIGNING_REQUEST_TAG = {"aws:RequestTag/fleetkey:purpose": STACK_TAG_VALUE}
-P256_SIGNING_KEY = {"kms:KeySpec": "ECC_NIST_P256", "kms:KeyUsage": "SIGN_VERIFY"}
-# Every statement on key/*: this stack's tag, and a P-256 signing key.
-TOKEN_KEY_CONDITION = {"StringEquals": {**TOKEN_SIGNING_TAG, **P256_SIGNING_KEY}}
+P256_SIGNING_KEY = {
+    "kms:KeySpec": "ECC_NIST_P256",
+    "kms:KeyUsage": "SIGN_VERIFY",
+    "kms:KeyOrigin": "AWS_KMS",
+}
+SINGLE_REGION = {"Bool": {"kms:MultiRegion": "false"}}
+# Every statement on key/*: this stack's tag, a P-256 signing key of KMS's own material,
+# single-Region.
+TOKEN_KEY_CONDITION = {"StringEquals": {**TOKEN_SIGNING_TAG, **P256_SIGNING_KEY}, **SINGLE_REGION}
 ONLY_THE_PURPOSE_TAG = {"ForAllValues:StringEquals": {"aws:TagKeys": ["fleetkey:purpose"]}}
 
 
@@ -236,12 +247,15 @@ def test_table_and_key_actions_target_the_fleetkey_table_and_key(
         assert resources_for(statements, action) == [f"<{key_id}.Arn>"], action
 
 
-def test_token_signs_with_this_stacks_signing_keys_only(resources: dict[str, dict]) -> None:
-    # Given the token role
-    statements = statements_of(resources, TOKEN)
+@pytest.mark.parametrize("service", [ADMIN, TOKEN, DISCOVERY, INTROSPECT, MAINTENANCE])
+def test_confirming_reaches_this_stacks_signing_keys_only(
+    resources: dict[str, dict], service: str
+) -> None:
+    # Given a registry reader's role
+    statements = statements_of(resources, service)
 
-    # When reading the statements that allow signing
-    for action in TOKEN_SIGNING_ACTIONS:
+    # When reading the statements that allow confirming a key
+    for action in CONFIRM_ACTIONS:
         [granted] = statements_for(statements, action)
 
         # Then they apply to P-256 signing keys tagged for this stack only (the first key too)
@@ -254,13 +268,15 @@ def test_token_writes_only_its_own_items(resources: dict[str, dict]) -> None:
     statements = statements_of(resources, TOKEN)
 
     # When reading the statements that allow writes
-    for action in ("dynamodb:PutItem", "dynamodb:DeleteItem"):
-        [granted] = statements_for(statements, action)
+    [put] = statements_for(statements, "dynamodb:PutItem")
+    [delete] = statements_for(statements, "dynamodb:DeleteItem")
 
-        # Then they hold only for items in its own partitions: assertions and challenges
-        assert granted["Condition"] == {
-            "ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["JTI#*", "NONCE#*"]}
-        }, action
+    # Then they hold only for items in its own partitions: it records assertions and challenges,
+    # and deletes only challenges (a recorded jti, its replay protection, stays)
+    assert put["Condition"] == {
+        "ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["JTI#*", "NONCE#*"]}
+    }
+    assert delete["Condition"] == {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["NONCE#*"]}}
 
 
 def test_maintenance_writes_only_the_signing_key_registry(resources: dict[str, dict]) -> None:
@@ -287,6 +303,7 @@ def test_admin_creates_only_tagged_signing_keys(resources: dict[str, dict]) -> N
     assert create["Resource"] == "*"
     assert create["Condition"] == {
         "StringEquals": {**TOKEN_SIGNING_REQUEST_TAG, **P256_SIGNING_KEY},
+        **SINGLE_REGION,
         **ONLY_THE_PURPOSE_TAG,
     }
 
@@ -304,6 +321,7 @@ def test_admin_tags_only_with_the_token_signing_tag(resources: dict[str, dict]) 
     assert tag["Condition"] == {
         "StringEquals": {**TOKEN_SIGNING_REQUEST_TAG, **P256_SIGNING_KEY},
         "StringEqualsIfExists": TOKEN_SIGNING_TAG,  # never re-tags another stack's key
+        **SINGLE_REGION,
         **ONLY_THE_PURPOSE_TAG,
     }
 
@@ -344,6 +362,7 @@ def test_registration_iot_actions_are_scoped_to_certificates_things_and_profile_
     assert resources_for(statements, "iot:UpdateCertificate") == [certificates]
     assert resources_for(statements, "iot:CreateThing") == [things]
     assert resources_for(statements, "iot:UpdateThing") == [things]
+    assert resources_for(statements, "iot:DescribeThing") == [things]
     assert resources_for(statements, "iot:ListThingPrincipals") == [things]
     # By the Service Authorization Reference: Attach/DetachThingPrincipal are authorized on the
     # certificate (the thing is the iot:thingArn condition), AttachPolicy on its target only
@@ -361,7 +380,7 @@ def test_admin_ca_actions_are_scoped_to_ca_certificates(resources: dict[str, dic
 
     # When reading the resources of the CA actions that support resource-level permissions
     # Then they target CA certificates only
-    for action in ("iot:UpdateCACertificate",):
+    for action in ("iot:DescribeCACertificate", "iot:UpdateCACertificate"):
         assert resources_for(statements, action) == [f"{IOT_ARN_PREFIX}:cacert/*"]
 
 
@@ -379,20 +398,6 @@ def test_each_function_has_its_own_role_without_managed_policies(
         assert "ManagedPolicyArns" not in props
         [statement] = props["AssumeRolePolicyDocument"]["Statement"]
         assert statement["Principal"] == {"Service": "lambda.amazonaws.com"}
-
-
-def test_maintenance_schedules_deletion_of_this_stacks_keys_only(
-    resources: dict[str, dict],
-) -> None:
-    # Given the maintenance role (its action set is pinned above: no CreateKey, no Sign)
-    statements = statements_of(resources, MAINTENANCE)
-
-    # When reading the statement that allows ScheduleKeyDeletion
-    [retire] = statements_for(statements, "kms:ScheduleKeyDeletion")
-
-    # Then it applies to P-256 signing keys tagged for this stack only
-    assert retire["Resource"] == KMS_KEYS
-    assert retire["Condition"] == TOKEN_KEY_CONDITION
 
 
 def test_table_key_policy_denies_its_management_to_every_function_role(
@@ -414,6 +419,9 @@ def test_table_key_policy_denies_its_management_to_every_function_role(
         "kms:DisableKey",
         "kms:PutKeyPolicy",
         "kms:CreateGrant",
+        "kms:ReplicateKey",
+        "kms:RotateKeyOnDemand",
+        "kms:ImportKeyMaterial",
     } <= set(deny["Action"])
     denied = {arn["Fn::GetAtt"][0] for arn in deny["Condition"]["ArnEquals"]["aws:PrincipalArn"]}
     assert denied == roles

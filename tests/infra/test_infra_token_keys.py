@@ -88,16 +88,75 @@ READERS = (
 def test_the_first_key_has_exactly_the_policy_the_functions_trust(
     resources: dict[str, dict],
 ) -> None:
-    # Given the token signing key and the token function's role
+    # Given the token signing key and the token, admin and maintenance functions' roles
     _, key = token_key(resources)
-    _, token = function_by_service(resources, constants.TOKEN_SERVICE_NAME)
-    role_arn = f"<{token['Properties']['Role']['Fn::GetAtt'][0]}.Arn>"
+    signer, *retirers = (
+        role_arn_of(resources, service)
+        for service in (
+            constants.TOKEN_SERVICE_NAME,
+            constants.ADMIN_SERVICE_NAME,
+            constants.MAINTENANCE_SERVICE_NAME,
+        )
+    )
 
     # When comparing its key policy with the one the core builds (and checks keys against)
-    expected = token_key_policy(partition=PARTITION, account=ACCOUNT, signer_role_arn=role_arn)
+    expected = token_key_policy(
+        partition=PARTITION, account=ACCOUNT, signer_role_arn=signer, retirer_role_arns=retirers
+    )
 
     # Then they say the same: the stack's first key confirms like every rotated key
     assert same_policy(render(key["Properties"]["KeyPolicy"]), expected)
+
+
+def role_arn_of(resources: dict[str, dict], service: str) -> str:
+    _, function = function_by_service(resources, service)
+    return f"<{function['Properties']['Role']['Fn::GetAtt'][0]}.Arn>"
+
+
+def test_the_key_policy_grants_sign_and_deletion_to_fleetkeys_roles_only(
+    resources: dict[str, dict],
+) -> None:
+    # Given the token signing key's policy
+    _, key = token_key(resources)
+    allows = [
+        render(s) for s in key["Properties"]["KeyPolicy"]["Statement"] if s["Effect"] == "Allow"
+    ]
+
+    # When reading who it allows what directly (not through the account's IAM)
+    direct = {
+        (a, p)
+        for s in allows
+        if s["Principal"]["AWS"] != f"arn:{PARTITION}:iam::{ACCOUNT}:root"
+        for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
+        for p in (
+            [s["Principal"]["AWS"]]
+            if isinstance(s["Principal"]["AWS"], str)
+            else s["Principal"]["AWS"]
+        )
+    }
+
+    # Then the token role signs and the admin and maintenance roles schedule deletion, nothing
+    # else: IAM grants neither (tagging a foreign key as this stack's gains no Sign, no deletion)
+    assert direct == {
+        ("kms:Sign", role_arn_of(resources, constants.TOKEN_SERVICE_NAME)),
+        ("kms:ScheduleKeyDeletion", role_arn_of(resources, constants.ADMIN_SERVICE_NAME)),
+        ("kms:ScheduleKeyDeletion", role_arn_of(resources, constants.MAINTENANCE_SERVICE_NAME)),
+    }
+
+
+def test_the_first_key_is_single_region_with_kms_material(resources: dict[str, dict]) -> None:
+    _, key = token_key(resources)
+    assert key["Properties"]["Origin"] == "AWS_KMS"
+    assert key["Properties"]["MultiRegion"] is False
+
+
+def test_every_registry_reader_knows_the_retirer_roles(resources: dict[str, dict]) -> None:
+    admin = role_arn_of(resources, constants.ADMIN_SERVICE_NAME)
+    maintenance = role_arn_of(resources, constants.MAINTENANCE_SERVICE_NAME)
+    for service in READERS:
+        _, function = function_by_service(resources, service)
+        env = function["Properties"]["Environment"]["Variables"]
+        assert render(env["FLEETKEY_TOKEN_KEY_RETIRER_ROLE_ARNS"]) == f"{admin},{maintenance}"
 
 
 def test_only_the_token_role_may_sign_whatever_iam_grants(resources: dict[str, dict]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -71,3 +72,46 @@ def test_token_timing_benchmark_runs_and_every_refusal_is_the_same_401(tmp_path)
         "wrong-kid": 6,
     }
     assert "| unknown vs |" in done.stdout and '"_aws"' not in done.stdout
+    # and the verdict names its criterion, the band A must lie in, with the KS p-value shown
+    assert results["overlap_band"] == [0.44, 0.56]
+    assert "KS p" in done.stdout
+    assert "(0.44, 0.56)" in done.stdout.splitlines()[-1]  # the verdict line
+
+
+def load_token_timing():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "token_timing", ROOT / "benchmarks" / "token_timing.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_token_timing_verdict_calls_a_small_effect_a_difference():
+    # Given the timing benchmark's judgement, and comparisons of unknown against a known kind
+    timing = load_token_timing()
+
+    def verdict(own_a, cpu_a, wall_a=0.1):
+        return timing.judge(
+            {"bad-signature": {"own": {"A": own_a}, "cpu": {"A": cpu_a}, "wall": {"A": wall_a}}}
+        )
+
+    # When an unknown device is faster in 65% of pairs (A = 0.35, what the review measured),
+    # or slower in 57%, Then that is a difference
+    assert verdict(0.5, 0.35) and verdict(0.57, 0.5) and verdict(0.44, 0.5)
+    # and when A stays within (0.44, 0.56) on the judged metrics, overlap (wall is not judged)
+    assert verdict(0.47, 0.53) == []
+    assert timing.OVERLAP_BAND == (0.44, 0.56)
+
+
+def test_kolmogorov_smirnov_p_value_is_kolmogorovs_distribution():
+    # Given the benchmark's KS p-value, Then it matches tabulated values of Kolmogorov's
+    # distribution (Q(1.36) = 0.049, Q(1.63) = 0.0098) and is 1 for identical samples
+    timing = load_token_timing()
+    n = 10_000_000  # large: the small-sample correction vanishes
+    d_for = lambda t: t / math.sqrt(n * n / (2 * n))  # noqa: E731
+    assert abs(timing.kolmogorov_smirnov_p(d_for(1.36), n, n) - 0.049) < 0.001
+    assert abs(timing.kolmogorov_smirnov_p(d_for(1.63), n, n) - 0.0098) < 0.0005
+    assert timing.kolmogorov_smirnov_p(0.0, 600, 600) == 1.0

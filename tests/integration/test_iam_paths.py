@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 import pytest
 
 from fleetkey.domain.allowlist import AllowlistEntry
+from fleetkey.domain.profiles import PROFILES
 from fleetkey_local.apigw import proxy_event
 from fleetkey_local.device import client_assertion, token_request
 from fleetkey_local.pki import pem
@@ -64,9 +65,14 @@ def registered_event(stack: EmbeddedStack, device_id: str) -> tuple[Any, dict[st
 def test_the_registration_function_takes_over_an_existing_thing(
     stack: EmbeddedStack, handlers: dict[str, ModuleType]
 ) -> None:
-    # Given a thing named like the device, with a stale active certificate attached
+    # Given a thing of fleetkey's (a profile's thing type: an earlier life of the device) named
+    # like the device, with a stale active certificate attached
     iot = stack.harness_iot
-    iot.create_thing(thingName="take-1", attributePayload={"attributes": {"owner": "legacy"}})
+    iot.create_thing(
+        thingName="take-1",
+        thingTypeName=PROFILES["telemetry-sensor"].thing_type_name(stack.settings.name_prefix),
+        attributePayload={"attributes": {"owner": "legacy"}},
+    )
     stale = iot.create_keys_and_certificate(setAsActive=True)
     iot.attach_thing_principal(thingName="take-1", principal=stale["certificateArn"])
     _, event = registered_event(stack, "take-1")

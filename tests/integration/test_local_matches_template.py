@@ -208,7 +208,11 @@ def test_function_settings_are_set_locally(resources):
 
 def test_first_token_signing_key_matches(stack, resources):
     from fleetkey.services.signing_keys import same_policy, token_signing_tags
-    from fleetkey.settings import LOCAL_STACK_NAME, LOCAL_TOKEN_SIGNER_ROLE_ARN
+    from fleetkey.settings import (
+        LOCAL_STACK_NAME,
+        LOCAL_TOKEN_KEY_RETIRER_ROLE_ARNS,
+        LOCAL_TOKEN_SIGNER_ROLE_ARN,
+    )
     from fleetkey_infra import constants
 
     # Given the template's first token signing key (every registry reader is told its id)
@@ -236,16 +240,26 @@ def test_first_token_signing_key_matches(stack, resources):
     assert expected_tags.items() >= token_signing_tags(constants.STACK_ID).items()
     local_tags = {t["TagKey"]: t["TagValue"] for t in tags}
     assert local_tags.items() >= token_signing_tags(LOCAL_STACK_NAME).items()
-    # and it has the template's key policy, the token role being the local stack's
-    (signer,) = {
-        json.dumps(s["Condition"]["ArnNotEquals"]["aws:PrincipalArn"])
-        for s in expected["KeyPolicy"]["Statement"]
-        if s["Effect"] == "Deny"
+    # and it has the template's key policy, the roles it names being the local stack's (the
+    # token role signs, the admin and maintenance roles retire)
+    admin, maintenance = LOCAL_TOKEN_KEY_RETIRER_ROLE_ARNS
+    local_roles = {
+        constants.TOKEN_SERVICE_NAME: LOCAL_TOKEN_SIGNER_ROLE_ARN,
+        constants.ADMIN_SERVICE_NAME: admin,
+        constants.MAINTENANCE_SERVICE_NAME: maintenance,
     }
-    deployed = json.loads(
-        json.dumps(expected["KeyPolicy"]).replace(signer, json.dumps(LOCAL_TOKEN_SIGNER_ROLE_ARN))
-    )
-    assert same_policy(policy, resolve(deployed))
+    deployed_text = json.dumps(expected["KeyPolicy"])
+    for function in of_type(resources, "AWS::Lambda::Function").values():
+        service = function["Properties"]["Environment"]["Variables"]["POWERTOOLS_SERVICE_NAME"]
+        if service in local_roles:
+            role = json.dumps(
+                {"Fn::GetAtt": [function["Properties"]["Role"]["Fn::GetAtt"][0], "Arn"]}
+            )
+            assert role in deployed_text, service
+            deployed_text = deployed_text.replace(role, json.dumps(local_roles[service]))
+    assert same_policy(policy, resolve(json.loads(deployed_text)))
+    # and KMS made its material, in this region only, as the template's key
+    assert (local["Origin"], local["MultiRegion"]) == (expected["Origin"], expected["MultiRegion"])
     # and it is the registry's signing key (what the variable leads to in AWS)
     registry = stack.signing_keys.keys()
     assert [k.key_id for k in registry] == [stack.token_key_id]

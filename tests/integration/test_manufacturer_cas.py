@@ -104,7 +104,8 @@ def test_hostile_proofs_of_possession_are_refused_before_aws_iot_hears_of_the_ca
         with pytest.raises(InvalidCertificate):
             stack.cas.register("acme", acme.pem, case.pem, actor="op")
     # Only reads reached AWS: the CA was never registered with AWS IoT
-    assert set(calls.calls) <= {"dynamodb.GetItem", "iot.GetRegistrationCode"}, calls.calls
+    reads = {"dynamodb.GetItem", "iot.DescribeCACertificate", "iot.GetRegistrationCode"}
+    assert set(calls.calls) <= reads, calls.calls
     assert stack.cas.list() == []
 
 
@@ -176,3 +177,54 @@ def test_disable_and_enable_keep_aws_iot_in_step(stack):
     assert iot_status(stack, ca.iot_ca_id) == "ACTIVE"
     records, _ = stack.devices.audit("ca:acme")
     assert [r.action for r in records] == ["ca_registered", "ca_disabled", "ca_enabled"]
+
+
+def test_a_ca_registered_outside_fleetkey_is_refused_and_left_as_it_was(stack):
+    # Given another team registered a CA with AWS IoT themselves, active and auto-registering
+    # (their proof of possession is as good as ours: its CN is the account's registration code)
+    theirs = CertificateAuthority.create("theirs")
+    code = stack.harness_iot.get_registration_code()["registrationCode"]
+    ca_id = stack.harness_iot.register_ca_certificate(
+        caCertificate=theirs.pem,
+        verificationCertificate=pem(theirs.verification_certificate(code)),
+        setAsActive=True,
+        allowAutoRegistration=True,
+    )["certificateId"]
+    calls = AwsCallCounter().watch(*stack.service_clients())
+    # When fleetkey is asked to register the same CA (e.g. with that team's old proof)
+    with pytest.raises(Conflict):
+        stack.register_ca(theirs, name="theirs")
+    # Then fleetkey records nothing (no trust anchor, no claim on the CA id) and writes nothing
+    # to AWS IoT: their CA keeps its status and auto-registration
+    assert stack.cas.list() == []
+    assert stack.store.ca_name_for(ca_id) is None
+    assert iot_state(stack, ca_id) == ("ACTIVE", "ENABLE")
+    assert [c for c in calls.calls if not c.startswith("dynamodb.")] == [
+        "iot.DescribeCACertificate"
+    ], calls.calls
+    assert "dynamodb.TransactWriteItems" not in calls.calls
+
+
+def test_a_disable_racing_a_repeated_registration_wins_in_aws_iot_too(stack, monkeypatch):
+    # Given a registered CA
+    acme = cached_ca("acme")
+    ca_id = stack.register_ca(acme, name="acme").iot_ca_id
+    registry = stack.cas._registry
+    apply = registry.set_ca_active
+    raced = []
+
+    def disable_first(ca, active):
+        # An operator disables the CA after the repeated registration read it as ACTIVE, and
+        # before that registration's UpdateCACertificate reaches AWS IoT.
+        if not raced:
+            raced.append(True)
+            stack.cas.set_enabled("acme", False, actor="op")
+        apply(ca, active)
+
+    monkeypatch.setattr(registry, "set_ca_active", disable_first)
+    # When the same CA is registered again under the same name (a retry, or a second operator)
+    ca = stack.register_ca(acme, name="acme")
+    # Then the table and AWS IoT agree on the later change: disabled, no auto-registration
+    assert ca.status.value == "DISABLED"
+    assert stack.store.get_ca("acme").status.value == "DISABLED"
+    assert iot_state(stack, ca_id) == ("INACTIVE", "DISABLE")

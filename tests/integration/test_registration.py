@@ -4,6 +4,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from fleetkey.adapters.iot import ThingConflict
 from fleetkey.crypto.certificates import public_key_fingerprint
 from fleetkey.domain.allowlist import AllowlistEntry
 from fleetkey.domain.lifecycle import DeviceState
@@ -302,6 +303,41 @@ def test_certificates_of_a_ca_fleetkey_does_not_manage_are_left_alone(stack, acm
     assert records[0].details["reason"] == "unknown_ca"
 
 
+def test_events_of_a_ca_fleetkey_does_not_manage_never_query_every_ca(stack, acme):
+    # Given a warm trust-anchor snapshot and another team's CA, auto-registering in the account
+    other = CertificateAuthority.create("elsewhere-2")
+    code = stack.harness_iot.get_registration_code()["registrationCode"]
+    stack.harness_iot.register_ca_certificate(
+        caCertificate=other.pem,
+        verificationCertificate=pem(other.verification_certificate(code)),
+        setAsActive=True,
+        allowAutoRegistration=True,
+    )
+    events = [
+        stack.first_connect(pem(other.issue_device(f"theirs-q{i}")[1]), other.pem) for i in range(3)
+    ]
+    counter = AwsCallCounter().watch(*stack.service_clients())
+    # When its devices' events arrive, one after the other
+    outcomes = [stack.register(event) for event in events]
+    # Then each is refused unknown_ca after one point read of the CA id, never a Query of every
+    # CA (that Query ran once per such event before)
+    assert [o.reason for o in outcomes] == [RejectionReason.UNKNOWN_CA] * 3
+    assert "dynamodb.Query" not in counter.calls, counter.calls
+    assert counter.calls.count("dynamodb.GetItem") == 3, counter.calls
+
+
+def test_a_ca_registered_after_the_snapshot_admits_its_devices_at_once(stack, acme):
+    # Given a function whose warm snapshot predates a CA registered a moment ago
+    globex = CertificateAuthority.create("globex-new")
+    stack.register_ca(globex, name="globex-new")
+    stack.allowlist.add(entry("pump-g", ca_name="globex-new"), actor="op")
+    _, event = connect(stack, globex, "pump-g")
+    # When its first device's event arrives
+    outcome = stack.register(event)
+    # Then the CA is found (no stale "unknown CA", which would be a final refusal)
+    assert outcome.accepted, outcome
+
+
 def test_ca_re_enabled_since_the_snapshot_admits_its_devices(stack, acme):
     # Given the function's snapshot says the CA is disabled, but an operator re-enabled it
     stack.cas.set_enabled("acme", False, actor="op")
@@ -336,9 +372,14 @@ def test_late_duplicate_after_the_certificate_was_deleted(stack, acme):
 
 
 def test_an_existing_thing_is_taken_over_without_its_other_certificates(stack, acme):
-    # Given a thing named like the device already exists, with a stale active certificate on it
+    # Given a thing of fleetkey's named like the device already exists (one of its profiles'
+    # thing types, e.g. left by an earlier life of the device), with a stale active certificate
     iot = stack.harness_iot
-    iot.create_thing(thingName="pump-h", attributePayload={"attributes": {"owner": "legacy"}})
+    iot.create_thing(
+        thingName="pump-h",
+        thingTypeName="fleetkey-infusion-pump",
+        attributePayload={"attributes": {"owner": "legacy"}},
+    )
     stale = iot.create_keys_and_certificate(setAsActive=True)
     iot.attach_thing_principal(thingName="pump-h", principal=stale["certificateArn"])
     stack.allowlist.add(entry("pump-h"), actor="op")
@@ -353,9 +394,58 @@ def test_an_existing_thing_is_taken_over_without_its_other_certificates(stack, a
     thing = iot.describe_thing(thingName="pump-h")
     assert thing["attributes"]["certificate_id"] == event["certificateId"]
     assert "owner" not in thing["attributes"]
+    assert thing["thingTypeName"] == "fleetkey-telemetry-sensor"
     # And a duplicate delivery changes nothing
     assert stack.register(event).accepted
     assert iot.list_thing_principals(thingName="pump-h")["principals"] == [arn]
+
+
+@pytest.mark.parametrize("thing_type", [None, "other-team-sensor"], ids=["untyped", "other-type"])
+def test_a_thing_that_is_not_fleetkeys_is_never_taken_over(stack, acme, thing_type):
+    # Given another team's thing named like the device (no thing type, or one that is not a
+    # fleetkey profile's), with their active certificate attached
+    iot = stack.harness_iot
+    typed = {}
+    if thing_type:
+        iot.create_thing_type(thingTypeName=thing_type)
+        typed = {"thingTypeName": thing_type}
+    iot.create_thing(
+        thingName="pump-o", attributePayload={"attributes": {"owner": "other-team"}}, **typed
+    )
+    theirs = iot.create_keys_and_certificate(setAsActive=True)["certificateArn"]
+    iot.attach_thing_principal(thingName="pump-o", principal=theirs)
+    before = iot.describe_thing(thingName="pump-o")
+    stack.allowlist.add(entry("pump-o"), actor="op")
+    _, event = connect(stack, acme, "pump-o")
+    # When the device registers / Then the registration fails with a typed, permanent conflict
+    # (the function lets it propagate: Lambda retries, then the failure queue keeps the event)
+    with pytest.raises(ThingConflict):
+        stack.register(event)
+    # And AWS IoT is untouched: their thing, its certificate; ours still pending, no policy
+    after = iot.describe_thing(thingName="pump-o")
+    assert (after.get("thingTypeName"), after["attributes"], after["version"]) == (
+        before.get("thingTypeName"),
+        {"owner": "other-team"},
+        before["version"],
+    )
+    assert iot.list_thing_principals(thingName="pump-o")["principals"] == [theirs]
+    assert stack.certificate_status(event["certificateId"]) == "PENDING_ACTIVATION"
+    ours = iot.describe_certificate(certificateId=event["certificateId"])
+    arn = ours["certificateDescription"]["certificateArn"]
+    assert iot.list_attached_policies(target=arn)["policies"] == []
+    # And the clash is audited, naming the device and the foreign thing type
+    records, _ = stack.devices.audit("stream:registration-events")
+    assert [(r.action, r.details["device_id"], r.details["thing_type"]) for r in records] == [
+        ("thing_conflict", "pump-o", thing_type)
+    ]
+    # When the operator resolves the clash (their thing renamed away) and redrives the event
+    iot.detach_thing_principal(thingName="pump-o", principal=theirs)
+    iot.delete_thing(thingName="pump-o")
+    outcome = stack.register(event)
+    # Then the registration is finished
+    assert outcome.accepted
+    assert stack.certificate_status(event["certificateId"]) == "ACTIVE"
+    assert iot.list_thing_principals(thingName="pump-o")["principals"] == [arn]
 
 
 # ---- JITR acts only on what AWS IoT says (DescribeCertificate's CA and status) ---------------
@@ -531,7 +621,11 @@ def _negative_serial(authority, cert) -> str:
     tbs = cert.tbs_certificate_bytes
     at = tbs.index(b"\xa0\x03\x02\x01\x02\x02")  # version [0] v3, then the serial INTEGER
     old = tbs[at : at + 8]  # through the serial's length and its first content byte
-    return resigned(authority, cert, old, old[:-1] + bytes([old[-1] | 0x80]))
+    # The first content byte becomes 0x80 exactly: negative, and still minimal DER whatever
+    # byte follows. Setting only its top bit made 0xFF out of a 0x7F (about 1 serial in 256,
+    # with a next byte >= 0x80): a non-minimal INTEGER that no parser reads, so the case tested
+    # something else than a negative serial, at random.
+    return resigned(authority, cert, old, old[:-1] + b"\x80")
 
 
 HOSTILE = {

@@ -250,11 +250,13 @@ def test_initialize_is_idempotent(stack):
     assert [r.action for r in records] == ["signing_key_initialized"] and verification.records == 1
 
 
-def spare_key(stack, trust: KeyTrust | None = None, policy: dict | None = None) -> str:
+def spare_key(
+    stack, trust: KeyTrust | None = None, policy: dict | None = None, policy_text: str = ""
+) -> str:
     """A key as fleetkey creates one (this stack's tags and key policy, unless told otherwise)."""
     trust = trust or stack.key_trust
     return KmsKeys(client=stack.kms).create_signing_key(
-        KEY_DESCRIPTION, dict(trust.tags), json.dumps(policy or trust.policy)
+        KEY_DESCRIPTION, dict(trust.tags), policy_text or json.dumps(policy or trust.policy)
     )
 
 
@@ -347,17 +349,33 @@ def test_no_signing_key_before_initialization():
 def test_rotated_keys_let_only_the_token_role_sign(stack):
     # Given the stack's trust (the token function's role in its key policy)
     role = stack.settings.token_signer_role_arn
+    retirers = list(stack.settings.token_key_retirer_role_arns)
     # When a rotation creates a key
     key = stack.signing_keys.rotate(actor="op")
-    # Then its policy keeps the account's IAM in charge and denies kms:Sign to everyone but the role
+    # Then its policy keeps the account's IAM in charge, grants kms:Sign to the token role and
+    # kms:ScheduleKeyDeletion to the admin and maintenance roles (IAM grants neither), and denies
+    # kms:Sign to everyone but the token role
     policy = json.loads(stack.kms.get_key_policy(KeyId=key.key_id, PolicyName="default")["Policy"])
-    allow, deny = policy["Statement"]
+    delegate, sign, retire, deny = policy["Statement"]
     assert (
-        allow["Principal"] == {"AWS": "arn:aws:iam::123456789012:root"}
-        and allow["Action"] == "kms:*"
+        delegate["Principal"] == {"AWS": "arn:aws:iam::123456789012:root"}
+        and delegate["Action"] == "kms:*"
+    )
+    assert (sign["Effect"], sign["Principal"], sign["Action"]) == (
+        "Allow",
+        {"AWS": role},
+        "kms:Sign",
+    )
+    assert (retire["Effect"], retire["Principal"], retire["Action"]) == (
+        "Allow",
+        {"AWS": retirers},
+        "kms:ScheduleKeyDeletion",
     )
     assert deny["Effect"] == "Deny" and deny["Action"] == "kms:Sign"
     assert deny["Condition"] == {"ArnNotEquals": {"aws:PrincipalArn": role}}
+    # and KMS made its material, in this region only
+    metadata = stack.kms.describe_key(KeyId=key.key_id)["KeyMetadata"]
+    assert (metadata["Origin"], metadata["MultiRegion"]) == ("AWS_KMS", False)
     # and it carries this stack's tag
     tags = KmsKeys(client=stack.kms).tags(key.key_id)
     assert tags == token_signing_tags(stack.settings.stack_name)
@@ -396,7 +414,7 @@ def test_a_registry_entry_is_refused_unless_tags_and_key_policy_are_fleetkeys(st
     trust = stack.key_trust
     if variant == "policy_lets_another_role_sign":
         key_id = spare_key(
-            stack, policy=token_key_policy_for("arn:aws:iam::123456789012:role/other")
+            stack, policy=token_key_policy_for("arn:aws:iam::123456789012:role/other", RETIRERS)
         )
     elif variant == "policy_without_the_deny":
         key_id = spare_key(
@@ -404,7 +422,12 @@ def test_a_registry_entry_is_refused_unless_tags_and_key_policy_are_fleetkeys(st
         )
     else:
         key_id = spare_key(
-            stack, trust=KeyTrust.for_stack("another-stack", stack.settings.token_signer_role_arn)
+            stack,
+            trust=KeyTrust.for_stack(
+                "another-stack",
+                stack.settings.token_signer_role_arn,
+                retirer_role_arns=stack.settings.token_key_retirer_role_arns,
+            ),
         )
     # When an entry for it lands in the registry (a write to the table alone)
     rotation_to(stack, key_id)
@@ -414,9 +437,62 @@ def test_a_registry_entry_is_refused_unless_tags_and_key_policy_are_fleetkeys(st
     assert reader.current()[0].key_id == stack.token_key_id
 
 
+def test_a_key_policy_naming_a_member_twice_is_not_trusted(stack):
+    # Given a key whose policy text names "Statement" twice: first a grant of everything to
+    # everyone, then fleetkey's statements (Python's json keeps the last; another reader may keep
+    # the first, or refuse the document)
+    fleetkeys = json.dumps(stack.key_trust.policy["Statement"])
+    everyone = json.dumps(
+        [{"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "kms:*", "Resource": "*"}]
+    )
+    text = f'{{"Version": "2012-10-17", "Statement": {everyone}, "Statement": {fleetkeys}}}'
+    key_id = spare_key(stack, policy_text=text)
+    # When an entry for it lands in the registry
+    rotation_to(stack, key_id)
+    # Then no reader trusts it
+    reader = SigningKeys(stack.store, KmsKeys(client=stack.kms), trust=stack.key_trust)
+    assert key_id not in {k.key_id for k in reader.keys()}  # noqa: SIM118 (SigningKeys.keys, not a dict)
+
+
+class Describing:
+    """A KMS client whose DescribeKey reports other metadata for one key (moto cannot make a
+    P-256 key of imported material that still answers GetPublicKey)."""
+
+    def __init__(self, client, key_id: str, **metadata) -> None:
+        self._client, self._key_id, self._metadata = client, key_id, metadata
+
+    def describe_key(self, **kwargs):
+        response = self._client.describe_key(**kwargs)
+        if kwargs["KeyId"] == self._key_id:
+            response["KeyMetadata"].update(self._metadata)
+        return response
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [{"Origin": "EXTERNAL"}, {"Origin": "AWS_CLOUDHSM"}, {"MultiRegion": True}],
+    ids=["imported", "cloudhsm", "multi-region"],
+)
+def test_a_key_of_imported_material_or_multi_region_is_not_trusted(stack, metadata):
+    # Given a key with fleetkey's tags and policy, whose material KMS did not generate (or that
+    # is replicated to other regions)
+    key_id = spare_key(stack)
+    rotation_to(stack, key_id)
+    kms = Describing(stack.kms, key_id, **metadata)
+    # When a reader confirms the registry's entries
+    reader = SigningKeys(stack.store, KmsKeys(client=kms), trust=stack.key_trust)
+    # Then that key is not trusted; the same key, as KMS really describes it, is
+    assert key_id not in {k.key_id for k in reader.keys()}  # noqa: SIM118 (SigningKeys.keys, not a dict)
+    honest = SigningKeys(stack.store, KmsKeys(client=stack.kms), trust=stack.key_trust)
+    assert key_id in {k.key_id for k in honest.keys()}  # noqa: SIM118 (SigningKeys.keys, not a dict)
+
+
 def test_a_key_with_fleetkeys_policy_in_another_layout_is_confirmed(stack):
     # Given a key whose policy says the same as fleetkey's, reordered, re-spelled and without Sids
-    allow, deny = stack.key_trust.policy["Statement"]
+    allow, sign, retire, deny = stack.key_trust.policy["Statement"]
     relaid = {
         "Version": "2012-10-17",
         "Statement": [
@@ -425,7 +501,9 @@ def test_a_key_with_fleetkeys_policy_in_another_layout_is_confirmed(stack):
                 "Action": ["KMS:Sign"],
                 "Principal": "*",
             },
+            {**retire, "Principal": {"AWS": list(reversed(retire["Principal"]["AWS"]))}},
             {**allow, "Resource": ["*"], "Sid": "Other"},
+            {**sign, "Principal": {"AWS": [sign["Principal"]["AWS"]]}},
         ],
     }
     key_id = spare_key(stack, policy=relaid)
@@ -435,13 +513,23 @@ def test_a_key_with_fleetkeys_policy_in_another_layout_is_confirmed(stack):
     assert key_id in {k.key_id for k in reader.keys()}  # noqa: SIM118 (SigningKeys.keys, not a dict)
 
 
+RETIRERS = ("arn:aws:iam::123456789012:role/admin", "arn:aws:iam::123456789012:role/maint")
+
+
 def test_same_policy_compares_by_meaning():
     # Given fleetkey's policy for one role
-    policy = token_key_policy_for("arn:aws:iam::123456789012:role/token")
-    # Then statement order, Sids and list-vs-string do not matter; a different role does
+    policy = token_key_policy_for("arn:aws:iam::123456789012:role/token", RETIRERS)
+    # Then statement order, Sids and list-vs-string do not matter; a different role does, and so
+    # does a different retirer
     swapped = {**policy, "Statement": list(reversed(policy["Statement"]))}
     assert same_policy(policy, swapped)
-    assert not same_policy(policy, token_key_policy_for("arn:aws:iam::123456789012:role/other"))
+    assert not same_policy(
+        policy, token_key_policy_for("arn:aws:iam::123456789012:role/other", RETIRERS)
+    )
+    assert not same_policy(
+        policy,
+        token_key_policy_for("arn:aws:iam::123456789012:role/token", RETIRERS[:1]),
+    )
     assert not same_policy(policy, {**policy, "Version": "2008-10-17"})
 
 
@@ -461,7 +549,10 @@ class EmptyRegistry:
 def test_an_empty_registry_serves_the_stacks_first_key_without_writing(stack):
     # Given a deployed stack's view: no registry item, the first key named in settings
     trust = KeyTrust.for_stack(
-        stack.settings.stack_name, stack.settings.token_signer_role_arn, stack.token_key_id
+        stack.settings.stack_name,
+        stack.settings.token_signer_role_arn,
+        stack.token_key_id,
+        retirer_role_arns=stack.settings.token_key_retirer_role_arns,
     )
     reader = SigningKeys(EmptyRegistry(stack.store), KmsKeys(client=stack.kms), trust=trust)
     counter = AwsCallCounter().watch(*stack.service_clients())
@@ -483,7 +574,10 @@ def test_an_empty_registry_refuses_a_first_key_that_is_not_fleetkeys(stack):
         KEY_DESCRIPTION, dict(stack.key_trust.tags)
     )
     trust = KeyTrust.for_stack(
-        stack.settings.stack_name, stack.settings.token_signer_role_arn, other
+        stack.settings.stack_name,
+        stack.settings.token_signer_role_arn,
+        other,
+        retirer_role_arns=stack.settings.token_key_retirer_role_arns,
     )
     reader = SigningKeys(EmptyRegistry(stack.store), KmsKeys(client=stack.kms), trust=trust)
     # When a token would be signed, Then there is no key (503), not that key
@@ -509,7 +603,10 @@ def test_the_first_rotation_writes_the_first_key_into_the_registry(stack, monkey
     # Given a deployed stack's empty registry (the local stack's provisioning wrote one: remove it)
     forget_registry(stack)
     trust = KeyTrust.for_stack(
-        stack.settings.stack_name, stack.settings.token_signer_role_arn, stack.token_key_id
+        stack.settings.stack_name,
+        stack.settings.token_signer_role_arn,
+        stack.token_key_id,
+        retirer_role_arns=stack.settings.token_key_retirer_role_arns,
     )
     keys = SigningKeys(stack.store, KmsKeys(client=stack.kms), trust=trust)
     first = keys.current()[0]
@@ -541,8 +638,24 @@ def test_the_token_function_never_writes_the_registry(stack, acme, monkeypatch):
     # Then it is signed by the first key, and the registry is still not written
     assert response["statusCode"] == 200, response["body"]
     first = KeyTrust.for_stack(
-        stack.settings.stack_name, stack.settings.token_signer_role_arn, stack.token_key_id
+        stack.settings.stack_name,
+        stack.settings.token_signer_role_arn,
+        stack.token_key_id,
+        retirer_role_arns=stack.settings.token_key_retirer_role_arns,
     )
     first_kid = SigningKeys(stack.store, KmsKeys(client=stack.kms), trust=first).keys()[0].kid
     assert kid_of(json.loads(response["body"])["access_token"]) == first_kid
     assert stack.store.get_signing_keys() == (ChainHead(), [])
+
+
+def test_settings_name_the_roles_that_retire_keys():
+    from fleetkey.settings import LOCAL_TOKEN_KEY_RETIRER_ROLE_ARNS, Settings
+
+    # Given a function's environment naming the retirer roles (comma-separated, as CDK joins)
+    base = {"FLEETKEY_TABLE": "t", "AWS_REGION": "eu-west-1"}
+    arns = "arn:aws:iam::1:role/a, arn:aws:iam::1:role/m"
+    # Then the settings hold them, in order; unset, the local stack's
+    named = Settings.from_environ({**base, "FLEETKEY_TOKEN_KEY_RETIRER_ROLE_ARNS": arns})
+    assert named.token_key_retirer_role_arns == ("arn:aws:iam::1:role/a", "arn:aws:iam::1:role/m")
+    local = Settings.from_environ(base)
+    assert local.token_key_retirer_role_arns == LOCAL_TOKEN_KEY_RETIRER_ROLE_ARNS

@@ -236,3 +236,131 @@ def test_a_client_id_naming_another_device_is_invalid_client_at_the_function(fun
         functions["token"], with_body(load_event("token-request"), urlencode(form))
     )
     assert status == 200 and body["token_type"] == "Bearer"
+
+
+def token_event(device, content_type="application/x-www-form-urlencoded", suffix="", **headers):
+    """A sample token request event carrying a fresh, valid assertion of `device`."""
+    key, certificate_id = device
+    form = token_request(client_assertion(key, certificate_id, "pump-0001", ISSUER))
+    event = with_body(load_event("token-request"), urlencode(form) + suffix, content_type)
+    for name, value in headers.items():
+        event["headers"][name] = value
+        event["multiValueHeaders"][name] = [value]
+    return event
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/x-www-form-urlencodedXYZ",
+        "application/x-www-form-urlencoded-json",
+        "application/x-www-form-urlencoded; charset=iso-8859-1",
+        'application/x-www-form-urlencoded; charset="utf-16"',
+        "application/x-www-form-urlencoded; charset",
+        "application/x-www-form-urlencoded, application/json",
+        "text/plain; x=application/x-www-form-urlencoded",
+    ],
+    ids=["suffix", "other-subtype", "latin-1", "utf-16", "bare-parameter", "list", "text"],
+)
+def test_a_token_request_that_is_not_exactly_a_utf8_form_is_400(functions, device, content_type):
+    # Given a valid token request whose content type is not application/x-www-form-urlencoded,
+    # or names a charset other than UTF-8
+    event = token_event(device, content_type)
+    # When the function answers, Then 400 invalid_request (no assertion is read)
+    status, body, _ = call(functions["token"], event)
+    assert (status, body["error"]) == (400, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    "content_type,suffix",
+    [
+        ("application/x-www-form-urlencoded; charset=utf-8", ""),
+        ('Application/X-WWW-Form-URLEncoded;charset="UTF-8"', ""),
+        ("application/x-www-form-urlencoded", "&"),
+    ],
+    ids=["charset", "any-case-quoted", "trailing-ampersand"],
+)
+def test_a_utf8_form_with_parameters_or_a_trailing_ampersand_gets_a_token(
+    functions, device, content_type, suffix
+):
+    # Given a valid token request with a charset parameter, or a trailing '&' (RFC 6749 clients
+    # that append "name=value&" send one)
+    event = token_event(device, content_type, suffix)
+    # When the function answers, Then a token
+    status, body, _ = call(functions["token"], event)
+    assert status == 200 and body["token_type"] == "Bearer", body
+
+
+@pytest.mark.parametrize(
+    "suffix,headers",
+    [
+        ("", {"authorization": "Basic cHVtcC0wMDAxOnNlY3JldA=="}),
+        ("", {"Authorization": "Bearer x"}),
+        ("&client_secret=secret", {}),
+    ],
+    ids=["basic", "bearer", "client-secret"],
+)
+def test_a_second_client_authentication_method_is_invalid_request(
+    functions, device, suffix, headers
+):
+    # Given a valid token request that also authenticates the client another way (RFC 6749 §2.3)
+    event = token_event(device, suffix=suffix, **headers)
+    # When the function answers, Then 400 invalid_request
+    status, body, _ = call(functions["token"], event)
+    assert (status, body["error"]) == (400, "invalid_request")
+
+
+def test_a_zip_header_on_the_assertion_is_invalid_client(functions, device):
+    # Given a device's assertion whose header asks for compression (a JWE parameter, RFC 7516)
+    key, certificate_id = device
+    assertion = client_assertion(
+        key, certificate_id, "pump-0001", ISSUER, extra_headers={"zip": "DEF"}
+    )
+    event = with_body(load_event("token-request"), urlencode(token_request(assertion)))
+    # When the function answers, Then 401 invalid_client
+    status, body, _ = call(functions["token"], event)
+    assert (status, body["error"]) == (401, "invalid_client")
+
+
+def issued_token(functions, device) -> str:
+    status, body, _ = call(functions["token"], token_event(device))
+    assert status == 200
+    return body["access_token"]
+
+
+@pytest.mark.parametrize(
+    "body_of,content_type",
+    [
+        (lambda t: urlencode([("token", t), ("token", "x")]), None),
+        (lambda t: urlencode([("token", "x"), ("token", t)]), None),
+        (lambda t: urlencode({"token": t}), "application/x-www-form-urlencodedXYZ"),
+        (lambda t: urlencode({"token": t}), "application/x-www-form-urlencoded; charset=latin1"),
+        (lambda t: urlencode({"token": t}), "application/json"),
+    ],
+    ids=["duplicate-token", "duplicate-token-last-genuine", "suffix", "latin-1", "json"],
+)
+def test_an_ambiguous_introspection_request_is_400(functions, device, body_of, content_type):
+    # Given an introspection request for a genuine token that names two tokens, or is not
+    # exactly a UTF-8 form
+    token = issued_token(functions, device)
+    event = with_body(
+        load_event("introspection-request"),
+        body_of(token),
+        content_type or "application/x-www-form-urlencoded",
+    )
+    # When the function answers, Then 400 invalid_request (not "the last one wins")
+    status, body, _ = call(functions["introspect"], event)
+    assert (status, body["error"]) == (400, "invalid_request")
+
+
+def test_introspection_accepts_a_charset_and_a_trailing_ampersand(functions, device):
+    # Given an introspection request with a UTF-8 charset parameter and a trailing '&'
+    token = issued_token(functions, device)
+    event = with_body(
+        load_event("introspection-request"),
+        urlencode({"token": token, "token_type_hint": "access_token"}) + "&",
+        "application/x-www-form-urlencoded; charset=UTF-8",
+    )
+    # When the function answers, Then the token is active
+    status, body, _ = call(functions["introspect"], event)
+    assert status == 200 and body["active"] is True

@@ -437,6 +437,9 @@ def malformed_assertions(stack, certificate_id) -> dict[str, str]:
         "two segments": b64(json.dumps(good).encode()) + "." + b64(raw_claims),
         "padding": _segments(good, claims).replace(".", "==.", 1),
         "non-ASCII": _segments(good, claims) + "é",
+        "lone surrogate in a claim": _segments(good, {**claims, "firmware_version": "\ud800"}),
+        "lone surrogate in the header": _segments({**good, "x": "\udfff"}, claims),
+        "zip header": _segments({**good, "zip": "DEF"}, claims),
     }
 
 
@@ -622,3 +625,139 @@ def test_malformed_tokens_are_inactive_and_invalid_for_relying_parties(stack):
             assert stack.introspection.introspect(token) == {"active": False}, name
             with pytest.raises(InvalidToken):
                 verifier.verify(token, audience="urn:fleetkey:telemetry")
+
+
+# ---- firmware_version, client authentication methods, the projected device read -----------------
+
+HOSTILE_FIRMWARE_VERSIONS = {
+    "lone surrogate": "2.4\ud800",
+    "NUL": "2.4.1\x00",
+    "CR LF": "2.4.1\r\nX-Injected: 1",
+    "bidi override": "\u202e1.4.2",
+    "space": "2.4 1",
+    "non-ASCII": "2.4.1é",
+    "empty": "",
+    "65 characters": "1" * 65,
+    "a number": 241,
+    "a list": ["2.4.1"],
+}
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE_FIRMWARE_VERSIONS))
+def test_a_firmware_version_that_is_not_printable_ascii_gets_no_token(stack, kind):
+    # Given an ACTIVE sensor (no attestation required) whose assertion carries a hostile version
+    _, _, assertion = active_device(stack, "sensor-firmware")
+    presented = assertion(extra_claims={"firmware_version": HOSTILE_FIRMWARE_VERSIONS[kind]})
+    before = stored_keys(stack)
+    # When it asks for a token, Then invalid_client, like a malformed jti, and nothing is written
+    assert issued_or_refused(stack, token_request(presented)) == "invalid_client"
+    assert stored_keys(stack) == before
+
+
+def test_a_printable_firmware_version_is_carried_into_the_token(stack):
+    # Given an ACTIVE sensor reporting a version of 64 printable ASCII characters
+    _, _, assertion = active_device(stack, "sensor-firmware-ok")
+    version = "v2.4.1+build.7~rc1-" + "x" * 45
+    # When it asks for a token, Then the token carries the version as sent
+    token = stack.tokens.issue(token_request(assertion(firmware_version=version)))
+    claims = jwt.decode(token["access_token"], options={"verify_signature": False})
+    assert claims["firmware_version"] == version
+
+
+def test_introspection_does_not_echo_a_firmware_version_fleetkey_would_not_issue(stack):
+    # Given the claims of a genuine token re-signed with a hostile firmware_version (as a token
+    # signed before the rule could carry)
+    _key, _certificate_id, assertion = active_device(stack, "sensor-rp-firmware")
+    genuine = stack.tokens.issue(token_request(assertion()))["access_token"]
+    claims = jwt.decode(genuine, options={"verify_signature": False})
+    for kind in ("NUL", "CR LF", "bidi override", "65 characters", "a number"):
+        token = kms_signed(stack, {**claims, "firmware_version": HOSTILE_FIRMWARE_VERSIONS[kind]})
+        # When a relying party introspects it, Then inactive: the value is not passed on
+        assert stack.introspection.introspect(token) == {"active": False}, kind
+    # and the genuine token is active
+    assert stack.introspection.introspect(genuine)["active"] is True
+
+
+def test_a_client_secret_beside_the_assertion_is_invalid_request(stack):
+    # Given a device's valid assertion, sent with a client_secret as well (two client
+    # authentication methods, RFC 6749 §2.3)
+    _, _, assertion = active_device(stack, "sensor-two-methods")
+    form = {**token_request(assertion()), "client_secret": "s3cret"}
+    before = stored_keys(stack)
+    # When it asks for a token, Then invalid_request, and the assertion is not used up
+    assert issued_or_refused(stack, form) == "invalid_request"
+    assert stored_keys(stack) == before
+
+
+def test_the_token_path_reads_only_the_device_fields_it_needs(stack):
+    # Given an ACTIVE device and a record of the GetItem requests the store's client sends
+    from fleetkey.store.dynamodb import DEVICE_CREDENTIAL_FIELDS
+
+    _, _, assertion = active_device(stack, "sensor-projection")
+    sent = []
+    client = stack.store._client
+
+    def record(params, **_):
+        sent.append(dict(params))
+
+    client.meta.events.register("provide-client-params.dynamodb.GetItem", record)
+    try:
+        # When it gets a token
+        stack.tokens.issue(token_request(assertion()))
+    finally:
+        client.meta.events.unregister("provide-client-params.dynamodb.GetItem", record)
+    # Then its one device read asked for exactly the fields that authenticate it, consistently
+    (read,) = [r for r in sent if r["Key"]["pk"]["S"].startswith("DEVICE#")]
+    names = read["ExpressionAttributeNames"]
+    projected = [names[n.strip()] for n in read["ProjectionExpression"].split(",")]
+    assert sorted(projected) == sorted(DEVICE_CREDENTIAL_FIELDS)
+    assert "attributes" not in projected and "audit_hash" not in projected
+    assert read["ConsistentRead"] is True
+
+
+def test_an_unknown_device_costs_the_decoding_a_known_one_costs(stack, monkeypatch):
+    # Given an ACTIVE device, and counters on botocore's response parsing and on the store's
+    # attribute decoding (the CPU work that made an unknown device measurably faster); moto,
+    # in this process, decodes attributes too, with deserializers of its own
+    import botocore.parsers
+    from boto3.dynamodb.types import TypeDeserializer
+
+    from fleetkey.store import dynamodb
+
+    key, certificate_id, _ = active_device(stack, "sensor-decoy")
+    issuer = stack.settings.issuer
+    impostor = generate_key("ec:secp256r1")
+    cases = {
+        "unknown": client_assertion(impostor, certificate_id, "ghost-decoy", issuer),
+        "bad signature": client_assertion(impostor, certificate_id, "sensor-decoy", issuer),
+        "wrong kid": client_assertion(key, "0" * 64, "sensor-decoy", issuer),
+    }
+    counts = {"parsed": 0, "decoded": 0}
+
+    def counting(name, original):
+        def counted(*args, **kwargs):
+            counts[name] += 1
+            return original(*args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(
+        botocore.parsers.ResponseParser,
+        "_parse_shape",
+        counting("parsed", botocore.parsers.ResponseParser._parse_shape),
+    )
+    store_deserializer = TypeDeserializer()
+    store_deserializer.deserialize = counting("decoded", store_deserializer.deserialize)
+    monkeypatch.setattr(dynamodb, "_deserializer", store_deserializer)
+    work = {}
+    for name, presented in cases.items():
+        counts.update(parsed=0, decoded=0)
+        # When each is refused
+        assert issued_or_refused(stack, token_request(presented)) == "invalid_client", name
+        work[name] = dict(counts)
+    # Then the unknown device's refusal decoded as many attributes as a known device's, and
+    # parsed at least as much (its own empty answer, and the decoy's item)
+    known = work["bad signature"]
+    assert work["wrong kid"] == known and known["decoded"] > 0
+    assert work["unknown"]["decoded"] == known["decoded"], work
+    assert work["unknown"]["parsed"] >= known["parsed"], work

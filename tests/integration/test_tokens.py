@@ -744,6 +744,7 @@ COLD_CALLS = [
     "dynamodb.GetItem",
     "dynamodb.TransactWriteItems",
     "dynamodb.GetItem",
+    "kms.DescribeKey",
     "kms.GetPublicKey",
     "kms.ListResourceTags",
     "kms.GetKeyPolicy",

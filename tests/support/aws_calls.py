@@ -31,6 +31,7 @@ What it cannot prove is written down in infra/README.md ("What the IAM test prov
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import fnmatch
 import json
@@ -106,9 +107,17 @@ class Request:
     context: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     modeled: frozenset[str] = frozenset()
     complete: bool = True
+    # The KMS key's policy (JSON text) for a request on a key: the resource policy IAM evaluates
+    # with the identity policy. None for a request on no key, or a key that could not be read.
+    key_policy: str | None = None
 
     def __hash__(self) -> int:
         return hash(json.dumps(self.to_json(), sort_keys=True))
+
+    @property
+    def on_a_key(self) -> bool:
+        """A KMS operation on an existing key (its key policy takes part in the decision)."""
+        return self.action.lower().startswith("kms:") and ":key/" in self.resource
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -117,6 +126,7 @@ class Request:
             "context": {k: list(v) for k, v in sorted(self.context.items())},
             "modeled": sorted(self.modeled),
             "complete": self.complete,
+            "key_policy": self.key_policy,
         }
 
     @classmethod
@@ -127,6 +137,7 @@ class Request:
             {k: tuple(v) for k, v in data["context"].items()},
             frozenset(data["modeled"]),
             bool(data["complete"]),
+            data.get("key_policy"),
         )
 
 
@@ -160,11 +171,14 @@ class UnmappedOperation(Exception):
 
 @dataclass(frozen=True)
 class KeyFacts:
-    """What IAM conditions may ask about a KMS key."""
+    """What IAM conditions may ask about a KMS key, and its key policy (JSON text)."""
 
     tags: Mapping[str, str]
     key_spec: str
     key_usage: str
+    origin: str = "AWS_KMS"
+    multi_region: bool = False
+    policy: str | None = None
 
 
 # IAM service prefixes of the botocore services fleetkey calls.
@@ -216,7 +230,23 @@ KMS_KEY_ACTIONS = {
     "TagResource",
     "UntagResource",
 }
-KEY_CONDITION_PREFIXES = frozenset({"aws:resourcetag/", "kms:keyspec", "kms:keyusage"})
+KEY_CONDITION_PREFIXES = frozenset(
+    {"aws:resourcetag/", "kms:keyspec", "kms:keyusage", "kms:keyorigin", "kms:multiregion"}
+)
+# What KMS gives a key created without a policy: the account's IAM governs it.
+DEFAULT_KEY_POLICY = json.dumps(
+    {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": {"AWS": f"arn:{PARTITION}:iam::{ACCOUNT}:root"},
+                "Action": "kms:*",
+                "Resource": "*",
+            }
+        ],
+    }
+)
 
 
 def _arn(service: str, resource: str, region: str, account: str) -> str:
@@ -365,6 +395,8 @@ def key_context(facts: KeyFacts | None, stack_name: str | None) -> dict[str, tup
     }
     context["kms:keyspec"] = (facts.key_spec,)
     context["kms:keyusage"] = (facts.key_usage,)
+    context["kms:keyorigin"] = (facts.origin,)
+    context["kms:multiregion"] = (str(facts.multi_region).lower(),)
     return context
 
 
@@ -384,15 +416,24 @@ def _kms_requests(
         context["aws:tagkeys"] = tuple(tags)
         context["kms:keyspec"] = (params.get("KeySpec", "SYMMETRIC_DEFAULT"),)
         context["kms:keyusage"] = (params.get("KeyUsage", "ENCRYPT_DECRYPT"),)
-        modeled = frozenset({"aws:requesttag/", "aws:tagkeys", "kms:keyspec", "kms:keyusage"})
+        context["kms:keyorigin"] = (params.get("Origin", "AWS_KMS"),)
+        context["kms:multiregion"] = (str(bool(params.get("MultiRegion", False))).lower(),)
+        modeled = frozenset({"aws:requesttag/", "aws:tagkeys"} | KEY_CONDITION_PREFIXES)
         requests = [Request("kms:CreateKey", "*", context, modeled)]
         if tags:
             # KMS asks for TagResource (in an IAM policy) when CreateKey carries tags: the key
             # being created is the resource, with the spec and usage of the request.
             new_key = _arn("kms", "key/<created>", region, account)
             # The key being created carries no tag yet: aws:ResourceTag/* are absent.
+            # Its key policy is the one the request gives it (or KMS's default).
             requests.append(
-                Request("kms:TagResource", new_key, context, modeled | {"aws:resourcetag/"})
+                Request(
+                    "kms:TagResource",
+                    new_key,
+                    context,
+                    modeled,
+                    key_policy=params.get("Policy") or DEFAULT_KEY_POLICY,
+                )
             )
         return requests
     if operation in KMS_KEY_ACTIONS:
@@ -409,7 +450,16 @@ def _kms_requests(
             )
             context["aws:tagkeys"] = tuple(tags)
             modeled = modeled | {"aws:requesttag/", "aws:tagkeys"}
-        return [Request(f"kms:{operation}", arn, context, modeled, complete=facts is not None)]
+        return [
+            Request(
+                f"kms:{operation}",
+                arn,
+                context,
+                modeled,
+                complete=facts is not None,
+                key_policy=facts.policy if facts is not None else None,
+            )
+        ]
     raise UnmappedOperation(f"kms.{operation}")
 
 
@@ -449,10 +499,40 @@ class Decision(enum.Enum):
     ALLOWED = "allowed"
     DENIED = "denied"
     UNEVALUATED = "not evaluable"
+    # A statement the evaluator refuses to reason about (NotAction, NotResource, NotPrincipal):
+    # its meaning is "everything but", which a reviewer misreads as easily as the evaluator would.
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A decision, and for UNEVALUATED the condition keys (or `<key policy>`) it could not
+    decide; for REFUSED, why."""
+
+    decision: Decision
+    unknown: frozenset[str] = frozenset()
+    why: str = ""
+
+
+# "Not evaluable" fails the check, except for these (action, condition key) pairs, each reviewed:
+# the request is right whatever the unknown value is. Keys are lowercased; "*" matches any action.
+REVIEWED_UNEVALUABLE: Mapping[tuple[str, str], str] = {}
+UNREADABLE_KEY_POLICY = "<key policy>"
+MISSING_KEY = "<missing key>"
+# AWS managed policies a function role may carry (the evaluator cannot read them): none.
+REVIEWED_MANAGED_POLICIES: Mapping[str, str] = {}
 
 
 class _Unknown(Exception):
     """A condition the evaluator cannot decide."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+class _Unsupported(Exception):
+    """A statement form the evaluator refuses (NotAction, NotResource, NotPrincipal)."""
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -467,7 +547,7 @@ def _matches(pattern: str, value: str, *, case: bool = True) -> bool:
 
 
 def _context_values(request: Request, key: str) -> tuple[str, ...] | None:
-    """The request's values for a condition key; () when the key is modeled and absent.
+    """The request's values for a condition key; None when the key is modeled and absent.
 
     Raises:
         _Unknown: a key the recorder does not model for this request.
@@ -477,12 +557,14 @@ def _context_values(request: Request, key: str) -> tuple[str, ...] | None:
         return request.context[key]
     if any(key.startswith(prefix) for prefix in request.modeled):
         if not request.complete:
-            raise _Unknown(key)
+            raise _Unknown(MISSING_KEY)
         return None
     raise _Unknown(key)
 
 
-def _operator_holds(operator: str, wanted: list[str], present: tuple[str, ...] | None) -> bool:
+def _operator_holds(
+    operator: str, key: str, wanted: list[str], present: tuple[str, ...] | None
+) -> bool:
     """One condition operator. Raises _Unknown for operators it does not implement."""
     qualifier, _, base = operator.rpartition(":")
     negated = base.startswith(("StringNot", "ArnNot"))
@@ -500,10 +582,11 @@ def _operator_holds(operator: str, wanted: list[str], present: tuple[str, ...] |
         "ArnLike": lambda p, v: _matches(p, v),
         "ArnNotEquals": lambda p, v: _matches(p, v),
         "ArnNotLike": lambda p, v: _matches(p, v),
+        "Bool": lambda p, v: p.lower() == v.lower(),
     }
     compare = comparisons.get(base)
     if compare is None:
-        raise _Unknown(operator)
+        raise _Unknown(f"{key} ({operator})")
 
     def one(value: str) -> bool:
         hit = any(compare(p, value) for p in wanted)
@@ -514,56 +597,196 @@ def _operator_holds(operator: str, wanted: list[str], present: tuple[str, ...] |
     if qualifier == "ForAnyValue":
         return any(one(v) for v in present or ())
     if qualifier:
-        raise _Unknown(operator)
+        raise _Unknown(f"{key} ({operator})")
     if present is None:
         return negated  # a negated operator holds on an absent key, a positive one does not
     return any(one(v) for v in present)
 
 
 def _conditions_hold(condition: Mapping[str, Mapping[str, Any]], request: Request) -> bool:
-    """Raises _Unknown when a condition cannot be decided."""
+    """False as soon as one condition is known not to hold (an unknown elsewhere then does not
+    matter: every condition must hold). Raises _Unknown when it may hold but one cannot be
+    decided."""
+    unknown: _Unknown | None = None
     for operator, keys in condition.items():
         for key, wanted in keys.items():
-            present = _context_values(request, key)
-            if not _operator_holds(operator, [str(w) for w in _as_list(wanted)], present):
+            try:
+                present = _context_values(request, key)
+                holds = _operator_holds(operator, key, [str(w) for w in _as_list(wanted)], present)
+            except _Unknown as exc:
+                unknown = unknown or exc
+                continue
+            if not holds:
                 return False
+    if unknown is not None:
+        raise unknown
     return True
 
 
-def _statement_applies(statement: Mapping[str, Any], request: Request) -> bool | None:
-    """True, False, or None when its condition cannot be decided."""
-    if "NotAction" in statement or "NotResource" in statement:
-        return None
+UNSUPPORTED_ELEMENTS = ("NotAction", "NotResource", "NotPrincipal")
+
+
+def unsupported(statement: Mapping[str, Any]) -> str | None:
+    found = [name for name in UNSUPPORTED_ELEMENTS if name in statement]
+    return ", ".join(found) or None
+
+
+def _statement_applies(statement: Mapping[str, Any], request: Request) -> bool:
+    """Whether the statement's action, resource and conditions hold for the request.
+
+    Raises:
+        _Unknown: a condition that cannot be decided (action and resource match).
+        _Unsupported: NotAction/NotResource/NotPrincipal.
+    """
+    refused = unsupported(statement)
+    if refused:
+        raise _Unsupported(f"a statement with {refused}: {json.dumps(statement, sort_keys=True)}")
     actions = [str(a) for a in _as_list(statement.get("Action", []))]
     if not any(_matches(a, request.action, case=False) for a in actions):
         return False
     resources = [str(r) for r in _as_list(statement.get("Resource", []))]
     if not any(_matches(r, request.resource) for r in resources):
         return False
-    try:
-        return _conditions_hold(statement.get("Condition", {}), request)
-    except _Unknown:
+    return _conditions_hold(statement.get("Condition", {}), request)
+
+
+@dataclass
+class _Scan:
+    """What one policy says of one request: `allowed` (an Allow applies; in a key policy, one
+    naming the principal itself), `delegated` (a key policy's Allow naming the account: the
+    identity policy decides), `denied`, and the condition keys an Allow or a Deny that may
+    apply could not decide."""
+
+    allowed: bool = False
+    delegated: bool = False
+    denied: bool = False
+    allow_unknown: set[str] = field(default_factory=set)
+    deny_unknown: set[str] = field(default_factory=set)
+
+
+def _principal_match(statement: Mapping[str, Any], principal: str | None) -> str | None:
+    """For a resource (key) policy: "self" if the statement names `principal` (or everyone),
+    "account" if it names the principal's account, None if neither. An identity policy
+    (`principal` None) has no Principal element: "self"."""
+    if principal is None:
+        return "self"
+    value = statement.get("Principal")
+    if value == "*":
+        return "self"
+    if not isinstance(value, Mapping):
         return None
+    aws = [str(p) for p in _as_list(value.get("AWS", []))]
+    if "*" in aws or principal in aws:
+        return "self"
+    account = principal.split(":")[4]
+    if f"arn:{PARTITION}:iam::{account}:root" in aws or account in aws:
+        return "account"
+    return None
 
 
-def decide(statements: Sequence[Mapping[str, Any]], request: Request) -> Decision:
-    """An identity policy's answer to one request: an explicit Deny wins, then an Allow whose
-    action, resource and conditions all hold; a condition it cannot decide makes the answer
-    UNEVALUATED rather than a guess."""
-    unknown = False
+def _scan(
+    statements: Sequence[Mapping[str, Any]], request: Request, principal: str | None = None
+) -> _Scan:
+    """Raises _Unsupported."""
+    scan = _Scan()
     for statement in statements:
-        if statement.get("Effect") == "Deny":
+        whom = _principal_match(statement, principal)
+        if whom is None and not unsupported(statement):
+            continue
+        deny = statement.get("Effect") == "Deny"
+        try:
             applies = _statement_applies(statement, request)
-            if applies:
-                return Decision.DENIED
-            unknown = unknown or applies is None
-    for statement in statements:
-        if statement.get("Effect") == "Allow":
-            applies = _statement_applies(statement, request)
-            if applies:
-                return Decision.ALLOWED
-            unknown = unknown or applies is None
-    return Decision.UNEVALUATED if unknown else Decision.DENIED
+        except _Unknown as exc:
+            (scan.deny_unknown if deny else scan.allow_unknown).add(exc.key)
+            continue
+        if not applies:
+            continue
+        if deny:
+            scan.denied = True  # a Deny naming the account covers its principals too
+        elif whom == "self":
+            scan.allowed = True
+        else:
+            scan.delegated = True
+    return scan
+
+
+def verdict(
+    statements: Sequence[Mapping[str, Any]], request: Request, principal: str | None = None
+) -> Verdict:
+    """The answer of AWS's policy evaluation (same account) to one request: an explicit Deny in
+    the identity policy or, for a KMS key, in its key policy wins; a Deny whose condition cannot
+    be decided makes the answer UNEVALUATED, never ALLOWED. Then an Allow: for a request on no
+    key, the identity policy's; for a key, the key policy's naming the principal, or the
+    identity policy's where the key policy delegates to the account (a key policy that does not
+    delegate makes IAM grants void). `principal` is the role's ARN (`aws:PrincipalArn`).
+    Statements with NotAction/NotResource/NotPrincipal are REFUSED."""
+    if principal is not None:
+        request = dataclasses.replace(
+            request, context={**request.context, "aws:principalarn": (principal,)}
+        )
+    key_statements: list[Mapping[str, Any]] = []
+    if request.on_a_key:
+        if request.key_policy is None:
+            return Verdict(
+                Decision.UNEVALUATED,
+                frozenset({MISSING_KEY if not request.complete else UNREADABLE_KEY_POLICY}),
+            )
+        try:
+            document = json.loads(request.key_policy, object_pairs_hook=_unique_names)
+        except ValueError:
+            return Verdict(Decision.UNEVALUATED, frozenset({UNREADABLE_KEY_POLICY}))
+        key_statements = _as_list(document.get("Statement", []))
+        if principal is None:  # no role to name: the key policy cannot be read for it
+            return Verdict(Decision.UNEVALUATED, frozenset({"aws:principalarn"}))
+    try:
+        identity = _scan(statements, request)
+        key = _scan(key_statements, request, principal) if request.on_a_key else None
+    except _Unsupported as exc:
+        return Verdict(Decision.REFUSED, why=str(exc))
+    scans = [identity] + ([key] if key else [])
+    if any(s.denied for s in scans):
+        return Verdict(Decision.DENIED)
+    deny_unknown = frozenset().union(*(s.deny_unknown for s in scans))
+    if deny_unknown:
+        return Verdict(Decision.UNEVALUATED, deny_unknown)
+    if key is None:
+        allowed = identity.allowed
+        allow_unknown = frozenset(identity.allow_unknown)
+    else:
+        allowed = key.allowed or (key.delegated and identity.allowed)
+        allow_unknown = frozenset(key.allow_unknown) | (
+            frozenset(identity.allow_unknown) if key.delegated or key.allow_unknown else frozenset()
+        )
+    if allowed:
+        return Verdict(Decision.ALLOWED)
+    if allow_unknown:
+        return Verdict(Decision.UNEVALUATED, allow_unknown)
+    return Verdict(Decision.DENIED)
+
+
+def decide(
+    statements: Sequence[Mapping[str, Any]], request: Request, principal: str | None = None
+) -> Decision:
+    """`verdict`'s decision alone."""
+    return verdict(statements, request, principal).decision
+
+
+def reviewed_unevaluable(action: str, unknown: Iterable[str]) -> bool:
+    """Whether every undecidable key of an UNEVALUATED request is on the reviewed list."""
+    keys = list(unknown)
+    return bool(keys) and all(
+        (action.lower(), k) in REVIEWED_UNEVALUABLE or ("*", k) in REVIEWED_UNEVALUABLE
+        for k in keys
+    )
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object hook: a policy naming a member twice is not evaluated (AWS and Python may
+    read it differently)."""
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate names in a policy: {names}")
+    return dict(pairs)
 
 
 def allowed_actions(statements: Iterable[Mapping[str, Any]]) -> set[str]:
@@ -620,9 +843,29 @@ def resolve(value: Any, resources: Mapping[str, Any], stack_name: str) -> Any:
     return resolved
 
 
+def role_arn(function: str) -> str:
+    """The ARN a function's role has in the tests: the local stack's naming (`fleetkey-local-
+    <function>`, as `fleetkey.settings` names the roles in the local signing keys' policy), so
+    that a key policy recorded in the tests and the template's role name the same principal."""
+    from fleetkey.settings import LOCAL_STACK_NAME
+
+    return f"arn:{PARTITION}:iam::{ACCOUNT}:role/{LOCAL_STACK_NAME}-{function}"
+
+
+def _function_of_role(logical_id: str, resources: Mapping[str, Any]) -> str | None:
+    for name, role_id in function_roles({"Resources": resources}).items():
+        if role_id == logical_id:
+            return name
+    return None
+
+
 def _attribute(logical_id: str, attribute: str, resources: Mapping[str, Any]) -> str:
     resource = resources.get(logical_id, {})
     kind = resource.get("Type")
+    if attribute == "Arn" and kind == "AWS::IAM::Role":
+        function = _function_of_role(logical_id, resources)
+        if function is not None:
+            return role_arn(function)
     if attribute == "Arn" and kind == "AWS::DynamoDB::Table":
         return _arn("dynamodb", f"table/{TABLE_PLACEHOLDER}", REGION, ACCOUNT)
     if attribute == "Arn" and kind == "AWS::IoT::Policy":
@@ -648,21 +891,73 @@ def function_roles(template: Mapping[str, Any]) -> dict[str, str]:
     return roles
 
 
+class UnreadablePolicy(ValueError):
+    """A role carries a policy the evaluator cannot read (an AWS managed policy not reviewed)."""
+
+
 def role_policy(template: Mapping[str, Any], role_id: str, stack_name: str) -> list[dict[str, Any]]:
-    """Every statement of the role's identity policies, resolved."""
+    """Every statement of the role's identity policies, resolved: `AWS::IAM::Policy` and
+    `AWS::IAM::ManagedPolicy` resources naming the role, its inline policies, and customer
+    managed policies of the template in its `ManagedPolicyArns`.
+
+    Raises:
+        UnreadablePolicy: a managed policy ARN that is not the template's and not in
+            REVIEWED_MANAGED_POLICIES (an AWS managed policy, whose statements it cannot see).
+    """
     resources = template["Resources"]
     statements: list[dict[str, Any]] = []
-    for resource in resources.values():
-        if (
-            resource["Type"] == "AWS::IAM::Policy"
-            and {"Ref": role_id} in resource["Properties"]["Roles"]
-        ):
-            statements.extend(resource["Properties"]["PolicyDocument"]["Statement"])
+    managed: set[str] = set()
+    for logical_id, resource in resources.items():
+        kind = resource["Type"]
+        if kind in ("AWS::IAM::Policy", "AWS::IAM::ManagedPolicy") and {"Ref": role_id} in resource[
+            "Properties"
+        ].get("Roles", []):
+            statements.extend(_as_list(resource["Properties"]["PolicyDocument"]["Statement"]))
+            if kind == "AWS::IAM::ManagedPolicy":
+                managed.add(logical_id)
     for inline in resources[role_id]["Properties"].get("Policies", []):
-        statements.extend(inline["PolicyDocument"]["Statement"])
-    if resources[role_id]["Properties"].get("ManagedPolicyArns"):
-        raise ValueError(f"{role_id} has managed policies: the evaluator cannot read them")
+        statements.extend(_as_list(inline["PolicyDocument"]["Statement"]))
+    for arn in resources[role_id]["Properties"].get("ManagedPolicyArns", []):
+        ref = arn.get("Ref") if isinstance(arn, Mapping) else None
+        if ref in resources and resources[ref]["Type"] == "AWS::IAM::ManagedPolicy":
+            if ref not in managed:
+                managed.add(ref)
+                statements.extend(
+                    _as_list(resources[ref]["Properties"]["PolicyDocument"]["Statement"])
+                )
+            continue
+        resolved = str(resolve(arn, resources, stack_name))
+        if resolved not in REVIEWED_MANAGED_POLICIES:
+            raise UnreadablePolicy(
+                f"{role_id} carries the managed policy {resolved}, which the evaluator cannot "
+                "read: grant with the template's own policies, or review it into "
+                "REVIEWED_MANAGED_POLICIES"
+            )
     return [resolve(s, resources, stack_name) for s in statements]
+
+
+def canonical_statement(statement: Mapping[str, Any]) -> dict[str, Any]:
+    """A resolved statement for the snapshot: Sid dropped, actions and resources sorted lists."""
+    canonical: dict[str, Any] = {"Effect": statement.get("Effect")}
+    for name in ("Action", "NotAction", "Resource", "NotResource"):
+        if name in statement:
+            canonical[name] = sorted(str(v) for v in _as_list(statement[name]))
+    for name in ("Principal", "NotPrincipal", "Condition"):
+        if name in statement:
+            canonical[name] = statement[name]
+    return canonical
+
+
+def role_snapshot(template: Mapping[str, Any], stack_name: str) -> dict[str, list[dict[str, Any]]]:
+    """Each function role's resolved statements (actions, resources, conditions), in a stable
+    order: what `tests/infra/iam_snapshot.json` pins."""
+    return {
+        function: sorted(
+            (canonical_statement(s) for s in role_policy(template, role_id, stack_name)),
+            key=lambda s: json.dumps(s, sort_keys=True),
+        )
+        for function, role_id in sorted(function_roles(template).items())
+    }
 
 
 # ---- the report --------------------------------------------------------------------------------
@@ -721,7 +1016,18 @@ def evaluate(
         if function not in roles:
             report.problems.append(f"{function}: calls AWS but the template has no such function")
             continue
-        statements = role_policy(template, roles[function], stack_name)
+        try:
+            statements = role_policy(template, roles[function], stack_name)
+        except UnreadablePolicy as exc:
+            report.problems.append(f"{function}: {exc}")
+            continue
+        for statement in statements:
+            refused = unsupported(statement)
+            if refused:
+                report.problems.append(
+                    f"{function}: its role has a statement with {refused}, which the check "
+                    f"refuses to evaluate: {json.dumps(statement, sort_keys=True)}"
+                )
         report.checked[function] = len(recorded)
         if not recorded:
             report.problems.append(
@@ -729,7 +1035,7 @@ def evaluate(
                 "prove nothing)"
             )
             continue
-        _check_requests(report, function, statements, recorded)
+        _check_requests(report, function, statements, recorded, role_arn(function))
         called = {c.request.action for c in recorded}
         report.called[function] = sorted(called)
         reviewed = uncalled_grants_for(function)
@@ -747,22 +1053,38 @@ def _check_requests(
     function: str,
     statements: Sequence[Mapping[str, Any]],
     recorded: Sequence[RecordedCall],
+    principal: str,
 ) -> None:
+    """Every recorded request must be ALLOWED; UNEVALUATED passes (as a note) only when every
+    key it could not decide is on REVIEWED_UNEVALUABLE for the action."""
     seen: set[Request] = set()
     for call in recorded:
         if call.request in seen:
             continue
         seen.add(call.request)
-        decision = decide(statements, call.request)
+        found = verdict(statements, call.request, principal)
         where = f"{call.request.action} on {call.request.resource}"
         if call.request.context:
             where += f" with {dict(call.request.context)}"
-        if decision is Decision.DENIED:
+        if found.decision is Decision.DENIED:
             report.problems.append(
-                f"{function}: its role does not allow {where} ({call.operation}, in {call.test})"
+                f"{function}: its role (or the key's policy) does not allow {where} "
+                f"({call.operation}, in {call.test})"
             )
-        elif decision is Decision.UNEVALUATED:
-            report.notes.append(f"{function}: could not evaluate {where} (in {call.test})")
+        elif found.decision is Decision.REFUSED:
+            report.problems.append(f"{function}: {where}: refused to evaluate {found.why}")
+        elif found.decision is Decision.UNEVALUATED:
+            unknown = ", ".join(sorted(found.unknown))
+            if reviewed_unevaluable(call.request.action, found.unknown):
+                report.notes.append(
+                    f"{function}: not evaluable (reviewed): {where}: {unknown} (in {call.test})"
+                )
+            else:
+                report.problems.append(
+                    f"{function}: could not evaluate {where}: {unknown} (in {call.test}); "
+                    "review it into REVIEWED_UNEVALUABLE only if the request is right whatever "
+                    "the value"
+                )
 
 
 # ---- recording ---------------------------------------------------------------------------------
@@ -833,7 +1155,8 @@ class Recorder:
             )
 
     def _facts(self, client: Any, key_id: str, region: str) -> KeyFacts | None:
-        """The key's tags, spec and usage, read once per key with a client of the recorder's own
+        """The key's tags, spec, usage, origin, multi-Region flag and key policy, read once per
+        key with a client of the recorder's own
         (not the function's: counting and fault-injecting clients must not see these calls)."""
         endpoint = client.meta.endpoint_url
         cache_key = (endpoint, key_id)
@@ -853,10 +1176,14 @@ class Recorder:
                 t["TagKey"]: t["TagValue"]
                 for t in kms.list_resource_tags(KeyId=key_id).get("Tags", [])
             }
+            policy = kms.get_key_policy(KeyId=key_id, PolicyName="default")["Policy"]
             facts: KeyFacts | None = KeyFacts(
                 tags,
                 metadata.get("KeySpec") or metadata.get("CustomerMasterKeySpec", ""),
                 metadata.get("KeyUsage", ""),
+                metadata.get("Origin", ""),
+                bool(metadata.get("MultiRegion", False)),
+                policy,
             )
         except (ClientError, BotoCoreError):
             facts = None  # no such key: its conditions cannot be evaluated

@@ -650,3 +650,164 @@ def test_manufacturer_ca_with_a_malformed_extension_is_a_400_not_a_crash():
         validate_manufacturer_ca(pem(broken), NOW)
     assert caught.value.reason == RejectionReason.MALFORMED_CERTIFICATE
     assert caught.value.status == 400
+
+
+# ---- the manufacturer CA meets the device verifier's CA policy, whatever its proof ------------
+
+_CA_KEY = generate_key("ec:secp256r1")
+
+
+def _key_usage(*, key_cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _variant_ca(variant: str) -> CertificateAuthority:
+    """A self-signed CA, valid but for `variant` (one way to break web-PKI's CA policy)."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"variant {variant} CA")])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(_CA_KEY.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=365))
+    )
+    if variant != "no-basic-constraints":
+        builder = builder.add_extension(
+            x509.BasicConstraints(ca=variant != "basic-constraints-not-ca", path_length=None),
+            critical=variant != "basic-constraints-not-critical",
+        )
+    if variant != "no-key-usage":
+        builder = builder.add_extension(
+            _key_usage(key_cert_sign=variant != "no-key-cert-sign"), critical=True
+        )
+    if variant == "eku-server-auth-only":
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+    if variant == "eku-critical":
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=True
+        )
+    if variant == "ski-critical":
+        builder = builder.add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(_CA_KEY.public_key()), critical=True
+        )
+    if variant == "certificate-policies-critical":
+        builder = builder.add_extension(
+            x509.CertificatePolicies(
+                [x509.PolicyInformation(x509.ObjectIdentifier("2.5.29.32.0"), None)]
+            ),
+            critical=True,
+        )
+    if variant == "aki-critical":
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(_CA_KEY.public_key()),
+            critical=True,
+        )
+    if variant == "aki-without-key-id":
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier(
+                key_identifier=None,
+                authority_cert_issuer=[x509.DirectoryName(name)],
+                authority_cert_serial_number=1,
+            ),
+            critical=False,
+        )
+    if variant == "aki-with-issuer-serial":
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier(
+                key_identifier=b"\x01" * 20,
+                authority_cert_issuer=[x509.DirectoryName(name)],
+                authority_cert_serial_number=1,
+            ),
+            critical=False,
+        )
+    cert = builder.sign(_CA_KEY, hashes.SHA256())
+    return CertificateAuthority(name=variant, key=_CA_KEY, certificate=cert)
+
+
+CA_POLICY_VARIANTS = {
+    "conforming": True,
+    "basic-constraints-not-critical": False,
+    "basic-constraints-not-ca": False,
+    "no-basic-constraints": False,
+    "no-key-usage": False,
+    "no-key-cert-sign": False,
+    "eku-server-auth-only": False,
+    "eku-critical": False,
+    "ski-critical": False,
+    "certificate-policies-critical": False,
+    "aki-with-issuer-serial": True,  # CA/B forbids it; cryptography 48 accepts it
+    "aki-critical": False,
+    "aki-without-key-id": False,
+}
+
+
+@pytest.mark.parametrize("variant, allowed", CA_POLICY_VARIANTS.items(), ids=CA_POLICY_VARIANTS)
+def test_a_ca_is_admitted_exactly_when_the_device_verifier_would_accept_it(variant, allowed):
+    # Given a CA that breaks the web-PKI CA policy in one way (or none), and a conforming device
+    # certificate it issued
+    authority = _variant_ca(variant)
+    _, device = authority.issue_device("pump-0001")
+
+    # When it is validated as a manufacturer CA, and its device verified against it
+    try:
+        validate_manufacturer_ca(authority.pem, NOW)
+        admitted = True
+    except InvalidCertificate as exc:
+        assert exc.reason == RejectionReason.INVALID_CHAIN
+        admitted = False
+    try:
+        validate_device_certificate(parsed(device), authority.certificate, NOW, BASELINE)
+        verified = True
+    except InvalidCertificate as exc:
+        assert exc.reason == RejectionReason.INVALID_CHAIN
+        verified = False
+
+    # Then the CA is admitted exactly when the verifier would ever accept its devices
+    assert admitted == verified == allowed
+
+
+def test_a_version_1_proof_does_not_let_a_ca_with_a_non_critical_basic_constraints_in():
+    # Given a CA whose basicConstraints is not critical (every device of it would be refused
+    # invalid_chain) and a v1 proof of possession signed by its key
+    authority = _variant_ca("basic-constraints-not-critical")
+    proof = _version_1(authority.verification_certificate(REGISTRATION_CODE), authority.key)
+
+    # When the CA and its proof are checked as CA registration checks them
+    # Then the CA is refused, whatever the proof's version
+    with pytest.raises(InvalidCertificate) as caught:
+        ca = validate_manufacturer_ca(authority.pem, NOW)
+        verify_proof_of_possession(ca, pem(proof), REGISTRATION_CODE, NOW)
+    assert caught.value.reason == RejectionReason.INVALID_CHAIN
+    assert "basicConstraints is not critical" in caught.value.message
+
+
+def test_a_name_constraints_extension_in_a_device_certificate_is_refused():
+    # Given a device certificate carrying nameConstraints (RFC 5280 §4.2.1.10: CA certificates
+    # only)
+    key = generate_key("ec:secp256r1")
+    cert = sign(
+        leaf_builder(ACME, key=key).add_extension(
+            x509.NameConstraints(
+                permitted_subtrees=[x509.DNSName("example.com")], excluded_subtrees=None
+            ),
+            critical=True,
+        ),
+        ACME,
+    )
+
+    # When / Then
+    assert refused(cert).reason == RejectionReason.INVALID_CHAIN

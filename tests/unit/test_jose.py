@@ -276,3 +276,39 @@ def test_stand_in_keys_fit_every_assertion_algorithm_and_are_made_once():
     token = jwt.encode({"sub": "x"}, signer, algorithm="ES256")
     with pytest.raises(jwt.InvalidSignatureError):
         jwt.decode(token, keys["ES256"], algorithms=["ES256"])
+
+
+@pytest.mark.parametrize(
+    "header,payload",
+    [
+        (b'{"alg":"ES256"}', b'{"firmware_version":"\\ud800"}'),
+        (b'{"alg":"ES256"}', b'{"v":"1.0\\udfff"}'),
+        (b'{"alg":"ES256"}', b'{"\\udc00":"name is a lone low surrogate"}'),
+        (b'{"alg":"ES256"}', b'{"aud":["ok","\\ud83d"]}'),
+        (b'{"alg":"ES256"}', b'{"a":{"b":[{"c":"\\ude00\\ud83d"}]}}'),  # reversed pair
+        (b'{"alg":"ES256","kid":"\\ud800"}', b"{}"),
+    ],
+    ids=["claim", "trailing", "member-name", "in-array", "nested-reversed-pair", "header"],
+)
+def test_a_lone_surrogate_spelled_by_an_escape_is_malformed(header, payload):
+    # Given valid UTF-8 JSON whose \u escapes spell a string that is not Unicode scalar text
+    token = _jws(header, payload)
+    # When parsed, Then refused: no UTF-8 encoder could write that string back out
+    with pytest.raises(MalformedJws):
+        parse_compact_jws(token, max_bytes=8192)
+
+
+def test_escaped_text_that_is_unicode_is_still_accepted():
+    # Given escapes that spell real characters: a surrogate pair, a BMP character, an escaped NUL
+    token = _jws(b'{"alg":"ES256"}', b'{"e":"\\ud83d\\ude00","b":"\\u00e9","z":"\\u0000"}')
+    # When parsed, Then taken apart as written (refusing control characters is each claim's rule)
+    assert parse_compact_jws(token, max_bytes=8192).claims == {"e": "😀", "b": "é", "z": "\x00"}
+
+
+@pytest.mark.parametrize("zip_value", ['"DEF"', "null", '""'])
+def test_a_zip_header_is_malformed(zip_value):
+    # Given a JWS header asking for JWE compression (RFC 7516 §4.1.3; RFC 8725 §3.6 advises against)
+    token = _jws(b'{"alg":"ES256","zip":' + zip_value.encode() + b"}")
+    # When parsed, Then refused: fleetkey inflates nothing
+    with pytest.raises(MalformedJws):
+        parse_compact_jws(token, max_bytes=8192)

@@ -4,7 +4,13 @@ import json
 
 import pytest
 
-from fleetkey.domain.profiles import PROFILES, THING_VARIABLE, KeyPolicy, get_profile
+from fleetkey.domain.profiles import (
+    PROFILES,
+    THING_VARIABLE,
+    KeyPolicy,
+    get_profile,
+    thing_type_names,
+)
 from fleetkey.domain.registration import BASELINE_KEY_POLICY
 from fleetkey.errors import InvalidRequest
 
@@ -160,3 +166,18 @@ def test_get_profile_unknown_raises_invalid_request(name):
         get_profile(name)
     assert caught.value.status == 400
     assert caught.value.details == {"profiles": sorted(PROFILES)}
+
+
+def test_the_thing_types_fleetkey_owns_are_its_profiles_with_the_prefix():
+    # Given the deployment's name prefix
+    # When / Then: a thing of one of these types is fleetkey's to take over, no other
+    assert thing_type_names("fleetkey") == frozenset(
+        {"fleetkey-telemetry-sensor", "fleetkey-infusion-pump"}
+    )
+    assert thing_type_names("other") & thing_type_names("fleetkey") == frozenset()
+
+
+def test_only_pumps_require_the_subject_serial_number():
+    # Given the profiles / Then pumps (whose factory certificates carry the hardware serial)
+    # require it, other profiles check it when present
+    assert {name for name, p in PROFILES.items() if p.require_subject_serial} == {"infusion-pump"}

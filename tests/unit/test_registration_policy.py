@@ -64,9 +64,19 @@ def test_device_without_expected_key_accepts_any_allowed_key():
 
 
 def test_certificate_without_serial_is_not_checked_against_the_device_serial():
-    # Given a certificate with no subject serialNumber (current behaviour: nothing to compare)
-    # When / Then
+    # Given a certificate with no subject serialNumber, for a profile that does not require one
+    # When / Then: nothing to compare
     assert refusal_for(DEVICE, replace(CERT, serial_number=None), CA) is None
+
+
+def test_a_pump_certificate_without_a_subject_serial_is_refused():
+    # Given a pump (its profile requires the subject serialNumber) and a factory certificate
+    # without one
+    pump = replace(DEVICE, profile="infusion-pump")
+
+    # When / Then: it cannot be tied to the entry's serial
+    assert refusal_for(pump, replace(CERT, serial_number=None), CA) is R.SERIAL_MISMATCH
+    assert refusal_for(pump, CERT, CA) is None
 
 
 @pytest.mark.parametrize("state", [DeviceState.ACTIVE, DeviceState.SUSPENDED])

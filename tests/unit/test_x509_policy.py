@@ -28,6 +28,7 @@ from fleetkey.crypto.certificates import (
 from fleetkey.crypto.x509_policy import (
     check_certificate,
     check_csr,
+    check_name_bounds,
     check_public_key,
     check_serial_number,
     check_signature_algorithm,
@@ -358,13 +359,24 @@ def spki_of(key: CertificatePublicKeyTypes) -> asn1.TLV:
     "exponent, allowed",
     [
         (65537, True),
-        (2**255 + 1, True),
-        (2**256 - 1, True),
+        (2**63 + 1, True),
+        (2**64 - 1, True),
         (3, False),
         (65535, False),
+        (2**64 + 1, False),
+        (2**255 + 1, False),
         (2**256 + 1, False),
     ],
-    ids=["65537", "odd-below-2^256", "2^256-1", "3", "odd-below-2^16", "above-2^256"],
+    ids=[
+        "65537",
+        "odd-below-2^64",
+        "2^64-1",
+        "3",
+        "odd-below-2^16",
+        "above-2^64",
+        "odd-below-2^256",
+        "above-2^256",
+    ],
 )
 def test_rsa_public_exponent_boundaries(exponent: int, allowed: bool) -> None:
     # Given an RSA-2048 public key with this exponent, in its canonical encoding
@@ -373,7 +385,27 @@ def test_rsa_public_exponent_boundaries(exponent: int, allowed: bool) -> None:
     # When
     refusal = outcome(lambda: check_public_key(key, spki_of(key)))
 
-    # Then: CA/Browser Forum BR §6.1.6
+    # Then: CA/Browser Forum BR §6.1.6, with the upper bound OpenSSL can verify with (2^64 - 1)
+    assert (refusal is None) == allowed
+    if refusal is not None:
+        assert refusal.reason == RejectionReason.WEAK_KEY
+
+
+@pytest.mark.parametrize(
+    "extra_bits, allowed",
+    [(4096 - 2048, True), (4096 - 2048 + 8, False), (8192 - 2048, False)],
+    ids=["4096", "4104", "8192"],
+)
+def test_rsa_modulus_is_at_most_4096_bits(extra_bits: int, allowed: bool) -> None:
+    # Given an RSA public key of this size (an odd modulus: the check is on the size alone)
+    modulus = RSA_MODULUS * (2**extra_bits + 1)
+    key = rsa.RSAPublicNumbers(65537, modulus).public_key()
+    assert key.key_size == 2048 + extra_bits
+
+    # When
+    refusal = outcome(lambda: check_public_key(key, spki_of(key)))
+
+    # Then: 2048 to 4096 bits, never more
     assert (refusal is None) == allowed
     if refusal is not None:
         assert refusal.reason == RejectionReason.WEAK_KEY
@@ -516,3 +548,35 @@ def test_generated_leaves_are_issued_by_the_given_ca(
             except ValueError:
                 continue
         assert cert.issuer == acme.certificate.subject, leaf.name
+
+
+@pytest.mark.parametrize(
+    "oid, value, allowed",
+    [
+        (NameOID.COMMON_NAME, "é" * 64, True),  # 64 characters, 128 UTF-8 bytes
+        (NameOID.COMMON_NAME, "p" * 65, False),
+        (NameOID.SERIAL_NUMBER, "S" * 64, True),
+        (NameOID.SERIAL_NUMBER, "S" * 65, False),
+        (NameOID.SERIAL_NUMBER, "", False),
+    ],
+    ids=["cn-64-chars", "cn-65-chars", "serial-64", "serial-65", "serial-empty"],
+)
+def test_name_attribute_bounds_are_rfc_5280_characters(
+    oid: x509.ObjectIdentifier, value: str, allowed: bool
+) -> None:
+    # Given a name with one attribute at or over its RFC 5280 Appendix A upper bound
+    # (ub-common-name, ub-serial-number: 64 characters)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cryptography warns of some bounds; the policy decides
+        name = x509.Name(
+            [x509.NameAttribute(NameOID.COMMON_NAME, "pump-0001")] * (oid != NameOID.COMMON_NAME)
+            + [x509.NameAttribute(oid, value, _validate=False)]
+        )
+
+    # When
+    refusal = outcome(lambda: check_name_bounds(name))
+
+    # Then: counted in characters, not bytes
+    assert (refusal is None) == allowed
+    if refusal is not None:
+        assert refusal.reason == RejectionReason.MALFORMED_CERTIFICATE

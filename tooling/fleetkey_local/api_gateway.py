@@ -187,6 +187,7 @@ LOCAL_EDGE = EdgeConfig(
     operator_principals=(LOCAL_OPERATOR_ARN,),
     relying_party_principals=(LOCAL_OPERATOR_ARN, LOCAL_RELYING_PARTY_ARN),
 )
+LOCAL_EDGE.check_account(ACCOUNT)  # as synthesis refuses principals of another account
 LOCAL_AUDIENCES = LOCAL_EDGE.audiences("aws", ACCOUNT)
 
 

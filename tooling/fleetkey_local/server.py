@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from fleetkey.settings import LOCAL_TOKEN_KEY_RETIRER_ROLE_ARNS, LOCAL_TOKEN_SIGNER_ROLE_ARN
 from fleetkey_local import moto_patches
 from fleetkey_local.stack import REGION, TABLE
 
@@ -31,7 +32,8 @@ def function_environment(endpoint_url: str, service_name: str = "fleetkey") -> d
         "FLEETKEY_TABLE": TABLE,
         "FLEETKEY_NAME_PREFIX": "fleetkey",
         "FLEETKEY_ISSUER": "http://127.0.0.1:8080",
-        "FLEETKEY_TOKEN_SIGNER_ROLE_ARN": "arn:aws:iam::123456789012:role/fleetkey-local-token",
+        "FLEETKEY_TOKEN_SIGNER_ROLE_ARN": LOCAL_TOKEN_SIGNER_ROLE_ARN,
+        "FLEETKEY_TOKEN_KEY_RETIRER_ROLE_ARNS": ",".join(LOCAL_TOKEN_KEY_RETIRER_ROLE_ARNS),
         "POWERTOOLS_SERVICE_NAME": service_name,
         "POWERTOOLS_METRICS_NAMESPACE": "fleetkey",
         "POWERTOOLS_TRACE_DISABLED": "true",

@@ -9,8 +9,10 @@
 
 Who may call what (`fleetkey_infra.edge`, configured in CDK context):
 - a resource policy admits everyone to the public routes, and denies `/v1/admin/*` to every
-  principal that is not a configured operator and `/v1/introspect` to every principal that is not
-  a configured relying party;
+  principal that is not a configured operator and `/v1/introspect` (and anything under it) to
+  every principal that is not a configured relying party; configured principals must be of the
+  stack's account (synthesis refuses others, or a CloudFormation rule when the account is not
+  known at synthesis);
 - a WAF web ACL on the stage (`ApiRateLimits`) limits each client (source IP) on the public
   routes and answers 429 with Retry-After.
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from aws_cdk import Aws
+from aws_cdk import Aws, CfnRule, CfnRuleAssertion, Fn, Stack, Token
 from aws_cdk import aws_apigateway as apigateway
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
@@ -33,7 +35,7 @@ from constructs import Construct
 
 from fleetkey_infra import constants
 from fleetkey_infra.constructs.waf import ApiRateLimits
-from fleetkey_infra.edge import Audience, EdgeConfig, RateLimit
+from fleetkey_infra.edge import Audience, EdgeConfig, EdgeConfigError, RateLimit
 from fleetkey_infra.nag import acknowledge
 
 # Access log record: who called (for IAM routes, the principal is the operator's or relying
@@ -118,6 +120,7 @@ class Api(Construct):
     def __init__(self, scope: Construct, construct_id: str) -> None:
         super().__init__(scope, construct_id)
         self.edge = EdgeConfig.from_context(self.node.try_get_context)
+        self._check_principals_account()
         self.access_logs = self._build_access_logs()
         self.api = self._build_api(self.access_logs, self._build_resource_policy(self.edge))
         self.validator = self._build_validator()
@@ -214,6 +217,36 @@ class Api(Construct):
 
     # -- who may call what ------------------------------------------------------------------------
 
+    def _check_principals_account(self) -> None:
+        """Operators and relying parties of another account could never be admitted (nothing
+        allows them): refuse them. With a concrete account, at synthesis; for an
+        environment-agnostic stack, by a template rule that fails the deployment in any account
+        but the one the ARNs name."""
+        account = Stack.of(self).account
+        if not Token.is_unresolved(account):
+            self.edge.check_account(account)
+            return
+        named = sorted(self.edge.named_accounts())
+        if len(named) > 1:
+            raise EdgeConfigError(
+                f"operator and relying-party principals name several accounts ({', '.join(named)})"
+                ": at most one is the stack's, and principals of another could never be admitted"
+            )
+        if named:
+            CfnRule(
+                self,
+                "PrincipalsOfThisAccount",
+                assertions=[
+                    CfnRuleAssertion(
+                        assert_=Fn.condition_equals(Aws.ACCOUNT_ID, named[0]),
+                        assert_description=(
+                            f"operatorPrincipals/relyingPartyPrincipals name account {named[0]}: "
+                            "deploy there, or name roles of this account"
+                        ),
+                    )
+                ],
+            )
+
     def _rate_limits(self) -> tuple[RateLimit, ...]:
         """The configured per-client limits; every public route falls under exactly one."""
         limits = self.edge.rate_limits()
@@ -268,7 +301,7 @@ class Api(Construct):
             effect=iam.Effect.DENY,
             principals=[iam.StarPrincipal()],
             actions=["execute-api:Invoke"],
-            resources=[f"execute-api:/*/*{audience.policy_path}"],
+            resources=[f"execute-api:/*/*{path}" for path in audience.policy_paths],
             conditions=conditions,
         )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aws_cdk import Duration, Stack
+from aws_cdk import Duration, Fn, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_lambda_destinations as destinations
@@ -34,8 +34,9 @@ class Functions(Construct):
     `issuer` is the API's base URL (FLEETKEY_ISSUER: token `iss`, the `aud` of device
     assertions); `token_key_id` the first token signing key (FLEETKEY_TOKEN_KEY_ID). Every
     function that reads the signing-key registry (all but registration) gets the first key's id
-    and the token role's ARN (FLEETKEY_TOKEN_SIGNER_ROLE_ARN: the key policy it trusts names
-    it); every function gets the stack's name (FLEETKEY_STACK_NAME: its keys' tag value).
+    and the roles the key policy it trusts names: the token role (FLEETKEY_TOKEN_SIGNER_ROLE_ARN)
+    and the admin and maintenance roles (FLEETKEY_TOKEN_KEY_RETIRER_ROLE_ARNS, comma-separated);
+    every function gets the stack's name (FLEETKEY_STACK_NAME: its keys' tag value).
     """
 
     def __init__(
@@ -128,12 +129,20 @@ class Functions(Construct):
         self._share_signing_key_trust(token_key_id)
 
     def _share_signing_key_trust(self, token_key_id: str) -> None:
-        """What a registry reader needs to trust a signing key: the first key's id and the token
-        role (named in the key policy it compares). After the roles exist (admin's precedes the
-        token role)."""
+        """What a registry reader needs to trust a signing key: the first key's id and the roles
+        named in the key policy it compares (the token role signs, the retirer roles schedule
+        deletion). After the roles exist."""
+        retirers = Fn.join(",", [role.role_arn for role in self.token_key_retirer_roles])
         for function in (self.admin, self.token, self.discovery, self.introspect, self.maintenance):
             function.add_environment(constants.ENV_TOKEN_KEY_ID, token_key_id)
             function.add_environment(constants.ENV_TOKEN_SIGNER_ROLE_ARN, self.token_role.role_arn)
+            function.add_environment(constants.ENV_TOKEN_KEY_RETIRER_ROLE_ARNS, retirers)
+
+    @property
+    def token_key_retirer_roles(self) -> tuple[iam.Role, ...]:
+        """The roles a token signing key's policy lets schedule its deletion: admin (retirement on
+        demand, and the undo of a refused rotation) and maintenance (hourly retirement)."""
+        return (self.admin_role, self.maintenance_role)
 
     def _build_failure_queue(self) -> sqs.Queue:
         return dead_letter_queue(

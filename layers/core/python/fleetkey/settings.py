@@ -18,6 +18,12 @@ LOCAL_ISSUER = "http://127.0.0.1:8080"
 LOCAL_STACK_NAME = "fleetkey-local"
 # The local stack's token function role: the only principal its signing keys' policy lets sign.
 LOCAL_TOKEN_SIGNER_ROLE_ARN = "arn:aws:iam::123456789012:role/fleetkey-local-token"
+# The local stack's admin and maintenance function roles: the only principals its signing keys'
+# policy lets schedule their deletion (retirement, and the undo of a refused rotation).
+LOCAL_TOKEN_KEY_RETIRER_ROLE_ARNS = (
+    "arn:aws:iam::123456789012:role/fleetkey-local-admin",
+    "arn:aws:iam::123456789012:role/fleetkey-local-maintenance",
+)
 
 
 class SettingsError(FleetkeyError):
@@ -42,6 +48,9 @@ class Settings:
     # The token function's role: the only principal a signing key's policy lets sign. Every
     # function that confirms signing keys compares their policy with the one built from it.
     token_signer_role_arn: str = LOCAL_TOKEN_SIGNER_ROLE_ARN
+    # The roles a signing key's policy lets schedule its deletion (admin and maintenance): part
+    # of the key policy every function compares.
+    token_key_retirer_role_arns: tuple[str, ...] = LOCAL_TOKEN_KEY_RETIRER_ROLE_ARNS
     # The stack's name: its signing keys are tagged fleetkey:purpose=token-signing:<stack_name>,
     # and its roles may touch no other key.
     stack_name: str = LOCAL_STACK_NAME
@@ -74,5 +83,14 @@ class Settings:
             token_signer_role_arn=(
                 env.get("FLEETKEY_TOKEN_SIGNER_ROLE_ARN") or LOCAL_TOKEN_SIGNER_ROLE_ARN
             ),
+            token_key_retirer_role_arns=_arns(
+                env.get("FLEETKEY_TOKEN_KEY_RETIRER_ROLE_ARNS"), LOCAL_TOKEN_KEY_RETIRER_ROLE_ARNS
+            ),
             stack_name=env.get("FLEETKEY_STACK_NAME") or LOCAL_STACK_NAME,
         )
+
+
+def _arns(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated list of ARNs (blank entries dropped); `default` when unset or empty."""
+    arns = tuple(a.strip() for a in (value or "").split(",") if a.strip())
+    return arns or default

@@ -15,8 +15,9 @@ new signing key is published minutes before it signs), so tokens with made-up ke
 the verifier hammer the issuer.
 
 Before any key is looked up the token is parsed strictly (`parse_compact_jws`): a `crit` header
-(RFC 7515 §4.1.11: this verifier understands no extension), duplicate member names, non-UTF-8 or
-non-canonical encodings are refused, and its `typ` must be `at+jwt` (RFC 9068 §2.1, RFC 8725
+(RFC 7515 §4.1.11: this verifier understands no extension), a `zip` header, duplicate member
+names, non-UTF-8 or non-canonical encodings, strings that are not Unicode text (a lone surrogate
+spelled by a `\\u` escape) are refused, and its `typ` must be `at+jwt` (RFC 9068 §2.1, RFC 8725
 §3.11: a client assertion or an ID token signed by some other key is never taken for an access
 token).
 """

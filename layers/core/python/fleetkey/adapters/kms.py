@@ -79,6 +79,40 @@ class PublicKeyInfo:
     key_usage: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class KeyMetadata:
+    """What KMS DescribeKey says of a key that matters for trusting it."""
+
+    origin: str | None
+    multi_region: bool | None
+    key_spec: str | None
+    key_usage: str | None
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose names are unique (json keeps the last of duplicates silently, so a
+    policy could say one thing to this parser and another to AWS's).
+
+    Raises:
+        ValueError: a name occurs twice.
+    """
+    obj: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in obj:
+            raise ValueError(f"duplicate name {name!r} in a JSON object")
+        obj[name] = value
+    return obj
+
+
+def strict_json(text: str) -> Any:
+    """`json.loads`, refusing duplicate names in any object.
+
+    Raises:
+        ValueError: not JSON, or a duplicate name.
+    """
+    return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+
+
 class KmsKeys:
     """Creating, reading and retiring fleetkey's KMS signing keys. `client` is a boto3 KMS
     client."""
@@ -93,7 +127,8 @@ class KmsKeys:
     def create_signing_key(
         self, description: str, tags: dict[str, str], policy: str | None = None
     ) -> str:
-        """A new ECC_NIST_P256 SIGN_VERIFY key (its private key never leaves KMS); its key id.
+        """A new ECC_NIST_P256 SIGN_VERIFY key (its private key never leaves KMS): material KMS
+        generates (origin AWS_KMS), single-Region; its key id.
 
         With `policy`, KMS's lockout check would ask that the caller may change the policy later;
         the policy keeps the account's IAM in charge of the key (root `kms:*`), so nobody is
@@ -103,6 +138,8 @@ class KmsKeys:
             response = self._client.create_key(
                 KeySpec="ECC_NIST_P256",
                 KeyUsage="SIGN_VERIFY",
+                Origin="AWS_KMS",
+                MultiRegion=False,
                 Description=description,
                 Tags=key_tags,
                 Policy=policy,
@@ -112,6 +149,8 @@ class KmsKeys:
             response = self._client.create_key(
                 KeySpec="ECC_NIST_P256",
                 KeyUsage="SIGN_VERIFY",
+                Origin="AWS_KMS",
+                MultiRegion=False,
                 Description=description,
                 Tags=key_tags,
             )
@@ -138,13 +177,24 @@ class KmsKeys:
             response.get("KeyUsage"),
         )
 
+    def describe(self, key_id: str) -> KeyMetadata:
+        """The key's origin, multi-Region flag, spec and usage (one DescribeKey)."""
+        metadata: dict[str, Any] = dict(self._client.describe_key(KeyId=key_id)["KeyMetadata"])
+        multi_region = metadata.get("MultiRegion")
+        return KeyMetadata(
+            metadata.get("Origin"),
+            multi_region if isinstance(multi_region, bool) else None,
+            metadata.get("KeySpec") or metadata.get("CustomerMasterKeySpec"),
+            metadata.get("KeyUsage"),
+        )
+
     def key_policy(self, key_id: str) -> dict[str, Any]:
-        """The key's (default, and only) key policy, parsed.
+        """The key's (default, and only) key policy, parsed strictly.
 
         Raises:
-            ValueError: the policy is not a JSON object.
+            ValueError: the policy is not a JSON object, or names a member twice in an object.
         """
-        policy = json.loads(
+        policy = strict_json(
             self._client.get_key_policy(KeyId=key_id, PolicyName="default")["Policy"]
         )
         if not isinstance(policy, dict):

@@ -17,11 +17,12 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import verification
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from fleetkey.crypto.x509_policy import (
     MAX_PEM_BYTES,
     check_certificate,
+    check_validity_encoding,
     decode_certificate,
     decoding,
     describe_public_key,
@@ -35,6 +36,7 @@ __all__ = [
     "MAX_PEM_BYTES",
     "DeviceCertificate",
     "certificate_id",
+    "check_ca_profile",
     "check_key_policy",
     "claimed_common_name",
     "describe_key",
@@ -165,9 +167,11 @@ def _require_client_auth(
 
 # Device certificates: not a CA; key usage digitalSignature is required and keyCertSign forbidden;
 # if an extended key usage is present it must allow TLS client authentication; no SAN is required
-# (devices are named by subject CN, as AWS IoT thing names).
+# (devices are named by subject CN, as AWS IoT thing names); no nameConstraints (RFC 5280
+# §4.2.1.10: "MUST be used only in a CA certificate").
 _DEVICE_EE_POLICY = (
     verification.ExtensionPolicy.permit_all()
+    .require_not_present(x509.NameConstraints)
     .may_be_present(x509.BasicConstraints, verification.Criticality.AGNOSTIC, _forbid_ca)
     .require_present(x509.KeyUsage, verification.Criticality.AGNOSTIC, _require_digital_signature)
     .may_be_present(x509.ExtendedKeyUsage, verification.Criticality.AGNOSTIC, _require_client_auth)
@@ -280,28 +284,20 @@ def validate_device_certificate(
 
 
 def validate_manufacturer_ca(pem: str | bytes, now: datetime) -> x509.Certificate:
-    """A manufacturer CA must be a currently valid CA certificate allowed to sign certificates.
+    """A manufacturer CA must be a currently valid CA certificate allowed to sign certificates,
+    and meet every rule the device verifier will apply to it as a trust anchor
+    (`check_ca_profile`), whatever the proof of possession that comes with it.
 
     Raises:
-        InvalidCertificate: malformed, weak_signature or weak_key (the baseline policy), not a
-            CA, no keyCertSign, outside its validity window, or a self-signed certificate whose
-            signature does not verify.
+        InvalidCertificate: malformed, weak_signature or weak_key (the baseline policy);
+            expired (outside its validity window); invalid_chain (not a CA profile the device
+            verifier accepts, or a self-signed certificate whose signature does not verify).
     """
     cert = load_certificate(pem)
     check_certificate(cert)
     if not (cert.not_valid_before_utc <= now <= cert.not_valid_after_utc):
         raise InvalidCertificate(RejectionReason.EXPIRED, "CA certificate is not currently valid")
-    try:
-        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-        key_usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        raise InvalidCertificate(
-            RejectionReason.INVALID_CHAIN, "CA certificate lacks basicConstraints or keyUsage"
-        ) from None
-    if not constraints.ca or not key_usage.key_cert_sign:
-        raise InvalidCertificate(
-            RejectionReason.INVALID_CHAIN, "certificate is not a CA allowed to sign certificates"
-        )
+    check_ca_profile(cert)
     if cert.issuer == cert.subject:
         with decoding("CA certificate"):
             try:
@@ -311,6 +307,107 @@ def validate_manufacturer_ca(pem: str | bytes, now: datetime) -> x509.Certificat
                     RejectionReason.INVALID_CHAIN, "self-signed CA signature does not verify"
                 ) from None
     return cert
+
+
+# Extensions cryptography's CA policy (`ExtensionPolicy.webpki_defaults_ca()`, cryptography 48)
+# accounts for; a critical extension outside this set fails verification. Of these, the ones
+# that must not be critical (RFC 5280 §4.2.1.1-2, §4.2.2.1; CA/B BR §7.1.2.10).
+_CA_POLICY_EXTENSIONS = frozenset(
+    {
+        ExtensionOID.AUTHORITY_INFORMATION_ACCESS,
+        ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+        ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+        ExtensionOID.KEY_USAGE,
+        ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+        ExtensionOID.BASIC_CONSTRAINTS,
+        ExtensionOID.NAME_CONSTRAINTS,
+        ExtensionOID.EXTENDED_KEY_USAGE,
+    }
+)
+_CA_NON_CRITICAL_EXTENSIONS = frozenset(
+    {
+        ExtensionOID.AUTHORITY_INFORMATION_ACCESS,
+        ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+        ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+        ExtensionOID.EXTENDED_KEY_USAGE,
+    }
+)
+
+
+def check_ca_profile(cert: x509.Certificate) -> None:
+    """What the device verifier (`verify_chain`, cryptography's web-PKI CA policy for client
+    verification) requires of the manufacturer CA as an issuer, checked here explicitly so a CA
+    that could never admit a device is refused at registration, with or without a v3 proof of
+    possession (a v1 proof is checked by its signature alone). From cryptography 48's
+    `Policy::permits_ca` and `ExtensionPolicy::webpki_defaults_ca`:
+
+    - X.509 v3; a non-empty issuer; validity dates before 2050 as UTCTime (RFC 5280 §4.1.2.5);
+    - basicConstraints present, critical, cA true (RFC 5280 §4.2.1.9);
+    - keyUsage present (critical or not) with keyCertSign (RFC 5280 §4.2.1.3);
+    - authorityKeyIdentifier, subjectKeyIdentifier, authorityInfoAccess and extendedKeyUsage
+      not critical; an authorityKeyIdentifier, if present, with keyIdentifier (CA/B BR
+      §7.1.2.11.1; cryptography 48 does not refuse an authorityCertIssuer/SerialNumber beside
+      it, so neither does this);
+    - nameConstraints, if present, with permitted or excluded subtrees;
+    - extendedKeyUsage, if present, including clientAuth or anyExtendedKeyUsage (the verifier
+      checks device certificates for TLS client authentication);
+    - no critical extension outside those the policy knows (certificatePolicies, policy
+      constraints... critical are refused by the verifier even though they decode).
+
+    The serial number, key and signature rules are the baseline policy's (`check_certificate`),
+    which is as strict or stricter. The path length is no constraint: devices are issued
+    directly by the CA (depth 0).
+
+    Raises:
+        InvalidCertificate(invalid_chain): the first rule broken.
+    """
+
+    def refuse(message: str) -> InvalidCertificate:
+        return InvalidCertificate(RejectionReason.INVALID_CHAIN, f"CA certificate: {message}")
+
+    if cert.version is not x509.Version.v3:
+        raise refuse("not an X.509 v3 certificate")
+    if len(cert.issuer) == 0:
+        raise refuse("empty issuer name")
+    check_validity_encoding(cert, refuse)
+    extensions = {extension.oid: extension for extension in cert.extensions}
+    constraints = extensions.get(ExtensionOID.BASIC_CONSTRAINTS)
+    if constraints is None or not isinstance(constraints.value, x509.BasicConstraints):
+        raise refuse("basicConstraints is missing")
+    if not constraints.critical:
+        raise refuse("basicConstraints is not critical")
+    if not constraints.value.ca:
+        raise refuse("basicConstraints does not assert cA")
+    key_usage = extensions.get(ExtensionOID.KEY_USAGE)
+    if key_usage is None or not isinstance(key_usage.value, x509.KeyUsage):
+        raise refuse("keyUsage is missing")
+    if not key_usage.value.key_cert_sign:
+        raise refuse("keyUsage does not allow keyCertSign")
+    for oid, extension in extensions.items():
+        if extension.critical and oid not in _CA_POLICY_EXTENSIONS:
+            raise refuse(f"critical extension {oid.dotted_string} is not allowed")
+        if extension.critical and oid in _CA_NON_CRITICAL_EXTENSIONS:
+            raise refuse(f"extension {oid.dotted_string} must not be critical")
+    aki = extensions.get(ExtensionOID.AUTHORITY_KEY_IDENTIFIER)
+    if (
+        aki is not None
+        and isinstance(aki.value, x509.AuthorityKeyIdentifier)
+        and aki.value.key_identifier is None
+    ):
+        raise refuse("authorityKeyIdentifier lacks keyIdentifier")
+    name_constraints = extensions.get(ExtensionOID.NAME_CONSTRAINTS)
+    if (
+        name_constraints is not None
+        and isinstance(name_constraints.value, x509.NameConstraints)
+        and not name_constraints.value.permitted_subtrees
+        and not name_constraints.value.excluded_subtrees
+    ):
+        raise refuse("nameConstraints has no subtrees")
+    eku = extensions.get(ExtensionOID.EXTENDED_KEY_USAGE)
+    if eku is not None and isinstance(eku.value, x509.ExtendedKeyUsage):
+        allowed = {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
+        if not allowed.intersection(eku.value):
+            raise refuse("extendedKeyUsage excludes clientAuth")
 
 
 def verify_proof_of_possession(

@@ -91,8 +91,10 @@ def sign_jwt(signer: KmsSigner, kid: str, claims: Mapping[str, Any], typ: str) -
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 _MAX_INTEGER_DIGITS = 20  # NumericDate and every integer fleetkey reads fit in 64 bits
 # Header parameters that change how a JWS must be processed (RFC 7515 §4.1.11 `crit`, RFC 7797
-# `b64`): fleetkey implements none of these extensions, so a JWS that uses one is refused.
-_EXTENSION_HEADERS = ("crit", "b64")
+# `b64`) or that belong to JWE (RFC 7516 §4.1.3 `zip`: compression, which RFC 8725 §3.6 advises
+# against, and which a JWS parser could be led to inflate): fleetkey implements none of them, so
+# a JWS that carries one is refused.
+_EXTENSION_HEADERS = ("crit", "b64", "zip")
 
 
 class MalformedJws(ValueError):
@@ -150,7 +152,8 @@ def _json_object(segment: str, what: str) -> dict[str, Any]:
 
     Raises:
         MalformedJws: bad base64url, not UTF-8, not JSON, not an object, duplicate names,
-            NaN/Infinity, out-of-range numbers, or nesting too deep for the parser.
+            NaN/Infinity, out-of-range numbers, nesting too deep for the parser, or a string
+            that is not Unicode scalar text (a lone surrogate).
     """
     try:
         text = _b64url_decode(segment).decode("utf-8")
@@ -167,16 +170,44 @@ def _json_object(segment: str, what: str) -> dict[str, Any]:
         raise MalformedJws(f"{what}: not UTF-8 JSON") from None
     if not isinstance(value, dict):
         raise MalformedJws(f"{what}: not a JSON object")
+    _require_scalar_text(value, what)
     return value
+
+
+def _require_scalar_text(value: dict[str, Any], what: str) -> None:
+    """Every string in `value`, member names included, is Unicode scalar text (RFC 8259 §8.2).
+
+    The bytes were valid UTF-8, but a `\\u` escape can still spell a lone surrogate ("\\ud800"),
+    which json accepts and which no UTF-8 encoder can write back: it would reach a token, a log
+    line or a relying party as a string that breaks whoever encodes it next. A walk with its own
+    stack, not recursion: json already bounded the depth, this must not add a RecursionError.
+
+    Raises:
+        MalformedJws: a string does not round-trip through UTF-8.
+    """
+    pending: list[Any] = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise MalformedJws(f"{what}: a string is not Unicode text") from None
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
 
 
 def parse_compact_jws(token: str, *, max_bytes: int) -> UnverifiedJws:
     """Take a compact JWS apart, strictly, before any key is looked up or signature verified.
 
     Refused: more than `max_bytes`, not three base64url segments, a header or payload that is not
-    a canonical UTF-8 JSON object with unique member names, an `alg` that is not a string, and any
+    a canonical UTF-8 JSON object with unique member names and only Unicode scalar text in its
+    strings (no lone surrogate spelled by a `\\u` escape), an `alg` that is not a string, and any
     header that asks for an extension (`crit`, RFC 7515 §4.1.11: fleetkey understands none; `b64`,
-    RFC 7797). CPU only, no AWS call.
+    RFC 7797) or for JWE compression (`zip`). CPU only, no AWS call.
 
     Raises:
         MalformedJws: the token is refused (the message is for logs, never for the caller).

@@ -14,7 +14,7 @@ encodings), where they fit devices:
   (RFC 5280 §4.1.1.2);
 - signatures: ECDSA or RSA (PKCS#1 v1.5 or PSS) with SHA-256/384/512 only;
 - public keys: EC on P-256/P-384 with named-curve parameters (never explicit, RFC 5480 §2.1.1),
-  or RSA of at least 2048 bits with an odd public exponent 2^16 < e < 2^256; nothing else, and in
+  or RSA of 2048 to 4096 bits with an odd public exponent 2^16 < e < 2^64; nothing else, and in
   the canonical SubjectPublicKeyInfo encoding only.
 
 Profiles (`KeyPolicy`) may be stricter; never looser.
@@ -22,7 +22,7 @@ Profiles (`KeyPolicy`) may be stricter; never looser.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Final
 
@@ -44,9 +44,16 @@ MAX_PEM_BYTES: Final = 64 * 1024
 
 BASELINE_EC_CURVES: Final = frozenset({"secp256r1", "secp384r1"})
 RSA_MIN_BITS: Final = 2048
-# CA/Browser Forum BR §6.1.6: odd, and in [2^16 + 1, 2^256 - 1].
+# Larger keys buy devices nothing and cost every verification; OpenSSL's RSA verification also
+# caps the exponent of moduli over 3072 bits (below), so 4096 is the ceiling.
+RSA_MAX_BITS: Final = 4096
+# CA/Browser Forum BR §6.1.6: odd, and at least 2^16 + 1. Its upper bound (2^256 - 1) is
+# lowered to 2^64 - 1: OpenSSL refuses to verify with a modulus over 3072 bits and an exponent
+# over 64 bits (RSA_R_BAD_E_VALUE: OPENSSL_RSA_MAX_PUBEXP_BITS = 64 above
+# OPENSSL_RSA_SMALL_MODULUS_BITS = 3072), so such a device would register and then never
+# get a token, its signatures refused as invalid.
 RSA_MIN_EXPONENT: Final = 2**16 + 1
-RSA_MAX_EXPONENT: Final = 2**256 - 1
+RSA_MAX_EXPONENT: Final = 2**64 - 1
 MAX_SERIAL_OCTETS: Final = 20
 
 SOUND_SIGNATURE_ALGORITHMS: Final = frozenset(
@@ -86,6 +93,12 @@ class _TbsCertificate:
     issuer_unique_id: Annotated[asn1.BitString | None, asn1.Implicit(1)]
     subject_unique_id: Annotated[asn1.BitString | None, asn1.Implicit(2)]
     extensions: Annotated[list[asn1.TLV] | None, asn1.Explicit(3)]
+
+
+@asn1.sequence
+class _Validity:
+    not_before: asn1.TLV
+    not_after: asn1.TLV
 
 
 @asn1.sequence
@@ -191,12 +204,39 @@ def check_certificate(cert: x509.Certificate) -> None:
     check_signature_algorithm(cert.signature_algorithm_oid, cert.signature_hash_algorithm)
 
 
-# RFC 5280 Appendix A upper bounds cryptography knows of (it only warns when a parsed name
-# exceeds them): country names are two letters, a common name 1 to 64 characters.
+_UTC_TIME_TAG: Final = b"\x17"
+
+
+def check_validity_encoding(
+    cert: x509.Certificate, refuse: Callable[[str], InvalidCertificate]
+) -> None:
+    """RFC 5280 §4.1.2.5: validity dates through 2049 MUST be UTCTime, GeneralizedTime only from
+    2050 (cryptography's verifier enforces it on every certificate of a chain, the trust anchor
+    included; cryptography's parser accepts both).
+
+    Raises:
+        InvalidCertificate: `refuse(message)`, for a date before 2050 as GeneralizedTime.
+    """
+    with decoding("certificate validity"):
+        tbs = asn1.decode_der(_TbsCertificate, cert.tbs_certificate_bytes)
+        validity = tbs.validity.parse(_Validity)
+    for tlv, when in (
+        (validity.not_before, cert.not_valid_before_utc),
+        (validity.not_after, cert.not_valid_after_utc),
+    ):
+        if tlv.tag_bytes != _UTC_TIME_TAG and when.year < 2050:
+            raise refuse("a validity date before 2050 is not encoded as UTCTime")
+
+
+# RFC 5280 Appendix A upper bounds, in characters (cryptography only warns when a parsed name
+# exceeds some of them): country names are two letters, a common name 1 to 64 characters
+# (ub-common-name), a serial number 1 to 64 (ub-serial-number). Characters, not UTF-8 bytes: a
+# 64-character UTF8String CN is conforming even when it takes more than 64 bytes.
 _NAME_ATTRIBUTE_BOUNDS: Final = {
     NameOID.COUNTRY_NAME: (2, 2),
     NameOID.JURISDICTION_COUNTRY_NAME: (2, 2),
     NameOID.COMMON_NAME: (1, 64),
+    NameOID.SERIAL_NUMBER: (1, 64),
 }
 
 
@@ -215,7 +255,7 @@ def check_name_bounds(name: x509.Name) -> None:
         if bounds is None:
             continue
         value = attribute.value
-        size = len(value.encode()) if isinstance(value, str) else len(value)
+        size = len(value)  # characters of a str (bytes only for a bit-string attribute)
         if not bounds[0] <= size <= bounds[1]:
             raise malformed(
                 "name attribute is out of RFC 5280 bounds", oid=attribute.oid.dotted_string
@@ -280,9 +320,9 @@ def check_public_key(key: CertificatePublicKeyTypes, spki: asn1.TLV) -> None:
     encodes it.
 
     Raises:
-        InvalidCertificate(weak_key): not EC P-256/P-384 or RSA >= 2048 bits with a sound public
-            exponent, or not in the canonical encoding (explicit curve parameters, compressed
-            point, RSA parameters other than NULL).
+        InvalidCertificate(weak_key): not EC P-256/P-384 or RSA of 2048-4096 bits with a sound
+            public exponent (odd, 2^16 < e < 2^64), or not in the canonical encoding (explicit
+            curve parameters, compressed point, RSA parameters other than NULL).
     """
     description = describe_public_key(key)
     if isinstance(key, ec.EllipticCurvePublicKey):
@@ -292,6 +332,8 @@ def check_public_key(key: CertificatePublicKeyTypes, spki: asn1.TLV) -> None:
         numbers = key.public_numbers()
         if key.key_size < RSA_MIN_BITS:
             raise _weak_key(description, "RSA key is too short")
+        if key.key_size > RSA_MAX_BITS:
+            raise _weak_key(description, "RSA key is longer than 4096 bits")
         if not (numbers.e % 2 == 1 and RSA_MIN_EXPONENT <= numbers.e <= RSA_MAX_EXPONENT):
             raise _weak_key(description, "RSA public exponent is not allowed")
         if numbers.n % 2 == 0:

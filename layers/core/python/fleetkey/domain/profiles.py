@@ -62,6 +62,10 @@ class DeviceProfile:
     token_rules: TokenRules = TokenRules()
     # Validity of certificates fleetkey issues on rotation.
     certificate_validity_days: int = 365
+    # JITR refuses (serial_mismatch) a factory certificate without a subject serialNumber. Off,
+    # the serial is checked when present: the allow-list's binding is then the CN, the CA and,
+    # when pinned, the public key.
+    require_subject_serial: bool = False
 
     def iot_policy_name(self, prefix: str) -> str:
         return f"{prefix}-{self.name}"
@@ -132,9 +136,18 @@ PROFILES: dict[str, DeviceProfile] = {
                 ),
             ),
             certificate_validity_days=180,
+            # A pump's factory certificate carries its hardware serial: a certificate without
+            # one cannot be tied to the allow-list entry's serial, so it is refused.
+            require_subject_serial=True,
         ),
     )
 }
+
+
+def thing_type_names(prefix: str) -> frozenset[str]:
+    """The thing types of this deployment's profiles (`<prefix>-<profile>`): a thing of one of
+    these types is fleetkey's; a thing of any other type (or none) belongs to someone else."""
+    return frozenset(profile.thing_type_name(prefix) for profile in PROFILES.values())
 
 
 def get_profile(name: str) -> DeviceProfile:

@@ -28,7 +28,11 @@ def refusal_for(
         return RejectionReason.CLONE_SUSPECTED
     if device.manufacturer_ca != ca.name:
         return RejectionReason.WRONG_ISSUER
-    if certificate.serial_number is not None and certificate.serial_number != device.serial_number:
+    if certificate.serial_number is None:
+        # Checked when present; required only where the profile says so (pumps).
+        if get_profile(device.profile).require_subject_serial:
+            return RejectionReason.SERIAL_MISMATCH
+    elif certificate.serial_number != device.serial_number:
         return RejectionReason.SERIAL_MISMATCH
     if (
         device.public_key_fingerprint is not None

@@ -13,7 +13,7 @@ from fleetkey.clock import Clock, timestamp, utc_now
 from fleetkey.crypto.jose import MalformedJws, b64url, media_type, parse_compact_jws
 from fleetkey.domain.lifecycle import DeviceState
 from fleetkey.services.signing_keys import MAX_TOKEN_LIFETIME_SECONDS, SigningKeys
-from fleetkey.services.tokens import ACCESS_TOKEN_TYPE, CLOCK_SKEW
+from fleetkey.services.tokens import ACCESS_TOKEN_TYPE, CLOCK_SKEW, FIRMWARE_VERSION
 from fleetkey.settings import Settings
 from fleetkey.store.dynamodb import Store
 
@@ -60,6 +60,13 @@ class IntrospectionService:
         cnf = claims.get("cnf")
         bound = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
         if not isinstance(claims["sub"], str) or not isinstance(claims["jti"], str):
+            return dict(INACTIVE)
+        # Echoed to the caller: a firmware_version fleetkey would not issue today (a token signed
+        # before the rule, up to an hour old) is not passed on.
+        version = claims.get("firmware_version")
+        if version is not None and (
+            not isinstance(version, str) or not FIRMWARE_VERSION.fullmatch(version)
+        ):
             return dict(INACTIVE)
         device = self._store.get_device(claims["sub"])
         if (

@@ -18,6 +18,12 @@ AWS call budget (warm trust-anchor cache):
               record in the device's chain, revoke                         = 4
     mismatched event: describe, [decision lookup,] stream head, append     = 3-4
     a certificate already decided and no longer pending: describe, decision lookup = 2
+    an event of a CA the snapshot lacks: + 1 GetItem of its CAID# item (+ 1 Query if it exists)
+    a thing of the device's name exists: fleetkey's (its type is a profile's thing type) is
+              taken over (+ DescribeThing, ListThingPrincipals, a detach per other certificate,
+              UpdateThing); anyone else's is left untouched, `thing_conflict` is audited (+ 2)
+              and ThingConflict raised (a permanent Conflict: the failure queue keeps the
+              event for a redrive once the name clash is resolved)
 
 Every write is conditional and every AWS IoT call is idempotent, so a duplicate event, concurrent
 copies, or a retry after a failure at any call all end in the state of one clean run. The
@@ -40,7 +46,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.x509 import verification
 from pydantic import TypeAdapter, ValidationError
 
-from fleetkey.adapters.iot import IotCertificate, IotRegistry
+from fleetkey.adapters.iot import IotCertificate, IotRegistry, ThingConflict
 from fleetkey.clock import Clock, timestamp, utc_now
 from fleetkey.crypto.certificates import (
     DeviceCertificate,
@@ -53,7 +59,7 @@ from fleetkey.domain.allowlist import DeviceId
 from fleetkey.domain.audit import ChainHead
 from fleetkey.domain.lifecycle import DeviceState, Transition, target_state
 from fleetkey.domain.models import CaStatus, CertificateOutcome, CertificateRecord, Device
-from fleetkey.domain.profiles import get_profile
+from fleetkey.domain.profiles import get_profile, thing_type_names
 from fleetkey.domain.registration import BASELINE_KEY_POLICY, refusal_for
 from fleetkey.domain.rejection import RejectionReason
 from fleetkey.errors import ConcurrentModification, InvalidCertificate
@@ -145,6 +151,10 @@ class RegistrationService:
                 converges.
             ConcurrentModification: the device kept changing under this registration; retrying
                 converges.
+            ThingConflict: accepted, but a thing of the device's name exists in AWS IoT that is
+                not fleetkey's; nothing in AWS IoT was changed (audited `thing_conflict`). It
+                stays so until an operator resolves the clash; then the same event finishes the
+                registration.
         """
         cert_id = event.certificateId
         iot_cert = self._registry.describe_certificate(cert_id)
@@ -423,12 +433,17 @@ class RegistrationService:
         if iot_cert.status != "ACTIVE":
             profile = get_profile(device.profile)
             prefix = self._settings.name_prefix
-            stale = self._registry.ensure_thing(
-                device.device_id,
-                profile.thing_type_name(prefix),
-                {**device.thing_attributes(), "certificate_id": iot_cert.certificate_id},
-                iot_cert.arn,
-            )
+            try:
+                stale = self._registry.ensure_thing(
+                    device.device_id,
+                    profile.thing_type_name(prefix),
+                    {**device.thing_attributes(), "certificate_id": iot_cert.certificate_id},
+                    iot_cert.arn,
+                    owned_thing_types=thing_type_names(prefix),
+                )
+            except ThingConflict as conflict:
+                self._thing_conflict(device, iot_cert, conflict)
+                raise
             if stale:
                 logger.warning(
                     "took over an existing thing and detached its other certificates",
@@ -438,6 +453,39 @@ class RegistrationService:
             self._registry.attach_exclusively(device.device_id, iot_cert.arn)
             self._registry.activate_certificate(iot_cert.certificate_id)
         return outcome
+
+    def _thing_conflict(
+        self, device: Device, iot_cert: IotCertificate, conflict: ThingConflict
+    ) -> None:
+        """A thing named like the device exists and is not fleetkey's: AWS IoT is left as it is
+        (the certificate stays pending, so the device cannot connect), and the clash is logged
+        and audited (`thing_conflict` in `stream:registration-events`) on every attempt. The
+        caller re-raises, so Lambda retries and the failure queue keeps the event for an
+        operator to redrive once the name clash is resolved; the decision stays recorded, so
+        the redrive finishes it.
+
+        AWS calls: 2 (stream head, append), more if concurrent writers move the head.
+        """
+        logger.error(
+            "a thing named like the device exists in AWS IoT and is not fleetkey's; "
+            "registration not provisioned",
+            extra={
+                "device_id": device.device_id,
+                "certificate_id": iot_cert.certificate_id,
+                "thing_type": conflict.thing_type,
+            },
+        )
+        self._store.append_to_stream(
+            REGISTRATION_EVENTS_STREAM,
+            action="thing_conflict",
+            actor=ACTOR,
+            details={
+                "device_id": device.device_id,
+                "certificate_id": iot_cert.certificate_id,
+                "thing_type": conflict.thing_type,
+            },
+            at=timestamp(self._clock()),
+        )
 
     def _revoke(
         self, iot_cert: IotCertificate, outcome: RegistrationOutcome

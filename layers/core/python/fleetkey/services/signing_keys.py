@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,12 @@ from fleetkey.clock import Clock, timestamp, utc_now
 from fleetkey.crypto.jose import jwk_thumbprint, public_jwk
 from fleetkey.domain.audit import ChainHead
 from fleetkey.errors import Conflict, FleetkeyError
-from fleetkey.settings import LOCAL_STACK_NAME, LOCAL_TOKEN_SIGNER_ROLE_ARN, Settings
+from fleetkey.settings import (
+    LOCAL_STACK_NAME,
+    LOCAL_TOKEN_KEY_RETIRER_ROLE_ARNS,
+    LOCAL_TOKEN_SIGNER_ROLE_ARN,
+    Settings,
+)
 from fleetkey.store.dynamodb import ConditionFailed, Store
 
 logger = logging.getLogger(__name__)
@@ -38,6 +43,8 @@ MAX_TOKEN_LIFETIME_SECONDS = 3600
 STREAM = "signing-keys"
 KEY_SPEC = "ECC_NIST_P256"
 KEY_USAGE = "SIGN_VERIFY"
+# Key material KMS generated (not imported, not in an external or CloudHSM key store).
+KEY_ORIGIN = "AWS_KMS"
 KEY_DESCRIPTION = "fleetkey access-token signing key"
 # The tag that marks a token signing key, and whose value names the stack that owns it: IAM grants
 # on KMS keys are conditioned on it, so one stack's roles cannot reach another stack's keys.
@@ -95,11 +102,28 @@ class SigningKey:
         return key
 
 
-def token_key_policy(*, partition: str, account: str, signer_role_arn: str) -> dict[str, Any]:
+def token_key_policy(
+    *,
+    partition: str,
+    account: str,
+    signer_role_arn: str,
+    retirer_role_arns: Sequence[str],
+) -> dict[str, Any]:
     """The key policy of every token signing key (the stack's first key in CDK, the keys rotation
-    creates, the local stack's): the account's IAM policies govern it (as with KMS's default
-    policy), except that nobody but the token function's role may sign with it, whatever IAM
-    grants elsewhere in the account. The arguments may be CDK tokens: nothing here parses them."""
+    creates, the local stack's). The key policy, not IAM, grants what only fleetkey's own roles
+    may do to its keys: the token function's role signs, the admin and maintenance roles
+    (`retirer_role_arns`) schedule its deletion; and nobody but the token role may sign, whatever
+    IAM grants elsewhere in the account. The account's IAM policies govern the rest (as with KMS's
+    default policy): the functions' roles read the key through IAM grants conditioned on its tag.
+    So no role of the stack holds `kms:Sign` or `kms:ScheduleKeyDeletion` in IAM, and a key that
+    is not fleetkey's (whatever its tags) is not one they can sign with or delete. The arguments
+    may be CDK tokens: nothing here parses them.
+
+    Raises:
+        ValueError: no retirer role.
+    """
+    if not retirer_role_arns:
+        raise ValueError("a token key policy needs the roles that retire keys")
     return {
         "Version": "2012-10-17",
         "Statement": [
@@ -108,6 +132,20 @@ def token_key_policy(*, partition: str, account: str, signer_role_arn: str) -> d
                 "Effect": "Allow",
                 "Principal": {"AWS": f"arn:{partition}:iam::{account}:root"},
                 "Action": "kms:*",
+                "Resource": "*",
+            },
+            {
+                "Sid": "TheTokenFunctionSigns",
+                "Effect": "Allow",
+                "Principal": {"AWS": signer_role_arn},
+                "Action": "kms:Sign",
+                "Resource": "*",
+            },
+            {
+                "Sid": "FleetkeyRetiresKeys",
+                "Effect": "Allow",
+                "Principal": {"AWS": list(retirer_role_arns)},
+                "Action": "kms:ScheduleKeyDeletion",
                 "Resource": "*",
             },
             {
@@ -122,16 +160,39 @@ def token_key_policy(*, partition: str, account: str, signer_role_arn: str) -> d
     }
 
 
-def token_key_policy_for(signer_role_arn: str) -> dict[str, Any]:
-    """`token_key_policy` for a concrete role ARN (partition and account read from it).
+def _role_arn_parts(role_arn: str) -> list[str]:
+    """Raises:
+    ValueError: not an IAM role ARN.
+    """
+    parts = role_arn.split(":")
+    if (
+        len(parts) != 6
+        or parts[0] != "arn"
+        or parts[2] != "iam"
+        or not parts[4]
+        or not parts[5].startswith("role/")
+    ):
+        raise ValueError(f"not an IAM role ARN: {role_arn!r}")
+    return parts
+
+
+def token_key_policy_for(signer_role_arn: str, retirer_role_arns: Sequence[str]) -> dict[str, Any]:
+    """`token_key_policy` for concrete role ARNs (partition and account read from the signer's;
+    every role must be of that account).
 
     Raises:
-        ValueError: not an IAM role ARN.
+        ValueError: not IAM role ARNs of one account, or no retirer.
     """
-    parts = signer_role_arn.split(":")
-    if len(parts) != 6 or parts[0] != "arn" or parts[2] != "iam" or not parts[4]:
-        raise ValueError(f"not an IAM role ARN: {signer_role_arn!r}")
-    return token_key_policy(partition=parts[1], account=parts[4], signer_role_arn=signer_role_arn)
+    parts = _role_arn_parts(signer_role_arn)
+    for arn in retirer_role_arns:
+        if _role_arn_parts(arn)[1::3] != parts[1::3]:
+            raise ValueError(f"{arn!r} is not a role of the signer's account")
+    return token_key_policy(
+        partition=parts[1],
+        account=parts[4],
+        signer_role_arn=signer_role_arn,
+        retirer_role_arns=retirer_role_arns,
+    )
 
 
 def _as_sorted(value: object, *, lower: bool = False) -> list[str]:
@@ -190,13 +251,20 @@ class KeyTrust:
 
     @classmethod
     def for_stack(
-        cls, stack_name: str, signer_role_arn: str, first_key_id: str | None = None
+        cls,
+        stack_name: str,
+        signer_role_arn: str,
+        first_key_id: str | None = None,
+        *,
+        retirer_role_arns: Sequence[str],
     ) -> KeyTrust:
         """Raises:
-        ValueError: `signer_role_arn` is not an IAM role ARN.
+        ValueError: the roles are not IAM role ARNs of one account (or no retirer).
         """
         return cls(
-            token_signing_tags(stack_name), token_key_policy_for(signer_role_arn), first_key_id
+            token_signing_tags(stack_name),
+            token_key_policy_for(signer_role_arn, retirer_role_arns),
+            first_key_id,
         )
 
     @classmethod
@@ -205,13 +273,21 @@ class KeyTrust:
         ValueError: the settings' token signer role is not an IAM role ARN.
         """
         return cls.for_stack(
-            settings.stack_name, settings.token_signer_role_arn, settings.token_key_id
+            settings.stack_name,
+            settings.token_signer_role_arn,
+            settings.token_key_id,
+            retirer_role_arns=settings.token_key_retirer_role_arns,
         )
 
     @classmethod
     def local(cls, first_key_id: str | None = None) -> KeyTrust:
         """The local stack's (the default of `SigningKeys`: outside it, keys do not confirm)."""
-        return cls.for_stack(LOCAL_STACK_NAME, LOCAL_TOKEN_SIGNER_ROLE_ARN, first_key_id)
+        return cls.for_stack(
+            LOCAL_STACK_NAME,
+            LOCAL_TOKEN_SIGNER_ROLE_ARN,
+            first_key_id,
+            retirer_role_arns=LOCAL_TOKEN_KEY_RETIRER_ROLE_ARNS,
+        )
 
     def policy_json(self) -> str:
         return json.dumps(self.policy)
@@ -303,7 +379,9 @@ class SigningKeys:
 
     def _confirm(self, key: SigningKey) -> bool:
         """A registry entry is trusted only if KMS agrees: the key is an ECC_NIST_P256
-        SIGN_VERIFY key, tagged as this stack's token-signing key, its key policy is the one
+        SIGN_VERIFY key whose material KMS generated (origin AWS_KMS: never imported material,
+        which someone outside KMS holds, nor an external key store) in this region only (not
+        multi-Region), tagged as this stack's token-signing key, its key policy is the one
         fleetkey writes (compared by meaning, not byte for byte), and its public key is the
         entry's JWK. So a write to the table alone cannot publish or introduce a key, and neither
         can a key someone else created and tagged. Once per key per process: none of these
@@ -315,18 +393,23 @@ class SigningKeys:
         confirmed = self._confirmed.get(key.key_id)
         if confirmed is None:
             try:
+                metadata = self._kms.describe(key.key_id)
                 described = self._kms.describe_public_key(key.key_id)
                 jwk = public_jwk(described.public_key)
                 tags = self._kms.tags(key.key_id)
                 confirmed = (
-                    described.key_spec == KEY_SPEC
+                    metadata.origin == KEY_ORIGIN
+                    and metadata.multi_region is False
+                    and metadata.key_spec == KEY_SPEC
+                    and metadata.key_usage == KEY_USAGE
+                    and described.key_spec == KEY_SPEC
                     and described.key_usage == KEY_USAGE
                     and all(tags.get(k) == v for k, v in self._trust.tags.items())
                     and jwk_thumbprint(jwk) == key.kid
                     and all(key.jwk.get(name) == value for name, value in jwk.items())
                     and same_policy(self._kms.key_policy(key.key_id), self._trust.policy)
                 )
-            except ValueError:  # not an EC P-256/P-384 key, or a policy that is not JSON
+            except ValueError:  # not an EC P-256/P-384 key, or a policy that is not strict JSON
                 confirmed = False
             except ClientError as exc:
                 # No such key, or one this function may not read (IAM only allows this stack's

@@ -18,14 +18,20 @@ draft-ietf-oauth-rfc7523bis-11 §4):
   it (7523bis -03 allowed the one-element array); the token endpoint URL, or the issuer among
   other values, is refused;
 - a `client_id` form parameter, when sent, must name the device the assertion authenticates
-  (RFC 7521 §4.2); if not, `invalid_client` (RFC 7521 §4.2.1).
+  (RFC 7521 §4.2); if not, `invalid_client` (RFC 7521 §4.2.1);
+- the assertion is the only client authentication (RFC 6749 §2.3): a `client_secret` parameter
+  (or, at the function, an `Authorization` header) beside it is `invalid_request`;
+- `firmware_version`, copied into the token, is printable ASCII without spaces, 1-64 characters
+  (`FIRMWARE_VERSION`, the rule of `jti`); anything else is `invalid_client`.
 
 Equal work on every refusal: refusals that depend only on the request are made before any AWS
 call (they say nothing about any device). Once the device is read, the assertion's signature is
 verified in every case: against the device key, or, when the device is unknown, not ACTIVE, the
 kid is not its current certificate, or the algorithm does not fit its key, against a stand-in key
-of the same algorithm made at cold start (`stand_in_keys`). So an unknown device costs what a
-known one with a bad signature costs: one device read and one signature verification.
+of the same algorithm made at cold start (`stand_in_keys`). The device read is a projection of
+the fields that authenticate it, and a miss decodes a decoy item of the same shape
+(`Store.get_device_credential`). So an unknown device costs what a known one with a bad signature
+costs: one device read, one item decoded and one signature verification.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qsl
 
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -54,7 +61,6 @@ from fleetkey.crypto.jose import (
     stand_in_keys,
 )
 from fleetkey.domain.lifecycle import DeviceState
-from fleetkey.domain.models import Device
 from fleetkey.domain.oauth import (
     InvalidClient,
     InvalidGrant,
@@ -65,7 +71,7 @@ from fleetkey.domain.oauth import (
 from fleetkey.domain.profiles import TokenRules, get_profile
 from fleetkey.services.signing_keys import SigningKeys
 from fleetkey.settings import Settings
-from fleetkey.store.dynamodb import ConditionFailed, Store
+from fleetkey.store.dynamodb import ConditionFailed, DeviceCredential, Store
 
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
@@ -83,6 +89,14 @@ _CERTIFICATE_ID = re.compile(r"[0-9a-f]{64}")
 _DEVICE_ID = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _PRINTABLE = re.compile(r"[\x21-\x7e]{1,128}")
+# A device-chosen string copied into every token and echoed by introspection: printable ASCII
+# without spaces, as `jti`, and short (no NUL, CR/LF, bidi overrides or lone surrogates to
+# carry into a relying party's logs or UI).
+FIRMWARE_VERSION = re.compile(r"[\x21-\x7e]{1,64}")
+FORM_MEDIA_TYPE = "application/x-www-form-urlencoded"
+# A media type parameter (RFC 9110 §5.6.6): token "=" ( token / quoted-string without ";").
+_TOKEN_CHARS = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_MEDIA_TYPE_PARAMETER = re.compile(rf'\s*({_TOKEN_CHARS})=({_TOKEN_CHARS}|"[^";\\]*")\s*')
 
 
 class TokenService:
@@ -110,9 +124,10 @@ class TokenService:
     def issue(self, form: Mapping[str, str]) -> dict[str, Any]:
         """Issue an access token for a client-credentials request with a JWT client assertion.
 
-        AWS calls: none for a request refused on its own content; else one device read, and for a
-        token the jti write and one KMS Sign (3). Every refusal after the device read has
-        verified one signature, whichever check failed (see the module's docstring).
+        AWS calls: none for a request refused on its own content; else one device read (GetItem
+        with a projection), and for a token the jti write and one KMS Sign (3). Every refusal
+        after the device read has decoded one item and verified one signature, whichever check
+        failed (see the module's docstring).
 
         Raises:
             OAuthInvalidRequest, UnsupportedGrantType: the request is malformed.
@@ -122,6 +137,10 @@ class TokenService:
             InvalidGrant: a replayed assertion, an unknown or used challenge, unattested firmware.
             InvalidScope: a scope or audience outside the device's profile.
         """
+        # RFC 6749 §2.3: one client authentication method per request; with the assertion, a
+        # client secret is a second one (and would be a secret sent for nothing).
+        if "client_secret" in form:
+            raise OAuthInvalidRequest("more than one client authentication method")
         if form.get("grant_type") != "client_credentials":
             if not form.get("grant_type"):
                 raise OAuthInvalidRequest("grant_type is required")
@@ -135,7 +154,8 @@ class TokenService:
         jws = self._peek(assertion, form.get("client_id"))
         header, unverified = jws.header, jws.claims
         device_id: str = unverified["sub"]
-        device = self._store.get_device(device_id)
+        # The projected read, whose miss decodes a decoy item: equal CPU for unknown and known.
+        device = self._store.get_device_credential(device_id)
         key, refusal = self._verification_key(device, header["kid"], header["alg"])
 
         now = int(self._clock().timestamp())
@@ -162,6 +182,11 @@ class TokenService:
             raise InvalidClient("jti")
         if nonce is not None and (not isinstance(nonce, str) or not _PRINTABLE.fullmatch(nonce)):
             raise InvalidClient("nonce")
+        version = claims.get("firmware_version")
+        if version is not None and (
+            not isinstance(version, str) or not FIRMWARE_VERSION.fullmatch(version)
+        ):
+            raise InvalidClient("firmware_version")
         # With a nonce, iat/exp may be absent; an exp that is present is bounded all the same
         # (without one, exp - iat <= 5 min and pyjwt's iat check bound it).
         if (
@@ -248,7 +273,7 @@ class TokenService:
         return jws
 
     def _verification_key(
-        self, device: Device | None, kid: str, alg: str
+        self, device: DeviceCredential | None, kid: str, alg: str
     ) -> tuple[PublicKey, str | None]:
         """The key to verify the assertion with, and the refusal already decided, if any.
 
@@ -299,7 +324,7 @@ class TokenService:
         measurement = claims.get("firmware_sha256")
         version = claims.get("firmware_version")
         firmware: dict[str, str] = {}
-        if isinstance(version, str) and len(version) <= 64:
+        if isinstance(version, str):  # FIRMWARE_VERSION already held (`issue`)
             firmware["firmware_version"] = version
         if rules.require_attestation:
             if not isinstance(measurement, str) or measurement not in rules.allowed_firmware:
@@ -310,6 +335,50 @@ class TokenService:
         elif isinstance(measurement, str) and _SHA256_HEX.fullmatch(measurement):
             firmware["firmware_sha256"] = measurement
         return firmware
+
+
+def read_form(
+    content_type: str | None, body: str, *, max_fields: int, max_bytes: int
+) -> dict[str, str]:
+    """An application/x-www-form-urlencoded body as its parameters, each at most once (RFC 6749
+    §3.2; for introspection, RFC 7662 §2.1 sends the same form). CPU only, no AWS call.
+
+    The media type is exactly application/x-www-form-urlencoded, any case, with parameters
+    allowed (RFC 9110 §8.3.1) but a charset other than UTF-8 refused: the body is read as UTF-8,
+    so a client that says otherwise would be misread. One trailing `&` is tolerated (clients
+    that build the form by appending "name=value&" send it); an empty field anywhere else is not.
+
+    Raises:
+        OAuthInvalidRequest: another media type or charset, a body over `max_bytes` characters,
+            more than `max_fields` fields, a malformed form, or a parameter sent twice.
+    """
+    media, *parameters = (content_type or "").split(";")
+    if media.strip().lower() != FORM_MEDIA_TYPE:
+        raise OAuthInvalidRequest(f"the body must be {FORM_MEDIA_TYPE}")
+    for parameter in parameters:
+        if not parameter.strip():  # RFC 9110 allows empty parameters ("a/b; ; c=d")
+            continue
+        match = _MEDIA_TYPE_PARAMETER.fullmatch(parameter)
+        if match is None:
+            raise OAuthInvalidRequest("malformed content type")
+        if match.group(1).lower() == "charset" and match.group(2).strip('"').lower() != "utf-8":
+            raise OAuthInvalidRequest("the form must be UTF-8")
+    if len(body) > max_bytes:
+        raise OAuthInvalidRequest("the request is too large")
+    if body.endswith("&"):
+        body = body[:-1]
+    try:
+        pairs = parse_qsl(
+            body, keep_blank_values=True, strict_parsing=bool(body), max_num_fields=max_fields
+        )
+    except ValueError:
+        raise OAuthInvalidRequest("the body is not a valid form") from None
+    form: dict[str, str] = {}
+    for name, value in pairs:
+        if name in form:
+            raise OAuthInvalidRequest(f"parameter {name} appears more than once")
+        form[name] = value
+    return form
 
 
 def _key_fits(alg: str, key: PublicKey) -> bool:

@@ -45,6 +45,14 @@ class TrustAnchors:
     parsed form is kept for the life of the process. A CA's status can change; the snapshot
     gives a fast refusal, and the registration transaction re-checks the status in DynamoDB, so
     a CA disabled a moment ago never admits a device.
+
+    An id the snapshot does not know is confirmed with one strongly consistent GetItem of its
+    `CAID#` item before it is answered None, and the snapshot is reloaded only when that item
+    exists (a CA registered since the snapshot). So events naming CAs fleetkey does not manage
+    (another team's, in the same account) cost one GetItem each, never a Query of every CA, and
+    a None is never stale: `unknown_ca` is recorded as a final decision (the certificate is left
+    alone, not revoked), which is safe only because AWS IoT auto-registers a fleetkey CA's
+    certificates only after the CA's record exists (`ManufacturerCaService.register`).
     """
 
     def __init__(
@@ -71,17 +79,21 @@ class TrustAnchors:
     def get(self, iot_ca_id: str) -> TrustAnchor | None:
         """The manufacturer CA AWS IoT knows as `iot_ca_id`, None if fleetkey has none.
 
-        AWS calls: 0 on a warm snapshot, else 1 (Query).
+        AWS calls: 0 for an id in a warm snapshot; 1 (Query) when the snapshot is cold or older
+        than `ttl_seconds`; for an id a warm snapshot lacks, 1 (GetItem of its `CAID#` item),
+        plus 1 (Query) when that item exists.
 
         Raises:
             InvalidCertificate: the stored CA certificate does not load (a decoder stricter than
                 the one that admitted it).
         """
         stale = self._loaded_at is None or self._monotonic() - self._loaded_at > self._ttl
-        # An unknown id may be a CA registered since the snapshot: look again before refusing,
-        # since a refusal revokes the certificate for good. AWS IoT only auto-registers
-        # certificates of CAs registered with it, so such misses are rare.
-        if stale or iot_ca_id not in self._by_id:
+        if not stale and iot_ca_id not in self._by_id:
+            # Possibly registered since the snapshot. A point read decides, so the Query of
+            # every CA runs only when there is something new to load (not once per event of
+            # someone else's CA), and a None is as fresh as DynamoDB.
+            stale = self._store.ca_name_for(iot_ca_id) is not None
+        if stale:
             self._refresh()
         ca = self._by_id.get(iot_ca_id)
         if ca is None:
@@ -119,22 +131,35 @@ class ManufacturerCaService:
     ) -> ManufacturerCa:
         """Register a manufacturer CA with AWS IoT and record it as a trust anchor.
 
-        Order: everything that can refuse the request is checked before AWS IoT is touched (the
-        name, the certificate, the name's CA and the CA's name in DynamoDB, the proof of
-        possession), so a refused request changes nothing anywhere. Then AWS IoT, inactive and
-        without auto-registration (harmless if nothing follows); then the record, which claims
-        the name and the CA id together; then AWS IoT is activated with auto-registration on. A
-        retry after a failure at any step converges; registering the same CA under the same name
-        again returns the existing record (and re-applies its status to AWS IoT).
+        Order: everything that can refuse the request is checked before AWS IoT is written (the
+        name, the certificate, the name's CA and the CA id's owner in DynamoDB, whether AWS IoT
+        already has the CA, the proof of possession), so a refused request changes nothing
+        anywhere. Then the CA id is claimed for this name (`CAID#<id>`, "registering"); then AWS
+        IoT, inactive and without auto-registration (harmless if nothing follows); then the
+        record, which turns the claim into the CA id's final item and claims the name; then AWS
+        IoT is activated with auto-registration on, and the record read again so a concurrent
+        disable wins (`_apply_status`). A retry after a failure at any step converges;
+        registering the same CA under the same name again returns the existing record.
 
-        AWS calls: a new CA 6 (CA by name, name by CA id, registration code, RegisterCACertificate,
-        the record's transaction, UpdateCACertificate); the same CA again 2; a refusal at most 2,
-        none of them a write.
+        A CA that AWS IoT already has while fleetkey has neither record nor claim for it was
+        registered outside fleetkey (another team's): it is refused, never adopted, since its
+        devices would be fleetkey's to revoke. The proof of possession cannot tell: its CN is the
+        account-wide registration code, so another team's old proof verifies too. Only a
+        registration that holds the claim adopts the CA it finds in AWS IoT (its own earlier
+        attempt, when RegisterCACertificate reached AWS but its answer was lost).
+
+        AWS calls: a new CA 9 (CA by name, CA id's owner, DescribeCACertificate, registration
+        code, the claim's TransactWriteItems, RegisterCACertificate, the record's
+        TransactWriteItems, UpdateCACertificate, CA by name again); a retry holding the claim
+        skips DescribeCACertificate; the same CA again 3 (CA by name, UpdateCACertificate, CA by
+        name again), more if the status keeps changing; a refusal at most 3 (CA by name, CA id's
+        owner, DescribeCACertificate), none of them a write.
 
         Raises:
             InvalidRequest: bad or reserved name; InvalidCertificate: not a valid CA (including
             one whose fields do not decode), or a bad proof of possession; Conflict: the name
-            belongs to another CA, or this CA is registered under another name.
+            belongs to another CA, this CA is registered (or being registered) under another
+            name, AWS IoT already has this CA from outside fleetkey, or its status kept changing.
         """
         try:
             name = _ca_name.validate_python(name)
@@ -155,16 +180,20 @@ class ManufacturerCaService:
         if existing is None:
             # Checked before AWS IoT is touched: registering this CA again there would change
             # the CA another name holds (moto replaced it, deactivated, stopping its JITR).
-            other = self._store.ca_name_for(ca_id)
-            if other is not None and other != name:
-                raise Conflict(f"this CA is already registered as {other!r}")
+            owner = self._store.ca_name_for(ca_id)
+            if owner is not None and owner != name:
+                raise Conflict(f"this CA is already registered as {owner!r}")
+            if owner is None and self._registry.describe_ca(ca_id):
+                raise Conflict(
+                    "this CA is already registered with AWS IoT outside fleetkey; "
+                    "fleetkey does not adopt it"
+                )
             code = self._registry.registration_code()
             with decoding("verification certificate"):
                 verify_proof_of_possession(ca_cert, verification_pem, code, now)
             existing = self._create(name, ca_cert, subject, verification_pem, ca_id, now, actor)
         # Always (re)applied, so a retry after a failure here converges.
-        self._registry.set_ca_active(existing.iot_ca_id, existing.status is CaStatus.ACTIVE)
-        return existing
+        return self._apply_status(name, existing)
 
     def _create(
         self,
@@ -176,26 +205,37 @@ class ManufacturerCaService:
         now: datetime,
         actor: str,
     ) -> ManufacturerCa:
-        """AWS IoT (inactive), then the record. A concurrent registration of the same CA under
-        another name loses at the record; its RegisterCACertificate was answered
-        ResourceAlreadyExists and changed nothing.
+        """Claim the CA id, register it with AWS IoT (inactive), then record it. A concurrent
+        registration of the same CA under another name loses at the claim, before AWS IoT.
+
+        AWS calls: 3 (the claim, RegisterCACertificate, the record).
 
         Raises:
             Conflict: the name or the CA was claimed concurrently.
         """
+        try:
+            self._store.claim_ca_id(ca_id, name)
+        except ConditionFailed as failure:
+            other = failure.items.get("ca_id", {}).get("name")
+            if other != name:
+                raise Conflict(f"this CA is already registered as {other!r}") from None
+            # Recorded under this name meanwhile (a concurrent copy of this request): the
+            # record's transaction below finds it and returns it.
         pem = ca_cert.public_bytes(Encoding.PEM).decode()
-        iot_ca_id = self._registry.register_ca(pem, verification_pem, ca_id)
+        # ResourceAlreadyExists is adopted here only because this name holds the claim: the CA
+        # in AWS IoT is this registration's own earlier attempt.
+        self._registry.register_ca(pem, verification_pem, ca_id)
         at = timestamp(now)
         record = ChainHead().next_record(
             subject=schema.ca_subject(name),
             at=at,
             action="ca_registered",
             actor=actor,
-            details={"iot_ca_id": iot_ca_id, "subject": subject},
+            details={"iot_ca_id": ca_id, "subject": subject},
         )
         ca = ManufacturerCa(
             name=name,
-            iot_ca_id=iot_ca_id,
+            iot_ca_id=ca_id,
             certificate_pem=pem,
             status=CaStatus.ACTIVE,
             audit_head=ChainHead(record.seq, record.hash),
@@ -205,7 +245,7 @@ class ManufacturerCaService:
             self._store.create_ca(ca, record)
         except ConditionFailed as failure:
             current = failure.items.get("ca")
-            if current is not None and current["iot_ca_id"] == iot_ca_id:
+            if current is not None and current["iot_ca_id"] == ca_id:
                 return self._store.ca_from_item(current)  # a retry: already recorded
             if "ca_id" in failure.failed:
                 other = failure.items.get("ca_id", {}).get("name")
@@ -213,21 +253,44 @@ class ManufacturerCaService:
             raise Conflict(f"manufacturer CA name {name!r} is taken by another CA") from None
         return ca
 
+    def _apply_status(self, name: str, ca: ManufacturerCa) -> ManufacturerCa:
+        """Bring AWS IoT to the status of `ca` (ACTIVE: active with auto-registration; DISABLED:
+        inactive without), then read the record again: if a concurrent call changed it
+        meanwhile, bring AWS IoT to the newer status, so the two agree whatever the order in
+        which concurrent calls reach AWS IoT (the last UpdateCACertificate always follows the
+        last status read).
+
+        AWS calls: 2 per round (UpdateCACertificate, GetItem), at most 4 rounds.
+
+        Raises:
+            NotFound: the CA's record vanished; Conflict: it kept changing.
+        """
+        for _ in range(4):
+            self._registry.set_ca_active(ca.iot_ca_id, ca.status is CaStatus.ACTIVE)
+            latest = self.get(name)
+            if latest.status is ca.status:
+                return latest
+            ca = latest
+        raise Conflict(f"manufacturer CA {name!r} kept changing; try again")
+
     def set_enabled(self, name: str, enabled: bool, *, actor: str) -> ManufacturerCa:
         """Disable (or re-enable) a manufacturer CA: fleetkey refuses its devices from the moment
         the record changes, and AWS IoT stops auto-registering its certificates.
 
         AWS IoT is brought to the recorded status, then the record is read again: if a concurrent
-        call changed it meanwhile, AWS IoT is brought to the newer status, so the two agree.
+        call changed it meanwhile, AWS IoT is brought to the newer status, so the two agree
+        (`_apply_status`).
+
+        AWS calls: 4 for a change (GetItem, the status transaction, UpdateCACertificate, GetItem),
+        3 when the CA already has that status; more if it keeps changing.
 
         Raises:
             NotFound: no such CA; Conflict: it kept changing.
         """
         wanted = CaStatus.ACTIVE if enabled else CaStatus.DISABLED
-        changed = False
         for _ in range(4):
             ca = self.get(name)
-            if ca.status is not wanted and not changed:
+            if ca.status is not wanted:
                 record = ca.audit_head.next_record(
                     subject=schema.ca_subject(name),
                     at=timestamp(self._clock()),
@@ -237,11 +300,7 @@ class ManufacturerCaService:
                 )
                 try:
                     ca = self._store.set_ca_status(ca, wanted, record)
-                    changed = True
                 except ConditionFailed:
                     continue
-            self._registry.set_ca_active(ca.iot_ca_id, ca.status is CaStatus.ACTIVE)
-            latest = self.get(name)
-            if latest.status is ca.status:
-                return latest
+            return self._apply_status(name, ca)
         raise Conflict(f"manufacturer CA {name!r} kept changing; try again")

@@ -4,15 +4,18 @@ its audit record must land together); nothing is ever read-modify-written withou
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.parsers import create_parser
 
 from fleetkey.adapters.aws import client as aws_client
 from fleetkey.adapters.aws import error_code, is_transient
@@ -167,6 +170,76 @@ def same_entry(item: dict[str, Any], entry: AllowlistEntry) -> bool:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceCredential:
+    """What authenticates a device at the token endpoint: a projection of its item."""
+
+    device_id: str
+    state: DeviceState
+    profile: str
+    certificate_id: str | None = None
+    certificate_public_key: str | None = None  # PEM
+    certificate_key: str | None = None  # "ec:secp256r1", "rsa:2048"
+    certificate_not_after: str | None = None  # ISO 8601
+
+    def certificate_not_after_epoch(self) -> int | None:
+        if not self.certificate_not_after:
+            return None
+        return int(datetime.fromisoformat(self.certificate_not_after).timestamp())
+
+
+# The item's attributes the token path reads (see `Store.get_device_credential`); `state` is a
+# DynamoDB reserved word, so every name goes through ExpressionAttributeNames.
+DEVICE_CREDENTIAL_FIELDS = (
+    "device_id",
+    "state",
+    "profile",
+    "certificate_id",
+    "certificate_public_key",
+    "certificate_key",
+    "certificate_not_after",
+)
+_DEVICE_CREDENTIAL_NAMES = {f"#f{i}": name for i, name in enumerate(DEVICE_CREDENTIAL_FIELDS)}
+_DEVICE_CREDENTIAL_PROJECTION = ", ".join(_DEVICE_CREDENTIAL_NAMES)
+
+# DECOY, never a device: the GetItem response body of an ACTIVE P-256 device with every projected
+# field, of typical sizes (a P-256 key's PEM is 178 characters). A miss in
+# `get_device_credential` parses and decodes it so that an unknown device costs the CPU a known
+# one costs. Its values are placeholders (the "key" is not a key) and nothing reads the result.
+_DECOY_DEVICE_RESPONSE = json.dumps(
+    {
+        "Item": {
+            "device_id": {"S": "decoy-device-0000"},
+            "state": {"S": DeviceState.ACTIVE.value},
+            "profile": {"S": "telemetry-sensor"},
+            "certificate_id": {"S": "0" * 64},
+            "certificate_public_key": {
+                "S": "-----BEGIN PUBLIC KEY-----\n"
+                + "A" * 64
+                + "\n"
+                + "A" * 60
+                + "\n-----END PUBLIC KEY-----\n"
+            },
+            "certificate_key": {"S": "ec:secp256r1"},
+            "certificate_not_after": {"S": "2036-01-01T00:00:00.000+00:00"},
+        }
+    },
+    separators=(",", ":"),
+).encode()
+
+
+def _credential_from_item(item: dict[str, Any]) -> DeviceCredential:
+    return DeviceCredential(
+        device_id=item["device_id"],
+        state=DeviceState(item["state"]),
+        profile=item["profile"],
+        certificate_id=item.get("certificate_id"),
+        certificate_public_key=item.get("certificate_public_key"),
+        certificate_key=item.get("certificate_key"),
+        certificate_not_after=item.get("certificate_not_after"),
+    )
+
+
 class Store:
     """The fleetkey table. `client` is a boto3 DynamoDB client; None builds a real one."""
 
@@ -186,6 +259,47 @@ class Store:
     def get_device(self, device_id: str) -> Device | None:
         item = self._get(schema.device_key(device_id))
         return _device_from_item(item) if item else None
+
+    def get_device_credential(self, device_id: str) -> DeviceCredential | None:
+        """The fields of a device that authenticate it (state, profile, current certificate and
+        its key), read with a projection: a fraction of the item, for the token path.
+
+        A miss costs the decoding a hit costs: botocore's parsing of a response holding the item
+        and its deserialization, done on `_DECOY_DEVICE_RESPONSE` and thrown away, so that the
+        caller's CPU time does not tell an unknown device from a known one (without it an unknown
+        device was refused ~0.3 ms faster, measured by benchmarks/token_timing.py).
+
+        AWS calls: 1 (GetItem, strongly consistent, `ProjectionExpression` of
+        `DEVICE_CREDENTIAL_FIELDS`).
+
+        Raises:
+            botocore ClientError/BotoCoreError: DynamoDB refused or could not be reached.
+        """
+        response = self._client.get_item(
+            TableName=self.table,
+            Key=_ser(schema.device_key(device_id)),
+            ConsistentRead=True,
+            ProjectionExpression=_DEVICE_CREDENTIAL_PROJECTION,
+            ExpressionAttributeNames=_DEVICE_CREDENTIAL_NAMES,
+        )
+        item = response.get("Item")
+        if item:
+            return _credential_from_item(_de(item))
+        self._decode_decoy_device()
+        return None
+
+    def _decode_decoy_device(self) -> None:
+        """Equal work for a miss (see `get_device_credential`): parse a decoy GetItem response
+        with this client's own response parser and decode its item exactly as a hit is decoded,
+        then drop the result. The decoy is nobody's: it is never returned or compared."""
+        operation = self._client.meta.service_model.operation_model("GetItem")
+        if operation.output_shape is None:  # never for GetItem; keeps the types honest
+            return
+        parsed = create_parser(operation.metadata["protocol"]).parse(
+            {"status_code": 200, "headers": {}, "body": _DECOY_DEVICE_RESPONSE},
+            operation.output_shape,
+        )
+        _credential_from_item(_de(parsed["Item"]))
 
     def get_certificate(self, certificate_id: str) -> CertificateRecord | None:
         item = self._get(schema.certificate_key(certificate_id))
@@ -667,12 +781,56 @@ class Store:
 
     # ---- manufacturer CAs -------------------------------------------------------------------
 
+    # The state of a `CAID#` item that claims a CA id for a registration still under way (the
+    # final item, written with the CA's record, has no state).
+    CA_ID_REGISTERING = "registering"
+
+    def claim_ca_id(self, iot_ca_id: str, name: str) -> None:
+        """Claim the CA id for `name` before AWS IoT hears of the CA (`CAID#<id>`, state
+        "registering"): a retry of the same registration finds its own claim and may adopt the CA
+        it finds in AWS IoT; anyone else's CA there is not adopted. Idempotent for the same name.
+        One TransactWriteItems of one Put (so a failed condition reports the item as the other
+        CA writes do).
+
+        Raises:
+            ConditionFailed('ca_id'): the id is claimed or registered under another name, or
+                already registered (the item is attached).
+        """
+        self._transact(
+            [
+                Action(
+                    "ca_id",
+                    {
+                        "Put": {
+                            "TableName": self.table,
+                            "Item": _ser(
+                                {
+                                    **schema.ca_id_key(iot_ca_id),
+                                    "name": name,
+                                    "state": self.CA_ID_REGISTERING,
+                                }
+                            ),
+                            "ConditionExpression": (
+                                "attribute_not_exists(pk) OR (#name = :name AND #state = :claim)"
+                            ),
+                            "ExpressionAttributeNames": {"#name": "name", "#state": "state"},
+                            "ExpressionAttributeValues": _ser(
+                                {":name": name, ":claim": self.CA_ID_REGISTERING}
+                            ),
+                            "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+                        }
+                    },
+                )
+            ]
+        )
+
     def create_ca(self, ca: ManufacturerCa, record: AuditRecord) -> None:
-        """Record a new trust anchor. A name holds one CA and a CA has one name.
+        """Record a new trust anchor, turning this name's claim on the CA id (`claim_ca_id`) into
+        the final `CAID#` item. A name holds one CA and a CA has one name.
 
         Raises:
             ConditionFailed: 'ca' (the name is taken; that CA is attached) and/or 'ca_id' (this
-                CA is registered under another name, attached as {"name": ...}).
+                CA is claimed or registered under another name, attached as {"name": ...}).
         """
         item = {
             **schema.ca_key(ca.name),
@@ -702,7 +860,15 @@ class Store:
                         "Put": {
                             "TableName": self.table,
                             "Item": _ser({**schema.ca_id_key(ca.iot_ca_id), "name": ca.name}),
-                            "ConditionExpression": "attribute_not_exists(pk)",
+                            # Only a claim of this same name may become the record (or none,
+                            # for a CA id recorded directly).
+                            "ConditionExpression": (
+                                "attribute_not_exists(pk) OR (#name = :name AND #state = :claim)"
+                            ),
+                            "ExpressionAttributeNames": {"#name": "name", "#state": "state"},
+                            "ExpressionAttributeValues": _ser(
+                                {":name": ca.name, ":claim": self.CA_ID_REGISTERING}
+                            ),
                             "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
                         }
                     },
@@ -712,8 +878,9 @@ class Store:
         )
 
     def ca_name_for(self, iot_ca_id: str) -> str | None:
-        """The name the CA with AWS IoT id `iot_ca_id` is registered under (its CAID# item),
-        None when fleetkey has not registered it. One GetItem."""
+        """The name the CA with AWS IoT id `iot_ca_id` is registered or being registered under
+        (its CAID# item, a claim included), None when fleetkey has neither. One GetItem
+        (strongly consistent)."""
         item = self._get(schema.ca_id_key(iot_ca_id))
         name = item.get("name") if item else None
         return name if isinstance(name, str) else None
