@@ -747,3 +747,30 @@ def test_the_snapshot_sees_a_dropped_condition(synthesized: Any) -> None:
 
     # Then the snapshot differs
     assert aws_calls.role_snapshot(template, constants.STACK_ID) != json.loads(SNAPSHOT.read_text())
+
+
+def test_a_resource_wildcard_does_not_span_arn_parts() -> None:
+    # Given a grant on things of one account, written with a wildcard in the resource part
+    statement = {
+        "Effect": "Allow",
+        "Action": "iot:DescribeThing",
+        "Resource": f"arn:aws:iot:{REGION}:{ACCOUNT}:thing/*",
+    }
+
+    # When a request names a thing of another account whose name would satisfy a wildcard
+    # spanning the ':' between parts, or an IAM pattern holds what fnmatch would read as a class
+    other_account = Request("iot:DescribeThing", f"arn:aws:iot:{REGION}:999999999999:thing/x")
+    bracket = {**statement, "Resource": f"arn:aws:iot:{REGION}:{ACCOUNT}:thing/[ab]"}
+
+    # Then neither is allowed: AWS matches each ARN part on its own and has no classes
+    assert decide([statement], other_account) is not Decision.ALLOWED
+    assert decide([bracket], Request("iot:DescribeThing", THING)) is not Decision.ALLOWED
+    assert decide([statement], Request("iot:DescribeThing", THING)) is Decision.ALLOWED
+
+
+def test_a_statement_whose_effect_is_neither_allow_nor_deny_is_refused() -> None:
+    # Given a statement with an Effect AWS would reject ("allow" in lower case)
+    statement = {"Effect": "allow", "Action": "iot:DescribeThing", "Resource": "*"}
+
+    # When / Then: the evaluator refuses it rather than read it as an Allow
+    assert decide([statement], Request("iot:DescribeThing", THING)) is Decision.REFUSED

@@ -228,3 +228,43 @@ def test_a_disable_racing_a_repeated_registration_wins_in_aws_iot_too(stack, mon
     assert ca.status.value == "DISABLED"
     assert stack.store.get_ca("acme").status.value == "DISABLED"
     assert iot_state(stack, ca_id) == ("INACTIVE", "DISABLE")
+
+
+def test_a_ca_refused_because_its_name_was_taken_meanwhile_can_be_registered_later(
+    stack, monkeypatch
+):
+    # Given two operators registering two CAs under one name at once: X claims its id and
+    # reaches AWS IoT, then Y is recorded under the name before X's record is written
+    x_ca, y_ca = cached_ca("acme"), cached_ca("globex")
+    registry = stack.cas._registry
+    register = registry.register_ca
+    raced = []
+
+    def y_first(pem_text, verification_pem, ca_id):
+        result = register(pem_text, verification_pem, ca_id)
+        if not raced:
+            raced.append(True)
+            stack.register_ca(y_ca, name="n")
+        return result
+
+    monkeypatch.setattr(registry, "register_ca", y_first)
+    with pytest.raises(Conflict):
+        stack.register_ca(x_ca, name="n")
+    monkeypatch.setattr(registry, "register_ca", register)
+    x_id = certificate_id(x_ca.pem)
+    # (X stays in AWS IoT, inactive and without auto-registration: harmless, and fleetkey's own)
+    assert iot_state(stack, x_id) == ("INACTIVE", "DISABLE")
+
+    # When X is registered again under a free name
+    ca = stack.register_ca(x_ca, name="m")
+
+    # Then it is recorded and active: the refused attempt's claim did not block it for good
+    assert (ca.name, ca.iot_ca_id) == ("m", x_id)
+    assert iot_state(stack, x_id) == ("ACTIVE", "ENABLE")
+    assert {c.name: c.iot_ca_id for c in stack.cas.list()} == {
+        "n": certificate_id(y_ca.pem),
+        "m": x_id,
+    }
+    # And X still cannot take the name Y holds
+    with pytest.raises(Conflict):
+        stack.register_ca(x_ca, name="n")

@@ -533,6 +533,79 @@ def test_same_policy_compares_by_meaning():
     assert not same_policy(policy, {**policy, "Version": "2008-10-17"})
 
 
+def _deny_statement(policy: dict) -> dict:
+    return next(st for st in policy["Statement"] if st["Effect"] == "Deny")
+
+
+@pytest.mark.parametrize("collide", ["condition key", "condition operator"])
+def test_a_policy_whose_names_collide_once_lowercased_is_not_the_same(collide):
+    # Given fleetkey's policy, and one whose Deny holds a second condition differing only in case
+    # (IAM applies both: the Deny then spares whoever the first one names, e.g. an attacker)
+    policy = token_key_policy_for("arn:aws:iam::123456789012:role/token", RETIRERS)
+    attacker = "arn:aws:iam::123456789012:role/attacker"
+    deny = _deny_statement(policy)
+    [(operator, keys)] = deny["Condition"].items()
+    [(key, signer)] = keys.items()
+    if collide == "condition key":
+        condition = {operator: {key: attacker, key.upper(): signer}}
+    else:
+        condition = {operator: {key: attacker}, operator.lower(): {key: signer}}
+    forged = {
+        **policy,
+        "Statement": [st for st in policy["Statement"] if st is not deny]
+        + [{**deny, "Condition": condition}],
+    }
+
+    # When / Then: not the same policy (it cannot be read unambiguously)
+    assert not same_policy(forged, policy)
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        {"Statement": ["x"]},
+        {"Statement": [{"Effect": "Allow", "Principal": 5, "Action": "kms:*"}]},
+        {"Statement": [{"Effect": "Allow", "Condition": [1], "Action": "kms:*"}]},
+        {"Statement": [{"Effect": "Allow", "Actions": "kms:*"}]},
+    ],
+    ids=["statement-not-an-object", "principal-number", "condition-list", "unknown-element"],
+)
+def test_a_policy_of_an_odd_shape_is_not_the_same_and_does_not_raise(odd):
+    # Given fleetkey's policy and a document of an odd shape (KMS validates its grammar, but a
+    # policy is read from outside the function all the same)
+    policy = token_key_policy_for("arn:aws:iam::123456789012:role/token", RETIRERS)
+
+    # When / Then: not the same, and no exception (the token path must answer, not crash)
+    assert not same_policy({**policy, **odd}, policy)
+
+
+def test_a_refused_key_is_checked_again_after_the_cache_time(stack):
+    # Given a registry entry for a key KMS does not (yet) show as this stack's: its tag is missing
+    now = [1000.0]
+    reader = SigningKeys(
+        stack.store,
+        KmsKeys(client=stack.kms),
+        trust=stack.key_trust,
+        cache_seconds=60,
+        monotonic=lambda: now[0],
+    )
+    key_id = KmsKeys(client=stack.kms).create_signing_key(
+        KEY_DESCRIPTION, {}, json.dumps(stack.key_trust.policy)
+    )
+    rotation_to(stack, key_id)
+    assert key_id not in {k.key_id for k in reader.keys()}  # noqa: SIM118 (not a dict)
+
+    # When the key gets its tag, Then it stays refused until the cache time has passed ...
+    stack.kms.tag_resource(
+        KeyId=key_id, Tags=[{"TagKey": k, "TagValue": v} for k, v in stack.key_trust.tags.items()]
+    )
+    now[0] += 30
+    assert key_id not in {k.key_id for k in reader.keys()}  # noqa: SIM118 (not a dict)
+    # ... and is confirmed once it has (a warm function is never left without its new key)
+    now[0] += 61
+    assert key_id in {k.key_id for k in reader.keys()}  # noqa: SIM118 (not a dict)
+
+
 class EmptyRegistry:
     """The store of a deployed stack that never rotated: the registry item does not exist."""
 

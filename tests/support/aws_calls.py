@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import fnmatch
 import json
 import os
 import re
@@ -539,11 +538,26 @@ def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
+def _wildcard(pattern: str, value: str) -> bool:
+    """`*` any run, `?` one character, nothing else special (IAM has no character classes)."""
+    regex = "".join(
+        ".*" if char == "*" else "." if char == "?" else re.escape(char) for char in pattern
+    )
+    return re.fullmatch(regex, value, flags=re.DOTALL) is not None
+
+
 def _matches(pattern: str, value: str, *, case: bool = True) -> bool:
-    """IAM wildcard matching (`*` any run, `?` one character)."""
+    """IAM wildcard matching (`*` any run, `?` one character). An ARN is matched part by part
+    (partition, service, region, account, resource), so a wildcard never spans a `:` between
+    them, as in AWS."""
     if not case:
         pattern, value = pattern.lower(), value.lower()
-    return fnmatch.fnmatchcase(value, pattern)
+    if pattern.startswith("arn:") and value.startswith("arn:"):
+        pattern_parts, value_parts = pattern.split(":", 5), value.split(":", 5)
+        return len(pattern_parts) == len(value_parts) and all(
+            _wildcard(p, v) for p, v in zip(pattern_parts, value_parts, strict=True)
+        )
+    return _wildcard(pattern, value)
 
 
 def _context_values(request: Request, key: str) -> tuple[str, ...] | None:
@@ -628,6 +642,8 @@ UNSUPPORTED_ELEMENTS = ("NotAction", "NotResource", "NotPrincipal")
 
 def unsupported(statement: Mapping[str, Any]) -> str | None:
     found = [name for name in UNSUPPORTED_ELEMENTS if name in statement]
+    if statement.get("Effect") not in ("Allow", "Deny"):
+        found.append(f"Effect {statement.get('Effect')!r}")
     return ", ".join(found) or None
 
 

@@ -200,10 +200,46 @@ def _as_sorted(value: object, *, lower: bool = False) -> list[str]:
     return sorted(str(v).lower() if lower else str(v) for v in values)
 
 
+_STATEMENT_ELEMENTS = frozenset(
+    {
+        "Sid",
+        "Effect",
+        "Action",
+        "NotAction",
+        "Resource",
+        "NotResource",
+        "Principal",
+        "NotPrincipal",
+        "Condition",
+    }
+)
+
+
+def _lowercased_keys(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """`mapping` with its keys lowercased. Two keys that differ only in case both stay in force
+    in IAM (which compares them case-insensitively), so folding them into one would lose one:
+
+    Raises:
+        ValueError: two keys differ only in case.
+    """
+    folded = {str(key).lower(): value for key, value in mapping.items()}
+    if len(folded) != len(mapping):
+        raise ValueError("policy names that differ only in case")
+    return folded
+
+
 def _canonical_statement(statement: Mapping[str, Any]) -> str:
     """One statement in a canonical form: the Sid dropped (it changes nothing), single values and
     lists alike sorted, actions and condition operators/keys lowercased (IAM compares them
-    case-insensitively), the principal `"*"` written as `{"AWS": ["*"]}`."""
+    case-insensitively), the principal `"*"` written as `{"AWS": ["*"]}`.
+
+    Raises:
+        ValueError, TypeError, AttributeError: the statement is not a policy statement fleetkey
+            can read unambiguously (unknown elements, names that collide once lowercased,
+            values of the wrong shape).
+    """
+    if not set(statement) <= _STATEMENT_ELEMENTS:
+        raise ValueError("unknown policy statement element")
     canonical: dict[str, Any] = {"Effect": statement.get("Effect")}
     for name in ("Action", "NotAction"):
         if name in statement:
@@ -219,8 +255,8 @@ def _canonical_statement(statement: Mapping[str, Any]) -> str:
             canonical[name] = {k: _as_sorted(v) for k, v in dict(principal).items()}
     if statement.get("Condition"):
         canonical["Condition"] = {
-            operator.lower(): {key.lower(): _as_sorted(v) for key, v in dict(keys).items()}
-            for operator, keys in dict(statement["Condition"]).items()
+            operator: {key: _as_sorted(v) for key, v in _lowercased_keys(dict(keys)).items()}
+            for operator, keys in _lowercased_keys(dict(statement["Condition"])).items()
         }
     return json.dumps(canonical, sort_keys=True)
 
@@ -229,14 +265,18 @@ def same_policy(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     """Whether two IAM policy documents say the same (the same version and the same statements,
     in any order and layout, Sids aside). Not a full policy-equivalence decision: two documents
     that grant the same through different wording compare as different, which errs on the safe
-    side (the key is not trusted)."""
-    statements_a = a.get("Statement", [])
-    statements_b = b.get("Statement", [])
-    as_list_a = statements_a if isinstance(statements_a, list) else [statements_a]
-    as_list_b = statements_b if isinstance(statements_b, list) else [statements_b]
-    return a.get("Version") == b.get("Version") and sorted(
-        map(_canonical_statement, as_list_a)
-    ) == sorted(map(_canonical_statement, as_list_b))
+    side (the key is not trusted), and so does a document fleetkey cannot read unambiguously
+    (odd shapes, names that differ only in case)."""
+    try:
+        statements_a = a.get("Statement", [])
+        statements_b = b.get("Statement", [])
+        as_list_a = statements_a if isinstance(statements_a, list) else [statements_a]
+        as_list_b = statements_b if isinstance(statements_b, list) else [statements_b]
+        return a.get("Version") == b.get("Version") and sorted(
+            map(_canonical_statement, as_list_a)
+        ) == sorted(map(_canonical_statement, as_list_b))
+    except (ValueError, TypeError, AttributeError, KeyError):
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,8 +369,11 @@ class SigningKeys:
         self._monotonic = monotonic
         self._cached: tuple[float, ChainHead, list[SigningKey]] | None = None
         self._signers: dict[str, KmsSigner] = {}
-        # key id -> whether KMS confirmed the registry's entry for it (checked once per process)
+        # key id -> whether KMS confirmed the registry's entry for it: a confirmation holds for
+        # the process; a refusal is checked again after `cache_seconds` (it may have been KMS
+        # answering just after the key was created), so a warm function cannot stay without a key
         self._confirmed: dict[str, bool] = {}
+        self._refused_at: dict[str, float] = {}
         # kid -> public key, parsed once (a kid is the key's thumbprint: it never changes)
         self._public_keys: dict[str, ec.EllipticCurvePublicKey] = {}
 
@@ -384,13 +427,18 @@ class SigningKeys:
         multi-Region), tagged as this stack's token-signing key, its key policy is the one
         fleetkey writes (compared by meaning, not byte for byte), and its public key is the
         entry's JWK. So a write to the table alone cannot publish or introduce a key, and neither
-        can a key someone else created and tagged. Once per key per process: none of these
-        changes for a key id without an administrator (whom the account's IAM governs).
+        can a key someone else created and tagged. A confirmation holds for the process (none of
+        these changes for a key id without an administrator, whom the account's IAM governs); a
+        refusal is checked again after `cache_seconds`.
 
         Raises:
             ClientError: a passing KMS failure (the entry is checked again next time).
         """
         confirmed = self._confirmed.get(key.key_id)
+        if confirmed is False and (
+            self._monotonic() - self._refused_at.get(key.key_id, 0.0) > self._cache_seconds
+        ):
+            confirmed = None
         if confirmed is None:
             try:
                 metadata = self._kms.describe(key.key_id)
@@ -423,6 +471,8 @@ class SigningKeys:
                     extra={"key_id": key.key_id, "kid": key.kid},
                 )
             self._confirmed[key.key_id] = confirmed
+            if not confirmed:
+                self._refused_at[key.key_id] = self._monotonic()
         return confirmed
 
     def keys(self) -> list[SigningKey]:

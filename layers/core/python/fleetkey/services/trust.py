@@ -153,7 +153,10 @@ class ManufacturerCaService:
         TransactWriteItems, UpdateCACertificate, CA by name again); a retry holding the claim
         skips DescribeCACertificate; the same CA again 3 (CA by name, UpdateCACertificate, CA by
         name again), more if the status keeps changing; a refusal at most 3 (CA by name, CA id's
-        owner, DescribeCACertificate), none of them a write.
+        owner, DescribeCACertificate, or the claim holder's record), none of them a write. A
+        claim left by a registration refused after AWS IoT heard of the CA (its name went to
+        another CA) is taken over by the next registration of that CA, which adopts the inactive
+        CA in AWS IoT instead of leaving it blocked.
 
         Raises:
             InvalidRequest: bad or reserved name; InvalidCertificate: not a valid CA (including
@@ -180,10 +183,17 @@ class ManufacturerCaService:
         if existing is None:
             # Checked before AWS IoT is touched: registering this CA again there would change
             # the CA another name holds (moto replaced it, deactivated, stopping its JITR).
-            owner = self._store.ca_name_for(ca_id)
-            if owner is not None and owner != name:
-                raise Conflict(f"this CA is already registered as {owner!r}")
-            if owner is None and self._registry.describe_ca(ca_id):
+            claim = self._store.ca_claim_for(ca_id)
+            stale_claim_of: str | None = None
+            if claim is not None and claim[0] != name:
+                owner, registering = claim
+                if not registering or self._claim_may_finish(owner, ca_id):
+                    raise Conflict(f"this CA is already registered as {owner!r}")
+                # A claim whose name went to another CA (its registration was refused after
+                # AWS IoT heard of this CA): the CA in AWS IoT is fleetkey's own, inactive, and
+                # this registration may take the claim over rather than leave the CA blocked.
+                stale_claim_of = owner
+            if claim is None and self._registry.describe_ca(ca_id):
                 raise Conflict(
                     "this CA is already registered with AWS IoT outside fleetkey; "
                     "fleetkey does not adopt it"
@@ -191,9 +201,18 @@ class ManufacturerCaService:
             code = self._registry.registration_code()
             with decoding("verification certificate"):
                 verify_proof_of_possession(ca_cert, verification_pem, code, now)
-            existing = self._create(name, ca_cert, subject, verification_pem, ca_id, now, actor)
+            existing = self._create(
+                name, ca_cert, subject, verification_pem, ca_id, now, actor, stale_claim_of
+            )
         # Always (re)applied, so a retry after a failure here converges.
         return self._apply_status(name, existing)
+
+    def _claim_may_finish(self, owner: str, ca_id: str) -> bool:
+        """Whether the registration holding the claim on `ca_id` under `owner` may still finish:
+        its name is free, or holds this very CA. When the name holds another CA the claim can
+        never become a record."""
+        holder = self._store.get_ca(owner)
+        return holder is None or holder.iot_ca_id == ca_id
 
     def _create(
         self,
@@ -204,6 +223,7 @@ class ManufacturerCaService:
         ca_id: str,
         now: datetime,
         actor: str,
+        stale_claim_of: str | None = None,
     ) -> ManufacturerCa:
         """Claim the CA id, register it with AWS IoT (inactive), then record it. A concurrent
         registration of the same CA under another name loses at the claim, before AWS IoT.
@@ -214,7 +234,7 @@ class ManufacturerCaService:
             Conflict: the name or the CA was claimed concurrently.
         """
         try:
-            self._store.claim_ca_id(ca_id, name)
+            self._store.claim_ca_id(ca_id, name, stale_claim_of=stale_claim_of)
         except ConditionFailed as failure:
             other = failure.items.get("ca_id", {}).get("name")
             if other != name:

@@ -785,17 +785,21 @@ class Store:
     # final item, written with the CA's record, has no state).
     CA_ID_REGISTERING = "registering"
 
-    def claim_ca_id(self, iot_ca_id: str, name: str) -> None:
+    def claim_ca_id(self, iot_ca_id: str, name: str, *, stale_claim_of: str | None = None) -> None:
         """Claim the CA id for `name` before AWS IoT hears of the CA (`CAID#<id>`, state
         "registering"): a retry of the same registration finds its own claim and may adopt the CA
         it finds in AWS IoT; anyone else's CA there is not adopted. Idempotent for the same name.
         One TransactWriteItems of one Put (so a failed condition reports the item as the other
         CA writes do).
 
+        `stale_claim_of` names another name's claim that this one may replace, still only while
+        it is a claim (its registration never recorded the CA: it was refused or abandoned).
+
         Raises:
             ConditionFailed('ca_id'): the id is claimed or registered under another name, or
                 already registered (the item is attached).
         """
+        names = [name] if stale_claim_of is None else [name, stale_claim_of]
         self._transact(
             [
                 Action(
@@ -811,11 +815,17 @@ class Store:
                                 }
                             ),
                             "ConditionExpression": (
-                                "attribute_not_exists(pk) OR (#name = :name AND #state = :claim)"
+                                "attribute_not_exists(pk) OR "
+                                "(#name IN ("
+                                + ", ".join(f":n{i}" for i in range(len(names)))
+                                + ") AND #state = :claim)"
                             ),
                             "ExpressionAttributeNames": {"#name": "name", "#state": "state"},
                             "ExpressionAttributeValues": _ser(
-                                {":name": name, ":claim": self.CA_ID_REGISTERING}
+                                {
+                                    **{f":n{i}": n for i, n in enumerate(names)},
+                                    ":claim": self.CA_ID_REGISTERING,
+                                }
                             ),
                             "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
                         }
@@ -876,6 +886,16 @@ class Store:
                 self._audit_put(record),
             ]
         )
+
+    def ca_claim_for(self, iot_ca_id: str) -> tuple[str, bool] | None:
+        """The name the CA with AWS IoT id `iot_ca_id` is registered or being registered under,
+        and whether that is still only a claim (its registration has not recorded it); None
+        when fleetkey has neither. One GetItem (strongly consistent)."""
+        item = self._get(schema.ca_id_key(iot_ca_id))
+        name = item.get("name") if item else None
+        if item is None or not isinstance(name, str):
+            return None
+        return name, item.get("state") == self.CA_ID_REGISTERING
 
     def ca_name_for(self, iot_ca_id: str) -> str | None:
         """The name the CA with AWS IoT id `iot_ca_id` is registered or being registered under
