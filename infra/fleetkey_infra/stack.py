@@ -343,15 +343,22 @@ class FleetkeyStack(Stack):
         # no purpose tag at all (KMS cannot tell CreateKey's implied TagResource from a later
         # one): that gains nothing, as no IAM grant of this stack signs with or deletes a key,
         # and such a key's policy is not fleetkey's (it is never trusted).
+        # The key's shape conditions are IfExists: on an existing key KMS always supplies them
+        # (so the table's key and other kinds stay out of reach), while for the TagResource that
+        # CreateKey implies AWS does not document that they are supplied; CreateKey itself is
+        # conditioned on them, so a rotation cannot be refused by a missing context key.
         role.add_to_principal_policy(
             iam.PolicyStatement(
                 sid="TagTokenKeys",
                 actions=["kms:TagResource"],
                 resources=[self._kms_keys_arn()],
                 conditions={
-                    "StringEquals": creates_a_token_key,
-                    "StringEqualsIfExists": self._token_signing_tag("aws:ResourceTag"),
-                    **self._single_region(),
+                    "StringEquals": self._token_signing_tag("aws:RequestTag"),
+                    "StringEqualsIfExists": {
+                        **self._token_signing_tag("aws:ResourceTag"),
+                        **self._token_key_shape(),
+                    },
+                    "BoolIfExists": {"kms:MultiRegion": "false"},
                     **only_the_purpose_tag,
                 },
             )

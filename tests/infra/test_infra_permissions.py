@@ -316,12 +316,15 @@ def test_admin_tags_only_with_the_token_signing_tag(resources: dict[str, dict]) 
     [tag] = statements_for(statements, "kms:TagResource")
 
     # Then it sets only this stack's tag, and only on a P-256 signing key (never on the table's
-    # symmetric key, nor on any other kind of key)
+    # symmetric key, nor on any other kind of key: an existing key always carries its shape);
+    # the shape is IfExists because AWS does not document it for the TagResource CreateKey
+    # implies (CreateKey itself requires it)
     assert tag["Resource"] == KMS_KEYS
     assert tag["Condition"] == {
-        "StringEquals": {**TOKEN_SIGNING_REQUEST_TAG, **P256_SIGNING_KEY},
-        "StringEqualsIfExists": TOKEN_SIGNING_TAG,  # never re-tags another stack's key
-        **SINGLE_REGION,
+        "StringEquals": TOKEN_SIGNING_REQUEST_TAG,
+        # never re-tags another stack's key, never a key of another shape
+        "StringEqualsIfExists": {**TOKEN_SIGNING_TAG, **P256_SIGNING_KEY},
+        "BoolIfExists": {"kms:MultiRegion": "false"},
         **ONLY_THE_PURPOSE_TAG,
     }
 
@@ -337,11 +340,15 @@ def test_every_key_statement_is_scoped_to_this_stacks_signing_keys(
     on_keys = [s for s in statements if s["Resource"] == KMS_KEYS]
 
     # Then each holds only for P-256 signing keys of this stack: the tag (existing keys) or the
-    # request tag (tagging a key being created)
+    # request tag (tagging a key being created); the shape is required, or for TagResource
+    # required whenever KMS supplies it (it always does for an existing key)
     assert on_keys, service
     for statement in on_keys:
         condition = statement["Condition"]["StringEquals"]
-        assert condition.items() >= P256_SIGNING_KEY.items(), statement
+        shape = statement["Condition"].get("StringEqualsIfExists", condition)
+        if statement["Action"] != "kms:TagResource":
+            shape = condition
+        assert shape.items() >= P256_SIGNING_KEY.items(), statement
         assert condition.items() >= TOKEN_SIGNING_TAG.items() or (
             condition.items() >= TOKEN_SIGNING_REQUEST_TAG.items()
         ), statement
