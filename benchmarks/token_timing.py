@@ -53,11 +53,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from fleetkey.domain.allowlist import AllowlistEntry
 from fleetkey_local.apigw import proxy_event
 from fleetkey_local.device import client_assertion, token_request
 from fleetkey_local.functions import LambdaContext, load_function
-from fleetkey_local.pki import CertificateAuthority, generate_key, pem
+from fleetkey_local.pki import CertificateAuthority, generate_key
 from fleetkey_local.server import local_aws
 from fleetkey_local.stack import EmbeddedStack, client_factory
 
@@ -166,17 +165,7 @@ def build_requests(
     enrolled = []
     for i in range(devices):
         device_id = f"sensor-{i:04d}"
-        stack.allowlist.add(
-            AllowlistEntry(
-                device_id=device_id,
-                serial_number=f"SN-{i}",
-                manufacturer_ca="acme",
-                profile="telemetry-sensor",
-            ),
-            actor="bench",
-        )
-        key, cert = acme.issue_device(device_id, serial_number=f"SN-{i}")
-        event = stack.first_connect(pem(cert), acme.pem)
+        key, _, event = stack.manufacture(acme, device_id, serial_number=f"SN-{i}", actor="bench")
         if not stack.register(event).accepted:
             raise SystemExit(f"registration of {device_id} was refused")
         enrolled.append((device_id, key, event["certificateId"]))

@@ -24,12 +24,11 @@ import time
 from collections import Counter
 from urllib.parse import urlencode
 
-from fleetkey.domain.allowlist import AllowlistEntry
 from fleetkey_local.apigw import proxy_event
 from fleetkey_local.device import client_assertion, token_request
 from fleetkey_local.functions import LambdaContext, load_function
 from fleetkey_local.instrument import AwsCallCounter
-from fleetkey_local.pki import CertificateAuthority, pem
+from fleetkey_local.pki import CertificateAuthority
 from fleetkey_local.server import local_aws
 from fleetkey_local.stack import EmbeddedStack, client_factory
 
@@ -53,17 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         devices = []
         for i in range(args.devices):
             device_id = f"sensor-{i:04d}"
-            stack.allowlist.add(
-                AllowlistEntry(
-                    device_id=device_id,
-                    serial_number=f"SN-{i}",
-                    manufacturer_ca="acme",
-                    profile="telemetry-sensor",
-                ),
-                actor="bench",
+            key, _, event = stack.manufacture(
+                acme, device_id, serial_number=f"SN-{i}", actor="bench"
             )
-            key, cert = acme.issue_device(device_id, serial_number=f"SN-{i}")
-            event = stack.first_connect(pem(cert), acme.pem)
             assert stack.register(event).accepted
             devices.append((device_id, key, event["certificateId"]))
         issuer = os.environ["FLEETKEY_ISSUER"]

@@ -12,11 +12,9 @@ from urllib.parse import urlencode
 
 import pytest
 
-from fleetkey.domain.allowlist import AllowlistEntry
 from fleetkey.domain.profiles import PROFILES
 from fleetkey_local.apigw import proxy_event
 from fleetkey_local.device import client_assertion, token_request
-from fleetkey_local.pki import pem
 from fleetkey_local.stack import TABLE, EmbeddedStack
 from tests.conftest import load_event
 from tests.support.handlers import LambdaContext, load_handler
@@ -47,18 +45,7 @@ def admin_call(admin: ModuleType, method: str, path: str) -> tuple[int, Any]:
 def registered_event(stack: EmbeddedStack, device_id: str) -> tuple[Any, dict[str, Any]]:
     acme = cached_ca("acme")
     stack.register_ca(acme)
-    stack.allowlist.add(
-        AllowlistEntry(
-            device_id=device_id,
-            serial_number=f"SN-{device_id}",
-            manufacturer_ca="acme",
-            profile="telemetry-sensor",
-        ),
-        actor="op",
-    )
-    key, cert = acme.issue_device(device_id, serial_number=f"SN-{device_id}")
-    event = stack.first_connect(pem(cert), acme.pem)
-    assert event is not None
+    key, _, event = stack.manufacture(acme, device_id, actor="op")
     return key, event
 
 

@@ -60,17 +60,7 @@ def register(stack, device_id="sensor-1", **issue):
     acme = cached_ca("acme")
     if not stack.cas.list():
         stack.register_ca(acme)
-    stack.allowlist.add(
-        AllowlistEntry(
-            device_id=device_id,
-            serial_number=f"SN-{device_id}",
-            manufacturer_ca="acme",
-            profile="telemetry-sensor",
-        ),
-        actor="op",
-    )
-    key, cert = acme.issue_device(device_id, serial_number=f"SN-{device_id}", **issue)
-    event = stack.first_connect(pem(cert), acme.pem)
+    key, _, event = stack.manufacture(acme, device_id, actor="op", **issue)
     assert stack.register(event).accepted
     return key, event["certificateId"]
 

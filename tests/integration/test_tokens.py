@@ -38,7 +38,7 @@ from fleetkey.settings import Settings
 from fleetkey.store import schema
 from fleetkey_local.device import client_assertion, token_request
 from fleetkey_local.instrument import AwsCallCounter
-from fleetkey_local.pki import PrivateKey, generate_key, pem
+from fleetkey_local.pki import PrivateKey, generate_key
 from tests.support.faults import FaultInjector
 from tests.support.pki_cache import ca as cached_ca
 
@@ -80,19 +80,9 @@ def enroll(
     stack, authority, device_id, *, profile="telemetry-sensor", key_kind="ec:secp256r1"
 ) -> Enrolled:
     """Allow-list a device, connect it for the first time and register it: it is ACTIVE."""
-    stack.allowlist.add(
-        AllowlistEntry(
-            device_id=device_id,
-            serial_number=f"SN-{device_id}",
-            manufacturer_ca=authority.name,
-            profile=profile,
-        ),
-        actor="op",
+    key, cert, event = stack.manufacture(
+        authority, device_id, profile=profile, actor="op", key=device_key(key_kind, device_id)
     )
-    key, cert = authority.issue_device(
-        device_id, serial_number=f"SN-{device_id}", key=device_key(key_kind, device_id)
-    )
-    event = stack.first_connect(pem(cert), authority.pem)
     assert stack.register(event).accepted
     return Enrolled(
         device_id,

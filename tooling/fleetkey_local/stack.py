@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import boto3
+from cryptography import x509
 
 from fleetkey.adapters.aws import CLIENT_CONFIG
 from fleetkey.adapters.iot import IotRegistry
 from fleetkey.adapters.kms import KmsKeys
+from fleetkey.domain.allowlist import AllowlistEntry
 from fleetkey.events import CertificateRegisteredEvent
 from fleetkey.services.allowlist import AllowlistService
 from fleetkey.services.devices import DeviceService
@@ -24,7 +27,7 @@ from fleetkey.settings import Settings
 from fleetkey.store.dynamodb import Store
 from fleetkey_local import iot as iot_emulation
 from fleetkey_local import moto_patches
-from fleetkey_local.pki import CertificateAuthority, pem
+from fleetkey_local.pki import CertificateAuthority, PrivateKey, pem
 from fleetkey_local.provision import create_iot_profiles, create_table, create_token_key
 
 REGION = "eu-west-1"
@@ -103,6 +106,32 @@ class EmbeddedStack:
 
     def register(self, event: dict) -> RegistrationOutcome:
         return self.registration.register(CertificateRegisteredEvent.model_validate(event))
+
+    def manufacture(
+        self,
+        ca: CertificateAuthority,
+        device_id: str,
+        *,
+        serial_number: str | None = None,
+        profile: str = "telemetry-sensor",
+        actor: str = "operator",
+        **issue: Any,
+    ) -> tuple[PrivateKey, x509.Certificate, dict]:
+        """A device of `ca`'s factory: allow-listed, given its factory certificate (`issue` goes
+        to `CertificateAuthority.issue_device`), connected for the first time. Returns its key,
+        its certificate and the certificate-registered event AWS IoT emits (not yet handled)."""
+        serial = serial_number or f"SN-{device_id}"
+        self.allowlist.add(
+            AllowlistEntry(
+                device_id=device_id, serial_number=serial, manufacturer_ca=ca.name, profile=profile
+            ),
+            actor=actor,
+        )
+        key, cert = ca.issue_device(device_id, serial_number=serial, **issue)
+        event = self.first_connect(pem(cert), ca.pem)
+        if event is None:
+            raise RuntimeError(f"AWS IoT did not register {device_id}'s certificate")
+        return key, cert, event
 
     def certificate_status(self, certificate_id: str) -> str:
         return self.harness_iot.describe_certificate(certificateId=certificate_id)[
