@@ -3,6 +3,7 @@
 import pytest
 from botocore.exceptions import BotoCoreError, ClientError
 
+from fleetkey.domain.rejection import RejectionReason
 from fleetkey.errors import Conflict, InvalidCertificate, InvalidRequest
 from fleetkey_local.instrument import AwsCallCounter
 from fleetkey_local.iot import certificate_id
@@ -97,12 +98,14 @@ def test_hostile_proofs_of_possession_are_refused_before_aws_iot_hears_of_the_ca
     code = stack.harness_iot.get_registration_code()["registrationCode"]
     calls = AwsCallCounter().watch(*stack.service_clients())
     cases = [case for case in hostile.leaf_cases(acme, common_name=code) if case.reason is not None]
+    assert cases
     for case in cases:
         # Given a verification certificate, signed by the CA, wrong in one way (legal oddities,
         # such as a UniversalString CN, are left out: they may be a valid proof)
         # When the CA is registered with it / Then it is refused, with nothing registered
-        with pytest.raises(InvalidCertificate):
+        with pytest.raises(InvalidCertificate) as refused:
             stack.cas.register("acme", acme.pem, case.pem, actor="op")
+        assert refused.value.reason is not None, case.name
     # Only reads reached AWS: the CA was never registered with AWS IoT
     reads = {"dynamodb.GetItem", "iot.DescribeCACertificate", "iot.GetRegistrationCode"}
     assert set(calls.calls) <= reads, calls.calls
@@ -120,8 +123,9 @@ def test_a_ca_whose_devices_jitr_would_refuse_is_refused_at_registration(stack):
     # Given a CA with an RSA-1024 key (the device verifier refuses every certificate it issues)
     weak = CertificateAuthority.create("weak", key_kind="rsa:1024")
     # When / Then it cannot be registered, and AWS IoT never hears of it
-    with pytest.raises(InvalidCertificate):
+    with pytest.raises(InvalidCertificate) as refused:
         stack.register_ca(weak)
+    assert refused.value.reason == RejectionReason.WEAK_KEY
     assert stack.cas.list() == []
 
 
@@ -197,7 +201,7 @@ def test_a_ca_registered_outside_fleetkey_is_refused_and_left_as_it_was(stack):
     # Then fleetkey records nothing (no trust anchor, no claim on the CA id) and writes nothing
     # to AWS IoT: their CA keeps its status and auto-registration
     assert stack.cas.list() == []
-    assert stack.store.ca_name_for(ca_id) is None
+    assert stack.store.ca_claim_for(ca_id) is None
     assert iot_state(stack, ca_id) == ("ACTIVE", "ENABLE")
     assert [c for c in calls.calls if not c.startswith("dynamodb.")] == [
         "iot.DescribeCACertificate"
@@ -268,3 +272,19 @@ def test_a_ca_refused_because_its_name_was_taken_meanwhile_can_be_registered_lat
     # And X still cannot take the name Y holds
     with pytest.raises(Conflict):
         stack.register_ca(x_ca, name="n")
+
+
+def test_a_new_ca_costs_nine_calls_and_registering_it_again_three(stack):
+    # Given a CA fleetkey has never seen
+    acme = cached_ca("acme")
+    code = stack.harness_iot.get_registration_code()["registrationCode"]
+    proof = pem(acme.verification_certificate(code))
+    calls = AwsCallCounter().watch(*stack.service_clients())
+    # When it is registered, and then registered again under the same name
+    stack.cas.register("acme", acme.pem, proof, actor="op")
+    first = calls.reset()
+    stack.cas.register("acme", acme.pem, proof, actor="op")
+    again = calls.reset()
+    # Then the budgets README states hold
+    assert len(first) == 9, first
+    assert again == ["dynamodb.GetItem", "iot.UpdateCACertificate", "dynamodb.GetItem"], again

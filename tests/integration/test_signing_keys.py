@@ -32,6 +32,7 @@ from fleetkey_local.instrument import AwsCallCounter
 from tests.conftest import ROOT
 from tests.integration.test_tokens import TELEMETRY, enroll
 from tests.support.pki_cache import ca as cached_ca
+from tests.support.registry import write_registry_entry
 
 LEAD = 300
 CACHE = 60
@@ -383,26 +384,7 @@ def test_rotated_keys_let_only_the_token_role_sign(stack):
 
 def rotation_to(stack, key_id: str) -> None:
     """Write a registry entry for `key_id` as a rotation would (the table alone: no KMS check)."""
-    from fleetkey.crypto.jose import jwk_thumbprint, public_jwk
-
-    head, items = stack.store.get_signing_keys()
-    jwk = public_jwk(KmsKeys(client=stack.kms).public_key(key_id))
-    kid = jwk_thumbprint(jwk)
-    new = {
-        "key_id": key_id,
-        "kid": kid,
-        "jwk": {**jwk, "kid": kid, "use": "sig", "alg": "ES256"},
-        "active_from": 0,
-        "retire_after": None,
-    }
-    record = head.next_record(
-        subject="stream:signing-keys",
-        at="2026-01-01T00:00:00Z",
-        action="signing_key_rotated",
-        actor="intruder",
-        details={},
-    )
-    stack.store.put_signing_keys(head, [*items, new], record)
+    write_registry_entry(stack, key_id, KmsKeys(client=stack.kms).public_key(key_id))
 
 
 @pytest.mark.parametrize(
@@ -641,6 +623,31 @@ def test_an_empty_registry_serves_the_stacks_first_key_without_writing(stack):
     ]
 
 
+def test_an_empty_registry_reads_the_first_key_from_kms_once(stack):
+    # Given a warm reader of an empty registry that has served the first key
+    now = [1000.0]
+    trust = KeyTrust.for_stack(
+        stack.settings.stack_name,
+        stack.settings.token_signer_role_arn,
+        stack.token_key_id,
+        retirer_role_arns=stack.settings.token_key_retirer_role_arns,
+    )
+    reader = SigningKeys(
+        EmptyRegistry(stack.store),
+        KmsKeys(client=stack.kms),
+        trust=trust,
+        cache_seconds=60,
+        monotonic=lambda: now[0],
+    )
+    reader.current()
+    counter = AwsCallCounter().watch(*stack.service_clients())
+    # When its registry cache expires and it signs again
+    now[0] += 61
+    reader.current()
+    # Then KMS is not asked again (the first key never changes; the registry read is the fake's)
+    assert [c for c in counter.reset() if c.startswith("kms.")] == []
+
+
 def test_an_empty_registry_refuses_a_first_key_that_is_not_fleetkeys(stack):
     # Given settings naming a key created without fleetkey's policy
     other = KmsKeys(client=stack.kms).create_signing_key(
@@ -732,3 +739,38 @@ def test_settings_name_the_roles_that_retire_keys():
     assert named.token_key_retirer_role_arns == ("arn:aws:iam::1:role/a", "arn:aws:iam::1:role/m")
     local = Settings.from_environ(base)
     assert local.token_key_retirer_role_arns == LOCAL_TOKEN_KEY_RETIRER_ROLE_ARNS
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        {"jwk": "garbage"},
+        {"jwk": 5},
+        {"kid": None},
+        {"active_from": "soon"},
+        {"key_id": ["x"]},
+    ],
+    ids=["jwk-string", "jwk-number", "no-kid", "active-from-text", "key-id-list"],
+)
+def test_an_unreadable_registry_entry_is_ignored_and_the_others_still_serve(stack, spoil):
+    # Given a registry whose good entry sits behind an unreadable one written to the table
+    head, items = stack.store.get_signing_keys()
+    good = items[0]
+    bad = {k: v for k, v in {**good, **spoil}.items() if v is not None}
+    record = head.next_record(
+        subject="stream:signing-keys",
+        at="2026-01-01T00:00:00Z",
+        action="forged",
+        actor="intruder",
+        details={},
+    )
+    stack.store.put_signing_keys(head, [bad, good], record)
+    reader = SigningKeys(stack.store, KmsKeys(client=stack.kms), trust=stack.key_trust)
+
+    # When a reader serves the JWKS and signs
+    jwks = reader.jwks()
+    key, _ = reader.current()
+
+    # Then the good key still serves, and the unreadable entry is not trusted
+    assert [k["kid"] for k in jwks["keys"]] == [good["kid"]]
+    assert key.kid == good["kid"]

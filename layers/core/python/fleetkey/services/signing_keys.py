@@ -82,13 +82,21 @@ class SigningKey:
 
     @classmethod
     def from_item(cls, item: Mapping[str, Any]) -> SigningKey:
-        return cls(
-            item["key_id"],
-            item["kid"],
-            dict(item["jwk"]),
-            int(item["active_from"]),
-            None if item.get("retire_after") is None else int(item["retire_after"]),
-        )
+        """Raises:
+        ValueError: the registry item is not a signing-key entry (a field missing or of the
+            wrong type: the table is written from outside the code too).
+        """
+        key_id, kid, jwk = item.get("key_id"), item.get("kid"), item.get("jwk")
+        active_from, retire_after = item.get("active_from"), item.get("retire_after")
+        if not (
+            isinstance(key_id, str)
+            and isinstance(kid, str)
+            and isinstance(jwk, Mapping)
+            and type(active_from) is int
+            and (retire_after is None or type(retire_after) is int)
+        ):
+            raise ValueError("not a signing-key registry entry")
+        return cls(key_id, kid, dict(jwk), active_from, retire_after)
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         """Raises:
@@ -339,6 +347,17 @@ def _key_from_kms(kms: KmsKeys, key_id: str, active_from: int) -> SigningKey:
     return SigningKey(key_id, kid, {**jwk, "kid": kid, "use": "sig", "alg": "ES256"}, active_from)
 
 
+def _entry(item: Any) -> SigningKey | None:
+    """A registry item as a signing key, or None (logged) when it is not one: an unreadable entry
+    is never trusted, and it must not stop the others from being read. A later rotation or
+    retirement rewrites the registry without it (that change is audited)."""
+    try:
+        return SigningKey.from_item(item)
+    except (ValueError, TypeError, AttributeError):
+        logger.error("signing-key registry entry is unreadable; ignored")
+        return None
+
+
 class SigningKeys:
     """The registry, as the token, discovery, introspection, admin and maintenance functions see
     it.
@@ -368,6 +387,8 @@ class SigningKeys:
         self._publish_lead = publish_lead_seconds
         self._monotonic = monotonic
         self._cached: tuple[float, ChainHead, list[SigningKey]] | None = None
+        # The stack's first key as read from KMS, while the registry is empty
+        self._first_key: SigningKey | None = None
         self._signers: dict[str, KmsSigner] = {}
         # key id -> whether KMS confirmed the registry's entry for it: a confirmation holds for
         # the process; a refusal is checked again after `cache_seconds` (it may have been KMS
@@ -394,9 +415,11 @@ class SigningKeys:
         """
         head, items = self._store.get_signing_keys()
         if items or head != ChainHead() or not self._trust.first_key_id:
-            return head, [SigningKey.from_item(item) for item in items]
+            return head, [key for key in map(_entry, items) if key is not None]
+        if self._first_key is not None:  # a key id's public key never changes
+            return head, [self._first_key]
         try:
-            first = _key_from_kms(self._kms, self._trust.first_key_id, 0)
+            first = self._first_key = _key_from_kms(self._kms, self._trust.first_key_id, 0)
         except ValueError:  # not an EC P-256/P-384 key: _confirm refuses it below
             return head, [SigningKey(self._trust.first_key_id, "", {}, 0)]
         except ClientError as exc:

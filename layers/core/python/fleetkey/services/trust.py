@@ -92,7 +92,7 @@ class TrustAnchors:
             # Possibly registered since the snapshot. A point read decides, so the Query of
             # every CA runs only when there is something new to load (not once per event of
             # someone else's CA), and a None is as fresh as DynamoDB.
-            stale = self._store.ca_name_for(iot_ca_id) is not None
+            stale = self._store.ca_claim_for(iot_ca_id) is not None
         if stale:
             self._refresh()
         ca = self._by_id.get(iot_ca_id)

@@ -743,7 +743,9 @@ class Store:
         if not item:
             return ChainHead(), []
         head = ChainHead(int(item["audit_seq"]), item["audit_hash"])
-        return head, [_plain(k) for k in item.get("keys", [])]
+        keys = item.get("keys")
+        # Entries are checked one by one by the reader; a list is all this layer can promise.
+        return head, [_plain(k) for k in keys] if isinstance(keys, list) else []
 
     def put_signing_keys(
         self, head: ChainHead, keys: list[dict[str, Any]], record: AuditRecord
@@ -896,14 +898,6 @@ class Store:
         if item is None or not isinstance(name, str):
             return None
         return name, item.get("state") == self.CA_ID_REGISTERING
-
-    def ca_name_for(self, iot_ca_id: str) -> str | None:
-        """The name the CA with AWS IoT id `iot_ca_id` is registered or being registered under
-        (its CAID# item, a claim included), None when fleetkey has neither. One GetItem
-        (strongly consistent)."""
-        item = self._get(schema.ca_id_key(iot_ca_id))
-        name = item.get("name") if item else None
-        return name if isinstance(name, str) else None
 
     def set_ca_status(
         self, ca: ManufacturerCa, status: CaStatus, record: AuditRecord
