@@ -12,7 +12,7 @@ from fleetkey.domain.oauth import OAuthInvalidRequest
 from fleetkey.observability import logger, metrics, tracer
 from fleetkey.services.introspection import IntrospectionService
 from fleetkey.services.signing_keys import KeyTrust, SigningKeys
-from fleetkey.services.tokens import read_form
+from fleetkey.services.tokens import read_request_form
 from fleetkey.settings import Settings
 from fleetkey.store.dynamodb import Store
 
@@ -47,18 +47,15 @@ def introspect() -> Response[dict[str, Any]]:
     the caller and fleetkey could otherwise disagree on which token was judged."""
     event = app.current_event
     try:
-        if len((event.multi_value_headers or {}).get("content-type") or ()) > 1:
-            raise OAuthInvalidRequest("more than one content type")
-        form = read_form(
-            event.headers.get("content-type"),
-            event.decoded_body or "",
+        form = read_request_form(
+            (event.multi_value_headers or {}).get("content-type")
+            or [event.headers.get("content-type") or ""],
+            lambda: event.decoded_body or "",
             max_fields=8,
             max_bytes=MAX_FORM_BYTES,
         )
     except OAuthInvalidRequest as exc:
         return _invalid_request(exc.message)
-    except ValueError:  # UnicodeDecodeError, or binascii.Error for a body flagged base64
-        return _invalid_request("the body must be UTF-8 (base64 when flagged so)")
     if "token" not in form:
         return _invalid_request("token is required")
     return Response(

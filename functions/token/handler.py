@@ -17,7 +17,7 @@ from fleetkey.domain.oauth import InvalidClient, OAuthError, OAuthInvalidRequest
 from fleetkey.errors import FleetkeyError
 from fleetkey.observability import logger, metrics, tracer
 from fleetkey.services.signing_keys import KeyTrust, SigningKeys
-from fleetkey.services.tokens import TokenService, read_form
+from fleetkey.services.tokens import TokenService, read_request_form
 from fleetkey.settings import Settings
 from fleetkey.store.dynamodb import Store
 
@@ -55,14 +55,11 @@ def _form() -> dict[str, str]:
     event = app.current_event
     if event.headers.get("authorization") is not None:
         raise OAuthInvalidRequest("more than one client authentication method")
-    if len((event.multi_value_headers or {}).get("content-type") or ()) > 1:
-        raise OAuthInvalidRequest("more than one content type")
-    try:
-        body = event.decoded_body or ""
-    except ValueError:  # UnicodeDecodeError, or binascii.Error for a body flagged base64
-        raise OAuthInvalidRequest("the body must be UTF-8 (base64 when flagged so)") from None
-    return read_form(
-        event.headers.get("content-type"), body, max_fields=16, max_bytes=MAX_FORM_BYTES
+    content_types = (event.multi_value_headers or {}).get("content-type") or [
+        event.headers.get("content-type") or ""
+    ]
+    return read_request_form(
+        content_types, lambda: event.decoded_body or "", max_fields=16, max_bytes=MAX_FORM_BYTES
     )
 
 

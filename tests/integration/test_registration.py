@@ -9,7 +9,9 @@ from fleetkey.crypto.certificates import public_key_fingerprint
 from fleetkey.domain.allowlist import AllowlistEntry
 from fleetkey.domain.lifecycle import DeviceState
 from fleetkey.domain.rejection import RejectionReason
+from fleetkey.errors import NotFound
 from fleetkey_local.instrument import AwsCallCounter
+from fleetkey_local.iot import certificate_registered_event
 from fleetkey_local.pki import CertificateAuthority, pem
 from tests.support.pki_cache import ca as cached_ca
 
@@ -228,13 +230,7 @@ def test_disabled_ca_refuses_its_devices(stack, acme):
 
 def test_unknown_certificate_is_a_mismatched_event_that_decides_nothing(stack, acme):
     # Given an event for a certificate AWS IoT does not have
-    event = {
-        "certificateId": "f" * 64,
-        "caCertificateId": "e" * 64,
-        "timestamp": 1,
-        "certificateStatus": "PENDING_ACTIVATION",
-        "awsAccountId": "123456789012",
-    }
+    event = certificate_registered_event("f" * 64, "e" * 64, stack.account)
     # When it is processed
     outcome = stack.register(event)
     # Then it is audited as a mismatched event, and no decision pre-empts a later certificate
@@ -454,7 +450,7 @@ def test_a_thing_that_is_not_fleetkeys_is_never_taken_over(stack, acme, thing_ty
 def _mismatches(stack):
     try:
         records, _ = stack.devices.audit("stream:registration-events")
-    except Exception:  # noqa: BLE001 - no stream yet
+    except NotFound:  # no stream yet
         return []
     return [r.details["problem"] for r in records if r.action == "mismatched_event"]
 
@@ -467,13 +463,7 @@ def test_an_event_naming_another_teams_active_certificate_changes_nothing(stack,
     iot = stack.harness_iot
     registered = iot.register_certificate_without_ca(certificatePem=pem(theirs), status="ACTIVE")
     acme_id = stack.cas.get("acme").iot_ca_id
-    event = {
-        "certificateId": registered["certificateId"],
-        "caCertificateId": acme_id,
-        "timestamp": 1,
-        "certificateStatus": "PENDING_ACTIVATION",
-        "awsAccountId": "123456789012",
-    }
+    event = certificate_registered_event(registered["certificateId"], acme_id, stack.account)
     # When an event naming it (and fleetkey's CA) reaches the registration function
     outcome = stack.register(event)
     # Then nothing changes anywhere: still ACTIVE, no thing, no decision, the device untouched
@@ -522,13 +512,9 @@ def test_the_ca_is_the_one_aws_iot_reports_not_the_one_the_event_names(stack, ac
     registered = stack.harness_iot.register_certificate(
         certificatePem=pem(cert), caCertificatePem=other.pem, setAsActive=True
     )
-    event = {
-        "certificateId": registered["certificateId"],
-        "caCertificateId": stack.cas.get("acme").iot_ca_id,
-        "timestamp": 1,
-        "certificateStatus": "PENDING_ACTIVATION",
-        "awsAccountId": "123456789012",
-    }
+    event = certificate_registered_event(
+        registered["certificateId"], stack.cas.get("acme").iot_ca_id, stack.account
+    )
     # When it is processed
     outcome = stack.register(event)
     # Then it is left alone: not revoked (as an acme chain check would have it)
@@ -543,13 +529,9 @@ def test_a_pending_certificate_without_a_ca_is_left_alone(stack, acme):
     registered = stack.harness_iot.register_certificate_without_ca(
         certificatePem=pem(cert), status="PENDING_ACTIVATION"
     )
-    event = {
-        "certificateId": registered["certificateId"],
-        "caCertificateId": stack.cas.get("acme").iot_ca_id,
-        "timestamp": 1,
-        "certificateStatus": "PENDING_ACTIVATION",
-        "awsAccountId": "123456789012",
-    }
+    event = certificate_registered_event(
+        registered["certificateId"], stack.cas.get("acme").iot_ca_id, stack.account
+    )
     # When an event names it
     outcome = stack.register(event)
     # Then nothing happens to it
@@ -799,13 +781,7 @@ def test_the_registration_edge_survives_any_parse_error_by_itself(stack, acme, m
 def test_the_handler_acknowledges_a_mismatched_event(stack, acme, jitr):
     function, recorder = jitr
     # Given an event naming a certificate AWS IoT does not have
-    event = {
-        "certificateId": "a" * 64,
-        "caCertificateId": stack.cas.get("acme").iot_ca_id,
-        "timestamp": 1,
-        "certificateStatus": "PENDING_ACTIVATION",
-        "awsAccountId": "123456789012",
-    }
+    event = certificate_registered_event("a" * 64, stack.cas.get("acme").iot_ca_id, stack.account)
     # When the function runs
     result = _invoke(function, event)
     # Then it returns normally (not retried), counted as a mismatched delivery, not a decision
@@ -852,7 +828,6 @@ def _aws_iot_holds(stack, text: str, ca_id: str) -> str:
 def _registered_event(stack, text: str, acme_id: str) -> dict:
     """The certificate-registered event for `text`: auto-registered as AWS IoT would, or, where
     moto itself cannot load the certificate, placed in its registry directly."""
-    from fleetkey_local.iot import certificate_registered_event
 
     try:
         event = stack.first_connect(text, cached_ca("acme").pem)
@@ -911,14 +886,18 @@ def test_certificates_aws_iot_holds_but_cryptography_cannot_load_are_refused_onc
     acme_id = stack.cas.get("acme").iot_ca_id
     _, valid = acme.issue_device("mutant-1", serial_number="SN-mutant-1")
     texts = [pem_text(der) for der in mutants(valid.public_bytes(Encoding.DER), count=25, seed=7)]
-    texts += ["-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "not a PEM at all"]
-    for text in texts:
+    unreadable = [
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        "not a PEM at all",
+    ]
+    for text in texts + unreadable:
         # Given whatever bytes AWS IoT might hold for a pending certificate
         recorder.metrics.clear()
         recorder.dimensions.clear()
         event = _registered_event(stack, text, acme_id)
         # When / Then the function refuses it once and a redrive is clean, never crashing
-        _assert_refused_once(stack, function, recorder, event)
+        expected = RejectionReason.MALFORMED_CERTIFICATE if text in unreadable else None
+        _assert_refused_once(stack, function, recorder, event, expected)
 
 
 @pytest.mark.parametrize(

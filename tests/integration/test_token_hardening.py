@@ -13,13 +13,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import jwt
 import pytest
 
-from fleetkey.crypto.jose import jwk_thumbprint, public_jwk, sign_jwt
+from fleetkey.crypto.jose import sign_jwt
 from fleetkey.domain.allowlist import AllowlistEntry
 from fleetkey.domain.oauth import InvalidClient
 from fleetkey.verifier import InvalidToken, TokenVerifier
 from fleetkey_local.device import client_assertion, token_request
 from fleetkey_local.pki import generate_key, pem
 from tests.support.pki_cache import ca as cached_ca
+from tests.support.registry import write_registry_entry
 
 
 def b64(data: bytes) -> str:
@@ -79,25 +80,10 @@ def test_deeply_nested_json_is_refused_not_crashed(stack):
 def test_a_key_written_into_the_registry_without_kms_is_not_trusted(stack):
     # Given an attacker who can write the table adds their own key to the signing-key registry
     _key, _certificate_id = register(stack)
-    head, items = stack.store.get_signing_keys()
     rogue = generate_key("ec:secp256r1")
-    jwk = public_jwk(rogue.public_key())
-    kid = jwk_thumbprint(jwk)
-    forged_entry = {
-        "key_id": "00000000-0000-0000-0000-000000000000",
-        "kid": kid,
-        "jwk": {**jwk, "kid": kid, "use": "sig", "alg": "ES256"},
-        "active_from": 0,
-        "retire_after": None,
-    }
-    record = head.next_record(
-        subject="stream:signing-keys",
-        at="2026-11-21T00:00:00.000+00:00",
-        action="forged",
-        actor="attacker",
-        details={},
+    kid = write_registry_entry(
+        stack, "00000000-0000-0000-0000-000000000000", rogue.public_key(), actor="attacker"
     )
-    stack.store.put_signing_keys(head, [*items, forged_entry], record)
 
     # ... and signs a token with it
     class LocalSigner:

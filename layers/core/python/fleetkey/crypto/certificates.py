@@ -195,15 +195,15 @@ def _verifier(
 
 
 def verify_chain(leaf: x509.Certificate, anchor: x509.Certificate, now: datetime) -> None:
-    """Verify `leaf` chains to the trust anchor `anchor` at time `now`.
+    """Verify `leaf` chains to the trust anchor `anchor` at time `now`. Both come from
+    `load_certificate` (the leaf through `validate_device_certificate`, the anchor through the
+    trust-anchor cache), so their fields are known to decode.
 
     Raises:
         InvalidCertificate: not_yet_valid / expired (leaf validity window), wrong_issuer (another
-            CA's name), invalid_chain (signature, CA constraints, key usage, anchor validity, an
-            anchor that does not decode), malformed_certificate (the leaf does not decode).
+            CA's name), invalid_chain (signature, CA constraints, key usage, anchor validity),
+            malformed_certificate (what the verifier's own parsing refuses).
     """
-    decode_certificate(leaf)
-    _decode_anchor(anchor)
     if now < leaf.not_valid_before_utc:
         raise InvalidCertificate(RejectionReason.NOT_YET_VALID, "certificate is not yet valid")
     if now > leaf.not_valid_after_utc:
@@ -222,16 +222,6 @@ def verify_chain(leaf: x509.Certificate, anchor: x509.Certificate, now: datetime
                 "certificate does not chain to the manufacturer CA",
                 details={"error": str(exc)[:300]},
             ) from None
-
-
-def _decode_anchor(anchor: x509.Certificate) -> None:
-    # A stored trust anchor that no longer decodes is the CA's fault, not the device's.
-    try:
-        decode_certificate(anchor)
-    except InvalidCertificate as exc:
-        raise InvalidCertificate(
-            RejectionReason.INVALID_CHAIN, "the CA certificate does not decode", details=exc.details
-        ) from None
 
 
 def _single_attribute(name: x509.Name, oid: x509.ObjectIdentifier) -> str | None:
@@ -421,7 +411,6 @@ def verify_proof_of_possession(
             decode), expired (not currently valid), malformed_certificate, weak_signature or
             weak_key (the baseline policy).
     """
-    _decode_anchor(ca)
     cert = load_certificate(verification_pem)
     check_certificate(cert)
     if _single_attribute(cert.subject, NameOID.COMMON_NAME) != registration_code:

@@ -73,7 +73,6 @@ ACTOR = "aws-iot:jitr"
 logger = logging.getLogger(__name__)
 # Events that led to no decision (malformed, mismatched) are audited in this stream.
 REGISTRATION_EVENTS_STREAM = "registration-events"
-MALFORMED_EVENTS_STREAM = REGISTRATION_EVENTS_STREAM
 MAX_DECISION_ROUNDS = 4
 PENDING_ACTIVATION = "PENDING_ACTIVATION"
 # What reading a hostile certificate's fields can raise (cryptography parses names, extensions
@@ -91,8 +90,6 @@ CERTIFICATE_PARSE_ERRORS: tuple[type[Exception], ...] = (
     verification.VerificationError,
 )
 _device_id = TypeAdapter(DeviceId)
-# How much of an unverified subject CN is kept in records (it is never trusted).
-MAX_CLAIMED_ID = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -542,11 +539,8 @@ def _read_leaf(iot_cert: IotCertificate) -> tuple[x509.Certificate | None, dict[
 
 
 def _claimed(leaf: x509.Certificate | None) -> str | None:
-    """The subject CN, unverified: recorded for operators, never trusted."""
-    if leaf is None:
-        return None
-    claimed = claimed_common_name(leaf)
-    return claimed[:MAX_CLAIMED_ID] if claimed else None
+    """The subject CN, unverified and truncated: recorded for operators, never trusted."""
+    return claimed_common_name(leaf) if leaf is not None else None
 
 
 def _is_device_id(value: str) -> bool:

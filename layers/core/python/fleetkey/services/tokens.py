@@ -40,7 +40,7 @@ import re
 import secrets
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -84,7 +84,6 @@ CHALLENGE_SECONDS = 120
 ACCESS_TOKEN_TYPE = "at+jwt"
 # The `typ` values a client assertion may carry (as media types, RFC 7515 §4.1.9), besides none.
 ASSERTION_TYPES = frozenset({"application/client-authentication+jwt", "application/jwt"})
-_CURVE_OF = {"ES256": "secp256r1", "ES384": "secp384r1"}
 _CERTIFICATE_ID = re.compile(r"[0-9a-f]{64}")
 _DEVICE_ID = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -337,6 +336,26 @@ class TokenService:
         return firmware
 
 
+def read_request_form(
+    content_types: Sequence[str], body: Callable[[], str], *, max_fields: int, max_bytes: int
+) -> dict[str, str]:
+    """A request's form (`read_form`), from the request's Content-Type header values and a
+    callable giving its decoded body (API Gateway's base64 flag, UTF-8).
+
+    Raises:
+        OAuthInvalidRequest: more than one content type, a body that does not decode, or what
+            `read_form` refuses.
+    """
+    if len(content_types) > 1:
+        raise OAuthInvalidRequest("more than one content type")
+    try:
+        text = body()
+    except ValueError:  # UnicodeDecodeError, or binascii.Error for a body flagged base64
+        raise OAuthInvalidRequest("the body must be UTF-8 (base64 when flagged so)") from None
+    content_type = content_types[0] if content_types else None
+    return read_form(content_type, text, max_fields=max_fields, max_bytes=max_bytes)
+
+
 def read_form(
     content_type: str | None, body: str, *, max_fields: int, max_bytes: int
 ) -> dict[str, str]:
@@ -383,7 +402,8 @@ def read_form(
 
 def _key_fits(alg: str, key: PublicKey) -> bool:
     """Whether `key` is of the kind `alg` verifies with (a stored key whose kind contradicts its
-    description is not handed to pyjwt, which would fail on it in its own way)."""
-    if alg in _CURVE_OF:
-        return isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == _CURVE_OF[alg]
-    return isinstance(key, rsa.RSAPublicKey)
+    description is not handed to pyjwt, which would fail on it in its own way). The kinds are
+    written as `algorithms_for` reads them, without importing the X.509 module on this path."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return alg in algorithms_for(f"ec:{key.curve.name}")
+    return alg in algorithms_for("rsa")
