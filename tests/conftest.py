@@ -29,6 +29,20 @@ os.environ.pop("AWS_ENDPOINT_URL", None)
 os.environ.pop("AWS_PROFILE", None)
 
 
+@pytest.fixture(autouse=True)
+def only_the_device_repository_writes_state():
+    """Fails a test during which anything but the device repository wrote a device's state
+    (tests/support/state_writes.py)."""
+    from tests.support import state_writes
+
+    state_writes.install()
+    before = len(state_writes.VIOLATIONS)
+    yield
+    violations = state_writes.VIOLATIONS[before:]
+    del state_writes.VIOLATIONS[before:]
+    assert not violations, violations
+
+
 def load_event(name: str) -> dict:
     """A canonical sample event from events/."""
     return json.loads((ROOT / "events" / f"{name}.json").read_text())

@@ -1,72 +1,45 @@
-"""Operator API under /v1/admin/ (IAM-authenticated by API Gateway): allow-list, manufacturer
-CAs, devices and audit trails. Routing, parsing and error mapping only; the rules live in the core.
+"""Operator API under /v1/admin/ (IAM-authenticated by API Gateway): allow-list, devices and their
+lifecycle, data keys, manufacturer CAs, audit trails, signing keys, token revocation.
+
+The routes are the routers of fleetkey.api.admin; Powertools validates each request and response
+against their models. This module assembles them and maps errors to responses; the rules live in
+the core. docs/openapi/admin.json is generated from this resolver: `python -m fleetkey_cli.openapi`.
 """
 
-import json
-from functools import lru_cache
 from typing import Any
-from urllib.parse import unquote
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
+from aws_lambda_powertools.event_handler.openapi.exceptions import (
+    RequestUnsupportedContentType,
+    RequestValidationError,
+    ResponseValidationError,
+)
 from aws_lambda_powertools.logging import correlation_paths
-from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import ValidationError
 
 from fleetkey.adapters.aws import error_code, is_transient
-from fleetkey.adapters.iot import IotRegistry
-from fleetkey.adapters.kms import KmsKeys
-from fleetkey.domain.allowlist import parse_entry
+from fleetkey.api import read_json
+from fleetkey.api.admin import ROUTERS
+from fleetkey.composition import components as services  # the tests reset it between stacks
 from fleetkey.errors import FleetkeyError, InvalidRequest, TransientAwsError
 from fleetkey.observability import logger, metrics, tracer
-from fleetkey.services.allowlist import AllowlistService
-from fleetkey.services.devices import DeviceService
-from fleetkey.services.introspection import IntrospectionService
-from fleetkey.services.signing_keys import KeyTrust, SigningKeys
-from fleetkey.services.trust import ManufacturerCaService
-from fleetkey.settings import Settings
-from fleetkey.store.dynamodb import Store
 
-app = APIGatewayRestResolver(strip_prefixes=["/v1/admin"])
+__all__ = ["app", "handler", "services"]
+
+app = APIGatewayRestResolver(
+    strip_prefixes=["/v1/admin"],
+    enable_validation=True,
+    # A response that fails its model is fleetkey's fault (a 500), never the caller's.
+    response_validation_error_http_code=500,
+    json_body_deserializer=read_json,
+)
+for _router in ROUTERS:
+    app.include_router(_router)
+
 # AWS errors that mean the caller's input was refused, not that fleetkey failed.
 CALLER_ERROR_CODES = frozenset({"CertificateValidationException", "InvalidRequestException"})
-
-
-class Services:
-    def __init__(self, settings: Settings) -> None:
-        store = Store(settings.table_name, region=settings.region)
-        self.allowlist = AllowlistService(settings, store)
-        self.devices = DeviceService(store)
-        self.cas = ManufacturerCaService(store, IotRegistry(region=settings.region))
-        self.signing_keys = SigningKeys(
-            store, KmsKeys(region=settings.region), trust=KeyTrust.from_settings(settings)
-        )
-        self.introspection = IntrospectionService(settings, store, self.signing_keys)
-
-
-@lru_cache(maxsize=1)
-def services() -> Services:
-    return Services(Settings.from_environ())
-
-
-def _actor() -> str:
-    """The IAM principal API Gateway authenticated (SigV4); recorded in audit records."""
-    identity = app.current_event.request_context.identity
-    return identity.user_arn or identity.caller or "unknown"
-
-
-def _json_body() -> dict[str, Any]:
-    try:
-        body = json.loads(app.current_event.decoded_body or "")
-    except (ValueError, RecursionError):  # not JSON, not UTF-8, absurd numbers or nesting
-        raise InvalidRequest("request body must be JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    return body
-
-
-def _created(payload: dict[str, Any]) -> Response[dict[str, Any]]:
-    return Response(status_code=201, content_type=content_types.APPLICATION_JSON, body=payload)
 
 
 @app.exception_handler(ClientError)
@@ -93,179 +66,66 @@ def _fleetkey_error(exc: FleetkeyError) -> Response[Any]:
     return _error_response(exc)
 
 
-def _error_response(exc: FleetkeyError) -> Response[Any]:
-    """The JSON error body and status of a typed error; a 5xx is logged with its stack."""
+@app.exception_handler(RequestValidationError)
+def _invalid_request(exc: RequestValidationError) -> Response[Any]:
+    """A request its route's models refuse: 400 invalid_request like every other refusal (not
+    Powertools' 422), naming each field and what is wrong with it, never echoing what was sent."""
+    return _error_response(InvalidRequest(validation_message(exc.errors())))
+
+
+@app.exception_handler(RequestUnsupportedContentType)
+def _unsupported_content_type(exc: RequestUnsupportedContentType) -> Response[Any]:
+    return _error_response(InvalidRequest("request body must be JSON (application/json)"))
+
+
+@app.exception_handler(UnicodeDecodeError)
+def _not_utf8(exc: UnicodeDecodeError) -> Response[Any]:
+    """A body that is not UTF-8, found when request validation decodes it (the routes decode
+    nothing else themselves; the services turn undecodable input into typed errors)."""
+    return _error_response(InvalidRequest("request body must be JSON (UTF-8)"))
+
+
+@app.exception_handler(ResponseValidationError)
+@app.exception_handler(ValidationError)
+def _invalid_response(exc: ResponseValidationError | ValidationError) -> Response[Any]:
+    """A response that does not match its view (checked where a route builds the view, and again
+    by Powertools against the route's return annotation): fleetkey's fault, a 500, logged with
+    the fields that failed. Requests never get here: the routes' models refuse them first, and
+    the domain turns its own validation errors into InvalidRequest."""
+    failed = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})
+    return _error_response(FleetkeyError("the response failed validation"), fields=failed)
+
+
+def validation_message(errors: Any) -> str:
+    """`field: what is wrong` for each refused part, joined by "; " (body fields by their path in
+    the body, parameters as e.g. `query format`); a body that is not JSON or not an object is
+    said to be so in one phrase."""
+    parts: list[str] = []
+    for error in errors:
+        where, *path = error.get("loc") or ("body",)
+        kind = error.get("type", "")
+        if kind == "json_invalid":  # located at the offset where parsing failed
+            return "request body must be JSON"
+        if where == "body" and not path:
+            if kind == "missing":
+                return "request body must be a JSON object; it is empty"
+            if kind in ("model_type", "model_attributes_type", "dict_type"):
+                return "request body must be a JSON object"
+        field = ".".join(str(p) for p in path)
+        field = (field or "body") if where == "body" else f"{where} {field}".strip()
+        parts.append(f"{field}: {error.get('msg', kind)}")
+    return "; ".join(parts) or "invalid request"
+
+
+def _error_response(exc: FleetkeyError, **log: Any) -> Response[Any]:
+    """The JSON error body and status of a typed error; a 5xx is logged with its stack (and
+    `log`, for the log only)."""
     if exc.status >= 500:
-        logger.exception("request failed", extra={"code": exc.code})
+        logger.exception("request failed", extra={"code": exc.code, **log})
     body: dict[str, Any] = {"error": exc.code, "message": exc.message}
     if exc.details:
         body["details"] = exc.details
     return Response(status_code=exc.status, content_type=content_types.APPLICATION_JSON, body=body)
-
-
-# ---- allow-list -------------------------------------------------------------------------------
-
-
-@app.post("/allowlist")
-def add_allowlist_entry() -> Response[dict[str, Any]]:
-    device = services().allowlist.add(parse_entry(_json_body()), actor=_actor())
-    return _created(device.to_public())
-
-
-@app.post("/allowlist/import")
-def import_manifest() -> dict[str, Any]:
-    params = app.current_event.query_string_parameters or {}
-    content_type = (app.current_event.headers.get("content-type") or "").lower()
-    fmt = params.get("format") or ("csv" if "csv" in content_type else "json")
-    try:
-        text = app.current_event.decoded_body or ""
-    except UnicodeDecodeError:
-        raise InvalidRequest("manifest must be UTF-8 text") from None
-    report = services().allowlist.import_manifest(text, fmt, actor=_actor())
-    metrics.add_metric(name="AllowlistRowsImported", unit=MetricUnit.Count, value=report.imported)
-    metrics.add_metric(
-        name="AllowlistRowsRejected", unit=MetricUnit.Count, value=len(report.rejected)
-    )
-    return report.to_public()
-
-
-# ---- devices and audit ------------------------------------------------------------------------
-
-
-@app.get("/devices/<device_id>")
-def get_device(device_id: str) -> dict[str, Any]:
-    device_id = unquote(device_id)
-    return services().devices.get(device_id).to_public()
-
-
-def _audit(subject: str) -> dict[str, Any]:
-    records, verification = services().devices.audit(subject)
-    return {
-        "subject": subject,
-        "verified": True,
-        "records": [
-            {
-                "seq": r.seq,
-                "at": r.at,
-                "action": r.action,
-                "actor": r.actor,
-                "details": r.details,
-                "prev_hash": r.prev_hash,
-                "hash": r.hash,
-            }
-            for r in records
-        ],
-        "head": {"seq": verification.head.seq, "hash": verification.head.hash},
-    }
-
-
-@app.get("/devices/<device_id>/audit")
-def device_audit(device_id: str) -> dict[str, Any]:
-    device_id = unquote(device_id)
-    return _audit(f"device:{device_id}")
-
-
-@app.get("/certificates/<certificate_id>/audit")
-def certificate_audit(certificate_id: str) -> dict[str, Any]:
-    certificate_id = unquote(certificate_id)
-    return _audit(f"certificate:{certificate_id}")
-
-
-@app.get("/cas/<name>/audit")
-def ca_audit(name: str) -> dict[str, Any]:
-    name = unquote(name)
-    return _audit(f"ca:{name}")
-
-
-@app.get("/audit-streams/<name>")
-def stream_audit(name: str) -> dict[str, Any]:
-    name = unquote(name)
-    return _audit(f"stream:{name}")
-
-
-# ---- manufacturer CAs -------------------------------------------------------------------------
-
-
-@app.get("/cas")
-def list_cas() -> dict[str, Any]:
-    return {"cas": [ca.to_public() for ca in services().cas.list()]}
-
-
-@app.get("/cas/registration-code")
-def registration_code() -> dict[str, Any]:
-    return {"registration_code": services().cas.registration_code()}
-
-
-@app.post("/cas")
-def register_ca() -> Response[dict[str, Any]]:
-    body = _json_body()
-    fields = ("name", "certificate_pem", "verification_certificate_pem")
-    if not all(isinstance(body.get(f), str) for f in fields):
-        raise InvalidRequest(f"body must have string fields {', '.join(fields)}")
-    ca = services().cas.register(
-        body["name"], body["certificate_pem"], body["verification_certificate_pem"], actor=_actor()
-    )
-    return _created(ca.to_public())
-
-
-@app.get("/cas/<name>")
-def get_ca(name: str) -> dict[str, Any]:
-    name = unquote(name)
-    return services().cas.get(name).to_public()
-
-
-@app.post("/cas/<name>/disable")
-def disable_ca(name: str) -> dict[str, Any]:
-    name = unquote(name)
-    return services().cas.set_enabled(name, False, actor=_actor()).to_public()
-
-
-@app.post("/cas/<name>/enable")
-def enable_ca(name: str) -> dict[str, Any]:
-    name = unquote(name)
-    return services().cas.set_enabled(name, True, actor=_actor()).to_public()
-
-
-# ---- token signing keys and revocation -------------------------------------------------------
-
-
-def _signing_keys_view() -> dict[str, Any]:
-    return {
-        "keys": [
-            {
-                "kid": k.kid,
-                "key_id": k.key_id,
-                "active_from": k.active_from,
-                "retire_after": k.retire_after,
-            }
-            for k in services().signing_keys.keys()  # noqa: SIM118 (SigningKeys.keys, not a dict)
-        ]
-    }
-
-
-@app.get("/signing-keys")
-def list_signing_keys() -> dict[str, Any]:
-    return _signing_keys_view()
-
-
-@app.post("/signing-keys/rotate")
-def rotate_signing_key() -> Response[dict[str, Any]]:
-    key = services().signing_keys.rotate(actor=_actor())
-    return _created({"kid": key.kid, "key_id": key.key_id, "active_from": key.active_from})
-
-
-@app.post("/signing-keys/retire")
-def retire_signing_keys() -> dict[str, Any]:
-    return {"retired": services().signing_keys.retire_expired(actor=_actor())}
-
-
-@app.post("/tokens/revoke")
-def revoke_token() -> dict[str, Any]:
-    jti = _json_body().get("jti")
-    if not isinstance(jti, str) or not 0 < len(jti) <= 128 or not jti.isprintable():
-        raise InvalidRequest('body must be {"jti": <the token\'s jti>}')
-    until = services().introspection.revoke(jti, actor=_actor())
-    return {"revoked": jti, "until": until}
 
 
 @logger.inject_lambda_context(

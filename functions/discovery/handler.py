@@ -10,13 +10,12 @@ from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from fleetkey.adapters.kms import KmsKeys
+from fleetkey.composition import from_environ
 from fleetkey.domain.profiles import PROFILES
 from fleetkey.observability import logger, metrics, tracer
-from fleetkey.services.signing_keys import KeyTrust, SigningKeys
+from fleetkey.services.signing_keys import SigningKeys
 from fleetkey.services.tokens import ASSERTION_ALGORITHMS
 from fleetkey.settings import Settings
-from fleetkey.store.dynamodb import Store
 
 app = APIGatewayRestResolver()
 # With the function's own 60 s registry cache, still well under the signing-key publish lead
@@ -26,10 +25,8 @@ JWKS_MAX_AGE = 180
 
 @lru_cache(maxsize=1)
 def context() -> tuple[Settings, SigningKeys]:
-    settings = Settings.from_environ()
-    store = Store(settings.table_name, region=settings.region)
-    trust = KeyTrust.from_settings(settings)
-    return settings, SigningKeys(store, KmsKeys(region=settings.region), trust=trust)
+    built = from_environ()
+    return built.settings, built.signing_keys
 
 
 @app.get("/.well-known/jwks.json")

@@ -7,14 +7,11 @@ from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from fleetkey.adapters.kms import KmsKeys
+from fleetkey.composition import from_environ
 from fleetkey.domain.oauth import OAuthInvalidRequest
 from fleetkey.observability import logger, metrics, tracer
 from fleetkey.services.introspection import IntrospectionService
-from fleetkey.services.signing_keys import KeyTrust, SigningKeys
 from fleetkey.services.tokens import read_request_form
-from fleetkey.settings import Settings
-from fleetkey.store.dynamodb import Store
 
 app = APIGatewayRestResolver()
 # An access token is at most 8 KiB (MAX_TOKEN_BYTES), percent-encoded at most ~3x larger.
@@ -23,12 +20,7 @@ MAX_FORM_BYTES = 32 * 1024
 
 @lru_cache(maxsize=1)
 def service() -> IntrospectionService:
-    settings = Settings.from_environ()
-    store = Store(settings.table_name, region=settings.region)
-    keys = SigningKeys(
-        store, KmsKeys(region=settings.region), trust=KeyTrust.from_settings(settings)
-    )
-    return IntrospectionService(settings, store, keys)
+    return from_environ().introspection
 
 
 def _invalid_request(description: str) -> Response[dict[str, Any]]:

@@ -14,12 +14,10 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from fleetkey.adapters.kms import KmsKeys
+from fleetkey.composition import from_environ
 from fleetkey.errors import Conflict
 from fleetkey.observability import logger, metrics, tracer
-from fleetkey.services.signing_keys import KeyTrust, SigningKeys
-from fleetkey.settings import Settings
-from fleetkey.store.dynamodb import Store
+from fleetkey.services.signing_keys import SigningKeys
 
 ACTOR = "schedule:signing-key-maintenance"
 SCHEDULED_EVENT = {"source": "aws.events", "detail-type": "Scheduled Event"}
@@ -27,11 +25,7 @@ SCHEDULED_EVENT = {"source": "aws.events", "detail-type": "Scheduled Event"}
 
 @lru_cache(maxsize=1)
 def signing_keys() -> SigningKeys:
-    settings = Settings.from_environ()
-    store = Store(settings.table_name, region=settings.region)
-    return SigningKeys(
-        store, KmsKeys(region=settings.region), trust=KeyTrust.from_settings(settings)
-    )
+    return from_environ().signing_keys
 
 
 def _is_scheduled_event(event: object) -> bool:

@@ -24,27 +24,17 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import ValidationError
 
-from fleetkey.adapters.iot import IotRegistry
+from fleetkey.composition import from_environ
 from fleetkey.domain.rejection import RejectionReason
 from fleetkey.events import CertificateRegisteredEvent
 from fleetkey.observability import logger, metrics, tracer
 from fleetkey.services.registration import RegistrationOutcome, RegistrationService
-from fleetkey.services.trust import TrustAnchors
-from fleetkey.settings import Settings
-from fleetkey.store.dynamodb import Store
 
 
 @lru_cache(maxsize=1)
 def service() -> RegistrationService:
-    settings = Settings.from_environ()
-    store = Store(settings.table_name, region=settings.region)
-    return RegistrationService(
-        settings,
-        store,
-        IotRegistry(region=settings.region),
-        TrustAnchors(store, settings.trust_anchor_cache_seconds),
-        on_decision=count_decision,
-    )
+    # Its own components: the decision observer counts decisions for this function's metrics.
+    return from_environ(on_decision=count_decision).registration
 
 
 def count_decision(outcome: RegistrationOutcome) -> None:

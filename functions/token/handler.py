@@ -12,14 +12,11 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import BotoCoreError, ClientError
 
 from fleetkey.adapters.aws import is_transient
-from fleetkey.adapters.kms import KmsKeys
+from fleetkey.composition import from_environ
 from fleetkey.domain.oauth import InvalidClient, OAuthError, OAuthInvalidRequest
 from fleetkey.errors import FleetkeyError
 from fleetkey.observability import logger, metrics, tracer
-from fleetkey.services.signing_keys import KeyTrust, SigningKeys
 from fleetkey.services.tokens import TokenService, read_request_form
-from fleetkey.settings import Settings
-from fleetkey.store.dynamodb import Store
 
 app = APIGatewayRestResolver()
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -28,14 +25,7 @@ MAX_FORM_BYTES = 16 * 1024
 
 @lru_cache(maxsize=1)
 def service() -> TokenService:
-    settings = Settings.from_environ()
-    store = Store(settings.table_name, region=settings.region)
-    # Reads only: while the registry is empty, the stack's first key (from settings) is the
-    # current key; the token role may write nothing but its own JTI#/NONCE# items.
-    keys = SigningKeys(
-        store, KmsKeys(region=settings.region), trust=KeyTrust.from_settings(settings)
-    )
-    return TokenService(settings, store, keys)
+    return from_environ().tokens
 
 
 def _json(status: int, body: dict[str, Any]) -> Response[dict[str, Any]]:

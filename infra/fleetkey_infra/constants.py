@@ -49,8 +49,8 @@ TOKEN_KEY_USAGE = KEY_USAGE
 # Material KMS generates, single-Region (CreateKey is conditioned on both; so is every key/*
 # grant, and the functions trust no key of another origin).
 TOKEN_KEY_ORIGIN = KEY_ORIGIN
-# What no fleetkey function role may do to the table's key, whatever IAM grants (a Deny in the
-# key's own policy): manage, re-tag, re-permission, disable or delete it.
+# What no fleetkey function role may do to the table's key nor to the data-key key, whatever IAM
+# grants (a Deny in each key's own policy): manage, re-tag, re-permission, disable or delete it.
 TABLE_KEY_DENIED_ACTIONS = (
     "kms:CancelKeyDeletion",
     "kms:CreateGrant",
@@ -75,6 +75,9 @@ TOKEN_CODE_DIR = FUNCTIONS_DIR / "token"
 DISCOVERY_CODE_DIR = FUNCTIONS_DIR / "discovery"
 INTROSPECT_CODE_DIR = FUNCTIONS_DIR / "introspect"
 MAINTENANCE_CODE_DIR = FUNCTIONS_DIR / "maintenance"
+CONVERGE_CODE_DIR = FUNCTIONS_DIR / "converge"
+DEVICE_EVENTS_CODE_DIR = FUNCTIONS_DIR / "device_events"
+DATA_KEYS_CODE_DIR = FUNCTIONS_DIR / "data_keys"
 REGISTRATION_MEMORY_MB = 512
 ADMIN_MEMORY_MB = 512
 # The API functions verify signatures with `cryptography` on their first call: Lambda gives CPU
@@ -84,6 +87,12 @@ DISCOVERY_MEMORY_MB = 512
 INTROSPECT_MEMORY_MB = 512
 # An hourly job of a few AWS calls, where a slower cold start costs nothing.
 MAINTENANCE_MEMORY_MB = 256
+# Lifecycle work in the background: AWS IoT calls, no cryptography.
+CONVERGE_MEMORY_MB = 256
+DEVICE_EVENTS_MEMORY_MB = 256
+# Device-facing: verifies the client assertion and seals the data key (HPKE / RSA-OAEP) with
+# `cryptography`, like the token function.
+DATA_KEYS_MEMORY_MB = 512
 REGISTRATION_TIMEOUT = Duration.seconds(30)
 # API Gateway's integration timeout is 29 s; a longer function would be cut off mid-write.
 ADMIN_TIMEOUT = Duration.seconds(29)
@@ -95,6 +104,15 @@ INTROSPECT_TIMEOUT = Duration.seconds(10)
 # One registry read, a ScheduleKeyDeletion per due key and one transaction, each retried by the
 # SDK: far less than a minute, with room for a few keys at once.
 MAINTENANCE_TIMEOUT = Duration.seconds(60)
+# One batch of lifecycle messages: per device a teardown of a few dozen AWS IoT calls at most,
+# with short bounded retries; what cannot finish yet is reported failed and retried by SQS after
+# the queue's visibility timeout, so nothing waits minutes inside one invocation.
+CONVERGE_TIMEOUT = Duration.seconds(60)
+# A suspension: a few DynamoDB writes and AWS IoT calls per certificate.
+DEVICE_EVENTS_TIMEOUT = Duration.seconds(30)
+DEVICE_EVENTS_ASYNC_RETRY_ATTEMPTS = 2
+# Device-facing, behind API Gateway: fail fast, the device retries.
+DATA_KEYS_TIMEOUT = Duration.seconds(10)
 REGISTRATION_ASYNC_RETRY_ATTEMPTS = 2
 LOG_RETENTION = logs.RetentionDays.ONE_MONTH
 # Failed events wait here for an operator (SQS's maximum retention).
@@ -108,18 +126,65 @@ ENV_TOKEN_KEY_ID = "FLEETKEY_TOKEN_KEY_ID"
 ENV_TOKEN_SIGNER_ROLE_ARN = "FLEETKEY_TOKEN_SIGNER_ROLE_ARN"
 ENV_TOKEN_KEY_RETIRER_ROLE_ARNS = "FLEETKEY_TOKEN_KEY_RETIRER_ROLE_ARNS"
 ENV_STACK_NAME = "FLEETKEY_STACK_NAME"
+ENV_LIFECYCLE_QUEUE_URL = "FLEETKEY_LIFECYCLE_QUEUE_URL"
+ENV_DATA_KEY_ID = "FLEETKEY_DATA_KEY_ID"
 REGISTRATION_SERVICE_NAME = "fleetkey-registration"
 ADMIN_SERVICE_NAME = "fleetkey-admin"
 TOKEN_SERVICE_NAME = "fleetkey-token"
 DISCOVERY_SERVICE_NAME = "fleetkey-discovery"
 INTROSPECT_SERVICE_NAME = "fleetkey-introspect"
 MAINTENANCE_SERVICE_NAME = "fleetkey-maintenance"
+CONVERGE_SERVICE_NAME = "fleetkey-converge"
+DEVICE_EVENTS_SERVICE_NAME = "fleetkey-device_events"
+DATA_KEYS_SERVICE_NAME = "fleetkey-data_keys"
 METRICS_NAMESPACE = "fleetkey"
 LOG_LEVEL = "INFO"
 
 # IoT rule: just-in-time registration
 REGISTRATION_RULE_SQL = events.REGISTRATION_RULE_SQL
 IOT_SQL_VERSION = events.IOT_SQL_VERSION
+# IoT rule: a device reports tampering -> suspend it (reason "tamper")
+TAMPER_RULE_SQL = events.TAMPER_RULE_SQL
+
+# The lifecycle queue: decommission answers 202 and leaves the teardown in AWS IoT to the
+# converge function, through this queue. SQS redelivers a message the function reports failed
+# (teardown not finished: AWS IoT's detaches settle asynchronously) after the visibility timeout;
+# after LIFECYCLE_MAX_RECEIVE_COUNT deliveries it moves to the dead-letter queue.
+# AWS's guidance for an SQS event source: a visibility timeout of at least six times the
+# function's timeout, so a batch still being retried by Lambda is not delivered twice.
+LIFECYCLE_VISIBILITY_TIMEOUT = Duration.seconds(6 * CONVERGE_TIMEOUT.to_seconds())
+# 8 deliveries, 6 minutes apart: about 45 minutes for AWS IoT to settle before an operator looks.
+LIFECYCLE_MAX_RECEIVE_COUNT = 8
+# A message waits at most this long for its first delivery (the dead-letter queue keeps longer,
+# FAILED_EVENT_RETENTION: a standard queue's message keeps its first enqueue time when moved).
+LIFECYCLE_RETENTION = Duration.days(4)
+# Small batches: one failed device does not hold back many others, and a batch fits the timeout.
+CONVERGE_BATCH_SIZE = 10
+# At most this many converge invocations at once: teardown is AWS IoT control-plane calls, whose
+# per-account rate limits (a few to a few tens of requests per second per API) registration and
+# the admin API share.
+CONVERGE_MAX_CONCURRENCY = 5
+
+# The data-key KMS key: a symmetric key that wraps each device's data key (GenerateDataKey,
+# AES_256). The functions and the backend's policy reach it by its id; operators by its alias.
+DATA_KEY_DESCRIPTION = "fleetkey: wraps the devices' data keys (GenerateDataKey, AES_256)"
+# Every data key is wrapped with exactly this encryption context (fleetkey.services.data_keys):
+# the backend's decrypt policy requires these keys and no other.
+DATA_KEY_CONTEXT_DEVICE_ID = "fleetkey:device_id"
+DATA_KEY_CONTEXT_OWNER = "fleetkey:owner"
+DATA_KEY_CONTEXT_EPOCH = "fleetkey:epoch"
+DATA_KEY_CONTEXT_KEYS = (
+    DATA_KEY_CONTEXT_DEVICE_ID,
+    DATA_KEY_CONTEXT_OWNER,
+    DATA_KEY_CONTEXT_EPOCH,
+)
+
+# Point-in-time recovery of the table: how many days back it can be restored (DynamoDB accepts
+# 1 to 35). A data key destroyed at decommission (its KMS-wrapped blob deleted from the table)
+# stays in the table's backups that long. cdk.json context `pitrRecoveryDays`.
+PITR_RECOVERY_DAYS_CONTEXT_KEY = "pitrRecoveryDays"
+DEFAULT_PITR_RECOVERY_DAYS = 7
+PITR_RECOVERY_DAYS_RANGE = (1, 35)
 
 # Scheduled maintenance: retire the token signing keys whose tokens have all expired. Hourly, so
 # that a retired key leaves the JWKS (and KMS) within the hour after its `retire_after`.
@@ -139,6 +204,7 @@ CHALLENGE_PATH = "/v1/challenge"
 JWKS_PATH = "/.well-known/jwks.json"
 METADATA_PATH = "/.well-known/oauth-authorization-server"
 INTROSPECT_PATH = "/v1/introspect"
+DATA_KEY_PATH = "/v1/devices/{device_id}/data-key"
 # Stage-wide throttling (steady requests per second, burst), for every method without its own.
 API_THROTTLE_RATE = 50
 API_THROTTLE_BURST = 100

@@ -20,7 +20,8 @@ Configuration (CDK context: cdk.json's "context", or `cdk deploy -c key=value`):
   `role/fleetkey-relying-party`. An empty list closes introspection to every principal (relying
   parties can still verify tokens offline against the JWKS).
 - `tokenRateLimit`, `discoveryRateLimit`: requests one client (source IP) may send to
-  `/v1/token` + `/v1/challenge`, and to `/.well-known/*`, per `rateLimitWindowSeconds` (one of
+  `/v1/token` + `/v1/challenge` + the device routes under `/v1/devices/` (the data key), and to
+  `/.well-known/*`, per `rateLimitWindowSeconds` (one of
   AWS WAF's evaluation windows: 60, 120, 300, 600; default 60). Defaults: 60 and 300. A client over
   its limit is answered `429` with `Retry-After` until its rate falls back under it.
 
@@ -58,7 +59,8 @@ CONTEXT_KEYS = (
 DEFAULT_OPERATOR_PRINCIPALS = ("role/fleetkey-operator",)
 DEFAULT_RELYING_PARTY_PRINCIPALS = ("role/fleetkey-relying-party",)
 # Per client (source IP) and window. A device fetching a token sends a challenge and a token
-# request; 60 a minute leaves room for a few dozen devices behind one NAT address. Discovery
+# request (and, at start-up, a data-key request); 60 a minute leaves room for a few dozen devices
+# behind one NAT address. Discovery
 # documents are cheap and cached by well-behaved clients.
 DEFAULT_TOKEN_RATE_LIMIT = 60
 DEFAULT_DISCOVERY_RATE_LIMIT = 300
@@ -72,6 +74,12 @@ WAF_MAX_LIMIT = 2_000_000_000
 
 RATE_LIMITED_STATUS = 429
 RATE_LIMITED_MESSAGE = "Too Many Requests"  # API Gateway's own throttling answer says the same
+
+# The device-facing routes that authenticate with a client assertion, counted together per client:
+# the token endpoint, its challenge, and the device routes (`/v1/devices/{device_id}/...`: the
+# data key). `/v1/devices/` is not part of any IAM route (the admin API's device routes are
+# under `/v1/admin/devices/`), so a backend reading data keys is not counted with devices.
+TOKEN_RATE_LIMITED_PATHS = ("/v1/token", "/v1/challenge", "/v1/devices/")
 
 # The IAM routes each audience guards, as API Gateway resource-policy paths.
 ADMIN_POLICY_PATHS = ("/v1/admin/*",)
@@ -198,11 +206,11 @@ class EdgeConfig:
         return cls.from_context(context.get)
 
     def rate_limits(self) -> tuple[RateLimit, ...]:
-        """Stricter on the token endpoint (each request costs DynamoDB writes and a KMS Sign) than
-        on the discovery documents."""
+        """Stricter on the token endpoint (each request costs DynamoDB writes and a KMS Sign) and
+        the data-key endpoint (DynamoDB writes and a KMS call) than on the discovery documents."""
         window = self.rate_limit_window_seconds
         return (
-            RateLimit("token", ("/v1/token", "/v1/challenge"), self.token_rate_limit, window),
+            RateLimit("token", TOKEN_RATE_LIMITED_PATHS, self.token_rate_limit, window),
             RateLimit("discovery", ("/.well-known/",), self.discovery_rate_limit, window),
         )
 

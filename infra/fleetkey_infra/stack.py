@@ -16,10 +16,13 @@ from fleetkey_infra.constructs import (
     Api,
     CoreLayer,
     Data,
+    DataKeys,
     Functions,
     IotResources,
+    LifecycleQueue,
     RegistrationRule,
     Schedules,
+    TamperRule,
     TokenKeys,
 )
 from fleetkey_infra.nag import acknowledge, wildcard_resource
@@ -27,6 +30,15 @@ from fleetkey_infra.nag import acknowledge, wildcard_resource
 # AWS IoT actions, by resource type (Service Authorization Reference; infra/README.md). Add an
 # action the code starts calling here: the IAM check (tests/support/aws_calls.py) names it.
 REGISTRATION_CERTIFICATE_ACTIONS = ("iot:DescribeCertificate", "iot:UpdateCertificate")
+# A certificate presented for a decommissioned device is set aside, not revoked: removed from AWS
+# IoT (a pending certificate: its policies and things, if any, detached, then deleted), so that
+# it registers afresh after a recommission. Authorized on the certificate.
+SET_ASIDE_CERTIFICATE_ACTIONS = (
+    "iot:ListAttachedPolicies",
+    "iot:DetachPolicy",
+    "iot:ListPrincipalThings",
+    "iot:DeleteCertificate",
+)
 # ListThingPrincipals: the take-over of an existing thing lists its certificates.
 # DescribeThing: a thing that already exists is taken over only if it is fleetkey's.
 REGISTRATION_THING_ACTIONS = (
@@ -61,6 +73,9 @@ ADMIN_TABLE_ACTIONS = (
 # it deletes challenges only: a recorded jti (replay protection) is never deleted.
 TOKEN_READ_ACTIONS = ("dynamodb:GetItem",)
 TOKEN_PUT_PARTITIONS = ("JTI#*", "NONCE#*")
+# The jti's transaction checks the device is still ACTIVE with that certificate (nothing granted
+# once a suspension or decommission committed): a ConditionCheck of the device item, no write.
+TOKEN_CHECK_PARTITIONS = ("DEVICE#*",)
 TOKEN_DELETE_PARTITIONS = ("NONCE#*",)
 # Discovery (the signing-key registry) and introspection (registry, device, revocation) only read.
 READ_TABLE_ACTIONS = ("dynamodb:GetItem",)
@@ -85,10 +100,55 @@ TOKEN_KEY_CONFIRM_ACTIONS = (
 MAINTENANCE_TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:PutItem")
 MAINTENANCE_WRITABLE_PARTITIONS = ("STREAM#signing-keys",)
 
+# Lifecycle in AWS IoT (draft: the IAM check of tests/support/aws_calls.py holds each role to the
+# calls its function makes). Suspend and resume (admin; device_events on a tamper report): the
+# device's certificates to INACTIVE and back, its MQTT connection closed at once (iot-data
+# DeleteConnection, authorized on the client id = the device id), and the iot-data endpoint looked
+# up once per process (DescribeEndpoint has no resource-level permissions).
+SUSPEND_CERTIFICATE_ACTIONS = ("iot:DescribeCertificate", "iot:UpdateCertificate")
+# Teardown after decommission (converge), in the order AWS IoT requires: certificates out of
+# ACTIVE, their policies and things detached, then the certificates deleted, then the thing.
+# ListAttachedPolicies, DetachPolicy and ListPrincipalThings are authorized on the certificate
+# (the target / principal), like AttachPolicy.
+TEARDOWN_CERTIFICATE_ACTIONS = (
+    "iot:DescribeCertificate",
+    "iot:UpdateCertificate",
+    "iot:ListAttachedPolicies",
+    "iot:DetachPolicy",
+    "iot:ListPrincipalThings",
+    "iot:DeleteCertificate",
+)
+TEARDOWN_THING_ACTIONS = ("iot:DescribeThing", "iot:ListThingPrincipals", "iot:DeleteThing")
+# The only command converge sends: the reset before the teardown.
+RESET_COMMAND_TOPIC = "fleetkey/*/commands/reset"
+# Converge and device_events read what they need (GetItem) and apply lifecycle changes: one
+# transaction of the device item's Update and its audit record's Put, both in the device's
+# partition (DeviceRepository.apply).
+LIFECYCLE_READ_ACTIONS = ("dynamodb:GetItem",)
+LIFECYCLE_WRITE_ACTIONS = ("dynamodb:PutItem", "dynamodb:UpdateItem")
+LIFECYCLE_WRITABLE_PARTITIONS = ("DEVICE#*",)
+# Destroying a device's data keys (every life's) is listing and deleting their wrapped blobs:
+# converge queries and deletes nothing else.
+DATA_KEY_DESTROY_ACTIONS = ("dynamodb:Query", "dynamodb:DeleteItem")
+DATA_KEY_PARTITIONS = ("DATAKEY#*",)
+# The data_keys function (internet-facing, like token) reads devices, certificates and data keys.
+# Its writes: the assertion's jti (Put JTI#) with its challenge consumed (Delete NONCE#) and the
+# device checked ACTIVE with that certificate (ConditionCheck DEVICE#), in one transaction; a
+# life's first data key (Put DATAKEY#) with its `data_key_created` record in the device's chain
+# (Update of the device item, Put of the record: DEVICE#), in another.
+DATA_KEYS_READ_ACTIONS = ("dynamodb:GetItem",)
+DATA_KEYS_PUT_PARTITIONS = ("DATAKEY#*", "DEVICE#*", "JTI#*")
+DATA_KEYS_UPDATE_PARTITIONS = ("DEVICE#*",)
+DATA_KEYS_CHECK_PARTITIONS = ("DEVICE#*",)
+DATA_KEYS_DELETE_PARTITIONS = ("NONCE#*",)
+# Create a device's wrapped data key, and unwrap it to seal it to the device's key. No kms:Sign,
+# no token signing keys: the client assertion is verified against the device's certificate.
+DATA_KEY_ACTIONS = ("kms:GenerateDataKey", "kms:Decrypt")
+
 
 class FleetkeyStack(Stack):
-    """Attributes: `data`, `token_keys`, `iot`, `layer`, `api`, `functions`,
-    `registration_rule`, `schedules`."""
+    """Attributes: `data`, `token_keys`, `data_keys`, `iot`, `layer`, `api`, `lifecycle`,
+    `functions`, `registration_rule`, `tamper_rule`, `schedules`."""
 
     def __init__(
         self,
@@ -104,10 +164,13 @@ class FleetkeyStack(Stack):
 
         self.data = Data(self, "Data")
         self.token_keys = TokenKeys(self, "TokenKeys")
+        self.data_keys = DataKeys(self, "DataKeys")
         self.iot = IotResources(self, "Iot", name_prefix=name_prefix)
         self.layer = CoreLayer(self, "CoreLayer", directory=layer_dir or self._layer_dir())
         # The API first: its base URL is the functions' issuer; the routes follow the functions.
         self.api = Api(self, "Api")
+        # The queue before the functions: its URL is in their environment.
+        self.lifecycle = LifecycleQueue(self, "Lifecycle")
         self.functions = Functions(
             self,
             "Functions",
@@ -115,6 +178,8 @@ class FleetkeyStack(Stack):
             table_name=self.data.table.table_name,
             issuer=self.api.issuer,
             token_key_id=self.token_keys.key.key_id,
+            lifecycle_queue_url=self.lifecycle.queue.queue_url,
+            data_key_id=self.data_keys.key.key_id,
             name_prefix=name_prefix,
         )
         self.api.add_routes(
@@ -122,10 +187,13 @@ class FleetkeyStack(Stack):
             token=self.functions.token,
             discovery=self.functions.discovery,
             introspect=self.functions.introspect,
+            data_keys=self.functions.data_keys,
         )
+        self.lifecycle.consume(self.functions.converge)
         self.registration_rule = RegistrationRule(
             self, "RegistrationRule", function=self.functions.registration
         )
+        self.tamper_rule = TamperRule(self, "TamperRule", function=self.functions.device_events)
         self.schedules = Schedules(self, "Schedules", maintenance=self.functions.maintenance)
 
         self._grant_registration(self.functions.registration_role)
@@ -134,11 +202,14 @@ class FleetkeyStack(Stack):
         self._grant_discovery(self.functions.discovery_role)
         self._grant_introspect(self.functions.introspect_role)
         self._grant_maintenance(self.functions.maintenance_role)
+        self._grant_converge(self.functions.converge_role)
+        self._grant_device_events(self.functions.device_events_role)
+        self._grant_data_keys(self.functions.data_keys_role)
         # What IAM does not grant, the signing keys' policy does (the document rotation writes).
         self.token_keys.set_policy(
             self.functions.token_role, self.functions.token_key_retirer_roles
         )
-        self._protect_table_key()
+        self._protect_keys()
         self._build_outputs()
 
     def _layer_dir(self) -> Path:
@@ -264,7 +335,7 @@ class FleetkeyStack(Stack):
         role.add_to_principal_policy(
             iam.PolicyStatement(
                 sid="Certificates",
-                actions=list(REGISTRATION_CERTIFICATE_ACTIONS),
+                actions=list(REGISTRATION_CERTIFICATE_ACTIONS + SET_ASIDE_CERTIFICATE_ACTIONS),
                 resources=[certificates],
             )
         )
@@ -298,7 +369,9 @@ class FleetkeyStack(Stack):
             wildcard_resource("arn:<AWS::Partition>:iot:<AWS::Region>:<AWS::AccountId>:cert/*"),
             "JITR handles certificates it has never seen: the id arrives in the registration "
             "event, so the grant covers this account's and region's certificates, and only "
-            "Describe/UpdateCertificate, AttachPolicy and Attach/DetachThingPrincipal on them.",
+            "Describe/UpdateCertificate, AttachPolicy and Attach/DetachThingPrincipal on them, "
+            "and the removal of a certificate set aside for a decommissioned device "
+            "(List/DetachPolicy, ListPrincipalThings, DeleteCertificate).",
         )
         acknowledge(
             role,
@@ -380,13 +453,33 @@ class FleetkeyStack(Stack):
                 resources=[self._iot_arn("cacert")],
             )
         )
+        # Suspend and resume; decommission queues the teardown for converge; recommission first
+        # removes the factory certificate from AWS IoT, whatever it holds for it.
+        self._grant_suspend(role)
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="RecommissionCertificates",
+                actions=list(SET_ASIDE_CERTIFICATE_ACTIONS),
+                resources=[self._iot_arn("cert")],
+            )
+        )
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="RecommissionThingPrincipals",
+                actions=["iot:DetachThingPrincipal"],
+                resources=[self._iot_arn("cert")],
+                conditions={"ArnLike": {"iot:thingArn": self._iot_arn("thing")}},
+            )
+        )
+        self._grant_lifecycle_queue(role)
         acknowledge(
             role,
             wildcard_resource("*"),
             "iot:GetRegistrationCode and iot:RegisterCACertificate do not support resource-level "
             "permissions (the CA does not exist before it is registered), nor does kms:CreateKey "
-            "(allowed only for ECC_NIST_P256 SIGN_VERIFY keys tagged for this stack); X-Ray's "
-            "PutTraceSegments/PutTelemetryRecords, added by active tracing, do not either.",
+            "(allowed only for ECC_NIST_P256 SIGN_VERIFY keys tagged for this stack), nor "
+            "iot:DescribeEndpoint (the account's iot-data endpoint, read once per process); "
+            "X-Ray's PutTraceSegments/PutTelemetryRecords, added by active tracing, do not either.",
         )
         acknowledge(
             role,
@@ -413,6 +506,13 @@ class FleetkeyStack(Stack):
             (),
             sid="DeleteChallengesOnly",
             leading_keys=TOKEN_DELETE_PARTITIONS,
+        )
+        self._grant_table_items(
+            role,
+            ("dynamodb:ConditionCheckItem",),
+            (),
+            sid="CheckDevicesOnly",
+            leading_keys=TOKEN_CHECK_PARTITIONS,
         )
         self._grant_token_keys(role, "ConfirmTokenKeys")
         self._acknowledge_tracing(role)
@@ -442,18 +542,188 @@ class FleetkeyStack(Stack):
         self._grant_token_keys(role, "ConfirmTokenKeys")
         self._acknowledge_tracing(role)
 
-    def _protect_table_key(self) -> None:
-        """The table's key policy denies every function role the key's management."""
-        self.data.deny_key_management(
-            [
-                self.functions.registration_role,
-                self.functions.admin_role,
-                self.functions.token_role,
-                self.functions.discovery_role,
-                self.functions.introspect_role,
-                self.functions.maintenance_role,
-            ]
+    def _grant_suspend(self, role: iam.IRole) -> None:
+        """Suspend and resume in AWS IoT: the device's certificates to INACTIVE (REVOKED is final)
+        and back, its MQTT connection closed at once, the iot-data endpoint looked up."""
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="SuspendCertificates",
+                actions=list(SUSPEND_CERTIFICATE_ACTIONS),
+                resources=[self._iot_arn("cert")],
+            )
         )
+        self._grant_close_connections(role)
+        acknowledge(
+            role,
+            wildcard_resource("arn:<AWS::Partition>:iot:<AWS::Region>:<AWS::AccountId>:cert/*"),
+            "A suspension or resumption acts on the certificates of a device chosen at run time "
+            "(recorded in its item): only Describe/UpdateCertificate (INACTIVE <-> ACTIVE) on "
+            "this account's and region's certificates; no deletion.",
+        )
+
+    def _grant_close_connections(self, role: iam.IRole) -> None:
+        """iot-data DeleteConnection (authorized on the client id, the device id) and the
+        DescribeEndpoint that finds the account's iot-data endpoint (no resource-level
+        permissions: '*')."""
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="CloseConnections",
+                actions=["iot:DeleteConnection"],
+                resources=[self._iot_arn("client")],
+            )
+        )
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="IotDataEndpoint", actions=["iot:DescribeEndpoint"], resources=["*"]
+            )
+        )
+        acknowledge(
+            role,
+            wildcard_resource("arn:<AWS::Partition>:iot:<AWS::Region>:<AWS::AccountId>:client/*"),
+            "The MQTT client id is the device id, chosen at run time: only iot:DeleteConnection "
+            "(closing a suspended or decommissioned device's connection) on this account's and "
+            "region's clients.",
+        )
+
+    def _grant_lifecycle_queue(self, role: iam.IRole) -> None:
+        """Queue lifecycle work for converge (SQS-managed encryption: no KMS grant needed)."""
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="LifecycleQueue",
+                actions=["sqs:SendMessage"],
+                resources=[self.lifecycle.queue.queue_arn],
+            )
+        )
+
+    def _grant_converge(self, role: iam.IRole) -> None:
+        """Make AWS IoT match a device's recorded state: after decommission, the reset command,
+        the connection closed and the teardown (certificates out of ACTIVE, policies and thing
+        principals detached, certificates and thing deleted), then the data key destroyed (its
+        item deleted, nothing else). Receiving from the lifecycle queue is granted by its event
+        source (LifecycleQueue.consume)."""
+        self._grant_lifecycle_table_items(role)
+        self._grant_table_items(
+            role,
+            DATA_KEY_DESTROY_ACTIONS,
+            (),
+            sid="DestroyDataKeysOnly",
+            leading_keys=DATA_KEY_PARTITIONS,
+        )
+        certificates = self._iot_arn("cert")
+        things = self._iot_arn("thing")
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="TeardownCertificates",
+                actions=list(TEARDOWN_CERTIFICATE_ACTIONS),
+                resources=[certificates],
+            )
+        )
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="TeardownThings", actions=list(TEARDOWN_THING_ACTIONS), resources=[things]
+            )
+        )
+        # Authorized on the certificate; the thing is the iot:thingArn condition (as registration).
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="DetachThingPrincipals",
+                actions=["iot:DetachThingPrincipal"],
+                resources=[certificates],
+                conditions={"ArnLike": {"iot:thingArn": things}},
+            )
+        )
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="ResetCommands",
+                actions=["iot:Publish"],
+                resources=[self._iot_arn("topic", RESET_COMMAND_TOPIC)],
+            )
+        )
+        self._grant_close_connections(role)
+        acknowledge(
+            role,
+            wildcard_resource("*"),
+            "Only iot:DescribeEndpoint (the account's iot-data endpoint, read once per process) "
+            "and X-Ray's PutTraceSegments/PutTelemetryRecords (active tracing) use '*': neither "
+            "supports resource-level permissions.",
+        )
+        acknowledge(
+            role,
+            wildcard_resource("arn:<AWS::Partition>:iot:<AWS::Region>:<AWS::AccountId>:cert/*"),
+            "The teardown acts on the certificates of a decommissioned device, known only at run "
+            "time (recorded in its item); the code deletes only certificates it recorded for that "
+            "device, after taking them out of ACTIVE and detaching their policies and things.",
+        )
+        acknowledge(
+            role,
+            wildcard_resource("arn:<AWS::Partition>:iot:<AWS::Region>:<AWS::AccountId>:thing/*"),
+            "The teardown deletes a decommissioned device's thing, named by its device id at run "
+            "time: only Describe/DeleteThing and ListThingPrincipals on this account's and "
+            "region's things.",
+        )
+        acknowledge(
+            role,
+            wildcard_resource(
+                "arn:<AWS::Partition>:iot:<AWS::Region>:<AWS::AccountId>:topic/"
+                + RESET_COMMAND_TOPIC
+            ),
+            "The reset command goes to fleetkey/<device id>/commands/reset of the device being "
+            "decommissioned, known at run time: only iot:Publish, and only on reset topics.",
+        )
+
+    def _grant_device_events(self, role: iam.IRole) -> None:
+        """A device's tamper report: suspend it (device item and audit chain, certificates to
+        INACTIVE, connection closed); it may queue lifecycle work."""
+        self._grant_lifecycle_table_items(role)
+        self._grant_suspend(role)
+        self._grant_lifecycle_queue(role)
+        acknowledge(
+            role,
+            wildcard_resource("*"),
+            "Only iot:DescribeEndpoint (the account's iot-data endpoint, read once per process) "
+            "and X-Ray's PutTraceSegments/PutTelemetryRecords (active tracing) use '*': neither "
+            "supports resource-level permissions.",
+        )
+
+    def _grant_lifecycle_table_items(self, role: iam.IRole) -> None:
+        """Read items; write only in devices' partitions (the device item and its audit chain)."""
+        self._grant_table_items(role, LIFECYCLE_READ_ACTIONS, TABLE_KEY_ACTIONS, sid="TableReads")
+        self._grant_table_items(
+            role,
+            LIFECYCLE_WRITE_ACTIONS,
+            (),
+            sid="DeviceWritesOnly",
+            leading_keys=LIFECYCLE_WRITABLE_PARTITIONS,
+        )
+
+    def _grant_data_keys(self, role: iam.IRole) -> None:
+        """Devices' data keys: read devices, certificates and data keys; write only the
+        assertion's jti (consuming its challenge, checking the device), a life's first data key
+        and its record in the device's chain; create and unwrap data keys with the data-key KMS
+        key. No token signing key, no kms:Sign."""
+        self._grant_table_items(role, DATA_KEYS_READ_ACTIONS, TABLE_KEY_ACTIONS, sid="TableReads")
+        for sid, action, partitions in (
+            ("PutOwnItemsOnly", "dynamodb:PutItem", DATA_KEYS_PUT_PARTITIONS),
+            ("UpdateDevicesOnly", "dynamodb:UpdateItem", DATA_KEYS_UPDATE_PARTITIONS),
+            ("CheckDevicesOnly", "dynamodb:ConditionCheckItem", DATA_KEYS_CHECK_PARTITIONS),
+            ("DeleteChallengesOnly", "dynamodb:DeleteItem", DATA_KEYS_DELETE_PARTITIONS),
+        ):
+            self._grant_table_items(role, (action,), (), sid=sid, leading_keys=partitions)
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="DataKeyKey",
+                actions=list(DATA_KEY_ACTIONS),
+                resources=[self.data_keys.key.key_arn],
+            )
+        )
+        self._acknowledge_tracing(role)
+
+    def _protect_keys(self) -> None:
+        """The table's key policy and the data-key key's deny every function role the key's
+        management."""
+        roles = self.functions.roles
+        self.data.deny_key_management(roles)
+        self.data_keys.deny_key_management(roles)
 
     @staticmethod
     def _acknowledge_tracing(role: iam.IRole) -> None:
@@ -485,4 +755,24 @@ class FleetkeyStack(Stack):
             self,
             "MaintenanceDeadLetterQueueUrl",
             value=self.schedules.dead_letters.queue_url,
+        )
+        CfnOutput(self, "LifecycleQueueUrl", value=self.lifecycle.queue.queue_url)
+        CfnOutput(self, "LifecycleDeadLetterQueueUrl", value=self.lifecycle.dead_letters.queue_url)
+        CfnOutput(self, "ConvergeFunctionName", value=self.functions.converge.function_name)
+        CfnOutput(
+            self, "DeviceEventsFunctionName", value=self.functions.device_events.function_name
+        )
+        CfnOutput(
+            self,
+            "DeviceEventFailureQueueUrl",
+            value=self.functions.device_event_failures.queue_url,
+        )
+        CfnOutput(self, "TamperRuleErrorQueueUrl", value=self.tamper_rule.errors.queue_url)
+        CfnOutput(self, "DataKeyId", value=self.data_keys.key.key_id)
+        CfnOutput(self, "DataKeyAlias", value=self.data_keys.alias.alias_name)
+        CfnOutput(
+            self,
+            "DataKeyDecryptPolicyArn",
+            value=self.data_keys.backend_decrypt_policy.managed_policy_arn,
+            description="Attach to the IAM-authenticated backend that decrypts devices' data keys",
         )

@@ -63,9 +63,10 @@ def test_serve_prints_its_addresses_serves_and_stops(tmp_path):
         with opener.open(f"http://127.0.0.1:{api}/.well-known/jwks.json", timeout=10) as r:
             assert json.loads(r.read())["keys"][0]["kty"] == "EC"
         # And it shows the per-client limits and the local principals, and applies the limits
-        assert "rate limits    per client address: /v1/token + /v1/challenge 2/60s" in output, (
-            output
-        )
+        assert (
+            "rate limits    per client address: /v1/token + /v1/challenge + /v1/devices/ 2/60s"
+            in output
+        ), output
         assert "/.well-known/ 300/60s" in output, output
         assert (
             "user/fleetkey-local-operator" in output

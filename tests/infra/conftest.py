@@ -89,6 +89,11 @@ def resources(synthesized: Synthesized) -> dict[str, dict]:
     return synthesized.template_json["Resources"]
 
 
+@pytest.fixture(scope="session")
+def template_outputs(synthesized: Synthesized) -> dict[str, dict]:
+    return synthesized.template_json["Outputs"]
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under `pytest -n N --dist loadgroup`, keep the infrastructure tests on one worker so the

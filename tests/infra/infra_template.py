@@ -96,6 +96,22 @@ def table_key_id(resources: dict[str, dict]) -> str:
     return table["Properties"]["SSESpecification"]["KMSMasterKeyId"]["Fn::GetAtt"][0]
 
 
+def data_key_key_id(resources: dict[str, dict]) -> str:
+    """The logical id of the KMS key that wraps the devices' data keys (FLEETKEY_DATA_KEY_ID of
+    the data_keys function)."""
+    for r in of_type(resources, "AWS::Lambda::Function").values():
+        env = r["Properties"].get("Environment", {}).get("Variables", {})
+        if env.get("POWERTOOLS_SERVICE_NAME") == "fleetkey-data_keys":
+            return env["FLEETKEY_DATA_KEY_ID"]["Ref"]
+    raise AssertionError("no data_keys function")
+
+
+def output_ref(outputs: dict[str, dict], name: str) -> str:
+    """The logical id of the resource a stack output names by `Ref` (a queue's URL, a key's
+    id)."""
+    return outputs[name]["Value"]["Ref"]
+
+
 def method_paths(resources: dict[str, dict]) -> dict[tuple[str, str], dict]:
     """Every API method by (HTTP method, resource path), e.g. ("POST", "/v1/token")."""
     nodes = of_type(resources, "AWS::ApiGateway::Resource")

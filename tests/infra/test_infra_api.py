@@ -11,6 +11,7 @@ from aws_cdk.assertions import Match, Template
 
 from fleetkey_infra import constants, edge
 from fleetkey_infra.constructs import Api
+from fleetkey_infra.constructs.api import policy_path
 from infra_template import (
     ACCOUNT,
     PARTITION,
@@ -28,6 +29,7 @@ EXPECTED_METHODS = {
     ("POST", "/v1/introspect"): (constants.INTROSPECT_SERVICE_NAME, "AWS_IAM"),
     ("POST", "/v1/token"): (constants.TOKEN_SERVICE_NAME, "NONE"),
     ("POST", "/v1/challenge"): (constants.TOKEN_SERVICE_NAME, "NONE"),
+    ("POST", "/v1/devices/{device_id}/data-key"): (constants.DATA_KEYS_SERVICE_NAME, "NONE"),
     ("GET", "/.well-known/jwks.json"): (constants.DISCOVERY_SERVICE_NAME, "NONE"),
     ("GET", "/.well-known/oauth-authorization-server"): (constants.DISCOVERY_SERVICE_NAME, "NONE"),
 }
@@ -36,6 +38,7 @@ PUBLIC = {route for route, (_, auth) in EXPECTED_METHODS.items() if auth == "NON
 EXPECTED_THROTTLES = {
     ("POST", "/v1/token"): (50, 100),
     ("POST", "/v1/challenge"): (50, 100),
+    ("POST", "/v1/devices/{device_id}/data-key"): (50, 100),
     ("GET", "/.well-known/jwks.json"): (100, 200),
     ("GET", "/.well-known/oauth-authorization-server"): (100, 200),
 }
@@ -75,10 +78,12 @@ def test_only_the_device_and_discovery_routes_are_public(resources: dict[str, di
         if method["Properties"]["AuthorizationType"] != "AWS_IAM"
     }
 
-    # Then they are token, challenge and the two discovery documents, and nothing under /v1/admin
+    # Then they are token, challenge, the data key and the two discovery documents, and nothing
+    # under /v1/admin
     assert public == {
         ("POST", "/v1/token"),
         ("POST", "/v1/challenge"),
+        ("POST", "/v1/devices/{device_id}/data-key"),
         ("GET", "/.well-known/jwks.json"),
         ("GET", "/.well-known/oauth-authorization-server"),
     }
@@ -91,6 +96,23 @@ def test_admin_proxy_declares_its_path_parameter(resources: dict[str, dict]) -> 
     # When reading its request parameters
     # Then the greedy path parameter is declared and required
     assert props["RequestParameters"] == {"method.request.path.proxy": True}
+
+
+def test_data_key_route_declares_the_device_id(resources: dict[str, dict]) -> None:
+    # Given the data-key method
+    props = method_paths(resources)[("POST", "/v1/devices/{device_id}/data-key")]["Properties"]
+
+    # When reading its request parameters
+    # Then the device id is declared and required (the request validator checks it)
+    assert props["RequestParameters"] == {"method.request.path.device_id": True}
+
+
+def test_only_methods_with_path_parameters_declare_them(resources: dict[str, dict]) -> None:
+    # Given every method
+    # When reading their request parameters
+    # Then exactly the parameterized paths declare them
+    for (_, path), method in method_paths(resources).items():
+        assert bool(method["Properties"].get("RequestParameters")) == ("{" in path), path
 
 
 def test_requests_are_validated(resources: dict[str, dict]) -> None:
@@ -197,7 +219,9 @@ def test_stack_outputs_what_operators_need(template: Template) -> None:
     outputs = template.to_json()["Outputs"]
 
     # Then the table, the API URL and issuer, the first token key, the registration function and
-    # its failure queue, the maintenance function and its schedule's dead-letter queue are there
+    # its failure queue, the maintenance function and its schedule's dead-letter queue, the
+    # lifecycle queue and its dead letters, converge, device_events and their queues, the
+    # data-key key and the backend's decrypt policy are there
     assert {
         "TableName",
         "ApiUrl",
@@ -205,8 +229,18 @@ def test_stack_outputs_what_operators_need(template: Template) -> None:
         "TokenSigningKeyId",
         "RegistrationFunctionName",
         "RegistrationFailureQueueUrl",
+        "RegistrationRuleErrorQueueUrl",
         "MaintenanceFunctionName",
         "MaintenanceDeadLetterQueueUrl",
+        "LifecycleQueueUrl",
+        "LifecycleDeadLetterQueueUrl",
+        "ConvergeFunctionName",
+        "DeviceEventsFunctionName",
+        "DeviceEventFailureQueueUrl",
+        "TamperRuleErrorQueueUrl",
+        "DataKeyId",
+        "DataKeyAlias",
+        "DataKeyDecryptPolicyArn",
     } <= set(outputs)
 
 
@@ -241,12 +275,22 @@ def test_resource_policy_opens_only_the_public_routes(resources: dict[str, dict]
     allows = [s for s in statements.values() if s["Effect"] == "Allow"]
 
     # Then the one Allow is for everyone on exactly the public methods (unauthorized methods need
-    # an explicit Allow once a policy exists), and nothing IAM-authorized is allowed by it
+    # an explicit Allow once a policy exists; a path parameter is any value: `*`), and nothing
+    # IAM-authorized is allowed by it
     assert len(allows) == 1
     assert allows[0]["Principal"] == "*" and allows[0]["Action"] == "execute-api:Invoke"
     assert sorted(allows[0]["Resource"]) == sorted(
-        f"execute-api:/*/{method}{path}" for method, path in PUBLIC
+        f"execute-api:/*/{method}{policy_path(path)}" for method, path in PUBLIC
     )
+    assert "execute-api:/*/POST/v1/devices/*/data-key" in allows[0]["Resource"]
+
+
+def test_policy_path_makes_path_parameters_wildcards() -> None:
+    # Given resource paths with and without parameters
+    # When turning them into resource-policy paths
+    # Then each parameter is `*` (a request's ARN holds the actual value), the rest unchanged
+    assert policy_path("/v1/devices/{device_id}/data-key") == "/v1/devices/*/data-key"
+    assert policy_path("/v1/token") == "/v1/token"
 
 
 @pytest.mark.parametrize(
@@ -282,7 +326,7 @@ def test_iam_routes_are_denied_outside_their_configured_principals(
 
 # The rate-based rules: name -> (limit, window, the URI path fragments they count)
 EXPECTED_RATE_RULES = {
-    "token-per-client": (60, 60, ["/v1/token", "/v1/challenge"]),
+    "token-per-client": (60, 60, ["/v1/token", "/v1/challenge", "/v1/devices/"]),
     "discovery-per-client": (300, 60, ["/.well-known/"]),
 }
 
@@ -342,6 +386,36 @@ def test_every_public_route_is_under_exactly_one_rate_rule(resources: dict[str, 
         covering = [name for name, frags in fragments.items() if any(f in uri for f in frags)]
         expected = 1 if (method, path) in PUBLIC else 0
         assert len(covering) == expected, (path, covering)
+
+
+@pytest.mark.parametrize(
+    ("path", "rule"),
+    [
+        # a device's data key counts with its tokens
+        ("/prod/v1/devices/pump-1/data-key", "token-per-client"),
+        ("/prod/v1/devices/pump%2D1/DATA-KEY", "token-per-client"),
+        # the backend reading wrapped data keys through the admin API is not counted with devices
+        ("/prod/v1/admin/devices/pump-1/data-key", None),
+        ("/prod/v1/admin/devices/pump-1/decommission", None),
+    ],
+)
+def test_device_routes_are_limited_with_the_token_endpoint(
+    resources: dict[str, dict], path: str, rule: str | None
+) -> None:
+    # Given the rules' path fragments
+    _, acl = only(resources, "AWS::WAFv2::WebACL")
+    fragments = {
+        r["Name"]: _scope_down_fragments(r["Statement"]["RateBasedStatement"]["ScopeDownStatement"])
+        for r in acl["Properties"]["Rules"]
+    }
+
+    # When matching a request's path as WAF sees it (decoded, normalized, lowercased)
+    seen = edge.normalize_path(path)
+    covering = [name for name, frags in fragments.items() if any(f in seen for f in frags)]
+
+    # Then the device-facing data-key route shares the token endpoint's per-client limit, and the
+    # admin API's device routes fall under none
+    assert covering == ([rule] if rule else [])
 
 
 def test_a_client_over_its_limit_gets_429_with_retry_after(resources: dict[str, dict]) -> None:

@@ -18,13 +18,25 @@ API = "Fleetkey/Api/Api"
 PUBLIC_METHODS = [
     f"{API}/Default/v1/token/POST",
     f"{API}/Default/v1/challenge/POST",
+    f"{API}/Default/v1/devices/{{device_id}}/data-key/POST",
     f"{API}/Default/.well-known/jwks.json/GET",
     f"{API}/Default/.well-known/oauth-authorization-server/GET",
 ]
 IAM_METHODS = [f"{API}/Default/v1/admin/{{proxy+}}/ANY", f"{API}/Default/v1/introspect/POST"]
-FUNCTIONS = ["Registration", "Admin", "Token", "Discovery", "Introspect", "Maintenance"]
+FUNCTIONS = [
+    "Registration",
+    "Admin",
+    "Token",
+    "Discovery",
+    "Introspect",
+    "Maintenance",
+    "Converge",
+    "DeviceEvents",
+    "DataKeys",
+]
 EXPECTED_ACKNOWLEDGEMENTS = {
-    # X-Ray (every function), CA registration and CreateKey (admin): no resource-level permissions
+    # X-Ray (every function), CA registration and CreateKey (admin), DescribeEndpoint (admin,
+    # converge, device_events): no resource-level permissions
     *(("AwsSolutions-IAM5[Resource::*]", f"Fleetkey/Functions/{f}Role") for f in FUNCTIONS),
     (
         f"AwsSolutions-IAM5[Resource::{IOT_ARN_PREFIX}:cert/*]",
@@ -38,6 +50,18 @@ EXPECTED_ACKNOWLEDGEMENTS = {
         f"AwsSolutions-IAM5[Resource::{IOT_ARN_PREFIX}:cacert/*]",
         "Fleetkey/Functions/AdminRole",
     ),
+    # Suspend / resume (admin, device_events) and teardown (converge): certificates and MQTT
+    # clients of devices chosen at run time
+    *(
+        (f"AwsSolutions-IAM5[Resource::{IOT_ARN_PREFIX}:{kind}/*]", f"Fleetkey/Functions/{f}Role")
+        for f in ("Admin", "DeviceEvents", "Converge")
+        for kind in ("cert", "client")
+    ),
+    (f"AwsSolutions-IAM5[Resource::{IOT_ARN_PREFIX}:thing/*]", "Fleetkey/Functions/ConvergeRole"),
+    (
+        f"AwsSolutions-IAM5[Resource::{IOT_ARN_PREFIX}:topic/fleetkey/*/commands/reset]",
+        "Fleetkey/Functions/ConvergeRole",
+    ),
     # Token signing keys created by rotation: by tag (aws:ResourceTag / aws:RequestTag)
     (f"AwsSolutions-IAM5[Resource::{KMS_KEYS}]", "Fleetkey/Functions/AdminRole"),
     (f"AwsSolutions-IAM5[Resource::{KMS_KEYS}]", "Fleetkey/Functions/TokenRole"),
@@ -46,7 +70,10 @@ EXPECTED_ACKNOWLEDGEMENTS = {
     (f"AwsSolutions-IAM5[Resource::{KMS_KEYS}]", "Fleetkey/Functions/IntrospectRole"),
     *(("AwsSolutions-L1", f"Fleetkey/Functions/{f}") for f in FUNCTIONS),
     ("AwsSolutions-SQS3", "Fleetkey/Functions/RegistrationFailures"),
+    ("AwsSolutions-SQS3", "Fleetkey/Functions/DeviceEventFailures"),
     ("AwsSolutions-SQS3", "Fleetkey/RegistrationRule/Errors"),
+    ("AwsSolutions-SQS3", "Fleetkey/TamperRule/Errors"),
+    # (the lifecycle queue's dead-letter queue is not a finding: cdk-nag sees the redrive)
     ("AwsSolutions-SQS3", "Fleetkey/Schedules/MaintenanceDeadLetters"),
     (
         "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"

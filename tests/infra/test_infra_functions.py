@@ -3,7 +3,7 @@
 import pytest
 
 from fleetkey_infra import constants
-from infra_template import function_by_service, of_type, only, render
+from infra_template import data_key_key_id, function_by_service, of_type, only, render
 
 SERVICES = [
     constants.REGISTRATION_SERVICE_NAME,
@@ -12,6 +12,9 @@ SERVICES = [
     constants.DISCOVERY_SERVICE_NAME,
     constants.INTROSPECT_SERVICE_NAME,
     constants.MAINTENANCE_SERVICE_NAME,
+    constants.CONVERGE_SERVICE_NAME,
+    constants.DEVICE_EVENTS_SERVICE_NAME,
+    constants.DATA_KEYS_SERVICE_NAME,
 ]
 
 
@@ -20,8 +23,8 @@ def test_there_are_exactly_the_fleetkey_functions(resources: dict[str, dict]) ->
     # When listing its functions
     functions = of_type(resources, "AWS::Lambda::Function")
 
-    # Then there are registration, admin, token, discovery, introspect and maintenance and
-    # nothing else (no CDK helpers)
+    # Then there are registration, admin, token, discovery, introspect, maintenance, converge,
+    # device_events and data_keys and nothing else (no CDK helpers)
     assert len(functions) == len(SERVICES)
     for service in SERVICES:
         function_by_service(resources, service)
@@ -56,6 +59,9 @@ def test_function_runs_python312_on_arm64_with_the_core_layer(
         (constants.DISCOVERY_SERVICE_NAME, 512, 10),
         (constants.INTROSPECT_SERVICE_NAME, 512, 10),
         (constants.MAINTENANCE_SERVICE_NAME, 256, 60),
+        (constants.CONVERGE_SERVICE_NAME, 256, 60),
+        (constants.DEVICE_EVENTS_SERVICE_NAME, 256, 30),
+        (constants.DATA_KEYS_SERVICE_NAME, 512, 10),
     ],
 )
 def test_function_memory_and_timeout(
@@ -80,13 +86,23 @@ KEY_TRUST = {
     "FLEETKEY_TOKEN_KEY_RETIRER_ROLE_ARNS",
     "FLEETKEY_TOKEN_KEY_ID",
 }
+# The lifecycle queue: who queues lifecycle work (admin: decommission; device_events) and who does
+# it (converge). The data-key KMS key: who issues data keys (data_keys) and who hands the wrapped
+# blob to a backend (admin).
+LIFECYCLE_QUEUE = "FLEETKEY_LIFECYCLE_QUEUE_URL"
+DATA_KEY = "FLEETKEY_DATA_KEY_ID"
 EXTRA_SETTINGS = {
     constants.REGISTRATION_SERVICE_NAME: set(),
-    constants.ADMIN_SERVICE_NAME: {ISSUER} | KEY_TRUST,
+    constants.ADMIN_SERVICE_NAME: {ISSUER, LIFECYCLE_QUEUE, DATA_KEY} | KEY_TRUST,
     constants.TOKEN_SERVICE_NAME: {ISSUER} | KEY_TRUST,
     constants.DISCOVERY_SERVICE_NAME: {ISSUER} | KEY_TRUST,
     constants.INTROSPECT_SERVICE_NAME: {ISSUER} | KEY_TRUST,
     constants.MAINTENANCE_SERVICE_NAME: KEY_TRUST,
+    constants.CONVERGE_SERVICE_NAME: {LIFECYCLE_QUEUE},
+    constants.DEVICE_EVENTS_SERVICE_NAME: {LIFECYCLE_QUEUE},
+    # verifies the device's assertion (addressed to the issuer) against its certificate: no token
+    # signing key is read
+    constants.DATA_KEYS_SERVICE_NAME: {ISSUER, DATA_KEY},
 }
 
 
@@ -148,13 +164,72 @@ def test_function_logs_to_its_own_log_group_with_retention(
     assert log_group["Properties"]["RetentionInDays"] == 30
 
 
-def test_registration_failures_go_to_the_failure_queue_after_two_retries(
+@pytest.mark.parametrize(
+    "service", sorted(s for s, extra in EXTRA_SETTINGS.items() if LIFECYCLE_QUEUE in extra)
+)
+def test_lifecycle_queue_url_is_the_lifecycle_queue(
+    resources: dict[str, dict], template_outputs: dict[str, dict], service: str
+) -> None:
+    # Given the function of one service that queues or does lifecycle work
+    _, function = function_by_service(resources, service)
+
+    # When reading FLEETKEY_LIFECYCLE_QUEUE_URL
+    url = function["Properties"]["Environment"]["Variables"][LIFECYCLE_QUEUE]
+
+    # Then it is the lifecycle queue's URL (the one the stack outputs)
+    assert url == template_outputs["LifecycleQueueUrl"]["Value"]
+    assert resources[url["Ref"]]["Type"] == "AWS::SQS::Queue"
+
+
+@pytest.mark.parametrize(
+    "service", sorted(s for s, extra in EXTRA_SETTINGS.items() if DATA_KEY in extra)
+)
+def test_data_key_id_is_the_data_key_kms_key(resources: dict[str, dict], service: str) -> None:
+    # Given the function of one service that issues or hands out data keys
+    _, function = function_by_service(resources, service)
+
+    # When reading FLEETKEY_DATA_KEY_ID
+    key = function["Properties"]["Environment"]["Variables"][DATA_KEY]
+
+    # Then it is the data-key KMS key (not the table's, not a signing key)
+    assert key == {"Ref": data_key_key_id(resources)}
+    assert resources[key["Ref"]]["Properties"]["Description"] == constants.DATA_KEY_DESCRIPTION
+
+
+def _invoke_config(resources: dict[str, dict], function_id: str) -> dict:
+    [config] = [
+        r["Properties"]
+        for r in of_type(resources, "AWS::Lambda::EventInvokeConfig").values()
+        if r["Properties"]["FunctionName"] == {"Ref": function_id}
+    ]
+    return config
+
+
+def test_only_the_iot_rule_functions_have_failure_destinations(
     resources: dict[str, dict],
 ) -> None:
-    # Given the registration function and its async invoke configuration
-    function_id, _ = function_by_service(resources, constants.REGISTRATION_SERVICE_NAME)
-    _, config = only(resources, "AWS::Lambda::EventInvokeConfig")
-    props = config["Properties"]
+    # Given every async invoke configuration
+    configured = {
+        r["Properties"]["FunctionName"]["Ref"]
+        for r in of_type(resources, "AWS::Lambda::EventInvokeConfig").values()
+    }
+
+    # Then they are registration's and device_events' (invoked asynchronously by IoT rules)
+    assert configured == {
+        function_by_service(resources, constants.REGISTRATION_SERVICE_NAME)[0],
+        function_by_service(resources, constants.DEVICE_EVENTS_SERVICE_NAME)[0],
+    }
+
+
+@pytest.mark.parametrize(
+    "service", [constants.REGISTRATION_SERVICE_NAME, constants.DEVICE_EVENTS_SERVICE_NAME]
+)
+def test_async_failures_go_to_a_failure_queue_after_two_retries(
+    resources: dict[str, dict], service: str
+) -> None:
+    # Given the function and its async invoke configuration
+    function_id, _ = function_by_service(resources, service)
+    props = _invoke_config(resources, function_id)
 
     # When following the on-failure destination
     queue_id = props["DestinationConfig"]["OnFailure"]["Destination"]["Fn::GetAtt"][0]

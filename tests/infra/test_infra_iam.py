@@ -277,6 +277,98 @@ def test_the_token_role_writes_only_its_own_items(
     assert decide(roles["token"], item(action, partition)) is decision
 
 
+@pytest.mark.parametrize(
+    ("action", "partition", "decision"),
+    [
+        ("PutItem", "DATAKEY#pump-1", Decision.ALLOWED),
+        ("PutItem", "JTI#pump-1#j1", Decision.ALLOWED),
+        ("DeleteItem", "NONCE#n1", Decision.ALLOWED),
+        ("ConditionCheckItem", "DEVICE#pump-1", Decision.ALLOWED),
+        # the data_key_created record in the device's chain (IAM cannot tell the device item
+        # from its audit records: the writes are conditional on the device as read)
+        ("PutItem", "DEVICE#pump-1", Decision.ALLOWED),
+        ("UpdateItem", "DEVICE#pump-1", Decision.ALLOWED),
+        ("GetItem", "CERT#abc", Decision.ALLOWED),
+        ("PutItem", "CERT#abc", Decision.DENIED),
+        ("PutItem", "NONCE#n1", Decision.DENIED),
+        ("PutItem", "STREAM#signing-keys", Decision.DENIED),
+        ("UpdateItem", "DATAKEY#pump-1", Decision.DENIED),
+        ("DeleteItem", "DATAKEY#pump-1", Decision.DENIED),
+        ("DeleteItem", "JTI#pump-1#j1", Decision.DENIED),
+    ],
+)
+def test_the_data_keys_role_writes_only_its_own_items(
+    roles: dict[str, list[dict[str, Any]]], action: str, partition: str, decision: Decision
+) -> None:
+    # Given the internet-facing data_keys function's role
+    # When it would touch an item of the table
+    # Then it writes only assertions' jtis (consuming challenges), data keys and the device's
+    # chain, and deletes no data key
+    assert decide(roles["data_keys"], item(action, partition)) is decision
+
+
+@pytest.mark.parametrize(
+    ("function", "action", "partition", "decision"),
+    [
+        ("converge", "DeleteItem", "DATAKEY#pump-1", Decision.ALLOWED),
+        ("converge", "Query", "DATAKEY#pump-1", Decision.ALLOWED),
+        ("converge", "DeleteItem", "DEVICE#pump-1", Decision.DENIED),
+        ("converge", "DeleteItem", "JTI#pump-1#j1", Decision.DENIED),
+        ("converge", "Query", "DEVICE#pump-1", Decision.DENIED),
+        ("converge", "UpdateItem", "DEVICE#pump-1", Decision.ALLOWED),
+        ("converge", "PutItem", "CERT#abc", Decision.DENIED),
+        ("device_events", "UpdateItem", "DEVICE#pump-1", Decision.ALLOWED),
+        ("device_events", "PutItem", "DEVICE#pump-1", Decision.ALLOWED),
+        ("device_events", "PutItem", "CERT#abc", Decision.DENIED),
+        ("device_events", "DeleteItem", "DATAKEY#pump-1", Decision.DENIED),
+    ],
+)
+def test_the_lifecycle_roles_write_only_devices_and_converge_deletes_only_data_keys(
+    roles: dict[str, list[dict[str, Any]]],
+    function: str,
+    action: str,
+    partition: str,
+    decision: Decision,
+) -> None:
+    # Given a lifecycle role
+    # When it would touch an item, Then it writes only devices' partitions (the device item and
+    # its audit chain), and converge alone lists and deletes data keys (the device keeps its
+    # record and audit trail)
+    assert decide(roles[function], item(action, partition)) is decision
+
+
+@pytest.mark.parametrize(
+    ("function", "action", "resource", "decision"),
+    [
+        ("converge", "iot:Publish", "topic/fleetkey/pump-1/commands/reset", Decision.ALLOWED),
+        ("converge", "iot:Publish", "topic/fleetkey/pump-1/commands/rotate", Decision.DENIED),
+        ("converge", "iot:Publish", "topic/other/pump-1/commands/reset", Decision.DENIED),
+        ("converge", "iot:DeleteCertificate", "cert/abc", Decision.ALLOWED),
+        ("converge", "iot:DeleteThing", "thing/pump-1", Decision.ALLOWED),
+        ("converge", "iot:DeleteConnection", "client/pump-1", Decision.ALLOWED),
+        ("device_events", "iot:UpdateCertificate", "cert/abc", Decision.ALLOWED),
+        ("device_events", "iot:DeleteCertificate", "cert/abc", Decision.DENIED),
+        ("device_events", "iot:DeleteConnection", "client/pump-1", Decision.ALLOWED),
+        ("admin", "iot:UpdateCertificate", "cert/abc", Decision.ALLOWED),
+        ("admin", "iot:DeleteThing", "thing/pump-1", Decision.DENIED),
+        ("admin", "iot:Publish", "topic/fleetkey/pump-1/commands/reset", Decision.DENIED),
+    ],
+)
+def test_lifecycle_iot_requests(
+    roles: dict[str, list[dict[str, Any]]],
+    function: str,
+    action: str,
+    resource: str,
+    decision: Decision,
+) -> None:
+    # Given a lifecycle role and an AWS IoT request of this account and region
+    request = Request(action, f"arn:aws:iot:{REGION}:{ACCOUNT}:{resource}")
+
+    # When deciding it, Then suspension can only toggle certificates and close connections, and
+    # only converge tears down and sends the reset command (and no other command)
+    assert decide(roles[function], request) is decision
+
+
 def key_request(action: str, facts: KeyFacts, **request_tags: str) -> Request:
     context = key_context(facts, constants.STACK_ID)
     modeled = set(aws_calls.KEY_CONDITION_PREFIXES)
@@ -423,7 +515,18 @@ def test_admin_tags_only_p256_signing_keys_with_this_stacks_tag(
 
 
 @pytest.mark.parametrize(
-    "function", ["registration", "admin", "token", "discovery", "introspect", "maintenance"]
+    "function",
+    [
+        "registration",
+        "admin",
+        "token",
+        "discovery",
+        "introspect",
+        "maintenance",
+        "converge",
+        "device_events",
+        "data_keys",
+    ],
 )
 @pytest.mark.parametrize("action", ["kms:DisableKey", "kms:PutKeyPolicy", "kms:UntagResource"])
 def test_no_role_may_disable_repermission_or_untag_a_key(

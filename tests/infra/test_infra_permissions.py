@@ -7,6 +7,7 @@ from infra_template import (
     IOT_ARN_PREFIX,
     KMS_KEYS,
     allowed_actions,
+    data_key_key_id,
     function_by_service,
     of_type,
     only,
@@ -24,6 +25,9 @@ TOKEN = constants.TOKEN_SERVICE_NAME
 DISCOVERY = constants.DISCOVERY_SERVICE_NAME
 INTROSPECT = constants.INTROSPECT_SERVICE_NAME
 MAINTENANCE = constants.MAINTENANCE_SERVICE_NAME
+CONVERGE = constants.CONVERGE_SERVICE_NAME
+DEVICE_EVENTS = constants.DEVICE_EVENTS_SERVICE_NAME
+DATA_KEYS = constants.DATA_KEYS_SERVICE_NAME
 
 TABLE_ACTIONS = {
     "dynamodb:GetItem",
@@ -35,7 +39,13 @@ TABLE_ACTIONS = {
 # get_device / signing-key registry / challenges (GetItem), put_nonce (PutItem NONCE#),
 # use_assertion (a transaction of a Put JTI# and a Delete NONCE#). Never the registry: readers
 # take the stack's first key from settings while it is empty.
-TOKEN_TABLE_ACTIONS = {"dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:DeleteItem"}
+# the jti write checks the device (ConditionCheck DEVICE#) in the same transaction
+TOKEN_TABLE_ACTIONS = {
+    "dynamodb:GetItem",
+    "dynamodb:PutItem",
+    "dynamodb:DeleteItem",
+    "dynamodb:ConditionCheckItem",
+}
 READ_TABLE_ACTIONS = {"dynamodb:GetItem"}
 # retire_expired: read the registry (GetItem), then put_signing_keys, a transaction of two Puts
 # (the registry item and its audit record).
@@ -57,6 +67,58 @@ TOKEN_SIGNING_ACTIONS = CONFIRM_ACTIONS
 TOKEN_KEY_ADMIN_ACTIONS = {"kms:CreateKey", "kms:TagResource"} | CONFIRM_ACTIONS
 # The admin function checks no other item in its transactions (no ConditionCheckItem).
 ADMIN_TABLE_ACTIONS = TABLE_ACTIONS - {"dynamodb:ConditionCheckItem"}
+# Lifecycle changes (converge, device_events): reads, and the device item's Update with its audit
+# record's Put, in devices' partitions only.
+LIFECYCLE_TABLE_ACTIONS = {"dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"}
+# Suspend / resume in AWS IoT (admin, device_events): certificates INACTIVE <-> ACTIVE, the MQTT
+# connection closed, the iot-data endpoint looked up.
+SUSPEND_ACTIONS = {
+    "iot:DescribeCertificate",
+    "iot:UpdateCertificate",
+    "iot:DeleteConnection",
+    "iot:DescribeEndpoint",
+}
+# A certificate's removal from AWS IoT (JITR sets aside a decommissioned device's certificate;
+# recommission removes the factory certificate whatever AWS IoT holds for it).
+SET_ASIDE_ACTIONS = {
+    "iot:ListAttachedPolicies",
+    "iot:DetachPolicy",
+    "iot:ListPrincipalThings",
+    "iot:DeleteCertificate",
+}
+# Teardown after decommission (converge).
+TEARDOWN_ACTIONS = SUSPEND_ACTIONS | {
+    "iot:ListAttachedPolicies",
+    "iot:DetachPolicy",
+    "iot:ListPrincipalThings",
+    "iot:DeleteCertificate",
+    "iot:DescribeThing",
+    "iot:ListThingPrincipals",
+    "iot:DetachThingPrincipal",
+    "iot:DeleteThing",
+    "iot:Publish",  # the reset command
+}
+# What Lambda's SQS poller does with the converge function's role (the event source's grant).
+QUEUE_CONSUMER_ACTIONS = {
+    "sqs:ReceiveMessage",
+    "sqs:DeleteMessage",
+    "sqs:ChangeMessageVisibility",
+    "sqs:GetQueueAttributes",
+    "sqs:GetQueueUrl",
+}
+# The async failure destination (CDK's SqsDestination grant).
+FAILURE_DESTINATION_ACTIONS = {"sqs:SendMessage", "sqs:GetQueueAttributes", "sqs:GetQueueUrl"}
+# data_keys: reads (GetItem); the assertion's jti (Put JTI#, Delete NONCE#, ConditionCheck
+# DEVICE#), a life's first data key (Put DATAKEY#) with its record in the device's chain (Update
+# and Put DEVICE#); wraps and unwraps with the data-key key.
+DATA_KEYS_TABLE_ACTIONS = {
+    "dynamodb:GetItem",
+    "dynamodb:PutItem",
+    "dynamodb:UpdateItem",
+    "dynamodb:ConditionCheckItem",
+    "dynamodb:DeleteItem",
+}
+DATA_KEY_KEY_ACTIONS = {"kms:GenerateDataKey", "kms:Decrypt"}
 TABLE_GRANTS = {
     REGISTRATION: (TABLE_ACTIONS, KEY_ACTIONS),
     ADMIN: (ADMIN_TABLE_ACTIONS, KEY_ACTIONS),
@@ -64,6 +126,16 @@ TABLE_GRANTS = {
     DISCOVERY: (READ_TABLE_ACTIONS, READ_KEY_ACTIONS),
     INTROSPECT: (READ_TABLE_ACTIONS, READ_KEY_ACTIONS),
     MAINTENANCE: (MAINTENANCE_TABLE_ACTIONS, KEY_ACTIONS),
+    CONVERGE: ({"dynamodb:GetItem"}, KEY_ACTIONS),
+    DEVICE_EVENTS: ({"dynamodb:GetItem"}, KEY_ACTIONS),
+    DATA_KEYS: ({"dynamodb:GetItem"}, KEY_ACTIONS),
+}
+# Table actions granted under a dynamodb:LeadingKeys condition, in statements of their own.
+CONDITIONED_TABLE_ACTIONS = {
+    TOKEN: {"dynamodb:PutItem", "dynamodb:DeleteItem", "dynamodb:ConditionCheckItem"},
+    CONVERGE: {"dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query", "dynamodb:DeleteItem"},
+    DEVICE_EVENTS: {"dynamodb:PutItem", "dynamodb:UpdateItem"},
+    DATA_KEYS: DATA_KEYS_TABLE_ACTIONS - {"dynamodb:GetItem"},
 }
 
 EXPECTED_ACTIONS = {
@@ -71,7 +143,7 @@ EXPECTED_ACTIONS = {
     | KEY_ACTIONS
     | LOG_ACTIONS
     | TRACING_ACTIONS
-    | {"sqs:SendMessage", "sqs:GetQueueAttributes", "sqs:GetQueueUrl"}  # failure destination
+    | FAILURE_DESTINATION_ACTIONS
     | {
         "iot:DescribeCertificate",
         "iot:UpdateCertificate",
@@ -82,12 +154,17 @@ EXPECTED_ACTIONS = {
         "iot:DetachThingPrincipal",
         "iot:ListThingPrincipals",
         "iot:AttachPolicy",
-    },
+    }
+    | SET_ASIDE_ACTIONS,
     ADMIN: ADMIN_TABLE_ACTIONS
     | KEY_ACTIONS
     | LOG_ACTIONS
     | TRACING_ACTIONS
     | TOKEN_KEY_ADMIN_ACTIONS
+    | SUSPEND_ACTIONS
+    | {"sqs:SendMessage"}  # decommission queues the teardown
+    | SET_ASIDE_ACTIONS  # recommission removes the factory certificate from AWS IoT
+    | {"iot:DetachThingPrincipal"}
     | {
         "iot:GetRegistrationCode",
         "iot:RegisterCACertificate",
@@ -114,11 +191,27 @@ EXPECTED_ACTIONS = {
     | LOG_ACTIONS
     | TRACING_ACTIONS
     | CONFIRM_ACTIONS,
+    CONVERGE: LIFECYCLE_TABLE_ACTIONS
+    | {"dynamodb:Query", "dynamodb:DeleteItem"}  # destroying data keys: DATAKEY# only
+    | KEY_ACTIONS
+    | LOG_ACTIONS
+    | TRACING_ACTIONS
+    | TEARDOWN_ACTIONS
+    | QUEUE_CONSUMER_ACTIONS,
+    DEVICE_EVENTS: LIFECYCLE_TABLE_ACTIONS
+    | KEY_ACTIONS
+    | LOG_ACTIONS
+    | TRACING_ACTIONS
+    | SUSPEND_ACTIONS
+    | FAILURE_DESTINATION_ACTIONS,  # its failure queue, and the lifecycle queue (SendMessage)
+    DATA_KEYS: DATA_KEYS_TABLE_ACTIONS
+    | KEY_ACTIONS
+    | DATA_KEY_KEY_ACTIONS
+    | LOG_ACTIONS
+    | TRACING_ACTIONS,
 }
 # Actions no function may ever hold, whatever else changes.
 FORBIDDEN = {
-    "iot:DeleteThing",
-    "iot:DeleteCertificate",
     "iot:DeleteCACertificate",
     "iot:DeletePolicy",
     "iot:CreatePolicy",
@@ -138,17 +231,35 @@ FORBIDDEN = {
 ONLY = {
     "kms:CreateKey": {ADMIN},
     "kms:TagResource": {ADMIN},
-    "dynamodb:DeleteItem": {TOKEN},  # consuming a challenge
+    # consuming a challenge (token, data_keys), destroying data keys (converge)
+    "dynamodb:DeleteItem": {TOKEN, CONVERGE, DATA_KEYS},
+    # the teardown after decommission, and its reset command; a certificate set aside (JITR) or
+    # removed before a recommission (admin)
+    "iot:DeleteCertificate": {CONVERGE, REGISTRATION, ADMIN},
+    "iot:DeleteThing": {CONVERGE},
+    "iot:DetachPolicy": {CONVERGE, REGISTRATION, ADMIN},
+    "iot:Publish": {CONVERGE},
+    # suspend and teardown close the device's MQTT connection
+    "iot:DeleteConnection": {ADMIN, DEVICE_EVENTS, CONVERGE},
+    "sqs:ReceiveMessage": {CONVERGE},
 }
 # The only actions allowed on Resource "*", because they support no resource-level permissions.
 STAR_ACTIONS = {
     REGISTRATION: TRACING_ACTIONS,
     ADMIN: TRACING_ACTIONS
-    | {"iot:GetRegistrationCode", "iot:RegisterCACertificate", "kms:CreateKey"},
+    | {
+        "iot:GetRegistrationCode",
+        "iot:RegisterCACertificate",
+        "kms:CreateKey",
+        "iot:DescribeEndpoint",
+    },
     TOKEN: TRACING_ACTIONS,
     DISCOVERY: TRACING_ACTIONS,
     INTROSPECT: TRACING_ACTIONS,
     MAINTENANCE: TRACING_ACTIONS,
+    CONVERGE: TRACING_ACTIONS | {"iot:DescribeEndpoint"},
+    DEVICE_EVENTS: TRACING_ACTIONS | {"iot:DescribeEndpoint"},
+    DATA_KEYS: TRACING_ACTIONS,
 }
 STACK_TAG_VALUE = f"token-signing:{constants.STACK_ID}"
 TOKEN_SIGNING_TAG = {"aws:ResourceTag/fleetkey:purpose": STACK_TAG_VALUE}
@@ -168,11 +279,6 @@ ONLY_THE_PURPOSE_TAG = {"ForAllValues:StringEquals": {"aws:TagKeys": ["fleetkey:
 def statements_of(resources: dict[str, dict], service: str) -> list[dict]:
     _, function = function_by_service(resources, service)
     return role_statements(resources, role_of(function))
-
-
-def token_key_id(resources: dict[str, dict]) -> str:
-    [key_id] = [k for k in of_type(resources, "AWS::KMS::Key") if k != table_key_id(resources)]
-    return key_id
 
 
 @pytest.mark.parametrize("service", sorted(EXPECTED_ACTIONS))
@@ -238,13 +344,15 @@ def test_table_and_key_actions_target_the_fleetkey_table_and_key(
     table_actions, key_actions = TABLE_GRANTS[service]
 
     # When reading the resources of the table and key actions
-    # Then each is the one table (no index, no other table) and the one key
-    for action in table_actions | (
-        {"dynamodb:PutItem", "dynamodb:DeleteItem"} if service == TOKEN else set()
-    ):
+    # Then each is the one table (no index, no other table) and the one key (data_keys also
+    # uses the data-key key, its own statement: see below)
+    for action in table_actions | CONDITIONED_TABLE_ACTIONS.get(service, set()):
         assert resources_for(statements, action) == [f"<{table_id}.Arn>"], action
+    data_key = {f"<{data_key_key_id(resources)}.Arn>"} if service == DATA_KEYS else set()
     for action in key_actions:
-        assert resources_for(statements, action) == [f"<{key_id}.Arn>"], action
+        expected = {f"<{key_id}.Arn>"} | (data_key if action in DATA_KEY_KEY_ACTIONS else set())
+        granted = resources_for(statements, action)
+        assert sorted(granted) == sorted(expected), action
 
 
 @pytest.mark.parametrize("service", [ADMIN, TOKEN, DISCOVERY, INTROSPECT, MAINTENANCE])
@@ -277,6 +385,9 @@ def test_token_writes_only_its_own_items(resources: dict[str, dict]) -> None:
         "ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["JTI#*", "NONCE#*"]}
     }
     assert delete["Condition"] == {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["NONCE#*"]}}
+    # and it only checks devices (in the jti's transaction), never writes them
+    [check] = statements_for(statements, "dynamodb:ConditionCheckItem")
+    assert check["Condition"] == {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["DEVICE#*"]}}
 
 
 def test_maintenance_writes_only_the_signing_key_registry(resources: dict[str, dict]) -> None:
@@ -432,3 +543,156 @@ def test_table_key_policy_denies_its_management_to_every_function_role(
     } <= set(deny["Action"])
     denied = {arn["Fn::GetAtt"][0] for arn in deny["Condition"]["ArnEquals"]["aws:PrincipalArn"]}
     assert denied == roles
+
+
+# ---- the lifecycle: suspend, teardown, data keys ------------------------------------------------
+
+CERTIFICATES = f"{IOT_ARN_PREFIX}:cert/*"
+THINGS = f"{IOT_ARN_PREFIX}:thing/*"
+CLIENTS = f"{IOT_ARN_PREFIX}:client/*"
+
+
+@pytest.mark.parametrize("service", [ADMIN, DEVICE_EVENTS])
+def test_suspending_reaches_certificates_and_connections_only(
+    resources: dict[str, dict], service: str
+) -> None:
+    # Given a role that suspends and resumes devices
+    statements = statements_of(resources, service)
+
+    # When reading the resources of the suspension's IoT actions
+    # Then certificates are only described and updated (INACTIVE <-> ACTIVE), connections only
+    # closed, and the endpoint lookup (no resource-level permissions) is the only '*'
+    assert resources_for(statements, "iot:DescribeCertificate") == [CERTIFICATES]
+    assert resources_for(statements, "iot:UpdateCertificate") == [CERTIFICATES]
+    assert resources_for(statements, "iot:DeleteConnection") == [CLIENTS]
+    assert resources_for(statements, "iot:DescribeEndpoint") == ["*"]
+
+
+def test_converge_iot_actions_are_scoped_to_certificates_things_clients_and_reset_topics(
+    resources: dict[str, dict],
+) -> None:
+    # Given the converge role
+    statements = statements_of(resources, CONVERGE)
+
+    # When reading the resources of each teardown action
+    # Then certificates, things, clients and the reset command topics are the only targets
+    for action in (
+        "iot:DescribeCertificate",
+        "iot:UpdateCertificate",
+        "iot:ListAttachedPolicies",
+        "iot:DetachPolicy",
+        "iot:ListPrincipalThings",
+        "iot:DeleteCertificate",
+    ):
+        assert resources_for(statements, action) == [CERTIFICATES], action
+    for action in ("iot:DescribeThing", "iot:ListThingPrincipals", "iot:DeleteThing"):
+        assert resources_for(statements, action) == [THINGS], action
+    # DetachThingPrincipal: authorized on the certificate, the thing is iot:thingArn
+    [detach] = statements_for(statements, "iot:DetachThingPrincipal")
+    assert detach["Resource"] == CERTIFICATES
+    assert detach["Condition"] == {"ArnLike": {"iot:thingArn": THINGS}}
+    # the only command it sends is the reset, on the device's own command topic
+    assert resources_for(statements, "iot:Publish") == [
+        f"{IOT_ARN_PREFIX}:topic/fleetkey/*/commands/reset"
+    ]
+    assert resources_for(statements, "iot:DeleteConnection") == [CLIENTS]
+
+
+@pytest.mark.parametrize("service", [CONVERGE, DEVICE_EVENTS])
+def test_lifecycle_writes_only_devices(resources: dict[str, dict], service: str) -> None:
+    # Given a role that applies lifecycle changes
+    statements = statements_of(resources, service)
+
+    # When reading the statement that allows Put and Update
+    [put] = statements_for(statements, "dynamodb:PutItem")
+    [update] = statements_for(statements, "dynamodb:UpdateItem")
+
+    # Then both hold only in devices' partitions (the device item and its audit chain)
+    assert put is not None and put == update
+    assert put["Condition"] == {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["DEVICE#*"]}}
+
+
+def test_converge_deletes_only_data_keys(resources: dict[str, dict]) -> None:
+    # Given the converge role
+    statements = statements_of(resources, CONVERGE)
+
+    # When reading the statement that allows DeleteItem (and the Query that lists the keys)
+    [delete] = statements_for(statements, "dynamodb:DeleteItem")
+    [query] = statements_for(statements, "dynamodb:Query")
+
+    # Then both hold only in the data keys' partition: a device record and its audit trail stay
+    assert delete == query
+    assert delete["Condition"] == {
+        "ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["DATAKEY#*"]}
+    }
+
+
+@pytest.mark.parametrize(
+    ("action", "partitions"),
+    [
+        ("dynamodb:PutItem", ["DATAKEY#*", "DEVICE#*", "JTI#*"]),
+        ("dynamodb:UpdateItem", ["DEVICE#*"]),
+        ("dynamodb:ConditionCheckItem", ["DEVICE#*"]),
+        ("dynamodb:DeleteItem", ["NONCE#*"]),
+    ],
+)
+def test_data_keys_writes_only_its_own_items(
+    resources: dict[str, dict], action: str, partitions: list[str]
+) -> None:
+    # Given the data_keys role (internet-facing)
+    statements = statements_of(resources, DATA_KEYS)
+
+    # When reading the statement that allows one kind of write
+    [granted] = statements_for(statements, action)
+
+    # Then it holds only in the partitions the function writes: the assertion's jti and its
+    # challenge, the device (checked; its data_key_created record), the data key
+    assert granted["Condition"] == {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": partitions}}
+
+
+def test_only_data_keys_uses_the_data_key_key(resources: dict[str, dict]) -> None:
+    # Given the data-key KMS key and every role of the stack
+    key_arn = f"<{data_key_key_id(resources)}.Arn>"
+    data_keys_role = role_of(function_by_service(resources, DATA_KEYS)[1])
+
+    # When collecting the statements on that key, role by role
+    on_key = {
+        role_id: [
+            s for s in map(render, role_statements(resources, role_id)) if key_arn in s["Resource"]
+        ]
+        for role_id in of_type(resources, "AWS::IAM::Role")
+    }
+
+    # Then only the data_keys role has one, for wrapping and unwrapping data keys: not the admin
+    # role (the backend decrypts, with its own policy), not converge (destroying a data key is a
+    # table delete)
+    assert {role_id for role_id, found in on_key.items() if found} == {data_keys_role}
+    [statement] = on_key[data_keys_role]
+    assert set(statement["Action"]) == {"kms:GenerateDataKey", "kms:Decrypt"}
+    assert statement["Resource"] == key_arn
+
+
+def test_only_admin_and_device_events_send_to_the_lifecycle_queue(
+    resources: dict[str, dict], template_outputs: dict[str, dict]
+) -> None:
+    # Given the lifecycle queue and every function's role
+    queue_arn = f"<{template_outputs['LifecycleQueueUrl']['Value']['Ref']}.Arn>"
+    roles = {
+        service: role_of(function_by_service(resources, service)[1]) for service in EXPECTED_ACTIONS
+    }
+
+    # When collecting who may send to it and who may receive from it
+    senders = {
+        service
+        for service, role_id in roles.items()
+        if queue_arn in resources_for(role_statements(resources, role_id), "sqs:SendMessage")
+    }
+    receivers = {
+        service
+        for service, role_id in roles.items()
+        if queue_arn in resources_for(role_statements(resources, role_id), "sqs:ReceiveMessage")
+    }
+
+    # Then the admin API (decommission) and device_events queue work, converge alone consumes it
+    assert senders == {ADMIN, DEVICE_EVENTS}
+    assert receivers == {CONVERGE}

@@ -2,24 +2,31 @@
 
 from fleetkey.services.signing_keys import same_policy, token_key_policy, token_signing_tags
 from fleetkey_infra import constants
-from infra_template import ACCOUNT, PARTITION, function_by_service, of_type, render, table_key_id
+from infra_template import (
+    ACCOUNT,
+    PARTITION,
+    data_key_key_id,
+    function_by_service,
+    of_type,
+    render,
+    table_key_id,
+)
 
 
 def token_key(resources: dict[str, dict]) -> tuple[str, dict]:
-    keys = {
-        lid: r
-        for lid, r in of_type(resources, "AWS::KMS::Key").items()
-        if lid != table_key_id(resources)
-    }
+    others = {table_key_id(resources), data_key_key_id(resources)}
+    keys = {lid: r for lid, r in of_type(resources, "AWS::KMS::Key").items() if lid not in others}
     assert len(keys) == 1, sorted(keys)
     return next(iter(keys.items()))
 
 
-def test_stack_has_the_table_key_and_one_token_signing_key(resources: dict[str, dict]) -> None:
+def test_stack_has_the_table_key_the_data_key_key_and_one_token_signing_key(
+    resources: dict[str, dict],
+) -> None:
     # Given the synthesized stack
     # When listing its KMS keys
-    # Then there are two: the table's and the first token signing key
-    assert len(of_type(resources, "AWS::KMS::Key")) == 2
+    # Then there are three: the table's, the data keys' and the first token signing key
+    assert len(of_type(resources, "AWS::KMS::Key")) == 3
     token_key(resources)
 
 

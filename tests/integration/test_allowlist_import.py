@@ -13,7 +13,7 @@ def test_an_orphan_trail_settles_its_row_and_the_import_ends(stack):
         actor="op",
         details={},
     )
-    stack.store._transact([stack.store._audit_put(record)])
+    stack.store.table.transact([stack.store.table.audit_put(record)])
     manifest = (
         "device_id,serial_number,manufacturer_ca,public_key_fingerprint,profile\n"
         + "\n".join(f"{d},SN-{d},acme,,telemetry-sensor" for d in ["a-1", "orphan", "a-2"])
@@ -23,8 +23,8 @@ def test_an_orphan_trail_settles_its_row_and_the_import_ends(stack):
     # Then the other rows are in, the orphan's row is reported, and nothing was half-written
     assert report.imported == 2
     assert [(r.row, r.device_id) for r in report.rejected] == [(2, "orphan")]
-    assert stack.store.get_device("orphan") is None
-    assert stack.store.read_audit(schema.device_subject("orphan")) == [(record.body, record.hash)]
+    assert stack.store.devices.get("orphan") is None
+    assert stack.store.audit.read(schema.device_subject("orphan")) == [(record.body, record.hash)]
 
 
 def test_bom_from_spreadsheet_exports_is_accepted(stack):

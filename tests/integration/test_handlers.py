@@ -181,7 +181,7 @@ def test_admin_bad_input_is_a_400_and_changes_nothing(stack, functions, body, co
     status, response = call_admin(admin, "POST", "/v1/admin/allowlist", body)
     # Then it is a 400 with a clear code, and nothing was written
     assert (status, response["error"]) == (400, code)
-    assert stack.store.get_device("d") is None
+    assert stack.store.devices.get("d") is None
 
 
 def test_admin_unknown_things_are_404(functions):
@@ -320,7 +320,7 @@ def test_admin_ca_registration_bad_input(stack, functions, mutate, code):
     }
     status, response = call_admin(admin, "POST", "/v1/admin/cas", mutate(request))
     assert (status, response["error"]) == (400, code)
-    assert stack.store.list_cas() == []
+    assert stack.store.anchors.list() == []
 
 
 def test_admin_hostile_ca_certificates_are_400s(stack, functions, tmp_path):
@@ -338,7 +338,7 @@ def test_admin_hostile_ca_certificates_are_400s(stack, functions, tmp_path):
         status, response = call_admin(admin, "POST", "/v1/admin/cas", request)
         # Then the answer is a 400 naming the certificate, never a 5xx, and nothing is recorded
         assert (status, response["error"]) == (400, "invalid_certificate"), case.name
-    assert stack.store.list_cas() == []
+    assert stack.store.anchors.list() == []
 
 
 def test_registration_handler_acknowledges_an_event_that_does_not_match_aws_iot(stack, functions):

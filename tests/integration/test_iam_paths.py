@@ -88,7 +88,7 @@ def test_the_admin_function_rotates_and_retires_signing_keys(
 
     # Then the new key is published beside the first, which is now retiring
     assert status == 201, rotated
-    head, items = stack.store.get_signing_keys()
+    head, items = stack.store.signing_keys.get()
     assert [i["kid"] for i in items] == [first.kid, rotated["kid"]]
 
     # When the first key's tokens are all over (its retire_after moved to the past, as time
@@ -101,7 +101,7 @@ def test_the_admin_function_rotates_and_retires_signing_keys(
         actor="test",
         details={},
     )
-    stack.store.put_signing_keys(head, items, record)
+    stack.store.signing_keys.put(head, items, record)
     retire_status, retired = admin_call(admin, "POST", "/v1/admin/signing-keys/retire")
 
     # Then its KMS key's deletion is scheduled and only the new key stays published

@@ -21,7 +21,14 @@ PSEUDO_PARAMETERS = {"AWS::Partition": "aws", "AWS::Region": REGION, "AWS::Accou
 # and writes it into its registry itself (EmbeddedStack.provision). FLEETKEY_STACK_NAME is the
 # value of the signing keys' tag: the local stack's functions keep Settings' default (the local
 # stack's name), which its keys are tagged with. See test_first_token_signing_key_matches.
-PROVISIONED_LOCALLY = {"FLEETKEY_TOKEN_KEY_ID", "FLEETKEY_STACK_NAME"}
+# Set from resources the local stack provisions itself (its first token key, the lifecycle queue,
+# the data-key key: EmbeddedStack.environment), not from a fixed local setting.
+PROVISIONED_LOCALLY = {
+    "FLEETKEY_TOKEN_KEY_ID",
+    "FLEETKEY_STACK_NAME",
+    "FLEETKEY_LIFECYCLE_QUEUE_URL",
+    "FLEETKEY_DATA_KEY_ID",
+}
 
 
 @pytest.fixture(scope="module")

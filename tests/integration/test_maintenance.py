@@ -13,6 +13,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from fleetkey.adapters.kms import KmsKeys
+from fleetkey.composition import from_environ
 from fleetkey.errors import Conflict
 from fleetkey.services.signing_keys import SigningKeys
 from fleetkey_local.stack import TABLE
@@ -47,7 +48,7 @@ def maintenance(stack, clock, monkeypatch):
     """The handler, its registry reading the test's clock (the one seam: the class it builds)."""
     monkeypatch.setenv("FLEETKEY_TABLE", TABLE)
     function = load_handler("maintenance")
-    monkeypatch.setattr(function, "SigningKeys", functools.partial(SigningKeys, clock=clock))
+    monkeypatch.setattr(function, "from_environ", functools.partial(from_environ, clock=clock))
     yield function
     function.signing_keys.cache_clear()
 
@@ -78,17 +79,20 @@ def key_state(stack, key_id: str) -> str:
 
 def published_kids(stack) -> set[str]:
     """The JWKS as a discovery function that just read the registry serves it."""
-    return {k["kid"] for k in SigningKeys(stack.store, KmsKeys(client=stack.kms)).jwks()["keys"]}
+    return {
+        k["kid"]
+        for k in SigningKeys(stack.store.signing_keys, KmsKeys(client=stack.kms)).jwks()["keys"]
+    }
 
 
 def audit_actions(stack) -> list[tuple[str, str]]:
-    bodies = [json.loads(body) for body, _ in stack.store.read_audit("stream:signing-keys")]
+    bodies = [json.loads(body) for body, _ in stack.store.audit.read("stream:signing-keys")]
     return [(b["action"], b["actor"]) for b in bodies]
 
 
 def rotated(stack, clock):
     """Rotate once at the clock's time: (the first key, now retiring; the new key)."""
-    registry = SigningKeys(stack.store, KmsKeys(client=stack.kms), clock=clock)
+    registry = SigningKeys(stack.store.signing_keys, KmsKeys(client=stack.kms), clock=clock)
     [first] = registry.keys()
     new = registry.rotate(actor="operator")
     [retiring] = [k for k in registry.keys() if k.key_id == first.key_id]  # noqa: SIM118 (SigningKeys.keys, not a dict)
@@ -229,9 +233,9 @@ def test_registry_changed_meanwhile_propagates_and_the_retry_completes(
         if not newer:
             with outside_functions():  # the operator's rotation, not the maintenance function's
                 newer.append(
-                    SigningKeys(stack.store, KmsKeys(client=stack.kms), clock=clock).rotate(
-                        actor="operator"
-                    )
+                    SigningKeys(
+                        stack.store.signing_keys, KmsKeys(client=stack.kms), clock=clock
+                    ).rotate(actor="operator")
                 )
         return result
 

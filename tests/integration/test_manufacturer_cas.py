@@ -150,7 +150,7 @@ def test_registration_converges_after_a_failure_at_any_call(stack, after):
         assert faults.fired == clean_calls[k - 1]
         faults.arm(None)
         # Then AWS IoT auto-registers for it only if fleetkey recorded it
-        recorded = stack.store.get_ca(name)
+        recorded = stack.store.anchors.get(name)
         ca_id = certificate_id(authority.pem)
         if recorded is None and ca_exists(stack, ca_id):
             assert iot_status(stack, ca_id) == "INACTIVE"
@@ -201,7 +201,7 @@ def test_a_ca_registered_outside_fleetkey_is_refused_and_left_as_it_was(stack):
     # Then fleetkey records nothing (no trust anchor, no claim on the CA id) and writes nothing
     # to AWS IoT: their CA keeps its status and auto-registration
     assert stack.cas.list() == []
-    assert stack.store.ca_claim_for(ca_id) is None
+    assert stack.store.anchors.claim_for(ca_id) is None
     assert iot_state(stack, ca_id) == ("ACTIVE", "ENABLE")
     assert [c for c in calls.calls if not c.startswith("dynamodb.")] == [
         "iot.DescribeCACertificate"
@@ -230,7 +230,7 @@ def test_a_disable_racing_a_repeated_registration_wins_in_aws_iot_too(stack, mon
     ca = stack.register_ca(acme, name="acme")
     # Then the table and AWS IoT agree on the later change: disabled, no auto-registration
     assert ca.status.value == "DISABLED"
-    assert stack.store.get_ca("acme").status.value == "DISABLED"
+    assert stack.store.anchors.get("acme").status.value == "DISABLED"
     assert iot_state(stack, ca_id) == ("INACTIVE", "DISABLE")
 
 

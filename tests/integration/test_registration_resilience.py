@@ -68,8 +68,8 @@ def snapshot(stack, event: dict, device_id: str) -> dict:
     cert_id = event["certificateId"]
     iot = stack.harness_iot
     cert = iot.describe_certificate(certificateId=cert_id)["certificateDescription"]
-    device = stack.store.get_device(device_id)
-    decision = stack.store.get_certificate(cert_id)
+    device = stack.store.devices.get(device_id)
+    decision = stack.store.certificates.get(cert_id)
     try:
         thing = iot.describe_thing(thingName=device_id)
         principals = iot.list_thing_principals(thingName=device_id)["principals"]

@@ -67,7 +67,7 @@ def acme(stack):
 
 def registry(stack, clock) -> SigningKeys:
     return SigningKeys(
-        stack.store,
+        stack.store.signing_keys,
         KmsKeys(client=stack.kms),
         clock=clock,
         monotonic=clock.monotonic,
@@ -78,7 +78,7 @@ def registry(stack, clock) -> SigningKeys:
 
 def published(stack) -> dict:
     """The JWKS as a discovery function that just read the registry serves it."""
-    return SigningKeys(stack.store, KmsKeys(client=stack.kms)).jwks()
+    return SigningKeys(stack.store.signing_keys, KmsKeys(client=stack.kms)).jwks()
 
 
 def kid_of(token: str) -> str:
@@ -116,9 +116,17 @@ def test_jwks_continuity_across_a_rotation(stack, acme):
     # Given a registry and a token service on the test's clock, the stack's first key A signing
     clock = Clock()
     keys = registry(stack, clock)
-    tokens = TokenService(stack.settings, stack.store, keys, clock=clock)
+    tokens = TokenService(
+        stack.settings, stack.store.devices, stack.store.token_records, keys, clock=clock
+    )
     # and a second token function whose cached registry predates the rotation
-    stale = TokenService(stack.settings, stack.store, registry(stack, clock), clock=clock)
+    stale = TokenService(
+        stack.settings,
+        stack.store.devices,
+        stack.store.token_records,
+        registry(stack, clock),
+        clock=clock,
+    )
     dev = enroll(stack, acme, "sensor-rotation")
     issued: list[str] = []
 
@@ -207,7 +215,9 @@ def test_two_rotations_before_the_first_takes_effect(stack, acme):
     # Given a rotation to B, and a second one to C before B signs
     clock = Clock()
     keys = registry(stack, clock)
-    tokens = TokenService(stack.settings, stack.store, keys, clock=clock)
+    tokens = TokenService(
+        stack.settings, stack.store.devices, stack.store.token_records, keys, clock=clock
+    )
     dev = enroll(stack, acme, "sensor-double")
     issued: list[str] = []
     a = keys.current()[0]
@@ -272,8 +282,8 @@ class StaleReads:
         self._store = store
         self._stale = [stale]
 
-    def get_signing_keys(self):
-        return self._stale.pop() if self._stale else self._store.get_signing_keys()
+    def get(self):
+        return self._stale.pop() if self._stale else self._store.get()
 
     def __getattr__(self, name):
         return getattr(self._store, name)
@@ -281,7 +291,9 @@ class StaleReads:
 
 def test_concurrent_initialization_adopts_the_winners_key(stack):
     # Given a function that saw an empty registry, while another initialized it meanwhile
-    racer = SigningKeys(StaleReads(stack.store, (ChainHead(), [])), KmsKeys(client=stack.kms))
+    racer = SigningKeys(
+        StaleReads(stack.store.signing_keys, (ChainHead(), [])), KmsKeys(client=stack.kms)
+    )
     spare = spare_key(stack)
     # When it initializes with its own key
     adopted = racer.initialize(spare, actor="token-function")
@@ -293,10 +305,10 @@ def test_concurrent_initialization_adopts_the_winners_key(stack):
 def test_a_rotation_racing_another_is_a_conflict_and_changes_nothing(stack):
     # Given an operator's rotation read the registry before another rotation landed
     clock = Clock()
-    before = stack.store.get_signing_keys()
+    before = stack.store.signing_keys.get()
     winner = registry(stack, clock).rotate(actor="op-1")
     loser = SigningKeys(
-        StaleReads(stack.store, before),
+        StaleReads(stack.store.signing_keys, before),
         KmsKeys(client=stack.kms),
         clock=clock,
         monotonic=clock.monotonic,
@@ -337,7 +349,7 @@ def test_the_registry_is_read_once_per_cache_period(stack):
 def test_no_signing_key_before_initialization():
     # Given an empty registry (the stack's key not adopted yet)
     class EmptyStore:
-        def get_signing_keys(self):
+        def get(self):
             return ChainHead(), []
 
     keys = SigningKeys(EmptyStore(), KmsKeys(client=object()), clock=Clock())
@@ -414,7 +426,7 @@ def test_a_registry_entry_is_refused_unless_tags_and_key_policy_are_fleetkeys(st
     # When an entry for it lands in the registry (a write to the table alone)
     rotation_to(stack, key_id)
     # Then no registry reader publishes it or signs with it
-    reader = SigningKeys(stack.store, KmsKeys(client=stack.kms), trust=trust)
+    reader = SigningKeys(stack.store.signing_keys, KmsKeys(client=stack.kms), trust=trust)
     assert key_id not in {k.key_id for k in reader.keys()}  # noqa: SIM118 (SigningKeys.keys, not a dict)
     assert reader.current()[0].key_id == stack.token_key_id
 
@@ -432,7 +444,7 @@ def test_a_key_policy_naming_a_member_twice_is_not_trusted(stack):
     # When an entry for it lands in the registry
     rotation_to(stack, key_id)
     # Then no reader trusts it
-    reader = SigningKeys(stack.store, KmsKeys(client=stack.kms), trust=stack.key_trust)
+    reader = SigningKeys(stack.store.signing_keys, KmsKeys(client=stack.kms), trust=stack.key_trust)
     assert key_id not in {k.key_id for k in reader.keys()}  # noqa: SIM118 (SigningKeys.keys, not a dict)
 
 
@@ -465,10 +477,10 @@ def test_a_key_of_imported_material_or_multi_region_is_not_trusted(stack, metada
     rotation_to(stack, key_id)
     kms = Describing(stack.kms, key_id, **metadata)
     # When a reader confirms the registry's entries
-    reader = SigningKeys(stack.store, KmsKeys(client=kms), trust=stack.key_trust)
+    reader = SigningKeys(stack.store.signing_keys, KmsKeys(client=kms), trust=stack.key_trust)
     # Then that key is not trusted; the same key, as KMS really describes it, is
     assert key_id not in {k.key_id for k in reader.keys()}  # noqa: SIM118 (SigningKeys.keys, not a dict)
-    honest = SigningKeys(stack.store, KmsKeys(client=stack.kms), trust=stack.key_trust)
+    honest = SigningKeys(stack.store.signing_keys, KmsKeys(client=stack.kms), trust=stack.key_trust)
     assert key_id in {k.key_id for k in honest.keys()}  # noqa: SIM118 (SigningKeys.keys, not a dict)
 
 
@@ -491,7 +503,7 @@ def test_a_key_with_fleetkeys_policy_in_another_layout_is_confirmed(stack):
     key_id = spare_key(stack, policy=relaid)
     # When it is registered, Then it is confirmed and published
     rotation_to(stack, key_id)
-    reader = SigningKeys(stack.store, KmsKeys(client=stack.kms), trust=stack.key_trust)
+    reader = SigningKeys(stack.store.signing_keys, KmsKeys(client=stack.kms), trust=stack.key_trust)
     assert key_id in {k.key_id for k in reader.keys()}  # noqa: SIM118 (SigningKeys.keys, not a dict)
 
 
@@ -565,7 +577,7 @@ def test_a_refused_key_is_checked_again_after_the_cache_time(stack):
     # Given a registry entry for a key KMS does not (yet) show as this stack's: its tag is missing
     now = [1000.0]
     reader = SigningKeys(
-        stack.store,
+        stack.store.signing_keys,
         KmsKeys(client=stack.kms),
         trust=stack.key_trust,
         cache_seconds=60,
@@ -594,7 +606,7 @@ class EmptyRegistry:
     def __init__(self, store) -> None:
         self._store = store
 
-    def get_signing_keys(self):
+    def get(self):
         return ChainHead(), []
 
     def __getattr__(self, name):
@@ -609,7 +621,9 @@ def test_an_empty_registry_serves_the_stacks_first_key_without_writing(stack):
         stack.token_key_id,
         retirer_role_arns=stack.settings.token_key_retirer_role_arns,
     )
-    reader = SigningKeys(EmptyRegistry(stack.store), KmsKeys(client=stack.kms), trust=trust)
+    reader = SigningKeys(
+        EmptyRegistry(stack.store.signing_keys), KmsKeys(client=stack.kms), trust=trust
+    )
     counter = AwsCallCounter().watch(*stack.service_clients())
     # When a reader asks for the current key and the JWKS
     key, _ = reader.current()
@@ -633,7 +647,7 @@ def test_an_empty_registry_reads_the_first_key_from_kms_once(stack):
         retirer_role_arns=stack.settings.token_key_retirer_role_arns,
     )
     reader = SigningKeys(
-        EmptyRegistry(stack.store),
+        EmptyRegistry(stack.store.signing_keys),
         KmsKeys(client=stack.kms),
         trust=trust,
         cache_seconds=60,
@@ -659,7 +673,9 @@ def test_an_empty_registry_refuses_a_first_key_that_is_not_fleetkeys(stack):
         other,
         retirer_role_arns=stack.settings.token_key_retirer_role_arns,
     )
-    reader = SigningKeys(EmptyRegistry(stack.store), KmsKeys(client=stack.kms), trust=trust)
+    reader = SigningKeys(
+        EmptyRegistry(stack.store.signing_keys), KmsKeys(client=stack.kms), trust=trust
+    )
     # When a token would be signed, Then there is no key (503), not that key
     with pytest.raises(NoSigningKey):
         reader.current()
@@ -688,12 +704,12 @@ def test_the_first_rotation_writes_the_first_key_into_the_registry(stack, monkey
         stack.token_key_id,
         retirer_role_arns=stack.settings.token_key_retirer_role_arns,
     )
-    keys = SigningKeys(stack.store, KmsKeys(client=stack.kms), trust=trust)
+    keys = SigningKeys(stack.store.signing_keys, KmsKeys(client=stack.kms), trust=trust)
     first = keys.current()[0]
     # When an operator rotates
     new = keys.rotate(actor="op")
     # Then the registry holds the first key (now retiring) and the new one
-    _, items = stack.store.get_signing_keys()
+    _, items = stack.store.signing_keys.get()
     assert [i["key_id"] for i in items] == [stack.token_key_id, new.key_id]
     assert items[0]["retire_after"] is not None and items[0]["kid"] == first.kid
 
@@ -723,9 +739,11 @@ def test_the_token_function_never_writes_the_registry(stack, acme, monkeypatch):
         stack.token_key_id,
         retirer_role_arns=stack.settings.token_key_retirer_role_arns,
     )
-    first_kid = SigningKeys(stack.store, KmsKeys(client=stack.kms), trust=first).keys()[0].kid
+    first_kid = (
+        SigningKeys(stack.store.signing_keys, KmsKeys(client=stack.kms), trust=first).keys()[0].kid
+    )
     assert kid_of(json.loads(response["body"])["access_token"]) == first_kid
-    assert stack.store.get_signing_keys() == (ChainHead(), [])
+    assert stack.store.signing_keys.get() == (ChainHead(), [])
 
 
 def test_settings_name_the_roles_that_retire_keys():
@@ -754,7 +772,7 @@ def test_settings_name_the_roles_that_retire_keys():
 )
 def test_an_unreadable_registry_entry_is_ignored_and_the_others_still_serve(stack, spoil):
     # Given a registry whose good entry sits behind an unreadable one written to the table
-    head, items = stack.store.get_signing_keys()
+    head, items = stack.store.signing_keys.get()
     good = items[0]
     bad = {k: v for k, v in {**good, **spoil}.items() if v is not None}
     record = head.next_record(
@@ -764,8 +782,8 @@ def test_an_unreadable_registry_entry_is_ignored_and_the_others_still_serve(stac
         actor="intruder",
         details={},
     )
-    stack.store.put_signing_keys(head, [bad, good], record)
-    reader = SigningKeys(stack.store, KmsKeys(client=stack.kms), trust=stack.key_trust)
+    stack.store.signing_keys.put(head, [bad, good], record)
+    reader = SigningKeys(stack.store.signing_keys, KmsKeys(client=stack.kms), trust=stack.key_trust)
 
     # When a reader serves the JWKS and signs
     jwks = reader.jwks()

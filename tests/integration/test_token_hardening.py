@@ -119,11 +119,13 @@ def test_a_key_written_into_the_registry_without_kms_is_not_trusted(stack):
     from fleetkey.services.introspection import IntrospectionService
     from fleetkey.services.signing_keys import SigningKeys
 
-    keys = SigningKeys(stack.store, KmsKeys(client=stack.kms))
+    keys = SigningKeys(stack.store.signing_keys, KmsKeys(client=stack.kms))
     # Then the forged key is neither published nor accepted
     assert kid not in [k["kid"] for k in keys.jwks()["keys"]]
     assert len(keys.jwks()["keys"]) == 1
-    introspection = IntrospectionService(stack.settings, stack.store, keys)
+    introspection = IntrospectionService(
+        stack.settings, stack.store.devices, stack.store.token_records, stack.store.audit, keys
+    )
     assert introspection.introspect(forged) == {"active": False}
 
 
@@ -161,7 +163,11 @@ def test_an_expired_device_certificate_gets_no_token_and_tokens_never_outlive_it
     from fleetkey.services.tokens import TokenService
 
     later = TokenService(
-        stack.settings, stack.store, stack.signing_keys, clock=lambda: now + timedelta(seconds=200)
+        stack.settings,
+        stack.store.devices,
+        stack.store.token_records,
+        stack.signing_keys,
+        clock=lambda: now + timedelta(seconds=200),
     )
     with pytest.raises(InvalidClient):
         later.issue(
@@ -438,17 +444,19 @@ def test_malformed_assertions_are_invalid_client_never_a_crash(stack):
 def set_device(stack, device_id, action, **changes):
     """Change a stored device as the services do (conditional write with its audit record)."""
     from fleetkey.clock import timestamp, utc_now
-    from fleetkey.store import schema
+    from fleetkey.ports import DeviceChange
 
-    device = stack.store.get_device(device_id)
-    record = device.audit_head.next_record(
-        subject=schema.device_subject(device_id),
-        at=timestamp(utc_now()),
-        action=action,
-        actor="test",
-        details={},
-    )
-    stack.store.update_device(device, record, **changes)
+    device = stack.store.devices.get(device_id)
+    change = DeviceChange(action=action, actor="test", at=timestamp(utc_now()), **changes)
+    stack.store.devices.apply(device, change)
+
+
+def with_public_key(stack, device_id, pem):
+    """The device's current certificate, its stored public key replaced by `pem`."""
+    import dataclasses
+
+    current = stack.store.devices.get(device_id).current_certificate
+    return (dataclasses.replace(current, public_key_pem=pem),)
 
 
 def unusable_keys() -> dict[str, str]:
@@ -474,7 +482,7 @@ def test_a_stored_device_key_that_is_unusable_is_invalid_client(stack, kind):
         stack,
         "sensor-corrupt",
         "corrupted",
-        set_attributes={"certificate_public_key": unusable_keys()[kind]},
+        certificates=with_public_key(stack, "sensor-corrupt", unusable_keys()[kind]),
     )
     # When it asks for a token, Then invalid_client (not a server error)
     assert issued_or_refused(stack, token_request(assertion())) == "invalid_client"
@@ -501,21 +509,18 @@ class VerificationSpy:
 
 def test_every_invalid_client_after_the_device_read_verifies_one_signature(stack, monkeypatch):
     # Given an ACTIVE device, a SUSPENDED one, and a spy on signature verification and AWS calls
-    from fleetkey.domain.lifecycle import Transition, target_state
+    from fleetkey.domain.lifecycle import Transition
     from fleetkey_local.instrument import AwsCallCounter
 
     key, certificate_id, _assertion = active_device(stack, "sensor-timing")
     _, gone_certificate, gone_assertion = active_device(stack, "sensor-gone")
-    gone = stack.store.get_device("sensor-gone")
-    set_device(
-        stack, "sensor-gone", "suspended", new_state=target_state(gone.state, Transition.SUSPEND)
-    )
+    set_device(stack, "sensor-gone", "suspended", transition=Transition.SUSPEND)
     _, _, corrupt_assertion = active_device(stack, "sensor-corrupt")
     set_device(
         stack,
         "sensor-corrupt",
         "corrupted",
-        set_attributes={"certificate_public_key": unusable_keys()["garbage PEM"]},
+        certificates=with_public_key(stack, "sensor-corrupt", unusable_keys()["garbage PEM"]),
     )
     issuer = stack.settings.issuer
     impostor = generate_key("ec:secp256r1")
@@ -667,11 +672,11 @@ def test_a_client_secret_beside_the_assertion_is_invalid_request(stack):
 
 def test_the_token_path_reads_only_the_device_fields_it_needs(stack):
     # Given an ACTIVE device and a record of the GetItem requests the store's client sends
-    from fleetkey.store.dynamodb import DEVICE_CREDENTIAL_FIELDS
+    from fleetkey.store.devices import DEVICE_CREDENTIAL_FIELDS
 
     _, _, assertion = active_device(stack, "sensor-projection")
     sent = []
-    client = stack.store._client
+    client = stack.store.table.client
 
     def record(params, **_):
         sent.append(dict(params))
@@ -698,7 +703,7 @@ def test_an_unknown_device_costs_the_decoding_a_known_one_costs(stack, monkeypat
     import botocore.parsers
     from boto3.dynamodb.types import TypeDeserializer
 
-    from fleetkey.store import dynamodb
+    from fleetkey.store import table as dynamodb
 
     key, certificate_id, _ = active_device(stack, "sensor-decoy")
     issuer = stack.settings.issuer

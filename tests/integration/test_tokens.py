@@ -4,6 +4,7 @@ firmware attestation, challenges, introspection, and a fault at every AWS call."
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -22,7 +23,7 @@ from fleetkey.adapters.kms import KmsKeys
 from fleetkey.clock import timestamp, utc_now
 from fleetkey.crypto.jose import b64url, jwk_thumbprint, public_jwk
 from fleetkey.domain.allowlist import AllowlistEntry
-from fleetkey.domain.lifecycle import DeviceState, Transition, target_state
+from fleetkey.domain.lifecycle import DeviceState, Transition
 from fleetkey.domain.oauth import (
     InvalidClient,
     InvalidGrant,
@@ -32,6 +33,7 @@ from fleetkey.domain.oauth import (
     UnsupportedGrantType,
 )
 from fleetkey.domain.profiles import get_profile
+from fleetkey.ports import DeviceChange
 from fleetkey.services.signing_keys import SigningKeys
 from fleetkey.services.tokens import TokenService
 from fleetkey.settings import Settings
@@ -129,28 +131,24 @@ def claims_of(assertion: str) -> dict:
 
 
 def change_device(stack, device_id: str, action: str, **changes):
-    """Apply a change to the device the way the services do: conditional, with its audit record."""
-    device = stack.store.get_device(device_id)
-    record = device.audit_head.next_record(
-        subject=schema.device_subject(device_id),
-        at=timestamp(utc_now()),
-        action=action,
-        actor="test",
-        details={},
-    )
-    return stack.store.update_device(device, record, **changes)
+    """Apply a change through the device repository, as the services do: conditional, with its
+    audit record."""
+    device = stack.store.devices.get(device_id)
+    change = DeviceChange(action=action, actor="test", at=timestamp(utc_now()), **changes)
+    return stack.store.devices.apply(device, change)
 
 
 def suspend(stack, device_id: str):
-    device = stack.store.get_device(device_id)
-    return change_device(
-        stack, device_id, "suspended", new_state=target_state(device.state, Transition.SUSPEND)
-    )
+    return change_device(stack, device_id, "suspended", transition=Transition.SUSPEND)
 
 
 def replace_certificate(stack, device_id: str, new_id: str = "c" * 64):
+    current = stack.store.devices.get(device_id).current_certificate
     return change_device(
-        stack, device_id, "certificate_rotated", set_attributes={"certificate_id": new_id}
+        stack,
+        device_id,
+        "certificate_rotated",
+        certificates=(dataclasses.replace(current, certificate_id=new_id),),
     )
 
 
@@ -304,7 +302,7 @@ def _alg_none(stack, me, other):
 def _hs256_with_public_key(stack, me, other):
     """The RS/ES -> HS confusion: an HMAC keyed with the public key the server holds."""
     claims = claims_of(me.assertion(stack))
-    public_pem = stack.store.get_device(me.device_id).certificate_public_key.encode()
+    public_pem = stack.store.devices.get(me.device_id).certificate_public_key.encode()
     signing_input = (
         _b64json({"alg": "HS256", "typ": "JWT", "kid": me.certificate_id}) + "." + _b64json(claims)
     )
@@ -497,7 +495,7 @@ def test_a_device_that_is_not_active_gets_no_token(stack, acme):
     # Given a SUSPENDED device, and one only allow-listed (never registered)
     dev = enroll(stack, acme, "sensor-suspended")
     suspend(stack, dev.device_id)
-    assert stack.store.get_device(dev.device_id).state is DeviceState.SUSPENDED
+    assert stack.store.devices.get(dev.device_id).state is DeviceState.SUSPENDED
     stack.allowlist.add(
         AllowlistEntry(
             device_id="sensor-listed",
@@ -520,10 +518,7 @@ def test_a_device_that_is_not_active_gets_no_token(stack, acme):
     assert suspended.value.reason == "device not active"
 
     # and once resumed, the device gets tokens again
-    device = stack.store.get_device(dev.device_id)
-    change_device(
-        stack, dev.device_id, "resumed", new_state=target_state(device.state, Transition.RESUME)
-    )
+    change_device(stack, dev.device_id, "resumed", transition=Transition.RESUME)
     issue(stack, dev.assertion(stack))
 
 
@@ -582,7 +577,8 @@ def test_malformed_requests_are_refused_before_any_aws_call(form, error):
     # Given a token service whose store and keys must not be touched
     service = TokenService(
         Settings(table_name="t", region="eu-west-1"),
-        store=None,
+        devices=None,
+        records=None,
         signing_keys=None,
         clock=MovableClock(),
     )
@@ -638,7 +634,7 @@ def test_scopes_and_audiences_are_the_profiles(stack, acme):
         issue(stack, dev.assertion(stack, **firmware))["access_token"],
         audience="urn:fleetkey:therapy",
     )
-    assert claims["scope"] == "telemetry:write therapy:report"
+    assert claims["scope"] == "fleetkey:data-key telemetry:write therapy:report"
     assert claims["aud"] == ["urn:fleetkey:telemetry", "urn:fleetkey:therapy"]
 
     # and a telemetry sensor may not ask for the pump's scope or audience
@@ -714,7 +710,13 @@ def test_an_expired_nonce_is_refused(stack, acme):
     # Given a token service on a clock the test moves, and a challenge from it
     dev = enroll(stack, acme, "sensor-late")
     clock = MovableClock()
-    service = TokenService(stack.settings, stack.store, stack.signing_keys, clock=clock)
+    service = TokenService(
+        stack.settings,
+        stack.store.devices,
+        stack.store.token_records,
+        stack.signing_keys,
+        clock=clock,
+    )
     late, in_time = service.challenge()["nonce"], service.challenge()["nonce"]
 
     # When the device answers at the last second of the challenge, Then it gets a token
@@ -745,7 +747,10 @@ JTI_WRITE = 2
 
 def fresh_token_service(stack) -> TokenService:
     return TokenService(
-        stack.settings, stack.store, SigningKeys(stack.store, KmsKeys(client=stack.kms))
+        stack.settings,
+        stack.store.devices,
+        stack.store.token_records,
+        SigningKeys(stack.store.signing_keys, KmsKeys(client=stack.kms)),
     )
 
 
@@ -820,7 +825,8 @@ def test_tokens_that_are_not_valid_introspect_inactive(stack, acme):
     # good, only its lifetime is over)
     past = TokenService(
         stack.settings,
-        stack.store,
+        stack.store.devices,
+        stack.store.token_records,
         stack.signing_keys,
         clock=MovableClock(datetime.now(UTC) - timedelta(hours=2)),
     )

@@ -51,6 +51,10 @@ ACCOUNT = "123456789012"
 REGION = "eu-west-1"
 PARTITION = "aws"
 TABLE_PLACEHOLDER = "<table>"
+# The lifecycle queue (FLEETKEY_LIFECYCLE_QUEUE_URL) and the data-key KMS key
+# (FLEETKEY_DATA_KEY_ID), recorded and resolved under these names.
+LIFECYCLE_QUEUE_PLACEHOLDER = "<lifecycle-queue>"
+DATA_KEY_PLACEHOLDER = "<data-key>"
 STACK_PLACEHOLDER = "<stack>"
 FUNCTION_SERVICE_PREFIX = "fleetkey-"  # POWERTOOLS_SERVICE_NAME = fleetkey-<function>
 CHECK_ENV = "FLEETKEY_IAM_CHECK"
@@ -213,8 +217,12 @@ IOT_NO_RESOURCE_ACTIONS = {
     "ListCACertificates",
     "ListCertificates",
     "ListCertificatesByCA",
+    "DescribeEndpoint",
 }
 KMS_KEY_ACTIONS = {
+    "GenerateDataKey",
+    "Decrypt",
+    "Encrypt",
     "Sign",
     "Verify",
     "GetPublicKey",
@@ -362,9 +370,12 @@ def _iot_requests(
                 frozenset({"iot:thingarn"}),
             )
         ]
-    if operation in ("AttachPolicy", "DetachPolicy"):
+    if operation in ("AttachPolicy", "DetachPolicy", "ListAttachedPolicies"):
         # Authorized on the target (a certificate or thing group), not on the policy.
         return [Request(action, params["target"])]
+    if operation == "ListPrincipalThings":
+        # Authorized on the principal (the certificate).
+        return [Request(action, params["principal"])]
     raise UnmappedOperation(f"iot.{operation}")
 
 
@@ -382,6 +393,13 @@ def _iot_data_requests(
 
 
 def _key_arn(key_id: str, region: str, account: str) -> str:
+    data_key = os.environ.get("FLEETKEY_DATA_KEY_ID")
+    if data_key and key_id.rsplit("/", 1)[-1] == data_key.rsplit("/", 1)[-1]:
+        return _arn("kms", f"key/{DATA_KEY_PLACEHOLDER}", region, account)
+    return _key_arn_of(key_id, region, account)
+
+
+def _key_arn_of(key_id: str, region: str, account: str) -> str:
     return key_id if key_id.startswith("arn:") else _arn("kms", f"key/{key_id}", region, account)
 
 
@@ -488,7 +506,31 @@ def to_requests(
         return _iot_data_requests(operation, params, region, account)
     if service == "kms":
         return _kms_requests(operation, params, region, account, key_facts, stack_name)
+    if service == "sqs":
+        return _sqs_requests(operation, params, region, account)
     raise UnmappedOperation(f"{service}.{operation}")
+
+
+SQS_QUEUE_ACTIONS = {
+    "SendMessage",
+    "ReceiveMessage",
+    "DeleteMessage",
+    "ChangeMessageVisibility",
+    "GetQueueAttributes",
+}
+
+
+def _sqs_requests(
+    operation: str, params: Mapping[str, Any], region: str, account: str
+) -> list[Request]:
+    if operation in SQS_QUEUE_ACTIONS:
+        # Authorized on the queue, named by its URL's last path segment.
+        name = params["QueueUrl"].rstrip("/").rsplit("/", 1)[-1]
+        lifecycle = os.environ.get("FLEETKEY_LIFECYCLE_QUEUE_URL", "").rstrip("/")
+        if lifecycle and name == lifecycle.rsplit("/", 1)[-1]:
+            name = LIFECYCLE_QUEUE_PLACEHOLDER
+        return [Request(f"sqs:{operation}", _arn("sqs", name, region, account))]
+    raise UnmappedOperation(f"sqs.{operation}")
 
 
 # ---- policy evaluation -------------------------------------------------------------------------
@@ -875,6 +917,11 @@ def _function_of_role(logical_id: str, resources: Mapping[str, Any]) -> str | No
     return None
 
 
+def _is_lifecycle_queue(logical_id: str) -> bool:
+    """The CDK's lifecycle queue (not its dead-letter queue)."""
+    return logical_id.startswith("LifecycleQueue") and "Dead" not in logical_id
+
+
 def _attribute(logical_id: str, attribute: str, resources: Mapping[str, Any]) -> str:
     resource = resources.get(logical_id, {})
     kind = resource.get("Type")
@@ -884,6 +931,10 @@ def _attribute(logical_id: str, attribute: str, resources: Mapping[str, Any]) ->
             return role_arn(function)
     if attribute == "Arn" and kind == "AWS::DynamoDB::Table":
         return _arn("dynamodb", f"table/{TABLE_PLACEHOLDER}", REGION, ACCOUNT)
+    if attribute == "Arn" and kind == "AWS::SQS::Queue" and _is_lifecycle_queue(logical_id):
+        return _arn("sqs", LIFECYCLE_QUEUE_PLACEHOLDER, REGION, ACCOUNT)
+    if attribute == "Arn" and kind == "AWS::KMS::Key" and logical_id.startswith("DataKeys"):
+        return _arn("kms", f"key/{DATA_KEY_PLACEHOLDER}", REGION, ACCOUNT)
     if attribute == "Arn" and kind == "AWS::IoT::Policy":
         name = resource["Properties"].get("PolicyName", logical_id)
         return _arn("iot", f"policy/{name}", REGION, ACCOUNT)

@@ -13,7 +13,7 @@ def write_registry_entry(
 ) -> str:
     """Append an entry for `key_id` (with `public_key`, active now) to the registry, audited as
     a rotation would be. Returns the entry's kid."""
-    head, items = stack.store.get_signing_keys()
+    head, items = stack.store.signing_keys.get()
     jwk = public_jwk(public_key)
     kid = jwk_thumbprint(jwk)
     entry = {
@@ -30,5 +30,5 @@ def write_registry_entry(
         actor=actor,
         details={},
     )
-    stack.store.put_signing_keys(head, [*items, entry], record)
+    stack.store.signing_keys.put(head, [*items, entry], record)
     return kid

@@ -8,7 +8,14 @@ import pytest
 from fleetkey.crypto.certificates import DeviceCertificate
 from fleetkey.domain.audit import ChainHead
 from fleetkey.domain.lifecycle import DeviceState
-from fleetkey.domain.models import CaStatus, Device, ManufacturerCa
+from fleetkey.domain.models import (
+    CaStatus,
+    CertificateOrigin,
+    CertificateRole,
+    Device,
+    HeldCertificate,
+    ManufacturerCa,
+)
 from fleetkey.domain.registration import refusal_for
 from fleetkey.domain.rejection import RejectionReason as R
 from fleetkey.errors import InvalidRequest
@@ -44,8 +51,22 @@ CA = ManufacturerCa(
     audit_head=ChainHead(1, "b" * 64),
 )
 
+
 # A device that is already registered, with CERT as its certificate.
-REGISTERED = replace(DEVICE, state=DeviceState.ACTIVE, certificate_id=CERT_ID)
+def held(certificate_id: str) -> tuple[HeldCertificate, ...]:
+    return (
+        HeldCertificate(
+            certificate_id=certificate_id,
+            role=CertificateRole.CURRENT,
+            origin=CertificateOrigin.FACTORY,
+            public_key_pem=CERT.public_key_pem,
+            key=CERT.key_description,
+            not_after=CERT.not_after.isoformat(),
+        ),
+    )
+
+
+REGISTERED = replace(DEVICE, state=DeviceState.ACTIVE, certificates=held(CERT_ID))
 OTHER_CERT = replace(CERT, certificate_id="d" * 64)
 
 
@@ -164,12 +185,14 @@ EVERYTHING_WRONG = replace(
 OTHER_CA = replace(CA, name="globex")
 
 
-def test_decommissioned_comes_before_everything():
-    # Given a decommissioned device that had a certificate, and a certificate wrong in every way
+def test_decommissioned_comes_after_every_refusal_for_cause():
+    # Given a decommissioned device that had a certificate
     device = replace(REGISTERED, state=DeviceState.DECOMMISSIONED)
 
-    # When / Then
-    assert refusal_for(device, EVERYTHING_WRONG, OTHER_CA) is R.DECOMMISSIONED
+    # When a certificate wrong in every way claims it, Then it is refused for cause (burnt)
+    assert refusal_for(device, EVERYTHING_WRONG, OTHER_CA) is R.WRONG_ISSUER
+    # and one that would be acceptable is only set aside (decommissioned, not for cause)
+    assert refusal_for(device, CERT, CA) is R.DECOMMISSIONED
 
 
 def test_clone_comes_before_issuer_serial_key_and_strength():
@@ -196,7 +219,7 @@ def test_weak_key_is_the_last_check():
 
 def test_allowlisted_device_is_never_a_clone():
     # Given an allow-listed device that (unusually) still records an old certificate id
-    device = replace(DEVICE, certificate_id="0" * 64)
+    device = replace(DEVICE, certificates=held("0" * 64))
 
     # When / Then: only registered devices are protected against a second certificate
     assert refusal_for(device, CERT, CA) is None

@@ -139,6 +139,9 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/challenge", "token", NONE),
     Route("GET", "/.well-known/jwks.json", "discovery", NONE),
     Route("GET", "/.well-known/oauth-authorization-server", "discovery", NONE),
+    # A device's data key, sealed to its certificate key: the client assertion (as for /v1/token)
+    # authenticates the device. The per-client limits cover it as the edge's rate limits say.
+    Route("POST", "/v1/devices/{device_id}/data-key", "data_keys", NONE),
     # Relying parties and operators: IAM (SigV4).
     Route("POST", "/v1/introspect", "introspect", AWS_IAM),
     Route("ANY", "/v1/admin/{proxy+}", "admin", AWS_IAM),

@@ -32,8 +32,9 @@ What a connection goes through:
    as AWS IoT does. QoS is at most 1 (a QoS 2 subscription is granted QoS 1; a QoS 2 publish
    disconnects). Allowed publishes also go to the rules engine (`fleetkey_local.rules`).
 
-`publish()` / `publish_command()` are iot-data Publish; while an emulator runs, moto's iot-data
-Publish (boto3 `iot-data` against the local endpoint) is forwarded to it too.
+`publish()` / `publish_command()` are iot-data Publish and `disconnect()` is iot-data
+DeleteConnection; while an emulator runs, moto's iot-data Publish and DeleteConnection (boto3
+`iot-data` against the local endpoint) are forwarded to it too.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ ENDPOINT_CA_FILE = "iot-endpoint-ca.pem"
 ENDPOINT_CA_KEY_FILE = "iot-endpoint-ca.key"
 SERVER_CERT_FILE = "iot-server.pem"
 SERVER_KEY_FILE = "iot-server.key"
-COMMANDS = ("rotate", "reset")
+COMMANDS = ("rotate", "reset", "validate")
 SESSION_KEY = "fleetkey.iot.connection"
 TLS_HANDSHAKE_TIMEOUT = 10.0
 TLS_SHUTDOWN_TIMEOUT = 2.0
@@ -565,23 +566,50 @@ class IotCoreTopicPlugin(BaseTopicPlugin):
 
 
 def _install_iot_data_bridge() -> None:
-    """moto's iot-data Publish only records the message; forward it to the running emulators of
-    its account and region, as AWS IoT's message broker would deliver it."""
+    """moto's iot-data Publish only records the message, and moto has no DeleteConnection
+    (`moto_patches` adds one that finds no client): forward both to the running emulators of
+    their account and region, as AWS IoT's message broker would deliver the message and close
+    the connection."""
     from moto.iotdata.models import IoTDataPlaneBackend
 
+    from fleetkey_local import moto_patches
+
+    moto_patches.patch_iot_data()
     with _bridge_lock:
-        if getattr(IoTDataPlaneBackend.publish, "_fleetkey_bridge", False):
-            return
-        original = IoTDataPlaneBackend.publish
+        if not getattr(IoTDataPlaneBackend.publish, "_fleetkey_bridge", False):
+            original_publish = IoTDataPlaneBackend.publish
 
-        def publish(self, topic: str, payload: bytes) -> None:
-            original(self, topic, payload)
-            for emulator in list(_EMULATORS.values()):
-                if (emulator.account, emulator.region) == (self.account_id, self.region_name):
-                    emulator.publish(topic, payload)
+            def publish(self, topic: str, payload: bytes) -> None:
+                original_publish(self, topic, payload)
+                for emulator in list(_EMULATORS.values()):
+                    if (emulator.account, emulator.region) == (self.account_id, self.region_name):
+                        emulator.publish(topic, payload)
 
-        publish._fleetkey_bridge = True
-        IoTDataPlaneBackend.publish = publish
+            publish._fleetkey_bridge = True
+            IoTDataPlaneBackend.publish = publish
+
+        if not getattr(IoTDataPlaneBackend.delete_connection, "_fleetkey_bridge", False):
+            original_delete_connection = IoTDataPlaneBackend.delete_connection
+
+            def delete_connection(
+                self, client_id: str, clean_session: bool, prevent_will_message: bool
+            ) -> None:
+                closed = False
+                for emulator in list(_EMULATORS.values()):
+                    if (emulator.account, emulator.region) == (self.account_id, self.region_name):
+                        closed = (
+                            emulator.disconnect(
+                                client_id,
+                                clean_session=clean_session,
+                                prevent_will_message=prevent_will_message,
+                            )
+                            or closed
+                        )
+                if not closed:  # not connected anywhere: AWS's ResourceNotFoundException
+                    original_delete_connection(self, client_id, clean_session, prevent_will_message)
+
+            delete_connection._fleetkey_bridge = True
+            IoTDataPlaneBackend.delete_connection = delete_connection
 
 
 # ---- the emulator ---------------------------------------------------------------------------
@@ -837,6 +865,49 @@ class IotCoreEmulator:
         asyncio.run_coroutine_threadsafe(
             self._broker.internal_message_broadcast(topic, data, qos), self._loop
         ).result(10)
+
+    def disconnect(
+        self, client_id: str, *, clean_session: bool = False, prevent_will_message: bool = False
+    ) -> bool:
+        """iot-data DeleteConnection: close the connection of `client_id` at once (presence
+        event disconnectReason API_INITIATED_DISCONNECT). `clean_session` also discards a
+        persistent session (subscriptions, queued messages); `prevent_will_message` keeps its
+        Last Will from being published. False when no such client is connected."""
+        if not self.running:
+            return False
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("disconnect() blocks: call it from another thread than the broker's")
+        return asyncio.run_coroutine_threadsafe(
+            self._disconnect_client(client_id, clean_session, prevent_will_message), self._loop
+        ).result(10)
+
+    async def _disconnect_client(
+        self, client_id: str, clean_session: bool, prevent_will_message: bool
+    ) -> bool:
+        broker = self._broker
+        entry = broker.sessions.get(client_id) if broker is not None else None
+        if entry is None or not entry[0].transitions.is_connected():
+            return False
+        session, handler = entry
+        self._disconnect_reason(session, "API_INITIATED_DISCONNECT")
+        if prevent_will_message:
+            # amqtt publishes the will of a connection that ends without DISCONNECT; a reused
+            # persistent session takes the next CONNECT's will flag again.
+            session.will_flag = False
+        await _drop(handler)
+        for _ in range(500):  # the message loop handles the disconnection
+            if not session.transitions.is_connected():
+                break
+            await asyncio.sleep(0.01)
+        current = broker.sessions.get(client_id)
+        if (
+            clean_session
+            and current is not None
+            and current[0] is session
+            and not session.transitions.is_connected()
+        ):
+            await broker._delete_session(client_id)
+        return True
 
     def publish_command(
         self, device_id: str, command: str, payload: Any = None, qos: int | None = None

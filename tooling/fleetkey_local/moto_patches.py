@@ -25,6 +25,16 @@ Each patch names the AWS behaviour it restores. Applied by the embedded stack an
 7. IoT CA auto-registration: AWS keeps a CA's `autoRegistrationStatus` (RegisterCACertificate
    `allowAutoRegistration`, UpdateCACertificate `newAutoRegistrationStatus`) and reports it in
    DescribeCACertificate; JITR happens only while it is ENABLE. moto ignores both parameters.
+8. IoT UpdateCertificate: AWS refuses to move a REVOKED certificate anywhere else ("once a
+   certificate is revoked, its status can't be changed"; CertificateStateException, "the
+   certificate operation is not allowed") and refuses PENDING_TRANSFER and PENDING_ACTIVATION
+   as a new status (statuses AWS IoT sets itself; InvalidRequestException). moto sets any status.
+   (DeleteCertificate of an ACTIVE certificate or one with things or policies attached, and
+   DeleteThing with principals attached, moto already refuses as AWS does.)
+9. iot-data DeleteConnection (`DELETE /connections/{clientId}?cleanSession=&preventWillMessage=`):
+   moto has no such operation. It answers ResourceNotFoundException, AWS's answer for a client
+   that is not connected (moto has no MQTT connections); while the local IoT Core emulator runs,
+   `fleetkey_local.iot_core` forwards it there and the client's connection is closed at once.
 """
 
 from __future__ import annotations
@@ -36,6 +46,8 @@ import uuid
 from typing import Any
 from urllib.parse import unquote
 
+from fleetkey_local import moto_kms_patches
+
 _applied = False
 _dynamodb_lock = threading.RLock()
 
@@ -46,7 +58,11 @@ def _stable_registration_code(self) -> str:
 
 def _patch_iot() -> None:
     from moto.core.responses import ActionResult
-    from moto.iot.exceptions import ResourceAlreadyExistsException
+    from moto.iot.exceptions import (
+        CertificateStateException,
+        InvalidRequestException,
+        ResourceAlreadyExistsException,
+    )
     from moto.iot.models import FakeCaCertificate, FakeCertificate, IoTBackend
     from moto.iot.responses import IoTResponse
 
@@ -134,6 +150,53 @@ def _patch_iot() -> None:
         return result
 
     IoTResponse.update_ca_certificate = update_ca_response
+
+    original_update_certificate = IoTBackend.update_certificate
+
+    def update_certificate(self: IoTBackend, certificate_id: str, new_status: str) -> None:
+        certificate = self.describe_certificate(certificate_id)
+        if new_status in ("PENDING_TRANSFER", "PENDING_ACTIVATION"):
+            raise InvalidRequestException(f"the status {new_status} is set by AWS IoT only")
+        if certificate.status == "REVOKED" and new_status != "REVOKED":
+            raise CertificateStateException(
+                "The certificate is revoked: its status cannot change.", certificate_id
+            )
+        original_update_certificate(self, certificate_id, new_status)
+
+    IoTBackend.update_certificate = update_certificate
+
+
+def patch_iot_data() -> None:
+    """Patch 9: iot-data DeleteConnection. Idempotent; the IoT Core emulator's bridge calls it
+    too, so the operation exists whenever an emulator runs."""
+    from moto.iotdata.exceptions import ResourceNotFoundException
+    from moto.iotdata.models import IoTDataPlaneBackend
+    from moto.iotdata.responses import IoTDataPlaneResponse
+
+    if hasattr(IoTDataPlaneBackend, "delete_connection"):
+        return
+
+    def delete_connection(
+        self: IoTDataPlaneBackend, client_id: str, clean_session: bool, prevent_will_message: bool
+    ) -> None:
+        raise ResourceNotFoundException()
+
+    def delete_connection_response(self: IoTDataPlaneResponse) -> str:
+        # The client id is the URI's last segment, percent-encoded by the SDK.
+        client_id = unquote(self.path.split("/connections/", 1)[-1])
+
+        def flag(name: str) -> bool:
+            return self.querystring.get(name, ["false"])[0].lower() == "true"
+
+        self.iotdata_backend.delete_connection(
+            client_id=client_id,
+            clean_session=flag("cleanSession"),
+            prevent_will_message=flag("preventWillMessage"),
+        )
+        return ""
+
+    IoTDataPlaneBackend.delete_connection = delete_connection
+    IoTDataPlaneResponse.delete_connection = delete_connection_response
 
 
 def _der(pem: str | None) -> bytes | None:
@@ -224,5 +287,7 @@ def apply() -> None:
     if _applied:
         return
     _patch_iot()
+    patch_iot_data()
     _patch_dynamodb()
+    moto_kms_patches.apply()
     _applied = True

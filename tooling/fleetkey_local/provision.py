@@ -1,6 +1,7 @@
 """Create fleetkey's resources on an AWS endpoint (moto here) from the same definitions the CDK
 stack uses: the table layout from fleetkey.store.schema, IoT policies and thing types from the
-device profiles."""
+device profiles, the token signing key, the data-key wrapping key, and the lifecycle queues
+(`fleetkey_local.queues.provision_lifecycle_queues`)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,40 @@ def create_token_key(kms: Any, trust: KeyTrust | None = None) -> str:
     return KmsKeys(client=kms).create_signing_key(
         KEY_DESCRIPTION, dict(trust.tags), trust.policy_json()
     )
+
+
+# The data-key wrapping key's description: the CDK stack's (fleetkey_infra.constants.
+# DATA_KEY_DESCRIPTION; not imported: the infra constants import aws_cdk).
+DATA_KEY_KEY_DESCRIPTION = "fleetkey: wraps the devices' data keys (GenerateDataKey, AES_256)"
+
+
+def create_data_key_key(kms: Any, description: str = DATA_KEY_KEY_DESCRIPTION) -> str:
+    """The stack's data-key wrapping key: symmetric (SYMMETRIC_DEFAULT, ENCRYPT_DECRYPT), KMS's
+    own material, single-Region, yearly rotation on (KMS keeps the old material, so older
+    wrapped keys still decrypt); its key id. AWS calls: 2."""
+    key_id: str = kms.create_key(
+        KeySpec="SYMMETRIC_DEFAULT",
+        KeyUsage="ENCRYPT_DECRYPT",
+        Origin="AWS_KMS",
+        MultiRegion=False,
+        Description=description,
+    )["KeyMetadata"]["KeyId"]
+    kms.enable_key_rotation(KeyId=key_id)
+    return key_id
+
+
+def provisioned_environment(
+    *, lifecycle_queue_url: str | None, data_key_kms_key_id: str | None
+) -> dict[str, str]:
+    """The settings a deployed stack passes its functions from resources it creates, for the
+    locally loaded functions' environment (`fleetkey.settings.Settings.from_environ` reads
+    them)."""
+    environment = {}
+    if lifecycle_queue_url:
+        environment["FLEETKEY_LIFECYCLE_QUEUE_URL"] = lifecycle_queue_url
+    if data_key_kms_key_id:
+        environment["FLEETKEY_DATA_KEY_ID"] = data_key_kms_key_id
+    return environment
 
 
 def provision(session_clients, table_name: str, region: str, account: str) -> None:

@@ -1,13 +1,21 @@
 """AWS IoT rules for the local IoT Core emulator, and Lambda's asynchronous invocation of the
 functions they name.
 
-`RULES` is what the deployed stack configures (the registration rule's SQL is the CDK stack's:
-infra/fleetkey_infra/constructs/iot_rules.py), plus the rules whose functions do not exist yet:
-a rule whose function is None drops what it matches. A rule's function is a fleetkey function name
-(functions/<name>/handler.py, loaded as Lambda loads it) or any callable `handler(event, context)`
-(a test double).
+`RULES` is what the deployed stack configures (each rule's SQL is the CDK stack's, from
+fleetkey.events: infra/fleetkey_infra/constructs/iot_rules.py), plus the rules whose functions do
+not exist yet: a rule whose function is None drops what it matches. A rule's function is a
+fleetkey function name (functions/<name>/handler.py, loaded as Lambda loads it) or any callable
+`handler(event, context)` (a test double). Every rule whose filter matches a message acts on it,
+as in AWS IoT: one rule dropping a message does not keep another from invoking its function.
 
-Only `SELECT * FROM '<topic filter>'` is emulated: the event is the message's JSON payload as is.
+Emulated SQL: `SELECT * FROM '<topic filter>'` (the event is the message's JSON payload as is),
+and `SELECT *, topic(N) AS <name>[, ...] FROM '<topic filter>'` (AWS IoT SQL's topic function,
+levels numbered from 1, `topic()` the whole topic): the payload plus those fields, each replacing
+a payload field of the same name (the SELECT items are applied in order, so the alias, after `*`,
+wins: a device cannot name another device in its payload). A `topic(N)` past the topic's last
+level is Undefined, and AWS IoT leaves an Undefined item out of the outgoing payload. Anything
+else (WHERE, other functions, projections) is refused when the rule is defined.
+
 Lambda's asynchronous invocation is emulated: the rules engine queues the event and returns; a
 worker thread invokes the handler and retries it twice when it raises (as Lambda does for async
 invocations, without Lambda's minutes of backoff); every invocation is recorded. Each function
@@ -33,24 +41,92 @@ from fleetkey.events import (  # one definition, shared with the CDK stack
     IOT_SQL_VERSION,  # noqa: F401 - re-exported: the template test reads rules.IOT_SQL_VERSION
     PRESENCE_CONNECTED_RULE_SQL,
     REGISTRATION_RULE_SQL,
+    TAMPER_RULE_SQL,
 )
 from fleetkey_local.functions import LambdaContext, load_function
 
 logger = logging.getLogger("fleetkey_local.rules")
 
+# Device-reported events under fleetkey/<device id>/events/. No rule of the stack reads them all
+# (the tamper rule reads its own topic); tests give this filter to test doubles.
 DEVICE_EVENTS_RULE_SQL = "SELECT * FROM 'fleetkey/+/events/#'"
 
-_SELECT_ALL = re.compile(r"^\s*SELECT\s+\*\s+FROM\s+'([^']+)'\s*$", re.IGNORECASE)
+_SELECT = re.compile(
+    r"^\s*SELECT\s+(?P<items>.+?)\s+FROM\s+'(?P<filter>[^']+)'\s*$", re.IGNORECASE | re.DOTALL
+)
+_TOPIC_ITEM = re.compile(
+    r"^topic\(\s*(?P<level>[0-9]*)\s*\)\s+AS\s+(?P<alias>[A-Za-z_][A-Za-z0-9_]*)$", re.IGNORECASE
+)
 
 Handler = Callable[[dict, Any], Any]
 
 
+@dataclass(frozen=True)
+class TopicField:
+    """`topic(level) AS alias`: the message topic's level (from 1), or the whole topic (None)."""
+
+    alias: str
+    level: int | None = None
+
+    def value(self, topic: str) -> str | None:
+        """The level's text, or None (AWS IoT's Undefined) past the topic's last level."""
+        if self.level is None:
+            return topic
+        levels = topic.split("/")
+        return levels[self.level - 1] if self.level <= len(levels) else None
+
+
+@dataclass(frozen=True)
+class Select:
+    """What an emulated rule SQL says: its topic filter, and the topic fields added to `*`."""
+
+    topic_filter: str
+    fields: tuple[TopicField, ...] = ()
+    # `*` selected: the payload's own fields come first (else only the topic fields).
+    everything: bool = True
+
+    def project(self, topic: str, payload: dict) -> dict:
+        """The rule's outgoing payload: a copy of `payload` with the topic fields set on it in
+        their SQL order (each replaces a payload field of its name); an Undefined one is left
+        out, as AWS IoT leaves it out."""
+        event = json.loads(json.dumps(payload)) if self.everything else {}
+        for item in self.fields:
+            value = item.value(topic)
+            if value is not None:
+                event[item.alias] = value
+        return event
+
+
+def parse_sql(sql: str) -> Select:
+    """The emulated part of AWS IoT SQL: `SELECT *[, topic(N) AS name ...] FROM '<filter>'`, or
+    the topic fields alone (`SELECT topic(N) AS name[, ...] FROM '<filter>'`).
+
+    Raises:
+        ValueError: anything else.
+    """
+    match = _SELECT.match(sql)
+    items = [item.strip() for item in match["items"].split(",")] if match else []
+    everything = bool(items) and items[0] == "*"
+    if match is None or (not everything and not all(_TOPIC_ITEM.match(i) for i in items)):
+        raise ValueError(
+            "only SELECT *[, topic(N) AS <name> ...] FROM '<topic filter>' is emulated, "  # noqa: S608
+            f"not {sql!r}"
+        )
+    fields = []
+    for item in items[1:] if everything else items:
+        topic_item = _TOPIC_ITEM.match(item)
+        if topic_item is None:
+            raise ValueError(f"only topic(N) AS <name> may follow * in emulated SQL, not {item!r}")
+        level = int(topic_item["level"]) if topic_item["level"] else None
+        if level is not None and level < 1:
+            raise ValueError(f"topic levels are numbered from 1: {item!r}")
+        fields.append(TopicField(topic_item["alias"], level))
+    return Select(match["filter"], tuple(fields), everything)
+
+
 def topic_filter_of(sql: str) -> str:
-    """The topic filter of `SELECT * FROM '<filter>'`; ValueError for any other SQL."""
-    match = _SELECT_ALL.match(sql)
-    if not match:
-        raise ValueError(f"only SELECT * FROM '<topic filter>' is emulated, not {sql!r}")  # noqa: S608
-    return match.group(1)
+    """The topic filter of an emulated rule SQL (see `parse_sql`); ValueError for other SQL."""
+    return parse_sql(sql).topic_filter
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
@@ -74,20 +150,28 @@ class Rule:
     topic_filter: str
     # a fleetkey function name, a handler(event, context) callable, or None (the event is dropped)
     function: str | Handler | None = None
+    select: Select = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if topic_filter_of(self.sql) != self.topic_filter:
+        select = parse_sql(self.sql)
+        if select.topic_filter != self.topic_filter:
             raise ValueError(
-                f"rule {self.name}: the SQL reads {topic_filter_of(self.sql)!r}, "
+                f"rule {self.name}: the SQL reads {select.topic_filter!r}, "
                 f"not {self.topic_filter!r}"
             )
+        object.__setattr__(self, "select", select)
 
     @classmethod
     def select_all(cls, name: str, sql: str, function: str | Handler | None = None) -> Rule:
+        """A rule from its SQL alone (`SELECT * ...`, with or without topic fields)."""
         return cls(name, sql, topic_filter_of(sql), function)
 
     def matches(self, topic: str) -> bool:
         return topic_matches(self.topic_filter, topic)
+
+    def event(self, topic: str, payload: dict) -> dict:
+        """What the rule's action receives for a message's JSON payload on `topic`."""
+        return self.select.project(topic, payload)
 
     @property
     def function_name(self) -> str | None:
@@ -100,9 +184,16 @@ RULES: list[Rule] = [
     Rule.select_all("registration", REGISTRATION_RULE_SQL, "registration"),
     # Rotation commit will take these (principalIdentifier = the certificate id).
     Rule.select_all("presence_connected", PRESENCE_CONNECTED_RULE_SQL, None),
-    # Device-reported events: no function consumes them yet.
-    Rule.select_all("device_events", DEVICE_EVENTS_RULE_SQL, None),
+    # A device reports tampering on fleetkey/<device id>/events/tamper: suspend it.
+    Rule.select_all("tamper", TAMPER_RULE_SQL, "device_events"),
 ]
+
+
+def _is_empty(payload: bytes | bytearray | str | dict) -> bool:
+    """A message without a payload (or only whitespace)."""
+    if isinstance(payload, dict):
+        return False
+    return not (payload.encode() if isinstance(payload, str) else bytes(payload)).strip()
 
 
 @dataclass
@@ -170,7 +261,11 @@ class RulesEngine:
 
     def dispatch(self, topic: str, payload: bytes | bytearray | str | dict) -> list[Rule]:
         """Offer a message to the rules; queue an invocation for each matching rule with a
-        function. Returns the matching rules. Never blocks on a function."""
+        function. Returns the matching rules. Never blocks on a function.
+
+        A payload that is not a JSON object reaches no function, except that an empty payload
+        is an empty object to a rule adding topic fields (AWS IoT adds data to an empty
+        payload)."""
         matched = [rule for rule in self.rules if rule.matches(topic)]
         with self._lock:
             self.counters["messages"] += 1
@@ -178,17 +273,22 @@ class RulesEngine:
             if self._closed or not matched:
                 return matched
         event = self._event(payload)
-        if event is None:
-            with self._lock:
-                self.counters["not_json"] += 1
-            logger.warning("message on %s is not a JSON object; rules skipped", topic)
-            return matched
+        empty = _is_empty(payload)
+        skipped = False
         for rule in matched:
             if rule.function is None:
                 with self._lock:
                     self.counters["dropped_no_function"] += 1
                 continue
-            self._queue(rule, topic, event)
+            base = {} if event is None and empty and rule.select.fields else event
+            if base is None:
+                skipped = True
+                continue
+            self._queue(rule, topic, rule.event(topic, base))
+        if skipped:
+            with self._lock:
+                self.counters["not_json"] += 1
+            logger.warning("message on %s is not a JSON object; rules skipped", topic)
         return matched
 
     @staticmethod

@@ -5,8 +5,9 @@
         [--no-rate-limits]
 
 AWS (moto) on 127.0.0.1, the resources created from the definitions the CDK stack uses, the API
-on a local API gateway, AWS IoT Core as an MQTT broker over TLS, and a demo manufacturer CA whose
-files (certificate and key) let you make devices that register just in time.
+on a local API gateway, AWS IoT Core as an MQTT broker over TLS, the lifecycle queue's event source
+mapping feeding the converge function, and a demo manufacturer CA whose files (certificate and
+key) let you make devices that register just in time.
 
 The API applies the deployed stack's per-client limits (cdk.json's context, else
 `fleetkey_infra.edge`'s defaults) per client address; the options override them (any positive
@@ -34,6 +35,8 @@ from fleetkey_local.api_gateway import (
 )
 from fleetkey_local.iot_core import IotCoreEmulator
 from fleetkey_local.pki import CertificateAuthority, key_pem
+from fleetkey_local.provision import provisioned_environment
+from fleetkey_local.queues import QueueWorker
 from fleetkey_local.server import local_aws
 from fleetkey_local.stack import ACCOUNT, REGION, EmbeddedStack, client_factory
 
@@ -86,6 +89,14 @@ def describe_rate_limits(limits: Sequence[RateLimit]) -> str:
     return "per client address: " + ", ".join(parts) + " (then 429 + Retry-After)"
 
 
+def describe_redrive(worker: QueueWorker) -> str:
+    policy = worker.redrive_policy()
+    if policy is None:
+        return "no dead-letter queue"
+    dead_letters = policy["deadLetterTargetArn"].rsplit(":", 1)[-1]
+    return f"dead letters to {dead_letters} after {policy['maxReceiveCount']} receives"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fleetkey-serve", description=__doc__.splitlines()[0])
     parser.add_argument("--api-port", type=int, default=8080)
@@ -118,12 +129,28 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with local_aws() as endpoint:
         stack = EmbeddedStack(client_factory(endpoint)).provision()
+        settings = stack.settings
+        # The functions read the provisioned resources' ids from their environment, as deployed.
+        os.environ.update(
+            provisioned_environment(
+                lifecycle_queue_url=settings.lifecycle_queue_url,
+                data_key_kms_key_id=settings.data_key_kms_key_id,
+            )
+        )
         write_demo_ca(stack, args.state_dir)
         api = LocalApiGateway(port=args.api_port, rate_limits=limits)
         iot = IotCoreEmulator(args.state_dir, port=args.mqtt_port, account=ACCOUNT, region=REGION)
+        lifecycle = QueueWorker(
+            stack.make_client("sqs"),
+            settings.lifecycle_queue_url,
+            "converge",
+            region=REGION,
+            account=ACCOUNT,
+        )
         api.start()
         os.environ["FLEETKEY_ISSUER"] = api.url  # the functions' issuer is this API's address
         iot.start()
+        lifecycle.start()
         print(
             f"fleetkey local stack\n"
             f"  API            {api.url}  (admin routes need SigV4: see README)\n"
@@ -133,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             f"introspection only)\n"
             f"  AWS IoT (MQTT) mqtts://{iot.address[0]}:{iot.address[1]}  "
             f"(client certificate required)\n"
+            f"  lifecycle      {settings.lifecycle_queue_url} -> converge "
+            f"({describe_redrive(lifecycle)})\n"
             f"  endpoint CA    {iot.endpoint_ca_path}\n"
             f"  demo factory   {args.state_dir / (DEMO_CA + '.pem')} and .key "
             f"(registered manufacturer CA)\n"
@@ -146,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             pass
         finally:
+            lifecycle.stop()
             iot.stop()
             api.stop()
     return 0

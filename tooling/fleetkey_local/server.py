@@ -32,6 +32,7 @@ def function_environment(endpoint_url: str, service_name: str = "fleetkey") -> d
         "FLEETKEY_TABLE": TABLE,
         "FLEETKEY_NAME_PREFIX": "fleetkey",
         "FLEETKEY_ISSUER": "http://127.0.0.1:8080",
+        "FLEETKEY_IOT_DATA_ENDPOINT": endpoint_url,
         "FLEETKEY_TOKEN_SIGNER_ROLE_ARN": LOCAL_TOKEN_SIGNER_ROLE_ARN,
         "FLEETKEY_TOKEN_KEY_RETIRER_ROLE_ARNS": ",".join(LOCAL_TOKEN_KEY_RETIRER_ROLE_ARNS),
         "POWERTOOLS_SERVICE_NAME": service_name,

@@ -4,6 +4,8 @@ Used by `make demo`, the benchmarks and the tests."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,23 +14,25 @@ import boto3
 from cryptography import x509
 
 from fleetkey.adapters.aws import CLIENT_CONFIG
-from fleetkey.adapters.iot import IotRegistry
-from fleetkey.adapters.kms import KmsKeys
+from fleetkey.composition import Components
 from fleetkey.domain.allowlist import AllowlistEntry
 from fleetkey.events import CertificateRegisteredEvent
-from fleetkey.services.allowlist import AllowlistService
-from fleetkey.services.devices import DeviceService
-from fleetkey.services.introspection import IntrospectionService
-from fleetkey.services.registration import RegistrationOutcome, RegistrationService
-from fleetkey.services.signing_keys import KeyTrust, SigningKeys
-from fleetkey.services.tokens import TokenService
-from fleetkey.services.trust import ManufacturerCaService, TrustAnchors
+from fleetkey.services.data_keys import DataKeyService
+from fleetkey.services.lifecycle import LifecycleService
+from fleetkey.services.registration import RegistrationOutcome
+from fleetkey.services.signing_keys import KeyTrust
 from fleetkey.settings import Settings
-from fleetkey.store.dynamodb import Store
 from fleetkey_local import iot as iot_emulation
 from fleetkey_local import moto_patches
 from fleetkey_local.pki import CertificateAuthority, PrivateKey, pem
-from fleetkey_local.provision import create_iot_profiles, create_table, create_token_key
+from fleetkey_local.provision import (
+    create_data_key_key,
+    create_iot_profiles,
+    create_table,
+    create_token_key,
+    provisioned_environment,
+)
+from fleetkey_local.queues import QueueWorker, provision_lifecycle_queues
 
 REGION = "eu-west-1"
 ACCOUNT = "123456789012"
@@ -60,24 +64,57 @@ class EmbeddedStack:
         self.dynamodb = self.make_client("dynamodb")
         self.iot = self.make_client("iot")
         self.harness_iot = self.make_client("iot")
-        self.store = Store(self.settings.table_name, client=self.dynamodb)
-        self.registry = IotRegistry(client=self.iot)
-        self.anchors = TrustAnchors(self.store, self.settings.trust_anchor_cache_seconds)
-        self.registration = RegistrationService(
-            self.settings, self.store, self.registry, self.anchors
-        )
-        self.cas = ManufacturerCaService(self.store, self.registry)
-        self.allowlist = AllowlistService(self.settings, self.store)
-        self.devices = DeviceService(self.store)
         self.kms = self.make_client("kms")
+        self.iot_data = self.make_client("iot-data")
+        self.sqs = self.make_client("sqs")
         self.key_trust = KeyTrust.from_settings(self.settings)
-        self.signing_keys = SigningKeys(self.store, KmsKeys(client=self.kms), trust=self.key_trust)
-        self.tokens = TokenService(self.settings, self.store, self.signing_keys)
-        self.introspection = IntrospectionService(self.settings, self.store, self.signing_keys)
+        self._build()
+
+    def _build(self) -> None:
+        """The services, from the composition root every function uses (with this stack's
+        clients)."""
+        self.components = Components(
+            self.settings,
+            dynamodb=self.dynamodb,
+            iot=self.iot,
+            kms=self.kms,
+            iot_data=self.iot_data,
+            sqs=self.sqs,
+        )
+        built = self.components
+        self.store = built.store
+        self.registry = built.registry
+        self.anchors = built.anchors
+        self.registration = built.registration
+        self.cas = built.cas
+        self.allowlist = built.allowlist
+        self.devices = built.devices
+        self.signing_keys = built.signing_keys
+        self.tokens = built.tokens
+        self.introspection = built.introspection
+
+    @property
+    def lifecycle(self) -> LifecycleService:
+        return self.components.lifecycle
+
+    @property
+    def data_keys(self) -> DataKeyService:
+        return self.components.data_keys
 
     def provision(self) -> EmbeddedStack:
         create_table(self.make_client("dynamodb"), self.settings.table_name)
         create_iot_profiles(self.harness_iot, self.settings.region, self.account)
+        # The lifecycle queue (with its dead-letter queue) and the data-key KMS key, as the CDK
+        # stack creates them; the services are rebuilt to see their settings.
+        queue_url, self.lifecycle_dead_letter_queue_url = provision_lifecycle_queues(
+            self.make_client("sqs")
+        )
+        self.settings = dataclasses.replace(
+            self.settings,
+            lifecycle_queue_url=queue_url,
+            data_key_kms_key_id=create_data_key_key(self.make_client("kms")),
+        )
+        self._build()
         # The stack's first token signing key, as the CDK stack creates it (same tags, same key
         # policy). Unlike a deployed stack, whose registry stays empty until the first rotation
         # (the functions read the first key from FLEETKEY_TOKEN_KEY_ID), the local stack writes
@@ -87,7 +124,39 @@ class EmbeddedStack:
         return self
 
     def service_clients(self) -> tuple:
-        return (self.dynamodb, self.iot, self.kms)
+        return (self.dynamodb, self.iot, self.kms, self.iot_data, self.sqs)
+
+    def environment(self) -> dict[str, str]:
+        """What the locally loaded functions need in their environment beyond
+        `server.function_environment`: the provisioned queue and data-key key."""
+        return provisioned_environment(
+            lifecycle_queue_url=self.settings.lifecycle_queue_url or "",
+            data_key_kms_key_id=self.settings.data_key_kms_key_id or "",
+        )
+
+    def lifecycle_worker(self, function: Any = "converge", **options: Any) -> QueueWorker:
+        """Lambda's SQS event source for the converge function, on this stack's queue."""
+        return QueueWorker(
+            self.make_client("sqs"),
+            self.settings.lifecycle_queue_url,
+            function,
+            region=self.settings.region,
+            account=self.account,
+            **options,
+        )
+
+    def drain_lifecycle(self, timeout: float = 60.0) -> bool:
+        """Run the converge service on everything queued, in this process, until the queue is
+        empty (a test's and the demo's stand-in for the event source): True when it is."""
+        return self.lifecycle_worker(function=self._converge_in_process).drain(timeout)
+
+    def _converge_in_process(self, event: dict, context: Any) -> dict:
+        failures = []
+        for record in event["Records"]:
+            device_id = json.loads(record["body"])["device_id"]
+            if not self.lifecycle.converge(device_id):
+                failures.append({"itemIdentifier": record["messageId"]})
+        return {"batchItemFailures": failures}
 
     # ---- the operator's side ----------------------------------------------------------------
 

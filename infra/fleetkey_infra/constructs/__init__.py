@@ -2,10 +2,12 @@
 
 from fleetkey_infra.constructs.api import Api
 from fleetkey_infra.constructs.data import Data
+from fleetkey_infra.constructs.data_keys import DataKeys
 from fleetkey_infra.constructs.functions import Functions
 from fleetkey_infra.constructs.iot_profiles import IotResources
-from fleetkey_infra.constructs.iot_rules import RegistrationRule
+from fleetkey_infra.constructs.iot_rules import RegistrationRule, TamperRule
 from fleetkey_infra.constructs.layer import CoreLayer
+from fleetkey_infra.constructs.lifecycle import LifecycleQueue
 from fleetkey_infra.constructs.schedules import Schedules
 from fleetkey_infra.constructs.token_keys import TokenKeys
 from fleetkey_infra.constructs.waf import ApiRateLimits
@@ -15,9 +17,12 @@ __all__ = [
     "ApiRateLimits",
     "CoreLayer",
     "Data",
+    "DataKeys",
     "Functions",
     "IotResources",
+    "LifecycleQueue",
     "RegistrationRule",
     "Schedules",
+    "TamperRule",
     "TokenKeys",
 ]

@@ -1,9 +1,10 @@
 """fleetkey's HTTP API: one regional REST API, one stage.
 
 - Device-facing, public (no API Gateway authorization, throttled method by method):
-  `POST /v1/token`, `POST /v1/challenge` -> token; `GET /.well-known/jwks.json`,
-  `GET /.well-known/oauth-authorization-server` -> discovery. Devices authenticate to the token
-  endpoint with a JWT client assertion (RFC 7523), which the token function verifies.
+  `POST /v1/token`, `POST /v1/challenge` -> token; `POST /v1/devices/{device_id}/data-key` ->
+  data_keys; `GET /.well-known/jwks.json`, `GET /.well-known/oauth-authorization-server` ->
+  discovery. Devices authenticate to the token and data-key endpoints with a JWT client assertion
+  (RFC 7523), which the function verifies.
 - IAM (SigV4) authenticated: `POST /v1/introspect` -> introspect (relying parties),
   `ANY /v1/admin/{proxy+}` -> admin (operators).
 
@@ -24,6 +25,7 @@ refers to the RestApi's id, and the methods to the functions, without a cycle.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from aws_cdk import Aws, CfnRule, CfnRuleAssertion, Fn, Stack, Token
@@ -73,6 +75,8 @@ _DISCOVERY_THROTTLE = Throttle(
 PUBLIC_ROUTE_THROTTLES: dict[tuple[str, str], Throttle] = {
     ("POST", constants.TOKEN_PATH): _TOKEN_THROTTLE,
     ("POST", constants.CHALLENGE_PATH): _TOKEN_THROTTLE,
+    # Like the token endpoint: an assertion to verify, DynamoDB writes and a KMS call each.
+    ("POST", constants.DATA_KEY_PATH): _TOKEN_THROTTLE,
     ("GET", constants.JWKS_PATH): _DISCOVERY_THROTTLE,
     ("GET", constants.METADATA_PATH): _DISCOVERY_THROTTLE,
 }
@@ -91,6 +95,13 @@ _CHALLENGE_REASON = (
     "assertion (RFC 7523). It precedes authentication and grants nothing by itself; throttled "
     "per method, and per client by the stage's WAF web ACL."
 )
+_DATA_KEY_REASON = (
+    "Device-facing data-key endpoint: the device authenticates in the request body with the same "
+    "JWT client assertion as at the token endpoint (RFC 7523 section 2.2), signed by its own "
+    "private key and verified by the data_keys function against the device's registered "
+    "certificate; the answer is sealed to that certificate's public key. No API Gateway "
+    "authorizer can check it. Throttled per method, and per client by the stage's WAF web ACL."
+)
 _DISCOVERY_REASON = (
     "Public by standard: the JWK Set (RFC 7517) and the authorization server metadata "
     "(RFC 8414) are fetched without credentials by devices and relying parties to verify "
@@ -100,6 +111,7 @@ _DISCOVERY_REASON = (
 _PUBLIC_REASONS = {
     constants.TOKEN_PATH: _TOKEN_ENDPOINT_REASON,
     constants.CHALLENGE_PATH: _CHALLENGE_REASON,
+    constants.DATA_KEY_PATH: _DATA_KEY_REASON,
     constants.JWKS_PATH: _DISCOVERY_REASON,
     constants.METADATA_PATH: _DISCOVERY_REASON,
 }
@@ -145,6 +157,7 @@ class Api(Construct):
         token: lambda_.IFunction,
         discovery: lambda_.IFunction,
         introspect: lambda_.IFunction,
+        data_keys: lambda_.IFunction,
     ) -> None:
         self._iam_route(
             "ANY",
@@ -155,6 +168,7 @@ class Api(Construct):
         self._iam_route("POST", constants.INTROSPECT_PATH, introspect)
         self._public_route("POST", constants.TOKEN_PATH, token)
         self._public_route("POST", constants.CHALLENGE_PATH, token)
+        self._public_route("POST", constants.DATA_KEY_PATH, data_keys)
         self._public_route("GET", constants.JWKS_PATH, discovery)
         self._public_route("GET", constants.METADATA_PATH, discovery)
 
@@ -193,7 +207,13 @@ class Api(Construct):
     def _public_route(self, http_method: str, path: str, function: lambda_.IFunction) -> None:
         if (http_method, path) not in PUBLIC_ROUTE_THROTTLES:
             raise ValueError(f"public route without its own throttling: {http_method} {path}")
-        method = self._add_method(http_method, path, function, apigateway.AuthorizationType.NONE)
+        method = self._add_method(
+            http_method,
+            path,
+            function,
+            apigateway.AuthorizationType.NONE,
+            _path_parameters(path) or None,
+        )
         acknowledge(method, "AwsSolutions-APIG4", _PUBLIC_REASONS[path])
         acknowledge(
             method,
@@ -279,7 +299,7 @@ class Api(Construct):
             principals=[iam.StarPrincipal()],
             actions=["execute-api:Invoke"],
             resources=[
-                f"execute-api:/*/{http_method}{path}"
+                f"execute-api:/*/{http_method}{policy_path(path)}"
                 for http_method, path in PUBLIC_ROUTE_THROTTLES
             ],
         )
@@ -370,3 +390,17 @@ class Api(Construct):
         return self.api.add_request_validator(
             "Validator", validate_request_body=True, validate_request_parameters=True
         )
+
+
+_PATH_PARAMETER = re.compile(r"\{([A-Za-z0-9_]+)\}")
+
+
+def policy_path(path: str) -> str:
+    """A resource path as a resource-policy path: a request's ARN holds the actual path, so each
+    path parameter (`{device_id}`) becomes `*`."""
+    return _PATH_PARAMETER.sub("*", path)
+
+
+def _path_parameters(path: str) -> dict[str, bool]:
+    """The path's parameters, declared required (the request validator checks them)."""
+    return {f"method.request.path.{name}": True for name in _PATH_PARAMETER.findall(path)}

@@ -1,8 +1,14 @@
-"""The fleetkey table and the customer managed key that encrypts it."""
+"""The fleetkey table and the customer managed key that encrypts it.
+
+Point-in-time recovery keeps `pitrRecoveryDays` (cdk.json context, 1 to 35, default 7) days of
+the table restorable. That is also how long a data key destroyed at decommission (its KMS-wrapped
+blob deleted from the table) survives in the table's backups: only wrapped, usable only with
+kms:Decrypt on the data-key key.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from aws_cdk import RemovalPolicy
 from aws_cdk import aws_dynamodb as dynamodb
@@ -14,14 +20,43 @@ from fleetkey.store import schema
 from fleetkey_infra import constants
 
 
+class DataConfigError(ValueError):
+    """The table's configuration (CDK context) cannot be deployed as given."""
+
+
+def pitr_recovery_days(get: Callable[[str], object]) -> int:
+    """`pitrRecoveryDays` from CDK context (`node.try_get_context`, or a dict's `get`): a whole
+    number of days within DynamoDB's 1 to 35; absent, the default (7).
+
+    Raises:
+        DataConfigError: not a whole number, or out of range.
+    """
+    key = constants.PITR_RECOVERY_DAYS_CONTEXT_KEY
+    value = get(key)
+    if value is None:
+        return constants.DEFAULT_PITR_RECOVERY_DAYS
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)  # `cdk synth -c pitrRecoveryDays=14` passes a string
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DataConfigError(f"{key} must be a whole number of days, not {value!r}")
+    low, high = constants.PITR_RECOVERY_DAYS_RANGE
+    if not low <= value <= high:
+        raise DataConfigError(
+            f"{key} must be between {low} and {high} days (DynamoDB's recovery period), not {value}"
+        )
+    return value
+
+
 class Data(Construct):
     """One DynamoDB table (the single-table layout of `fleetkey.store.schema`) and its CMK.
 
-    Attributes: `key` (kms.Key), `table` (dynamodb.Table).
+    Attributes: `key` (kms.Key), `table` (dynamodb.Table), `recovery_period_days` (int: how far
+    back point-in-time recovery reaches, from context `pitrRecoveryDays`).
     """
 
     def __init__(self, scope: Construct, construct_id: str) -> None:
         super().__init__(scope, construct_id)
+        self.recovery_period_days = pitr_recovery_days(self.node.try_get_context)
         self.key = self._build_key()
         self.table = self._build_table(self.key)
 
@@ -61,8 +96,11 @@ class Data(Construct):
             ),
             sort_key=dynamodb.Attribute(name=schema.SORT_KEY, type=dynamodb.AttributeType.STRING),
             billing_mode=dynamodb.BillingMode.PAY_PER_REQUEST,
+            # A short recovery period bounds how long deleted items (a destroyed data key's
+            # wrapped blob among them) stay restorable.
             point_in_time_recovery_specification=dynamodb.PointInTimeRecoverySpecification(
-                point_in_time_recovery_enabled=True
+                point_in_time_recovery_enabled=True,
+                recovery_period_in_days=self.recovery_period_days,
             ),
             encryption=dynamodb.TableEncryption.CUSTOMER_MANAGED,
             encryption_key=key,

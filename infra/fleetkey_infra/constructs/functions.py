@@ -1,6 +1,8 @@
 """The Lambda functions: registration (JITR, invoked by an IoT rule), behind the API: admin
-(operators), token (devices), discovery (JWKS and metadata, public) and introspect (relying
-parties), and maintenance (signing-key retirement, invoked by an EventBridge schedule).
+(operators), token (devices), discovery (JWKS and metadata, public), introspect (relying
+parties) and data_keys (devices' data keys), maintenance (signing-key retirement, invoked by an
+EventBridge schedule), converge (the lifecycle queue's consumer: teardown in AWS IoT) and
+device_events (a device's tamper report, invoked by an IoT rule).
 
 Each function has its own role holding only what the function itself needs to run (writing to its
 own log group; X-Ray comes with active tracing). What a function may do to the table, the key and
@@ -25,11 +27,11 @@ from fleetkey_infra.nag import acknowledge
 
 
 class Functions(Construct):
-    """Attributes: `registration`, `admin`, `token`, `discovery`, `introspect` and `maintenance`
-    (lambda.Function), each with its own role (`registration_role`, `admin_role`, `token_role`,
-    `discovery_role`, `introspect_role`, `maintenance_role`: iam.Role), and
-    `registration_failures` (sqs.Queue), the on-failure destination of the registration
-    function's asynchronous invocations.
+    """Attributes: `registration`, `admin`, `token`, `discovery`, `introspect`, `maintenance`,
+    `converge`, `device_events` and `data_keys` (lambda.Function), each with its own role
+    (`<name>_role`: iam.Role), and `registration_failures` and `device_event_failures`
+    (sqs.Queue), the on-failure destinations of the registration and device_events functions'
+    asynchronous invocations.
 
     `issuer` is the API's base URL (FLEETKEY_ISSUER: token `iss`, the `aud` of device
     assertions); `token_key_id` the first token signing key (FLEETKEY_TOKEN_KEY_ID). Every
@@ -37,6 +39,9 @@ class Functions(Construct):
     and the roles the key policy it trusts names: the token role (FLEETKEY_TOKEN_SIGNER_ROLE_ARN)
     and the admin and maintenance roles (FLEETKEY_TOKEN_KEY_RETIRER_ROLE_ARNS, comma-separated);
     every function gets the stack's name (FLEETKEY_STACK_NAME: its keys' tag value).
+    `lifecycle_queue_url` (FLEETKEY_LIFECYCLE_QUEUE_URL) goes to the functions that queue or do
+    lifecycle work (admin, device_events, converge); `data_key_id` (FLEETKEY_DATA_KEY_ID, the
+    data-key KMS key) to the functions that issue or hand out data keys (data_keys, admin).
     """
 
     def __init__(
@@ -48,6 +53,8 @@ class Functions(Construct):
         table_name: str,
         issuer: str,
         token_key_id: str,
+        lifecycle_queue_url: str,
+        data_key_id: str,
         name_prefix: str = constants.NAME_PREFIX,
     ) -> None:
         super().__init__(scope, construct_id)
@@ -55,6 +62,8 @@ class Functions(Construct):
         self._table_name = table_name
         self._name_prefix = name_prefix
         issuer_env = {constants.ENV_ISSUER: issuer}
+        lifecycle_env = {constants.ENV_LIFECYCLE_QUEUE_URL: lifecycle_queue_url}
+        data_key_env = {constants.ENV_DATA_KEY_ID: data_key_id}
 
         self.registration_failures = self._build_failure_queue()
         self.registration_role = self._build_role("RegistrationRole", "registration")
@@ -80,7 +89,7 @@ class Functions(Construct):
             memory_mb=constants.ADMIN_MEMORY_MB,
             timeout=constants.ADMIN_TIMEOUT,
             description="fleetkey operator API: allow-list, trust anchors, devices, signing keys",
-            environment=issuer_env,
+            environment={**issuer_env, **lifecycle_env, **data_key_env},
         )
         self.token_role = self._build_role("TokenRole", "token")
         self.token = self._build_function(
@@ -126,6 +135,50 @@ class Functions(Construct):
             timeout=constants.MAINTENANCE_TIMEOUT,
             description="fleetkey maintenance: retires expired token signing keys",
         )
+        # The lifecycle queue's consumer (constructs.LifecycleQueue.consume); no issuer.
+        self.converge_role = self._build_role("ConvergeRole", "converge")
+        self.converge = self._build_function(
+            "Converge",
+            role=self.converge_role,
+            code_dir=constants.CONVERGE_CODE_DIR,
+            service_name=constants.CONVERGE_SERVICE_NAME,
+            memory_mb=constants.CONVERGE_MEMORY_MB,
+            timeout=constants.CONVERGE_TIMEOUT,
+            description="fleetkey converge: makes AWS IoT match a device's lifecycle state",
+            environment=lifecycle_env,
+        )
+        # Invoked by the tamper IoT rule (constructs.TamperRule), asynchronously.
+        self.device_event_failures = self._build_failure_queue(
+            "DeviceEventFailures",
+            "the device_events function's on-failure destination for tamper reports that "
+            "exhausted their retries. Nothing consumes it automatically; an operator inspects and "
+            "replays them (or suspends the device through the admin API).",
+        )
+        self.device_events_role = self._build_role("DeviceEventsRole", "device_events")
+        self.device_events = self._build_function(
+            "DeviceEvents",
+            role=self.device_events_role,
+            code_dir=constants.DEVICE_EVENTS_CODE_DIR,
+            service_name=constants.DEVICE_EVENTS_SERVICE_NAME,
+            memory_mb=constants.DEVICE_EVENTS_MEMORY_MB,
+            timeout=constants.DEVICE_EVENTS_TIMEOUT,
+            description="fleetkey device events: suspends a device that reports tampering",
+            environment=lifecycle_env,
+            retry_attempts=constants.DEVICE_EVENTS_ASYNC_RETRY_ATTEMPTS,
+            on_failure=destinations.SqsDestination(self.device_event_failures),
+        )
+        # Device-facing (public route): the client assertion is addressed to the issuer.
+        self.data_keys_role = self._build_role("DataKeysRole", "data_keys")
+        self.data_keys = self._build_function(
+            "DataKeys",
+            role=self.data_keys_role,
+            code_dir=constants.DATA_KEYS_CODE_DIR,
+            service_name=constants.DATA_KEYS_SERVICE_NAME,
+            memory_mb=constants.DATA_KEYS_MEMORY_MB,
+            timeout=constants.DATA_KEYS_TIMEOUT,
+            description="fleetkey data keys: a device's data key, sealed to its certificate key",
+            environment={**issuer_env, **data_key_env},
+        )
         self._share_signing_key_trust(token_key_id)
 
     def _share_signing_key_trust(self, token_key_id: str) -> None:
@@ -139,19 +192,34 @@ class Functions(Construct):
             function.add_environment(constants.ENV_TOKEN_KEY_RETIRER_ROLE_ARNS, retirers)
 
     @property
+    def roles(self) -> tuple[iam.Role, ...]:
+        """Every function's role."""
+        return (
+            self.registration_role,
+            self.admin_role,
+            self.token_role,
+            self.discovery_role,
+            self.introspect_role,
+            self.maintenance_role,
+            self.converge_role,
+            self.device_events_role,
+            self.data_keys_role,
+        )
+
+    @property
     def token_key_retirer_roles(self) -> tuple[iam.Role, ...]:
         """The roles a token signing key's policy lets schedule its deletion: admin (retirement on
         demand, and the undo of a refused rotation) and maintenance (hourly retirement)."""
         return (self.admin_role, self.maintenance_role)
 
-    def _build_failure_queue(self) -> sqs.Queue:
-        return dead_letter_queue(
-            self,
-            "RegistrationFailures",
-            holds="the registration function's on-failure destination for events that exhausted "
-            "their retries. Nothing consumes it automatically; an operator inspects and replays "
-            "the events.",
-        )
+    def _build_failure_queue(
+        self,
+        construct_id: str = "RegistrationFailures",
+        holds: str = "the registration function's on-failure destination for events that "
+        "exhausted their retries. Nothing consumes it automatically; an operator inspects and "
+        "replays the events.",
+    ) -> sqs.Queue:
+        return dead_letter_queue(self, construct_id, holds=holds)
 
     def _build_role(self, construct_id: str, purpose: str) -> iam.Role:
         return iam.Role(

@@ -1,4 +1,5 @@
-"""The AWS IoT rule that turns a certificate's first connection into a registration (JITR)."""
+"""The AWS IoT rules that invoke fleetkey functions: a certificate's first connection becomes a
+registration (JITR), a device's tamper report a suspension."""
 
 from __future__ import annotations
 
@@ -13,33 +14,35 @@ from fleetkey_infra import constants
 from fleetkey_infra.dead_letters import dead_letter_queue
 
 
-class RegistrationRule(Construct):
-    """`$aws/events/certificates/registered/+` -> the registration function.
+class FunctionRule(Construct):
+    """An IoT topic rule (`sql`) -> `function`, invoked asynchronously.
 
     When AWS IoT cannot invoke the function at all (throttled, function missing), the rule's error
-    action keeps the event in the `errors` queue. Failures inside the function are the function's
+    action keeps the message in the `errors` queue. Failures inside the function are the function's
     own async retry and failure destination.
 
     Attributes: `rule` (iot.CfnTopicRule), `errors` (sqs.Queue), `error_role` (iam.Role),
     `invoke_permission` (lambda.CfnPermission).
     """
 
-    def __init__(self, scope: Construct, construct_id: str, *, function: lambda_.IFunction) -> None:
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        function: lambda_.IFunction,
+        sql: str,
+        purpose: str,
+        description: str,
+        errors_hold: str,
+    ) -> None:
         super().__init__(scope, construct_id)
-        self.errors = self._build_error_queue()
-        self.error_role = self._build_error_role(self.errors)
-        self.rule = self._build_rule(function)
+        self.errors = dead_letter_queue(self, "Errors", holds=errors_hold)
+        self.error_role = self._build_error_role(self.errors, purpose)
+        self.rule = self._build_rule(function, sql, description)
         self.invoke_permission = self._build_invoke_permission(function)
 
-    def _build_error_queue(self) -> sqs.Queue:
-        return dead_letter_queue(
-            self,
-            "Errors",
-            holds="the IoT rule's error action for registration events it could not deliver to "
-            "the function. An operator replays them.",
-        )
-
-    def _build_error_role(self, errors: sqs.IQueue) -> iam.Role:
+    def _build_error_role(self, errors: sqs.IQueue, purpose: str) -> iam.Role:
         role = iam.Role(
             self,
             "ErrorActionRole",
@@ -47,18 +50,20 @@ class RegistrationRule(Construct):
                 "iot.amazonaws.com",
                 conditions={"StringEquals": {"aws:SourceAccount": Aws.ACCOUNT_ID}},
             ),
-            description="fleetkey registration rule: deliver failed invocations to the error queue",
+            description=f"fleetkey {purpose} rule: deliver failed invocations to the error queue",
         )
         errors.grant_send_messages(role)
         return role
 
-    def _build_rule(self, function: lambda_.IFunction) -> iot.CfnTopicRule:
+    def _build_rule(
+        self, function: lambda_.IFunction, sql: str, description: str
+    ) -> iot.CfnTopicRule:
         return iot.CfnTopicRule(
             self,
             "Rule",
             topic_rule_payload=iot.CfnTopicRule.TopicRulePayloadProperty(
-                description="fleetkey just-in-time registration of device certificates",
-                sql=constants.REGISTRATION_RULE_SQL,
+                description=description,
+                sql=sql,
                 aws_iot_sql_version=constants.IOT_SQL_VERSION,
                 rule_disabled=False,
                 actions=[
@@ -88,4 +93,39 @@ class RegistrationRule(Construct):
             principal="iot.amazonaws.com",
             source_arn=self.rule.attr_arn,
             source_account=Aws.ACCOUNT_ID,
+        )
+
+
+class RegistrationRule(FunctionRule):
+    """`$aws/events/certificates/registered/+` -> the registration function (JITR)."""
+
+    def __init__(self, scope: Construct, construct_id: str, *, function: lambda_.IFunction) -> None:
+        super().__init__(
+            scope,
+            construct_id,
+            function=function,
+            sql=constants.REGISTRATION_RULE_SQL,
+            purpose="registration",
+            description="fleetkey just-in-time registration of device certificates",
+            errors_hold="the IoT rule's error action for registration events it could not "
+            "deliver to the function. An operator replays them.",
+        )
+
+
+class TamperRule(FunctionRule):
+    """`fleetkey/+/events/tamper` -> the device_events function, which suspends the device with
+    reason "tamper". The device id is the topic's second level (`topic(2) AS device_id`): a
+    device's IoT policy lets it publish under its own thing name only, so a device can report
+    only itself."""
+
+    def __init__(self, scope: Construct, construct_id: str, *, function: lambda_.IFunction) -> None:
+        super().__init__(
+            scope,
+            construct_id,
+            function=function,
+            sql=constants.TAMPER_RULE_SQL,
+            purpose="tamper",
+            description="fleetkey: a device reporting tampering is suspended",
+            errors_hold="the IoT rule's error action for tamper reports it could not deliver to "
+            "the device_events function. An operator suspends the device or replays them.",
         )

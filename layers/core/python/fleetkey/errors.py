@@ -76,3 +76,11 @@ class TransientAwsError(FleetkeyError):
 
     code = "service_unavailable"
     status = 503
+
+
+class NotSettled(FleetkeyError):
+    """AWS has not settled yet (e.g. a detach not yet visible to a delete): the work is not
+    finished and must be retried later, by the queue that carries it."""
+
+    code = "not_settled"
+    status = 503

@@ -11,6 +11,11 @@ from pydantic import BaseModel, ConfigDict, StringConstraints
 IOT_SQL_VERSION = "2016-03-23"
 REGISTRATION_RULE_SQL = "SELECT * FROM '$aws/events/certificates/registered/+'"
 PRESENCE_CONNECTED_RULE_SQL = "SELECT * FROM '$aws/events/presence/connected/+'"
+# A device reports tampering on its own topic (its IoT policy lets it publish under its own thing
+# name only), so the topic's second level is the device id. Only that is selected: with `*`, a
+# payload field `device_id` could clash with the alias (AWS does not document which wins), and
+# the function trusts nothing in the payload.
+TAMPER_RULE_SQL = "SELECT topic(2) AS device_id FROM 'fleetkey/+/events/tamper'"
 
 CertificateId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 

@@ -54,6 +54,12 @@ class Settings:
     # The stack's name: its signing keys are tagged fleetkey:purpose=token-signing:<stack_name>,
     # and its roles may touch no other key.
     stack_name: str = LOCAL_STACK_NAME
+    # The lifecycle queue (teardowns, and convergence that could not finish in a request).
+    lifecycle_queue_url: str | None = None
+    # The symmetric KMS key that wraps devices' data keys.
+    data_key_kms_key_id: str | None = None
+    # The iot-data endpoint (https://...); None: read once with iot:DescribeEndpoint.
+    iot_data_endpoint: str | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -87,6 +93,9 @@ class Settings:
                 env.get("FLEETKEY_TOKEN_KEY_RETIRER_ROLE_ARNS"), LOCAL_TOKEN_KEY_RETIRER_ROLE_ARNS
             ),
             stack_name=env.get("FLEETKEY_STACK_NAME") or LOCAL_STACK_NAME,
+            lifecycle_queue_url=env.get("FLEETKEY_LIFECYCLE_QUEUE_URL") or None,
+            data_key_kms_key_id=env.get("FLEETKEY_DATA_KEY_ID") or None,
+            iot_data_endpoint=env.get("FLEETKEY_IOT_DATA_ENDPOINT") or None,
         )
 
 

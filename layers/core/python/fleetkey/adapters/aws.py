@@ -10,7 +10,9 @@ from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
     from mypy_boto3_iot import IoTClient
+    from mypy_boto3_iot_data import IoTDataPlaneClient
     from mypy_boto3_kms import KMSClient
+    from mypy_boto3_sqs import SQSClient
 
 # Standard retry mode retries throttling and 5xx inside the SDK; what still fails reaches us.
 CLIENT_CONFIG = Config(
@@ -48,16 +50,36 @@ def is_transient(exc: BaseException) -> bool:
 
 
 @overload
-def client(service: Literal["dynamodb"], region: str | None = None) -> DynamoDBClient: ...
-@overload
-def client(service: Literal["iot"], region: str | None = None) -> IoTClient: ...
-@overload
-def client(service: Literal["kms"], region: str | None = None) -> KMSClient: ...
 def client(
-    service: Literal["dynamodb", "iot", "kms"], region: str | None = None
-) -> DynamoDBClient | IoTClient | KMSClient:
+    service: Literal["dynamodb"], region: str | None = None, endpoint_url: str | None = None
+) -> DynamoDBClient: ...
+@overload
+def client(
+    service: Literal["iot"], region: str | None = None, endpoint_url: str | None = None
+) -> IoTClient: ...
+@overload
+def client(
+    service: Literal["iot-data"], region: str | None = None, endpoint_url: str | None = None
+) -> IoTDataPlaneClient: ...
+@overload
+def client(
+    service: Literal["kms"], region: str | None = None, endpoint_url: str | None = None
+) -> KMSClient: ...
+@overload
+def client(
+    service: Literal["sqs"], region: str | None = None, endpoint_url: str | None = None
+) -> SQSClient: ...
+def client(
+    service: Literal["dynamodb", "iot", "iot-data", "kms", "sqs"],
+    region: str | None = None,
+    endpoint_url: str | None = None,
+) -> DynamoDBClient | IoTClient | IoTDataPlaneClient | KMSClient | SQSClient:
     """A boto3 client for one of the services fleetkey calls, with fleetkey's retries and
-    timeouts."""
+    timeouts. `endpoint_url` None lets boto3 resolve it (AWS_ENDPOINT_URL, else AWS's own); the
+    iot-data client needs the account's own endpoint (iot:DescribeEndpoint), see
+    `fleetkey.adapters.iot_data`."""
     import boto3  # imported where a real client is first needed; tests inject their own
 
-    return boto3.client(service, region_name=region, config=CLIENT_CONFIG)
+    return boto3.client(
+        service, region_name=region, endpoint_url=endpoint_url, config=CLIENT_CONFIG
+    )

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from botocore.exceptions import ClientError
 
 from fleetkey.adapters.aws import client as aws_client
 from fleetkey.adapters.aws import error_code
-from fleetkey.errors import Conflict
+from fleetkey.errors import Conflict, NotSettled
 
 if TYPE_CHECKING:
     from mypy_boto3_iot import IoTClient
     from mypy_boto3_iot.type_defs import AttributePayloadTypeDef
+
+NOT_FOUND = "ResourceNotFoundException"
+# Waits between attempts of a teardown step AWS IoT refuses until earlier detaches settle:
+# 5 attempts, 3.75 s of waiting at most, so a Lambda invocation stays short and the queue's
+# redelivery (not a long sleep) covers anything slower.
+TEARDOWN_DELAYS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,11 +51,61 @@ class ThingConflict(Conflict):
         self.thing_type = thing_type
 
 
-class IotRegistry:
-    """`client` is a boto3 IoT client; None builds a real one."""
+@contextmanager
+def _done_if_not_found() -> Iterator[None]:
+    """A teardown step someone else already did (ResourceNotFound) is done."""
+    try:
+        yield
+    except ClientError as exc:
+        if error_code(exc) != NOT_FOUND:
+            raise
 
-    def __init__(self, client: IoTClient | None = None, region: str | None = None) -> None:
+
+class TeardownNotSettled(NotSettled):
+    """AWS IoT still refuses a teardown step after the bounded retries (detaches not yet
+    visible: DeleteConflictException, CertificateStateException, InvalidRequestException).
+    Nothing is broken and every step done stays done: report the work as not finished so the
+    queue delivers it again later."""
+
+    code = "teardown_not_settled"
+    status = 503
+
+    def __init__(self, resource: str, operation: str, aws_code: str, attempts: int) -> None:
+        super().__init__(
+            f"{operation} of {resource!r} not settled after {attempts} attempts ({aws_code})",
+            details={
+                "resource": resource,
+                "operation": operation,
+                "aws_code": aws_code,
+                "attempts": attempts,
+            },
+        )
+        self.resource = resource
+        self.operation = operation
+        self.aws_code = aws_code
+        self.attempts = attempts
+
+
+class IotRegistry:
+    """`client` is a boto3 IoT client; None builds a real one.
+
+    `sleep` and `teardown_delays` bound the teardown's waits for AWS IoT's eventual consistency
+    (tests pass a recording `sleep`); `on_retry(operation)` is told of each retry (a metric).
+    """
+
+    def __init__(
+        self,
+        client: IoTClient | None = None,
+        region: str | None = None,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        teardown_delays: Sequence[float] = TEARDOWN_DELAYS,
+        on_retry: Callable[[str], None] | None = None,
+    ) -> None:
         self._client: IoTClient = client or aws_client("iot", region)
+        self._sleep = sleep
+        self._teardown_delays = tuple(teardown_delays)
+        self._on_retry = on_retry
 
     def describe_certificate(self, certificate_id: str) -> IotCertificate | None:
         """The certificate as AWS IoT has it, None when AWS IoT has no such certificate.
@@ -198,3 +257,193 @@ class IotRegistry:
             newStatus="ACTIVE" if active else "INACTIVE",
             newAutoRegistrationStatus="ENABLE" if active else "DISABLE",
         )
+
+    # ---- suspend, resume, teardown ------------------------------------------------------------
+
+    def set_certificate_status(
+        self, certificate_id: str, status: Literal["ACTIVE", "INACTIVE"]
+    ) -> bool:
+        """Bring a certificate to ACTIVE or INACTIVE (suspend and resume). True when it has that
+        status now; False, with nothing done, when AWS IoT has no such certificate or it is
+        REVOKED (final in AWS IoT, and in fleetkey a refusal for cause: never left). Also False
+        when AWS IoT refuses the update with CertificateStateException (revoked meanwhile, or a
+        pending transfer to another account).
+
+        AWS calls: 1 (DescribeCertificate) when it already has the status or cannot change;
+        2 otherwise (+ UpdateCertificate).
+
+        Raises:
+            ValueError: `status` is neither ACTIVE nor INACTIVE.
+            botocore ClientError: any other AWS failure.
+        """
+        if status not in ("ACTIVE", "INACTIVE"):
+            raise ValueError(f"status must be ACTIVE or INACTIVE, not {status!r}")
+        current = self.describe_certificate(certificate_id)
+        if current is None or current.status == "REVOKED":
+            return False
+        if current.status == status:
+            return True
+        try:
+            self._client.update_certificate(certificateId=certificate_id, newStatus=status)
+        except ClientError as exc:
+            if error_code(exc) in (NOT_FOUND, "CertificateStateException"):
+                return False
+            raise
+        return True
+
+    def teardown_certificate(self, certificate_id: str) -> bool:
+        """Take a certificate out of AWS IoT in the order AWS IoT requires: out of ACTIVE
+        (ACTIVE or PENDING_ACTIVATION -> INACTIVE; REVOKED and INACTIVE stay), every policy
+        detached, detached from every thing, then deleted (forceDelete=False: a policy attached
+        meanwhile refuses the deletion instead of being silently dropped). True when the
+        certificate is no longer in AWS IoT (deleted now, or already absent).
+
+        Idempotent and resumable: each step reads what is left, and ResourceNotFound at any step
+        means another run finished it. The deletion is retried on DeleteConflictException and
+        CertificateStateException (detaches and the status change settle asynchronously) with
+        the bounded backoff; a conflict that outlives it raises TeardownNotSettled, and the next
+        run starts over from what AWS IoT then says (a policy or thing attached meanwhile is
+        detached then).
+
+        AWS calls: 1 when absent (DescribeCertificate); otherwise DescribeCertificate,
+        UpdateCertificate (only from ACTIVE or PENDING_ACTIVATION), one ListAttachedPolicies per
+        page + one DetachPolicy per policy, one ListPrincipalThings per page + one
+        DetachThingPrincipal per thing, and 1 to 5 DeleteCertificate.
+
+        Raises:
+            TeardownNotSettled: AWS IoT still refuses the deletion after the bounded retries.
+            botocore ClientError: any other AWS failure.
+        """
+        certificate = self.describe_certificate(certificate_id)
+        if certificate is None:
+            return True
+        if certificate.status in ("ACTIVE", "PENDING_ACTIVATION"):
+            try:
+                self._client.update_certificate(certificateId=certificate_id, newStatus="INACTIVE")
+            except ClientError as exc:
+                code = error_code(exc)
+                if code == NOT_FOUND:
+                    return True
+                # Revoked meanwhile (final, and deletable); anything else the deletion reports.
+                if code != "CertificateStateException":
+                    raise
+        arn = certificate.arn
+        for policy in self._attached_policies(arn):
+            with _done_if_not_found():
+                self._client.detach_policy(policyName=policy, target=arn)
+        for thing in self._principal_things(arn):
+            with _done_if_not_found():
+                self._client.detach_thing_principal(thingName=thing, principal=arn)
+        self._settle(
+            "DeleteCertificate",
+            certificate_id,
+            lambda: self._client.delete_certificate(
+                certificateId=certificate_id, forceDelete=False
+            ),
+            retry_on=("DeleteConflictException", "CertificateStateException"),
+        )
+        return True
+
+    def delete_thing(self, thing_name: str, *, owned_thing_types: frozenset[str]) -> bool:
+        """Delete a device's thing once its certificates are torn down: every principal still
+        attached is detached first (AWS IoT refuses to delete a thing with principals), then the
+        thing is deleted, retried on InvalidRequestException (detaches settle asynchronously)
+        with the bounded backoff. True when the thing is no longer in AWS IoT (deleted now, or
+        already absent). A thing whose type is none of `owned_thing_types` is not fleetkey's
+        (see `ensure_thing`) and is left exactly as it is.
+
+        AWS calls: 1 when absent (DescribeThing); otherwise DescribeThing, one
+        ListThingPrincipals per page + one DetachThingPrincipal per principal, and 1 to 5
+        DeleteThing.
+
+        Raises:
+            ThingConflict: the thing is not fleetkey's (nothing changed).
+            TeardownNotSettled: AWS IoT still refuses the deletion after the bounded retries.
+            botocore ClientError: any other AWS failure.
+        """
+        try:
+            thing_type = self._client.describe_thing(thingName=thing_name).get("thingTypeName")
+        except ClientError as exc:
+            if error_code(exc) == NOT_FOUND:
+                return True
+            raise
+        if thing_type not in owned_thing_types:
+            raise ThingConflict(thing_name, thing_type)
+        try:
+            principals = [
+                arn
+                for page in self._client.get_paginator("list_thing_principals").paginate(
+                    thingName=thing_name
+                )
+                for arn in page.get("principals", [])
+            ]
+        except ClientError as exc:
+            if error_code(exc) == NOT_FOUND:
+                return True
+            raise
+        for arn in principals:
+            with _done_if_not_found():
+                self._client.detach_thing_principal(thingName=thing_name, principal=arn)
+        self._settle(
+            "DeleteThing",
+            thing_name,
+            lambda: self._client.delete_thing(thingName=thing_name),
+            retry_on=("InvalidRequestException",),
+        )
+        return True
+
+    def _attached_policies(self, target: str) -> list[str]:
+        try:
+            return [
+                policy["policyName"]
+                for page in self._client.get_paginator("list_attached_policies").paginate(
+                    target=target
+                )
+                for policy in page.get("policies", [])
+                if "policyName" in policy
+            ]
+        except ClientError as exc:
+            if error_code(exc) == NOT_FOUND:
+                return []
+            raise
+
+    def _principal_things(self, principal: str) -> list[str]:
+        try:
+            return [
+                thing
+                for page in self._client.get_paginator("list_principal_things").paginate(
+                    principal=principal
+                )
+                for thing in page.get("things", [])
+            ]
+        except ClientError as exc:
+            if error_code(exc) == NOT_FOUND:
+                return []
+            raise
+
+    def _settle(
+        self,
+        operation: str,
+        resource: str,
+        call: Callable[[], object],
+        *,
+        retry_on: tuple[str, ...],
+    ) -> None:
+        """Run a deletion AWS IoT may refuse until earlier steps settle: retried on `retry_on`
+        after each of the teardown delays; ResourceNotFound means it is already deleted."""
+        attempts = len(self._teardown_delays) + 1
+        for attempt in range(attempts):
+            try:
+                call()
+                return
+            except ClientError as exc:
+                code = error_code(exc)
+                if code == NOT_FOUND:
+                    return
+                if code not in retry_on:
+                    raise
+                if attempt == attempts - 1:
+                    raise TeardownNotSettled(resource, operation, code, attempts) from exc
+            if self._on_retry is not None:
+                self._on_retry(operation)
+            self._sleep(self._teardown_delays[attempt])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -10,8 +11,77 @@ from fleetkey.domain.audit import ChainHead
 from fleetkey.domain.lifecycle import DeviceState
 
 
+class CertificateRole(StrEnum):
+    """What a certificate in a device's set is for: the one it connects and authenticates with
+    (current), or one issued by a rotation and not yet committed (pending)."""
+
+    CURRENT = "current"
+    PENDING = "pending"
+
+
+class CertificateOrigin(StrEnum):
+    """The factory identity (the manufacturer's certificate, registered by JITR), or an
+    operational one fleetkey issued."""
+
+    FACTORY = "factory"
+    ISSUED = "issued"
+
+
+@dataclass(frozen=True, slots=True)
+class HeldCertificate:
+    """A certificate a device holds, as fleetkey recorded it when it accepted it."""
+
+    certificate_id: str
+    role: CertificateRole
+    origin: CertificateOrigin
+    public_key_pem: str
+    key: str  # "ec:secp256r1", "rsa:2048"
+    not_after: str  # ISO 8601
+    arn: str | None = None
+
+    def not_after_epoch(self) -> int:
+        return int(datetime.fromisoformat(self.not_after).timestamp())
+
+    def to_public(self) -> dict[str, Any]:
+        return {
+            "certificate_id": self.certificate_id,
+            "role": self.role.value,
+            "origin": self.origin.value,
+            "key": self.key,
+            "not_after": self.not_after,
+        }
+
+
+class TeardownStatus(StrEnum):
+    PENDING = "pending"
+    COMPLETED = "completed"
+
+
+@dataclass(frozen=True, slots=True)
+class Teardown:
+    """The removal of a decommissioned device from AWS IoT: what is left to remove (its
+    certificates and thing), and whether it is done."""
+
+    status: TeardownStatus
+    started_at: str
+    certificates: tuple[str, ...] = ()
+    completed_at: str | None = None
+
+    def to_public(self) -> dict[str, Any]:
+        return {
+            "status": self.status.value,
+            "started_at": self.started_at,
+            "certificates": list(self.certificates),
+            "completed_at": self.completed_at,
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class Device:
+    """A device as its repository read it. `certificates` is its set (at most one current and
+    one pending); `epoch` counts its lives (a recommission starts the next one); tokens issued
+    before `tokens_not_before` (epoch seconds) are no longer active."""
+
     device_id: str
     serial_number: str
     manufacturer_ca: str
@@ -20,20 +90,52 @@ class Device:
     audit_head: ChainHead
     public_key_fingerprint: str | None = None
     attributes: dict[str, str] = field(default_factory=dict)
-    certificate_id: str | None = None
-    # The current certificate's public key (PEM) and its kind ("ec:secp256r1", "rsa:2048").
-    certificate_public_key: str | None = None
-    certificate_key: str | None = None
-    certificate_not_after: str | None = None  # ISO 8601
+    certificates: tuple[HeldCertificate, ...] = ()
+    owner: str | None = None
+    epoch: int = 1
+    tokens_not_before: int | None = None
+    teardown: Teardown | None = None
+    # The factory certificate JITR accepted (it survives decommission: the device re-onboards
+    # with it after a recommission).
+    factory_certificate_id: str | None = None
     created_at: str | None = None
     updated_at: str | None = None
 
-    def certificate_not_after_epoch(self) -> int | None:
-        if not self.certificate_not_after:
-            return None
-        from datetime import datetime
+    @property
+    def current_certificate(self) -> HeldCertificate | None:
+        return next((c for c in self.certificates if c.role is CertificateRole.CURRENT), None)
 
-        return int(datetime.fromisoformat(self.certificate_not_after).timestamp())
+    @property
+    def pending_certificate(self) -> HeldCertificate | None:
+        return next((c for c in self.certificates if c.role is CertificateRole.PENDING), None)
+
+    def holds(self, certificate_id: str) -> HeldCertificate | None:
+        return next((c for c in self.certificates if c.certificate_id == certificate_id), None)
+
+    # The current certificate's fields, as the device's one certificate was read before sets.
+    @property
+    def certificate_id(self) -> str | None:
+        current = self.current_certificate
+        return current.certificate_id if current else None
+
+    @property
+    def certificate_public_key(self) -> str | None:
+        current = self.current_certificate
+        return current.public_key_pem if current else None
+
+    @property
+    def certificate_key(self) -> str | None:
+        current = self.current_certificate
+        return current.key if current else None
+
+    @property
+    def certificate_not_after(self) -> str | None:
+        current = self.current_certificate
+        return current.not_after if current else None
+
+    def certificate_not_after_epoch(self) -> int | None:
+        current = self.current_certificate
+        return current.not_after_epoch() if current else None
 
     def thing_attributes(self) -> dict[str, str]:
         """The AWS IoT thing attributes: the entry's own plus those fleetkey sets."""
@@ -51,9 +153,15 @@ class Device:
             "manufacturer_ca": self.manufacturer_ca,
             "profile": self.profile,
             "state": self.state.value,
+            "owner": self.owner,
+            "epoch": self.epoch,
             "public_key_fingerprint": self.public_key_fingerprint,
             "attributes": dict(self.attributes),
             "certificate_id": self.certificate_id,
+            "certificates": [c.to_public() for c in self.certificates],
+            "factory_certificate_id": self.factory_certificate_id,
+            "tokens_not_before": self.tokens_not_before,
+            "teardown": self.teardown.to_public() if self.teardown else None,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "audit": {"records": self.audit_head.seq, "head": self.audit_head.hash},
@@ -100,3 +208,6 @@ class CertificateRecord:
     device_id: str | None
     reason: str | None
     decided_at: str
+    # The life of the device (its epoch) an acceptance belongs to: a recommissioned device's
+    # factory certificate is decided again in its next life. Refusals hold for every life.
+    epoch: int | None = None

@@ -44,7 +44,7 @@ class TokenRules:
     (its measurement one of `allowed_firmware`, SHA-256 hex)."""
 
     lifetime_seconds: int = 900
-    scopes: frozenset[str] = frozenset({"telemetry:write"})
+    scopes: frozenset[str] = frozenset({"telemetry:write", "fleetkey:data-key"})
     audiences: frozenset[str] = frozenset({"urn:fleetkey:telemetry"})
     require_attestation: bool = False
     allowed_firmware: frozenset[str] = frozenset()
@@ -125,7 +125,7 @@ PROFILES: dict[str, DeviceProfile] = {
             key_policy=KeyPolicy(rsa_min_bits=None),
             token_rules=TokenRules(
                 lifetime_seconds=300,
-                scopes=frozenset({"telemetry:write", "therapy:report"}),
+                scopes=frozenset({"telemetry:write", "therapy:report", "fleetkey:data-key"}),
                 audiences=frozenset({"urn:fleetkey:telemetry", "urn:fleetkey:therapy"}),
                 require_attestation=True,
                 # Released pump firmware measurements (SHA-256 of the image). The demo fleet's

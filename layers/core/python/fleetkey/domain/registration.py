@@ -16,14 +16,14 @@ def refusal_for(
     device: Device, certificate: DeviceCertificate, ca: ManufacturerCa
 ) -> RejectionReason | None:
     """Why `certificate` (already chain-validated against `ca`) may not register as `device`,
-    or None when it may. The order puts the most telling reason first."""
-    if device.state is DeviceState.DECOMMISSIONED:
-        return RejectionReason.DECOMMISSIONED
+    or None when it may. The order puts the most telling reason first; DECOMMISSIONED comes
+    last, as it is not a refusal for cause (JITR sets such a certificate aside, see
+    `RegistrationService`)."""
     # A second certificate for a device that already has one: a cloned identity until an
     # operator says otherwise (rotation goes through its own API, not through JITR).
     if (
         device.state in (DeviceState.ACTIVE, DeviceState.SUSPENDED)
-        and device.certificate_id != certificate.certificate_id
+        and device.holds(certificate.certificate_id) is None
     ):
         return RejectionReason.CLONE_SUSPECTED
     if device.manufacturer_ca != ca.name:
@@ -41,4 +41,8 @@ def refusal_for(
         return RejectionReason.UNEXPECTED_PUBLIC_KEY
     if not get_profile(device.profile).key_policy.allows(certificate.key_description):
         return RejectionReason.WEAK_KEY
+    # Last: a certificate refused for any reason above is refused for cause; one that would be
+    # acceptable is only set aside (not burnt) while its device is decommissioned.
+    if device.state is DeviceState.DECOMMISSIONED:
+        return RejectionReason.DECOMMISSIONED
     return None

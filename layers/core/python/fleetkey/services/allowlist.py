@@ -11,9 +11,9 @@ from fleetkey.domain.allowlist import AllowlistEntry, RejectedRow, parse_manifes
 from fleetkey.domain.audit import AuditRecord, ChainHead
 from fleetkey.domain.models import Device
 from fleetkey.errors import Conflict, FleetkeyError
+from fleetkey.ports import DeviceRepository
 from fleetkey.settings import Settings
 from fleetkey.store import schema
-from fleetkey.store.dynamodb import Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,9 +35,11 @@ class ImportReport:
 
 
 class AllowlistService:
-    def __init__(self, settings: Settings, store: Store, clock: Clock = utc_now) -> None:
+    def __init__(
+        self, settings: Settings, devices: DeviceRepository, clock: Clock = utc_now
+    ) -> None:
         self._settings = settings
-        self._store = store
+        self._devices = devices
         self._clock = clock
 
     def _first_record(self, entry: AllowlistEntry, at: str, actor: str, source: str) -> AuditRecord:
@@ -63,14 +65,14 @@ class AllowlistService:
             Conflict: a device with this id exists with a different entry.
         """
         at = timestamp(self._clock())
-        outcome = self._store.create_devices(
+        outcome = self._devices.create(
             [(entry, self._first_record(entry, at, actor, "single"))], at
         )
         if outcome.conflicting:
             raise Conflict(
                 f"device {entry.device_id} is already allow-listed with different details"
             )
-        device = self._store.get_device(entry.device_id)
+        device = self._devices.get(entry.device_id)
         if device is None:  # an invariant (no path deletes a device), checked also under -O
             raise FleetkeyError(f"device {entry.device_id} is missing after it was written")
         return device
@@ -87,7 +89,7 @@ class AllowlistService:
         parsed = parse_manifest(text, fmt, max_rows=self._settings.max_import_rows)
         at = timestamp(self._clock())
         rows = [(e, self._first_record(e, at, actor, "manifest")) for _, e in parsed.entries]
-        outcome = self._store.create_devices(rows, at)
+        outcome = self._devices.create(rows, at)
         conflicting = set(outcome.conflicting)
         rejected = list(parsed.rejected) + [
             RejectedRow(number, e.device_id, "already allow-listed with different details")

@@ -7,7 +7,7 @@ import re
 from fleetkey.domain.audit import AuditRecord, ChainHead, ChainVerification, verify_chain
 from fleetkey.domain.models import Device
 from fleetkey.errors import InvalidRequest, NotFound
-from fleetkey.store.dynamodb import Store
+from fleetkey.ports import AuditLog, CertificateDecisions, DeviceRepository, TrustAnchorStore
 
 SUBJECT_KINDS = ("device", "certificate", "ca", "stream")
 _DEVICE_ID = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
@@ -20,14 +20,23 @@ _SUBJECT_NAMES = {
 
 
 class DeviceService:
-    def __init__(self, store: Store) -> None:
-        self._store = store
+    def __init__(
+        self,
+        devices: DeviceRepository,
+        audit: AuditLog,
+        anchors: TrustAnchorStore,
+        certificates: CertificateDecisions,
+    ) -> None:
+        self._devices = devices
+        self._audit = audit
+        self._anchors = anchors
+        self._certificates = certificates
 
     def get(self, device_id: str) -> Device:
         """Raises NotFound (also for ids that could not name a device)."""
         if not _DEVICE_ID.fullmatch(device_id):
             raise NotFound(f"no device {device_id[:128]!r}")
-        device = self._store.get_device(device_id)
+        device = self._devices.get(device_id)
         if device is None:
             raise NotFound(f"no device {device_id!r}")
         return device
@@ -47,7 +56,7 @@ class DeviceService:
             )
         if not _SUBJECT_NAMES[kind].fullmatch(name):
             raise NotFound(f"no audit records for {subject[:200]}")
-        stored = self._store.read_audit(subject)
+        stored = self._audit.read(subject)
         if not stored:
             raise NotFound(f"no audit records for {subject}")
         head = self._head(kind, name)
@@ -56,11 +65,11 @@ class DeviceService:
 
     def _head(self, kind: str, name: str) -> ChainHead | None:
         if kind == "device":
-            device = self._store.get_device(name)
+            device = self._devices.get(name)
             return device.audit_head if device else None
         if kind == "ca":
-            ca = self._store.get_ca(name)
+            ca = self._anchors.get(name)
             return ca.audit_head if ca else None
         if kind == "stream":
-            return self._store.stream_head(name)
-        return self._store.certificate_head(name)
+            return self._audit.stream_head(name)
+        return self._certificates.head(name)

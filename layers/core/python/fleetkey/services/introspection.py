@@ -1,6 +1,8 @@
 """Token introspection (RFC 7662) for relying parties that check online: a token is active when
-its signature, issuer and lifetime hold, its device is still ACTIVE with the certificate the token
-is bound to, and its jti was not revoked. The token is parsed strictly first (a `crit` header,
+its signature, issuer and lifetime hold, its device is still ACTIVE and holds the certificate the
+token is bound to, the token was issued after the device's last suspension or decommission (its
+`tokens_not_before`: a resumed device's earlier tokens stay inactive), and its jti was not
+revoked. The token is parsed strictly first (a `crit` header,
 duplicate member names or odd encodings make it inactive) and its `typ` must be `at+jwt`."""
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ import jwt
 from fleetkey.clock import Clock, timestamp, utc_now
 from fleetkey.crypto.jose import MalformedJws, b64url, media_type, parse_compact_jws
 from fleetkey.domain.lifecycle import DeviceState
+from fleetkey.ports import AuditLog, DeviceRepository, TokenRecords
 from fleetkey.services.signing_keys import MAX_TOKEN_LIFETIME_SECONDS, SigningKeys
 from fleetkey.services.tokens import ACCESS_TOKEN_TYPE, CLOCK_SKEW, FIRMWARE_VERSION
 from fleetkey.settings import Settings
-from fleetkey.store.dynamodb import Store
 
 INACTIVE: dict[str, Any] = {"active": False}
 MAX_TOKEN_BYTES = 8 * 1024
@@ -23,10 +25,18 @@ MAX_TOKEN_BYTES = 8 * 1024
 
 class IntrospectionService:
     def __init__(
-        self, settings: Settings, store: Store, signing_keys: SigningKeys, clock: Clock = utc_now
+        self,
+        settings: Settings,
+        devices: DeviceRepository,
+        records: TokenRecords,
+        audit: AuditLog,
+        signing_keys: SigningKeys,
+        clock: Clock = utc_now,
     ) -> None:
         self._settings = settings
-        self._store = store
+        self._devices = devices
+        self._records = records
+        self._audit = audit
         self._keys = signing_keys
         self._clock = clock
 
@@ -68,15 +78,20 @@ class IntrospectionService:
             not isinstance(version, str) or not FIRMWARE_VERSION.fullmatch(version)
         ):
             return dict(INACTIVE)
-        device = self._store.get_device(claims["sub"])
+        device = self._devices.credential(claims["sub"])
         if (
             device is None
             or device.state is not DeviceState.ACTIVE
-            or device.certificate_id is None
-            or b64url(bytes.fromhex(device.certificate_id)) != bound
+            or not any(
+                b64url(bytes.fromhex(c.certificate_id)) == bound for c in device.certificates
+            )
         ):
             return dict(INACTIVE)
-        if self._store.is_token_revoked(claims["jti"], int(self._clock().timestamp())):
+        # Issued before the device was last suspended or decommissioned (iat is whole seconds;
+        # `tokens_not_before` is the second after the change).
+        if device.tokens_not_before is not None and claims["iat"] < device.tokens_not_before:
+            return dict(INACTIVE)
+        if self._records.is_revoked(claims["jti"], int(self._clock().timestamp())):
             return dict(INACTIVE)
         return {"active": True, "token_type": "Bearer", **claims}
 
@@ -85,8 +100,8 @@ class IntrospectionService:
         the `stream:token-revocations` chain. Returns when the revocation lapses (epoch s)."""
         now = int(self._clock().timestamp())
         until = now + MAX_TOKEN_LIFETIME_SECONDS + CLOCK_SKEW
-        self._store.revoke_token(token_jti, until)
-        self._store.append_to_stream(
+        self._records.revoke(token_jti, until)
+        self._audit.append_to_stream(
             "token-revocations",
             action="token_revoked",
             actor=actor,

@@ -10,7 +10,8 @@ genuine event for that certificate, whenever that arrives.
 
 AWS call budget (warm trust-anchor cache):
     accepted: describe certificate, device lookup, registration transaction, create thing,
-              attach policy, attach thing, activate certificate            = 7
+              attach policy, attach thing, activate certificate, device read
+              (a suspension that landed meanwhile is followed)             = 8
     refused on the certificate's own merits (malformed too): describe,
               record, revoke                                               = 3
     refused, no such device: describe, lookup-and-record, revoke           = 3
@@ -48,6 +49,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from fleetkey.adapters.iot import IotCertificate, IotRegistry, ThingConflict
 from fleetkey.clock import Clock, timestamp, utc_now
+from fleetkey.converge import Step, converge
 from fleetkey.crypto.certificates import (
     DeviceCertificate,
     certificate_id,
@@ -57,17 +59,34 @@ from fleetkey.crypto.certificates import (
 )
 from fleetkey.domain.allowlist import DeviceId
 from fleetkey.domain.audit import ChainHead
-from fleetkey.domain.lifecycle import DeviceState, Transition, target_state
-from fleetkey.domain.models import CaStatus, CertificateOutcome, CertificateRecord, Device
+from fleetkey.domain.lifecycle import DeviceState, Transition
+from fleetkey.domain.models import (
+    CaStatus,
+    CertificateOrigin,
+    CertificateOutcome,
+    CertificateRecord,
+    CertificateRole,
+    Device,
+    HeldCertificate,
+)
 from fleetkey.domain.profiles import get_profile, thing_type_names
 from fleetkey.domain.registration import BASELINE_KEY_POLICY, refusal_for
 from fleetkey.domain.rejection import RejectionReason
 from fleetkey.errors import ConcurrentModification, InvalidCertificate
 from fleetkey.events import CertificateRegisteredEvent
+from fleetkey.ports import (
+    AlreadyDecided,
+    AuditLog,
+    CaChanged,
+    CertificateDecisions,
+    DeviceChange,
+    DeviceChanged,
+    DeviceExists,
+    DeviceRepository,
+)
 from fleetkey.services.trust import TrustAnchor, TrustAnchors
 from fleetkey.settings import Settings
 from fleetkey.store import schema
-from fleetkey.store.dynamodb import ConditionFailed, Store
 
 ACTOR = "aws-iot:jitr"
 logger = logging.getLogger(__name__)
@@ -119,14 +138,18 @@ class RegistrationService:
     def __init__(
         self,
         settings: Settings,
-        store: Store,
+        devices: DeviceRepository,
+        certificates: CertificateDecisions,
+        audit: AuditLog,
         registry: IotRegistry,
         anchors: TrustAnchors,
         clock: Clock = utc_now,
         on_decision: DecisionObserver | None = None,
     ) -> None:
         self._settings = settings
-        self._store = store
+        self._devices = devices
+        self._certificates = certificates
+        self._audit = audit
         self._registry = registry
         self._anchors = anchors
         self._clock = clock
@@ -140,7 +163,7 @@ class RegistrationService:
         Whatever the certificate's bytes, a certificate that cannot be read is refused as
         `malformed_certificate` (recorded, audited, revoked once); it never makes this fail.
 
-        AWS calls: see the module's budget (at most 7 on a warm trust-anchor cache, plus one
+        AWS calls: see the module's budget (at most 8 on a warm trust-anchor cache, plus one
         Query when the cache is cold or the CA is not in it).
 
         Raises:
@@ -171,7 +194,7 @@ class RegistrationService:
 
         AWS calls: 2 (stream head, append), more if concurrent writers move the head.
         """
-        self._store.append_to_stream(
+        self._audit.append_to_stream(
             REGISTRATION_EVENTS_STREAM,
             action="malformed_event",
             actor=ACTOR,
@@ -187,7 +210,7 @@ class RegistrationService:
         """A certificate fleetkey cannot act on (AWS IoT has none, or it is not pending): a later
         delivery of an event fleetkey already decided on reports that decision; anything else is
         a mismatched event. Nothing in AWS IoT changes either way."""
-        previous = self._store.get_certificate(event.certificateId)
+        previous = self._certificates.get(event.certificateId)
         if previous is None:
             return self._mismatched(event, iot_cert, problem)
         accepted = previous.outcome is CertificateOutcome.ACCEPTED
@@ -203,7 +226,7 @@ class RegistrationService:
             "registration event does not match AWS IoT; ignored",
             extra={"certificate_id": event.certificateId, "problem": problem},
         )
-        self._store.append_to_stream(
+        self._audit.append_to_stream(
             REGISTRATION_EVENTS_STREAM,
             action="mismatched_event",
             actor=ACTOR,
@@ -297,24 +320,20 @@ class RegistrationService:
         )
         try:
             # One write that is also the lookup: succeeds only if the device does not exist.
-            self._store.refuse_certificate(
+            self._certificates.refuse(
                 certificate.certificate_id,
                 certificate.device_id,
                 record,
                 at,
                 unless_device_exists=True,
             )
-        except ConditionFailed as failure:
-            device_item = failure.items.get("device")
-            device = self._store.device_from_item(device_item) if device_item else None
-            previous = failure.items.get("certificate")
-            if previous is not None:
-                return self._follow(self._store.certificate_from_item(previous), device, iot_cert)
-            if device is None:  # neither condition reported its item: a transaction to retry
-                raise ConcurrentModification(
-                    f"certificate {iot_cert.certificate_id}: retry"
-                ) from failure
-            return self._decide_for_device(device, certificate, anchor, iot_cert)
+        except AlreadyDecided as earlier:
+            if earlier.device is not None and _superseded(earlier.decision, earlier.device):
+                # Accepted in an earlier life of this (recommissioned) device: decide again.
+                return self._decide_for_device(earlier.device, certificate, anchor, iot_cert)
+            return self._follow(earlier.decision, earlier.device, iot_cert)
+        except DeviceExists as exists:
+            return self._decide_for_device(exists.device, certificate, anchor, iot_cert)
         decided = self._decided(
             RegistrationOutcome(
                 iot_cert.certificate_id,
@@ -339,57 +358,64 @@ class RegistrationService:
                 # The device's own current certificate (its decision record is missing only if
                 # written by something other than fleetkey): nothing to register.
                 return RegistrationOutcome(certificate.certificate_id, True, device.device_id)
+            if reason is RejectionReason.DECOMMISSIONED:
+                return self._set_aside(device, iot_cert)
             at = timestamp(self._clock())
             accepted = reason is None
-            record = device.audit_head.next_record(
-                subject=schema.device_subject(device.device_id),
-                at=at,
-                action="registered" if accepted else "registration_refused",
-                actor=ACTOR,
-                details=_details(certificate, anchor, reason),
-            )
-            decision = self._store.certificate_put(
+            decision = self._certificates.decision(
                 certificate.certificate_id,
                 CertificateOutcome.ACCEPTED if accepted else CertificateOutcome.REFUSED,
                 device_id=device.device_id,
                 reason=None if reason is None else reason.value,
                 at=at,
+                epoch=device.epoch,
             )
+            details = _details(certificate, anchor, reason)
             try:
                 if accepted:
-                    self._store.update_device(
+                    held = HeldCertificate(
+                        certificate_id=certificate.certificate_id,
+                        role=CertificateRole.CURRENT,
+                        origin=CertificateOrigin.FACTORY,
+                        public_key_pem=certificate.public_key_pem,
+                        key=certificate.key_description,
+                        not_after=timestamp(certificate.not_after),
+                        arn=iot_cert.arn,
+                    )
+                    self._devices.apply(
                         device,
-                        record,
-                        new_state=target_state(device.state, Transition.REGISTER),
-                        set_attributes={
-                            "certificate_id": certificate.certificate_id,
-                            "certificate_public_key": certificate.public_key_pem,
-                            "certificate_key": certificate.key_description,
-                            "certificate_not_after": timestamp(certificate.not_after),
-                            "registered_at": at,
-                        },
-                        extra=[decision, self._store.ca_active_check(anchor.ca)],
+                        DeviceChange(
+                            action="registered",
+                            actor=ACTOR,
+                            at=at,
+                            details=details,
+                            transition=Transition.REGISTER,
+                            certificates=(held,),
+                            registered_at=at,
+                            factory_certificate_id=certificate.certificate_id,
+                        ),
+                        with_writes=[decision, self._anchors.active_check(anchor.ca)],
                     )
                 else:
-                    self._store.update_device(device, record, extra=[decision])
-            except ConditionFailed as failure:
-                if "certificate" in failure.failed:
-                    previous = self._store.certificate_from_item(failure.items["certificate"])
-                    current = failure.items.get("device")
-                    return self._follow(
-                        previous,
-                        self._store.device_from_item(current) if current else None,
-                        iot_cert,
+                    self._devices.apply(
+                        device,
+                        DeviceChange(
+                            action="registration_refused", actor=ACTOR, at=at, details=details
+                        ),
+                        with_writes=[decision],
                     )
-                if "device" in failure.failed:
-                    device = self._store.device_from_item(failure.items["device"])
-                    continue
-                if "ca" in failure.failed:
-                    # Disabled since the snapshot (the device passed its check, so it is as
-                    # read): refuse, recorded in the device's chain.
-                    forced = RejectionReason.CA_DISABLED
-                    continue
-                raise
+            except AlreadyDecided as earlier:
+                return self._follow(earlier.decision, earlier.device, iot_cert)
+            except DeviceChanged as changed:
+                if changed.current is None:
+                    raise ConcurrentModification(f"device {device.device_id} vanished") from None
+                device = changed.current
+                continue
+            except CaChanged:
+                # Disabled since the snapshot (the device passed its check, so it is as read):
+                # refuse, recorded in the device's chain.
+                forced = RejectionReason.CA_DISABLED
+                continue
             outcome = self._decided(
                 RegistrationOutcome(iot_cert.certificate_id, accepted, device.device_id, reason)
             )
@@ -412,30 +438,43 @@ class RegistrationService:
             return self._revoke(iot_cert, outcome)
         accepted = RegistrationOutcome(iot_cert.certificate_id, True, previous.device_id)
         if device is None and previous.device_id is not None:
-            device = self._store.get_device(previous.device_id)
+            device = self._devices.get(previous.device_id)
+        if device is not None and device.state is DeviceState.DECOMMISSIONED:
+            return self._set_aside(device, iot_cert)
         if (
             device is None
             or device.state is not DeviceState.ACTIVE
-            or device.certificate_id != previous.certificate_id
+            or device.holds(previous.certificate_id) is None
         ):
-            # The device has moved on (suspended, decommissioned): leave AWS IoT as that left it.
+            # The device has moved on (suspended, recommissioned): leave AWS IoT as that left it.
             return accepted
         return self._provision(device, iot_cert, accepted)
 
     def _provision(
         self, device: Device, iot_cert: IotCertificate, outcome: RegistrationOutcome
     ) -> RegistrationOutcome:
-        """Bring AWS IoT in line with an accepted registration. Activation is last, so a
-        certificate is never usable before its thing and policy are in place."""
-        if iot_cert.status != "ACTIVE":
-            profile = get_profile(device.profile)
-            prefix = self._settings.name_prefix
+        """Bring AWS IoT in line with an accepted registration (`fleetkey.converge`: idempotent
+        steps a retry runs again). Activation is last, so a certificate is never usable before
+        its thing and policy are in place; then the device is read again: if a suspension or
+        decommission landed while this ran (it saw the certificate before it was active), the
+        certificate is taken out of ACTIVE again, so AWS IoT follows the device's state.
+
+        Raises:
+            ThingConflict (audited), AWS errors (a retry converges).
+        """
+        if iot_cert.status == "ACTIVE":
+            return outcome
+        profile = get_profile(device.profile)
+        prefix = self._settings.name_prefix
+        cert_id, arn = iot_cert.certificate_id, iot_cert.arn
+
+        def thing() -> None:
             try:
                 stale = self._registry.ensure_thing(
                     device.device_id,
                     profile.thing_type_name(prefix),
-                    {**device.thing_attributes(), "certificate_id": iot_cert.certificate_id},
-                    iot_cert.arn,
+                    {**device.thing_attributes(), "certificate_id": cert_id},
+                    arn,
                     owned_thing_types=thing_type_names(prefix),
                 )
             except ThingConflict as conflict:
@@ -446,9 +485,24 @@ class RegistrationService:
                     "took over an existing thing and detached its other certificates",
                     extra={"device_id": device.device_id, "detached": stale},
                 )
-            self._registry.attach_policy(profile.iot_policy_name(prefix), iot_cert.arn)
-            self._registry.attach_exclusively(device.device_id, iot_cert.arn)
-            self._registry.activate_certificate(iot_cert.certificate_id)
+
+        def follow_device() -> None:
+            now = self._devices.get(device.device_id)
+            if now is None or now.state is not DeviceState.ACTIVE:
+                self._registry.set_certificate_status(cert_id, "INACTIVE")
+
+        converge(
+            [
+                Step("thing", thing),
+                Step(
+                    "policy",
+                    lambda: self._registry.attach_policy(profile.iot_policy_name(prefix), arn),
+                ),
+                Step("attach", lambda: self._registry.attach_exclusively(device.device_id, arn)),
+                Step("activate", lambda: self._registry.activate_certificate(cert_id)),
+                Step("follow the device", follow_device),
+            ]
+        )
         return outcome
 
     def _thing_conflict(
@@ -472,7 +526,7 @@ class RegistrationService:
                 "thing_type": conflict.thing_type,
             },
         )
-        self._store.append_to_stream(
+        self._audit.append_to_stream(
             REGISTRATION_EVENTS_STREAM,
             action="thing_conflict",
             actor=ACTOR,
@@ -482,6 +536,32 @@ class RegistrationService:
                 "thing_type": conflict.thing_type,
             },
             at=timestamp(self._clock()),
+        )
+
+    def _set_aside(self, device: Device, iot_cert: IotCertificate) -> RegistrationOutcome:
+        """A certificate that would be acceptable, presented for a DECOMMISSIONED device (a
+        pump powered up in storage): refused without burning it. No decision is recorded and
+        the certificate is not revoked (REVOKED is final in AWS IoT): it is deleted from AWS IoT,
+        so that after a recommission the device's next connection registers it afresh. Audited
+        in `stream:registration-events` as `decommissioned_device_connected`.
+
+        AWS calls: 2 (stream head, append) + the certificate's removal (`teardown_certificate`).
+        """
+        logger.warning(
+            "a decommissioned device connected; its certificate is set aside",
+            extra={"device_id": device.device_id, "certificate_id": iot_cert.certificate_id},
+        )
+        self._audit.append_to_stream(
+            REGISTRATION_EVENTS_STREAM,
+            action="decommissioned_device_connected",
+            actor=ACTOR,
+            details={"device_id": device.device_id, "certificate_id": iot_cert.certificate_id},
+            at=timestamp(self._clock()),
+        )
+        if iot_cert.status != "ACTIVE":
+            self._registry.teardown_certificate(iot_cert.certificate_id)
+        return RegistrationOutcome(
+            iot_cert.certificate_id, False, device.device_id, RejectionReason.DECOMMISSIONED
         )
 
     def _revoke(
@@ -514,14 +594,23 @@ class RegistrationService:
             details=details,
         )
         try:
-            self._store.refuse_certificate(cert_id, claimed_device_id, record, at)
-        except ConditionFailed as failure:
-            previous = self._store.certificate_from_item(failure.items["certificate"])
+            self._certificates.refuse(cert_id, claimed_device_id, record, at)
+        except AlreadyDecided as earlier:
             # Decided earlier (a retry, a copy, or accepted under a CA since disabled): keep and
             # finish that decision.
-            return self._follow(previous, None, iot_cert)
+            return self._follow(earlier.decision, None, iot_cert)
         decided = self._decided(RegistrationOutcome(cert_id, False, claimed_device_id, reason))
         return self._revoke(iot_cert, decided)
+
+
+def _superseded(decision: CertificateRecord, device: Device) -> bool:
+    """Whether `decision` accepted the certificate for an earlier life of `device` (it has been
+    recommissioned since): its factory certificate is then decided again."""
+    return (
+        decision.outcome is CertificateOutcome.ACCEPTED
+        and decision.device_id == device.device_id
+        and (decision.epoch or 1) < device.epoch
+    )
 
 
 def _read_leaf(iot_cert: IotCertificate) -> tuple[x509.Certificate | None, dict[str, Any]]:

@@ -30,13 +30,13 @@ from fleetkey.clock import Clock, timestamp, utc_now
 from fleetkey.crypto.jose import jwk_thumbprint, public_jwk
 from fleetkey.domain.audit import ChainHead
 from fleetkey.errors import Conflict, FleetkeyError
+from fleetkey.ports import SigningKeyRegistry, StaleRecord
 from fleetkey.settings import (
     LOCAL_STACK_NAME,
     LOCAL_TOKEN_KEY_RETIRER_ROLE_ARNS,
     LOCAL_TOKEN_SIGNER_ROLE_ARN,
     Settings,
 )
-from fleetkey.store.dynamodb import ConditionFailed, Store
 
 logger = logging.getLogger(__name__)
 MAX_TOKEN_LIFETIME_SECONDS = 3600
@@ -369,7 +369,7 @@ class SigningKeys:
 
     def __init__(
         self,
-        store: Store,
+        registry: SigningKeyRegistry,
         kms: KmsKeys,
         *,
         trust: KeyTrust | None = None,
@@ -378,7 +378,7 @@ class SigningKeys:
         publish_lead_seconds: int = 300,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._store = store
+        self._registry_store = registry
         self._kms = kms
         # Without `trust`, the local stack's: keys of any other stack are then never confirmed.
         self._trust = trust or KeyTrust.local()
@@ -413,7 +413,7 @@ class SigningKeys:
             ClientError: KMS failed reading the first key's public half (a missing key
                 included).
         """
-        head, items = self._store.get_signing_keys()
+        head, items = self._registry_store.get()
         if items or head != ChainHead() or not self._trust.first_key_id:
             return head, [key for key in map(_entry, items) if key is not None]
         if self._first_key is not None:  # a key id's public key never changes
@@ -549,7 +549,7 @@ class SigningKeys:
             actor=actor,
             details=details,
         )
-        self._store.put_signing_keys(head, [k.to_item() for k in keys], record)
+        self._registry_store.put(head, [k.to_item() for k in keys], record)
         self._cached = None
 
     def initialize(self, key_id: str, *, actor: str) -> SigningKey:
@@ -572,7 +572,7 @@ class SigningKeys:
             self._write(
                 head, [key], "signing_key_initialized", actor, {"kid": key.kid, "key_id": key_id}
             )
-        except ConditionFailed:
+        except StaleRecord:
             return self._read(fresh=True)[1][0]
         return key
 
@@ -616,7 +616,7 @@ class SigningKeys:
                     "previous_retire_after": retire_after,
                 },
             )
-        except ConditionFailed:
+        except StaleRecord:
             # Refused, so certainly not written: undo the key. (Any other failure may have
             # written it: the key is kept, and a retry's read tells.)
             self._undo_create(key_id)
@@ -656,7 +656,7 @@ class SigningKeys:
             self._write(
                 head, remaining, "signing_keys_retired", actor, {"kids": [k.kid for k in expired]}
             )
-        except ConditionFailed:
+        except StaleRecord:
             raise Conflict(
                 "signing keys changed meanwhile; retry (deletions already scheduled are kept)"
             ) from None

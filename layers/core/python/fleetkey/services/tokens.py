@@ -3,8 +3,10 @@
 token (RFC 9068) signed by a KMS key, bound to its certificate (RFC 8705 `cnf`).
 
 AWS calls per issued token: read the device, record the assertion's jti (and consume the
-challenge) in one conditional write, sign with KMS = 3. Public keys of device certificates and of
-signing keys are cached (they never change for an id); the signing-key registry for a minute.
+challenge) in one conditional write that also checks the device is still ACTIVE with that current
+certificate (so nothing is granted once a suspension or decommission commits), sign with KMS = 3.
+Public keys of device certificates and of signing keys are cached (they never change for an id);
+the signing-key registry for a minute.
 
 Assertion rules (RFC 8725, RFC 7515 §4.1.11, RFC 7521 §4.2, RFC 7523 as updated by
 draft-ietf-oauth-rfc7523bis-11 §4):
@@ -30,7 +32,7 @@ verified in every case: against the device key, or, when the device is unknown, 
 kid is not its current certificate, or the algorithm does not fit its key, against a stand-in key
 of the same algorithm made at cold start (`stand_in_keys`). The device read is a projection of
 the fields that authenticate it, and a miss decodes a decoy item of the same shape
-(`Store.get_device_credential`). So an unknown device costs what a known one with a bad signature
+(`DeviceRepository.credential`). So an unknown device costs what a known one with a bad signature
 costs: one device read, one item decoded and one signature verification.
 """
 
@@ -41,6 +43,7 @@ import secrets
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -61,6 +64,7 @@ from fleetkey.crypto.jose import (
     stand_in_keys,
 )
 from fleetkey.domain.lifecycle import DeviceState
+from fleetkey.domain.models import CertificateRole, HeldCertificate
 from fleetkey.domain.oauth import (
     InvalidClient,
     InvalidGrant,
@@ -69,9 +73,16 @@ from fleetkey.domain.oauth import (
     UnsupportedGrantType,
 )
 from fleetkey.domain.profiles import TokenRules, get_profile
+from fleetkey.ports import (
+    AssertionReplayed,
+    ChallengeUnusable,
+    DeviceCredential,
+    DeviceNotEligible,
+    DeviceRepository,
+    TokenRecords,
+)
 from fleetkey.services.signing_keys import SigningKeys
 from fleetkey.settings import Settings
-from fleetkey.store.dynamodb import ConditionFailed, DeviceCredential, Store
 
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
@@ -98,12 +109,30 @@ _TOKEN_CHARS = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _MEDIA_TYPE_PARAMETER = re.compile(rf'\s*({_TOKEN_CHARS})=({_TOKEN_CHARS}|"[^";\\]*")\s*')
 
 
+@dataclass(frozen=True, slots=True)
+class AuthenticatedDevice:
+    """A device that proved itself with a client assertion signed by its current certificate's
+    key (not yet recorded as used: `TokenService.record_assertion`)."""
+
+    device: DeviceCredential
+    certificate: HeldCertificate
+    claims: dict[str, Any]
+    now: int
+    nonce: str | None
+
+
 class TokenService:
     def __init__(
-        self, settings: Settings, store: Store, signing_keys: SigningKeys, clock: Clock = utc_now
+        self,
+        settings: Settings,
+        devices: DeviceRepository,
+        records: TokenRecords,
+        signing_keys: SigningKeys,
+        clock: Clock = utc_now,
     ) -> None:
         self._settings = settings
-        self._store = store
+        self._devices = devices
+        self._records = records
         self._keys = signing_keys
         self._clock = clock
         self._public_keys: OrderedDict[str, PublicKey] = OrderedDict()
@@ -115,7 +144,7 @@ class TokenService:
     def challenge(self) -> dict[str, Any]:
         """A single-use nonce for devices without a trusted clock (one conditional write)."""
         nonce = secrets.token_urlsafe(32)
-        self._store.put_nonce(nonce, int(self._clock().timestamp()) + CHALLENGE_SECONDS)
+        self._records.put_nonce(nonce, int(self._clock().timestamp()) + CHALLENGE_SECONDS)
         return {"nonce": nonce, "expires_in": CHALLENGE_SECONDS}
 
     # ---- token ------------------------------------------------------------------------------
@@ -150,12 +179,56 @@ class TokenService:
         if not assertion or len(assertion) > MAX_ASSERTION_BYTES:
             raise OAuthInvalidRequest("client_assertion is required (at most 8 KiB)")
 
-        jws = self._peek(assertion, form.get("client_id"))
+        auth = self.authenticate(assertion, form.get("client_id"))
+        device, claims, now = auth.device, auth.claims, auth.now
+        rules = get_profile(device.profile).token_rules
+        scopes = self._granted(form.get("scope"), rules.scopes, "scope")
+        audiences = self._granted(form.get("audience"), rules.audiences, "audience")
+        firmware = self.attested_firmware(claims, rules)
+        self.record_assertion(auth)
+
+        certificate_expiry = auth.certificate.not_after_epoch()
+        lifetime = min(rules.lifetime_seconds, certificate_expiry - now)
+        signing_key, signer = self._keys.current()
+        token_claims = {
+            "iss": self._settings.issuer,
+            "sub": device.device_id,
+            "aud": audiences[0] if len(audiences) == 1 else audiences,
+            "exp": now + lifetime,
+            "iat": now,
+            "jti": uuid.uuid4().hex,
+            "client_id": device.device_id,
+            "scope": " ".join(scopes),
+            "cnf": {"x5t#S256": b64url(bytes.fromhex(auth.certificate.certificate_id))},
+            "device_profile": device.profile,
+            **firmware,
+        }
+        return {
+            "access_token": sign_jwt(signer, signing_key.kid, token_claims, ACCESS_TOKEN_TYPE),
+            "token_type": "Bearer",
+            "expires_in": lifetime,
+            "scope": token_claims["scope"],
+        }
+
+    def authenticate(self, assertion: str, client_id: str | None) -> AuthenticatedDevice:
+        """Verify a client assertion: the device it names is ACTIVE and signed it with the key
+        of its current certificate, and the assertion keeps every rule (module docstring). Not
+        yet recorded as used (`record_assertion`).
+
+        AWS calls: none for an assertion refused on its own content; else 1 (the device's
+        credential, a projected GetItem). Every refusal after the read has decoded one item and
+        verified one signature, whichever check failed.
+
+        Raises:
+            InvalidClient: the assertion does not authenticate an ACTIVE device by its current
+                certificate or breaks an assertion rule (one answer for every such case).
+        """
+        jws = self._peek(assertion, client_id)
         header, unverified = jws.header, jws.claims
         device_id: str = unverified["sub"]
         # The projected read, whose miss decodes a decoy item: equal CPU for unknown and known.
-        device = self._store.get_device_credential(device_id)
-        key, refusal = self._verification_key(device, header["kid"], header["alg"])
+        device = self._devices.credential(device_id)
+        key, certificate, refusal = self._verification_key(device, header["kid"], header["alg"])
 
         now = int(self._clock().timestamp())
         nonce = unverified.get("nonce")
@@ -173,7 +246,7 @@ class TokenService:
         except (jwt.PyJWTError, TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise InvalidClient(refusal or f"assertion: {type(exc).__name__}") from None
         # Verified by a stand-in key (nobody holds its private half): refused all the same.
-        if refusal is not None or device is None or device.certificate_id is None:
+        if refusal is not None or device is None or certificate is None:
             raise InvalidClient(refusal or "no device key")
         if nonce is None and not 0 < claims["exp"] - claims["iat"] <= MAX_ASSERTION_LIFETIME:
             raise InvalidClient("assertion lifetime")
@@ -194,46 +267,46 @@ class TokenService:
             and claims["exp"] > now + MAX_ASSERTION_LIFETIME + CLOCK_SKEW
         ):
             raise InvalidClient("assertion lifetime")
-        certificate_expiry = device.certificate_not_after_epoch()
-        if certificate_expiry is not None and now >= certificate_expiry:
+        if now >= certificate.not_after_epoch():
             raise InvalidClient("certificate expired")
+        if device.tokens_not_before is not None and now < device.tokens_not_before:
+            # Resumed within the second of its suspension: a token of that second would be
+            # inactive (iat is whole seconds), so none is granted until the next one.
+            raise InvalidClient("device not active")
+        return AuthenticatedDevice(device, certificate, claims, now, nonce)
 
-        rules = get_profile(device.profile).token_rules
-        scopes = self._granted(form.get("scope"), rules.scopes, "scope")
-        audiences = self._granted(form.get("audience"), rules.audiences, "audience")
-        firmware = self._attested_firmware(claims, rules)
+    def record_assertion(self, auth: AuthenticatedDevice) -> None:
+        """Record the assertion's jti as used (and consume its challenge) in one conditional
+        write that also checks the device is still ACTIVE with that current certificate: once a
+        suspension or decommission has committed, nothing more is granted on an assertion that
+        was verified before it.
 
-        remember_until = int(claims.get("exp") or now + MAX_ASSERTION_LIFETIME) + CLOCK_SKEW
+        AWS calls: 1 (TransactWriteItems).
+
+        Raises:
+            InvalidGrant: a replayed assertion, or an unknown, used or expired challenge.
+            InvalidClient: the device changed (suspended, decommissioned, certificate replaced).
+        """
+        claims = auth.claims
+        remember_until = int(claims.get("exp") or auth.now + MAX_ASSERTION_LIFETIME) + CLOCK_SKEW
+        eligible = self._devices.eligibility_check(
+            auth.device.device_id, auth.certificate.certificate_id
+        )
         try:
-            self._store.use_assertion(device_id, claims["jti"], remember_until, now, nonce)
-        except ConditionFailed as failure:
-            if "jti" in failure.failed:
-                raise InvalidGrant("the assertion was already used") from None
+            self._records.use_assertion(
+                auth.device.device_id,
+                claims["jti"],
+                remember_until,
+                auth.now,
+                auth.nonce,
+                with_writes=[eligible],
+            )
+        except DeviceNotEligible:
+            raise InvalidClient("device not active") from None
+        except AssertionReplayed:
+            raise InvalidGrant("the assertion was already used") from None
+        except ChallengeUnusable:
             raise InvalidGrant("the challenge is unknown, used or expired") from None
-
-        lifetime = rules.lifetime_seconds
-        if certificate_expiry is not None:
-            lifetime = min(lifetime, certificate_expiry - now)
-        signing_key, signer = self._keys.current()
-        token_claims = {
-            "iss": self._settings.issuer,
-            "sub": device_id,
-            "aud": audiences[0] if len(audiences) == 1 else audiences,
-            "exp": now + lifetime,
-            "iat": now,
-            "jti": uuid.uuid4().hex,
-            "client_id": device_id,
-            "scope": " ".join(scopes),
-            "cnf": {"x5t#S256": b64url(bytes.fromhex(device.certificate_id))},
-            "device_profile": device.profile,
-            **firmware,
-        }
-        return {
-            "access_token": sign_jwt(signer, signing_key.kid, token_claims, ACCESS_TOKEN_TYPE),
-            "token_type": "Bearer",
-            "expires_in": lifetime,
-            "scope": token_claims["scope"],
-        }
 
     def _peek(self, assertion: str, client_id: str | None) -> UnverifiedJws:
         """Header and claims before verification, checked for everything that depends on the
@@ -273,27 +346,29 @@ class TokenService:
 
     def _verification_key(
         self, device: DeviceCredential | None, kid: str, alg: str
-    ) -> tuple[PublicKey, str | None]:
-        """The key to verify the assertion with, and the refusal already decided, if any.
+    ) -> tuple[PublicKey, HeldCertificate | None, str | None]:
+        """The key to verify the assertion with, the certificate it belongs to, and the refusal
+        already decided, if any.
 
-        A device that cannot authenticate (unknown, not ACTIVE, another certificate, an algorithm
-        that does not fit its key, a stored key that does not load) gets the stand-in key of the
-        assertion's algorithm, so that its refusal costs the same signature verification as a
-        bad signature does. CPU only, no AWS call.
+        A device that cannot authenticate (unknown, not ACTIVE, the kid is not its current
+        certificate, an algorithm that does not fit its key, a stored key that does not load)
+        gets the stand-in key of the assertion's algorithm, so that its refusal costs the same
+        signature verification as a bad signature does. CPU only, no AWS call.
         """
         stand_in = self._stand_in_keys[alg]
         if device is None:
-            return stand_in, "unknown device"
+            return stand_in, None, "unknown device"
         if device.state is not DeviceState.ACTIVE:
-            return stand_in, "device not active"
-        if kid != device.certificate_id or not device.certificate_public_key:
-            return stand_in, "not the device's current certificate"
-        if alg not in algorithms_for(device.certificate_key or ""):
-            return stand_in, "algorithm does not match the certificate key"
-        key = self._public_key(device.certificate_id, device.certificate_public_key)
+            return stand_in, None, "device not active"
+        certificate = device.holds(kid)
+        if certificate is None or certificate.role is not CertificateRole.CURRENT:
+            return stand_in, None, "not the device's current certificate"
+        if alg not in algorithms_for(certificate.key):
+            return stand_in, None, "algorithm does not match the certificate key"
+        key = self._public_key(certificate.certificate_id, certificate.public_key_pem)
         if key is None or not _key_fits(alg, key):
-            return stand_in, "the certificate's stored key is unusable"
-        return key, None
+            return stand_in, None, "the certificate's stored key is unusable"
+        return key, certificate, None
 
     def _public_key(self, certificate_id: str, pem: str) -> PublicKey | None:
         """The certificate's public key, parsed once per certificate id (cached, 10,000 at
@@ -319,7 +394,7 @@ class TokenService:
         return wanted
 
     @staticmethod
-    def _attested_firmware(claims: Mapping[str, Any], rules: TokenRules) -> dict[str, str]:
+    def attested_firmware(claims: Mapping[str, Any], rules: TokenRules) -> dict[str, str]:
         measurement = claims.get("firmware_sha256")
         version = claims.get("firmware_version")
         firmware: dict[str, str] = {}

@@ -24,8 +24,8 @@ from fleetkey.domain.allowlist import CaName
 from fleetkey.domain.audit import ChainHead
 from fleetkey.domain.models import CaStatus, ManufacturerCa
 from fleetkey.errors import Conflict, InvalidRequest, NotFound
+from fleetkey.ports import CaTaken, StaleRecord, TrustAnchorStore, Write
 from fleetkey.store import schema
-from fleetkey.store.dynamodb import ConditionFailed, Store
 
 _ca_name = TypeAdapter(CaName)
 # Names the admin API uses as path segments under /cas/.
@@ -57,7 +57,7 @@ class TrustAnchors:
 
     def __init__(
         self,
-        store: Store,
+        store: TrustAnchorStore,
         ttl_seconds: int = 60,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -68,12 +68,16 @@ class TrustAnchors:
         self._loaded_at: float | None = None
         self._parsed: dict[str, x509.Certificate] = {}
 
+    def active_check(self, ca: ManufacturerCa) -> Write:
+        """A check, for a registration's transaction, that `ca` is still ACTIVE as read."""
+        return self._store.active_check(ca)
+
     def refresh(self) -> None:
         """Forget the snapshot; the next lookup reads the CAs again."""
         self._loaded_at = None
 
     def _refresh(self) -> None:
-        self._by_id = {ca.iot_ca_id: ca for ca in self._store.list_cas()}
+        self._by_id = {ca.iot_ca_id: ca for ca in self._store.list()}
         self._loaded_at = self._monotonic()
 
     def get(self, iot_ca_id: str) -> TrustAnchor | None:
@@ -92,7 +96,7 @@ class TrustAnchors:
             # Possibly registered since the snapshot. A point read decides, so the Query of
             # every CA runs only when there is something new to load (not once per event of
             # someone else's CA), and a None is as fresh as DynamoDB.
-            stale = self._store.ca_claim_for(iot_ca_id) is not None
+            stale = self._store.claim_for(iot_ca_id) is not None
         if stale:
             self._refresh()
         ca = self._by_id.get(iot_ca_id)
@@ -105,7 +109,9 @@ class TrustAnchors:
 
 
 class ManufacturerCaService:
-    def __init__(self, store: Store, registry: IotRegistry, clock: Clock = utc_now) -> None:
+    def __init__(
+        self, store: TrustAnchorStore, registry: IotRegistry, clock: Clock = utc_now
+    ) -> None:
         self._store = store
         self._registry = registry
         self._clock = clock
@@ -118,13 +124,13 @@ class ManufacturerCaService:
         """Raises NotFound (also for names that could not name a CA)."""
         if len(name) > 63:
             raise NotFound("no manufacturer CA by that name")
-        ca = self._store.get_ca(name)
+        ca = self._store.get(name)
         if ca is None:
             raise NotFound(f"no manufacturer CA named {name!r}")
         return ca
 
     def list(self) -> list[ManufacturerCa]:
-        return self._store.list_cas()
+        return self._store.list()
 
     def register(
         self, name: str, ca_pem: str, verification_pem: str, *, actor: str
@@ -177,13 +183,13 @@ class ManufacturerCaService:
             ca_cert = validate_manufacturer_ca(ca_pem, now)
             ca_id = certificate_id(ca_cert)
             subject = ca_cert.subject.rfc4514_string()
-        existing = self._store.get_ca(name)
+        existing = self._store.get(name)
         if existing is not None and existing.iot_ca_id != ca_id:
             raise Conflict(f"manufacturer CA name {name!r} is taken by another CA")
         if existing is None:
             # Checked before AWS IoT is touched: registering this CA again there would change
             # the CA another name holds (moto replaced it, deactivated, stopping its JITR).
-            claim = self._store.ca_claim_for(ca_id)
+            claim = self._store.claim_for(ca_id)
             stale_claim_of: str | None = None
             if claim is not None and claim[0] != name:
                 owner, registering = claim
@@ -211,7 +217,7 @@ class ManufacturerCaService:
         """Whether the registration holding the claim on `ca_id` under `owner` may still finish:
         its name is free, or holds this very CA. When the name holds another CA the claim can
         never become a record."""
-        holder = self._store.get_ca(owner)
+        holder = self._store.get(owner)
         return holder is None or holder.iot_ca_id == ca_id
 
     def _create(
@@ -234,9 +240,9 @@ class ManufacturerCaService:
             Conflict: the name or the CA was claimed concurrently.
         """
         try:
-            self._store.claim_ca_id(ca_id, name, stale_claim_of=stale_claim_of)
-        except ConditionFailed as failure:
-            other = failure.items.get("ca_id", {}).get("name")
+            self._store.claim_id(ca_id, name, stale_claim_of=stale_claim_of)
+        except CaTaken as taken:
+            other = taken.id_holder
             if other != name:
                 raise Conflict(f"this CA is already registered as {other!r}") from None
             # Recorded under this name meanwhile (a concurrent copy of this request): the
@@ -262,13 +268,12 @@ class ManufacturerCaService:
             registered_at=at,
         )
         try:
-            self._store.create_ca(ca, record)
-        except ConditionFailed as failure:
-            current = failure.items.get("ca")
-            if current is not None and current["iot_ca_id"] == ca_id:
-                return self._store.ca_from_item(current)  # a retry: already recorded
-            if "ca_id" in failure.failed:
-                other = failure.items.get("ca_id", {}).get("name")
+            self._store.create(ca, record)
+        except CaTaken as taken:
+            if taken.existing is not None and taken.existing.iot_ca_id == ca_id:
+                return taken.existing  # a retry: already recorded
+            if taken.id_holder is not None:
+                other = taken.id_holder
                 raise Conflict(f"this CA is already registered as {other!r}") from None
             raise Conflict(f"manufacturer CA name {name!r} is taken by another CA") from None
         return ca
@@ -319,8 +324,8 @@ class ManufacturerCaService:
                     details={"iot_ca_id": ca.iot_ca_id},
                 )
                 try:
-                    ca = self._store.set_ca_status(ca, wanted, record)
-                except ConditionFailed:
+                    ca = self._store.set_status(ca, wanted, record)
+                except StaleRecord:
                     continue
             return self._apply_status(name, ca)
         raise Conflict(f"manufacturer CA {name!r} kept changing; try again")

@@ -14,6 +14,7 @@
     JTI#<device>#<jti>  JTI             a client assertion already used (until it expires)
     NONCE#<nonce>       NONCE           a challenge not yet used (until it expires)
     REVOKED#<jti>       REVOKED         a revoked access token (until it expires)
+    DATAKEY#<device_id> EPOCH#<epoch>   a device's data key, KMS-wrapped (one per life)
 
 Items that only matter until a moment carry `expires_at` (epoch seconds, the table's TTL
 attribute); code checks it too, since TTL deletion lags by up to days.
@@ -59,6 +60,14 @@ def nonce_key(nonce: str) -> Key:
 
 def revoked_token_key(jti: str) -> Key:
     return {PARTITION_KEY: f"REVOKED#{jti}", SORT_KEY: "REVOKED"}
+
+
+def data_key_partition(device_id: str) -> str:
+    return f"DATAKEY#{device_id}"
+
+
+def data_key_key(device_id: str, epoch: int) -> Key:
+    return {PARTITION_KEY: data_key_partition(device_id), SORT_KEY: f"EPOCH#{epoch:010d}"}
 
 
 def audit_key(subject: str, seq: int) -> Key:

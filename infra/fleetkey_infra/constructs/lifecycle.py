@@ -1,0 +1,80 @@
+"""The lifecycle queue: the work a lifecycle change leaves for later, done by the converge
+function.
+
+Decommission answers 202 once the device is DECOMMISSIONED and queues `{"device_id", "epoch"}`
+here (the admin function; the device_events function may too); the converge function makes AWS
+IoT match the device's recorded state (reset command, connection closed, certificates out of
+ACTIVE, policies and thing principals detached, certificates and thing deleted, data key
+destroyed). AWS IoT's detaches settle asynchronously, so a device whose teardown cannot finish yet
+is reported failed in the batch response (ReportBatchItemFailures) and SQS delivers it again
+after the visibility timeout; after `LIFECYCLE_MAX_RECEIVE_COUNT` deliveries it moves to the
+dead-letter queue for an operator.
+"""
+
+from __future__ import annotations
+
+from aws_cdk import Duration
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_lambda_event_sources as event_sources
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from fleetkey_infra import constants
+from fleetkey_infra.dead_letters import dead_letter_queue
+
+
+class LifecycleQueue(Construct):
+    """An SQS-encrypted (the senders need no KMS grant), TLS-only standard queue with a
+    dead-letter queue, consumed by the converge function (`consume`).
+
+    Attributes: `queue` (sqs.Queue), `dead_letters` (sqs.Queue), and after `consume`,
+    `event_source` (lambda_event_sources.SqsEventSource).
+    """
+
+    def __init__(self, scope: Construct, construct_id: str) -> None:
+        super().__init__(scope, construct_id)
+        self.dead_letters = dead_letter_queue(
+            self,
+            "DeadLetters",
+            holds="the lifecycle queue moves here the messages the converge function could not "
+            f"finish after {constants.LIFECYCLE_MAX_RECEIVE_COUNT} deliveries (a teardown AWS IoT "
+            "kept refusing). An operator inspects the device and sends the message again.",
+        )
+        self.queue = sqs.Queue(
+            self,
+            "Queue",
+            encryption=sqs.QueueEncryption.SQS_MANAGED,
+            enforce_ssl=True,
+            visibility_timeout=constants.LIFECYCLE_VISIBILITY_TIMEOUT,
+            retention_period=constants.LIFECYCLE_RETENTION,
+            dead_letter_queue=sqs.DeadLetterQueue(
+                max_receive_count=constants.LIFECYCLE_MAX_RECEIVE_COUNT, queue=self.dead_letters
+            ),
+        )
+        self.event_source: event_sources.SqsEventSource | None = None
+
+    def consume(self, function: lambda_.Function) -> event_sources.SqsEventSource:
+        """`function` receives the queue's messages in small batches and answers with the ones
+        that failed (partial batch responses), at most `CONVERGE_MAX_CONCURRENCY` at once. The
+        event source grants the function's role what Lambda's poller does with it (receive,
+        delete, change visibility, read the queue's attributes)."""
+        self._check_visibility_timeout(function.timeout)
+        self.event_source = event_sources.SqsEventSource(
+            self.queue,
+            batch_size=constants.CONVERGE_BATCH_SIZE,
+            report_batch_item_failures=True,
+            max_concurrency=constants.CONVERGE_MAX_CONCURRENCY,
+        )
+        function.add_event_source(self.event_source)
+        return self.event_source
+
+    @staticmethod
+    def _check_visibility_timeout(timeout: Duration | None) -> None:
+        """AWS's guidance: a visibility timeout of at least six times the consumer's timeout, or a
+        message still being processed (or retried by Lambda's poller) is delivered again."""
+        consumer = (timeout or Duration.seconds(3)).to_seconds()
+        if constants.LIFECYCLE_VISIBILITY_TIMEOUT.to_seconds() < 6 * consumer:
+            raise ValueError(
+                "the lifecycle queue's visibility timeout must be at least 6x the converge "
+                f"function's timeout ({consumer} s)"
+            )
