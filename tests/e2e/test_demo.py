@@ -1,24 +1,151 @@
 """`make demo` end to end: the real functions on the embedded local stack (moto server on
-127.0.0.1), as a separate process."""
+127.0.0.1), as a separate process: a small fleet through its whole lifecycle, over the local AWS
+IoT Core (MQTT) and with AWS IoT's side emulated in-process."""
 
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
-def test_demo_registers_the_fleet_and_refuses_rogues():
-    # When the demo runs with a small fleet
-    result = subprocess.run(
-        [sys.executable, "-m", "fleetkey_local.demo", "--devices", "6", "--no-progress"],
+def run_demo(*options: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fleetkey_local.demo", "--devices", "6", "--no-progress", *options],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def passed(result: subprocess.CompletedProcess, *checks: str) -> None:
+    """Each check is printed as a passed expectation of the demo."""
+    lines = result.stdout.splitlines()
+    for check in checks:
+        assert any(line.lstrip().startswith("ok") and check in line for line in lines), (
+            f"no passed expectation {check!r} in:\n{result.stdout}"
+        )
+
+
+@pytest.fixture(scope="module")
+def demo():
+    # When the demo runs with a small fleet, its devices connecting over MQTT
+    return run_demo()
+
+
+def test_demo_registers_the_fleet_and_refuses_rogues(demo):
     # Then every expectation held
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "FAIL" not in demo.stdout
+    passed(demo, "6/6 registered and ACTIVE", "refused: clone_suspected, cannot connect")
+    assert "passed:" in demo.stdout
+
+
+def test_demo_suspends_and_resumes_devices(demo):
+    passed(
+        demo,
+        "3/3 hold a token that introspects active",
+        "3/3 SUSPENDED",
+        "3/3 earlier tokens inactive in introspection (none yet expired)",
+        "3/3 token requests refused",
+        "3/3 data-key requests refused",
+        "3/3 refused by AWS IoT at connection",
+        "3/3 resumed: ACTIVE",
+        "3/3 connect again",
+        "3/3 new tokens active in introspection",
+        "3/3 tokens from before the suspension still inactive (none yet expired)",
+        "a connected device is cut off at once (iot-data DeleteConnection)",
+    )
+
+
+def test_demo_suspends_devices_that_report_tampering(demo):
+    passed(
+        demo,
+        "1/1 tamper reports suspended their device",
+        "1/1 reporting devices' connections closed at once",
+        "1/1 SUSPENDED, reason tamper, by the tamper rule (audit trail)",
+        "1/1 resumed: ACTIVE",
+        "1/1 get tokens again",
+    )
+
+
+def test_demo_round_trips_every_devices_data_key(demo):
+    passed(
+        demo,
+        "6/6 devices allowed data keys opened theirs",
+        "6/6 telemetry envelopes read by the backend",
+        "6/6 got the same key on asking again",
+        "a device asking for another device's key is refused (invalid_client)",
+        "a sealed key does not open with another device's private key",
+        "a device's telemetry does not decrypt under another device's key",
+    )
+
+
+def test_demo_decommissions_the_fleet_and_leaves_nothing_in_aws_iot(demo):
+    passed(
+        demo,
+        "6/6 answered 202: DECOMMISSIONED, teardown pending",
+        "6/6 refused tokens at once, their earlier token inactive",
+        "6/6 teardowns completed (their certificate gone)",
+        "6/6 token requests refused after the teardown",
+        "6/6 data-key requests refused",
+        "6/6 backend data-key reads refused (409)",
+        "6/6 wrapped data keys deleted from the table",
+        "6/6 earlier tokens inactive (none yet expired)",
+        "lifecycle queue drained after every wave",
+        "a connected device hears the reset command, then is cut off",
+        "AWS IoT lists no thing and no certificate of the fleet",
+        "6/6 sampled devices: DescribeThing and DescribeCertificate find nothing",
+    )
+
+
+def test_demo_recommissions_the_fleet_to_a_new_owner(demo):
+    passed(
+        demo,
+        "6/6 ALLOWLISTED for northwind-utilities, epoch 2",
+        "6/6 re-registered through JITR",
+        "6/6 ACTIVE in epoch 2 for northwind-utilities, with their factory certificate",
+        "6/6 connect",
+        "6/6 get tokens that introspect active",
+        "6/6 have a new data key (epoch 2, another key_ref)",
+        "6/6 telemetry envelopes read by the backend",
+        "telemetry of the previous life does not decrypt with the new life's key",
+        "6/6 device chains verified",
+        "the recommission is recorded as an ownership transfer",
+    )
+    assert "well-0000's trail tells its life: allowlisted > registered >" in demo.stdout
+
+
+def test_demo_summary_reports_latency_calls_wall_time_and_memory(demo):
+    for operation in (
+        "admin: suspend",
+        "admin: resume",
+        "device: tamper report (IoT rule -> suspend)",
+        "device: get data key (first: KMS GenerateDataKey)",
+        "backend: decrypt telemetry (KMS Decrypt)",
+        "admin: decommission (202)",
+        "converge: tear down a device",
+        "admin: recommission (ownership transfer)",
+        "device: re-onboard (JITR)",
+    ):
+        assert f"| {operation} " in demo.stdout, operation
+    assert "| count | AWS calls |  p50 ms |  p95 ms |" in demo.stdout
+    assert "wall time of the phases" in demo.stdout
+    assert "peak memory (max RSS)" in demo.stdout
+
+
+def test_demo_with_aws_iot_emulated_in_process():
+    # When AWS IoT's side is emulated in-process (no MQTT): the tamper rule's event goes
+    # straight to the device_events function
+    result = run_demo("--in-process-iot")
+    # Then the same lifecycle holds
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "6/6 registered and ACTIVE" in result.stdout
     assert "FAIL" not in result.stdout
-    assert "refused: clone_suspected, cannot connect" in result.stdout
-    assert "passed:" in result.stdout
+    passed(
+        result,
+        "1/1 tamper reports suspended their device",
+        "6/6 teardowns completed (their certificate gone)",
+        "6/6 ACTIVE in epoch 2 for northwind-utilities",
+    )

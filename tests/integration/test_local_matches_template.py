@@ -28,6 +28,7 @@ PROVISIONED_LOCALLY = {
     "FLEETKEY_STACK_NAME",
     "FLEETKEY_LIFECYCLE_QUEUE_URL",
     "FLEETKEY_DATA_KEY_ID",
+    "FLEETKEY_RECOMMISSION_QUIET_SECONDS",  # 0 locally: one lifecycle worker, no copies
 }
 
 

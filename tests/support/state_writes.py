@@ -29,6 +29,8 @@ def _is_device_key(key: Mapping[str, Any]) -> bool:
 
 
 def _sets_state(update: Mapping[str, Any]) -> bool:
+    if STATE in (update.get("AttributeUpdates") or {}):  # the legacy form
+        return True
     names = update.get("ExpressionAttributeNames") or {}
     placeholders = [name for name, value in names.items() if value == STATE]
     expression = update.get("UpdateExpression", "")
@@ -56,6 +58,14 @@ def state_writes(operation: str, params: Mapping[str, Any]) -> Iterator[str]:
                         yield "TransactWriteItems.Update"
                 elif kind == "Delete" and _is_device_key(body.get("Key", {})):
                     yield "TransactWriteItems.Delete"
+    elif operation in ("ExecuteStatement", "BatchExecuteStatement", "ExecuteTransaction"):
+        # PartiQL: fleetkey never uses it; any write statement on the table is suspect.
+        statements = [params] if operation == "ExecuteStatement" else []
+        statements += params.get("Statements") or params.get("TransactStatements") or []
+        for statement in statements:
+            text = str(statement.get("Statement", "")).lstrip().upper()
+            if text.startswith(("UPDATE", "INSERT", "DELETE")):
+                yield f"{operation} (PartiQL)"
     elif operation == "BatchWriteItem":
         for requests in (params.get("RequestItems") or {}).values():
             for request in requests:

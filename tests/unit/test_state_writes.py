@@ -30,6 +30,9 @@ SET_STATE = {
         ("TransactWriteItems", {"TransactItems": [{"Update": SET_STATE}]}),
         ("TransactWriteItems", {"TransactItems": [{"Put": {"Item": {**DEVICE, "state": 1}}}]}),
         ("BatchWriteItem", {"RequestItems": {"t": [{"PutRequest": {"Item": DEVICE}}]}}),
+        ("UpdateItem", {"Key": DEVICE, "AttributeUpdates": {"state": {"Value": {"S": "X"}}}}),
+        ("ExecuteStatement", {"Statement": "UPDATE t SET state='ACTIVE' WHERE pk='DEVICE#d'"}),
+        ("ExecuteTransaction", {"TransactStatements": [{"Statement": "DELETE FROM t"}]}),
     ],
 )
 def test_every_way_of_writing_a_devices_state_is_seen(operation, params):
@@ -79,6 +82,33 @@ def test_a_state_write_from_outside_the_repository_fails_the_test(stack, request
     # Then it is recorded as a violation (taken back here, so this test itself passes)
     assert len(state_writes.VIOLATIONS) == before + 1
     del state_writes.VIOLATIONS[before:]
+
+
+def test_the_repository_refuses_a_companion_write_that_addresses_a_device(stack):
+    # Given a device, and another device's update smuggled in as a companion write
+    from fleetkey.clock import timestamp, utc_now
+    from fleetkey.domain.allowlist import AllowlistEntry
+    from fleetkey.ports import DeviceChange, Write
+
+    for device_id in ("d2", "d3"):
+        stack.allowlist.add(
+            AllowlistEntry(
+                device_id=device_id,
+                serial_number="S",
+                manufacturer_ca="acme",
+                profile="telemetry-sensor",
+            ),
+            actor="op",
+        )
+    smuggled = Write(
+        "other", {"Update": {"Key": {"pk": {"S": "DEVICE#d3"}, "sk": {"S": "DEVICE"}}}}
+    )
+    device = stack.store.devices.get("d2")
+    change = DeviceChange(action="note", actor="t", at=timestamp(utc_now()))
+    # Then it is refused before anything is written
+    with pytest.raises(ValueError):
+        stack.store.devices.apply(device, change, with_writes=[smuggled])
+    assert stack.store.devices.get("d2") == device
 
 
 def test_only_the_repository_addresses_a_device_item():

@@ -168,6 +168,30 @@ class AdminClient:
     def device(self, device_id: str) -> dict:
         return self._call("GET", f"/devices/{_segment(device_id)}")
 
+    def suspend(self, device_id: str, reason: str) -> dict:
+        return self._call("POST", f"/devices/{_segment(device_id)}/suspend", {"reason": reason})
+
+    def resume(self, device_id: str) -> dict:
+        return self._call("POST", f"/devices/{_segment(device_id)}/resume", {})
+
+    def decommission(self, device_id: str, reason: str) -> dict:
+        """The device, DECOMMISSIONED, its teardown pending (the API answers 202)."""
+        return self._call(
+            "POST", f"/devices/{_segment(device_id)}/decommission", {"reason": reason}
+        )
+
+    def recommission(
+        self, device_id: str, owner: str | None = None, profile: str | None = None
+    ) -> dict:
+        """Only the fields given are sent (one left out keeps its value); an empty one is sent,
+        for the API to refuse."""
+        fields = (("owner", owner), ("profile", profile))
+        body = {name: value for name, value in fields if value is not None}
+        return self._call("POST", f"/devices/{_segment(device_id)}/recommission", body)
+
+    def data_key(self, device_id: str) -> dict:
+        return self._call("GET", f"/devices/{_segment(device_id)}/data-key")
+
     def audit(self, subject: str) -> dict:
         paths = {
             "device": "/devices/{}/audit",

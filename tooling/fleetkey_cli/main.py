@@ -2,6 +2,11 @@
 
     fleetkey allowlist import factory-manifest.csv       # the local stack (`make serve`)
     fleetkey device show pump-0001
+    fleetkey device suspend pump-0001 --reason "reported stolen"
+    fleetkey device resume pump-0001
+    fleetkey device decommission pump-0001 --reason "end of life" --wait 600
+    fleetkey device recommission pump-0001 --owner clinic-7    # an ownership transfer
+    fleetkey device data-key pump-0001 > pump-0001.data-key.json
     fleetkey audit device:pump-0001
     fleetkey ca register --name acme-2026 --certificate acme-ca.pem --ca-key acme-ca.key
     fleetkey --endpoint https://<api-id>.execute-api.eu-west-1.amazonaws.com/prod ca list
@@ -12,14 +17,21 @@ standard AWS credential chain. For an endpoint on this machine (loopback) with n
 configured, the local stack's own credentials are used; they are never used for any other
 endpoint. The region is the local stack's for a loopback endpoint, else $AWS_REGION /
 $AWS_DEFAULT_REGION (--region overrides both).
+
+Exit status: 0 done; 1 the API refused the request (its error code and message on stderr); 2 a
+local problem (usage, unreadable file, unreachable endpoint) or a `device decommission --wait`
+that timed out (the teardown goes on); 3 a manifest import with refused rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fleetkey_cli.client import (
@@ -32,9 +44,42 @@ from fleetkey_cli.client import (
     local_credentials,
 )
 
+# `device decommission --wait` without SECONDS: long enough for a teardown that waits out AWS
+# IoT's eventual consistency, which takes seconds, now and then minutes.
+DEFAULT_WAIT_SECONDS = 300.0
+# While waiting, a `device show` answered with one of these is tried again (0: unreachable).
+RETRIED_WHILE_WAITING = frozenset({0, 429, 502, 503, 504})
+MAX_POLL_INTERVAL_SECONDS = 5.0
+
+DATA_KEY_HELP = """\
+The device's data key as a backend gets it: the KMS-wrapped blob (ciphertext_blob, base64) and
+the encryption context it was wrapped with, as JSON. Nothing here is the key in the clear.
+Decrypting it needs kms:Decrypt on the data-key KMS key (key_id) with exactly that encryption
+context, e.g.:
+
+  fleetkey device data-key pump-0001 > key.json
+  jq -r .ciphertext_blob key.json | base64 -d > key.bin
+  aws kms decrypt --key-id "$(jq -r .key_id key.json)" --ciphertext-blob fileb://key.bin \\
+      --encryption-context "$(jq -c .encryption_context key.json)"
+
+KMS answers with the key in the clear (Plaintext, base64): keep it out of terminals and logs.
+The device must have asked for its data key in its current life first (until then: 404); a
+device that is not ACTIVE or SUSPENDED has none (409). Each recommission (epoch) has another key.
+"""
+
 
 def _print(value) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,7 +121,67 @@ def _parser() -> argparse.ArgumentParser:
     device = commands.add_parser("device", help="devices").add_subparsers(
         dest="action", required=True
     )
-    device.add_parser("show").add_argument("device_id")
+    device.add_parser("show", help="read a device").add_argument("device_id", metavar="DEVICE")
+    reason_help = "why, for the audit trail (1-256 printable characters)"
+    suspend = device.add_parser(
+        "suspend",
+        help="suspend a device: its certificates INACTIVE in AWS IoT, its MQTT connection "
+        "closed, the tokens issued so far inactive",
+    )
+    suspend.add_argument("device_id", metavar="DEVICE")
+    suspend.add_argument("--reason", required=True, help=reason_help)
+    device.add_parser(
+        "resume", help="resume a suspended device: its certificates ACTIVE again"
+    ).add_argument("device_id", metavar="DEVICE")
+    decommission = device.add_parser(
+        "decommission",
+        help="decommission a device: DECOMMISSIONED at once, its removal from AWS IoT "
+        "(teardown) follows asynchronously",
+        description="The device is DECOMMISSIONED at once: nothing is granted to it from then "
+        "on. Its removal from AWS IoT (reset command, disconnection, certificates and thing "
+        "deleted, data key destroyed) follows asynchronously; `teardown.status` goes from "
+        "pending to completed. Without --wait, prints the API's answer (202, teardown pending). "
+        "Decommissioning it again queues an unfinished teardown once more. The device record "
+        "and its audit trail stay.",
+    )
+    decommission.add_argument("device_id", metavar="DEVICE")
+    decommission.add_argument("--reason", required=True, help=reason_help)
+    decommission.add_argument(
+        "--wait",
+        nargs="?",
+        const=DEFAULT_WAIT_SECONDS,
+        type=_seconds,
+        metavar="SECONDS",
+        help="wait until teardown.status is completed, at most SECONDS (default "
+        f"{DEFAULT_WAIT_SECONDS:g}), then print the device; exit status 2 if it is not "
+        "complete by then (the teardown goes on). Put it after DEVICE or write --wait=SECONDS",
+    )
+    recommission = device.add_parser(
+        "recommission",
+        help="recommission a decommissioned device (once its teardown is complete); a "
+        "different --owner is an ownership transfer",
+        description="Once its teardown is complete, the device is ALLOWLISTED again in its "
+        "next life (epoch + 1) and re-onboards through JITR with its factory certificate. "
+        "Naming an owner other than its current one is an ownership transfer: the audit trail "
+        "records the previous and the new owner, and the new life has a new data key. A device "
+        "still being torn down is refused (409): wait with `device decommission --wait`.",
+    )
+    recommission.add_argument("device_id", metavar="DEVICE")
+    recommission.add_argument(
+        "--owner",
+        help="the owner in its next life: a different owner is an ownership transfer "
+        "(default: unchanged)",
+    )
+    recommission.add_argument(
+        "--profile", help="the device profile in its next life (default: unchanged)"
+    )
+    device.add_parser(
+        "data-key",
+        help="print the device's data key wrapped by KMS (for a backend: decrypt it with "
+        "kms:Decrypt and its encryption context)",
+        description=DATA_KEY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ).add_argument("device_id", metavar="DEVICE")
 
     audit = commands.add_parser("audit", help="read and verify an audit trail")
     audit.add_argument(
@@ -168,7 +273,7 @@ def run(args: argparse.Namespace, client: AdminClient) -> int:
         _print(report)
         return 0 if not report["rejected"] else 3
     elif args.command == "device":
-        _print(client.device(args.device_id))
+        return _device(args, client)
     elif args.command == "audit":
         trail = client.audit(args.subject)
         for record in trail["records"]:
@@ -201,6 +306,84 @@ def run(args: argparse.Namespace, client: AdminClient) -> int:
     elif args.command == "token":
         _print(client.revoke_token(args.jti))
     return 0
+
+
+def _device(args: argparse.Namespace, client: AdminClient) -> int:
+    device_id = args.device_id
+    if args.action == "show":
+        _print(client.device(device_id))
+    elif args.action == "suspend":
+        _print(client.suspend(device_id, args.reason))
+    elif args.action == "resume":
+        _print(client.resume(device_id))
+    elif args.action == "decommission":
+        answer = client.decommission(device_id, args.reason)
+        if args.wait is None:
+            _print(answer)
+        else:
+            return wait_for_teardown(client, device_id, args.wait)
+    elif args.action == "recommission":
+        _print(client.recommission(device_id, owner=args.owner, profile=args.profile))
+    elif args.action == "data-key":
+        _print(client.data_key(device_id))
+    return 0
+
+
+def wait_for_teardown(
+    client: AdminClient,
+    device_id: str,
+    seconds: float,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Poll the device until its teardown is complete (0, the device printed) or `seconds` have
+    passed (2, the last device read printed, and why on stderr). Polls back off from half a
+    second to MAX_POLL_INTERVAL_SECONDS; a transient error of a poll is tried again."""
+    print(
+        f"fleetkey: waiting up to {seconds:g} s for {device_id}'s teardown to complete",
+        file=sys.stderr,
+    )
+    deadline = clock() + seconds
+    interval = 0.5
+    device: dict | None = None
+    failure: AdminApiError | None = None
+    while True:
+        try:
+            device = client.device(device_id)
+            failure = None
+        except AdminApiError as exc:
+            if exc.response.status not in RETRIED_WHILE_WAITING:
+                raise
+            failure = exc
+        else:
+            if device.get("state") != "DECOMMISSIONED":
+                # Only a recommission leaves DECOMMISSIONED, and only once the teardown completed.
+                _print(device)
+                print(
+                    f"fleetkey: {device_id} is {device.get('state')} again (recommissioned "
+                    "meanwhile, after its teardown completed)",
+                    file=sys.stderr,
+                )
+                return 0
+            if (device.get("teardown") or {}).get("status") == "completed":
+                _print(device)
+                return 0
+        remaining = deadline - clock()
+        if remaining <= 0:
+            break
+        sleep(min(interval, remaining))
+        interval = min(interval * 2, MAX_POLL_INTERVAL_SECONDS)
+    if device is not None:
+        _print(device)
+    message = (
+        f"fleetkey: timed out after {seconds:g} s: {device_id}'s teardown is still pending; "
+        f"it goes on in the background (`fleetkey device show {device_id}`: teardown.status)"
+    )
+    if failure is not None:
+        message += f"; the last read failed: {failure}"
+    print(message, file=sys.stderr)
+    return 2
 
 
 def _transport(endpoint: str, region: str | None) -> SigV4Transport:

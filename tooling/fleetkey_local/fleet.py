@@ -3,15 +3,26 @@ their life against the local stack."""
 
 from __future__ import annotations
 
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cryptography import x509
 
-from fleetkey_cli.client import AdminClient
+from fleetkey_cli.client import AdminClient, ApiResponse, Transport
 from fleetkey_local.iot import certificate_id
 from fleetkey_local.pki import CertificateAuthority, PrivateKey, pem
 from fleetkey_local.simulator import Simulation
+
+if TYPE_CHECKING:
+    from fleetkey_local.queues import QueueWorker
+    from fleetkey_local.stack import EmbeddedStack
 
 MANIFEST_HEADER = (
     "device_id,serial_number,manufacturer_ca,public_key_fingerprint,profile,attribute.site"
@@ -142,13 +153,43 @@ def build_fleet(size: int) -> Fleet:
     return Fleet({a.name: a for a in (acme, globex, unknown)}, devices, rogues)
 
 
+@dataclass
+class TamperReport:
+    """What came of a device's tamper report: the rule's function result (None: no invocation),
+    and whether the reporting device's connection was closed (None: no connection to watch)."""
+
+    result: dict | None
+    cut_off: bool | None = None
+
+
+class HeldConnection(Protocol):
+    """A device's open connection, subscribed to its commands, watched while its state changes."""
+
+    def cut_off(self, timeout: float = 5.0) -> bool:
+        """Whether AWS IoT closed the connection (within `timeout`)."""
+        ...
+
+    def commands(self) -> list[str]:
+        """The command topics received so far."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class IotTransport:
     """How devices reach AWS IoT Core: `first_connect` returns the registration outcome (or None
-    when AWS IoT refused the connection outright), `connect` a refusal reason or None."""
+    when AWS IoT refused the connection outright), `connect` a refusal reason or None,
+    `report_tamper` publishes on the device's tamper topic, `hold` keeps a connection open (None
+    when the transport has no connections to hold)."""
 
     def first_connect(self, device: SimulatedDevice) -> dict | None: ...
 
     def connect(self, device: SimulatedDevice, client_id: str | None = None) -> str | None: ...
+
+    def report_tamper(self, device: SimulatedDevice) -> TamperReport: ...
+
+    def hold(self, device: SimulatedDevice) -> HeldConnection | None:
+        return None
 
 
 # ---- phases ---------------------------------------------------------------------------------
@@ -313,17 +354,18 @@ PUMP_FIRMWARE = ("2.4.1", "7981a0c2a8f3203495d07847ee27eb5eb31d68545fd04cd4a7684
 
 def post_form(url: str, form: dict) -> tuple[int, dict]:
     """What a device's HTTP client does: a form POST, JSON back."""
-    import json
-    import urllib.error
-    import urllib.parse
-    import urllib.request
+    return _post(url, urllib.parse.urlencode(form).encode(), "application/x-www-form-urlencoded")
 
+
+def post_json(url: str, body: dict) -> tuple[int, dict]:
+    """A device's JSON POST (the data-key route), JSON back."""
+    return _post(url, json.dumps(body).encode(), "application/json")
+
+
+def _post(url: str, data: bytes, content_type: str) -> tuple[int, dict]:
     # `url` is one the fleet built from the local gateway's http(s) base URL
     request = urllib.request.Request(  # noqa: S310
-        url,
-        data=urllib.parse.urlencode(form).encode(),
-        method="POST",
-        headers={"content-type": "application/x-www-form-urlencoded"},
+        url, data=data, method="POST", headers={"content-type": content_type}
     )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
@@ -331,6 +373,16 @@ def post_form(url: str, form: dict) -> tuple[int, dict]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}")
+
+
+def device_assertion(api_url: str, device: SimulatedDevice, **options) -> str:
+    """A device's client assertion (as for /v1/token), with a pump's firmware attestation."""
+    from fleetkey_local.device import client_assertion
+
+    if device.profile == "infusion-pump":
+        options.setdefault("firmware_version", PUMP_FIRMWARE[0])
+        options.setdefault("firmware_sha256", PUMP_FIRMWARE[1])
+    return client_assertion(device.key, device.certificate_id, device.device_id, api_url, **options)
 
 
 @dataclass
@@ -344,14 +396,7 @@ class TokenVending:
     name: str = "devices get access tokens; a relying party verifies them through the JWKS"
 
     def _assertion(self, device: SimulatedDevice, **options) -> str:
-        from fleetkey_local.device import client_assertion
-
-        if device.profile == "infusion-pump":
-            options.setdefault("firmware_version", PUMP_FIRMWARE[0])
-            options.setdefault("firmware_sha256", PUMP_FIRMWARE[1])
-        return client_assertion(
-            device.key, device.certificate_id, device.device_id, self.api_url, **options
-        )
+        return device_assertion(self.api_url, device, **options)
 
     def run(self, sim: Simulation) -> None:
         from fleetkey.verifier import InvalidToken, TokenVerifier
@@ -410,10 +455,875 @@ class TokenVending:
         )
 
 
+# ---- the lifecycle after registration -------------------------------------------------------
+
+SUSPEND_REASON = "scheduled maintenance"
+DECOMMISSION_REASON = "end of contract"
+NEW_OWNER = "northwind-utilities"  # the owner the fleet is transferred to when recommissioned
+# Devices per wave in the phases that check tokens issued before a change: a wave takes well under
+# a token's lifetime (5 minutes for a pump), and more than the second a resumed device waits.
+WAVE = 100
+
+
+def tamper_topic(device_id: str) -> str:
+    return f"fleetkey/{device_id}/events/tamper"
+
+
+def _segment(value: str) -> str:
+    return urllib.parse.quote(value, safe=":")
+
+
+class Operator:
+    """The admin API's lifecycle routes and a backend's data-key route, over the SigV4 transport
+    the AdminClient uses; answers keep their HTTP status (a decommission is answered 202)."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+
+    def _call(self, method: str, device_id: str, tail: str = "", body=None) -> ApiResponse:
+        headers = {"content-type": "application/json"} if body is not None else {}
+        path = f"/v1/admin/devices/{_segment(device_id)}{tail}"
+        return self._transport(method, path, None if body is None else json.dumps(body), headers)
+
+    def device(self, device_id: str) -> ApiResponse:
+        return self._call("GET", device_id)
+
+    def suspend(self, device_id: str, reason: str) -> ApiResponse:
+        return self._call("POST", device_id, "/suspend", {"reason": reason})
+
+    def resume(self, device_id: str) -> ApiResponse:
+        return self._call("POST", device_id, "/resume", {})
+
+    def decommission(self, device_id: str, reason: str) -> ApiResponse:
+        return self._call("POST", device_id, "/decommission", {"reason": reason})
+
+    def recommission(self, device_id: str, owner: str | None = None) -> ApiResponse:
+        return self._call("POST", device_id, "/recommission", {"owner": owner} if owner else {})
+
+    def data_key(self, device_id: str) -> ApiResponse:
+        """A backend's read of the device's data key, wrapped by KMS."""
+        return self._call("GET", device_id, "/data-key")
+
+
+class RelyingParty:
+    """An IoT application that checks tokens online: RFC 7662 introspection, signed with its own
+    IAM identity."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+
+    def active(self, token: str) -> bool:
+        answer = self._transport(
+            "POST",
+            "/v1/introspect",
+            urllib.parse.urlencode({"token": token}),
+            {"content-type": "application/x-www-form-urlencoded"},
+        )
+        if answer.status != 200:
+            raise RuntimeError(f"introspection answered {answer.status}: {answer.body}")
+        return answer.body.get("active") is True
+
+
+@dataclass
+class DeviceApi:
+    """What a device asks the API for, each request proven with a fresh client assertion."""
+
+    api_url: str
+
+    def token(self, device: SimulatedDevice) -> tuple[int, dict]:
+        from fleetkey_local.device import token_request
+
+        return post_form(
+            f"{self.api_url}/v1/token", token_request(device_assertion(self.api_url, device))
+        )
+
+    def data_key(self, device: SimulatedDevice, device_id: str | None = None) -> tuple[int, dict]:
+        """The device's data key (or, with `device_id`, another device's: refused)."""
+        return post_json(
+            f"{self.api_url}/v1/devices/{_segment(device_id or device.device_id)}/data-key",
+            {"client_assertion": device_assertion(self.api_url, device)},
+        )
+
+
+@dataclass
+class Issued:
+    """A token a device was given, and until when it would be active if nothing changed."""
+
+    token: str
+    expires: float
+
+    @property
+    def expired(self) -> bool:
+        return time.time() >= self.expires
+
+
+def refused(answer: tuple[int, dict]) -> bool:
+    """The device-facing routes' refusal of a device that may not have what it asks for."""
+    status, body = answer
+    return status == 401 and body.get("error") == "invalid_client"
+
+
+def wait_for_tokens(not_before: list[int | None]) -> float:
+    """Tokens are granted from a device's `tokens_not_before` (the second after its last
+    suspension or decommission): wait until every one has passed. The seconds waited."""
+    delay = max((t for t in not_before if t), default=0) - time.time()
+    if delay > 0:
+        time.sleep(delay)
+    return max(delay, 0.0)
+
+
+def waves(devices: list[SimulatedDevice], size: int | None = None) -> list[list[SimulatedDevice]]:
+    """The devices in consecutive waves of `size` (default `WAVE`)."""
+    size = size or WAVE
+    return [devices[i : i + size] for i in range(0, len(devices), size)]
+
+
+def _issue(sim: Simulation, api: DeviceApi, device: SimulatedDevice) -> Issued | None:
+    status, body = sim.measure("device: get access token", lambda: api.token(device))
+    if status != 200:
+        return None
+    return Issued(body["access_token"], time.time() + body["expires_in"])
+
+
+def _token_refused(sim: Simulation, api: DeviceApi, device: SimulatedDevice) -> bool:
+    return refused(sim.measure("device: get access token (refused)", lambda: api.token(device)))
+
+
+def _key_refused(sim: Simulation, api: DeviceApi, device: SimulatedDevice) -> bool:
+    return refused(sim.measure("device: get data key (refused)", lambda: api.data_key(device)))
+
+
+def _introspect(sim: Simulation, relying_party: RelyingParty, issued: Issued | None) -> bool:
+    """Whether a relying party finds the token active (a token never issued is not)."""
+    if issued is None:
+        return False
+    return sim.measure(
+        "relying party: introspect token", lambda: relying_party.active(issued.token)
+    )
+
+
+def _unexpired(tokens: list[Issued]) -> str:
+    """How many tokens checked inactive were not yet expired: only those tell a refusal from a
+    lifetime's end."""
+    left = sum(not t.expired for t in tokens)
+    return f"{left} of them not yet expired" if left != len(tokens) else "none yet expired"
+
+
+@dataclass
+class SuspendAndResume:
+    """An operator suspends a share of the fleet: tokens issued before become inactive, token and
+    data-key requests are refused, AWS IoT refuses connections (a connected device is cut off at
+    once). Resumed, the devices connect and get tokens again; the earlier tokens stay inactive.
+
+    In waves of `WAVE` devices, so that every token checked inactive is still within its
+    lifetime (a pump's lasts 5 minutes) however large the fleet."""
+
+    operator: Operator
+    relying_party: RelyingParty
+    transport: IotTransport
+    api: DeviceApi
+    fleet: Fleet
+    share: float = 0.5
+    name: str = "operator suspends half the fleet, then resumes it"
+
+    def run(self, sim: Simulation) -> None:
+        devices = self.fleet.devices[: max(1, round(len(self.fleet.devices) * self.share))]
+        tally: Counter[str] = Counter()
+        earlier: list[Issued] = []
+        for number, wave in enumerate(waves(devices), 1):
+            self._wave(sim, wave, f"wave {number}", tally, earlier, watch=number == 1)
+        total = len(devices)
+        counts = [
+            ("tokens", "hold a token that introspects active"),
+            ("suspended", "SUSPENDED"),
+            ("inactive", f"earlier tokens inactive in introspection ({_unexpired(earlier)})"),
+            ("token_refused", "token requests refused"),
+            ("key_refused", "data-key requests refused"),
+            ("blocked", "refused by AWS IoT at connection"),
+            ("resumed", "resumed: ACTIVE"),
+            ("connected", "connect again"),
+            ("fresh", "new tokens active in introspection"),
+            ("stale", f"tokens from before the suspension still inactive ({_unexpired(earlier)})"),
+        ]
+        for key, text in counts:
+            sim.expect(tally[key] == total, f"{tally[key]}/{total} {text}")
+        if "cut_off" in tally or "not_cut_off" in tally:
+            sim.expect(
+                tally["cut_off"] == 1,
+                "a connected device is cut off at once (iot-data DeleteConnection)",
+            )
+
+    def _wave(
+        self,
+        sim: Simulation,
+        devices: list[SimulatedDevice],
+        label: str,
+        tally: Counter[str],
+        earlier_tokens: list[Issued],
+        *,
+        watch: bool,
+    ) -> None:
+        earlier: dict[str, Issued] = {}
+        for device in sim.each(devices, f"tokens before ({label})"):
+            issued = _issue(sim, self.api, device)
+            if issued is not None and _introspect(sim, self.relying_party, issued):
+                earlier[device.device_id] = issued
+        tally["tokens"] += len(earlier)
+
+        not_before = []
+        for device in sim.each(devices, f"suspend ({label})"):
+            # The first device is connected while it is suspended: AWS IoT must close it at once.
+            held = self.transport.hold(device) if watch and device is devices[0] else None
+            answer = sim.measure(
+                "admin: suspend",
+                lambda d=device: self.operator.suspend(d.device_id, SUSPEND_REASON),
+            )
+            tally["suspended"] += answer.status == 200 and answer.body.get("state") == "SUSPENDED"
+            not_before.append(answer.body.get("tokens_not_before"))
+            if held is not None:
+                tally["cut_off" if held.cut_off() else "not_cut_off"] += 1
+                held.close()
+
+        for device in sim.each(devices, f"while suspended ({label})"):
+            tally["inactive"] += not _introspect(
+                sim, self.relying_party, earlier.get(device.device_id)
+            )
+            tally["token_refused"] += _token_refused(sim, self.api, device)
+            tally["key_refused"] += _key_refused(sim, self.api, device)
+            tally["blocked"] += (
+                sim.measure("device: connect (refused)", lambda d=device: self.transport.connect(d))
+                is not None
+            )
+
+        for device in sim.each(devices, f"resume ({label})"):
+            answer = sim.measure(
+                "admin: resume", lambda d=device: self.operator.resume(d.device_id)
+            )
+            tally["resumed"] += answer.status == 200 and answer.body.get("state") == "ACTIVE"
+        wait_for_tokens(not_before)
+
+        for device in sim.each(devices, f"after resume ({label})"):
+            tally["connected"] += (
+                sim.measure("device: connect", lambda d=device: self.transport.connect(d)) is None
+            )
+            tally["fresh"] += _introspect(sim, self.relying_party, _issue(sim, self.api, device))
+            tally["stale"] += not _introspect(
+                sim, self.relying_party, earlier.get(device.device_id)
+            )
+        earlier_tokens.extend(earlier.values())
+
+
+@dataclass
+class TamperReports:
+    """Devices report tampering on their tamper topic: the IoT rule's function suspends each
+    (reason tamper, the rule as actor) and closes its connection; the operator resumes them."""
+
+    transport: IotTransport
+    operator: Operator
+    admin: AdminClient
+    api: DeviceApi
+    fleet: Fleet
+    share: float = 0.1
+    name: str = "devices report tampering: the IoT rule suspends them; the operator resumes them"
+
+    def run(self, sim: Simulation) -> None:
+        # From the half of the fleet not suspended before.
+        devices = self.fleet.devices[-max(1, round(len(self.fleet.devices) * self.share)) :]
+        total = len(devices)
+        reported, cut_off, watched = 0, 0, 0
+        for device in sim.each(devices, "tamper reports"):
+            report = sim.measure(
+                "device: tamper report (IoT rule -> suspend)",
+                lambda d=device: self.transport.report_tamper(d),
+            )
+            reported += report.result == {"status": "suspended", "device_id": device.device_id}
+            if report.cut_off is not None:
+                watched += 1
+                cut_off += report.cut_off
+        sim.expect(reported == total, f"{reported}/{total} tamper reports suspended their device")
+        if watched:
+            sim.expect(
+                cut_off == watched,
+                f"{cut_off}/{watched} reporting devices' connections closed at once",
+            )
+
+        recorded, token_refused, not_before = 0, 0, []
+        for device in sim.each(devices, "suspended for tamper"):
+            view = sim.measure(
+                "admin: read device", lambda d=device: self.operator.device(d.device_id)
+            ).body
+            trail = sim.measure(
+                "admin: read and verify audit", lambda d=device: self.admin.audit(d.device_id)
+            )
+            last = trail["records"][-1] if trail["records"] else {}
+            recorded += (
+                view.get("state") == "SUSPENDED"
+                and trail["verified"]
+                and last.get("action") == "suspended"
+                and last.get("details", {}).get("reason") == "tamper"
+                and last.get("actor") == f"aws-iot:tamper-rule:device:{device.device_id}"
+            )
+            not_before.append(view.get("tokens_not_before"))
+            token_refused += _token_refused(sim, self.api, device)
+        sim.expect(
+            recorded == total,
+            f"{recorded}/{total} SUSPENDED, reason tamper, by the tamper rule (audit trail)",
+        )
+        sim.expect(token_refused == total, f"{token_refused}/{total} token requests refused")
+
+        resumed = 0
+        for device in sim.each(devices, "resume"):
+            answer = sim.measure(
+                "admin: resume", lambda d=device: self.operator.resume(d.device_id)
+            )
+            resumed += answer.status == 200 and answer.body.get("state") == "ACTIVE"
+        sim.expect(resumed == total, f"{resumed}/{total} resumed: ACTIVE")
+        wait_for_tokens(not_before)
+        served = sum(_issue(sim, self.api, d) is not None for d in devices)
+        sim.expect(served == total, f"{served}/{total} get tokens again")
+
+
+def _telemetry(device: SimulatedDevice, life: int) -> bytes:
+    return json.dumps({"device_id": device.device_id, "life": life, "flow_lpm": 12.5}).encode()
+
+
+@dataclass
+class DataKeyRoundTrip:
+    """Every device whose profile allows it obtains its data key sealed to its certificate key,
+    opens it and encrypts telemetry; a backend reads the KMS-wrapped key through the admin API,
+    decrypts it with its own kms:Decrypt and reads the telemetry."""
+
+    api: DeviceApi
+    operator: Operator
+    kms: Any  # the backend's own KMS client
+    fleet: Fleet
+    name: str = "devices get their data keys; a backend decrypts their telemetry through KMS"
+
+    def run(self, sim: Simulation) -> None:
+        from fleetkey.domain.profiles import get_profile
+        from fleetkey.services.data_keys import DATA_KEY_SCOPE
+        from fleetkey_local.data_keys import encrypt_telemetry
+
+        devices = [
+            d
+            for d in self.fleet.devices
+            if DATA_KEY_SCOPE in get_profile(d.profile).token_rules.scopes
+        ]
+        total = len(devices)
+        keys: dict[str, DataKeyCopy] = {}
+        opened, read, again = 0, 0, 0
+        for device in sim.each(devices, "data keys"):
+            answer = sim.measure(
+                "device: get data key (first: KMS GenerateDataKey)",
+                lambda d=device: self.api.data_key(d),
+            )
+            key = _open(sim, device, answer, epoch=1, owner=None)
+            if key is None:
+                continue
+            opened += 1
+            envelope = encrypt_telemetry(
+                key, _telemetry(device, 1), device_id=device.device_id, epoch=1
+            )
+            keys[device.device_id] = DataKeyCopy(answer[1]["key_ref"], key, envelope)
+            read += _backend_reads(sim, self.operator, self.kms, device, envelope, life=1)
+            second = sim.measure(
+                "device: get data key (again: KMS Decrypt)", lambda d=device: self.api.data_key(d)
+            )
+            again += (
+                _open(sim, device, second, epoch=1, owner=None) == key
+                and second[1]["key_ref"] == answer[1]["key_ref"]
+            )
+        sim.state["data_keys"] = keys
+        sim.expect(
+            opened == total,
+            f"{opened}/{total} devices allowed data keys opened theirs (sealed to their "
+            f"certificate key; {len(self.fleet.devices) - total} not allowed)",
+        )
+        sim.expect(read == total, f"{read}/{total} telemetry envelopes read by the backend")
+        sim.expect(again == total, f"{again}/{total} got the same key on asking again")
+        self._cross_checks(sim, devices, keys)
+
+    def _cross_checks(
+        self, sim: Simulation, devices: list[SimulatedDevice], keys: dict[str, DataKeyCopy]
+    ) -> None:
+        from fleetkey.crypto.sealing import SealedKeyUnreadable
+        from fleetkey_local.data_keys import (
+            EnvelopeUnreadable,
+            decrypt_telemetry,
+            device_open,
+        )
+
+        if len(devices) < 2:
+            return
+        device, other = devices[0], devices[1]
+        sim.expect(
+            refused(self.api.data_key(device, device_id=other.device_id)),
+            "a device asking for another device's key is refused (invalid_client)",
+        )
+        status, sealed = self.api.data_key(device)
+        try:
+            device_open(other.key, sealed, device_id=device.device_id, epoch=1, owner=None)
+            foreign_opens = True
+        except SealedKeyUnreadable:
+            foreign_opens = False
+        sim.expect(
+            status == 200 and not foreign_opens,
+            "a sealed key does not open with another device's private key",
+        )
+        mine, theirs = keys.get(device.device_id), keys.get(other.device_id)
+        try:
+            if mine is None or theirs is None:
+                raise RuntimeError("no keys to compare")
+            decrypt_telemetry(theirs.key, mine.envelope, device_id=device.device_id, epoch=1)
+            crossed = True
+        except (EnvelopeUnreadable, RuntimeError):
+            crossed = False
+        sim.expect(
+            mine is not None and not crossed,
+            "a device's telemetry does not decrypt under another device's key",
+        )
+
+
+@dataclass
+class DataKeyCopy:
+    """What a device kept of its data key in one life (to compare with the next)."""
+
+    key_ref: str
+    key: bytes
+    envelope: dict
+
+
+def _open(
+    sim: Simulation,
+    device: SimulatedDevice,
+    answer: tuple[int, dict],
+    *,
+    epoch: int,
+    owner: str | None,
+) -> bytes | None:
+    """The data key in a data-key answer, opened with the device's private key, if the answer
+    is for this device in the life it expects."""
+    from fleetkey.crypto.sealing import SealedKeyUnreadable
+    from fleetkey_local.data_keys import device_open
+
+    status, sealed = answer
+    if (
+        status != 200
+        or sealed.get("device_id") != device.device_id
+        or sealed.get("epoch") != epoch
+        or sealed.get("owner") != owner
+    ):
+        return None
+    try:
+        return sim.measure(
+            "device: open sealed data key",
+            lambda: device_open(
+                device.key,
+                sealed,
+                device_id=device.device_id,
+                epoch=sealed["epoch"],
+                owner=sealed["owner"],
+            ),
+        )
+    except SealedKeyUnreadable:
+        return None
+
+
+def _backend_reads(
+    sim: Simulation,
+    operator: Operator,
+    kms: Any,
+    device: SimulatedDevice,
+    envelope: dict,
+    *,
+    life: int,
+) -> bool:
+    """Whether a backend gets the device's wrapped key and reads its telemetry with it."""
+    from fleetkey_local.data_keys import backend_decrypt_telemetry
+
+    grant = sim.measure(
+        "backend: get wrapped data key", lambda: operator.data_key(device.device_id)
+    )
+    if grant.status != 200:
+        return False
+    payload = sim.measure(
+        "backend: decrypt telemetry (KMS Decrypt)",
+        lambda: backend_decrypt_telemetry(kms, grant.body, envelope),
+    )
+    return payload == _telemetry(device, life)
+
+
+@dataclass
+class Decommission:
+    """The operator decommissions the whole fleet: each device is DECOMMISSIONED in the answer
+    (202) and nothing is granted to it from then on; the converge function then tears each down
+    from the lifecycle queue (reset command, connection closed, certificates and thing deleted,
+    data key destroyed). Afterwards tokens and data keys are refused, earlier tokens inactive,
+    and AWS IoT holds nothing of the fleet.
+
+    In waves of `WAVE` devices (decommission, drain the queue, check), so that every earlier
+    token checked inactive after the teardown is still within its lifetime."""
+
+    operator: Operator
+    relying_party: RelyingParty
+    transport: IotTransport
+    api: DeviceApi
+    stack: EmbeddedStack
+    fleet: Fleet
+    name: str = "operator decommissions the fleet; the converge function tears it down"
+
+    def run(self, sim: Simulation) -> None:
+        devices = self.fleet.devices
+        total = len(devices)
+        worker = self.stack.lifecycle_worker(function=self._measured_converge(sim), batch_size=1)
+        tally: Counter[str] = Counter()
+        earlier: list[Issued] = []
+        draining = 0.0
+        for number, wave in enumerate(waves(devices), 1):
+            draining += self._wave(sim, worker, wave, f"wave {number}", tally, earlier)
+        counts = [
+            ("tokens", "hold a token"),
+            ("answered", "answered 202: DECOMMISSIONED, teardown pending"),
+            ("cut", "refused tokens at once, their earlier token inactive"),
+            ("completed", "teardowns completed (their certificate gone)"),
+            ("token_refused", "token requests refused after the teardown"),
+            ("key_refused", "data-key requests refused"),
+            ("backend_refused", "backend data-key reads refused (409)"),
+            ("destroyed", "wrapped data keys deleted from the table"),
+            ("inactive", f"earlier tokens inactive ({_unexpired(earlier)})"),
+        ]
+        for key, text in counts:
+            sim.expect(tally[key] == total, f"{tally[key]}/{total} {text}")
+        sim.expect(
+            tally["drained"] == len(list(waves(devices))),
+            f"lifecycle queue drained after every wave: {total} teardowns in {draining:.1f} s",
+        )
+        if "heard" in tally or "not_heard" in tally:
+            sim.expect(
+                tally["heard"] == 1, "a connected device hears the reset command, then is cut off"
+            )
+        self._nothing_left_in_aws_iot(sim)
+
+    def _wave(
+        self,
+        sim: Simulation,
+        worker: QueueWorker,
+        devices: list[SimulatedDevice],
+        label: str,
+        tally: Counter[str],
+        earlier_tokens: list[Issued],
+    ) -> float:
+        """One wave; the seconds its teardowns took."""
+        earlier: dict[str, Issued] = {}
+        for device in sim.each(devices, f"tokens before ({label})"):
+            issued = _issue(sim, self.api, device)
+            if issued is not None:
+                earlier[device.device_id] = issued
+        tally["tokens"] += len(earlier)
+
+        draining = 0.0
+        for device in sim.each(devices, f"decommission ({label})"):
+            # The fleet's first device is connected and subscribed to its commands while it is
+            # decommissioned, and its teardown runs at once: it must hear the reset command and
+            # be cut off.
+            watch = device is self.fleet.devices[0]
+            held = self.transport.hold(device) if watch else None
+            answer = sim.measure(
+                "admin: decommission (202)",
+                lambda d=device: self.operator.decommission(d.device_id, DECOMMISSION_REASON),
+            )
+            teardown = answer.body.get("teardown") or {}
+            tally["answered"] += (
+                answer.status == 202
+                and answer.body.get("state") == "DECOMMISSIONED"
+                and teardown.get("status") == "pending"
+            )
+            # Nothing is granted from the answer on, before any teardown.
+            tally["cut"] += _token_refused(sim, self.api, device) and not _introspect(
+                sim, self.relying_party, earlier.get(device.device_id)
+            )
+            if held is not None:
+                started = time.perf_counter()
+                worker.drain(timeout=60)
+                draining += time.perf_counter() - started
+                closed = held.cut_off()
+                heard = f"fleetkey/{device.device_id}/commands/reset" in held.commands()
+                tally["heard" if heard and closed else "not_heard"] += 1
+                held.close()
+
+        started = time.perf_counter()
+        tally["drained"] += worker.drain(timeout=60 + 2.0 * len(devices))
+        draining += time.perf_counter() - started
+
+        for device in sim.each(devices, f"after teardown ({label})"):
+            # The table, as the harness reads it: the life's wrapped data key is gone.
+            tally["destroyed"] += self.stack.store.data_keys.get(device.device_id, 1) is None
+            view = sim.measure(
+                "admin: read device", lambda d=device: self.operator.device(d.device_id)
+            ).body
+            teardown = view.get("teardown") or {}
+            tally["completed"] += (
+                view.get("state") == "DECOMMISSIONED"
+                and teardown.get("status") == "completed"
+                and device.certificate_id in teardown.get("certificates", ())
+            )
+            tally["token_refused"] += _token_refused(sim, self.api, device)
+            tally["key_refused"] += _key_refused(sim, self.api, device)
+            tally["backend_refused"] += (
+                sim.measure(
+                    "backend: get wrapped data key (refused)",
+                    lambda d=device: self.operator.data_key(d.device_id),
+                ).status
+                == 409
+            )
+            tally["inactive"] += not _introspect(
+                sim, self.relying_party, earlier.get(device.device_id)
+            )
+        earlier_tokens.extend(earlier.values())
+        return draining
+
+    def _measured_converge(self, sim: Simulation):
+        """The converge function, one device per invocation (batch size 1), each measured."""
+        from fleetkey_local.functions import load_function
+
+        handler = load_function("converge").handler
+
+        def converge(event: dict, context: Any) -> Any:
+            return sim.measure("converge: tear down a device", lambda: handler(event, context))
+
+        return converge
+
+    def _nothing_left_in_aws_iot(self, sim: Simulation) -> None:
+        iot = self.stack.harness_iot
+        ids = {d.device_id for d in self.fleet.devices}
+        certificates = {d.certificate_id for d in self.fleet.devices}
+        things = {
+            thing["thingName"]
+            for page in iot.get_paginator("list_things").paginate()
+            for thing in page["things"]
+        }
+        registered = {
+            c["certificateId"]
+            for page in iot.get_paginator("list_certificates").paginate()
+            for c in page["certificates"]
+        }
+        rogues = {d.certificate_id for d in self.fleet.rogues}
+        others = "all refused rogues'" if registered <= rogues else "not all refused rogues'"
+        sim.expect(
+            not ids & things and not certificates & registered,
+            f"AWS IoT lists no thing and no certificate of the fleet ({len(things)} things and "
+            f"{len(registered)} certificates left, {others})",
+        )
+        step = max(1, len(self.fleet.devices) // 20)
+        sample = self.fleet.devices[::step]
+        gone = 0
+        for device in sample:
+            gone += _absent(lambda d=device: iot.describe_thing(thingName=d.device_id)) and _absent(
+                lambda d=device: iot.describe_certificate(certificateId=d.certificate_id)
+            )
+        sim.expect(
+            gone == len(sample),
+            f"{gone}/{len(sample)} sampled devices: DescribeThing and DescribeCertificate "
+            "find nothing",
+        )
+
+
+def _absent(call) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        call()
+    except ClientError as exc:
+        return exc.response["Error"]["Code"] == "ResourceNotFoundException"
+    return False
+
+
+@dataclass
+class RecommissionAndTransfer:
+    """The operator recommissions the fleet to a new owner (an ownership transfer); each device
+    re-onboards through just-in-time registration with its factory certificate, and its new
+    life has a new data key (epoch 2, bound to the new owner)."""
+
+    operator: Operator
+    relying_party: RelyingParty
+    transport: IotTransport
+    api: DeviceApi
+    kms: Any  # the backend's own KMS client
+    fleet: Fleet
+    owner: str = NEW_OWNER
+    name: str = f"operator recommissions the fleet to a new owner ({NEW_OWNER}); JITR again"
+
+    def run(self, sim: Simulation) -> None:
+        from fleetkey_local.data_keys import encrypt_telemetry
+
+        devices = self.fleet.devices
+        total = len(devices)
+        allowlisted = 0
+        for device in sim.each(devices, "recommission"):
+            answer = sim.measure(
+                "admin: recommission (ownership transfer)",
+                lambda d=device: self.operator.recommission(d.device_id, owner=self.owner),
+            )
+            allowlisted += (
+                answer.status == 200
+                and answer.body.get("state") == "ALLOWLISTED"
+                and answer.body.get("epoch") == 2
+                and answer.body.get("owner") == self.owner
+            )
+        sim.expect(
+            allowlisted == total, f"{allowlisted}/{total} ALLOWLISTED for {self.owner}, epoch 2"
+        )
+
+        onboarded, active, not_before = 0, 0, []
+        for device in sim.each(devices, "re-onboarding"):
+            outcome = sim.measure(
+                "device: re-onboard (JITR)", lambda d=device: self.transport.first_connect(d)
+            )
+            onboarded += bool(outcome and outcome.get("status") == "accepted")
+            view = sim.measure(
+                "admin: read device", lambda d=device: self.operator.device(d.device_id)
+            ).body
+            active += (
+                view.get("state") == "ACTIVE"
+                and view.get("epoch") == 2
+                and view.get("owner") == self.owner
+                and view.get("certificate_id") == device.certificate_id
+            )
+            not_before.append(view.get("tokens_not_before"))
+        sim.expect(onboarded == total, f"{onboarded}/{total} re-registered through JITR")
+        sim.expect(
+            active == total,
+            f"{active}/{total} ACTIVE in epoch 2 for {self.owner}, with their factory certificate",
+        )
+        wait_for_tokens(not_before)
+
+        # What each device kept of its first life's key (DataKeyRoundTrip).
+        previous: dict = sim.state.get("data_keys") or {}
+        connected, tokens, fresh, read = 0, 0, 0, 0
+        for device in sim.each(devices, "new life"):
+            connected += (
+                sim.measure("device: connect", lambda d=device: self.transport.connect(d)) is None
+            )
+            tokens += _introspect(sim, self.relying_party, _issue(sim, self.api, device))
+            answer = sim.measure(
+                "device: get data key (first: KMS GenerateDataKey)",
+                lambda d=device: self.api.data_key(d),
+            )
+            key = _open(sim, device, answer, epoch=2, owner=self.owner)
+            before = previous.get(device.device_id)
+            if key is None or before is None:
+                continue
+            fresh += answer[1]["key_ref"] != before.key_ref and key != before.key
+            envelope = encrypt_telemetry(
+                key, _telemetry(device, 2), device_id=device.device_id, epoch=2
+            )
+            read += _backend_reads(sim, self.operator, self.kms, device, envelope, life=2)
+        sim.expect(connected == total, f"{connected}/{total} connect")
+        sim.expect(tokens == total, f"{tokens}/{total} get tokens that introspect active")
+        sim.expect(
+            fresh == total,
+            f"{fresh}/{total} have a new data key (epoch 2, another key_ref) sealed for "
+            f"{self.owner}",
+        )
+        sim.expect(read == total, f"{read}/{total} telemetry envelopes read by the backend")
+        self._old_life_unreadable(sim, previous)
+
+    def _old_life_unreadable(self, sim: Simulation, previous: dict[str, DataKeyCopy]) -> None:
+        from fleetkey_local.data_keys import EnvelopeUnreadable, backend_decrypt_telemetry
+
+        device = self.fleet.devices[0]
+        before = previous.get(device.device_id)
+        grant = self.operator.data_key(device.device_id)
+        try:
+            if before is None or grant.status != 200:
+                raise RuntimeError("nothing to compare")
+            backend_decrypt_telemetry(self.kms, grant.body, before.envelope)
+            readable = True
+        except (EnvelopeUnreadable, RuntimeError):
+            readable = False
+        sim.expect(
+            before is not None and grant.status == 200 and not readable,
+            "telemetry of the previous life does not decrypt with the new life's key",
+        )
+
+
+@dataclass
+class LifecycleAuditTrails:
+    """Every device's chain still verifies after its whole life, and tells that life."""
+
+    admin: AdminClient
+    fleet: Fleet
+    name: str = "operator verifies every device's audit trail after its whole lifecycle"
+
+    def run(self, sim: Simulation) -> None:
+        verified = 0
+        trails: dict[str, list[dict]] = {}
+        for device in sim.each(self.fleet.devices, "audit"):
+            trail = sim.measure(
+                "admin: read and verify audit", lambda d=device: self.admin.audit(d.device_id)
+            )
+            verified += trail["verified"]
+            trails[device.device_id] = trail["records"]
+        total = len(self.fleet.devices)
+        sim.expect(verified == total, f"{verified}/{total} device chains verified")
+        # The first device was suspended by the operator (and cloned), the last by tampering.
+        first, last = self.fleet.devices[0], self.fleet.devices[-1]
+        for device, prologue in ((first, ["registration_refused"]), (last, [])):
+            records = trails[device.device_id]
+            actions = [r["action"] for r in records]
+            life = [
+                "allowlisted",
+                "registered",
+                *prologue,
+                "suspended",
+                "resumed",
+                "data_key_created",
+                "decommissioned",
+                "teardown_completed",
+                "recommissioned",
+                "registered",
+                "data_key_created",
+            ]
+            sim.expect(
+                _in_order(life, actions),
+                f"{device.device_id}'s trail tells its life: {' > '.join(actions)}",
+            )
+        transfer = next(
+            (r for r in trails[last.device_id] if r["action"] == "recommissioned"), {}
+        ).get("details", {})
+        sim.expect(
+            transfer.get("previous_owner") is None
+            and transfer.get("owner") == NEW_OWNER
+            and transfer.get("transfer") is True
+            and transfer.get("epoch") == 2,
+            f"the recommission is recorded as an ownership transfer (to {NEW_OWNER}, epoch 2)",
+        )
+
+
+def _in_order(expected: list[str], actions: list[str]) -> bool:
+    """Whether `expected` occurs in `actions` in that order (other actions may come between)."""
+    remaining = iter(actions)
+    return all(action in remaining for action in expected)
+
+
+@dataclass
+class LocalCloud:
+    """What the lifecycle phases use beyond the device-facing API: the operator's and a relying
+    party's signed access to the API, the stack (its lifecycle queue, and AWS IoT as the harness
+    sees it) and a backend's own KMS client."""
+
+    operator: Operator
+    relying_party: RelyingParty
+    stack: EmbeddedStack
+    kms: Any
+
+
 def lifecycle_phases(
-    admin: AdminClient, transport: IotTransport, fleet: Fleet, api_url: str
+    admin: AdminClient, transport: IotTransport, fleet: Fleet, api_url: str, cloud: LocalCloud
 ) -> list:
-    """Every phase of a device's life that fleetkey covers so far, in order."""
+    """Every phase of a device's life that fleetkey covers, in order."""
+    api = DeviceApi(api_url)
+    operator, relying_party = cloud.operator, cloud.relying_party
     return [
         RegisterManufacturerCas(admin, fleet),
         ImportManifest(admin, fleet),
@@ -422,4 +1332,10 @@ def lifecycle_phases(
         RogueDevices(transport, admin, fleet),
         TokenVending(api_url, fleet),
         VerifyAuditTrails(admin, fleet),
+        SuspendAndResume(operator, relying_party, transport, api, fleet),
+        TamperReports(transport, operator, admin, api, fleet),
+        DataKeyRoundTrip(api, operator, cloud.kms, fleet),
+        Decommission(operator, relying_party, transport, api, cloud.stack, fleet),
+        RecommissionAndTransfer(operator, relying_party, transport, api, cloud.kms, fleet),
+        LifecycleAuditTrails(admin, fleet),
     ]

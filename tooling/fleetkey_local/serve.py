@@ -35,7 +35,6 @@ from fleetkey_local.api_gateway import (
 )
 from fleetkey_local.iot_core import IotCoreEmulator
 from fleetkey_local.pki import CertificateAuthority, key_pem
-from fleetkey_local.provision import provisioned_environment
 from fleetkey_local.queues import QueueWorker
 from fleetkey_local.server import local_aws
 from fleetkey_local.stack import ACCOUNT, REGION, EmbeddedStack, client_factory
@@ -131,12 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         stack = EmbeddedStack(client_factory(endpoint)).provision()
         settings = stack.settings
         # The functions read the provisioned resources' ids from their environment, as deployed.
-        os.environ.update(
-            provisioned_environment(
-                lifecycle_queue_url=settings.lifecycle_queue_url,
-                data_key_kms_key_id=settings.data_key_kms_key_id,
-            )
-        )
+        os.environ.update(stack.environment())
         write_demo_ca(stack, args.state_dir)
         api = LocalApiGateway(port=args.api_port, rate_limits=limits)
         iot = IotCoreEmulator(args.state_dir, port=args.mqtt_port, account=ACCOUNT, region=REGION)

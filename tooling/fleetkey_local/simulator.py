@@ -1,11 +1,14 @@
 """The fleet simulator: a fleet lives through the device lifecycle, phase by phase, against the
 local stack. Each capability adds its phase; a phase drives devices and operators through the
 stack's real interfaces and states what it expects. The run ends with a table per phase (counts,
-p50/p95 latency, AWS calls per operation) and fails if any expectation failed."""
+p50/p95 latency, AWS calls per operation), the wall time and the process's peak memory, and
+fails if any expectation failed."""
 
 from __future__ import annotations
 
+import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -43,6 +46,7 @@ class PhaseReport:
     operations: dict[str, OperationStats] = field(default_factory=dict)
     expectations: list[tuple[bool, str]] = field(default_factory=list)
     seconds: float = 0.0
+    peak_rss_mib: float = 0.0  # the process's peak resident memory when the phase ended
 
     @property
     def failed(self) -> list[str]:
@@ -102,6 +106,7 @@ class Simulation:
             except Exception as exc:  # noqa: BLE001 - a crashed phase is a failed expectation
                 self.expect(False, f"phase crashed: {type(exc).__name__}: {exc}")
             self._current.seconds = time.perf_counter() - phase_start
+            self._current.peak_rss_mib = peak_rss_mib()
             for ok, text in self._current.expectations:
                 print(f"      {'ok  ' if ok else 'FAIL'} {text}")
             if self._current.failed:
@@ -115,7 +120,7 @@ class Simulation:
         for report in self.reports:
             if not report.operations:
                 continue
-            print(f"{report.name} ({report.seconds:.1f} s)")
+            print(f"{report.name} ({report.seconds:.1f} s, peak RSS {report.peak_rss_mib:.0f} MiB)")
             print(f"| {'operation':<{width}} | count | AWS calls |  p50 ms |  p95 ms |")
             print(f"|{'-' * (width + 2)}|-------|-----------|---------|---------|")
             for stats in report.operations.values():
@@ -125,6 +130,10 @@ class Simulation:
                     f"{stats.percentile(0.95):>7.1f} |"
                 )
             print()
+        print(
+            f"wall time of the phases {elapsed:.1f} s, "
+            f"peak memory (max RSS) {peak_rss_mib():.0f} MiB"
+        )
         failed = [text for r in self.reports for text in r.failed]
         if failed:
             print(f"FAILED: {len(failed)} expectation(s) in {elapsed:.1f} s")
@@ -134,3 +143,9 @@ class Simulation:
             checks = sum(len(r.expectations) for r in self.reports)
             phases = len(self.reports)
             print(f"passed: {checks} expectations across {phases} phases in {elapsed:.1f} s")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (getrusage: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024

@@ -56,7 +56,13 @@ class EmbeddedStack:
     their calls can be counted or failed on purpose), the emulation and the harness others."""
 
     make_client: Callable
-    settings: Settings = field(default_factory=lambda: Settings(table_name=TABLE, region=REGION))
+    # A recommission need not wait out the converge function's timeout here: the local stack
+    # runs one lifecycle worker, so no two copies of a teardown ever run at once.
+    settings: Settings = field(
+        default_factory=lambda: Settings(
+            table_name=TABLE, region=REGION, recommission_quiet_seconds=0
+        )
+    )
     account: str = ACCOUNT
 
     def __post_init__(self) -> None:
@@ -129,10 +135,13 @@ class EmbeddedStack:
     def environment(self) -> dict[str, str]:
         """What the locally loaded functions need in their environment beyond
         `server.function_environment`: the provisioned queue and data-key key."""
-        return provisioned_environment(
-            lifecycle_queue_url=self.settings.lifecycle_queue_url or "",
-            data_key_kms_key_id=self.settings.data_key_kms_key_id or "",
-        )
+        return {
+            **provisioned_environment(
+                lifecycle_queue_url=self.settings.lifecycle_queue_url or "",
+                data_key_kms_key_id=self.settings.data_key_kms_key_id or "",
+            ),
+            "FLEETKEY_RECOMMISSION_QUIET_SECONDS": str(self.settings.recommission_quiet_seconds),
+        }
 
     def lifecycle_worker(self, function: Any = "converge", **options: Any) -> QueueWorker:
         """Lambda's SQS event source for the converge function, on this stack's queue."""

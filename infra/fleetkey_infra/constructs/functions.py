@@ -63,6 +63,13 @@ class Functions(Construct):
         self._name_prefix = name_prefix
         issuer_env = {constants.ENV_ISSUER: issuer}
         lifecycle_env = {constants.ENV_LIFECYCLE_QUEUE_URL: lifecycle_queue_url}
+        # A recommission waits out the converge function's timeout after a teardown completed,
+        # so that no late copy of the teardown (SQS delivers at least once) can still run.
+        quiet_env = {
+            constants.ENV_RECOMMISSION_QUIET_SECONDS: str(
+                int(constants.CONVERGE_TIMEOUT.to_seconds())
+            )
+        }
         data_key_env = {constants.ENV_DATA_KEY_ID: data_key_id}
 
         self.registration_failures = self._build_failure_queue()
@@ -89,7 +96,7 @@ class Functions(Construct):
             memory_mb=constants.ADMIN_MEMORY_MB,
             timeout=constants.ADMIN_TIMEOUT,
             description="fleetkey operator API: allow-list, trust anchors, devices, signing keys",
-            environment={**issuer_env, **lifecycle_env, **data_key_env},
+            environment={**issuer_env, **lifecycle_env, **data_key_env, **quiet_env},
         )
         self.token_role = self._build_role("TokenRole", "token")
         self.token = self._build_function(

@@ -179,6 +179,7 @@ class Components:
             self.channel,
             queue,
             self.store.data_keys,
+            self.store.certificates,
             clock=self._clock,
             on_change=self._on_lifecycle_change,
         )

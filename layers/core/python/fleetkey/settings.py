@@ -60,6 +60,9 @@ class Settings:
     data_key_kms_key_id: str | None = None
     # The iot-data endpoint (https://...); None: read once with iot:DescribeEndpoint.
     iot_data_endpoint: str | None = None
+    # How long after a teardown completed a recommission waits: the converge function's timeout,
+    # so that no other copy of the teardown (SQS delivers at least once) can still be running.
+    recommission_quiet_seconds: int = 60
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -96,7 +99,17 @@ class Settings:
             lifecycle_queue_url=env.get("FLEETKEY_LIFECYCLE_QUEUE_URL") or None,
             data_key_kms_key_id=env.get("FLEETKEY_DATA_KEY_ID") or None,
             iot_data_endpoint=env.get("FLEETKEY_IOT_DATA_ENDPOINT") or None,
+            recommission_quiet_seconds=_seconds(env.get("FLEETKEY_RECOMMISSION_QUIET_SECONDS")),
         )
+
+
+def _seconds(value: str | None, default: int = 60) -> int:
+    """A whole number of seconds, 0-900 (a Lambda function's longest timeout)."""
+    if value is None or value == "":
+        return default
+    if not value.isdigit() or int(value) > 900:
+        raise SettingsError(f"not a number of seconds from 0 to 900: {value!r}")
+    return int(value)
 
 
 def _arns(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:

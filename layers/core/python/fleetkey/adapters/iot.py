@@ -260,6 +260,12 @@ class IotRegistry:
 
     # ---- suspend, resume, teardown ------------------------------------------------------------
 
+    def certificate_status(self, certificate_id: str) -> str | None:
+        """The certificate's status in AWS IoT, None when AWS IoT has no such certificate.
+        AWS calls: 1 (DescribeCertificate)."""
+        current = self.describe_certificate(certificate_id)
+        return current.status if current else None
+
     def set_certificate_status(
         self, certificate_id: str, status: Literal["ACTIVE", "INACTIVE"]
     ) -> bool:

@@ -19,6 +19,14 @@ def refusal_for(
     or None when it may. The order puts the most telling reason first; DECOMMISSIONED comes
     last, as it is not a refusal for cause (JITR sets such a certificate aside, see
     `RegistrationService`)."""
+    # A recommissioned device re-onboards with the factory certificate fleetkey knows it by:
+    # another one (even of its manufacturer, with its CN and serial) is a cloned identity.
+    if (
+        device.epoch > 1
+        and device.factory_certificate_id is not None
+        and certificate.certificate_id != device.factory_certificate_id
+    ):
+        return RejectionReason.CLONE_SUSPECTED
     # A second certificate for a device that already has one: a cloned identity until an
     # operator says otherwise (rotation goes through its own API, not through JITR).
     if (

@@ -30,6 +30,7 @@ from fleetkey.adapters.data_keys import encryption_context
 from fleetkey.clock import Clock, timestamp, utc_now
 from fleetkey.crypto.sealing import seal_data_key
 from fleetkey.domain.lifecycle import DeviceState
+from fleetkey.domain.models import Device
 from fleetkey.domain.oauth import InvalidClient, InvalidScope, OAuthInvalidRequest
 from fleetkey.domain.profiles import get_profile
 from fleetkey.errors import Conflict, FleetkeyError, NotFound
@@ -153,12 +154,33 @@ class DataKeyService:
             return plaintext, blob
         raise InvalidClient("device kept changing")
 
+    def _audit_read(self, device: Device, actor: str, blob: bytes) -> None:
+        """A backend's read of a device's data key, in the device's chain (who, which key)."""
+        for _ in range(MAX_ROUNDS):
+            change = DeviceChange(
+                action="data_key_read",
+                actor=actor,
+                at=timestamp(self._clock()),
+                details={"epoch": device.epoch, "key_ref": _key_ref(blob)},
+            )
+            try:
+                self._devices.apply(device, change)
+                return
+            except DeviceChanged as changed:
+                if changed.current is None or changed.current.epoch != device.epoch:
+                    raise Conflict(f"device {device.device_id} changed; retry") from None
+                if changed.current.state not in (DeviceState.ACTIVE, DeviceState.SUSPENDED):
+                    raise Conflict(f"device {device.device_id} is no longer in service") from None
+                device = changed.current
+        raise Conflict(f"device {device.device_id} kept changing; retry")
+
     def for_backend(self, device_id: str, *, actor: str) -> dict[str, Any]:
         """The device's current data key as KMS holds it (the wrapped blob and its encryption
         context), for a backend that decrypts it with its own kms:Decrypt grant. Only for a
-        device in service (ACTIVE or SUSPENDED): after decommission there is none to give.
+        device in service (ACTIVE or SUSPENDED): after decommission there is none to give. The
+        read is audited (`data_key_read`, with the caller) in the device's chain.
 
-        AWS calls: 2 (device, key).
+        AWS calls: 3 (device, key, the audit transaction).
 
         Raises:
             NotFound: no such device, or it has no data key in this life yet.
@@ -174,6 +196,7 @@ class DataKeyService:
         blob = self._records.get(device_id, device.epoch)
         if blob is None:
             raise NotFound(f"device {device_id} has no data key in this life yet")
+        self._audit_read(device, actor, blob)
         return {
             "device_id": device_id,
             "owner": device.owner,

@@ -28,6 +28,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import datetime
 from functools import partial
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -47,6 +48,7 @@ from fleetkey.errors import (
 )
 from fleetkey.ports import (
     CertificateControl,
+    CertificateDecisions,
     DataKeyRecords,
     DeviceChange,
     DeviceChanged,
@@ -69,6 +71,10 @@ TAMPER = "tamper"
 Observer = Callable[[str, Device], None]
 
 
+class Superseded(Exception):
+    """The device moved on while its convergence ran: start again from what it is now."""
+
+
 class LifecycleService:
     """`on_change(action, device)` is called once per committed change (for metrics)."""
 
@@ -80,6 +86,7 @@ class LifecycleService:
         connections: DeviceConnections,
         queue: LifecycleQueue | None,
         data_keys: DataKeyRecords,
+        decisions: CertificateDecisions,
         clock: Clock = utc_now,
         on_change: Observer | None = None,
     ) -> None:
@@ -89,6 +96,7 @@ class LifecycleService:
         self._connections = connections
         self._queue = queue
         self._data_keys = data_keys
+        self._decisions = decisions
         self._clock = clock
         self._on_change = on_change
 
@@ -200,18 +208,12 @@ class LifecycleService:
                 and (owner is None or owner == device.owner)
                 and (profile is None or profile == device.profile)
             ):
-                return device  # a retry of this recommission
-            if device.state is DeviceState.DECOMMISSIONED and (
-                device.teardown is not None and device.teardown.status is TeardownStatus.PENDING
-            ):
-                raise Conflict(
-                    f"device {device_id} is still being torn down; recommission it once "
-                    "teardown.status is completed"
-                )
-            if device.state is DeviceState.DECOMMISSIONED and device.factory_certificate_id:
-                # Whatever AWS IoT holds for it (set aside, revoked meanwhile by someone else),
-                # the factory certificate must be absent for JITR to see it again.
-                self._certificates.teardown_certificate(device.factory_certificate_id)
+                # A retry of this recommission: finish what it may have left.
+                self._release_factory_certificate(device)
+                return device
+            if device.state is DeviceState.DECOMMISSIONED:
+                self._check_recommission(device, profile)
+            factory = device.factory_certificate_id
             details = {
                 "previous_owner": device.owner,
                 "owner": owner if owner is not None else device.owner,
@@ -219,6 +221,11 @@ class LifecycleService:
                 "profile": profile or device.profile,
                 "epoch": device.epoch + 1,
                 "transfer": owner is not None and owner != device.owner,
+                # What AWS IoT held for the factory certificate (REVOKED by someone outside
+                # fleetkey included): it is removed, so that the device registers afresh.
+                "factory_certificate_in_aws_iot": (
+                    self._certificates.certificate_status(factory) if factory else None
+                ),
             }
             change = DeviceChange(
                 action="recommissioned",
@@ -240,8 +247,72 @@ class LifecycleService:
             self._notify("recommissioned", device)
             if details["transfer"]:
                 self._notify("ownership_transferred", device)
+            self._release_factory_certificate(device)
             return device
         raise ConcurrentModification(f"device {device_id} kept changing; retry")
+
+    def _check_recommission(self, device: Device, profile: str | None) -> None:
+        """A recommission may start only once no teardown can still be running, and only into a
+        profile the device's factory certificate satisfies (else JITR would refuse it for cause,
+        burning the device's only factory identity).
+
+        Raises:
+            Conflict: the teardown is pending, or completed less than the quiet period ago.
+            InvalidRequest: the profile does not accept the factory certificate's key.
+        """
+        teardown = device.teardown
+        if teardown is None or teardown.status is TeardownStatus.PENDING:
+            raise Conflict(
+                f"device {device.device_id} is still being torn down; recommission it once "
+                "teardown.status is completed"
+            )
+        quiet = self._settings.recommission_quiet_seconds
+        if teardown.completed_at and quiet:
+            since = self._clock() - datetime.fromisoformat(teardown.completed_at)
+            if since.total_seconds() < quiet:
+                raise Conflict(
+                    f"device {device.device_id}'s teardown completed "
+                    f"{int(since.total_seconds())} s ago; recommission it {quiet} s after "
+                    "(no copy of the teardown may still be running)"
+                )
+        factory = device.holds(device.factory_certificate_id or "")
+        if (
+            profile is not None
+            and factory is not None
+            and not get_profile(profile).key_policy.allows(factory.key)
+        ):
+            raise InvalidRequest(
+                f"profile {profile!r} does not accept the device's factory certificate key "
+                f"({factory.key}); JITR would refuse the device"
+            )
+
+    def _release_factory_certificate(self, device: Device) -> None:
+        """After a recommission committed: remove the factory certificate from AWS IoT, so that
+        the device's next connection registers it afresh (JITR sees a certificate only when AWS
+        IoT registers it). Left alone when AWS IoT no longer has it, when it is ACTIVE (nothing
+        in this life activated it yet: someone else did; logged), or when the new life has
+        decided on it already (the device connected meanwhile). AWS IoT cannot register it again
+        while it is present, so no new registration can race this removal.
+
+        AWS calls: 1 (DescribeCertificate) when AWS IoT no longer has it; else + 1 GetItem +
+        the removal (`teardown_certificate`).
+        """
+        factory = device.factory_certificate_id
+        if not factory or device.state is not DeviceState.ALLOWLISTED:
+            return
+        status = self._certificates.certificate_status(factory)
+        if status is None:
+            return
+        if status == "ACTIVE":
+            logger.warning(
+                "the factory certificate of a recommissioned device is ACTIVE in AWS IoT; left",
+                extra={"device_id": device.device_id, "certificate_id": factory},
+            )
+            return
+        decision = self._decisions.get(factory)
+        if decision is not None and decision.epoch == device.epoch:
+            return
+        self._certificates.teardown_certificate(factory)
 
     # ---- convergence ------------------------------------------------------------------------
 
@@ -257,8 +328,11 @@ class LifecycleService:
         """
         for _ in range(MAX_ROUNDS):
             device = self._get(device_id)
-            if not converge(self._steps(device)):
-                return False
+            try:
+                if not converge(self._steps(device)):
+                    return False
+            except Superseded:
+                continue  # the device moved on: converge to what it is now
             if (
                 device.state is DeviceState.DECOMMISSIONED
                 and device.teardown is not None
@@ -299,6 +373,9 @@ class LifecycleService:
             and teardown.status is TeardownStatus.PENDING
         ):
             owned = thing_type_names(self._settings.name_prefix)
+            # Before each deletion: the device is still in this teardown (SQS delivers at least
+            # once: a late copy must never delete what a later life registered).
+            fence = Step("fence", partial(self._fence, device))
             return [
                 # First, while the device may still be connected to hear it.
                 Step(
@@ -318,18 +395,40 @@ class LifecycleService:
                 ),
                 Step("disconnect", lambda: self._connections.disconnect(device.device_id)),
                 *(
-                    Step(f"delete {c}", partial(self._certificates.teardown_certificate, c))
+                    step
                     for c in teardown.certificates
+                    for step in (
+                        fence,
+                        Step(f"delete {c}", partial(self._certificates.teardown_certificate, c)),
+                    )
                 ),
+                fence,
                 Step(
                     "delete thing",
                     lambda: self._certificates.delete_thing(
                         device.device_id, owned_thing_types=owned
                     ),
                 ),
-                Step("destroy data keys", lambda: self._data_keys.destroy(device.device_id)),
+                fence,
+                Step(
+                    "destroy data keys",
+                    lambda: self._data_keys.destroy(device.device_id, up_to_epoch=device.epoch),
+                ),
             ]
         return []
+
+    def _fence(self, device: Device) -> None:
+        """Raises Superseded unless the device is still DECOMMISSIONED in the same life, its
+        teardown pending. AWS calls: 1 (GetItem)."""
+        now = self._devices.get(device.device_id)
+        if (
+            now is None
+            or now.state is not DeviceState.DECOMMISSIONED
+            or now.epoch != device.epoch
+            or now.teardown is None
+            or now.teardown.status is not TeardownStatus.PENDING
+        ):
+            raise Superseded(f"device {device.device_id} moved on")
 
     def _complete_teardown(self, device: Device) -> Device:
         """Record that the teardown finished (idempotent: a device already recorded so, or moved

@@ -269,9 +269,13 @@ class TokenService:
             raise InvalidClient("assertion lifetime")
         if now >= certificate.not_after_epoch():
             raise InvalidClient("certificate expired")
-        if device.tokens_not_before is not None and now < device.tokens_not_before:
+        if device.tokens_not_before is not None and (
+            now < device.tokens_not_before
+            or ("iat" in claims and claims["iat"] < device.tokens_not_before)
+        ):
             # Resumed within the second of its suspension: a token of that second would be
-            # inactive (iat is whole seconds), so none is granted until the next one.
+            # inactive (iat is whole seconds), so none is granted until the next one; and an
+            # assertion signed before the suspension (or an earlier life) is not honoured.
             raise InvalidClient("device not active")
         return AuthenticatedDevice(device, certificate, claims, now, nonce)
 

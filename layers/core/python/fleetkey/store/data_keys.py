@@ -33,10 +33,15 @@ class DynamoDataKeyRecords:
             refusal=lambda _items: AlreadyExists(f"device {device_id} has a data key"),
         )
 
-    def destroy(self, device_id: str) -> int:
-        """Delete every data key of the device (all lives). Returns how many were deleted.
-        AWS calls: 1 Query + 1 DeleteItem per key."""
-        items = self._table.query(schema.data_key_partition(device_id))
+    def destroy(self, device_id: str, *, up_to_epoch: int) -> int:
+        """Delete the device's data keys of every life up to `up_to_epoch` (never a later
+        life's: a late copy of an old teardown must not touch the next owner's key). Returns how
+        many were deleted. AWS calls: 1 Query + 1 DeleteItem per key."""
+        items = [
+            item
+            for item in self._table.query(schema.data_key_partition(device_id))
+            if int(str(item["sk"]).removeprefix("EPOCH#")) <= up_to_epoch
+        ]
         for item in items:
             self._table.client.delete_item(
                 TableName=self._table.name,

@@ -223,6 +223,14 @@ def same_entry(item: Mapping[str, Any], entry: AllowlistEntry) -> bool:
     )
 
 
+def _addresses_a_device(write: Write) -> bool:
+    for body in write.body.values():
+        key = body.get("Key") or body.get("Item") or {}
+        if str(key.get(schema.PARTITION_KEY, {}).get("S", "")).startswith("DEVICE#"):
+            return True
+    return False
+
+
 def _changed(device_id: str) -> Any:
     def refusal(items: Mapping[str, dict[str, Any]]) -> DeviceChanged:
         item = items.get("device")
@@ -356,6 +364,9 @@ class DynamoDeviceRepository:
             actor=change.actor,
             details=details,
         )
+        if any(_addresses_a_device(write) for write in with_writes):
+            # Only this method writes devices: a companion write may not touch one.
+            raise ValueError("a write carried with a device change may not address a device")
         sets, removes = self._attributes(change)
         update = self._change_action(device, record, new_state, sets, removes)
         actions = [update, self._table.audit_put(record), *with_writes]

@@ -6,14 +6,20 @@ from __future__ import annotations
 
 from aws_lambda_powertools.event_handler.api_gateway import Router
 
-from fleetkey.api.admin import allowlist, cas, data_keys, devices, lifecycle, signing_keys, tokens
+from fleetkey.api.admin.allowlist import router as allowlist_router
+from fleetkey.api.admin.cas import router as cas_router
+from fleetkey.api.admin.data_keys import router as data_keys_router
+from fleetkey.api.admin.devices import router as devices_router
+from fleetkey.api.admin.lifecycle import router as lifecycle_router
+from fleetkey.api.admin.signing_keys import router as signing_keys_router
+from fleetkey.api.admin.tokens import router as tokens_router
 
 ROUTERS: tuple[Router, ...] = (
-    allowlist.router,
-    devices.router,
-    lifecycle.router,
-    data_keys.router,
-    cas.router,
-    signing_keys.router,
-    tokens.router,
+    allowlist_router,
+    devices_router,
+    lifecycle_router,
+    data_keys_router,
+    cas_router,
+    signing_keys_router,
+    tokens_router,
 )
