@@ -52,21 +52,19 @@ from typing import Any
 #   suspend:  GetItem, TransactWriteItems (decide); converge: GetItem, per certificate
 #             DescribeCertificate + UpdateCertificate, DeleteConnection, GetItem (moved
 #             meanwhile?); GetItem (the device returned)                            -> 6 + 2n
-#             (LifecycleService.suspend's docstring says 4 + 2n: it leaves out the converge
-#             round's own read and the final read)
 #   resume:   as suspend without DeleteConnection                                  -> 5 + 2n
-#             (its docstring, "as suspend without DeleteConnection": 3 + 2n)
-#   teardown: round 1: GetItem; Publish (reset); per certificate DescribeCertificate +
-#             UpdateCertificate (to INACTIVE); DeleteConnection; per certificate
-#             DescribeCertificate, ListAttachedPolicies, DetachPolicy, ListPrincipalThings,
-#             DetachThingPrincipal, DeleteCertificate; DescribeThing, ListThingPrincipals,
-#             DeleteThing; Query (data keys) + DeleteItem per key; TransactWriteItems
-#             (teardown_completed); round 2: GetItem, GetItem                     -> 10 + 8n
-#             (+1 per data key held)
+#   teardown: round 1: GetItem; fence (GetItem: still this teardown?); Publish (reset); per
+#             certificate DescribeCertificate + UpdateCertificate (to INACTIVE); DeleteConnection;
+#             per certificate a fence GetItem, then DescribeCertificate, ListAttachedPolicies,
+#             DetachPolicy, ListPrincipalThings, DetachThingPrincipal, DeleteCertificate; fence,
+#             DescribeThing, ListThingPrincipals, DeleteThing; fence, Query (data keys) +
+#             DeleteItem per key; TransactWriteItems (teardown_completed); round 2: GetItem,
+#             GetItem (moved meanwhile?)                                          -> 13 + 9n
+#             (+1 DeleteItem per data key held)
 PER_CERTIFICATE: dict[str, tuple[int, int]] = {
     "suspend": (6, 2),
     "resume": (5, 2),
-    "teardown": (10, 8),
+    "teardown": (13, 9),
 }
 # Per operation, for a device with one certificate (its factory one) and, for the teardown, one
 # data key.
@@ -76,15 +74,16 @@ BUDGET: dict[str, int] = {
     "data_key_first": 6,
     # credential GetItem, assertion TransactWriteItems, key GetItem, Decrypt
     "data_key_warm": 4,
-    # device GetItem, key GetItem
-    "data_key_backend": 2,
+    # device GetItem, key GetItem, TransactWriteItems (the read's data_key_read audit record)
+    "data_key_backend": 3,
     "suspend": PER_CERTIFICATE["suspend"][0] + PER_CERTIFICATE["suspend"][1],
     "resume": PER_CERTIFICATE["resume"][0] + PER_CERTIFICATE["resume"][1],
     # GetItem, TransactWriteItems, SendMessage
     "decommission": 3,
     "teardown": PER_CERTIFICATE["teardown"][0] + PER_CERTIFICATE["teardown"][1] + 1,
-    # GetItem, DescribeCertificate (the factory certificate, already gone), TransactWriteItems
-    "recommission": 3,
+    # GetItem, DescribeCertificate (the factory certificate's status, for the audit record),
+    # TransactWriteItems, DescribeCertificate (its release: gone already after the teardown)
+    "recommission": 4,
 }
 CERTIFICATE_COUNTS = (1, 2, 3)
 OPERATOR = "arn:aws:sts::123456789012:assumed-role/fleet-operator/bench"

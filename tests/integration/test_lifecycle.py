@@ -466,3 +466,76 @@ def test_a_transfer_gives_the_new_owner_another_key(stack, acme):
     assert second["key_ref"] != first["key_ref"]
     opened = device_open(sensor.key, second, device_id=sensor.device_id, epoch=2, owner="tenant-b")
     assert len(opened) == 32
+
+
+# ---- what a hostile read found ----------------------------------------------------------------
+
+
+def test_a_late_copy_of_a_teardown_never_touches_the_next_life(stack, acme):
+    # Given a teardown that a late copy still holds (SQS delivers at least once)
+    from fleetkey.converge import converge
+    from fleetkey.services.lifecycle import Superseded
+
+    well = Device(stack, acme, "well-late-copy")
+    stack.lifecycle.decommission(well.device_id, reason="retired", actor="op")
+    stale = stack.store.devices.get(well.device_id)
+    assert stack.drain_lifecycle(30)
+    # and the device's next life: recommissioned, registered again, with a data key
+    stack.lifecycle.recommission(well.device_id, actor="op", owner="tenant-b")
+    assert stack.register(stack.first_connect(pem(well.certificate), acme.pem)).accepted
+    wait_past_tokens_not_before(stack, well.device_id)
+    well.data_key(stack)
+
+    # When the late copy runs its teardown steps
+    with pytest.raises(Superseded):
+        converge(stack.lifecycle._steps(stale))
+
+    # Then it stopped at its first deletion: the new life's certificate, thing and key remain
+    assert cert_status(stack, well.certificate_id) == "ACTIVE"
+    assert aws_iot_leftovers(stack, well)["thing"]
+    assert stack.store.data_keys.get(well.device_id, 2) is not None
+
+
+def test_a_profile_the_factory_key_cannot_meet_is_refused_at_recommission(stack, acme):
+    # Given a decommissioned RSA sensor (pumps accept EC keys only)
+    sensor = Device(stack, acme, "sensor-rsa", key_kind="rsa:2048")
+    decommissioned(stack, sensor)
+    before = stack.store.devices.get(sensor.device_id)
+    # When it is recommissioned as a pump, Then refused, nothing changed, identity intact
+    with pytest.raises(InvalidRequest):
+        stack.lifecycle.recommission(sensor.device_id, actor="op", profile="infusion-pump")
+    assert stack.store.devices.get(sensor.device_id) == before
+
+
+def test_a_recommissioned_device_re_onboards_only_with_its_factory_certificate(stack, acme):
+    # Given a recommissioned device, and another certificate of its manufacturer in its name
+    pump = Device(stack, acme, "pump-pinned")
+    decommissioned(stack, pump)
+    stack.lifecycle.recommission(pump.device_id, actor="op")
+    _, rogue = acme.issue_device(pump.device_id, serial_number=f"SN-{pump.device_id}")
+    # When the rogue connects first, Then it is refused as a clone, and the genuine one registers
+    refused = stack.register(stack.first_connect(pem(rogue), acme.pem))
+    assert refused.reason is RejectionReason.CLONE_SUSPECTED
+    assert stack.register(stack.first_connect(pem(pump.certificate), acme.pem)).accepted
+
+
+def test_an_assertion_signed_before_a_suspension_is_not_honoured_after_it(stack, acme):
+    pump = Device(stack, acme, "pump-old-assertion")
+    old = pump.assertion(stack)
+    stack.lifecycle.suspend(pump.device_id, reason="stolen", actor="op")
+    stack.lifecycle.resume(pump.device_id, actor="op")
+    wait_past_tokens_not_before(stack, pump.device_id)
+    with pytest.raises(InvalidClient):
+        stack.tokens.issue(token_request(old))
+    assert active(stack, pump.token(stack))
+
+
+def test_a_backend_read_of_a_data_key_is_audited(stack, acme):
+    sensor = Device(stack, acme, "sensor-read-audit")
+    sensor.data_key(stack)
+    stack.data_keys.for_backend(sensor.device_id, actor="arn:aws:iam::1:role/analytics")
+    records, _ = stack.devices.audit(f"device:{sensor.device_id}")
+    assert (records[-1].action, records[-1].actor) == (
+        "data_key_read",
+        "arn:aws:iam::1:role/analytics",
+    )

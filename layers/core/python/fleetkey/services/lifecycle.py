@@ -377,6 +377,7 @@ class LifecycleService:
             # once: a late copy must never delete what a later life registered).
             fence = Step("fence", partial(self._fence, device))
             return [
+                fence,
                 # First, while the device may still be connected to hear it.
                 Step(
                     "reset command",
