@@ -107,8 +107,10 @@ class LifecycleService:
         stay inactive (also after a resume); certificates INACTIVE and the connection closed.
         Suspending a suspended device changes nothing and converges again (a retry).
 
-        AWS calls: 2 (read, transition) + per certificate DescribeCertificate and
-        UpdateCertificate + DeleteConnection + a read to confirm; SendMessage if AWS failed.
+        AWS calls: 6 + 2n for n certificates (measured by benchmarks/lifecycle.py): read,
+        transition; converge: read, per certificate DescribeCertificate + UpdateCertificate,
+        DeleteConnection, a read to confirm; the device read to answer; SendMessage if AWS
+        failed.
 
         Raises:
             NotFound, InvalidRequest (reason), IllegalTransition (not ACTIVE or SUSPENDED).
@@ -129,7 +131,7 @@ class LifecycleService:
         """SUSPENDED -> ACTIVE: certificates ACTIVE again. Tokens issued before the suspension
         stay inactive. Resuming an ACTIVE device changes nothing (a retry).
 
-        AWS calls: as `suspend`, without DeleteConnection.
+        AWS calls: 5 + 2n (as `suspend`, without DeleteConnection).
 
         Raises:
             NotFound, IllegalTransition (not SUSPENDED or ACTIVE).
@@ -189,8 +191,9 @@ class LifecycleService:
         IoT whatever AWS IoT recorded for it meanwhile, so that it registers afresh; certificates
         refused for cause stay refused (their decisions are never replaced).
 
-        AWS calls: 2 (read, transition) + the factory certificate's removal (1 DescribeCertificate
-        when AWS IoT no longer has it).
+        AWS calls: 4 when AWS IoT no longer has the factory certificate: read, DescribeCertificate
+        (its status, for the audit record), transition, DescribeCertificate (its release); its
+        removal otherwise (`_release_factory_certificate`).
 
         Raises:
             NotFound, InvalidRequest (owner, profile), IllegalTransition (not DECOMMISSIONED),
@@ -321,7 +324,10 @@ class LifecycleService:
         read the device again and repeat while it moved. True when AWS IoT matches; False when
         a step could not finish yet (AWS IoT's eventual consistency: retry later).
 
-        AWS calls: 1 read per round + the state's steps (see `_steps`).
+        AWS calls: 1 read per round + the state's steps (see `_steps`) + a confirming read; a
+        teardown is 13 + 9n for n certificates (+ 1 DeleteItem per data key): 3 reads, n + 3
+        fences, the reset, per certificate its deactivation and removal, DeleteConnection, the
+        thing's removal, the data keys' Query, the `teardown_completed` transaction.
 
         Raises:
             NotFound: no such device; AWS errors (a retry converges).
