@@ -159,6 +159,8 @@ class LifecycleService:
                 queues it).
         """
         _check_reason(reason)
+        if self._queue is None:  # checked before anything is recorded
+            raise FleetkeyError("no lifecycle queue is configured: the teardown could not run")
         now = self._clock()
         teardown = Teardown(status=TeardownStatus.PENDING, started_at=timestamp(now))
         device = self._transition(
