@@ -6,8 +6,9 @@ SQS event source with partial batch responses (Powertools BatchProcessor): a dev
 convergence could not finish yet (AWS IoT has not settled a detach, or AWS failed) is reported
 failed, so SQS delivers it again after the visibility timeout, and after the queue's
 maxReceiveCount keeps it in the dead-letter queue, from which an operator moves it back (SQS's
-own DLQ redrive: `aws sqs start-message-move-task --source-arn <dead-letter queue ARN>`). Every step is
-idempotent, so a redelivery, a duplicate or a concurrent copy finishes the same work.
+own DLQ redrive: `aws sqs start-message-move-task --source-arn <dead-letter queue ARN>`).
+Every step is idempotent, so a redelivery, a duplicate or a concurrent copy finishes the same
+work.
 
 Metrics: `TeardownRetries` (a delivery that could not finish), `ConvergeMessagesMalformed`;
 lifecycle metrics (`TeardownsCompleted`) from the service.

@@ -36,7 +36,8 @@ def functions(stack, monkeypatch):
     for name, value in stack.environment().items():
         monkeypatch.setenv(name, value)
     loaded = {
-        name: load_handler(name) for name in ("admin", "converge", "device_events", "data_keys")
+        name: load_handler(name)
+        for name in ("admin", "converge", "device_events", "data_keys", "registration")
     }
     from fleetkey import composition
 
@@ -45,6 +46,7 @@ def functions(stack, monkeypatch):
     composition.components.cache_clear()
     for name in ("converge", "device_events", "data_keys"):
         loaded[name].components.cache_clear()
+    loaded["registration"].service.cache_clear()
 
 
 def call_admin(admin, method, path, body=None):
@@ -180,3 +182,28 @@ def test_a_device_gets_its_data_key_and_the_backend_reads_its_data(stack, acme, 
         data_key_request("sensor-dk-fn", assertion, "text/plain"), LambdaContext()
     )
     assert wrong_type["statusCode"] == 400
+
+
+def test_a_teardown_destroys_the_data_key_and_jitr_sets_a_returning_device_aside(
+    stack, acme, functions
+):
+    # Given a device with a data key, decommissioned through the API and torn down by the queue
+    key, cert = registered(stack, acme, "sensor-gone-fn")
+    assertion = client_assertion(key, certificate_id(cert), "sensor-gone-fn", stack.settings.issuer)
+    request = data_key_request("sensor-gone-fn", assertion)
+    assert functions["data_keys"].handler(request, LambdaContext())["statusCode"] == 200
+    status, _ = call_admin(
+        functions["admin"], "POST", "/v1/admin/devices/sensor-gone-fn/decommission", {"reason": "x"}
+    )
+    assert status == 202
+    run_queue(stack, functions)
+    assert stack.store.table.query("DATAKEY#sensor-gone-fn") == []
+
+    # When the device connects again before any recommission (the registration function runs)
+    event = stack.first_connect(pem(cert), acme.pem)
+    result = functions["registration"].handler(event, LambdaContext())
+
+    # Then it is refused, its certificate removed from AWS IoT, not revoked
+    assert result["status"] == "refused" and result["reason"] == "decommissioned"
+    with pytest.raises(stack.harness_iot.exceptions.ResourceNotFoundException):
+        stack.harness_iot.describe_certificate(certificateId=certificate_id(cert))

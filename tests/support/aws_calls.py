@@ -61,6 +61,11 @@ CHECK_ENV = "FLEETKEY_IAM_CHECK"
 WORKEROUTPUT_CALLS = "fleetkey_aws_calls"
 WORKEROUTPUT_TEMPLATE = "fleetkey_template"
 
+ENDPOINT_REASON = (
+    "iot-data's endpoint is read with DescribeEndpoint only when FLEETKEY_IOT_DATA_ENDPOINT is "
+    "unset (as deployed); the tests set it, since moto's DescribeEndpoint names a host moto does "
+    "not serve"
+)
 # Granted, and never called by the function's own code: each with the reason it is needed.
 # Keys: a function name, or "*" for every function.
 UNCALLED_GRANTS: Mapping[str, Mapping[str, str]] = {
@@ -72,6 +77,8 @@ UNCALLED_GRANTS: Mapping[str, Mapping[str, str]] = {
         "kms:Decrypt": "DynamoDB decrypts the table (customer managed key) as the caller",
     },
     "registration": {
+        "iot:DetachPolicy": "a certificate set aside for a decommissioned device is removed "
+        "with whatever is attached (a pending certificate has no policy in the tests)",
         "kms:Encrypt": "DynamoDB encrypts the items written, as the caller",
         "kms:GenerateDataKey": "DynamoDB encrypts the items written, as the caller",
         "sqs:SendMessage": "Lambda's on-failure destination sends with the function's role",
@@ -81,6 +88,10 @@ UNCALLED_GRANTS: Mapping[str, Mapping[str, str]] = {
     "admin": {
         "kms:Encrypt": "DynamoDB encrypts the items written, as the caller",
         "kms:GenerateDataKey": "DynamoDB encrypts the items written, as the caller",
+        "iot:DescribeEndpoint": ENDPOINT_REASON,
+        "iot:DetachPolicy": "a recommission removes the factory certificate whatever AWS IoT "
+        "holds: its policies detached if any (in the tests it is pending, with none)",
+        "iot:DetachThingPrincipal": "as DetachPolicy: a thing detached if any",
         # KMS asks for TagResource when CreateKey carries tags: the recorder models it as an
         # implied request of CreateKey, so it is checked like any call.
     },
@@ -91,6 +102,30 @@ UNCALLED_GRANTS: Mapping[str, Mapping[str, str]] = {
     "maintenance": {
         "kms:Encrypt": "DynamoDB encrypts the items written, as the caller",
         "kms:GenerateDataKey": "DynamoDB encrypts the items written, as the caller",
+    },
+    "converge": {
+        "kms:Encrypt": "DynamoDB encrypts the items written, as the caller",
+        "kms:GenerateDataKey": "DynamoDB encrypts the items written, as the caller",
+        "iot:DescribeEndpoint": ENDPOINT_REASON,
+        "sqs:ReceiveMessage": "Lambda's SQS poller receives with the function's role",
+        "sqs:DeleteMessage": "Lambda's SQS poller deletes what the function finished",
+        "sqs:ChangeMessageVisibility": "Lambda's SQS poller, with the function's role",
+        "sqs:GetQueueAttributes": "Lambda's SQS poller, with the function's role",
+        "sqs:GetQueueUrl": "the event source's grant (CDK's SqsEventSource)",
+    },
+    "device_events": {
+        "kms:Encrypt": "DynamoDB encrypts the items written, as the caller",
+        "kms:GenerateDataKey": "DynamoDB encrypts the items written, as the caller",
+        "iot:DescribeEndpoint": ENDPOINT_REASON,
+        "sqs:SendMessage": "the on-failure destination, and the lifecycle queue when the "
+        "suspension's convergence could not finish in the invocation",
+        "sqs:GetQueueAttributes": "the on-failure destination (CDK's SqsDestination grant)",
+        "sqs:GetQueueUrl": "the on-failure destination (CDK's SqsDestination grant)",
+    },
+    "data_keys": {
+        "kms:Encrypt": "DynamoDB encrypts the items written, as the caller",
+        "dynamodb:DeleteItem": "an assertion with a challenge nonce consumes it (Delete NONCE#), "
+        "as at /v1/token; the data-key tests use time-bound assertions",
     },
 }
 

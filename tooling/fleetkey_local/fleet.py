@@ -602,11 +602,24 @@ def _introspect(sim: Simulation, relying_party: RelyingParty, issued: Issued | N
     )
 
 
-def _unexpired(tokens: list[Issued]) -> str:
-    """How many tokens checked inactive were not yet expired: only those tell a refusal from a
-    lifetime's end."""
-    left = sum(not t.expired for t in tokens)
-    return f"{left} of them not yet expired" if left != len(tokens) else "none yet expired"
+def _inactive(
+    sim: Simulation,
+    relying_party: RelyingParty,
+    issued: Issued | None,
+    tally: Counter[str],
+    key: str,
+) -> None:
+    """Counts under `key` a token a relying party finds inactive, and under `<key>_live` those
+    of them still within their lifetime when checked: only these tell a cut-off from the end of
+    a lifetime."""
+    if not _introspect(sim, relying_party, issued):
+        tally[key] += 1
+        tally[f"{key}_live"] += issued is not None and not issued.expired
+
+
+def _live(tally: Counter[str], key: str) -> str:
+    live = tally[f"{key}_live"]
+    return "all within their lifetime" if live == tally[key] else f"{live} within their lifetime"
 
 
 @dataclass
@@ -629,21 +642,23 @@ class SuspendAndResume:
     def run(self, sim: Simulation) -> None:
         devices = self.fleet.devices[: max(1, round(len(self.fleet.devices) * self.share))]
         tally: Counter[str] = Counter()
-        earlier: list[Issued] = []
         for number, wave in enumerate(waves(devices), 1):
-            self._wave(sim, wave, f"wave {number}", tally, earlier, watch=number == 1)
+            self._wave(sim, wave, f"wave {number}", tally, watch=number == 1)
         total = len(devices)
         counts = [
             ("tokens", "hold a token that introspects active"),
             ("suspended", "SUSPENDED"),
-            ("inactive", f"earlier tokens inactive in introspection ({_unexpired(earlier)})"),
+            ("inactive", f"earlier tokens inactive in introspection ({_live(tally, 'inactive')})"),
             ("token_refused", "token requests refused"),
             ("key_refused", "data-key requests refused"),
             ("blocked", "refused by AWS IoT at connection"),
             ("resumed", "resumed: ACTIVE"),
             ("connected", "connect again"),
             ("fresh", "new tokens active in introspection"),
-            ("stale", f"tokens from before the suspension still inactive ({_unexpired(earlier)})"),
+            (
+                "stale",
+                f"tokens from before the suspension still inactive ({_live(tally, 'stale')})",
+            ),
         ]
         for key, text in counts:
             sim.expect(tally[key] == total, f"{tally[key]}/{total} {text}")
@@ -659,7 +674,6 @@ class SuspendAndResume:
         devices: list[SimulatedDevice],
         label: str,
         tally: Counter[str],
-        earlier_tokens: list[Issued],
         *,
         watch: bool,
     ) -> None:
@@ -685,9 +699,7 @@ class SuspendAndResume:
                 held.close()
 
         for device in sim.each(devices, f"while suspended ({label})"):
-            tally["inactive"] += not _introspect(
-                sim, self.relying_party, earlier.get(device.device_id)
-            )
+            _inactive(sim, self.relying_party, earlier.get(device.device_id), tally, "inactive")
             tally["token_refused"] += _token_refused(sim, self.api, device)
             tally["key_refused"] += _key_refused(sim, self.api, device)
             tally["blocked"] += (
@@ -707,10 +719,7 @@ class SuspendAndResume:
                 sim.measure("device: connect", lambda d=device: self.transport.connect(d)) is None
             )
             tally["fresh"] += _introspect(sim, self.relying_party, _issue(sim, self.api, device))
-            tally["stale"] += not _introspect(
-                sim, self.relying_party, earlier.get(device.device_id)
-            )
-        earlier_tokens.extend(earlier.values())
+            _inactive(sim, self.relying_party, earlier.get(device.device_id), tally, "stale")
 
 
 @dataclass
@@ -977,10 +986,9 @@ class Decommission:
         total = len(devices)
         worker = self.stack.lifecycle_worker(function=self._measured_converge(sim), batch_size=1)
         tally: Counter[str] = Counter()
-        earlier: list[Issued] = []
         draining = 0.0
         for number, wave in enumerate(waves(devices), 1):
-            draining += self._wave(sim, worker, wave, f"wave {number}", tally, earlier)
+            draining += self._wave(sim, worker, wave, f"wave {number}", tally)
         counts = [
             ("tokens", "hold a token"),
             ("answered", "answered 202: DECOMMISSIONED, teardown pending"),
@@ -990,7 +998,7 @@ class Decommission:
             ("key_refused", "data-key requests refused"),
             ("backend_refused", "backend data-key reads refused (409)"),
             ("destroyed", "wrapped data keys deleted from the table"),
-            ("inactive", f"earlier tokens inactive ({_unexpired(earlier)})"),
+            ("inactive", f"earlier tokens inactive ({_live(tally, 'inactive')})"),
         ]
         for key, text in counts:
             sim.expect(tally[key] == total, f"{tally[key]}/{total} {text}")
@@ -1011,7 +1019,6 @@ class Decommission:
         devices: list[SimulatedDevice],
         label: str,
         tally: Counter[str],
-        earlier_tokens: list[Issued],
     ) -> float:
         """One wave; the seconds its teardowns took."""
         earlier: dict[str, Issued] = {}
@@ -1076,10 +1083,7 @@ class Decommission:
                 ).status
                 == 409
             )
-            tally["inactive"] += not _introspect(
-                sim, self.relying_party, earlier.get(device.device_id)
-            )
-        earlier_tokens.extend(earlier.values())
+            _inactive(sim, self.relying_party, earlier.get(device.device_id), tally, "inactive")
         return draining
 
     def _measured_converge(self, sim: Simulation):
