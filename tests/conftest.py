@@ -67,3 +67,26 @@ def stack(moto):
     from fleetkey_local.stack import EmbeddedStack, client_factory
 
     return EmbeddedStack(client_factory()).provision()
+
+
+@pytest.fixture
+def make_stack():
+    """A factory of fresh provisioned stacks, each in a moto of its own (the previous one is
+    stopped when the next is made): for tests that start over for every fault they inject."""
+    from moto import mock_aws
+
+    from fleetkey_local.stack import EmbeddedStack, client_factory
+
+    mocks = []
+
+    def make():
+        if mocks:
+            mocks.pop().stop()
+        mock = mock_aws(config={"iot": {"use_valid_cert": True}})
+        mock.start()
+        mocks.append(mock)
+        return EmbeddedStack(client_factory()).provision()
+
+    yield make
+    for mock in mocks:
+        mock.stop()

@@ -17,12 +17,10 @@ from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from botocore.exceptions import BotoCoreError, ClientError
 
-from fleetkey.adapters.aws import is_transient
+from fleetkey.api.device import handle_device_errors, no_store_json
 from fleetkey.composition import Components, from_environ
-from fleetkey.domain.oauth import InvalidClient, OAuthError, OAuthInvalidRequest
-from fleetkey.errors import FleetkeyError
+from fleetkey.domain.oauth import OAuthInvalidRequest
 from fleetkey.observability import logger, metrics, tracer
 
 
@@ -33,14 +31,7 @@ def components() -> Components:
 
 
 app = APIGatewayRestResolver()
-NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 MAX_BODY_BYTES = 16 * 1024
-
-
-def _json(status: int, body: dict[str, Any]) -> Response[dict[str, Any]]:
-    return Response(
-        status_code=status, content_type=content_types.APPLICATION_JSON, body=body, headers=NO_STORE
-    )
 
 
 def _body() -> dict[str, Any]:
@@ -66,35 +57,14 @@ def _body() -> dict[str, Any]:
     return body
 
 
-@app.exception_handler(OAuthError)
-def _oauth_error(exc: OAuthError) -> Response[dict[str, Any]]:
-    reason = exc.reason if isinstance(exc, InvalidClient) else exc.message
-    metrics.add_dimension(name="error", value=exc.code)
-    metrics.add_metric(name="DataKeysRefused", unit=MetricUnit.Count, value=1)
-    logger.warning("data key refused", extra={"error": exc.code, "reason": reason})
-    return _json(exc.status, exc.to_body())
-
-
-@app.exception_handler(FleetkeyError)
-def _unavailable(exc: FleetkeyError) -> Response[dict[str, Any]]:
-    logger.error("data-key endpoint unavailable", extra={"code": exc.code})
-    return _json(503, {"error": "temporarily_unavailable", "error_description": "try again later"})
-
-
-@app.exception_handler(ClientError)
-@app.exception_handler(BotoCoreError)
-def _aws_error(exc: Exception) -> Response[dict[str, Any]]:
-    if not is_transient(exc):
-        raise exc
-    logger.warning("AWS unavailable", extra={"error": type(exc).__name__})
-    return _json(503, {"error": "temporarily_unavailable", "error_description": "try again later"})
+handle_device_errors(app, refused_metric="DataKeysRefused", what="data key")
 
 
 @app.post("/v1/devices/<device_id>/data-key")
 def data_key(device_id: str) -> Response[dict[str, Any]]:
     response = components().data_keys.for_device(unquote(device_id), _body())
     metrics.add_metric(name="DataKeysIssued", unit=MetricUnit.Count, value=1)
-    return _json(200, response)
+    return no_store_json(200, response)
 
 
 @logger.inject_lambda_context(

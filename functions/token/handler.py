@@ -5,33 +5,24 @@ Errors are RFC 6749 §5.2 JSON; nothing in them tells which check failed."""
 from functools import lru_cache
 from typing import Any
 
-from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
+from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from botocore.exceptions import BotoCoreError, ClientError
 
-from fleetkey.adapters.aws import is_transient
+from fleetkey.api.device import handle_device_errors, no_store_json
 from fleetkey.composition import from_environ
-from fleetkey.domain.oauth import InvalidClient, OAuthError, OAuthInvalidRequest
-from fleetkey.errors import FleetkeyError
+from fleetkey.domain.oauth import OAuthInvalidRequest
 from fleetkey.observability import logger, metrics, tracer
 from fleetkey.services.tokens import TokenService, read_request_form
 
 app = APIGatewayRestResolver()
-NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 MAX_FORM_BYTES = 16 * 1024
 
 
 @lru_cache(maxsize=1)
 def service() -> TokenService:
     return from_environ().tokens
-
-
-def _json(status: int, body: dict[str, Any]) -> Response[dict[str, Any]]:
-    return Response(
-        status_code=status, content_type=content_types.APPLICATION_JSON, body=body, headers=NO_STORE
-    )
 
 
 def _form() -> dict[str, str]:
@@ -53,40 +44,19 @@ def _form() -> dict[str, str]:
     )
 
 
-@app.exception_handler(OAuthError)
-def _oauth_error(exc: OAuthError) -> Response[dict[str, Any]]:
-    reason = exc.reason if isinstance(exc, InvalidClient) else exc.message
-    metrics.add_dimension(name="error", value=exc.code)
-    metrics.add_metric(name="TokensRefused", unit=MetricUnit.Count, value=1)
-    logger.warning("token refused", extra={"error": exc.code, "reason": reason})
-    return _json(exc.status, exc.to_body())
-
-
-@app.exception_handler(FleetkeyError)
-def _unavailable(exc: FleetkeyError) -> Response[dict[str, Any]]:
-    logger.error("token endpoint unavailable", extra={"code": exc.code})
-    return _json(503, {"error": "temporarily_unavailable", "error_description": "try again later"})
-
-
-@app.exception_handler(ClientError)
-@app.exception_handler(BotoCoreError)
-def _aws_error(exc: Exception) -> Response[dict[str, Any]]:
-    if not is_transient(exc):
-        raise exc
-    logger.warning("AWS unavailable", extra={"error": type(exc).__name__})
-    return _json(503, {"error": "temporarily_unavailable", "error_description": "try again later"})
+handle_device_errors(app, refused_metric="TokensRefused", what="token")
 
 
 @app.post("/v1/token")
 def token() -> Response[dict[str, Any]]:
     response = service().issue(_form())
     metrics.add_metric(name="TokensIssued", unit=MetricUnit.Count, value=1)
-    return _json(200, response)
+    return no_store_json(200, response)
 
 
 @app.post("/v1/challenge")
 def challenge() -> Response[dict[str, Any]]:
-    return _json(200, service().challenge())
+    return no_store_json(200, service().challenge())
 
 
 @logger.inject_lambda_context(

@@ -21,27 +21,6 @@ INJECTED = (ClientError, BotoCoreError, FleetkeyError, OAuthError)
 DEVICE = "well-1"
 
 
-@pytest.fixture
-def make_stack():
-    from moto import mock_aws
-
-    from fleetkey_local.stack import EmbeddedStack, client_factory
-
-    mocks = []
-
-    def make():
-        if mocks:
-            mocks.pop().stop()
-        mock = mock_aws(config={"iot": {"use_valid_cert": True}})
-        mock.start()
-        mocks.append(mock)
-        return EmbeddedStack(client_factory()).provision()
-
-    yield make
-    for mock in mocks:
-        mock.stop()
-
-
 class World:
     """A stack with one registered device (its key and certificate)."""
 

@@ -121,27 +121,6 @@ def _clean_run(make_stack, scenario):
     return snapshot(stack, event, device_id), calls
 
 
-@pytest.fixture
-def make_stack():
-    from moto import mock_aws
-
-    from fleetkey_local.stack import EmbeddedStack, client_factory
-
-    mocks = []
-
-    def make():
-        if mocks:
-            mocks.pop().stop()
-        mock = mock_aws(config={"iot": {"use_valid_cert": True}})
-        mock.start()
-        mocks.append(mock)
-        return EmbeddedStack(client_factory()).provision()
-
-    yield make
-    for mock in mocks:
-        mock.stop()
-
-
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_duplicate_delivery_changes_nothing(make_stack, scenario):
     # Given one clean run of the scenario

@@ -1,0 +1,53 @@
+"""What the device-facing endpoints (/v1/token, /v1/challenge, the data-key route) share: JSON
+answers that are never cached, and one mapping of errors to RFC 6749 §5.2 bodies that tells a
+caller nothing about which check failed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
+from aws_lambda_powertools.metrics import MetricUnit
+from botocore.exceptions import BotoCoreError, ClientError
+
+from fleetkey.adapters.aws import is_transient
+from fleetkey.domain.oauth import InvalidClient, OAuthError
+from fleetkey.errors import FleetkeyError
+from fleetkey.observability import logger, metrics
+
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+UNAVAILABLE = {"error": "temporarily_unavailable", "error_description": "try again later"}
+
+
+def no_store_json(status: int, body: dict[str, Any]) -> Response[dict[str, Any]]:
+    return Response(
+        status_code=status, content_type=content_types.APPLICATION_JSON, body=body, headers=NO_STORE
+    )
+
+
+def handle_device_errors(app: APIGatewayRestResolver, *, refused_metric: str, what: str) -> None:
+    """Register on `app`: OAuth errors as their RFC 6749 body (counted in `refused_metric` by
+    error code, the reason logged, never answered); fleetkey's own failures and transient AWS
+    failures as 503 `temporarily_unavailable`; any other AWS error re-raised (a 502: fleetkey's
+    fault, logged by Lambda)."""
+
+    @app.exception_handler(OAuthError)
+    def _oauth_error(exc: OAuthError) -> Response[dict[str, Any]]:
+        reason = exc.reason if isinstance(exc, InvalidClient) else exc.message
+        metrics.add_dimension(name="error", value=exc.code)
+        metrics.add_metric(name=refused_metric, unit=MetricUnit.Count, value=1)
+        logger.warning(f"{what} refused", extra={"error": exc.code, "reason": reason})
+        return no_store_json(exc.status, exc.to_body())
+
+    @app.exception_handler(FleetkeyError)
+    def _unavailable(exc: FleetkeyError) -> Response[dict[str, Any]]:
+        logger.error(f"{what} endpoint unavailable", extra={"code": exc.code})
+        return no_store_json(503, UNAVAILABLE)
+
+    @app.exception_handler(ClientError)
+    @app.exception_handler(BotoCoreError)
+    def _aws_error(exc: Exception) -> Response[dict[str, Any]]:
+        if not is_transient(exc):
+            raise exc
+        logger.warning("AWS unavailable", extra={"error": type(exc).__name__})
+        return no_store_json(503, UNAVAILABLE)
