@@ -136,27 +136,12 @@ class DeviceCredential:
         return next((c for c in self.certificates if c.certificate_id == certificate_id), None)
 
 
-# The device attributes a change may set besides the state (which only a transition sets).
-# None as a value removes the attribute.
-MUTABLE_DEVICE_FIELDS = frozenset(
-    {
-        "certificates",
-        "owner",
-        "profile",
-        "epoch",
-        "tokens_not_before",
-        "teardown",
-        "registered_at",
-        "factory_certificate_id",
-    }
-)
-
-
 @dataclass(frozen=True, slots=True)
 class DeviceChange:
     """One change of a device, recorded with one audit record. With a `transition`, the
     repository computes the new state from the lifecycle table; without, the state is kept
-    (and still required unchanged)."""
+    (and still required unchanged). The other fields are the facts a change may set (None
+    leaves one as it is); nothing here can name a state."""
 
     action: str
     actor: str
