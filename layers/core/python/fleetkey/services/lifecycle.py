@@ -36,7 +36,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from fleetkey.adapters.aws import is_transient
 from fleetkey.clock import Clock, timestamp, utc_now
 from fleetkey.converge import Step, converge
-from fleetkey.domain.lifecycle import DeviceState, Transition
+from fleetkey.domain.lifecycle import DeviceState, Transition, target_state
 from fleetkey.domain.models import Device, Teardown, TeardownStatus
 from fleetkey.domain.profiles import get_profile, thing_type_names
 from fleetkey.errors import (
@@ -216,8 +216,9 @@ class LifecycleService:
                 # A retry of this recommission: finish what it may have left.
                 self._release_factory_certificate(device)
                 return device
-            if device.state is DeviceState.DECOMMISSIONED:
-                self._check_recommission(device, profile)
+            # Refused before anything else is asked of AWS.
+            target_state(device.state, Transition.RECOMMISSION)
+            self._check_recommission(device, profile)
             factory = device.factory_certificate_id
             details = {
                 "previous_owner": device.owner,
