@@ -468,7 +468,9 @@ class LifecycleService:
                 return self._get(device.device_id)
         except (ClientError, BotoCoreError) as exc:
             if not is_transient(exc):
-                logger.warning(
+                # Not AWS being busy (a missing grant, a bug): the queue will meet it too, and
+                # its dead-letter queue keeps the device for an operator.
+                logger.error(
                     "converging in the request failed; queued",
                     extra={"device_id": device.device_id, "error": str(exc)},
                 )
