@@ -5,7 +5,6 @@ over mutual TLS to the local AWS IoT Core emulator, onboarded by just-in-time re
 from __future__ import annotations
 
 import json
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,34 +21,12 @@ from fleetkey_local.pki import CertificateAuthority, key_pem, pem
 from fleetkey_local.rules import PRESENCE_CONNECTED_RULE_SQL, RULES, Rule
 from fleetkey_local.server import local_aws
 from fleetkey_local.stack import REGION, EmbeddedStack, client_factory
+from tests.support.recorder import Recorder
 
 pytestmark = pytest.mark.xdist_group("iot-core")
 
 TIMEOUT = 10.0
 PRESENCE_DISCONNECTED_RULE_SQL = "SELECT * FROM '$aws/events/presence/disconnected/+'"
-
-
-class Presence:
-    """A test double for a presence rule's function: records the events."""
-
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, event: dict, context) -> dict:
-        with self._lock:
-            self.events.append(event)
-        return {"status": "recorded"}
-
-    def wait_for(self, predicate, timeout: float = TIMEOUT) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                found = [e for e in self.events if predicate(e)]
-            if found:
-                return found[-1]
-            time.sleep(0.02)
-        raise AssertionError(f"no such event among {self.events}")
 
 
 @dataclass
@@ -60,7 +37,7 @@ class World:
     registry: IotRegistry
     acme: CertificateAuthority
     tmp: Path
-    presence: Presence
+    presence: Recorder
     devices: list[MqttDevice] = field(default_factory=list)
 
 
@@ -71,7 +48,7 @@ def world(tmp_path_factory):
         stack = EmbeddedStack(client_factory(endpoint)).provision()
         acme = CertificateAuthority.create("acme-connection-control")
         stack.register_ca(acme)
-        presence = Presence()
+        presence = Recorder()
         rules = [
             *RULES,
             Rule.select_all("presence_double", PRESENCE_CONNECTED_RULE_SQL, presence),
