@@ -56,7 +56,7 @@ def converge_record(record: SQSRecord) -> None:
     try:
         body = json.loads(record.body)
         device_id = body["device_id"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         logger.error("malformed lifecycle message dropped", extra={"message_id": record.message_id})
         metrics.add_metric(name="ConvergeMessagesMalformed", unit=MetricUnit.Count, value=1)
         return

@@ -39,14 +39,18 @@ def _body() -> dict[str, Any]:
     event = app.current_event
     if event.headers.get("authorization") is not None:
         raise OAuthInvalidRequest("more than one client authentication method")
-    media = (event.headers.get("content-type") or "").split(";")[0].strip().lower()
-    if media != content_types.APPLICATION_JSON:
+    media, *parameters = (event.headers.get("content-type") or "").split(";")
+    if media.strip().lower() != content_types.APPLICATION_JSON:
         raise OAuthInvalidRequest("the body must be application/json")
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() != "utf-8":
+            raise OAuthInvalidRequest("the body must be UTF-8")
     try:
         text = event.decoded_body or ""
     except ValueError:
         raise OAuthInvalidRequest("the body must be UTF-8") from None
-    if len(text) > MAX_BODY_BYTES:
+    if len(text.encode()) > MAX_BODY_BYTES:
         raise OAuthInvalidRequest("the request is too large")
     try:
         body = json.loads(text)

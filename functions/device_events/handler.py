@@ -41,9 +41,9 @@ ACTOR_PREFIX = "aws-iot:tamper-rule:device:"
 @logger.inject_lambda_context(clear_state=True)
 @metrics.log_metrics
 @tracer.capture_lambda_handler
-def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+def handler(event: Any, context: LambdaContext) -> dict[str, Any]:
     metrics.add_metric(name="TamperEvents", unit=MetricUnit.Count, value=1)
-    device_id = event.get("device_id")
+    device_id = event.get("device_id") if isinstance(event, dict) else None
     if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
         logger.error("tamper event without a device id", extra={"event": repr(event)[:500]})
         metrics.add_metric(name="TamperEventsIgnored", unit=MetricUnit.Count, value=1)

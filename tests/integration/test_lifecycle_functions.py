@@ -182,6 +182,23 @@ def test_a_device_gets_its_data_key_and_the_backend_reads_its_data(stack, acme, 
         data_key_request("sensor-dk-fn", assertion, "text/plain"), LambdaContext()
     )
     assert wrong_type["statusCode"] == 400
+    latin = functions["data_keys"].handler(
+        data_key_request("sensor-dk-fn", assertion, "application/json; charset=latin-1"),
+        LambdaContext(),
+    )
+    assert latin["statusCode"] == 400
+
+
+def test_malformed_lifecycle_events_are_dropped_not_retried(stack, functions):
+    # A tamper event that is not an object, and a converge message nested past any parser
+    assert functions["device_events"].handler([], LambdaContext())["status"] == "malformed"
+    stack.sqs.send_message(QueueUrl=stack.settings.lifecycle_queue_url, MessageBody="[" * 100000)
+    run_queue(stack, functions)
+    # dropped, not failed (a failed one would end in the dead-letter queue)
+    attributes = stack.sqs.get_queue_attributes(
+        QueueUrl=stack.lifecycle_dead_letter_queue_url, AttributeNames=["All"]
+    )["Attributes"]
+    assert attributes["ApproximateNumberOfMessages"] == "0"
 
 
 def test_a_teardown_destroys_the_data_key_and_jitr_sets_a_returning_device_aside(

@@ -92,6 +92,9 @@ class DataKeyService:
             raise OAuthInvalidRequest('the body must be {"client_assertion": "<JWT>"}')
         if not assertion or len(assertion) > MAX_ASSERTION_BYTES:
             raise OAuthInvalidRequest("client_assertion is required (at most 8 KiB)")
+        if not _DEVICE_ID.fullmatch(device_id):  # no device has it: refused before any read
+            raise InvalidClient("device id")
+        key_id = self._key_id()  # a misconfigured stack answers 503 before using the assertion
         auth = self._tokens.authenticate(assertion, None)
         if auth.device.device_id != device_id:
             raise InvalidClient("the assertion is another device's")
@@ -107,7 +110,7 @@ class DataKeyService:
         if blob is None:
             plaintext, blob = self._create(device.device_id, device.epoch, context)
         else:
-            plaintext = self._vault.decrypt(self._key_id(), blob, context)
+            plaintext = self._vault.decrypt(key_id, blob, context)
         public_key = load_pem_public_key(auth.certificate.public_key_pem.encode())
         sealed = seal_data_key(
             public_key,
