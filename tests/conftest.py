@@ -57,6 +57,11 @@ def load_event(name: str) -> dict:
 def moto():
     from moto import mock_aws
 
+    from fleetkey_local import moto_patches
+
+    # Where moto departs from AWS in ways fleetkey depends on (KMS DIGEST signing, ...): patched
+    # for every test, so none passes or fails by the order tests run in.
+    moto_patches.apply()
     # use_valid_cert: certificate ids are SHA-256 of the DER, as in AWS IoT.
     with mock_aws(config={"iot": {"use_valid_cert": True}}):
         yield

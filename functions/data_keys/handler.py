@@ -8,19 +8,17 @@ Metrics: `DataKeysIssued`, `DataKeysRefused` (dimension `error`).
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote
 
-from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
+from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from fleetkey.api.device import handle_device_errors, no_store_json
+from fleetkey.api.device import handle_device_errors, json_body, no_store_json
 from fleetkey.composition import Components, from_environ
-from fleetkey.domain.oauth import OAuthInvalidRequest
 from fleetkey.observability import logger, metrics, tracer
 
 
@@ -34,39 +32,12 @@ app = APIGatewayRestResolver()
 MAX_BODY_BYTES = 16 * 1024
 
 
-def _body() -> dict[str, Any]:
-    """The JSON object the device sent (one content type, UTF-8, at most 16 KiB)."""
-    event = app.current_event
-    if event.headers.get("authorization") is not None:
-        raise OAuthInvalidRequest("more than one client authentication method")
-    media, *parameters = (event.headers.get("content-type") or "").split(";")
-    if media.strip().lower() != content_types.APPLICATION_JSON:
-        raise OAuthInvalidRequest("the body must be application/json")
-    for parameter in parameters:
-        name, _, value = parameter.partition("=")
-        if name.strip().lower() == "charset" and value.strip().strip('"').lower() != "utf-8":
-            raise OAuthInvalidRequest("the body must be UTF-8")
-    try:
-        text = event.decoded_body or ""
-    except ValueError:
-        raise OAuthInvalidRequest("the body must be UTF-8") from None
-    if len(text.encode()) > MAX_BODY_BYTES:
-        raise OAuthInvalidRequest("the request is too large")
-    try:
-        body = json.loads(text)
-    except (ValueError, RecursionError):
-        raise OAuthInvalidRequest("the body must be JSON") from None
-    if not isinstance(body, dict):
-        raise OAuthInvalidRequest("the body must be a JSON object")
-    return body
-
-
 handle_device_errors(app, refused_metric="DataKeysRefused", what="data key")
 
 
 @app.post("/v1/devices/<device_id>/data-key")
 def data_key(device_id: str) -> Response[dict[str, Any]]:
-    response = components().data_keys.for_device(unquote(device_id), _body())
+    response = components().data_keys.for_device(unquote(device_id), json_body(app, MAX_BODY_BYTES))
     metrics.add_metric(name="DataKeysIssued", unit=MetricUnit.Count, value=1)
     return no_store_json(200, response)
 

@@ -13,8 +13,10 @@ from aws_cdk import Duration
 from aws_cdk import aws_logs as logs
 
 from fleetkey import events
+from fleetkey.domain.pki import CA_KEY_SPECS
 from fleetkey.domain.profiles import FLEETKEY_THING_ATTRIBUTES
 from fleetkey.services.signing_keys import KEY_ORIGIN, KEY_SPEC, KEY_USAGE, TAG_KEY
+from fleetkey.store import schema
 
 # Repository layout, resolved from this file so that synthesis works from any working directory.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -78,6 +80,8 @@ MAINTENANCE_CODE_DIR = FUNCTIONS_DIR / "maintenance"
 CONVERGE_CODE_DIR = FUNCTIONS_DIR / "converge"
 DEVICE_EVENTS_CODE_DIR = FUNCTIONS_DIR / "device_events"
 DATA_KEYS_CODE_DIR = FUNCTIONS_DIR / "data_keys"
+ROTATION_CODE_DIR = FUNCTIONS_DIR / "rotation"
+ROTATION_EVENTS_CODE_DIR = FUNCTIONS_DIR / "rotation_events"
 REGISTRATION_MEMORY_MB = 512
 ADMIN_MEMORY_MB = 512
 # The API functions verify signatures with `cryptography` on their first call: Lambda gives CPU
@@ -93,6 +97,10 @@ DEVICE_EVENTS_MEMORY_MB = 256
 # Device-facing: verifies the client assertion and seals the data key (HPKE / RSA-OAEP) with
 # `cryptography`, like the token function.
 DATA_KEYS_MEMORY_MB = 512
+# Certificates and CRLs are built and parsed with `cryptography` (and CSRs, assertions and client
+# certificates verified) on every call.
+ROTATION_MEMORY_MB = 512
+ROTATION_EVENTS_MEMORY_MB = 512
 REGISTRATION_TIMEOUT = Duration.seconds(30)
 # API Gateway's integration timeout is 29 s; a longer function would be cut off mid-write.
 ADMIN_TIMEOUT = Duration.seconds(29)
@@ -113,6 +121,15 @@ DEVICE_EVENTS_TIMEOUT = Duration.seconds(30)
 DEVICE_EVENTS_ASYNC_RETRY_ATTEMPTS = 2
 # Device-facing, behind API Gateway: fail fast, the device retries.
 DATA_KEYS_TIMEOUT = Duration.seconds(10)
+# Behind API Gateway, at its 29 s: a rotation is a KMS Sign and several AWS IoT control-plane calls
+# (register, attach policy and thing), which AWS IoT throttles per account and the SDK retries;
+# cut off halfway, a device would hold a registered certificate that no record names.
+ROTATION_TIMEOUT = Duration.seconds(29)
+# Under the sweep's one-minute period, so that one sweep never overlaps the next.
+ROTATION_EVENTS_TIMEOUT = Duration.seconds(55)
+# Presence events and sweeps that failed in the function: retried twice, then the failure queue
+# (a failed sweep needs no replay: the next one repeats its work).
+ROTATION_EVENTS_ASYNC_RETRY_ATTEMPTS = 2
 REGISTRATION_ASYNC_RETRY_ATTEMPTS = 2
 LOG_RETENTION = logs.RetentionDays.ONE_MONTH
 # Failed events wait here for an operator (SQS's maximum retention).
@@ -129,6 +146,9 @@ ENV_STACK_NAME = "FLEETKEY_STACK_NAME"
 ENV_LIFECYCLE_QUEUE_URL = "FLEETKEY_LIFECYCLE_QUEUE_URL"
 ENV_RECOMMISSION_QUIET_SECONDS = "FLEETKEY_RECOMMISSION_QUIET_SECONDS"
 ENV_DATA_KEY_ID = "FLEETKEY_DATA_KEY_ID"
+ENV_ISSUING_CA_SIGNER_ROLE_ARNS = "FLEETKEY_ISSUING_CA_SIGNER_ROLE_ARNS"
+ENV_ROTATION_COMMIT_SECONDS = "FLEETKEY_ROTATION_COMMIT_SECONDS"
+ENV_RENEWAL_RATE_PER_MINUTE = "FLEETKEY_RENEWAL_RATE_PER_MINUTE"
 REGISTRATION_SERVICE_NAME = "fleetkey-registration"
 ADMIN_SERVICE_NAME = "fleetkey-admin"
 TOKEN_SERVICE_NAME = "fleetkey-token"
@@ -138,6 +158,8 @@ MAINTENANCE_SERVICE_NAME = "fleetkey-maintenance"
 CONVERGE_SERVICE_NAME = "fleetkey-converge"
 DEVICE_EVENTS_SERVICE_NAME = "fleetkey-device_events"
 DATA_KEYS_SERVICE_NAME = "fleetkey-data_keys"
+ROTATION_SERVICE_NAME = "fleetkey-rotation"
+ROTATION_EVENTS_SERVICE_NAME = "fleetkey-rotation_events"
 METRICS_NAMESPACE = "fleetkey"
 LOG_LEVEL = "INFO"
 
@@ -146,6 +168,9 @@ REGISTRATION_RULE_SQL = events.REGISTRATION_RULE_SQL
 IOT_SQL_VERSION = events.IOT_SQL_VERSION
 # IoT rule: a device reports tampering -> suspend it (reason "tamper")
 TAMPER_RULE_SQL = events.TAMPER_RULE_SQL
+# IoT rule: a device connected -> rotation_events (a pending certificate it connects with is
+# committed; principalIdentifier is the certificate id)
+PRESENCE_CONNECTED_RULE_SQL = events.PRESENCE_CONNECTED_RULE_SQL
 
 # The lifecycle queue: decommission answers 202 and leaves the teardown in AWS IoT to the
 # converge function, through this queue. SQS redelivers a message the function reports failed
@@ -195,6 +220,13 @@ MAINTENANCE_SCHEDULE_RATE = Duration.hours(1)
 # inside the function are Lambda's asynchronous retries; the next run repeats the work anyway.
 MAINTENANCE_TARGET_RETRY_ATTEMPTS = 2
 MAINTENANCE_TARGET_MAX_EVENT_AGE = Duration.hours(1)
+# The rotation sweep (rotation_events): rollbacks past their deadline, retired certificates'
+# deletion, renewal commands, the CRL's refresh. Every minute, so that a deadline is kept to the
+# minute; a sweep EventBridge could not deliver within the minute is superseded by the next one
+# (60 s is EventBridge's smallest maximum event age).
+ROTATION_SWEEP_RATE = Duration.minutes(1)
+ROTATION_SWEEP_TARGET_RETRY_ATTEMPTS = 2
+ROTATION_SWEEP_TARGET_MAX_EVENT_AGE = Duration.minutes(1)
 
 # The API (one regional REST API, one stage). Its base URL is the token issuer.
 API_STAGE_NAME = "prod"
@@ -206,6 +238,20 @@ JWKS_PATH = "/.well-known/jwks.json"
 METADATA_PATH = "/.well-known/oauth-authorization-server"
 INTROSPECT_PATH = "/v1/introspect"
 DATA_KEY_PATH = "/v1/devices/{device_id}/data-key"
+# Certificate rotation (the rotation function)
+ROTATION_PATH = "/v1/devices/{device_id}/certificates"
+ROTATION_COMMIT_PATH = "/v1/devices/{device_id}/certificates/{certificate_id}/commit"
+PKI_CA_PATH = "/v1/pki/ca"
+PKI_CRL_PATH = "/v1/pki/crl"
+EST_CACERTS_PATH = "/.well-known/est/cacerts"
+EST_SIMPLEREENROLL_PATH = "/.well-known/est/simplereenroll"
+# The operators' PKI routes: `GET /v1/admin/pki` itself and everything under it. API Gateway
+# prefers these literal resources to the admin function's `/v1/admin/{proxy+}`.
+ADMIN_PKI_PATH = "/v1/admin/pki"
+ADMIN_PKI_PROXY_PATH = "/v1/admin/pki/{proxy+}"
+# The DER CRL is returned base64-encoded by the function (`isBase64Encoded`); API Gateway decodes
+# it only for a media type listed here, and only when the request's first Accept value matches it.
+BINARY_MEDIA_TYPES = ("application/pkix-crl",)
 # Stage-wide throttling (steady requests per second, burst), for every method without its own.
 API_THROTTLE_RATE = 50
 API_THROTTLE_BURST = 100
@@ -216,3 +262,40 @@ TOKEN_THROTTLE_RATE = 50
 TOKEN_THROTTLE_BURST = 100
 DISCOVERY_THROTTLE_RATE = 100
 DISCOVERY_THROTTLE_BURST = 200
+
+# The issuing CA's KMS keys, created at run time by the rotation function (`pki init` / `pki csr`):
+# ECC P-256 or P-384 SIGN_VERIFY keys of KMS's own material, single-Region, tagged
+# `fleetkey:purpose=issuing-ca:<stack name>` (fleetkey.services.pki.issuing_ca_tags). Every grant
+# on them is conditioned on all of it. Specs from the core, sorted for a stable template.
+ISSUING_CA_KEY_SPECS = tuple(sorted(CA_KEY_SPECS))
+ISSUING_CA_KEY_USAGE = "SIGN_VERIFY"
+ISSUING_CA_KEY_ORIGIN = "AWS_KMS"
+# Commands to devices: the sweep asks a device to renew on its own command topic.
+ROTATE_COMMAND_TOPIC = "fleetkey/*/commands/rotate"
+
+# The table's sparse `due` index (fleetkey.store.schema, fleetkey.domain.rotation): devices with
+# something due, spread over "DUE#0".."DUE#7" by `due_shard`, ordered by `due_at` (epoch
+# seconds); keys only.
+DUE_INDEX_NAME = schema.DUE_INDEX
+DUE_PARTITION_KEY = schema.DUE_PARTITION_KEY
+DUE_SORT_KEY = schema.DUE_SORT_KEY
+RENEWAL_INDEX_NAME = schema.RENEWAL_INDEX
+SPARSE_INDEXES = schema.SPARSE_INDEXES
+
+# Rotation settings (cdk.json context; constructs/rotation.py checks them).
+ROTATION_COMMIT_SECONDS_CONTEXT_KEY = "rotationCommitSeconds"
+DEFAULT_ROTATION_COMMIT_SECONDS = 3600
+# From five minutes (a device must reconnect in time) to a week (a pending certificate is a
+# second valid identity until it is committed or rolled back).
+ROTATION_COMMIT_SECONDS_RANGE = (300, 7 * 86400)
+RENEWAL_RATE_CONTEXT_KEY = "renewalRatePerMinute"
+DEFAULT_RENEWAL_RATE_PER_MINUTE = 100
+# Renewal commands per sweep (one a minute): each is a publish, then a rotation request of the
+# device to the API; at most the API's own throttling per minute.
+RENEWAL_RATE_RANGE = (1, TOKEN_THROTTLE_RATE * 60)
+# EST (RFC 7030) on a mutual-TLS custom domain: the domain, its certificate and the truststore
+# all set, or none of them; the truststore's S3 object version is optional (constructs/rotation.py).
+EST_DOMAIN_NAME_CONTEXT_KEY = "estDomainName"
+EST_CERTIFICATE_ARN_CONTEXT_KEY = "estCertificateArn"
+EST_TRUSTSTORE_URI_CONTEXT_KEY = "estTruststoreUri"
+EST_TRUSTSTORE_VERSION_CONTEXT_KEY = "estTruststoreVersion"

@@ -20,8 +20,9 @@ Configuration (CDK context: cdk.json's "context", or `cdk deploy -c key=value`):
   `role/fleetkey-relying-party`. An empty list closes introspection to every principal (relying
   parties can still verify tokens offline against the JWKS).
 - `tokenRateLimit`, `discoveryRateLimit`: requests one client (source IP) may send to
-  `/v1/token` + `/v1/challenge` + the device routes under `/v1/devices/` (the data key), and to
-  `/.well-known/*`, per `rateLimitWindowSeconds` (one of
+  `/v1/token` + `/v1/challenge` + the device routes under `/v1/devices/` (the data key, certificate
+  rotation and its commit), and to the public documents `/v1/pki/*` (the issuing CA and its CRL) +
+  `/.well-known/*` (discovery, EST), per `rateLimitWindowSeconds` (one of
   AWS WAF's evaluation windows: 60, 120, 300, 600; default 60). Defaults: 60 and 300. A client over
   its limit is answered `429` with `Retry-After` until its rate falls back under it.
 
@@ -77,9 +78,16 @@ RATE_LIMITED_MESSAGE = "Too Many Requests"  # API Gateway's own throttling answe
 
 # The device-facing routes that authenticate with a client assertion, counted together per client:
 # the token endpoint, its challenge, and the device routes (`/v1/devices/{device_id}/...`: the
-# data key). `/v1/devices/` is not part of any IAM route (the admin API's device routes are
-# under `/v1/admin/devices/`), so a backend reading data keys is not counted with devices.
+# data key, certificate rotation and its commit). `/v1/devices/` is not part of any IAM route (the
+# admin API's device routes are under `/v1/admin/devices/`), so a backend reading data keys is not
+# counted with devices.
 TOKEN_RATE_LIMITED_PATHS = ("/v1/token", "/v1/challenge", "/v1/devices/")
+# The public documents, counted together per client: the issuing CA chain and its CRL, and
+# everything under `/.well-known/` (JWKS, metadata, EST). EST's simplereenroll falls here too (one
+# rule per path, and its path is under `/.well-known/`): it issues nothing to a client without a
+# certificate of the mutual-TLS domain's truststore, and its method throttling is the token
+# endpoint's.
+DISCOVERY_RATE_LIMITED_PATHS = ("/v1/pki/", "/.well-known/")
 
 # The IAM routes each audience guards, as API Gateway resource-policy paths.
 ADMIN_POLICY_PATHS = ("/v1/admin/*",)
@@ -206,12 +214,13 @@ class EdgeConfig:
         return cls.from_context(context.get)
 
     def rate_limits(self) -> tuple[RateLimit, ...]:
-        """Stricter on the token endpoint (each request costs DynamoDB writes and a KMS Sign) and
-        the data-key endpoint (DynamoDB writes and a KMS call) than on the discovery documents."""
+        """Stricter on the token endpoint (each request costs DynamoDB writes and a KMS Sign), the
+        data-key endpoint (DynamoDB writes and a KMS call) and rotation (KMS, AWS IoT, DynamoDB)
+        than on the public documents."""
         window = self.rate_limit_window_seconds
         return (
             RateLimit("token", TOKEN_RATE_LIMITED_PATHS, self.token_rate_limit, window),
-            RateLimit("discovery", ("/.well-known/",), self.discovery_rate_limit, window),
+            RateLimit("discovery", DISCOVERY_RATE_LIMITED_PATHS, self.discovery_rate_limit, window),
         )
 
     def named_accounts(self) -> frozenset[str]:

@@ -10,6 +10,7 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from constructs import Construct
 
+from fleetkey.services.pki import issuing_ca_tags
 from fleetkey.services.signing_keys import token_signing_tags
 from fleetkey_infra import constants
 from fleetkey_infra.constructs import (
@@ -17,10 +18,13 @@ from fleetkey_infra.constructs import (
     CoreLayer,
     Data,
     DataKeys,
+    EstDomain,
     Functions,
     IotResources,
     LifecycleQueue,
+    PresenceRule,
     RegistrationRule,
+    RotationConfig,
     Schedules,
     TamperRule,
     TokenKeys,
@@ -145,10 +149,54 @@ DATA_KEYS_DELETE_PARTITIONS = ("NONCE#*",)
 # no token signing keys: the client assertion is verified against the device's certificate.
 DATA_KEY_ACTIONS = ("kms:GenerateDataKey", "kms:Decrypt")
 
+# Certificate rotation (draft: the IAM check of tests/support/aws_calls.py holds each role to the
+# calls its function makes). The rotation function (internet-facing, like data_keys) reads any
+# item; its writes: the assertion's jti (Put JTI#) with a challenge consumed (Delete NONCE#); the
+# device's pending certificate and its audit record (Update and Put DEVICE#, ConditionCheck
+# DEVICE#); the issued certificate's item (Put CERT#); the public key it certified (Put KEY#, so
+# that no key is certified twice); the issuing CA and its audit chain (STREAM#issuing-ca), the CRL
+# and revoked certificates (PKI#).
+ROTATION_READ_ACTIONS = ("dynamodb:GetItem",)
+ROTATION_QUERY_PARTITIONS = ("PKI#*",)
+ROTATION_PUT_PARTITIONS = ("CERT#*", "DEVICE#*", "JTI#*", "KEY#*", "PKI#*", "STREAM#issuing-ca")
+ROTATION_UPDATE_PARTITIONS = ("CERT#*", "DEVICE#*", "PKI#*", "STREAM#issuing-ca")
+ROTATION_CHECK_PARTITIONS = ("DEVICE#*", "KEY#*")
+ROTATION_DELETE_PARTITIONS = ("NONCE#*",)
+# The sweep and the presence commit (rotation_events): read any item; query the `due` index (its
+# own ARN, no LeadingKeys: its partitions are DUE#n, and it holds keys only) and the revoked
+# certificates for the CRL (PKI#); write devices (the transition and its audit record), their
+# certificates' items (CERT#) and the CA's CRL and revocations (PKI#).
+ROTATION_EVENTS_READ_ACTIONS = ("dynamodb:GetItem",)
+ROTATION_EVENTS_QUERY_PARTITIONS = ("PKI#*",)
+ROTATION_EVENTS_PUT_PARTITIONS = ("CERT#*", "DEVICE#*", "PKI#*")
+ROTATION_EVENTS_UPDATE_PARTITIONS = ("CERT#*", "DEVICE#*", "PKI#*")
+# The issuing CA (rotation: `pki init` / `pki csr` / `pki install` and every issued certificate):
+# its registration with AWS IoT (no resource-level permissions) and the new certificates'.
+ROTATION_CA_REGISTRATION_ACTIONS = ("iot:GetRegistrationCode", "iot:RegisterCACertificate")
+ISSUE_CERTIFICATE_STAR_ACTIONS = ("iot:RegisterCertificate",)
+# A new certificate bound to the device's profile policy and thing, then read back (cert/*).
+ISSUE_CERTIFICATE_ACTIONS = ("iot:AttachPolicy", "iot:DescribeCertificate", "iot:UpdateCertificate")
+# rotation_events: a commit deactivates the old certificate; a rollback and a retired
+# certificate's deletion take a certificate out of AWS IoT in the order AWS IoT requires (out of
+# ACTIVE, policies and things detached, deleted). All on the certificate (cert/*).
+RETIRE_CERTIFICATE_ACTIONS = (
+    "iot:DescribeCertificate",
+    "iot:UpdateCertificate",
+    "iot:ListAttachedPolicies",
+    "iot:DetachPolicy",
+    "iot:ListPrincipalThings",
+    "iot:DeleteCertificate",
+    "iot:AttachPolicy",
+)
+# The issuing CA's keys, read through IAM (the CA key's policy delegates to the account's IAM);
+# kms:Sign is granted by the key policy alone, as for token keys: see `_grant_issuing_ca_keys`.
+ISSUING_CA_KEY_READ_ACTIONS = ("kms:DescribeKey", "kms:GetPublicKey")
+
 
 class FleetkeyStack(Stack):
-    """Attributes: `data`, `token_keys`, `data_keys`, `iot`, `layer`, `api`, `lifecycle`,
-    `functions`, `registration_rule`, `tamper_rule`, `schedules`."""
+    """Attributes: `rotation_config`, `data`, `token_keys`, `data_keys`, `iot`, `layer`, `api`,
+    `lifecycle`, `functions`, `registration_rule`, `tamper_rule`, `presence_rule`, `schedules`,
+    `est_domain` (None without EST's configuration)."""
 
     def __init__(
         self,
@@ -161,6 +209,7 @@ class FleetkeyStack(Stack):
     ) -> None:
         super().__init__(scope, construct_id, **kwargs)
         Tags.of(self).add("project", constants.PROJECT_TAG)
+        self.rotation_config = RotationConfig.from_context(self.node.try_get_context)
 
         self.data = Data(self, "Data")
         self.token_keys = TokenKeys(self, "TokenKeys")
@@ -181,6 +230,8 @@ class FleetkeyStack(Stack):
             lifecycle_queue_url=self.lifecycle.queue.queue_url,
             data_key_id=self.data_keys.key.key_id,
             name_prefix=name_prefix,
+            rotation_commit_seconds=self.rotation_config.commit_seconds,
+            renewal_rate_per_minute=self.rotation_config.renewal_rate_per_minute,
         )
         self.api.add_routes(
             admin=self.functions.admin,
@@ -188,13 +239,24 @@ class FleetkeyStack(Stack):
             discovery=self.functions.discovery,
             introspect=self.functions.introspect,
             data_keys=self.functions.data_keys,
+            rotation=self.functions.rotation,
         )
+        est = self.rotation_config.est
+        self.est_domain = EstDomain(self, "Est", api=self.api.api, config=est) if est else None
         self.lifecycle.consume(self.functions.converge)
         self.registration_rule = RegistrationRule(
             self, "RegistrationRule", function=self.functions.registration
         )
         self.tamper_rule = TamperRule(self, "TamperRule", function=self.functions.device_events)
-        self.schedules = Schedules(self, "Schedules", maintenance=self.functions.maintenance)
+        self.presence_rule = PresenceRule(
+            self, "PresenceRule", function=self.functions.rotation_events
+        )
+        self.schedules = Schedules(
+            self,
+            "Schedules",
+            maintenance=self.functions.maintenance,
+            rotation_sweep=self.functions.rotation_events,
+        )
 
         self._grant_registration(self.functions.registration_role)
         self._grant_admin(self.functions.admin_role)
@@ -205,6 +267,8 @@ class FleetkeyStack(Stack):
         self._grant_converge(self.functions.converge_role)
         self._grant_device_events(self.functions.device_events_role)
         self._grant_data_keys(self.functions.data_keys_role)
+        self._grant_rotation(self.functions.rotation_role)
+        self._grant_rotation_events(self.functions.rotation_events_role)
         # What IAM does not grant, the signing keys' policy does (the document rotation writes).
         self.token_keys.set_policy(
             self.functions.token_role, self.functions.token_key_retirer_roles
@@ -718,6 +782,255 @@ class FleetkeyStack(Stack):
         )
         self._acknowledge_tracing(role)
 
+    # -- certificate rotation --------------------------------------------------------------------
+
+    def _issuing_ca_tag(self, prefix: str) -> dict[str, str]:
+        """`{<prefix>/fleetkey:purpose: issuing-ca:<stack name>}` (`aws:ResourceTag` or
+        `aws:RequestTag`)."""
+        return {f"{prefix}/{key}": value for key, value in issuing_ca_tags(self.stack_name).items()}
+
+    @staticmethod
+    def _issuing_ca_key_shape() -> dict[str, object]:
+        """An ECC P-256 or P-384 signing key of KMS's own material: what every issuing CA key
+        is (a list under StringEquals: any of them)."""
+        return {
+            "kms:KeySpec": list(constants.ISSUING_CA_KEY_SPECS),
+            "kms:KeyUsage": constants.ISSUING_CA_KEY_USAGE,
+            "kms:KeyOrigin": constants.ISSUING_CA_KEY_ORIGIN,
+        }
+
+    def _grant_issuing_ca_keys(self, role: iam.IRole, *, create: bool) -> None:
+        """Read (DescribeKey, GetPublicKey) this stack's issuing CA keys: `key/*` tagged
+        `issuing-ca:<stack>`, of the CA's shape, single-Region. With `create`, also create such a
+        key (CreateKey with that tag and no other) and the TagResource that CreateKey with tags
+        implies, conditioned as the admin role's token-key pair is.
+
+        No kms:Sign here: the key policy the rotation function writes on the CA key names the
+        signer roles (FLEETKEY_ISSUING_CA_SIGNER_ROLE_ARNS) and lets them sign. An IAM grant on
+        tagged keys would reach any ECC signing key of the account whose policy delegates to IAM
+        once it carried the tag, and the rotation role can set that tag on an untagged key (KMS
+        cannot tell CreateKey's implied TagResource from a later one)."""
+        if create:
+            only_the_purpose_tag = {
+                "ForAllValues:StringEquals": {"aws:TagKeys": list(issuing_ca_tags(self.stack_name))}
+            }
+            role.add_to_principal_policy(
+                iam.PolicyStatement(
+                    sid="CreateIssuingCaKeys",
+                    actions=["kms:CreateKey"],
+                    resources=["*"],
+                    conditions={
+                        "StringEquals": {
+                            **self._issuing_ca_tag("aws:RequestTag"),
+                            **self._issuing_ca_key_shape(),
+                        },
+                        **self._single_region(),
+                        **only_the_purpose_tag,
+                    },
+                )
+            )
+            role.add_to_principal_policy(
+                iam.PolicyStatement(
+                    sid="TagIssuingCaKeys",
+                    actions=["kms:TagResource"],
+                    resources=[self._kms_keys_arn()],
+                    conditions={
+                        "StringEquals": self._issuing_ca_tag("aws:RequestTag"),
+                        "StringEqualsIfExists": {
+                            **self._issuing_ca_tag("aws:ResourceTag"),
+                            **self._issuing_ca_key_shape(),
+                        },
+                        "BoolIfExists": {"kms:MultiRegion": "false"},
+                        **only_the_purpose_tag,
+                    },
+                )
+            )
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="ReadIssuingCaKeys",
+                actions=list(ISSUING_CA_KEY_READ_ACTIONS),
+                resources=[self._kms_keys_arn()],
+                conditions={
+                    "StringEquals": {
+                        **self._issuing_ca_tag("aws:ResourceTag"),
+                        **self._issuing_ca_key_shape(),
+                    },
+                    **self._single_region(),
+                },
+            )
+        )
+        acknowledge(
+            role,
+            wildcard_resource("arn:<AWS::Partition>:kms:<AWS::Region>:<AWS::AccountId>:key/*"),
+            "The issuing CA's keys are created at run time (pki init / pki csr), their ids "
+            "unknown at deploy time: the key/* statements apply only to keys tagged "
+            "fleetkey:purpose=issuing-ca:<this stack> that are ECC_NIST_P256/P384 SIGN_VERIFY keys "
+            "of KMS material, single-Region (aws:ResourceTag, kms:KeySpec, kms:KeyUsage, "
+            "kms:KeyOrigin, kms:MultiRegion conditions), and only read them; TagResource only sets "
+            "that tag on such a key. kms:Sign is granted by each key's own policy, not here.",
+        )
+
+    def _grant_issue_certificates(self, role: iam.IRole) -> None:
+        """Register a certificate fleetkey issued with AWS IoT (no resource-level permissions),
+        attach the device's profile policy and thing to it (authorized on the certificate: see
+        `_grant_registration`), read it back and set its status."""
+        certificates = self._iot_arn("cert")
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="RegisterIssuedCertificates",
+                actions=list(ISSUE_CERTIFICATE_STAR_ACTIONS),
+                resources=["*"],
+            )
+        )
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="ThingPrincipals",
+                actions=["iot:AttachThingPrincipal", "iot:DetachThingPrincipal"],
+                resources=[certificates],
+                conditions={"ArnLike": {"iot:thingArn": self._iot_arn("thing")}},
+            )
+        )
+
+    def _grant_rotation_table_items(
+        self,
+        role: iam.IRole,
+        reads: tuple[str, ...],
+        grants: tuple[tuple[str, str, tuple[str, ...]], ...],
+    ) -> None:
+        """`reads` on the table (+ its key), then each (sid, action, partitions) conditioned on
+        dynamodb:LeadingKeys."""
+        self._grant_table_items(role, reads, TABLE_KEY_ACTIONS, sid="TableReads")
+        for sid, action, partitions in grants:
+            self._grant_table_items(role, (action,), (), sid=sid, leading_keys=partitions)
+
+    def _grant_rotation(self, role: iam.IRole) -> None:
+        """Certificate rotation behind the API: read items; write the assertion's jti, the
+        device's pending certificate with its audit record, the issued certificate's and key's
+        items and the CA's (PKI#); create and read the issuing CA's key (signing is the key
+        policy's); register the CA and the certificates it issues with AWS IoT and bind them to
+        the device's policy and thing; queue lifecycle work."""
+        self._grant_rotation_table_items(
+            role,
+            ROTATION_READ_ACTIONS,
+            (
+                ("QueryPkiOnly", "dynamodb:Query", ROTATION_QUERY_PARTITIONS),
+                ("PutOwnItemsOnly", "dynamodb:PutItem", ROTATION_PUT_PARTITIONS),
+                ("UpdateOwnItemsOnly", "dynamodb:UpdateItem", ROTATION_UPDATE_PARTITIONS),
+                (
+                    "CheckDevicesAndKeysOnly",
+                    "dynamodb:ConditionCheckItem",
+                    ROTATION_CHECK_PARTITIONS,
+                ),
+                ("DeleteChallengesOnly", "dynamodb:DeleteItem", ROTATION_DELETE_PARTITIONS),
+            ),
+        )
+        self._grant_issuing_ca_keys(role, create=True)
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="CaRegistration",
+                actions=list(ROTATION_CA_REGISTRATION_ACTIONS),
+                resources=["*"],
+            )
+        )
+        self._grant_issue_certificates(role)
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="IssuedCertificates",
+                actions=list(ISSUE_CERTIFICATE_ACTIONS),
+                resources=[self._iot_arn("cert")],
+            )
+        )
+        self._grant_lifecycle_queue(role)
+        acknowledge(
+            role,
+            wildcard_resource("*"),
+            "iot:GetRegistrationCode, iot:RegisterCACertificate and iot:RegisterCertificate do "
+            "not support resource-level permissions (the certificate does not exist before it is "
+            "registered), nor does kms:CreateKey (allowed only for ECC P-256/P-384 SIGN_VERIFY "
+            "keys tagged as this stack's issuing CA); X-Ray's PutTraceSegments/"
+            "PutTelemetryRecords, added by active tracing, do not either.",
+        )
+        acknowledge(
+            role,
+            wildcard_resource("arn:<AWS::Partition>:iot:<AWS::Region>:<AWS::AccountId>:cert/*"),
+            "A certificate fleetkey issues is registered at run time, its id (the SHA-256 of its "
+            "DER) unknown before: only Describe/UpdateCertificate, AttachPolicy and "
+            "Attach/DetachThingPrincipal (iot:thingArn of this account's and region's things) "
+            "on this account's and region's certificates; no deletion.",
+        )
+
+    def _grant_rotation_events(self, role: iam.IRole) -> None:
+        """The presence commit and the sweep: read items and the `due` index; write devices,
+        certificates' items and the CRL; read the issuing CA's key (signing the CRL is the key
+        policy's); in AWS IoT, deactivate, detach and delete retired certificates (and bind a
+        certificate as a commit or rollback requires); send renewal commands; queue lifecycle
+        work."""
+        self._grant_rotation_table_items(
+            role,
+            ROTATION_EVENTS_READ_ACTIONS,
+            (
+                ("QueryPkiOnly", "dynamodb:Query", ROTATION_EVENTS_QUERY_PARTITIONS),
+                ("PutOwnItemsOnly", "dynamodb:PutItem", ROTATION_EVENTS_PUT_PARTITIONS),
+                ("UpdateOwnItemsOnly", "dynamodb:UpdateItem", ROTATION_EVENTS_UPDATE_PARTITIONS),
+            ),
+        )
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="DueIndexes",
+                actions=["dynamodb:Query"],
+                resources=[self.data.due_index_arn, self.data.renewal_index_arn],
+            )
+        )
+        self._grant_issuing_ca_keys(role, create=False)
+        self._grant_issue_certificates(role)
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="RetireCertificates",
+                actions=list(RETIRE_CERTIFICATE_ACTIONS),
+                resources=[self._iot_arn("cert")],
+            )
+        )
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="RotateCommands",
+                actions=["iot:Publish"],
+                resources=[self._iot_arn("topic", constants.ROTATE_COMMAND_TOPIC)],
+            )
+        )
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="IotDataEndpoint", actions=["iot:DescribeEndpoint"], resources=["*"]
+            )
+        )
+        self._grant_lifecycle_queue(role)
+        acknowledge(
+            role,
+            wildcard_resource("*"),
+            "iot:RegisterCertificate (no resource-level permissions: the certificate does not "
+            "exist before), iot:DescribeEndpoint (the account's iot-data endpoint, read once per "
+            "process) and X-Ray's PutTraceSegments/PutTelemetryRecords (active tracing) use '*': "
+            "none supports resource-level permissions.",
+        )
+        acknowledge(
+            role,
+            wildcard_resource("arn:<AWS::Partition>:iot:<AWS::Region>:<AWS::AccountId>:cert/*"),
+            "A commit, a rollback and a retired certificate's deletion act on the certificates "
+            "recorded for a device chosen at run time (its pending, current and retired ones): "
+            "only the calls that take a certificate out of AWS IoT in the order it requires "
+            "(Update, ListAttachedPolicies, DetachPolicy, ListPrincipalThings, "
+            "DetachThingPrincipal, DeleteCertificate) and bind one (AttachPolicy, "
+            "AttachThingPrincipal), on this account's and region's certificates.",
+        )
+        acknowledge(
+            role,
+            wildcard_resource(
+                "arn:<AWS::Partition>:iot:<AWS::Region>:<AWS::AccountId>:topic/"
+                + constants.ROTATE_COMMAND_TOPIC
+            ),
+            "The renewal command goes to fleetkey/<device id>/commands/rotate of a device due "
+            "for renewal, known at run time: only iot:Publish, and only on rotate topics.",
+        )
+
     def _protect_keys(self) -> None:
         """The table's key policy and the data-key key's deny every function role the key's
         management."""
@@ -768,6 +1081,34 @@ class FleetkeyStack(Stack):
             value=self.functions.device_event_failures.queue_url,
         )
         CfnOutput(self, "TamperRuleErrorQueueUrl", value=self.tamper_rule.errors.queue_url)
+        CfnOutput(self, "RotationFunctionName", value=self.functions.rotation.function_name)
+        CfnOutput(
+            self, "RotationEventsFunctionName", value=self.functions.rotation_events.function_name
+        )
+        CfnOutput(
+            self,
+            "RotationEventFailureQueueUrl",
+            value=self.functions.rotation_event_failures.queue_url,
+        )
+        CfnOutput(self, "PresenceRuleErrorQueueUrl", value=self.presence_rule.errors.queue_url)
+        CfnOutput(
+            self,
+            "RotationSweepDeadLetterQueueUrl",
+            value=self.schedules.rotation_sweep_dead_letters.queue_url,
+        )
+        if self.est_domain is not None:
+            CfnOutput(
+                self,
+                "EstDomainTarget",
+                value=self.est_domain.domain.domain_name_alias_domain_name,
+                description="Point EST's DNS name at this (CNAME, or an alias record with "
+                "EstDomainHostedZoneId)",
+            )
+            CfnOutput(
+                self,
+                "EstDomainHostedZoneId",
+                value=self.est_domain.domain.domain_name_alias_hosted_zone_id,
+            )
         CfnOutput(self, "DataKeyId", value=self.data_keys.key.key_id)
         CfnOutput(self, "DataKeyAlias", value=self.data_keys.alias.alias_name)
         CfnOutput(

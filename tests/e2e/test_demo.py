@@ -1,6 +1,6 @@
 """`make demo` end to end: the real functions on the embedded local stack (moto server on
-127.0.0.1), as a separate process: a small fleet through its whole lifecycle, over the local AWS
-IoT Core (MQTT) and with AWS IoT's side emulated in-process."""
+127.0.0.1), as a separate process: a small fleet through its whole lifecycle (certificate rotation
+included), over the local AWS IoT Core (MQTT) and with AWS IoT's side emulated in-process."""
 
 import subprocess
 import sys
@@ -83,6 +83,38 @@ def test_demo_round_trips_every_devices_data_key(demo):
     )
 
 
+def test_demo_rotates_a_device_to_fleetkeys_ca_and_rolls_back_an_unused_rotation(demo):
+    passed(
+        demo,
+        # A device replaces its factory certificate: its connection with the new one commits it
+        "pump-0001 sends a CSR for a new key of its own: 201, a certificate for that key from "
+        "fleetkey's issuing CA",
+        "it reconnects with the new certificate (the connected event: committed) and gets a "
+        "token with it",
+        "the operator's rotation status shows the new certificate current",
+        "the factory certificate is refused: token (invalid_client) and MQTT",
+        "a token bound to the factory certificate is inactive in introspection",
+        # It rotates again and commits by call: the certificate fleetkey issued is revoked
+        "it commits its next rotation itself, with the new key",
+        "it connects and gets tokens with its newest certificate",
+        "the certificate it replaced is refused: token (invalid_client) and MQTT",
+        "the CRL, signed by the issuing CA, lists the replaced certificate's serial",
+        # Another device never uses its new certificate: rolled back at the deadline
+        "well-0000 sends a CSR for a new key of its own: 201",
+        "another device never uses its new certificate: the sweep past the deadline rolls the "
+        "rotation back",
+        "its rolled-back certificate is refused: token (invalid_client) and MQTT",
+        "its old certificate still connects and gets tokens",
+    )
+    for operation in (
+        "device: rotation request (CSR, assertion by the current key)",
+        "device: reconnect with the new certificate (the connected event commits)",
+        "device: commit (assertion by the new key)",
+        "schedule: sweep past the commit deadline (rollback)",
+    ):
+        assert f"| {operation} " in demo.stdout, operation
+
+
 def test_demo_decommissions_the_fleet_and_leaves_nothing_in_aws_iot(demo):
     passed(
         demo,
@@ -146,6 +178,9 @@ def test_demo_with_aws_iot_emulated_in_process():
     passed(
         result,
         "1/1 tamper reports suspended their device",
+        "it reconnects with the new certificate (the connected event: committed)",
+        "another device never uses its new certificate: the sweep past the deadline rolls the "
+        "rotation back",
         "6/6 teardowns completed (their certificate gone)",
         "6/6 ACTIVE in epoch 2 for northwind-utilities",
     )

@@ -32,6 +32,18 @@ EXPECTED_METHODS = {
     ("POST", "/v1/devices/{device_id}/data-key"): (constants.DATA_KEYS_SERVICE_NAME, "NONE"),
     ("GET", "/.well-known/jwks.json"): (constants.DISCOVERY_SERVICE_NAME, "NONE"),
     ("GET", "/.well-known/oauth-authorization-server"): (constants.DISCOVERY_SERVICE_NAME, "NONE"),
+    # certificate rotation (issue 9)
+    ("POST", "/v1/devices/{device_id}/certificates"): (constants.ROTATION_SERVICE_NAME, "NONE"),
+    ("POST", "/v1/devices/{device_id}/certificates/{certificate_id}/commit"): (
+        constants.ROTATION_SERVICE_NAME,
+        "NONE",
+    ),
+    ("GET", "/v1/pki/ca"): (constants.ROTATION_SERVICE_NAME, "NONE"),
+    ("GET", "/v1/pki/crl"): (constants.ROTATION_SERVICE_NAME, "NONE"),
+    ("GET", "/.well-known/est/cacerts"): (constants.ROTATION_SERVICE_NAME, "NONE"),
+    ("POST", "/.well-known/est/simplereenroll"): (constants.ROTATION_SERVICE_NAME, "NONE"),
+    ("ANY", "/v1/admin/pki"): (constants.ROTATION_SERVICE_NAME, "AWS_IAM"),
+    ("ANY", "/v1/admin/pki/{proxy+}"): (constants.ROTATION_SERVICE_NAME, "AWS_IAM"),
 }
 PUBLIC = {route for route, (_, auth) in EXPECTED_METHODS.items() if auth == "NONE"}
 # Throttling of the public methods: (steady rate, burst).
@@ -41,6 +53,12 @@ EXPECTED_THROTTLES = {
     ("POST", "/v1/devices/{device_id}/data-key"): (50, 100),
     ("GET", "/.well-known/jwks.json"): (100, 200),
     ("GET", "/.well-known/oauth-authorization-server"): (100, 200),
+    ("POST", "/v1/devices/{device_id}/certificates"): (50, 100),
+    ("POST", "/v1/devices/{device_id}/certificates/{certificate_id}/commit"): (50, 100),
+    ("POST", "/.well-known/est/simplereenroll"): (50, 100),
+    ("GET", "/v1/pki/ca"): (100, 200),
+    ("GET", "/v1/pki/crl"): (100, 200),
+    ("GET", "/.well-known/est/cacerts"): (100, 200),
 }
 
 
@@ -78,14 +96,20 @@ def test_only_the_device_and_discovery_routes_are_public(resources: dict[str, di
         if method["Properties"]["AuthorizationType"] != "AWS_IAM"
     }
 
-    # Then they are token, challenge, the data key and the two discovery documents, and nothing
-    # under /v1/admin
+    # Then they are token, challenge, the data key, the two discovery documents, rotation (its
+    # request and commit, the CA chain and CRL, EST), and nothing under /v1/admin
     assert public == {
         ("POST", "/v1/token"),
         ("POST", "/v1/challenge"),
         ("POST", "/v1/devices/{device_id}/data-key"),
         ("GET", "/.well-known/jwks.json"),
         ("GET", "/.well-known/oauth-authorization-server"),
+        ("POST", "/v1/devices/{device_id}/certificates"),
+        ("POST", "/v1/devices/{device_id}/certificates/{certificate_id}/commit"),
+        ("GET", "/v1/pki/ca"),
+        ("GET", "/v1/pki/crl"),
+        ("GET", "/.well-known/est/cacerts"),
+        ("POST", "/.well-known/est/simplereenroll"),
     }
 
 
@@ -327,7 +351,7 @@ def test_iam_routes_are_denied_outside_their_configured_principals(
 # The rate-based rules: name -> (limit, window, the URI path fragments they count)
 EXPECTED_RATE_RULES = {
     "token-per-client": (60, 60, ["/v1/token", "/v1/challenge", "/v1/devices/"]),
-    "discovery-per-client": (300, 60, ["/.well-known/"]),
+    "discovery-per-client": (300, 60, ["/v1/pki/", "/.well-known/"]),
 }
 
 
@@ -394,6 +418,14 @@ def test_every_public_route_is_under_exactly_one_rate_rule(resources: dict[str, 
         # a device's data key counts with its tokens
         ("/prod/v1/devices/pump-1/data-key", "token-per-client"),
         ("/prod/v1/devices/pump%2D1/DATA-KEY", "token-per-client"),
+        # and so do its rotations and their commits
+        ("/prod/v1/devices/pump-1/certificates", "token-per-client"),
+        ("/prod/v1/devices/pump-1/certificates/ab12/commit", "token-per-client"),
+        # the issuing CA's public documents count with the discovery documents
+        ("/prod/v1/pki/crl", "discovery-per-client"),
+        ("/prod/.well-known/est/cacerts", "discovery-per-client"),
+        # the operators' PKI routes are in no rule
+        ("/prod/v1/admin/pki/init", None),
         # the backend reading wrapped data keys through the admin API is not counted with devices
         ("/prod/v1/admin/devices/pump-1/data-key", None),
         ("/prod/v1/admin/devices/pump-1/decommission", None),

@@ -21,8 +21,19 @@ PUBLIC_METHODS = [
     f"{API}/Default/v1/devices/{{device_id}}/data-key/POST",
     f"{API}/Default/.well-known/jwks.json/GET",
     f"{API}/Default/.well-known/oauth-authorization-server/GET",
+    f"{API}/Default/v1/devices/{{device_id}}/certificates/POST",
+    f"{API}/Default/v1/devices/{{device_id}}/certificates/{{certificate_id}}/commit/POST",
+    f"{API}/Default/v1/pki/ca/GET",
+    f"{API}/Default/v1/pki/crl/GET",
+    f"{API}/Default/.well-known/est/cacerts/GET",
+    f"{API}/Default/.well-known/est/simplereenroll/POST",
 ]
-IAM_METHODS = [f"{API}/Default/v1/admin/{{proxy+}}/ANY", f"{API}/Default/v1/introspect/POST"]
+IAM_METHODS = [
+    f"{API}/Default/v1/admin/{{proxy+}}/ANY",
+    f"{API}/Default/v1/introspect/POST",
+    f"{API}/Default/v1/admin/pki/ANY",
+    f"{API}/Default/v1/admin/pki/{{proxy+}}/ANY",
+]
 FUNCTIONS = [
     "Registration",
     "Admin",
@@ -33,10 +44,13 @@ FUNCTIONS = [
     "Converge",
     "DeviceEvents",
     "DataKeys",
+    "Rotation",
+    "RotationEvents",
 ]
 EXPECTED_ACKNOWLEDGEMENTS = {
-    # X-Ray (every function), CA registration and CreateKey (admin), DescribeEndpoint (admin,
-    # converge, device_events): no resource-level permissions
+    # X-Ray (every function), CA registration and CreateKey (admin, rotation), RegisterCertificate
+    # (rotation, rotation_events), DescribeEndpoint (admin, converge, device_events,
+    # rotation_events): no resource-level permissions
     *(("AwsSolutions-IAM5[Resource::*]", f"Fleetkey/Functions/{f}Role") for f in FUNCTIONS),
     (
         f"AwsSolutions-IAM5[Resource::{IOT_ARN_PREFIX}:cert/*]",
@@ -68,6 +82,17 @@ EXPECTED_ACKNOWLEDGEMENTS = {
     (f"AwsSolutions-IAM5[Resource::{KMS_KEYS}]", "Fleetkey/Functions/MaintenanceRole"),
     (f"AwsSolutions-IAM5[Resource::{KMS_KEYS}]", "Fleetkey/Functions/DiscoveryRole"),
     (f"AwsSolutions-IAM5[Resource::{KMS_KEYS}]", "Fleetkey/Functions/IntrospectRole"),
+    # Certificate rotation: the issuing CA's keys (created at run time, by tag), the certificates
+    # it issues and retires, the renewal command topic
+    *(
+        (f"AwsSolutions-IAM5[Resource::{resource}]", f"Fleetkey/Functions/{f}Role")
+        for f in ("Rotation", "RotationEvents")
+        for resource in (KMS_KEYS, f"{IOT_ARN_PREFIX}:cert/*")
+    ),
+    (
+        f"AwsSolutions-IAM5[Resource::{IOT_ARN_PREFIX}:topic/fleetkey/*/commands/rotate]",
+        "Fleetkey/Functions/RotationEventsRole",
+    ),
     *(("AwsSolutions-L1", f"Fleetkey/Functions/{f}") for f in FUNCTIONS),
     ("AwsSolutions-SQS3", "Fleetkey/Functions/RegistrationFailures"),
     ("AwsSolutions-SQS3", "Fleetkey/Functions/DeviceEventFailures"),
@@ -75,6 +100,9 @@ EXPECTED_ACKNOWLEDGEMENTS = {
     ("AwsSolutions-SQS3", "Fleetkey/TamperRule/Errors"),
     # (the lifecycle queue's dead-letter queue is not a finding: cdk-nag sees the redrive)
     ("AwsSolutions-SQS3", "Fleetkey/Schedules/MaintenanceDeadLetters"),
+    ("AwsSolutions-SQS3", "Fleetkey/Functions/RotationEventFailures"),
+    ("AwsSolutions-SQS3", "Fleetkey/PresenceRule/Errors"),
+    ("AwsSolutions-SQS3", "Fleetkey/Schedules/RotationSweepDeadLetters"),
     (
         "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
         "AmazonAPIGatewayPushToCloudWatchLogs]",

@@ -15,6 +15,8 @@ SERVICES = [
     constants.CONVERGE_SERVICE_NAME,
     constants.DEVICE_EVENTS_SERVICE_NAME,
     constants.DATA_KEYS_SERVICE_NAME,
+    constants.ROTATION_SERVICE_NAME,
+    constants.ROTATION_EVENTS_SERVICE_NAME,
 ]
 
 
@@ -24,7 +26,7 @@ def test_there_are_exactly_the_fleetkey_functions(resources: dict[str, dict]) ->
     functions = of_type(resources, "AWS::Lambda::Function")
 
     # Then there are registration, admin, token, discovery, introspect, maintenance, converge,
-    # device_events and data_keys and nothing else (no CDK helpers)
+    # device_events, data_keys, rotation and rotation_events and nothing else (no CDK helpers)
     assert len(functions) == len(SERVICES)
     for service in SERVICES:
         function_by_service(resources, service)
@@ -62,6 +64,9 @@ def test_function_runs_python312_on_arm64_with_the_core_layer(
         (constants.CONVERGE_SERVICE_NAME, 256, 60),
         (constants.DEVICE_EVENTS_SERVICE_NAME, 256, 30),
         (constants.DATA_KEYS_SERVICE_NAME, 512, 10),
+        (constants.ROTATION_SERVICE_NAME, 512, 29),
+        # under the sweep's one-minute period
+        (constants.ROTATION_EVENTS_SERVICE_NAME, 512, 55),
     ],
 )
 def test_function_memory_and_timeout(
@@ -92,6 +97,15 @@ KEY_TRUST = {
 LIFECYCLE_QUEUE = "FLEETKEY_LIFECYCLE_QUEUE_URL"
 DATA_KEY = "FLEETKEY_DATA_KEY_ID"
 QUIET = "FLEETKEY_RECOMMISSION_QUIET_SECONDS"
+# Certificate rotation: both functions get the same settings (neither acts on a default the other
+# does not share).
+ROTATION_SETTINGS = {
+    ISSUER,
+    LIFECYCLE_QUEUE,
+    "FLEETKEY_ISSUING_CA_SIGNER_ROLE_ARNS",
+    "FLEETKEY_ROTATION_COMMIT_SECONDS",
+    "FLEETKEY_RENEWAL_RATE_PER_MINUTE",
+}
 EXTRA_SETTINGS = {
     constants.REGISTRATION_SERVICE_NAME: set(),
     # (and a recommission waits out the converge function's timeout after a teardown)
@@ -105,6 +119,8 @@ EXTRA_SETTINGS = {
     # verifies the device's assertion (addressed to the issuer) against its certificate: no token
     # signing key is read
     constants.DATA_KEYS_SERVICE_NAME: {ISSUER, DATA_KEY},
+    constants.ROTATION_SERVICE_NAME: ROTATION_SETTINGS,
+    constants.ROTATION_EVENTS_SERVICE_NAME: ROTATION_SETTINGS,
 }
 
 
@@ -216,15 +232,22 @@ def test_only_the_iot_rule_functions_have_failure_destinations(
         for r in of_type(resources, "AWS::Lambda::EventInvokeConfig").values()
     }
 
-    # Then they are registration's and device_events' (invoked asynchronously by IoT rules)
+    # Then they are registration's, device_events' and rotation_events' (invoked asynchronously
+    # by IoT rules; rotation_events also by the sweep's schedule)
     assert configured == {
         function_by_service(resources, constants.REGISTRATION_SERVICE_NAME)[0],
         function_by_service(resources, constants.DEVICE_EVENTS_SERVICE_NAME)[0],
+        function_by_service(resources, constants.ROTATION_EVENTS_SERVICE_NAME)[0],
     }
 
 
 @pytest.mark.parametrize(
-    "service", [constants.REGISTRATION_SERVICE_NAME, constants.DEVICE_EVENTS_SERVICE_NAME]
+    "service",
+    [
+        constants.REGISTRATION_SERVICE_NAME,
+        constants.DEVICE_EVENTS_SERVICE_NAME,
+        constants.ROTATION_EVENTS_SERVICE_NAME,
+    ],
 )
 def test_async_failures_go_to_a_failure_queue_after_two_retries(
     resources: dict[str, dict], service: str

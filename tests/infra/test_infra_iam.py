@@ -526,6 +526,8 @@ def test_admin_tags_only_p256_signing_keys_with_this_stacks_tag(
         "converge",
         "device_events",
         "data_keys",
+        "rotation",
+        "rotation_events",
     ],
 )
 @pytest.mark.parametrize("action", ["kms:DisableKey", "kms:PutKeyPolicy", "kms:UntagResource"])

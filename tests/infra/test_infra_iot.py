@@ -103,6 +103,11 @@ RULES = {
         "SELECT topic(2) AS device_id FROM 'fleetkey/+/events/tamper'",
         constants.DEVICE_EVENTS_SERVICE_NAME,
     ),
+    # a device's connection commits its pending certificate (principalIdentifier)
+    "presence": (
+        "SELECT * FROM '$aws/events/presence/connected/+'",
+        constants.ROTATION_EVENTS_SERVICE_NAME,
+    ),
 }
 
 
@@ -123,11 +128,12 @@ def test_there_are_exactly_the_fleetkey_topic_rules(resources: dict[str, dict]) 
         for r in of_type(resources, "AWS::IoT::TopicRule").values()
     }
 
-    # Then they are registration (JITR) and tamper, the SQL the core defines (the local IoT Core
-    # emulator builds its rules from the same constants)
+    # Then they are registration (JITR), tamper and presence, the SQL the core defines (the local
+    # IoT Core emulator builds its rules from the same constants)
     assert sqls == {sql for sql, _ in RULES.values()}
     assert RULES["tamper"][0] == events.TAMPER_RULE_SQL
     assert RULES["registration"][0] == events.REGISTRATION_RULE_SQL
+    assert RULES["presence"][0] == events.PRESENCE_CONNECTED_RULE_SQL
 
 
 @pytest.mark.parametrize("rule_name", sorted(RULES))
@@ -202,9 +208,16 @@ def test_only_its_rule_may_invoke_the_function(resources: dict[str, dict], rule_
         for r in of_type(resources, "AWS::Lambda::Permission").values()
         if r["Properties"]["FunctionName"] == {"Fn::GetAtt": [function_id, "Arn"]}
     ]
+    others = [p for p in permissions if p["Principal"] != "iot.amazonaws.com"]
 
-    # Then there is one, for AWS IoT, bound to this rule's ARN and this account
-    assert permissions == [
+    # Then there is one for AWS IoT, bound to this rule's ARN and this account, and no other but
+    # the rotation sweep's schedule (EventBridge) for rotation_events
+    # (tests/infra/test_infra_rotation.py)
+    if service == constants.ROTATION_EVENTS_SERVICE_NAME:
+        assert [p["Principal"] for p in others] == ["events.amazonaws.com"]
+    else:
+        assert others == []
+    assert [p for p in permissions if p not in others] == [
         {
             "Action": "lambda:InvokeFunction",
             "FunctionName": {"Fn::GetAtt": [function_id, "Arn"]},

@@ -28,6 +28,8 @@ MAINTENANCE = constants.MAINTENANCE_SERVICE_NAME
 CONVERGE = constants.CONVERGE_SERVICE_NAME
 DEVICE_EVENTS = constants.DEVICE_EVENTS_SERVICE_NAME
 DATA_KEYS = constants.DATA_KEYS_SERVICE_NAME
+ROTATION = constants.ROTATION_SERVICE_NAME
+ROTATION_EVENTS = constants.ROTATION_EVENTS_SERVICE_NAME
 
 TABLE_ACTIONS = {
     "dynamodb:GetItem",
@@ -119,6 +121,36 @@ DATA_KEYS_TABLE_ACTIONS = {
     "dynamodb:DeleteItem",
 }
 DATA_KEY_KEY_ACTIONS = {"kms:GenerateDataKey", "kms:Decrypt"}
+# Certificate rotation (draft, reconciled with the recorded calls): rotation reads any item and
+# writes its own partitions (see test_infra_rotation.py); rotation_events also queries the `due`
+# index (on the index's ARN).
+ROTATION_TABLE_ACTIONS = {
+    "dynamodb:GetItem",
+    "dynamodb:Query",
+    "dynamodb:PutItem",
+    "dynamodb:UpdateItem",
+    "dynamodb:ConditionCheckItem",
+    "dynamodb:DeleteItem",
+}
+ROTATION_EVENTS_TABLE_ACTIONS = {
+    "dynamodb:GetItem",
+    "dynamodb:Query",
+    "dynamodb:PutItem",
+    "dynamodb:UpdateItem",
+}
+# The issuing CA's keys through IAM: read them (both), create and tag them (rotation). kms:Sign is
+# the CA key's own policy's, never IAM's (FORBIDDEN below).
+ISSUING_CA_READ_ACTIONS = {"kms:DescribeKey", "kms:GetPublicKey"}
+ISSUING_CA_CREATE_ACTIONS = {"kms:CreateKey", "kms:TagResource"}
+# A certificate fleetkey issues, in AWS IoT: registered, bound to the device's policy and thing.
+ISSUE_CERTIFICATE_ACTIONS = {
+    "iot:RegisterCertificate",
+    "iot:AttachPolicy",
+    "iot:AttachThingPrincipal",
+    "iot:DetachThingPrincipal",
+    "iot:DescribeCertificate",
+    "iot:UpdateCertificate",
+}
 TABLE_GRANTS = {
     REGISTRATION: (TABLE_ACTIONS, KEY_ACTIONS),
     ADMIN: (ADMIN_TABLE_ACTIONS, KEY_ACTIONS),
@@ -129,13 +161,18 @@ TABLE_GRANTS = {
     CONVERGE: ({"dynamodb:GetItem"}, KEY_ACTIONS),
     DEVICE_EVENTS: ({"dynamodb:GetItem"}, KEY_ACTIONS),
     DATA_KEYS: ({"dynamodb:GetItem"}, KEY_ACTIONS),
+    ROTATION: ({"dynamodb:GetItem"}, KEY_ACTIONS),
+    ROTATION_EVENTS: ({"dynamodb:GetItem"}, KEY_ACTIONS),
 }
 # Table actions granted under a dynamodb:LeadingKeys condition, in statements of their own.
+# (rotation_events' Query is also granted on the `due` index: test_infra_rotation.py.)
 CONDITIONED_TABLE_ACTIONS = {
     TOKEN: {"dynamodb:PutItem", "dynamodb:DeleteItem", "dynamodb:ConditionCheckItem"},
     CONVERGE: {"dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query", "dynamodb:DeleteItem"},
     DEVICE_EVENTS: {"dynamodb:PutItem", "dynamodb:UpdateItem"},
     DATA_KEYS: DATA_KEYS_TABLE_ACTIONS - {"dynamodb:GetItem"},
+    ROTATION: ROTATION_TABLE_ACTIONS - {"dynamodb:GetItem"},
+    ROTATION_EVENTS: ROTATION_EVENTS_TABLE_ACTIONS - {"dynamodb:GetItem", "dynamodb:Query"},
 }
 
 EXPECTED_ACTIONS = {
@@ -209,6 +246,29 @@ EXPECTED_ACTIONS = {
     | DATA_KEY_KEY_ACTIONS
     | LOG_ACTIONS
     | TRACING_ACTIONS,
+    ROTATION: ROTATION_TABLE_ACTIONS
+    | KEY_ACTIONS
+    | LOG_ACTIONS
+    | TRACING_ACTIONS
+    | ISSUING_CA_READ_ACTIONS
+    | ISSUING_CA_CREATE_ACTIONS
+    | {"iot:GetRegistrationCode", "iot:RegisterCACertificate"}  # the issuing CA
+    | ISSUE_CERTIFICATE_ACTIONS
+    | {"sqs:SendMessage"},  # the lifecycle queue
+    ROTATION_EVENTS: ROTATION_EVENTS_TABLE_ACTIONS
+    | KEY_ACTIONS
+    | LOG_ACTIONS
+    | TRACING_ACTIONS
+    | ISSUING_CA_READ_ACTIONS
+    | ISSUE_CERTIFICATE_ACTIONS
+    | {  # retiring certificates
+        "iot:ListAttachedPolicies",
+        "iot:DetachPolicy",
+        "iot:ListPrincipalThings",
+        "iot:DeleteCertificate",
+    }
+    | {"iot:Publish", "iot:DescribeEndpoint"}  # renewal commands
+    | FAILURE_DESTINATION_ACTIONS,  # its failure queue, and the lifecycle queue (SendMessage)
 }
 # Actions no function may ever hold, whatever else changes.
 FORBIDDEN = {
@@ -229,16 +289,20 @@ FORBIDDEN = {
 }
 # ... and the functions that alone may hold some.
 ONLY = {
-    "kms:CreateKey": {ADMIN},
-    "kms:TagResource": {ADMIN},
-    # consuming a challenge (token, data_keys), destroying data keys (converge)
-    "dynamodb:DeleteItem": {TOKEN, CONVERGE, DATA_KEYS},
+    # token signing keys (admin), the issuing CA's keys (rotation)
+    "kms:CreateKey": {ADMIN, ROTATION},
+    "kms:TagResource": {ADMIN, ROTATION},
+    # consuming a challenge (token, data_keys, rotation), destroying data keys (converge)
+    "dynamodb:DeleteItem": {TOKEN, CONVERGE, DATA_KEYS, ROTATION},
     # the teardown after decommission, and its reset command; a certificate set aside (JITR) or
-    # removed before a recommission (admin)
-    "iot:DeleteCertificate": {CONVERGE, REGISTRATION, ADMIN},
+    # removed before a recommission (admin); a retired certificate's deletion (rotation_events)
+    "iot:DeleteCertificate": {CONVERGE, REGISTRATION, ADMIN, ROTATION_EVENTS},
     "iot:DeleteThing": {CONVERGE},
-    "iot:DetachPolicy": {CONVERGE, REGISTRATION, ADMIN},
-    "iot:Publish": {CONVERGE},
+    "iot:DetachPolicy": {CONVERGE, REGISTRATION, ADMIN, ROTATION_EVENTS},
+    # the reset command (converge), the renewal command (rotation_events)
+    "iot:Publish": {CONVERGE, ROTATION_EVENTS},
+    # certificates fleetkey issues
+    "iot:RegisterCertificate": {ROTATION, ROTATION_EVENTS},
     # suspend and teardown close the device's MQTT connection
     "iot:DeleteConnection": {ADMIN, DEVICE_EVENTS, CONVERGE},
     "sqs:ReceiveMessage": {CONVERGE},
@@ -260,6 +324,14 @@ STAR_ACTIONS = {
     CONVERGE: TRACING_ACTIONS | {"iot:DescribeEndpoint"},
     DEVICE_EVENTS: TRACING_ACTIONS | {"iot:DescribeEndpoint"},
     DATA_KEYS: TRACING_ACTIONS,
+    ROTATION: TRACING_ACTIONS
+    | {
+        "iot:GetRegistrationCode",
+        "iot:RegisterCACertificate",
+        "iot:RegisterCertificate",
+        "kms:CreateKey",
+    },
+    ROTATION_EVENTS: TRACING_ACTIONS | {"iot:RegisterCertificate", "iot:DescribeEndpoint"},
 }
 STACK_TAG_VALUE = f"token-signing:{constants.STACK_ID}"
 TOKEN_SIGNING_TAG = {"aws:ResourceTag/fleetkey:purpose": STACK_TAG_VALUE}
@@ -672,7 +744,7 @@ def test_only_data_keys_uses_the_data_key_key(resources: dict[str, dict]) -> Non
     assert statement["Resource"] == key_arn
 
 
-def test_only_admin_and_device_events_send_to_the_lifecycle_queue(
+def test_only_admin_device_events_and_rotation_send_to_the_lifecycle_queue(
     resources: dict[str, dict], template_outputs: dict[str, dict]
 ) -> None:
     # Given the lifecycle queue and every function's role
@@ -693,6 +765,7 @@ def test_only_admin_and_device_events_send_to_the_lifecycle_queue(
         if queue_arn in resources_for(role_statements(resources, role_id), "sqs:ReceiveMessage")
     }
 
-    # Then the admin API (decommission) and device_events queue work, converge alone consumes it
-    assert senders == {ADMIN, DEVICE_EVENTS}
+    # Then the admin API (decommission), device_events and the rotation functions queue work,
+    # converge alone consumes it
+    assert senders == {ADMIN, DEVICE_EVENTS, ROTATION, ROTATION_EVENTS}
     assert receivers == {CONVERGE}

@@ -1,13 +1,39 @@
 """The maintenance schedule: an hourly EventBridge rule -> the maintenance function, with retries
-and a dead-letter queue, and an invoke permission bound to the rule."""
+and a dead-letter queue, and an invoke permission bound to the rule. (The rotation sweep's rule:
+tests/infra/test_infra_rotation.py.)"""
 
 from fleetkey_infra import constants
-from infra_template import function_by_service, of_type, only, render
+from infra_template import function_by_service, of_type, render
+
+
+def maintenance_rule(resources: dict[str, dict]) -> tuple[str, dict]:
+    """The EventBridge rule whose target is the maintenance function."""
+    function_id, _ = function_by_service(resources, constants.MAINTENANCE_SERVICE_NAME)
+    [found] = [
+        (lid, r)
+        for lid, r in of_type(resources, "AWS::Events::Rule").items()
+        if any(t["Arn"] == {"Fn::GetAtt": [function_id, "Arn"]} for t in r["Properties"]["Targets"])
+    ]
+    return found
+
+
+def test_the_stack_has_the_maintenance_and_rotation_sweep_rules_only(
+    resources: dict[str, dict],
+) -> None:
+    # Given the stack's EventBridge rules
+    # When reading their schedules
+    schedules = sorted(
+        r["Properties"]["ScheduleExpression"]
+        for r in of_type(resources, "AWS::Events::Rule").values()
+    )
+
+    # Then there are two: hourly maintenance and the one-minute rotation sweep
+    assert schedules == ["rate(1 hour)", "rate(1 minute)"]
 
 
 def test_maintenance_runs_every_hour(resources: dict[str, dict]) -> None:
-    # Given the stack's only EventBridge rule
-    _, rule = only(resources, "AWS::Events::Rule")
+    # Given the maintenance function's EventBridge rule
+    _, rule = maintenance_rule(resources)
     props = rule["Properties"]
 
     # When reading its trigger
@@ -22,7 +48,7 @@ def test_schedule_targets_the_maintenance_function_with_retries_and_a_dead_lette
     resources: dict[str, dict],
 ) -> None:
     # Given the rule and the maintenance function
-    _, rule = only(resources, "AWS::Events::Rule")
+    _, rule = maintenance_rule(resources)
     function_id, _ = function_by_service(resources, constants.MAINTENANCE_SERVICE_NAME)
 
     # When reading its one target
@@ -43,7 +69,7 @@ def test_schedule_targets_the_maintenance_function_with_retries_and_a_dead_lette
 
 def test_only_the_rule_may_send_to_the_dead_letter_queue(resources: dict[str, dict]) -> None:
     # Given the rule and its dead-letter queue
-    rule_id, rule = only(resources, "AWS::Events::Rule")
+    rule_id, rule = maintenance_rule(resources)
     queue_id = rule["Properties"]["Targets"][0]["DeadLetterConfig"]["Arn"]["Fn::GetAtt"][0]
 
     # When reading the queue's policy
@@ -71,7 +97,7 @@ def test_only_the_rule_may_send_to_the_dead_letter_queue(resources: dict[str, di
 
 def test_only_the_rule_may_invoke_the_maintenance_function(resources: dict[str, dict]) -> None:
     # Given the rule and the maintenance function
-    rule_id, _ = only(resources, "AWS::Events::Rule")
+    rule_id, _ = maintenance_rule(resources)
     function_id, _ = function_by_service(resources, constants.MAINTENANCE_SERVICE_NAME)
 
     # When collecting the invoke permissions on the function

@@ -102,6 +102,11 @@ def test_the_document_describes_every_route_with_its_status_and_fleetkeys_errors
         ("POST", "/signing-keys/rotate"): ["201"],
         ("POST", "/signing-keys/retire"): ["200"],
         ("POST", "/tokens/revoke"): ["200"],
+        ("GET", "/devices/{device_id}/rotation"): ["200"],
+        ("GET", "/pki"): ["200"],
+        ("POST", "/pki/init"): ["201"],
+        ("POST", "/pki/csr"): ["201"],
+        ("POST", "/pki/install"): ["200"],
     }
     # And each documents fleetkey's 400/500/503 (never Powertools' 422), with fleetkey's body
     error = {"$ref": "#/components/schemas/ErrorResponse"}

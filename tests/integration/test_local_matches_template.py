@@ -1,6 +1,7 @@
 """The local stack is the deployed stack: what `fleetkey_local` provisions and serves matches the
 CloudFormation template the CDK app synthesizes (table, IoT policies and thing types, the IoT
-rule, the API's routes, the functions' settings)."""
+rules, the API's routes and binary media types, the rotation sweep's schedule, the functions'
+settings)."""
 
 from __future__ import annotations
 
@@ -201,6 +202,34 @@ def test_api_routes_match(resources):
     # functions and authorization
     local = {(r.method, r.resource, r.function, r.authorization) for r in ROUTES}
     assert local == template
+
+
+def test_binary_media_types_match(resources):
+    from fleetkey_local.api_gateway import BINARY_MEDIA_TYPES
+
+    (api,) = of_type(resources, "AWS::ApiGateway::RestApi").values()
+    # Then the local gateway decodes (and encodes) bodies for the same media types
+    assert api["Properties"].get("BinaryMediaTypes", []) == list(BINARY_MEDIA_TYPES)
+
+
+def _rate_seconds(expression: str) -> int:
+    """An EventBridge `rate(N unit)` expression in seconds."""
+    amount, unit = expression.removeprefix("rate(").removesuffix(")").split()
+    return int(amount) * {"minute": 60, "hour": 3600, "day": 86400}[unit.rstrip("s")]
+
+
+def test_the_rotation_sweep_runs_at_the_stacks_rate(resources):
+    from fleetkey_local.serve import ROTATION_SWEEP_SECONDS
+
+    # Given the template's scheduled rules, by the function they invoke
+    schedules = {}
+    for rule in of_type(resources, "AWS::Events::Rule").values():
+        props = rule["Properties"]
+        if "ScheduleExpression" in props:
+            for target in props["Targets"]:
+                schedules[function_name(resources, target["Arn"])] = props["ScheduleExpression"]
+    # Then `make serve` runs the rotation sweep (rotation_events) as often as the stack does
+    assert _rate_seconds(schedules["rotation_events"]) == ROTATION_SWEEP_SECONDS
 
 
 def test_function_settings_are_set_locally(resources):

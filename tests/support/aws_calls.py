@@ -127,6 +127,19 @@ UNCALLED_GRANTS: Mapping[str, Mapping[str, str]] = {
         "dynamodb:DeleteItem": "an assertion with a challenge nonce consumes it (Delete NONCE#), "
         "as at /v1/token; the data-key tests use time-bound assertions",
     },
+    "rotation": {
+        "kms:Encrypt": "DynamoDB encrypts the items written, as the caller",
+        "kms:GenerateDataKey": "DynamoDB encrypts the items written, as the caller",
+    },
+    "rotation_events": {
+        "kms:Encrypt": "DynamoDB encrypts the items written, as the caller",
+        "kms:GenerateDataKey": "DynamoDB encrypts the items written, as the caller",
+        "iot:DescribeEndpoint": ENDPOINT_REASON,
+        "sqs:SendMessage": "the on-failure destination, and the lifecycle queue when a "
+        "convergence could not finish in the invocation",
+        "sqs:GetQueueAttributes": "the on-failure destination (CDK's SqsDestination grant)",
+        "sqs:GetQueueUrl": "the on-failure destination (CDK's SqsDestination grant)",
+    },
 }
 
 
@@ -354,6 +367,12 @@ def _dynamodb_requests(
             )
         ]
     if operation == "Query":
+        if params.get("IndexName"):
+            # A query of an index is authorized on the index's ARN. Its key condition names the
+            # index's keys, not the table's partition key: dynamodb:LeadingKeys is left unmodeled,
+            # so a grant conditioned on it is undecided (reviewed), never vacuously true.
+            table = _table_arn(params["TableName"], region, account, table_name)
+            return [Request("dynamodb:Query", f"{table}/index/{params['IndexName']}")]
         return [
             item_request("Query", params["TableName"], _query_leading_key(params, partition_key))
         ]
@@ -936,13 +955,20 @@ def resolve(value: Any, resources: Mapping[str, Any], stack_name: str) -> Any:
     return resolved
 
 
+# Local role names that are not the function's name (`fleetkey.settings`' local defaults: the
+# issuing CA key's policy names `fleetkey-local-rotation-events`).
+LOCAL_ROLE_NAMES: Mapping[str, str] = {"rotation_events": "rotation-events"}
+
+
 def role_arn(function: str) -> str:
     """The ARN a function's role has in the tests: the local stack's naming (`fleetkey-local-
-    <function>`, as `fleetkey.settings` names the roles in the local signing keys' policy), so
-    that a key policy recorded in the tests and the template's role name the same principal."""
+    <function>`, as `fleetkey.settings` names the roles in the local signing keys' and issuing CA
+    key's policies), so that a key policy recorded in the tests and the template's role name the
+    same principal."""
     from fleetkey.settings import LOCAL_STACK_NAME
 
-    return f"arn:{PARTITION}:iam::{ACCOUNT}:role/{LOCAL_STACK_NAME}-{function}"
+    name = LOCAL_ROLE_NAMES.get(function, function)
+    return f"arn:{PARTITION}:iam::{ACCOUNT}:role/{LOCAL_STACK_NAME}-{name}"
 
 
 def _function_of_role(logical_id: str, resources: Mapping[str, Any]) -> str | None:

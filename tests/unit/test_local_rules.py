@@ -1,8 +1,9 @@
-"""The local IoT rules' SQL: `SELECT *` with AWS IoT's topic(N) fields, and the tamper rule."""
+"""The local IoT rules' SQL: `SELECT *` with AWS IoT's topic(N) fields, the tamper rule, and the
+presence rule that commits rotations."""
 
 import pytest
 
-from fleetkey.events import REGISTRATION_RULE_SQL
+from fleetkey.events import PRESENCE_CONNECTED_RULE_SQL, REGISTRATION_RULE_SQL
 from fleetkey_local import rules
 from fleetkey_local.rules import (
     RULES,
@@ -38,6 +39,22 @@ def test_the_tamper_rule_is_the_stacks():
     [tamper] = [rule for rule in RULES if rule.sql == TAMPER_RULE_SQL]
     assert tamper.function == "device_events"
     assert tamper.topic_filter == "fleetkey/+/events/tamper"
+
+
+def test_a_presence_event_goes_as_is_to_rotation_events():
+    # Given the connected-presence rule the CDK stack and the local stack share
+    [presence] = [rule for rule in RULES if rule.sql == PRESENCE_CONNECTED_RULE_SQL]
+    event = {
+        "clientId": "sensor-0042",
+        "eventType": "connected",
+        "principalIdentifier": "ab" * 32,
+        "timestamp": 1,
+    }
+    # Then AWS IoT's event reaches the rotation_events function unchanged (it commits a pending
+    # certificate the device connected with)
+    assert presence.function == "rotation_events"
+    assert presence.event("$aws/events/presence/connected/sensor-0042", event) == event
+    assert not presence.matches("$aws/events/presence/disconnected/sensor-0042")
 
 
 @pytest.mark.parametrize(

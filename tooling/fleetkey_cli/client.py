@@ -122,18 +122,49 @@ class SigV4Transport:
 
 
 class InProcessTransport:
-    """Calls an admin handler directly with the event API Gateway would send it."""
+    """Calls an admin handler directly with the event API Gateway would send it.
 
-    def __init__(self, handler: Callable, caller_arn: str, context: object) -> None:
+    With `functions` (function name -> handler, e.g. {"admin": ..., "rotation": ...}) a request
+    goes to the function the API's routes give it (`fleetkey_local.api_gateway.ROUTES`: the
+    `/v1/admin/pki` routes are the rotation function's), with that route's resource and path
+    parameters; `handler` is then unused."""
+
+    def __init__(
+        self,
+        handler: Callable | None,
+        caller_arn: str,
+        context: object,
+        functions: dict[str, Callable] | None = None,
+    ) -> None:
         self._handler = handler
         self._caller = caller_arn
         self._context = context
+        self._functions = functions
 
     def __call__(self, method: str, path: str, body: str | None, headers: dict) -> ApiResponse:
-        from fleetkey_local.apigw import proxy_event
+        from fleetkey_local.apigw import ADMIN_RESOURCE, proxy_event
 
-        event = proxy_event(method, path, body=body, headers=headers, caller_arn=self._caller)
-        response = self._handler(event, self._context)
+        handler, resource, parameters = self._handler, ADMIN_RESOURCE, None
+        if self._functions is not None:
+            from fleetkey_local.api_gateway import GatewayError, LocalApiGateway
+
+            try:
+                route, parameters = LocalApiGateway(functions=self._functions).resolve(
+                    method, urlsplit(path).path
+                )
+            except GatewayError as error:  # no route: API Gateway's own answer
+                return ApiResponse(error.status, {"message": error.message})
+            handler, resource = self._functions[route.function], route.resource
+        event = proxy_event(
+            method,
+            path,
+            body=body,
+            headers=headers,
+            caller_arn=self._caller,
+            resource=resource,
+            path_parameters=parameters,
+        )
+        response = handler(event, self._context)
         return ApiResponse(response["statusCode"], json.loads(response.get("body") or "{}"))
 
 
@@ -229,6 +260,36 @@ class AdminClient:
 
     def revoke_token(self, jti: str) -> dict:
         return self._call("POST", "/tokens/revoke", {"jti": jti})
+
+    # ---- fleetkey's issuing CA and certificate rotation ----------------------------------------
+
+    def pki_init(
+        self,
+        key_spec: str | None = None,
+        subject: str | None = None,
+        validity_days: int | None = None,
+    ) -> dict:
+        """Creates the issuing CA: a KMS key and a self-signed CA certificate. Only the fields
+        given are sent (the API's defaults: ECC_NIST_P256, "CN=fleetkey issuing CA", 3650)."""
+        fields = (("key_spec", key_spec), ("subject", subject), ("validity_days", validity_days))
+        return self._call("POST", "/pki/init", {k: v for k, v in fields if v is not None})
+
+    def pki_csr(self, key_spec: str | None = None, subject: str | None = None) -> dict:
+        """A CSR for a subordinate issuing CA (its key created in KMS): `{"csr_pem", "key_id"}`."""
+        fields = (("key_spec", key_spec), ("subject", subject))
+        return self._call("POST", "/pki/csr", {k: v for k, v in fields if v is not None})
+
+    def pki_install(self, certificate_pem: str, chain_pem: str) -> dict:
+        """Installs the CA certificate signed for the CSR, with its chain up to the root."""
+        return self._call(
+            "POST", "/pki/install", {"certificate_pem": certificate_pem, "chain_pem": chain_pem}
+        )
+
+    def pki(self) -> dict:
+        return self._call("GET", "/pki")
+
+    def rotation_status(self, device_id: str) -> dict:
+        return self._call("GET", f"/devices/{_segment(device_id)}/rotation")
 
     def list_cas(self) -> list[dict]:
         return self._call("GET", "/cas")["cas"]

@@ -9,6 +9,11 @@
     fleetkey device data-key pump-0001 > pump-0001.data-key.json
     fleetkey audit device:pump-0001
     fleetkey ca register --name acme-2026 --certificate acme-ca.pem --ca-key acme-ca.key
+    fleetkey pki init --key-spec ECC_NIST_P384                   # fleetkey's issuing CA, in KMS
+    fleetkey pki csr --subject "CN=fleetkey issuing CA,O=Example" --out issuing-ca.csr
+    fleetkey pki install --certificate issuing-ca.pem --chain root-ca.pem
+    fleetkey pki show
+    fleetkey rotation status pump-0001
     fleetkey --endpoint https://<api-id>.execute-api.eu-west-1.amazonaws.com/prod ca list
 
 The endpoint is the admin API's stage URL (--endpoint, or $FLEETKEY_ENDPOINT); without either it
@@ -50,6 +55,8 @@ DEFAULT_WAIT_SECONDS = 300.0
 # While waiting, a `device show` answered with one of these is tried again (0: unreachable).
 RETRIED_WHILE_WAITING = frozenset({0, 429, 502, 503, 504})
 MAX_POLL_INTERVAL_SECONDS = 5.0
+# The KMS key specs fleetkey's issuing CA may have.
+KEY_SPECS = ("ECC_NIST_P256", "ECC_NIST_P384")
 
 DATA_KEY_HELP = """\
 The device's data key as a backend gets it: the KMS-wrapped blob (ciphertext_blob, base64) and
@@ -79,6 +86,16 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text!r}")
+    return value
+
+
+def _days(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of days: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more days, not {text!r}")
     return value
 
 
@@ -220,6 +237,65 @@ def _parser() -> argparse.ArgumentParser:
     )
     keys_actions.add_parser("retire", help="schedule deletion of keys whose tokens have expired")
 
+    pki = commands.add_parser(
+        "pki",
+        help="fleetkey's issuing CA (its key in KMS), which issues rotated device certificates",
+    ).add_subparsers(dest="action", required=True)
+    key_spec = {
+        "choices": KEY_SPECS,
+        "help": "the KMS key spec of the CA key (default ECC_NIST_P256)",
+    }
+    subject = {
+        "metavar": "DN",
+        "help": 'the CA\'s subject, RFC 4514 (default "CN=fleetkey issuing CA")',
+    }
+    init = pki.add_parser(
+        "init",
+        help="create the issuing CA: a KMS key and a self-signed CA certificate, registered "
+        "with AWS IoT (auto-registration off)",
+    )
+    init.add_argument("--key-spec", **key_spec)
+    init.add_argument("--subject", **subject)
+    init.add_argument(
+        "--validity-days", type=_days, metavar="N", help="CA certificate validity (default 3650)"
+    )
+    csr = pki.add_parser(
+        "csr",
+        help="create the CA key in KMS and print a CSR for it, for your own root (offline or "
+        "enterprise CA) to sign; then `pki install`",
+    )
+    csr.add_argument("--key-spec", **key_spec)
+    csr.add_argument("--subject", **subject)
+    csr.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="write the CSR (PEM) to FILE and print the rest of the answer",
+    )
+    install = pki.add_parser(
+        "install", help="install the CA certificate your root signed for `pki csr`'s CSR"
+    )
+    install.add_argument(
+        "--certificate", type=Path, required=True, metavar="FILE", help="CA certificate PEM"
+    )
+    install.add_argument(
+        "--chain",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="its issuers up to the root, PEM",
+    )
+    pki.add_parser("show", help="the issuing CA: key, certificate, status, CRL")
+
+    rotation = commands.add_parser("rotation", help="device certificate rotation").add_subparsers(
+        dest="action", required=True
+    )
+    rotation.add_parser(
+        "status",
+        help="a device's certificates (current, pending with its commit deadline, retired) "
+        "and its next renewal",
+    ).add_argument("device_id", metavar="DEVICE")
+
     token = commands.add_parser("token", help="access tokens").add_subparsers(
         dest="action", required=True
     )
@@ -305,6 +381,28 @@ def run(args: argparse.Namespace, client: AdminClient) -> int:
         _print(actions[args.action]())
     elif args.command == "token":
         _print(client.revoke_token(args.jti))
+    elif args.command == "pki":
+        return _pki(args, client)
+    elif args.command == "rotation":
+        _print(client.rotation_status(args.device_id))
+    return 0
+
+
+def _pki(args: argparse.Namespace, client: AdminClient) -> int:
+    if args.action == "init":
+        _print(client.pki_init(args.key_spec, args.subject, args.validity_days))
+    elif args.action == "csr":
+        answer = client.pki_csr(args.key_spec, args.subject)
+        if args.out is None:
+            _print(answer)
+        else:
+            args.out.write_text(answer["csr_pem"])
+            rest = {k: v for k, v in answer.items() if k != "csr_pem"}
+            _print({**rest, "csr_file": str(args.out)})
+    elif args.action == "install":
+        _print(client.pki_install(args.certificate.read_text(), args.chain.read_text()))
+    else:
+        _print(client.pki())
     return 0
 
 

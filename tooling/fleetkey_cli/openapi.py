@@ -1,5 +1,6 @@
-"""The admin API's OpenAPI document, generated from the admin function's own resolver (its
-routers, request and response models), and kept in the repository as docs/openapi/admin.json.
+"""The admin API's OpenAPI document, generated from the admin routers (those the admin function
+serves, and the issuing CA's, which the rotation function serves under /v1/admin/pki) with their
+request and response models, and kept in the repository as docs/openapi/admin.json.
 
     python -m fleetkey_cli.openapi            # (re)write docs/openapi/admin.json
     python -m fleetkey_cli.openapi --check    # exit 1 if the committed document is stale
@@ -25,7 +26,8 @@ DOCUMENT = ROOT / "docs" / "openapi" / "admin.json"
 TITLE = "fleetkey admin API"
 DESCRIPTION = (
     "The operator API of fleetkey: allow-list, devices and their lifecycle, data keys, "
-    "manufacturer CAs, audit trails, token signing keys and revocation. Every request is signed "
+    "manufacturer CAs, audit trails, token signing keys and revocation, the issuing CA and "
+    "certificate rotation. Every request is signed "
     "with SigV4 (execute-api) by an operator principal; API Gateway refuses anything else with "
     "403 before fleetkey sees it. Errors are JSON: "
     '{"error": <stable code>, "message": <text>, "details"?: {...}}.'
@@ -41,14 +43,15 @@ INTERNAL_ERROR = {
 
 
 def admin_document() -> dict[str, Any]:
-    """The document, from functions/admin/handler.py loaded as Lambda loads it."""
+    """The document, from the resolver the admin function builds (`admin_resolver`) given every
+    admin router: ROUTERS (the admin function's) and PKI_ROUTERS (the rotation function's)."""
     from aws_lambda_powertools.event_handler.openapi.models import APIKey, APIKeyIn, Server
 
     import fleetkey
-    from fleetkey_local.functions import load_function
+    from fleetkey.api.admin import PKI_ROUTERS, ROUTERS
+    from fleetkey.api.admin.resolver import admin_resolver
 
-    admin = load_function("admin")
-    generated = admin.app.get_openapi_json_schema(
+    generated = admin_resolver((*ROUTERS, *PKI_ROUTERS)).get_openapi_json_schema(
         title=TITLE,
         version=getattr(fleetkey, "__version__", "0"),
         description=DESCRIPTION,

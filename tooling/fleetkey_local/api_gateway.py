@@ -18,11 +18,27 @@ over its limit `429` with `Retry-After` and `{"message": "Too Many Requests"}`, 
 token bucket per client and limit stands in for WAF's sliding window: `limit` requests at once,
 then `limit` per window.
 
+Binary payloads follow the REST API's `binaryMediaTypes` (`BINARY_MEDIA_TYPES`): a request body
+whose Content-Type is one of them reaches the function base64 (`isBase64Encoded`), other bodies as
+text (one that is not UTF-8 goes base64 too, where API Gateway would mangle it); a proxy result
+with `isBase64Encoded` is decoded to bytes when the request's first Accept media type is a binary
+media type, and sent as its base64 text otherwise (`Accept: */*` included), as API Gateway does.
+A request without an Accept header gets the bytes (AWS does not document that case).
+
+`MutualTlsDomain` serves the same API over HTTPS with client certificates, as the EST custom domain
+with mutual TLS does (the whole API mapped at its root: `fleetkey_infra.constructs.rotation`): the
+client certificate that passed its truststore reaches the function in
+`requestContext.identity.clientCert` (EST's simplereenroll authenticates the device by it). A
+certificate the truststore does not trust ends the connection in the handshake, as there.
+
 Differences from AWS, on purpose: URLs have no stage prefix (`http://127.0.0.1:8080/v1/...`, like
 a custom domain); identity policies are not evaluated (every known local principal is as if its
 own policy allowed `execute-api:Invoke`, so only the resource policy's Deny refuses one); stage
 and method throttling are not emulated; each function runs one invocation at a time (one warm
-instance).
+instance). On the mutual-TLS domain a client certificate may be left out (`make serve`: RFC 7030
+lets cacerts be anonymous; API Gateway's mutual TLS requires one, and anonymous clients use the
+default endpoint), and the truststore is whatever `make serve` reads live (AWS IoT's registered
+CAs and the issuing CA's chain), where the deployed one is an S3 object an operator updates.
 """
 
 from __future__ import annotations
@@ -35,6 +51,8 @@ import json
 import logging
 import math
 import re
+import socket
+import ssl
 import sys
 import threading
 import time
@@ -59,7 +77,7 @@ from fleetkey_infra.edge import (
     EdgeConfig,
     RateLimit,
 )
-from fleetkey_local.apigw import ACCOUNT, STAGE, proxy_event
+from fleetkey_local.apigw import ACCOUNT, STAGE, client_cert_context, proxy_event
 from fleetkey_local.server import FAKE_CREDENTIALS
 from fleetkey_local.stack import REGION
 
@@ -69,6 +87,11 @@ AWS_IAM = "AWS_IAM"
 NONE = "NONE"
 SERVICE = "execute-api"
 DEFAULT_PORT = 8080
+DEFAULT_MUTUAL_TLS_PORT = 8443
+TLS_HANDSHAKE_TIMEOUT = 10.0
+# The REST API's binaryMediaTypes (infra/fleetkey_infra/constructs/api.py; the template test holds
+# both to the same list): the CRL is DER.
+BINARY_MEDIA_TYPES: tuple[str, ...] = ("application/pkix-crl",)
 MAX_BODY_BYTES = 10 * 1024 * 1024  # API Gateway's request payload limit (REST APIs)
 MAX_EVENT_BYTES = 6 * 1024 * 1024  # Lambda's synchronous invocation payload limit
 CLOCK_SKEW = timedelta(minutes=5)
@@ -142,9 +165,24 @@ ROUTES: tuple[Route, ...] = (
     # A device's data key, sealed to its certificate key: the client assertion (as for /v1/token)
     # authenticates the device. The per-client limits cover it as the edge's rate limits say.
     Route("POST", "/v1/devices/{device_id}/data-key", "data_keys", NONE),
+    # Certificate rotation: a device asks for a certificate with a CSR and an assertion by its
+    # current key, and may commit it with an assertion by the new key (connecting with it commits
+    # too). The issuing CA's chain and CRL are public, as relying parties and devices fetch them.
+    Route("POST", "/v1/devices/{device_id}/certificates", "rotation", NONE),
+    Route("POST", "/v1/devices/{device_id}/certificates/{certificate_id}/commit", "rotation", NONE),
+    Route("GET", "/v1/pki/ca", "rotation", NONE),
+    Route("GET", "/v1/pki/crl", "rotation", NONE),
+    # EST (RFC 7030) for stock clients: cacerts is anonymous; simplereenroll authenticates the
+    # device by its TLS client certificate (a custom domain with mutual TLS: MutualTlsDomain).
+    Route("GET", "/.well-known/est/cacerts", "rotation", NONE),
+    Route("POST", "/.well-known/est/simplereenroll", "rotation", NONE),
     # Relying parties and operators: IAM (SigV4).
     Route("POST", "/v1/introspect", "introspect", AWS_IAM),
     Route("ANY", "/v1/admin/{proxy+}", "admin", AWS_IAM),
+    # The issuing CA's administration: /v1/admin/pki itself (a greedy resource needs one more
+    # segment) and below it, more specific than /v1/admin/{proxy+}, so they win.
+    Route("ANY", "/v1/admin/pki", "rotation", AWS_IAM),
+    Route("ANY", "/v1/admin/pki/{proxy+}", "rotation", AWS_IAM),
 )
 
 
@@ -501,6 +539,7 @@ def _explicit_deny(principal: LocalPrincipal, method: str, path: str, region: st
 class LocalApiGateway:
     """fleetkey's API on `http://127.0.0.1:<port>` (port 0 picks a free one; see `url`).
 
+    `binary_media_types` are the REST API's binaryMediaTypes (default `BINARY_MEDIA_TYPES`).
     `functions` maps a route's function name to its handler; by default each is loaded from
     functions/<name>/handler.py when the gateway starts. `principals` are the IAM identities
     SigV4 requests may be signed as (default: the local operator, with the local credentials,
@@ -522,10 +561,12 @@ class LocalApiGateway:
         principals: Iterable[LocalPrincipal] | None = None,
         audiences: Iterable[Audience] = LOCAL_AUDIENCES,
         rate_limits: Iterable[RateLimit] = (),
+        binary_media_types: Iterable[str] = BINARY_MEDIA_TYPES,
         functions: Mapping[str, Handler] | None = None,
     ) -> None:
         self._address = (host, port)
         self.routes = tuple(routes)
+        self.binary_media_types = tuple(t.lower() for t in binary_media_types)
         self.region = region
         self._verifier = SigV4Verifier(
             principals if principals is not None else [local_operator(), local_relying_party()],
@@ -613,7 +654,11 @@ class LocalApiGateway:
         header_pairs: Iterable[tuple[str, str]],
         body: bytes,
         source_ip: str = "127.0.0.1",
+        client_certificate: bytes | None = None,
     ) -> HttpResponse:
+        """One request, as API Gateway serves it; `client_certificate` is the DER certificate a
+        client presented on a custom domain with mutual TLS (already checked against the
+        domain's truststore)."""
         request_id = str(uuid.uuid4())
         headers = _Headers(header_pairs)
         parts = urlsplit(target)  # origin-form ("/v1/...?a=b"), or absolute-form from a proxy
@@ -632,7 +677,7 @@ class LocalApiGateway:
             event = proxy_event(
                 method,
                 target,
-                body=_event_body(body),
+                body=self._event_body(body, headers.get("content-type")),
                 headers=headers.pairs,
                 caller_arn=principal.arn if principal else None,
                 access_key=principal.access_key if principal else None,
@@ -641,10 +686,14 @@ class LocalApiGateway:
                 source_ip=source_ip,
                 request_id=request_id,
                 domain_name=(headers.get("host") or "localhost").split(":", 1)[0],
+                client_cert=(
+                    client_cert_context(client_certificate) if client_certificate else None
+                ),
             )
             if len(json.dumps(event)) > MAX_EVENT_BYTES:
                 raise GatewayError(413, "Request Too Long")
-            return self._invoke(route, event, request_id)
+            binary = self._accepts_binary(headers.get("accept"))
+            return self._invoke(route, event, request_id, binary)
         except GatewayError as error:
             return _gateway_response(error, request_id)
 
@@ -657,7 +706,28 @@ class LocalApiGateway:
             if guarded and not audience.admits(principal.arn):
                 raise _explicit_deny(principal, method, path, self.region)
 
-    def _invoke(self, route: Route, event: dict[str, Any], request_id: str) -> HttpResponse:
+    def _event_body(self, body: bytes, content_type: str | None) -> str | bytes | None:
+        """The body as the function receives it: base64 (`bytes` here) for a binary media type,
+        else text; a body that is not UTF-8 goes base64 anyway (JSON cannot carry it)."""
+        if not body:
+            return None
+        if _media_type_matches(content_type, self.binary_media_types):
+            return body
+        try:
+            return body.decode("utf-8")
+        except UnicodeDecodeError:
+            return body
+
+    def _accepts_binary(self, accept: str | None) -> bool:
+        """Whether a base64 proxy result goes out decoded: API Gateway honours only the first
+        Accept media type. Without an Accept header the local gateway decodes."""
+        if accept is None:
+            return True
+        return _media_type_matches(accept.split(",", 1)[0], self.binary_media_types)
+
+    def _invoke(
+        self, route: Route, event: dict[str, Any], request_id: str, binary: bool = True
+    ) -> HttpResponse:
         from fleetkey_local.functions import LambdaContext
 
         name = route.function
@@ -669,7 +739,7 @@ class LocalApiGateway:
         try:
             with self._locks[name]:
                 result = self._handlers[name](event, context)
-            return _integration_response(result, request_id)
+            return _integration_response(result, request_id, binary)
         except Exception:  # noqa: BLE001 - API Gateway shows any function error as a bare 502
             print(
                 f"fleetkey-local api gateway: {name} failed on "
@@ -680,18 +750,23 @@ class LocalApiGateway:
             raise GatewayError(502, "Internal server error") from None
 
 
-def _event_body(body: bytes) -> str | bytes | None:
-    """Text stays text; a body that is not UTF-8 goes base64 (`isBase64Encoded`)."""
-    if not body:
-        return None
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError:
-        return body
+def _media_type_matches(value: str | None, patterns: Sequence[str]) -> bool:
+    """Whether a media type (parameters ignored) is one of `patterns` (binaryMediaTypes entries,
+    which may hold wildcards: `image/*`, `*/*`). A wildcard in the value itself matches only a
+    pattern spelled the same way."""
+    if not value:
+        return False
+    kind, _, subtype = value.split(";", 1)[0].strip().lower().partition("/")
+    for pattern in patterns:
+        want_kind, _, want_subtype = pattern.partition("/")
+        if want_kind in ("*", kind) and want_subtype in ("*", subtype):
+            return True
+    return False
 
 
-def _integration_response(result: object, request_id: str) -> HttpResponse:
-    """The HTTP response for a proxy integration result; a malformed one is API Gateway's 502."""
+def _integration_response(result: object, request_id: str, binary: bool = True) -> HttpResponse:
+    """The HTTP response for a proxy integration result; a malformed one is API Gateway's 502.
+    A base64 result (`isBase64Encoded`) goes out decoded when `binary`, else as its text."""
     if not isinstance(result, dict):
         raise ValueError(f"malformed Lambda proxy response: {type(result).__name__}")
     status = int(result["statusCode"])
@@ -708,7 +783,7 @@ def _integration_response(result: object, request_id: str) -> HttpResponse:
         raise ValueError("malformed Lambda proxy response: body is not a string")
     try:
         encoded = result.get("isBase64Encoded")
-        data = base64.b64decode(body, validate=True) if encoded else body.encode()
+        data = base64.b64decode(body, validate=True) if encoded and binary else body.encode()
     except binascii.Error:
         raise ValueError("malformed Lambda proxy response: body is not base64") from None
     headers = [(k, v) for k, vs in merged.items() for v in vs]
@@ -721,6 +796,123 @@ def _integration_response(result: object, request_id: str) -> HttpResponse:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     gateway: LocalApiGateway
+
+
+class MutualTlsDomain:
+    """The gateway's API on `https://127.0.0.1:<port>` with client certificates, as a custom
+    domain name with mutual TLS (port 0 picks a free one; see `url`).
+
+    `tls_context()` gives the TLS server context for each new connection (server certificate,
+    truststore, whether a client certificate is required); it is called in the connection's own
+    thread, so it may read a truststore that changes. A handshake that fails (no certificate when
+    one is required, one the truststore does not trust) ends the connection before any HTTP, as
+    API Gateway ends it; `refusals` counts them by reason. Requests then go through the gateway's
+    own routing, authorization and functions (`LocalApiGateway.handle`), with the client
+    certificate.
+    """
+
+    def __init__(
+        self,
+        gateway: LocalApiGateway,
+        tls_context: Callable[[], ssl.SSLContext],
+        port: int = DEFAULT_MUTUAL_TLS_PORT,
+        *,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.gateway = gateway
+        self._tls_context = tls_context
+        self._address = (host, port)
+        self.refusals: dict[str, int] = {}
+        self._refusals_lock = threading.Lock()
+        self._server: _TlsServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("the mutual TLS domain is not started")
+        host, port = self._server.server_address[:2]
+        return f"https://{host.decode() if isinstance(host, bytes) else host}:{port}"
+
+    def start(self) -> MutualTlsDomain:
+        server = _TlsServer(self._address, _RequestHandler)
+        server.gateway = self.gateway
+        server.domain = self
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="fleetkey-local-mutual-tls",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+        self._server = self._thread = None
+
+    def __enter__(self) -> MutualTlsDomain:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _handshake(self, connection: socket.socket) -> ssl.SSLSocket | None:
+        """The connection upgraded to TLS under the current truststore, or None (counted) when
+        the handshake fails."""
+        try:
+            tls = self._tls_context().wrap_socket(
+                connection, server_side=True, do_handshake_on_connect=False
+            )
+        except Exception as exc:  # noqa: BLE001 - no truststore to check a client against: closed
+            self._refused("truststore_unavailable", exc)
+            return None
+        try:
+            tls.settimeout(TLS_HANDSHAKE_TIMEOUT)
+            tls.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            self._refused(_handshake_refusal(exc), exc)
+            tls.close()
+            return None
+        return tls
+
+    def _refused(self, reason: str, exc: BaseException) -> None:
+        with self._refusals_lock:
+            self.refusals[reason] = self.refusals.get(reason, 0) + 1
+        log.info("TLS handshake refused (%s): %s", reason, exc)
+
+
+def _handshake_refusal(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
+        return "untrusted_certificate"
+    if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in text:
+        return "no_client_certificate"
+    if isinstance(exc, TimeoutError):
+        return "handshake_timeout"
+    return "handshake_failed"
+
+
+class _TlsServer(_Server):
+    """Accepts TCP and does the TLS handshake in the connection's thread (not the accepting
+    one), so a slow client delays no other."""
+
+    domain: MutualTlsDomain
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        tls = self.domain._handshake(request)
+        if tls is None:
+            return
+        try:
+            self.RequestHandlerClass(tls, client_address, self)
+        finally:
+            self.shutdown_request(tls)
 
 
 class _BodyTooLarge(Exception):
@@ -761,9 +953,20 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self.send_error(400, "Bad Request")
             return
         response = self.server.gateway.handle(
-            self.command, self.path, self.headers.items(), body, self.client_address[0]
+            self.command,
+            self.path,
+            self.headers.items(),
+            body,
+            self.client_address[0],
+            client_certificate=self._client_certificate(),
         )
         self._send(response)
+
+    def _client_certificate(self) -> bytes | None:
+        """The DER certificate the client presented over mutual TLS, if any."""
+        if isinstance(self.connection, ssl.SSLSocket):
+            return self.connection.getpeercert(binary_form=True)
+        return None
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _serve
 

@@ -6,7 +6,9 @@ percent-encoded; `resource` is the matched resource template; `pathParameters` h
 values of its variables (`{"proxy": "allowlist/import"}`); query parameters are decoded, the last
 value in `queryStringParameters` and all of them in `multiValueQueryStringParameters`; headers
 keep the client's spelling, the last value in `headers` and all of them in `multiValueHeaders`; a
-binary body is base64 with `isBase64Encoded` true; the stage appears only in `requestContext`.
+binary body is base64 with `isBase64Encoded` true; the stage appears only in `requestContext`. On a
+custom domain with mutual TLS, the client's certificate is in `requestContext.identity.clientCert`
+(`client_cert_context`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ import base64
 import time
 import uuid
 from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 ADMIN_RESOURCE = "/v1/admin/{proxy+}"
 STAGE = "prod"
@@ -37,6 +44,7 @@ def proxy_event(
     source_ip: str = "127.0.0.1",
     request_id: str | None = None,
     domain_name: str | None = None,
+    client_cert: dict[str, Any] | None = None,
 ) -> dict:
     """The event API Gateway (REST, Lambda proxy integration) builds for one request.
 
@@ -44,7 +52,9 @@ def proxy_event(
     (name, value) pairs as received when a header may repeat. `caller_arn` is the IAM principal
     API Gateway authenticated with SigV4; None means the request was not IAM-authenticated (only
     possible on routes without IAM authorization). `path_parameters` default to `{"proxy": ...}`
-    for a `{proxy+}` resource. A `bytes` body is binary: it is sent base64-encoded.
+    for a `{proxy+}` resource. A `bytes` body is binary: it is sent base64-encoded. `client_cert`
+    is the mutual-TLS client certificate's context (`client_cert_context`), on a custom domain
+    with mutual TLS only.
     """
     parts = urlsplit(url_path)
     pairs = list(headers.items() if isinstance(headers, Mapping) else headers or ())
@@ -64,6 +74,24 @@ def proxy_event(
         (v for k, v in single_headers.items() if k.lower() == "user-agent"), "fleetkey-local"
     )
     principal_id = caller_arn.rsplit("/", 1)[-1] if caller_arn else None
+    identity: dict[str, Any] = {
+        "cognitoIdentityPoolId": None,
+        "cognitoIdentityId": None,
+        "cognitoAuthenticationType": None,
+        "cognitoAuthenticationProvider": None,
+        "apiKey": None,
+        "apiKeyId": None,
+        "principalOrgId": None,
+        "accessKey": access_key if caller_arn else None,
+        "accountId": account if caller_arn else None,
+        "caller": principal_id,
+        "userArn": caller_arn,
+        "user": principal_id,
+        "sourceIp": source_ip,
+        "userAgent": user_agent,
+    }
+    if client_cert is not None:
+        identity["clientCert"] = client_cert
     now = time.time()
     return {
         "resource": resource,
@@ -89,22 +117,7 @@ def proxy_event(
             "domainPrefix": (domain_name or "local").split(".", 1)[0],
             "domainName": domain_name or "local",
             "requestId": request_id or str(uuid.uuid4()),
-            "identity": {
-                "cognitoIdentityPoolId": None,
-                "cognitoIdentityId": None,
-                "cognitoAuthenticationType": None,
-                "cognitoAuthenticationProvider": None,
-                "apiKey": None,
-                "apiKeyId": None,
-                "principalOrgId": None,
-                "accessKey": access_key if caller_arn else None,
-                "accountId": account if caller_arn else None,
-                "caller": principal_id,
-                "userArn": caller_arn,
-                "user": principal_id,
-                "sourceIp": source_ip,
-                "userAgent": user_agent,
-            },
+            "identity": identity,
             "apiId": "local",
         },
         "body": body,
@@ -118,3 +131,39 @@ def _proxy_parameter(resource: str, path: str) -> dict[str, str] | None:
     if not brace or not variable.endswith("+}") or not path.startswith(prefix):
         return None
     return {variable[:-2]: unquote(path[len(prefix) :])}
+
+
+def client_cert_context(certificate_der: bytes) -> dict[str, Any]:
+    """`requestContext.identity.clientCert` for a client certificate that passed API Gateway's
+    mutual-TLS truststore: its PEM, its subject and issuer (RDNs in certificate order, as in AWS's
+    documented sample `C=US,ST=Washington,...,CN=My Client`), its serial number (decimal) and
+    its validity in OpenSSL's text form (`May 28 12:30:02 2019 GMT`). Only `clientCertPem` is
+    authoritative: a function reads the certificate from it, not from the text fields.
+
+    Raises:
+        ValueError: `certificate_der` is not a DER certificate.
+    """
+    certificate = x509.load_der_x509_certificate(certificate_der)
+    return {
+        "clientCertPem": certificate.public_bytes(serialization.Encoding.PEM).decode(),
+        "subjectDN": _distinguished_name(certificate.subject),
+        "issuerDN": _distinguished_name(certificate.issuer),
+        "serialNumber": str(certificate.serial_number),
+        "validity": {
+            "notBefore": _openssl_time(certificate.not_valid_before_utc),
+            "notAfter": _openssl_time(certificate.not_valid_after_utc),
+        },
+    }
+
+
+def _distinguished_name(name: x509.Name) -> str:
+    return ",".join(rdn.rfc4514_string() for rdn in name.rdns)
+
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _openssl_time(moment: datetime) -> str:
+    """OpenSSL's ASN1_TIME_print form: `Aug  5 09:36:04 2021 GMT` (the day padded with a space;
+    English month names whatever the locale)."""
+    return f"{_MONTHS[moment.month - 1]} {moment.day:2d} {moment:%H:%M:%S} {moment.year} GMT"

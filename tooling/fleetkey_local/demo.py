@@ -13,8 +13,10 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import boto3
 from botocore.credentials import Credentials
@@ -45,6 +47,21 @@ from fleetkey_local.stack import ACCOUNT, REGION, EmbeddedStack, client_factory
 # What a device reports when its enclosure is opened.
 TAMPER_PAYLOAD = {"sensor": "enclosure", "state": "opened"}
 RULE_TIMEOUT = 60.0
+# The rule AWS IoT's presence `connected` events go to (rotation commits on it).
+PRESENCE_RULE = "presence_connected"
+
+
+def presence_connected_event(client_id: str, certificate_id: str) -> dict:
+    """The event AWS IoT publishes on `$aws/events/presence/connected/<clientId>`."""
+    return {
+        "clientId": client_id,
+        "timestamp": int(time.time() * 1000),
+        "eventType": "connected",
+        "sessionIdentifier": str(uuid.uuid4()),
+        "principalIdentifier": certificate_id,
+        "ipAddress": "127.0.0.1",
+        "versionNumber": 0,
+    }
 
 
 class EmulatedIot(IotTransport):
@@ -56,6 +73,8 @@ class EmulatedIot(IotTransport):
         self._registration = load_function("registration")
         self._device_events = load_function("device_events")
         self._tamper_rule = next(rule for rule in RULES if rule.name == "tamper")
+        self._presence_rule = next(rule for rule in RULES if rule.name == PRESENCE_RULE)
+        self._rotation_events = load_function("rotation_events")
 
     def first_connect(self, device: SimulatedDevice) -> dict | None:
         event = self._stack.first_connect(device.certificate_pem, device.authority.pem)
@@ -70,6 +89,18 @@ class EmulatedIot(IotTransport):
             )
         except self._stack.harness_iot.exceptions.ResourceNotFoundException:
             return "unknown certificate"
+
+    def connect_and_settle(self, device: SimulatedDevice) -> tuple[str | None, Any]:
+        """As `connect`; an accepted connection's presence event goes to the rotation_events
+        function, as AWS IoT's presence rule delivers it."""
+        refusal = self.connect(device)
+        if refusal is not None:
+            return refusal, None
+        event = self._presence_rule.event(
+            f"$aws/events/presence/connected/{device.device_id}",
+            presence_connected_event(device.device_id, device.certificate_id),
+        )
+        return None, self._rotation_events.handler(event, LambdaContext())
 
     def report_tamper(self, device: SimulatedDevice) -> TamperReport:
         """The tamper rule's event (its SQL applied to the report), to the device_events
@@ -155,6 +186,23 @@ class MqttIot(IotTransport):
         outcome = connection.connect(client_id)
         connection.close()
         return None if outcome == "accepted" else outcome
+
+    def connect_and_settle(self, device: SimulatedDevice) -> tuple[str | None, Any]:
+        """As `connect`, then the presence rule's invocation for this connection (its
+        `connected` event names the certificate), once finished: its result."""
+        seen = len(self._emulator.invocations)
+        refusal = self.connect(device)
+        rule = next((r for r in self._emulator.rules.rules if r.name == PRESENCE_RULE), None)
+        if refusal is not None or rule is None or rule.function is None:
+            return refusal, None
+        invocation = self._invocation(
+            seen,
+            lambda i: (
+                i.rule == PRESENCE_RULE
+                and i.event.get("principalIdentifier") == device.certificate_id
+            ),
+        )
+        return None, invocation.result if invocation else None
 
 
 class HeldMqtt:

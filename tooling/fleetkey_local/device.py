@@ -1,13 +1,19 @@
-"""What a device does to get a token: sign a JWT client assertion with its own private key."""
+"""What a device does to get a token (sign a JWT client assertion with its own private key) and
+to rotate its certificate (a new key of its own, a CSR, an assertion by the current key bound to
+the CSR, then a commit proven with the new key)."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from typing import Any
 
 import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 
 from fleetkey_local.pki import PrivateKey
 
@@ -84,3 +90,48 @@ def token_request(
     if client_id is not None:
         form["client_id"] = client_id
     return form
+
+
+# ---- certificate rotation -------------------------------------------------------------------
+
+
+def rotation_csr(key: PrivateKey, device_id: str) -> x509.CertificateSigningRequest:
+    """The CSR a device sends to rotate: subject CN = its device id, signed by the new key, and
+    nothing else requested (fleetkey decides the extensions of what it issues)."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
+    algorithm = (
+        hashes.SHA384()
+        if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        else hashes.SHA256()
+    )
+    return x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, algorithm)
+
+
+def csr_sha256(csr: x509.CertificateSigningRequest) -> str:
+    """The `csr_sha256` claim: hex SHA-256 of the CSR's DER."""
+    return hashlib.sha256(csr.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def rotation_request(csr: x509.CertificateSigningRequest, assertion: str) -> dict[str, str]:
+    """The body of `POST /v1/devices/{device_id}/certificates`: the CSR (PEM) and the client
+    assertion by the current key, which must carry `csr_sha256` (`rotation_assertion`)."""
+    return {
+        "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+        "client_assertion": assertion,
+    }
+
+
+def rotation_assertion(
+    current_key: PrivateKey,
+    current_certificate_id: str,
+    device_id: str,
+    audience: str,
+    csr: x509.CertificateSigningRequest,
+    **options: Any,
+) -> str:
+    """A /v1/token client assertion by the device's current key, bound to `csr` by the claim
+    `csr_sha256`. `options` go to `client_assertion` (firmware claims, overrides for tests)."""
+    extra = {"csr_sha256": csr_sha256(csr), **(options.pop("extra_claims", None) or {})}
+    return client_assertion(
+        current_key, current_certificate_id, device_id, audience, extra_claims=extra, **options
+    )

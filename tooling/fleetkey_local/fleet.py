@@ -9,7 +9,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -17,7 +18,7 @@ from cryptography import x509
 
 from fleetkey_cli.client import AdminClient, ApiResponse, Transport
 from fleetkey_local.iot import certificate_id
-from fleetkey_local.pki import CertificateAuthority, PrivateKey, pem
+from fleetkey_local.pki import CertificateAuthority, PrivateKey, generate_key, pem
 from fleetkey_local.simulator import Simulation
 
 if TYPE_CHECKING:
@@ -44,6 +45,21 @@ class SimulatedDevice:
     allowlisted_ca: str | None = None
     # Whether TLS may already refuse it (AWS IoT checks validity; OpenSSL refuses tiny keys).
     may_fail_tls: bool = False
+    # A rotation in progress: the key the device generated for it and, once issued, its
+    # certificate. The device keeps connecting and signing with `key` until the commit is
+    # confirmed; a rollback leaves it there.
+    pending_key: PrivateKey | None = None
+    pending_certificate: x509.Certificate | None = None
+    # The factory identity (it survives decommission: a recommissioned device re-onboards with
+    # it), and every certificate id the device was given, factory first.
+    factory: tuple[PrivateKey, x509.Certificate] | None = field(default=None, repr=False)
+    certificate_ids: list[str] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.factory is None:
+            self.factory = (self.key, self.certificate)
+        if not self.certificate_ids:
+            self.certificate_ids.append(self.certificate_id)
 
     @property
     def serial_number(self) -> str:
@@ -56,6 +72,56 @@ class SimulatedDevice:
     @property
     def certificate_id(self) -> str:
         return certificate_id(self.certificate_pem)
+
+    # ---- rotation: what the device keeps --------------------------------------------------------
+
+    def new_csr(self, key_kind: str = "ec:secp256r1") -> x509.CertificateSigningRequest:
+        """A new key of the device's own (P-256 by default, which every profile allows), kept
+        as pending, and the CSR for it."""
+        from fleetkey_local.device import rotation_csr
+
+        self.pending_key, self.pending_certificate = generate_key(key_kind), None
+        return rotation_csr(self.pending_key, self.device_id)
+
+    def issued(self, certificate_pem: str) -> None:
+        """Keeps the certificate a rotation request returned, beside the current one."""
+        self.pending_certificate = x509.load_pem_x509_certificate(certificate_pem.encode())
+        self.certificate_ids.append(certificate_id(certificate_pem))
+
+    def pending_identity(self) -> SimulatedDevice:
+        """The device as it presents itself with the new key and certificate (to connect with
+        them, or to prove the new key), its own state untouched."""
+        if self.pending_key is None or self.pending_certificate is None:
+            raise RuntimeError(f"{self.device_id} has no issued pending certificate")
+        return replace(
+            self.snapshot(),
+            key=self.pending_key,
+            certificate=self.pending_certificate,
+            pending_key=None,
+            pending_certificate=None,
+        )
+
+    def snapshot(self) -> SimulatedDevice:
+        """A copy of the device as it is now (to present an identity it gives up later)."""
+        return replace(self, certificate_ids=list(self.certificate_ids))
+
+    def commit_confirmed(self) -> SimulatedDevice:
+        """The rotation is committed: the new key and certificate become the device's own. The
+        old identity is returned (to show it is refused from now on); the device forgets it."""
+        old = self.snapshot()
+        new = self.pending_identity()
+        self.key, self.certificate = new.key, new.certificate
+        self.pending_key = self.pending_certificate = None
+        return old
+
+    def rotation_abandoned(self) -> None:
+        """The rotation was rolled back: the device forgets the new key and stays as it is."""
+        self.pending_key = self.pending_certificate = None
+
+    def factory_reset(self) -> None:
+        """What a device does on the reset command: back to its factory identity only."""
+        self.key, self.certificate = self.factory
+        self.pending_key = self.pending_certificate = None
 
 
 @dataclass
@@ -190,6 +256,13 @@ class IotTransport:
 
     def hold(self, device: SimulatedDevice) -> HeldConnection | None:
         return None
+
+    def connect_and_settle(self, device: SimulatedDevice) -> tuple[str | None, Any]:
+        """Connect as `connect` does and wait until AWS IoT's presence rule delivered the
+        connected event to its function (rotation_events, which commits a pending certificate
+        the device connects with): the refusal (or None) and the function's result (None when
+        no event was delivered)."""
+        return self.connect(device), None
 
 
 # ---- phases ---------------------------------------------------------------------------------
@@ -358,8 +431,21 @@ def post_form(url: str, form: dict) -> tuple[int, dict]:
 
 
 def post_json(url: str, body: dict) -> tuple[int, dict]:
-    """A device's JSON POST (the data-key route), JSON back."""
+    """A device's JSON POST (the data-key and rotation routes), JSON back."""
     return _post(url, json.dumps(body).encode(), "application/json")
+
+
+def get_bytes(url: str, accept: str) -> tuple[int, bytes]:
+    """A GET of the public CA and CRL routes: the status and the body as sent. `accept` is the
+    media type asked for (API Gateway sends a binary one as bytes only when asked first)."""
+    # `url` is one the fleet built from the local gateway's http(s) base URL
+    request = urllib.request.Request(url, method="GET", headers={"accept": accept})  # noqa: S310
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
 
 
 def _post(url: str, data: bytes, content_type: str) -> tuple[int, dict]:
@@ -375,13 +461,18 @@ def _post(url: str, data: bytes, content_type: str) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read() or b"{}")
 
 
+def attestation(device: SimulatedDevice) -> dict[str, str]:
+    """The firmware claims a device's assertions carry (a pump attests its firmware)."""
+    if device.profile == "infusion-pump":
+        return {"firmware_version": PUMP_FIRMWARE[0], "firmware_sha256": PUMP_FIRMWARE[1]}
+    return {}
+
+
 def device_assertion(api_url: str, device: SimulatedDevice, **options) -> str:
     """A device's client assertion (as for /v1/token), with a pump's firmware attestation."""
     from fleetkey_local.device import client_assertion
 
-    if device.profile == "infusion-pump":
-        options.setdefault("firmware_version", PUMP_FIRMWARE[0])
-        options.setdefault("firmware_sha256", PUMP_FIRMWARE[1])
+    options = {**attestation(device), **options}
     return client_assertion(device.key, device.certificate_id, device.device_id, api_url, **options)
 
 
@@ -543,6 +634,57 @@ class DeviceApi:
             f"{self.api_url}/v1/devices/{_segment(device_id or device.device_id)}/data-key",
             {"client_assertion": device_assertion(self.api_url, device)},
         )
+
+    def rotate(self, device: SimulatedDevice) -> tuple[int, dict]:
+        """The device asks for a new certificate: a new key and its CSR, proven by an assertion
+        of its current key bound to the CSR (`csr_sha256`). The certificate of a 201 is kept as
+        the device's pending one."""
+        from fleetkey_local.device import rotation_assertion, rotation_request
+
+        csr = device.new_csr()
+        assertion = rotation_assertion(
+            device.key,
+            device.certificate_id,
+            device.device_id,
+            self.api_url,
+            csr,
+            **attestation(device),
+        )
+        answer = post_json(
+            f"{self.api_url}/v1/devices/{_segment(device.device_id)}/certificates",
+            rotation_request(csr, assertion),
+        )
+        if answer[0] == 201:
+            device.issued(answer[1]["certificate_pem"])
+        return answer
+
+    def commit(self, device: SimulatedDevice) -> tuple[int, dict]:
+        """The device commits its pending certificate, proving the new key (an assertion signed
+        by it, `kid` = the new certificate's id). A 200 is the confirmation: from then on the
+        device uses the new key and certificate only."""
+        new = device.pending_identity()
+        answer = post_json(
+            f"{self.api_url}/v1/devices/{_segment(device.device_id)}/certificates/"
+            f"{new.certificate_id}/commit",
+            {"client_assertion": device_assertion(self.api_url, new)},
+        )
+        if answer[0] == 200:
+            device.commit_confirmed()
+        return answer
+
+    def ca_chain(self) -> list[x509.Certificate]:
+        """`GET /v1/pki/ca`: the issuing CA, then its chain up to the root."""
+        status, body = get_bytes(f"{self.api_url}/v1/pki/ca", "application/pem-certificate-chain")
+        if status != 200:
+            raise RuntimeError(f"GET /v1/pki/ca answered {status}")
+        return x509.load_pem_x509_certificates(body)
+
+    def crl(self) -> x509.CertificateRevocationList:
+        """`GET /v1/pki/crl`: the issuing CA's CRL (DER)."""
+        status, body = get_bytes(f"{self.api_url}/v1/pki/crl", "application/pkix-crl")
+        if status != 200:
+            raise RuntimeError(f"GET /v1/pki/crl answered {status}")
+        return x509.load_der_x509_crl(body)
 
 
 @dataclass
@@ -962,6 +1104,207 @@ def _backend_reads(
     return payload == _telemetry(device, life)
 
 
+# ---- certificate rotation -------------------------------------------------------------------
+
+
+def _issued_by(certificate: x509.Certificate | None, chain: list[x509.Certificate]) -> bool:
+    """Whether `certificate` was signed by the chain's first certificate (the issuing CA)."""
+    from cryptography.exceptions import InvalidSignature
+
+    if certificate is None or not chain:
+        return False
+    try:
+        certificate.verify_directly_issued_by(chain[0])
+    except (InvalidSignature, TypeError, ValueError):
+        return False
+    return True
+
+
+@dataclass
+class CertificateRotation:
+    """A device replaces its factory certificate by one from fleetkey's issuing CA (whose key
+    is in KMS), then rotates once more. Each time it makes a new key and a CSR, proves the
+    request with its current key, and keeps its old key until the rotation is committed: the
+    first by reconnecting with the new certificate (AWS IoT's connected event commits it), the
+    second by calling commit with the new key. It gets tokens with the new certificate; the old
+    one is refused (token and MQTT) and, once fleetkey issued it, listed in the CRL. Another
+    device asks for a certificate and never uses it: the scheduled sweep, run past the commit
+    deadline, rolls the rotation back; the new certificate is refused, the old one still works.
+
+    `sweep(now)` runs the scheduled sweep as of `now` and returns its counts."""
+
+    api: DeviceApi
+    transport: IotTransport
+    admin: AdminClient
+    relying_party: RelyingParty
+    sweep: Callable[[datetime], dict]
+    fleet: Fleet
+    name: str = "a device rotates to certificates from fleetkey's CA; an unused one is rolled back"
+
+    def run(self, sim: Simulation) -> None:
+        device, laggard = self.fleet.devices[1], self.fleet.devices[0]
+        chain = self.api.ca_chain()
+        if self._first_rotation(sim, device, chain):
+            self._second_rotation(sim, device, chain)
+        self._rollback(sim, laggard, chain)
+
+    def _request(self, sim: Simulation, device: SimulatedDevice, chain) -> dict | None:
+        """A rotation request; its 201 answer, or None."""
+        status, body = sim.measure(
+            "device: rotation request (CSR, assertion by the current key)",
+            lambda: self.api.rotate(device),
+        )
+        issued = device.pending_certificate
+        ok = sim.expect(
+            status == 201
+            and issued is not None
+            and _issued_by(issued, chain)
+            and issued.subject.rfc4514_string() == f"CN={device.device_id}"
+            and issued.public_key() == device.pending_key.public_key()
+            and body.get("certificate_id") == certificate_id(pem(issued)),
+            f"{device.device_id} sends a CSR for a new key of its own: 201, a certificate for "
+            f"that key from fleetkey's issuing CA{'' if status == 201 else f' ({status} {body})'}",
+        )
+        return body if ok else None
+
+    def _refused(self, sim: Simulation, identity: SimulatedDevice, what: str) -> None:
+        token = sim.measure(
+            "device: access token with a replaced certificate (refused)",
+            lambda: self.api.token(identity),
+        )
+        refusal = sim.measure(
+            "device: connect with a replaced certificate (refused)",
+            lambda: self.transport.connect(identity),
+        )
+        sim.expect(
+            refused(token) and refusal is not None,
+            f"the {what} is refused: token (invalid_client) and MQTT ({refusal})",
+        )
+
+    def _works(self, sim: Simulation, identity: SimulatedDevice) -> tuple[str | None, int]:
+        refusal = sim.measure("device: connect", lambda: self.transport.connect(identity))
+        status, _ = sim.measure("device: get access token", lambda: self.api.token(identity))
+        return refusal, status
+
+    def _first_rotation(self, sim: Simulation, device: SimulatedDevice, chain) -> bool:
+        earlier = _issue(sim, self.api, device)  # a token bound to the factory certificate
+        if self._request(sim, device, chain) is None:
+            return False
+        refusal, outcome = sim.measure(
+            "device: reconnect with the new certificate (the connected event commits)",
+            lambda: self.transport.connect_and_settle(device.pending_identity()),
+        )
+        status, _ = sim.measure(
+            "device: get access token", lambda: self.api.token(device.pending_identity())
+        )
+        if isinstance(outcome, dict):  # the rotation_events function's answer
+            outcome = outcome.get("outcome")
+        if not sim.expect(
+            refusal is None and status == 200,
+            f"it reconnects with the new certificate (the connected event: {outcome}) and gets "
+            "a token with it",
+        ):
+            return False
+        factory = device.commit_confirmed()
+        view = sim.measure(
+            "admin: rotation status", lambda: self.admin.rotation_status(device.device_id)
+        )
+        sim.expect(
+            _current_certificate(view) == device.certificate_id,
+            "the operator's rotation status shows the new certificate current",
+        )
+        self._refused(sim, factory, "factory certificate")
+        sim.expect(
+            earlier is not None and not _introspect(sim, self.relying_party, earlier),
+            "a token bound to the factory certificate is inactive in introspection",
+        )
+        return True
+
+    def _second_rotation(self, sim: Simulation, device: SimulatedDevice, chain) -> None:
+        if self._request(sim, device, chain) is None:
+            return
+        previous = device.snapshot()
+        status, _ = sim.measure(
+            "device: commit (assertion by the new key)", lambda: self.api.commit(device)
+        )
+        if not sim.expect(status == 200, "it commits its next rotation itself, with the new key"):
+            return
+        refusal, token = self._works(sim, device)
+        sim.expect(
+            refusal is None and token == 200,
+            "it connects and gets tokens with its newest certificate",
+        )
+        self._refused(sim, previous, "certificate it replaced")
+        crl = sim.measure("device: read the CRL (GET /v1/pki/crl)", self.api.crl)
+        serial = previous.certificate.serial_number
+        sim.expect(
+            crl.is_signature_valid(chain[0].public_key())
+            and crl.get_revoked_certificate_by_serial_number(serial) is not None,
+            "the CRL, signed by the issuing CA, lists the replaced certificate's serial "
+            f"({len(crl)} revoked)",
+        )
+
+    def _rollback(self, sim: Simulation, device: SimulatedDevice, chain) -> None:
+        answer = self._request(sim, device, chain)
+        if answer is None:
+            return
+        abandoned = device.pending_identity()
+        moment = datetime.fromisoformat(answer["commit_deadline"]) + timedelta(seconds=1)
+        # One sweep reads at most a few hundred due devices: in a large fleet whose factory
+        # certificates are all due for renewal, the rollback may come in a later sweep.
+        counts: Counter[str] = Counter()
+        for _ in range(MAX_SWEEPS):
+            done = sim.measure(
+                "schedule: sweep past the commit deadline (rollback)",
+                lambda: self.sweep(moment),
+            )
+            counts.update({k: v for k, v in done.items() if isinstance(v, int)})
+            counts["sweeps"] += 1
+            if counts["rolled_back"] or not done.get("due"):
+                break
+        device.rotation_abandoned()
+        sim.expect(
+            counts["rolled_back"] >= 1,
+            "another device never uses its new certificate: the sweep past the deadline rolls "
+            f"the rotation back ({_counts(counts)})",
+        )
+        token = self.api.token(abandoned)
+        refusal = self.transport.connect(abandoned)
+        sim.expect(
+            refused(token) and refusal is not None,
+            f"its rolled-back certificate is refused: token (invalid_client) and MQTT ({refusal})",
+        )
+        refusal, status = self._works(sim, device)
+        sim.expect(
+            refusal is None and status == 200,
+            "its old certificate still connects and gets tokens",
+        )
+
+
+# The most sweeps the rotation phase runs to see its rollback.
+MAX_SWEEPS = 20
+
+
+def scheduled_sweep() -> Callable[[datetime], dict]:
+    """The sweep the rotation_events function runs every minute, with that function's own
+    services (its AWS calls count as any function's), as of a given moment: its schedule cannot
+    be told the time, and the demo does not wait an hour for a commit deadline to pass."""
+    from fleetkey_local.functions import load_function
+
+    function = load_function("rotation_events")
+    return lambda now: function.components().rotation.sweep(now)
+
+
+def _current_certificate(view: dict) -> str | None:
+    """The current certificate's id in a rotation status (GET /v1/admin/devices/{id}/rotation)."""
+    return (view.get("current") or {}).get("certificate_id")
+
+
+def _counts(counts: dict) -> str:
+    done = [f"{name} {n}" for name, n in sorted(counts.items()) if isinstance(n, int) and n]
+    return ", ".join(done) or "nothing done"
+
+
 @dataclass
 class Decommission:
     """The operator decommissions the whole fleet: each device is DECOMMISSIONED in the answer
@@ -1084,6 +1427,9 @@ class Decommission:
                 == 409
             )
             _inactive(sim, self.relying_party, earlier.get(device.device_id), tally, "inactive")
+            # It heard the reset command (or hears it at its next connection): a device that
+            # rotated goes back to its factory identity, the one it re-onboards with.
+            device.factory_reset()
         return draining
 
     def _measured_converge(self, sim: Simulation):
@@ -1100,7 +1446,8 @@ class Decommission:
     def _nothing_left_in_aws_iot(self, sim: Simulation) -> None:
         iot = self.stack.harness_iot
         ids = {d.device_id for d in self.fleet.devices}
-        certificates = {d.certificate_id for d in self.fleet.devices}
+        # Every certificate a device was given: factory, rotated, replaced and rolled back.
+        certificates = {c for d in self.fleet.devices for c in d.certificate_ids}
         things = {
             thing["thingName"]
             for page in iot.get_paginator("list_things").paginate()
@@ -1339,6 +1686,7 @@ def lifecycle_phases(
         SuspendAndResume(operator, relying_party, transport, api, fleet),
         TamperReports(transport, operator, admin, api, fleet),
         DataKeyRoundTrip(api, operator, cloud.kms, fleet),
+        CertificateRotation(api, transport, admin, relying_party, scheduled_sweep(), fleet),
         Decommission(operator, relying_party, transport, api, cloud.stack, fleet),
         RecommissionAndTransfer(operator, relying_party, transport, api, cloud.kms, fleet),
         LifecycleAuditTrails(admin, fleet),

@@ -50,7 +50,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -114,6 +114,14 @@ def _snapshot(mapping: dict) -> list:
     return list(dict(mapping).items())
 
 
+def registry_backend(account: str = ACCOUNT, region: str = REGION):
+    """The AWS IoT registry of moto's backend in this process (certificates, CAs, things,
+    policies), read directly: what AWS IoT's own connection handling sees."""
+    from moto.iot.models import iot_backends
+
+    return iot_backends[account][region]
+
+
 # ---- the endpoint's PKI -----------------------------------------------------------------------
 
 
@@ -131,9 +139,15 @@ def _key_pem(key) -> bytes:
     )
 
 
-def ensure_endpoint_pki(state_dir: Path, hosts: Sequence[str]) -> tuple[Path, Path, Path]:
+def ensure_endpoint_pki(
+    state_dir: Path,
+    hosts: Sequence[str],
+    server_files: tuple[str, str] = (SERVER_CERT_FILE, SERVER_KEY_FILE),
+) -> tuple[Path, Path, Path]:
     """The endpoint CA (created once per state directory and kept, so devices keep trusting it)
-    and a fresh server certificate for `hosts`. Returns (CA, server certificate, server key)."""
+    and a fresh server certificate for `hosts`, written to `server_files` (certificate, key) in
+    the state directory: each local TLS endpoint has its own. Returns (CA, server certificate,
+    server key)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     ca_path, ca_key_path = state_dir / ENDPOINT_CA_FILE, state_dir / ENDPOINT_CA_KEY_FILE
     now = datetime.now(UTC)
@@ -228,20 +242,34 @@ def ensure_endpoint_pki(state_dir: Path, hosts: Sequence[str]) -> tuple[Path, Pa
         )
         .sign(ca_key, hashes.SHA256())
     )
-    server_path, server_key_path = state_dir / SERVER_CERT_FILE, state_dir / SERVER_KEY_FILE
+    server_path, server_key_path = state_dir / server_files[0], state_dir / server_files[1]
     _write(server_key_path, _key_pem(server_key), private=True)
     _write(server_path, server_cert.public_bytes(serialization.Encoding.PEM))
     return ca_path, server_path, server_key_path
 
 
 class TrustStore:
-    """The server's TLS context: client certificates must chain to a CA certificate registered in
-    AWS IoT. Rebuilt when the registered CAs change (checked on every connection: a dict read)."""
+    """A TLS server context whose client certificates must chain to a CA certificate registered in
+    AWS IoT (and, when given, to one of `extra_anchors()`: PEM texts, e.g. fleetkey's issuing CA
+    chain for the EST listener). Rebuilt when the registered CAs or the extra anchors change
+    (checked on every connection: a dict read, and whatever `extra_anchors` reads).
+    `verify_mode` is CERT_REQUIRED (AWS IoT) or CERT_OPTIONAL (a certificate, if presented, must
+    be trusted)."""
 
-    def __init__(self, backend, certfile: Path, keyfile: Path) -> None:
+    def __init__(
+        self,
+        backend,
+        certfile: Path,
+        keyfile: Path,
+        *,
+        extra_anchors: Callable[[], Iterable[str]] | None = None,
+        verify_mode: ssl.VerifyMode = ssl.CERT_REQUIRED,
+    ) -> None:
         self._backend = backend
         self._certfile, self._keyfile = certfile, keyfile
-        self._key: frozenset[str] | None = None
+        self._extra_anchors = extra_anchors
+        self._verify_mode = verify_mode
+        self._key: tuple[frozenset[str], frozenset[str]] | None = None
         self._context: ssl.SSLContext | None = None
         self._lock = threading.Lock()
         self.rebuilds = 0
@@ -249,24 +277,30 @@ class TrustStore:
     def context(self) -> ssl.SSLContext:
         registered = _snapshot(self._backend().ca_certificates)
         cas = {ca_id: ca.certificate_pem for ca_id, ca in registered}
-        key = frozenset(cas)
+        extra = frozenset(self._extra_anchors() if self._extra_anchors is not None else ())
+        key = (frozenset(cas), extra)
         with self._lock:
             if self._context is None or key != self._key:
-                self._context = self._build(cas)
+                self._context = self._build(cas, extra)
                 self._key = key
                 self.rebuilds += 1
             return self._context
 
-    def _build(self, cas: dict[str, str]) -> ssl.SSLContext:
+    def _build(self, cas: dict[str, str], extra: frozenset[str]) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(self._certfile, self._keyfile)
-        context.verify_mode = ssl.CERT_REQUIRED
-        for ca_id, pem in cas.items():
+        context.verify_mode = self._verify_mode
+        # A registered CA is a trust anchor even when it is not self-signed (an intermediate, or
+        # fleetkey's issuing CA under a customer's root), as AWS IoT treats it.
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        anchors = [(f"registered CA {ca_id}", pem) for ca_id, pem in cas.items()]
+        anchors += [("trust anchor", pem) for pem in sorted(extra)]
+        for name, pem in anchors:
             try:
                 context.load_verify_locations(cadata=pem)
             except (ssl.SSLError, ValueError) as exc:  # moto stores whatever it was given
-                logger.warning("registered CA %s is not a usable certificate: %s", ca_id, exc)
+                logger.warning("%s is not a usable certificate: %s", name, exc)
         return context
 
 
@@ -691,9 +725,7 @@ class IotCoreEmulator:
         return self.address[1]
 
     def _backend(self):
-        from moto.iot.models import iot_backends
-
-        return iot_backends[self.account][self.region]
+        return registry_backend(self.account, self.region)
 
     def start(self, timeout: float = 30.0) -> IotCoreEmulator:
         if self.running:

@@ -1,7 +1,7 @@
 """Create fleetkey's resources on an AWS endpoint (moto here) from the same definitions the CDK
-stack uses: the table layout from fleetkey.store.schema, IoT policies and thing types from the
-device profiles, the token signing key, the data-key wrapping key, and the lifecycle queues
-(`fleetkey_local.queues.provision_lifecycle_queues`)."""
+stack uses: the table layout (with its `due` index) from fleetkey.store.schema, IoT policies and
+thing types from the device profiles, the token signing key, the data-key wrapping key, and the
+lifecycle queues (`fleetkey_local.queues.provision_lifecycle_queues`)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,23 @@ def create_table(dynamodb, table_name: str) -> None:
             AttributeDefinitions=[
                 {"AttributeName": schema.PARTITION_KEY, "AttributeType": "S"},
                 {"AttributeName": schema.SORT_KEY, "AttributeType": "S"},
+                *(
+                    {"AttributeName": name, "AttributeType": kind}
+                    for partition, sort in schema.SPARSE_INDEXES.values()
+                    for name, kind in ((partition, "S"), (sort, "N"))
+                ),
+            ],
+            # The rotation sweep's sparse indexes: devices with something due, by shard and time.
+            GlobalSecondaryIndexes=[
+                {
+                    "IndexName": name,
+                    "KeySchema": [
+                        {"AttributeName": partition, "KeyType": "HASH"},
+                        {"AttributeName": sort, "KeyType": "RANGE"},
+                    ],
+                    "Projection": {"ProjectionType": "KEYS_ONLY"},
+                }
+                for name, (partition, sort) in schema.SPARSE_INDEXES.items()
             ],
             BillingMode="PAY_PER_REQUEST",
         )

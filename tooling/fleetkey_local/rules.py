@@ -182,8 +182,9 @@ class Rule:
 
 RULES: list[Rule] = [
     Rule.select_all("registration", REGISTRATION_RULE_SQL, "registration"),
-    # Rotation commit will take these (principalIdentifier = the certificate id).
-    Rule.select_all("presence_connected", PRESENCE_CONNECTED_RULE_SQL, None),
+    # A device connected: rotation_events commits the pending certificate it connected with
+    # (principalIdentifier = the certificate id).
+    Rule.select_all("presence_connected", PRESENCE_CONNECTED_RULE_SQL, "rotation_events"),
     # A device reports tampering on fleetkey/<device id>/events/tamper: suspend it.
     Rule.select_all("tamper", TAMPER_RULE_SQL, "device_events"),
 ]

@@ -1,13 +1,22 @@
 """`make serve`: the local stack, running until interrupted.
 
-    python -m fleetkey_local.serve [--api-port 8080] [--mqtt-port 8883] [--state-dir build/local]
-        [--token-rate-limit N] [--discovery-rate-limit N] [--rate-limit-window S]
-        [--no-rate-limits]
+    python -m fleetkey_local.serve [--api-port 8080] [--mqtt-port 8883] [--est-port 8443]
+        [--state-dir build/local] [--token-rate-limit N] [--discovery-rate-limit N]
+        [--rate-limit-window S] [--no-rate-limits] [--rotation-sweep-seconds 60]
 
-AWS (moto) on 127.0.0.1, the resources created from the definitions the CDK stack uses, the API
-on a local API gateway, AWS IoT Core as an MQTT broker over TLS, the lifecycle queue's event source
-mapping feeding the converge function, and a demo manufacturer CA whose files (certificate and
-key) let you make devices that register just in time.
+AWS (moto) on 127.0.0.1, the resources created from the definitions the CDK stack uses (and the
+issuing CA, as `fleetkey pki init` makes it), the API on a local API gateway, the same API over
+HTTPS with client certificates for EST (a custom domain with mutual TLS), AWS IoT Core as an MQTT
+broker over TLS, the lifecycle queue's event source mapping feeding the converge function, the
+rotation sweep's schedule (the rotation_events function every minute), and a demo manufacturer CA
+whose files (certificate and key) let you make devices that register just in time.
+
+The EST listener's server certificate is issued by the local endpoint CA (the state directory's
+`iot-endpoint-ca.pem`, which devices trust for AWS IoT too). Its truststore is AWS IoT's: the CA
+certificates registered in AWS IoT (the manufacturer CAs, and the issuing CA, which fleetkey
+registers), read again whenever they change, plus the issuing CA's chain up to its root. A client
+certificate is optional at the TLS handshake (RFC 7030 lets /cacerts be anonymous) but must be
+trusted when presented; simplereenroll is refused without one by the rotation function.
 
 The API applies the deployed stack's per-client limits (cdk.json's context, else
 `fleetkey_infra.edge`'s defaults) per client address; the options override them (any positive
@@ -17,29 +26,50 @@ numbers: small ones let a test trip them) or turn them off.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import logging
 import os
 import signal
+import ssl
 import sys
 import threading
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+from fleetkey.errors import FleetkeyError
 from fleetkey_infra.edge import EdgeConfig, RateLimit
 from fleetkey_local.api_gateway import (
+    DEFAULT_MUTUAL_TLS_PORT,
     LOCAL_OPERATOR_ARN,
     LOCAL_RELYING_PARTY_ARN,
     LOCAL_RELYING_PARTY_KEY,
     LocalApiGateway,
+    MutualTlsDomain,
     local_operator,
 )
-from fleetkey_local.iot_core import IotCoreEmulator
+from fleetkey_local.functions import LambdaContext, load_function
+from fleetkey_local.iot_core import (
+    IotCoreEmulator,
+    TrustStore,
+    ensure_endpoint_pki,
+    registry_backend,
+)
 from fleetkey_local.pki import CertificateAuthority, key_pem
 from fleetkey_local.queues import QueueWorker
 from fleetkey_local.server import local_aws
 from fleetkey_local.stack import ACCOUNT, REGION, EmbeddedStack, client_factory
 
+log = logging.getLogger("fleetkey_local.serve")
+
 DEMO_CA = "demo-factory"
+EST_SERVER_FILES = ("est-server.pem", "est-server.key")
+# The deployed schedule's rate (fleetkey_infra.constants.ROTATION_SWEEP_RATE: one minute).
+ROTATION_SWEEP_SECONDS = 60
+ROTATION_SWEEP_RULE = "fleetkey-local-rotation-sweep"
 
 
 def write_demo_ca(stack: EmbeddedStack, state_dir: Path) -> CertificateAuthority:
@@ -52,6 +82,129 @@ def write_demo_ca(stack: EmbeddedStack, state_dir: Path) -> CertificateAuthority
     key_file.write_text(key_pem(authority.key))
     key_file.chmod(0o600)
     return authority
+
+
+def issuing_ca_anchors(stack: EmbeddedStack) -> Callable[[], tuple[str, ...]]:
+    """The issuing CA's chain (PEM, the CA then its issuers up to the root) as the EST
+    truststore's extra anchors; none while no issuing CA is active."""
+
+    def anchors() -> tuple[str, ...]:
+        try:
+            return (stack.pki.chain_pem(),)
+        except FleetkeyError:
+            return ()
+
+    return anchors
+
+
+def est_truststore(stack: EmbeddedStack, state_dir: Path, host: str) -> TrustStore:
+    """The EST listener's TLS context: a server certificate of the local endpoint CA, and AWS
+    IoT's registered CAs plus the issuing CA's chain as trust anchors; a client certificate is
+    optional, and must be trusted when presented."""
+    _, certfile, keyfile = ensure_endpoint_pki(state_dir, [host], EST_SERVER_FILES)
+    return TrustStore(
+        lambda: registry_backend(ACCOUNT, REGION),
+        certfile,
+        keyfile,
+        extra_anchors=issuing_ca_anchors(stack),
+        verify_mode=ssl.CERT_OPTIONAL,
+    )
+
+
+def scheduled_event(
+    rule_arn: str, *, account: str = ACCOUNT, region: str = REGION, now: datetime | None = None
+) -> dict[str, Any]:
+    """The event an EventBridge schedule sends its target (events/scheduled-maintenance.json)."""
+    moment = now or datetime.now(UTC)
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": account,
+        "time": moment.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "region": region,
+        "resources": [rule_arn],
+        "detail": {},
+    }
+
+
+class RateSchedule:
+    """An EventBridge rule `rate(<interval>)` with a function as its target: every `interval`
+    seconds (the first time one interval after `start`, as EventBridge's first), the function
+    (functions/<name>, or a handler) is invoked with the scheduled event, in the schedule's own
+    thread, one invocation at a time. A failed invocation is logged and counted, not retried
+    (Lambda would retry it twice; the next run repeats the work anyway)."""
+
+    def __init__(
+        self,
+        rule_name: str,
+        function: str | Callable[[dict, Any], Any],
+        interval: float = ROTATION_SWEEP_SECONDS,
+        *,
+        account: str = ACCOUNT,
+        region: str = REGION,
+    ) -> None:
+        if interval <= 0:
+            raise ValueError("a schedule's interval must be positive")
+        self.rule_arn = f"arn:aws:events:{region}:{account}:rule/{rule_name}"
+        self.function = function
+        self.interval = interval
+        self.account, self.region = account, region
+        self.runs = self.failures = 0
+        self.last_result: Any = None
+        self._handler: Callable[[dict, Any], Any] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def function_name(self) -> str:
+        if isinstance(self.function, str):
+            return self.function
+        return getattr(self.function, "__name__", type(self.function).__name__)
+
+    def start(self) -> RateSchedule:
+        self._handler = (
+            load_function(self.function).handler
+            if isinstance(self.function, str)
+            else self.function
+        )
+        self._thread = threading.Thread(
+            target=self._run, name=f"schedule-{self.function_name}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """No further run; waits for a run in progress."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.invoke()
+
+    def invoke(self) -> Any:
+        """One scheduled invocation now; its result (None when it failed)."""
+        if self._handler is None:
+            raise RuntimeError("the schedule is not started")
+        name = f"fleetkey-{self.function_name}"
+        context = LambdaContext(
+            function_name=name,
+            invoked_function_arn=f"arn:aws:lambda:{self.region}:{self.account}:function:{name}",
+            aws_request_id=str(uuid.uuid4()),
+        )
+        event = scheduled_event(self.rule_arn, account=self.account, region=self.region)
+        self.runs += 1
+        try:
+            self.last_result = self._handler(event, context)
+        except Exception:  # an asynchronous invocation's failure stays in its log
+            self.failures += 1
+            self.last_result = None
+            log.exception("scheduled %s failed", self.function_name)
+        return self.last_result
 
 
 def _positive(text: str) -> int:
@@ -100,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fleetkey-serve", description=__doc__.splitlines()[0])
     parser.add_argument("--api-port", type=int, default=8080)
     parser.add_argument("--mqtt-port", type=int, default=8883)
+    parser.add_argument(
+        "--est-port",
+        type=int,
+        default=DEFAULT_MUTUAL_TLS_PORT,
+        help="the API over HTTPS with client certificates, for EST (0: any free port)",
+    )
     parser.add_argument("--state-dir", type=Path, default=Path("build/local"))
     parser.add_argument(
         "--token-rate-limit",
@@ -121,12 +280,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="no per-client limits (e.g. to load-test from one address)",
     )
+    parser.add_argument(
+        "--rotation-sweep-seconds",
+        type=_positive,
+        default=ROTATION_SWEEP_SECONDS,
+        help="how often the rotation sweep (rotation_events) runs; deployed: every minute",
+    )
     args = parser.parse_args(argv)
     limits = rate_limits(args)
     args.state_dir.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with local_aws() as endpoint:
+    with local_aws() as endpoint, contextlib.ExitStack() as started:
         stack = EmbeddedStack(client_factory(endpoint)).provision()
         settings = stack.settings
         # The functions read the provisioned resources' ids from their environment, as deployed.
@@ -141,10 +306,22 @@ def main(argv: list[str] | None = None) -> int:
             region=REGION,
             account=ACCOUNT,
         )
+        # Everything started is stopped on the way out, in reverse order, whatever fails.
         api.start()
+        started.callback(api.stop)
         os.environ["FLEETKEY_ISSUER"] = api.url  # the functions' issuer is this API's address
         iot.start()
+        started.callback(iot.stop)
+        est = MutualTlsDomain(
+            api, est_truststore(stack, args.state_dir, "127.0.0.1").context, port=args.est_port
+        )
+        est.start()
+        started.callback(est.stop)
+        sweep = RateSchedule(ROTATION_SWEEP_RULE, "rotation_events", args.rotation_sweep_seconds)
+        sweep.start()
+        started.callback(sweep.stop)
         lifecycle.start()
+        started.callback(lifecycle.stop)
         print(
             f"fleetkey local stack\n"
             f"  API            {api.url}  (admin routes need SigV4: see README)\n"
@@ -152,11 +329,15 @@ def main(argv: list[str] | None = None) -> int:
             f"  operator       {LOCAL_OPERATOR_ARN} (access key {local_operator().access_key})\n"
             f"  relying party  {LOCAL_RELYING_PARTY_ARN} (access key {LOCAL_RELYING_PARTY_KEY}; "
             f"introspection only)\n"
+            f"  EST (mTLS)     {est.url}/.well-known/est/  (client certificate of a registered "
+            f"CA or the issuing CA; required for simplereenroll)\n"
+            f"  issuing CA     {api.url}/v1/pki/ca (CRL: {api.url}/v1/pki/crl)\n"
             f"  AWS IoT (MQTT) mqtts://{iot.address[0]}:{iot.address[1]}  "
             f"(client certificate required)\n"
             f"  lifecycle      {settings.lifecycle_queue_url} -> converge "
             f"({describe_redrive(lifecycle)})\n"
-            f"  endpoint CA    {iot.endpoint_ca_path}\n"
+            f"  rotation sweep rotation_events every {sweep.interval} s (scheduled event)\n"
+            f"  endpoint CA    {iot.endpoint_ca_path}  (the MQTT and EST servers' issuer)\n"
             f"  demo factory   {args.state_dir / (DEMO_CA + '.pem')} and .key "
             f"(registered manufacturer CA)\n"
             f"  AWS (moto)     {endpoint}\n"
@@ -168,10 +349,6 @@ def main(argv: list[str] | None = None) -> int:
                 pass
         except KeyboardInterrupt:
             pass
-        finally:
-            lifecycle.stop()
-            iot.stop()
-            api.stop()
     return 0
 
 

@@ -10,7 +10,11 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from fleetkey.settings import LOCAL_TOKEN_KEY_RETIRER_ROLE_ARNS, LOCAL_TOKEN_SIGNER_ROLE_ARN
+from fleetkey.settings import (
+    LOCAL_ISSUING_CA_SIGNER_ROLE_ARNS,
+    LOCAL_TOKEN_KEY_RETIRER_ROLE_ARNS,
+    LOCAL_TOKEN_SIGNER_ROLE_ARN,
+)
 from fleetkey_local import moto_patches
 from fleetkey_local.stack import REGION, TABLE
 
@@ -35,6 +39,11 @@ def function_environment(endpoint_url: str, service_name: str = "fleetkey") -> d
         "FLEETKEY_IOT_DATA_ENDPOINT": endpoint_url,
         "FLEETKEY_TOKEN_SIGNER_ROLE_ARN": LOCAL_TOKEN_SIGNER_ROLE_ARN,
         "FLEETKEY_TOKEN_KEY_RETIRER_ROLE_ARNS": ",".join(LOCAL_TOKEN_KEY_RETIRER_ROLE_ARNS),
+        # The rotation functions' roles, which alone may sign with the issuing CA's key; the
+        # commit window and the renewal pace at their deployed defaults.
+        "FLEETKEY_ISSUING_CA_SIGNER_ROLE_ARNS": ",".join(LOCAL_ISSUING_CA_SIGNER_ROLE_ARNS),
+        "FLEETKEY_ROTATION_COMMIT_SECONDS": "3600",
+        "FLEETKEY_RENEWAL_RATE_PER_MINUTE": "100",
         "POWERTOOLS_SERVICE_NAME": service_name,
         "POWERTOOLS_METRICS_NAMESPACE": "fleetkey",
         "POWERTOOLS_TRACE_DISABLED": "true",

@@ -8,7 +8,8 @@ import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 import boto3
 from cryptography import x509
@@ -34,9 +35,17 @@ from fleetkey_local.provision import (
 )
 from fleetkey_local.queues import QueueWorker, provision_lifecycle_queues
 
+if TYPE_CHECKING:
+    from fleetkey.services.pki import PkiService
+    from fleetkey.services.rotation import RotationService
+
 REGION = "eu-west-1"
 ACCOUNT = "123456789012"
 TABLE = "fleetkey-local"
+# The issuing CA the local stack starts with (`fleetkey pki init` with these arguments).
+LOCAL_ISSUING_CA_SUBJECT = "CN=fleetkey local issuing CA,O=fleetkey"
+LOCAL_ISSUING_CA_KEY_SPEC = "ECC_NIST_P256"
+LOCAL_ISSUING_CA_VALIDITY_DAYS = 3650
 
 
 def client_factory(endpoint_url: str | None = None, region: str = REGION) -> Callable:
@@ -107,6 +116,14 @@ class EmbeddedStack:
     def data_keys(self) -> DataKeyService:
         return self.components.data_keys
 
+    @property
+    def pki(self) -> PkiService:
+        return self.components.pki
+
+    @property
+    def rotation(self) -> RotationService:
+        return self.components.rotation
+
     def provision(self) -> EmbeddedStack:
         create_table(self.make_client("dynamodb"), self.settings.table_name)
         create_iot_profiles(self.harness_iot, self.settings.region, self.account)
@@ -127,6 +144,14 @@ class EmbeddedStack:
         # it into the registry here, so the locally loaded functions need no key id setting.
         self.token_key_id = create_token_key(self.make_client("kms"), self.key_trust)
         self.signing_keys.initialize(self.token_key_id, actor="provisioning")
+        # The issuing CA, as an operator's first `fleetkey pki init` makes it (a deployed stack
+        # has none until then): devices of the local stack can rotate from the start.
+        self.issuing_ca = self.pki.init(
+            key_spec=LOCAL_ISSUING_CA_KEY_SPEC,
+            subject=LOCAL_ISSUING_CA_SUBJECT,
+            validity_days=LOCAL_ISSUING_CA_VALIDITY_DAYS,
+            actor="provisioning",
+        )
         return self
 
     def service_clients(self) -> tuple:
@@ -158,6 +183,13 @@ class EmbeddedStack:
         """Run the converge service on everything queued, in this process, until the queue is
         empty (a test's and the demo's stand-in for the event source): True when it is."""
         return self.lifecycle_worker(function=self._converge_in_process).drain(timeout)
+
+    def sweep_rotations(self, now: datetime | None = None) -> dict:
+        """One run of the rotation sweep (what the scheduled rotation_events function does every
+        minute), in this process, as of `now` (default: the clock's now): rollbacks past their
+        deadline, retired certificates' deletion, renewal commands, the CRL's refresh. Its
+        counts."""
+        return self.components.rotation.sweep(now)
 
     def _converge_in_process(self, event: dict, context: Any) -> dict:
         failures = []

@@ -5,9 +5,10 @@ from fleetkey_infra.constructs.data import Data
 from fleetkey_infra.constructs.data_keys import DataKeys
 from fleetkey_infra.constructs.functions import Functions
 from fleetkey_infra.constructs.iot_profiles import IotResources
-from fleetkey_infra.constructs.iot_rules import RegistrationRule, TamperRule
+from fleetkey_infra.constructs.iot_rules import PresenceRule, RegistrationRule, TamperRule
 from fleetkey_infra.constructs.layer import CoreLayer
 from fleetkey_infra.constructs.lifecycle import LifecycleQueue
+from fleetkey_infra.constructs.rotation import EstDomain, RotationConfig
 from fleetkey_infra.constructs.schedules import Schedules
 from fleetkey_infra.constructs.token_keys import TokenKeys
 from fleetkey_infra.constructs.waf import ApiRateLimits
@@ -18,10 +19,13 @@ __all__ = [
     "CoreLayer",
     "Data",
     "DataKeys",
+    "EstDomain",
     "Functions",
     "IotResources",
     "LifecycleQueue",
+    "PresenceRule",
     "RegistrationRule",
+    "RotationConfig",
     "Schedules",
     "TamperRule",
     "TokenKeys",

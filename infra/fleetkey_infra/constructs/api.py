@@ -3,10 +3,20 @@
 - Device-facing, public (no API Gateway authorization, throttled method by method):
   `POST /v1/token`, `POST /v1/challenge` -> token; `POST /v1/devices/{device_id}/data-key` ->
   data_keys; `GET /.well-known/jwks.json`, `GET /.well-known/oauth-authorization-server` ->
-  discovery. Devices authenticate to the token and data-key endpoints with a JWT client assertion
-  (RFC 7523), which the function verifies.
+  discovery; `POST /v1/devices/{device_id}/certificates`,
+  `POST /v1/devices/{device_id}/certificates/{certificate_id}/commit`, `GET /v1/pki/ca`,
+  `GET /v1/pki/crl`, `GET /.well-known/est/cacerts`, `POST /.well-known/est/simplereenroll` ->
+  rotation. Devices authenticate to the token, data-key and rotation endpoints with a JWT client
+  assertion (RFC 7523), which the function verifies; to EST's simplereenroll with their TLS client
+  certificate (mutual TLS on EST's custom domain only: `constructs/rotation.py`).
 - IAM (SigV4) authenticated: `POST /v1/introspect` -> introspect (relying parties),
-  `ANY /v1/admin/{proxy+}` -> admin (operators).
+  `ANY /v1/admin/{proxy+}` -> admin, `ANY /v1/admin/pki` and `ANY /v1/admin/pki/{proxy+}` ->
+  rotation (operators).
+- `application/pkix-crl` is a binary media type: the CRL (DER) goes out as bytes when the
+  request's first Accept value is `application/pkix-crl`; with another Accept value (`*/*`, none)
+  API Gateway passes the function's base64 text through unchanged (API Gateway developer guide,
+  "Binary media types for REST APIs"). Only `*/*` as a binary media type would lift that, and it
+  would hand every request body of every route to its function base64-encoded.
 
 Who may call what (`fleetkey_infra.edge`, configured in CDK context):
 - a resource policy admits everyone to the public routes, and denies `/v1/admin/*` to every
@@ -79,6 +89,15 @@ PUBLIC_ROUTE_THROTTLES: dict[tuple[str, str], Throttle] = {
     ("POST", constants.DATA_KEY_PATH): _TOKEN_THROTTLE,
     ("GET", constants.JWKS_PATH): _DISCOVERY_THROTTLE,
     ("GET", constants.METADATA_PATH): _DISCOVERY_THROTTLE,
+    # A rotation and its commit: an assertion to verify, KMS and AWS IoT calls, DynamoDB writes.
+    ("POST", constants.ROTATION_PATH): _TOKEN_THROTTLE,
+    ("POST", constants.ROTATION_COMMIT_PATH): _TOKEN_THROTTLE,
+    # EST's re-enrollment issues a certificate like a rotation does.
+    ("POST", constants.EST_SIMPLEREENROLL_PATH): _TOKEN_THROTTLE,
+    # Public documents, cacheable, one read each: like the discovery documents.
+    ("GET", constants.PKI_CA_PATH): _DISCOVERY_THROTTLE,
+    ("GET", constants.PKI_CRL_PATH): _DISCOVERY_THROTTLE,
+    ("GET", constants.EST_CACERTS_PATH): _DISCOVERY_THROTTLE,
 }
 
 # Why each public method has no API Gateway authorization (cdk-nag APIG4 and COG4).
@@ -108,16 +127,44 @@ _DISCOVERY_REASON = (
     "tokens offline; they hold only public keys and endpoint URLs. Throttled per method, and "
     "per client by the stage's WAF web ACL."
 )
+_ROTATION_REASON = (
+    "Device-facing certificate rotation: the device authenticates in the request body with a JWT "
+    "client assertion (RFC 7523 section 2.2) signed by its current certificate's key and bound "
+    "to its CSR (a commit: by the new certificate's key), verified by the rotation function "
+    "against the device's registered certificates. No API Gateway authorizer can check it. "
+    "Throttled per method, and per client by the stage's WAF web ACL."
+)
+_PKI_DOCUMENT_REASON = (
+    "Public by nature: the issuing CA's certificate chain and its CRL (the CRL distribution point "
+    "of every certificate fleetkey issues, RFC 5280) and EST's CA certificates (RFC 7030 "
+    "section 4.1, no client authentication) are fetched without credentials by devices and "
+    "relying parties; they hold only public data. Throttled per method, and per client by the "
+    "stage's WAF web ACL."
+)
+_EST_REENROLL_REASON = (
+    "EST simple re-enrollment (RFC 7030 section 4.2.2) authenticates the device by its TLS "
+    "client certificate: API Gateway checks it on EST's mutual-TLS custom domain, and the "
+    "rotation function refuses a request without one (only that handshake sets "
+    "requestContext.identity.clientCert). No API Gateway authorizer applies. Throttled per "
+    "method, and per client by the stage's WAF web ACL."
+)
 _PUBLIC_REASONS = {
     constants.TOKEN_PATH: _TOKEN_ENDPOINT_REASON,
     constants.CHALLENGE_PATH: _CHALLENGE_REASON,
     constants.DATA_KEY_PATH: _DATA_KEY_REASON,
     constants.JWKS_PATH: _DISCOVERY_REASON,
     constants.METADATA_PATH: _DISCOVERY_REASON,
+    constants.ROTATION_PATH: _ROTATION_REASON,
+    constants.ROTATION_COMMIT_PATH: _ROTATION_REASON,
+    constants.PKI_CA_PATH: _PKI_DOCUMENT_REASON,
+    constants.PKI_CRL_PATH: _PKI_DOCUMENT_REASON,
+    constants.EST_CACERTS_PATH: _PKI_DOCUMENT_REASON,
+    constants.EST_SIMPLEREENROLL_PATH: _EST_REENROLL_REASON,
 }
 _IAM_REASON = (
-    "Operators (/v1/admin) and relying parties (/v1/introspect) are AWS principals: the method "
-    "uses IAM (SigV4) authorization, which the design requires instead of a Cognito user pool."
+    "Operators (/v1/admin, /v1/admin/pki) and relying parties (/v1/introspect) are AWS "
+    "principals: the method uses IAM (SigV4) authorization, which the design requires instead "
+    "of a Cognito user pool."
 )
 
 
@@ -158,11 +205,21 @@ class Api(Construct):
         discovery: lambda_.IFunction,
         introspect: lambda_.IFunction,
         data_keys: lambda_.IFunction,
+        rotation: lambda_.IFunction,
     ) -> None:
         self._iam_route(
             "ANY",
             constants.ADMIN_PATH,
             admin,
+            request_parameters={"method.request.path.proxy": True},
+        )
+        # The operators' PKI routes are the rotation function's: `/v1/admin/pki` itself (which
+        # `/v1/admin/{proxy+}` no longer reaches once the literal resource exists) and below it.
+        self._iam_route("ANY", constants.ADMIN_PKI_PATH, rotation)
+        self._iam_route(
+            "ANY",
+            constants.ADMIN_PKI_PROXY_PATH,
+            rotation,
             request_parameters={"method.request.path.proxy": True},
         )
         self._iam_route("POST", constants.INTROSPECT_PATH, introspect)
@@ -171,6 +228,12 @@ class Api(Construct):
         self._public_route("POST", constants.DATA_KEY_PATH, data_keys)
         self._public_route("GET", constants.JWKS_PATH, discovery)
         self._public_route("GET", constants.METADATA_PATH, discovery)
+        self._public_route("POST", constants.ROTATION_PATH, rotation)
+        self._public_route("POST", constants.ROTATION_COMMIT_PATH, rotation)
+        self._public_route("GET", constants.PKI_CA_PATH, rotation)
+        self._public_route("GET", constants.PKI_CRL_PATH, rotation)
+        self._public_route("GET", constants.EST_CACERTS_PATH, rotation)
+        self._public_route("POST", constants.EST_SIMPLEREENROLL_PATH, rotation)
 
     # -- routes ----------------------------------------------------------------------------------
 
@@ -345,6 +408,8 @@ class Api(Construct):
             # API Gateway writes execution and access logs only once the account has a CloudWatch
             # role; this stack sets it (one per account and region).
             cloud_watch_role=True,
+            # The CRL is DER (see the module doc).
+            binary_media_types=list(constants.BINARY_MEDIA_TYPES),
             # IAM-authenticated unless a method says otherwise; only the public device routes do.
             default_method_options=apigateway.MethodOptions(
                 authorization_type=apigateway.AuthorizationType.IAM

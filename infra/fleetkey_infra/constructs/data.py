@@ -4,6 +4,11 @@ Point-in-time recovery keeps `pitrRecoveryDays` (cdk.json context, 1 to 35, defa
 the table restorable. That is also how long a data key destroyed at decommission (its KMS-wrapped
 blob deleted from the table) survives in the table's backups: only wrapped, usable only with
 kms:Decrypt on the data-key key.
+
+The sparse global secondary indexes `due` (partition `due_shard`, sort `due_at`) and `renewal`
+(partition `renewal_shard`, sort `renew_at`), keys only, hold the devices with a rotation
+deadline or a renewal due (`fleetkey.domain.rotation`): the sweep queries their eight shards for
+moments up to now, so its cost follows what is due, not the fleet.
 """
 
 from __future__ import annotations
@@ -48,10 +53,12 @@ def pitr_recovery_days(get: Callable[[str], object]) -> int:
 
 
 class Data(Construct):
-    """One DynamoDB table (the single-table layout of `fleetkey.store.schema`) and its CMK.
+    """One DynamoDB table (the single-table layout of `fleetkey.store.schema`) with its `due`
+    index, and its CMK.
 
     Attributes: `key` (kms.Key), `table` (dynamodb.Table), `recovery_period_days` (int: how far
-    back point-in-time recovery reaches, from context `pitrRecoveryDays`).
+    back point-in-time recovery reaches, from context `pitrRecoveryDays`), `due_index_arn` (str:
+    the `due` index's ARN, which IAM authorizes queries of the index on).
     """
 
     def __init__(self, scope: Construct, construct_id: str) -> None:
@@ -59,6 +66,9 @@ class Data(Construct):
         self.recovery_period_days = pitr_recovery_days(self.node.try_get_context)
         self.key = self._build_key()
         self.table = self._build_table(self.key)
+        self._add_sparse_indexes(self.table)
+        self.due_index_arn = f"{self.table.table_arn}/index/{constants.DUE_INDEX_NAME}"
+        self.renewal_index_arn = f"{self.table.table_arn}/index/{constants.RENEWAL_INDEX_NAME}"
 
     def _build_key(self) -> kms.Key:
         # Retained: a retained table is unreadable without the key that encrypts it.
@@ -84,6 +94,19 @@ class Data(Construct):
                 conditions={"ArnEquals": {"aws:PrincipalArn": [r.role_arn for r in roles]}},
             )
         )
+
+    @staticmethod
+    def _add_sparse_indexes(table: dynamodb.Table) -> None:
+        # Keys only: the sweep reads each due device's item anyway, to act on its current state.
+        for name, (partition, sort) in constants.SPARSE_INDEXES.items():
+            table.add_global_secondary_index(
+                index_name=name,
+                partition_key=dynamodb.Attribute(
+                    name=partition, type=dynamodb.AttributeType.STRING
+                ),
+                sort_key=dynamodb.Attribute(name=sort, type=dynamodb.AttributeType.NUMBER),
+                projection_type=dynamodb.ProjectionType.KEYS_ONLY,
+            )
 
     def _build_table(self, key: kms.IKey) -> dynamodb.Table:
         # Table (AWS::DynamoDB::Table) rather than TableV2 (AWS::DynamoDB::GlobalTable): fleetkey is

@@ -1,8 +1,11 @@
 """The Lambda functions: registration (JITR, invoked by an IoT rule), behind the API: admin
 (operators), token (devices), discovery (JWKS and metadata, public), introspect (relying
 parties) and data_keys (devices' data keys), maintenance (signing-key retirement, invoked by an
-EventBridge schedule), converge (the lifecycle queue's consumer: teardown in AWS IoT) and
-device_events (a device's tamper report, invoked by an IoT rule).
+EventBridge schedule), converge (the lifecycle queue's consumer: teardown in AWS IoT),
+device_events (a device's tamper report, invoked by an IoT rule), and certificate rotation:
+rotation (behind the API: devices' rotation requests and commits, the CA and CRL, EST, the
+operators' PKI routes) and rotation_events (a device's connection, by an IoT rule, and the
+one-minute sweep, by an EventBridge schedule).
 
 Each function has its own role holding only what the function itself needs to run (writing to its
 own log group; X-Ray comes with active tracing). What a function may do to the table, the key and
@@ -28,9 +31,10 @@ from fleetkey_infra.nag import acknowledge
 
 class Functions(Construct):
     """Attributes: `registration`, `admin`, `token`, `discovery`, `introspect`, `maintenance`,
-    `converge`, `device_events` and `data_keys` (lambda.Function), each with its own role
-    (`<name>_role`: iam.Role), and `registration_failures` and `device_event_failures`
-    (sqs.Queue), the on-failure destinations of the registration and device_events functions'
+    `converge`, `device_events`, `data_keys`, `rotation` and `rotation_events`
+    (lambda.Function), each with its own role (`<name>_role`: iam.Role), and
+    `registration_failures`, `device_event_failures` and `rotation_event_failures` (sqs.Queue),
+    the on-failure destinations of the registration, device_events and rotation_events functions'
     asynchronous invocations.
 
     `issuer` is the API's base URL (FLEETKEY_ISSUER: token `iss`, the `aud` of device
@@ -42,6 +46,13 @@ class Functions(Construct):
     `lifecycle_queue_url` (FLEETKEY_LIFECYCLE_QUEUE_URL) goes to the functions that queue or do
     lifecycle work (admin, device_events, converge); `data_key_id` (FLEETKEY_DATA_KEY_ID, the
     data-key KMS key) to the functions that issue or hand out data keys (data_keys, admin).
+
+    Both rotation functions get the issuer (the assertions' audience; the CRL distribution point
+    `{issuer}/v1/pki/crl` in every certificate), the lifecycle queue, `rotation_commit_seconds`
+    (FLEETKEY_ROTATION_COMMIT_SECONDS), `renewal_rate_per_minute`
+    (FLEETKEY_RENEWAL_RATE_PER_MINUTE) and the roles the issuing CA key's policy lets sign
+    (FLEETKEY_ISSUING_CA_SIGNER_ROLE_ARNS: their own two roles, comma-separated): the same
+    settings in both, so that neither acts on a default the other does not share.
     """
 
     def __init__(
@@ -56,6 +67,8 @@ class Functions(Construct):
         lifecycle_queue_url: str,
         data_key_id: str,
         name_prefix: str = constants.NAME_PREFIX,
+        rotation_commit_seconds: int = constants.DEFAULT_ROTATION_COMMIT_SECONDS,
+        renewal_rate_per_minute: int = constants.DEFAULT_RENEWAL_RATE_PER_MINUTE,
     ) -> None:
         super().__init__(scope, construct_id)
         self._layer = layer
@@ -186,7 +199,50 @@ class Functions(Construct):
             description="fleetkey data keys: a device's data key, sealed to its certificate key",
             environment={**issuer_env, **data_key_env},
         )
+        rotation_env = {
+            **issuer_env,
+            **lifecycle_env,
+            constants.ENV_ROTATION_COMMIT_SECONDS: str(rotation_commit_seconds),
+            constants.ENV_RENEWAL_RATE_PER_MINUTE: str(renewal_rate_per_minute),
+        }
+        # Device-facing (public routes) and the operators' PKI routes, behind the API.
+        self.rotation_role = self._build_role("RotationRole", "rotation")
+        self.rotation = self._build_function(
+            "Rotation",
+            role=self.rotation_role,
+            code_dir=constants.ROTATION_CODE_DIR,
+            service_name=constants.ROTATION_SERVICE_NAME,
+            memory_mb=constants.ROTATION_MEMORY_MB,
+            timeout=constants.ROTATION_TIMEOUT,
+            description="fleetkey certificate rotation: new certificates from the issuing CA, "
+            "commits, CA chain, CRL, EST, PKI administration",
+            environment=rotation_env,
+        )
+        # Invoked asynchronously by the presence IoT rule (constructs.PresenceRule) and the
+        # rotation sweep's schedule (constructs.Schedules).
+        self.rotation_event_failures = self._build_failure_queue(
+            "RotationEventFailures",
+            "the rotation_events function's on-failure destination for presence events and sweeps "
+            "that exhausted their retries. Nothing consumes it automatically: a failed sweep is "
+            "repeated by the next one; an operator inspects presence events (a pending rotation "
+            "not committed by one is rolled back at its deadline).",
+        )
+        self.rotation_events_role = self._build_role("RotationEventsRole", "rotation_events")
+        self.rotation_events = self._build_function(
+            "RotationEvents",
+            role=self.rotation_events_role,
+            code_dir=constants.ROTATION_EVENTS_CODE_DIR,
+            service_name=constants.ROTATION_EVENTS_SERVICE_NAME,
+            memory_mb=constants.ROTATION_EVENTS_MEMORY_MB,
+            timeout=constants.ROTATION_EVENTS_TIMEOUT,
+            description="fleetkey rotation events: commits on connection; the sweep (rollbacks, "
+            "retired certificates, renewals, CRL)",
+            environment=rotation_env,
+            retry_attempts=constants.ROTATION_EVENTS_ASYNC_RETRY_ATTEMPTS,
+            on_failure=destinations.SqsDestination(self.rotation_event_failures),
+        )
         self._share_signing_key_trust(token_key_id)
+        self._share_issuing_ca_signers()
 
     def _share_signing_key_trust(self, token_key_id: str) -> None:
         """What a registry reader needs to trust a signing key: the first key's id and the roles
@@ -197,6 +253,20 @@ class Functions(Construct):
             function.add_environment(constants.ENV_TOKEN_KEY_ID, token_key_id)
             function.add_environment(constants.ENV_TOKEN_SIGNER_ROLE_ARN, self.token_role.role_arn)
             function.add_environment(constants.ENV_TOKEN_KEY_RETIRER_ROLE_ARNS, retirers)
+
+    def _share_issuing_ca_signers(self) -> None:
+        """The roles the issuing CA key's policy lets sign, for the functions that create the key
+        (rotation: `pki init` / `pki csr`) and confirm it before use. Role ARNs from the roles
+        themselves: neither role depends on a function, so no cycle."""
+        signers = Fn.join(",", [role.role_arn for role in self.issuing_ca_signer_roles])
+        for function in (self.rotation, self.rotation_events):
+            function.add_environment(constants.ENV_ISSUING_CA_SIGNER_ROLE_ARNS, signers)
+
+    @property
+    def issuing_ca_signer_roles(self) -> tuple[iam.Role, ...]:
+        """The roles an issuing CA key's policy lets sign: rotation (certificates, the first CRL)
+        and rotation_events (the CRL's refresh)."""
+        return (self.rotation_role, self.rotation_events_role)
 
     @property
     def roles(self) -> tuple[iam.Role, ...]:
@@ -211,6 +281,8 @@ class Functions(Construct):
             self.converge_role,
             self.device_events_role,
             self.data_keys_role,
+            self.rotation_role,
+            self.rotation_events_role,
         )
 
     @property

@@ -1,5 +1,6 @@
 """The AWS IoT rules that invoke fleetkey functions: a certificate's first connection becomes a
-registration (JITR), a device's tamper report a suspension."""
+registration (JITR), a device's tamper report a suspension, a device's connection a rotation's
+commit."""
 
 from __future__ import annotations
 
@@ -128,4 +129,25 @@ class TamperRule(FunctionRule):
             description="fleetkey: a device reporting tampering is suspended",
             errors_hold="the IoT rule's error action for tamper reports it could not deliver to "
             "the device_events function. An operator suspends the device or replays them.",
+        )
+
+
+class PresenceRule(FunctionRule):
+    """`$aws/events/presence/connected/+` -> the rotation_events function: a device that connects
+    with its pending certificate (`principalIdentifier`, the certificate id) commits its rotation.
+    Presence events can arrive late, twice and out of order; the function checks each against the
+    device's recorded certificates. Every connection of every device invokes it (AWS IoT rule SQL
+    cannot tell a pending certificate from a current one)."""
+
+    def __init__(self, scope: Construct, construct_id: str, *, function: lambda_.IFunction) -> None:
+        super().__init__(
+            scope,
+            construct_id,
+            function=function,
+            sql=constants.PRESENCE_CONNECTED_RULE_SQL,
+            purpose="presence",
+            description="fleetkey: a device connecting with its new certificate commits it",
+            errors_hold="the IoT rule's error action for presence events it could not deliver "
+            "to the rotation_events function. A rotation they would have committed is rolled back "
+            "at its deadline; an operator may replay them before.",
         )

@@ -1,5 +1,5 @@
-"""Scheduled work: the EventBridge rule that runs the maintenance function (signing-key
-retirement) every hour."""
+"""Scheduled work: the EventBridge rules that run the maintenance function (signing-key
+retirement) every hour, and the rotation sweep (rotation_events) every minute."""
 
 from __future__ import annotations
 
@@ -14,18 +14,26 @@ from fleetkey_infra.dead_letters import dead_letter_queue
 
 
 class Schedules(Construct):
-    """An hourly EventBridge rule -> the maintenance function, with the full scheduled event as
-    its input (the function checks `source` and `detail-type`).
+    """An hourly EventBridge rule -> the maintenance function, and a one-minute rule -> the
+    rotation sweep (`rotation_sweep`, the rotation_events function), each with the full scheduled
+    event as its input (the functions check `source` and `detail-type`).
 
-    EventBridge invokes the function asynchronously. When it cannot (throttled, function missing)
-    it retries, then keeps the event in `dead_letters`; the invoke permission it needs is bound
-    to the rule's ARN. Failures inside the function are Lambda's asynchronous retries.
+    EventBridge invokes the functions asynchronously. When it cannot (throttled, function
+    missing) it retries, then keeps the event in the rule's dead-letter queue; the invoke
+    permission it needs is bound to the rule's ARN. Failures inside a function are Lambda's
+    asynchronous retries; every run repeats whatever the previous one left undone.
 
-    Attributes: `maintenance_rule` (events.Rule), `dead_letters` (sqs.Queue).
+    Attributes: `maintenance_rule`, `rotation_sweep_rule` (events.Rule), `dead_letters` (the
+    maintenance rule's), `rotation_sweep_dead_letters` (sqs.Queue).
     """
 
     def __init__(
-        self, scope: Construct, construct_id: str, *, maintenance: lambda_.IFunction
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        maintenance: lambda_.IFunction,
+        rotation_sweep: lambda_.IFunction,
     ) -> None:
         super().__init__(scope, construct_id)
         self.dead_letters = self._build_dead_letter_queue()
@@ -41,6 +49,29 @@ class Schedules(Construct):
                     retry_attempts=constants.MAINTENANCE_TARGET_RETRY_ATTEMPTS,
                     max_event_age=constants.MAINTENANCE_TARGET_MAX_EVENT_AGE,
                     dead_letter_queue=self.dead_letters,
+                )
+            ],
+        )
+        self.rotation_sweep_dead_letters = dead_letter_queue(
+            self,
+            "RotationSweepDeadLetters",
+            holds="the rotation sweep's target keeps here the events EventBridge could not "
+            "deliver to the rotation_events function after its retries. Nothing replays them (the "
+            "next run, a minute later, does the same work); an operator inspects them.",
+        )
+        self.rotation_sweep_rule = events.Rule(
+            self,
+            "RotationSweep",
+            description="fleetkey: rotation sweep (rollbacks past their deadline, retired "
+            "certificates, renewal commands, CRL refresh)",
+            schedule=events.Schedule.rate(constants.ROTATION_SWEEP_RATE),
+            enabled=True,
+            targets=[
+                targets.LambdaFunction(
+                    rotation_sweep,
+                    retry_attempts=constants.ROTATION_SWEEP_TARGET_RETRY_ATTEMPTS,
+                    max_event_age=constants.ROTATION_SWEEP_TARGET_MAX_EVENT_AGE,
+                    dead_letter_queue=self.rotation_sweep_dead_letters,
                 )
             ],
         )

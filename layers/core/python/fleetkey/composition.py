@@ -20,12 +20,15 @@ if TYPE_CHECKING:
     from fleetkey.adapters.iot import IotRegistry
     from fleetkey.adapters.iot_data import DeviceChannel
     from fleetkey.domain.models import Device
+    from fleetkey.ports import LifecycleQueue
     from fleetkey.services.allowlist import AllowlistService
     from fleetkey.services.data_keys import DataKeyService
     from fleetkey.services.devices import DeviceService
     from fleetkey.services.introspection import IntrospectionService
     from fleetkey.services.lifecycle import LifecycleService
+    from fleetkey.services.pki import PkiService
     from fleetkey.services.registration import DecisionObserver, RegistrationService
+    from fleetkey.services.rotation import RotationService
     from fleetkey.services.signing_keys import SigningKeys
     from fleetkey.services.tokens import TokenService
     from fleetkey.services.trust import ManufacturerCaService, TrustAnchors
@@ -50,6 +53,7 @@ class Components:
         clock: Clock = utc_now,
         on_decision: DecisionObserver | None = None,
         on_lifecycle_change: LifecycleObserver | None = None,
+        on_rotation_event: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self._clients = {"dynamodb": dynamodb, "iot": iot, "kms": kms, "iot-data": iot_data}
@@ -57,6 +61,7 @@ class Components:
         self._clock = clock
         self._on_decision = on_decision
         self._on_lifecycle_change = on_lifecycle_change
+        self._on_rotation_event = on_rotation_event
 
     # ---- adapters ------------------------------------------------------------------------------
 
@@ -164,14 +169,19 @@ class Components:
         )
 
     @cached_property
-    def lifecycle(self) -> LifecycleService:
+    def lifecycle_queue(self) -> LifecycleQueue | None:
         from fleetkey.adapters.queue import SqsLifecycleQueue
-        from fleetkey.services.lifecycle import LifecycleService
 
         url = self.settings.lifecycle_queue_url
-        queue = (
+        return (
             SqsLifecycleQueue(url, client=self._sqs, region=self.settings.region) if url else None
         )
+
+    @cached_property
+    def lifecycle(self) -> LifecycleService:
+        from fleetkey.services.lifecycle import LifecycleService
+
+        queue = self.lifecycle_queue
         return LifecycleService(
             self.settings,
             self.store.devices,
@@ -182,6 +192,7 @@ class Components:
             self.store.certificates,
             clock=self._clock,
             on_change=self._on_lifecycle_change,
+            revocations=self.store.pki,
         )
 
     @cached_property
@@ -197,6 +208,48 @@ class Components:
             self.tokens,
             clock=self._clock,
         )
+
+    @cached_property
+    def pki(self) -> PkiService:
+        from fleetkey.adapters.kms import KmsDigestSigner, KmsKeys
+        from fleetkey.services.pki import PkiService
+
+        keys = KmsKeys(client=self._clients["kms"], region=self.settings.region)
+        return PkiService(
+            self.settings,
+            self.store.pki,
+            keys,
+            self.registry,
+            lambda key_id: KmsDigestSigner(key_id, client=keys.client),
+            self.store.audit,
+            clock=self._clock,
+        )
+
+    @cached_property
+    def rotation(self) -> RotationService:
+        from fleetkey.services.rotation import RotationService
+
+        return RotationService(
+            self.settings,
+            self.store.devices,
+            self.pki,
+            self.store.pki,
+            self.tokens,
+            self.registry,
+            self.channel,
+            self.lifecycle_queue,
+            clock=self._clock,
+            on_event=self._on_rotation_event,
+        )
+
+
+def count_rotation_event(name: str) -> None:
+    """The rotation metrics (RotationsRequested, RotationsCommitted, ...), one per event."""
+    from aws_lambda_powertools.metrics import MetricUnit
+
+    from fleetkey.observability import metrics
+
+    metrics.add_metric(name=name, unit=MetricUnit.Count, value=1)
 
 
 def count_lifecycle_change(action: str, device: Device) -> None:
@@ -223,6 +276,7 @@ LIFECYCLE_METRICS = {
 def from_environ(**options: Any) -> Components:
     """Components from the function's environment, counting lifecycle changes as metrics."""
     options.setdefault("on_lifecycle_change", count_lifecycle_change)
+    options.setdefault("on_rotation_event", count_rotation_event)
     return Components(Settings.from_environ(), **options)
 
 

@@ -21,11 +21,13 @@ from fleetkey.domain.models import (
     CaStatus,
     CertificateOutcome,
     CertificateRecord,
+    CertificateRole,
     Device,
     HeldCertificate,
     ManufacturerCa,
     Teardown,
 )
+from fleetkey.domain.pki import Revocation
 from fleetkey.errors import ConcurrentModification, Conflict
 
 # ---- domain exceptions raised by adapters ---------------------------------------------------
@@ -170,14 +172,27 @@ class DeviceRepository(Protocol):
 
     def credential(self, device_id: str) -> DeviceCredential | None: ...
 
-    def eligibility_check(self, device_id: str, certificate_id: str) -> Write:
+    def eligibility_check(
+        self,
+        device_id: str,
+        certificate_id: str,
+        role: CertificateRole = CertificateRole.CURRENT,
+    ) -> Write:
         """A check, for another write's transaction, that the device is ACTIVE with
-        `certificate_id` in its set (refusal: DeviceNotEligible)."""
+        `certificate_id` in its set in `role` (refusal: DeviceNotEligible)."""
         ...
 
     def create(
         self, rows: Sequence[tuple[AllowlistEntry, AuditRecord]], at: str
     ) -> ImportOutcome: ...
+
+    def due(self, now: int, limit: int) -> list[str]:
+        """Devices with a deadline due at `now` (the sparse `due` index), at most `limit`."""
+        ...
+
+    def renewals_due(self, now: int, limit: int) -> list[str]:
+        """ACTIVE devices due for renewal at `now` (the `renewal` index), at most `limit`."""
+        ...
 
     def apply(
         self, device: Device, change: DeviceChange, *, with_writes: Sequence[Write] = ()
@@ -308,6 +323,14 @@ class LifecycleQueue(Protocol):
     """Work that outlasts a request (teardown), run by the converge function from a queue."""
 
     def enqueue(self, device_id: str, epoch: int) -> None: ...
+
+
+class RevocationRecords(Protocol):
+    """Revocations of certificates fleetkey issued (fleetkey.store.pki.DynamoPkiStore)."""
+
+    def revocations(self, entries: Sequence[Revocation]) -> list[Write]:
+        """The writes recording `entries`, for a device change's transaction."""
+        ...
 
 
 class DataKeyVault(Protocol):

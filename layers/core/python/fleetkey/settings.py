@@ -25,6 +25,13 @@ LOCAL_TOKEN_KEY_RETIRER_ROLE_ARNS = (
     "arn:aws:iam::123456789012:role/fleetkey-local-maintenance",
 )
 
+# The local stack's rotation function roles: the only principals its issuing CA key's policy lets
+# sign (a deployed stack passes its own in FLEETKEY_ISSUING_CA_SIGNER_ROLE_ARNS).
+LOCAL_ISSUING_CA_SIGNER_ROLE_ARNS = (
+    "arn:aws:iam::123456789012:role/fleetkey-local-rotation",
+    "arn:aws:iam::123456789012:role/fleetkey-local-rotation-events",
+)
+
 
 class SettingsError(FleetkeyError):
     code = "misconfigured"
@@ -63,6 +70,13 @@ class Settings:
     # How long after a teardown completed a recommission waits: the converge function's timeout,
     # so that no other copy of the teardown (SQS delivers at least once) can still be running.
     recommission_quiet_seconds: int = 60
+    # The roles the issuing CA key's policy lets sign (the rotation functions).
+    issuing_ca_signer_role_arns: tuple[str, ...] = LOCAL_ISSUING_CA_SIGNER_ROLE_ARNS
+    # How long a device has to connect with (or commit) a new certificate before the rotation
+    # is rolled back.
+    rotation_commit_seconds: int = 3600
+    # How many renewal commands the sweep sends per minute (AWS IoT's publish quota is shared).
+    renewal_rate_per_minute: int = 100
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -100,6 +114,15 @@ class Settings:
             data_key_kms_key_id=env.get("FLEETKEY_DATA_KEY_ID") or None,
             iot_data_endpoint=env.get("FLEETKEY_IOT_DATA_ENDPOINT") or None,
             recommission_quiet_seconds=_seconds(env.get("FLEETKEY_RECOMMISSION_QUIET_SECONDS")),
+            issuing_ca_signer_role_arns=_arns(
+                env.get("FLEETKEY_ISSUING_CA_SIGNER_ROLE_ARNS"), LOCAL_ISSUING_CA_SIGNER_ROLE_ARNS
+            ),
+            rotation_commit_seconds=_bounded(
+                env.get("FLEETKEY_ROTATION_COMMIT_SECONDS"), 3600, 60, 7 * 86400
+            ),
+            renewal_rate_per_minute=_bounded(
+                env.get("FLEETKEY_RENEWAL_RATE_PER_MINUTE"), 100, 1, 10_000
+            ),
         )
 
 
@@ -109,6 +132,15 @@ def _seconds(value: str | None, default: int = 60) -> int:
         return default
     if not value.isdigit() or int(value) > 900:
         raise SettingsError(f"not a number of seconds from 0 to 900: {value!r}")
+    return int(value)
+
+
+def _bounded(value: str | None, default: int, low: int, high: int) -> int:
+    """A whole number from `low` to `high`; `default` when unset or empty."""
+    if value is None or value == "":
+        return default
+    if not value.isdigit() or not low <= int(value) <= high:
+        raise SettingsError(f"not a whole number from {low} to {high}: {value!r}")
     return int(value)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -258,6 +260,50 @@ class IotRegistry:
             newAutoRegistrationStatus="ENABLE" if active else "DISABLE",
         )
 
+    # ---- fleetkey's issuing CA and the certificates it issues ----------------------------------
+
+    def register_issuing_ca(self, ca_pem: str, verification_pem: str) -> None:
+        """Register fleetkey's issuing CA: ACTIVE, auto-registration off (fleetkey registers
+        every certificate it issues itself, so just-in-time registration never sees them). A CA
+        AWS IoT already has counts as done (a retry). AWS calls: 1 (RegisterCACertificate).
+
+        Raises:
+            botocore ClientError: any AWS failure but ResourceAlreadyExists.
+        """
+        try:
+            self._client.register_ca_certificate(
+                caCertificate=ca_pem,
+                verificationCertificate=verification_pem,
+                setAsActive=True,
+                allowAutoRegistration=False,
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ResourceAlreadyExistsException":
+                raise
+
+    def register_issued_certificate(self, certificate_pem: str, ca_pem: str) -> str:
+        """Register a certificate fleetkey issued, INACTIVE (it is activated once its policy and
+        thing are attached); its ARN. A certificate AWS IoT already has is left as it is (a
+        retry) and its ARN read.
+
+        AWS calls: 1 (RegisterCertificate); + 1 (DescribeCertificate) when it exists.
+
+        Raises:
+            botocore ClientError: any AWS failure but ResourceAlreadyExists.
+        """
+        try:
+            response = self._client.register_certificate(
+                certificatePem=certificate_pem, caCertificatePem=ca_pem, status="INACTIVE"
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ResourceAlreadyExistsException":
+                raise
+            existing = self._client.describe_certificate(
+                certificateId=_certificate_id_of(certificate_pem)
+            )["certificateDescription"]
+            return existing["certificateArn"]
+        return response["certificateArn"]
+
     # ---- suspend, resume, teardown ------------------------------------------------------------
 
     def certificate_status(self, certificate_id: str) -> str | None:
@@ -453,3 +499,11 @@ class IotRegistry:
             if self._on_retry is not None:
                 self._on_retry(operation)
             self._sleep(self._teardown_delays[attempt])
+
+
+def _certificate_id_of(certificate_pem: str) -> str:
+    """AWS IoT's id of a certificate: SHA-256 of its DER (hex)."""
+    body = "".join(
+        line for line in certificate_pem.strip().splitlines() if not line.startswith("-----")
+    )
+    return hashlib.sha256(base64.b64decode(body)).hexdigest()

@@ -13,8 +13,14 @@ from fleetkey.adapters.aws import client as aws_client
 
 if TYPE_CHECKING:
     from mypy_boto3_kms import KMSClient
-    from mypy_boto3_kms.literals import SigningAlgorithmSpecType
+    from mypy_boto3_kms.literals import KeySpecType, SigningAlgorithmSpecType
     from mypy_boto3_kms.type_defs import TagTypeDef
+
+# The key specs of fleetkey's signing keys (token signing, the issuing CA).
+SIGNING_KEY_SPECS: dict[str, KeySpecType] = {
+    "ECC_NIST_P256": "ECC_NIST_P256",
+    "ECC_NIST_P384": "ECC_NIST_P384",
+}
 
 _ALGORITHMS: dict[str, tuple[SigningAlgorithmSpecType, int]] = {
     "secp256r1": ("ECDSA_SHA_256", 32),
@@ -58,6 +64,58 @@ class KmsSigner:
         _, size = _ALGORITHMS[self.public_key().curve.name]
         r, s = utils.decode_dss_signature(self.sign_der(message))
         return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+
+
+class KmsDigestSigner:
+    """Signs prehashed digests with an ECC_NIST_P256/P384 SIGN_VERIFY key (the
+    `fleetkey.crypto.issuing.DigestSigner` of the issuing CA): `Sign(MessageType="DIGEST")`
+    takes the hash, so what it signs (a CRL, a certificate) has no size limit, where
+    `MessageType="RAW"` takes at most 4,096 bytes. `client` is a boto3 KMS client.
+
+    AWS calls: `public_key()` one GetPublicKey per signer (the public key never changes for a
+    key id; none when `public_key` is given); `sign_digest()` one Sign.
+    """
+
+    def __init__(
+        self,
+        key_id: str,
+        client: KMSClient | None = None,
+        region: str | None = None,
+        public_key: ec.EllipticCurvePublicKey | None = None,
+    ) -> None:
+        """`public_key`, when known, saves the GetPublicKey."""
+        self.key_id = key_id
+        self._client: KMSClient = client or aws_client("kms", region)
+        self._public_key = public_key
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        """The verifying key, read from KMS once per signer.
+
+        Raises:
+            ValueError: the key is not a P-256/P-384 key.
+        """
+        if self._public_key is None:
+            der = self._client.get_public_key(KeyId=self.key_id)["PublicKey"]
+            self._public_key = _load_verifying_key(der, self.key_id)
+        return self._public_key
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        """DER ECDSA signature over `digest`, the SHA-256 (P-256) or SHA-384 (P-384) hash of the
+        message, as KMS returns it: `Sign(MessageType="DIGEST", SigningAlgorithm=ECDSA_SHA_256 |
+        ECDSA_SHA_384)`.
+
+        Raises:
+            ValueError: `digest` is not the curve's hash size (KMS would refuse it), or the key
+                is not a P-256/P-384 key.
+        """
+        algorithm, size = _ALGORITHMS[self.public_key().curve.name]
+        if len(digest) != size:
+            raise ValueError(f"a {algorithm} digest is {size} bytes, not {len(digest)}")
+        response = self._client.sign(
+            KeyId=self.key_id, Message=digest, MessageType="DIGEST", SigningAlgorithm=algorithm
+        )
+        signature: bytes = response["Signature"]
+        return signature
 
 
 def _load_verifying_key(der: bytes, key_id: str) -> ec.EllipticCurvePublicKey:
@@ -125,18 +183,30 @@ class KmsKeys:
         return self._client
 
     def create_signing_key(
-        self, description: str, tags: dict[str, str], policy: str | None = None
+        self,
+        description: str,
+        tags: dict[str, str],
+        policy: str | None = None,
+        key_spec: str = "ECC_NIST_P256",
     ) -> str:
-        """A new ECC_NIST_P256 SIGN_VERIFY key (its private key never leaves KMS): material KMS
-        generates (origin AWS_KMS), single-Region; its key id.
+        """A new `key_spec` (ECC_NIST_P256 or ECC_NIST_P384) SIGN_VERIFY key (its private key
+        never leaves KMS): material KMS generates (origin AWS_KMS), single-Region; its key id.
+        One CreateKey.
 
         With `policy`, KMS's lockout check would ask that the caller may change the policy later;
         the policy keeps the account's IAM in charge of the key (root `kms:*`), so nobody is
-        locked out and the check is skipped rather than granting the caller PutKeyPolicy."""
+        locked out and the check is skipped rather than granting the caller PutKeyPolicy.
+
+        Raises:
+            ValueError: `key_spec` is neither ECC_NIST_P256 nor ECC_NIST_P384 (before any call).
+        """
+        spec = SIGNING_KEY_SPECS.get(key_spec)
+        if spec is None:
+            raise ValueError(f"signing keys are ECC_NIST_P256 or ECC_NIST_P384, not {key_spec!r}")
         key_tags: list[TagTypeDef] = [{"TagKey": k, "TagValue": v} for k, v in tags.items()]
         if policy:
             response = self._client.create_key(
-                KeySpec="ECC_NIST_P256",
+                KeySpec=spec,
                 KeyUsage="SIGN_VERIFY",
                 Origin="AWS_KMS",
                 MultiRegion=False,
@@ -147,7 +217,7 @@ class KmsKeys:
             )
         else:
             response = self._client.create_key(
-                KeySpec="ECC_NIST_P256",
+                KeySpec=spec,
                 KeyUsage="SIGN_VERIFY",
                 Origin="AWS_KMS",
                 MultiRegion=False,

@@ -4,6 +4,7 @@ caller nothing about which check failed."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
@@ -11,7 +12,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import BotoCoreError, ClientError
 
 from fleetkey.adapters.aws import is_transient
-from fleetkey.domain.oauth import InvalidClient, OAuthError
+from fleetkey.domain.oauth import InvalidClient, OAuthError, OAuthInvalidRequest
 from fleetkey.errors import FleetkeyError
 from fleetkey.observability import logger, metrics
 
@@ -23,6 +24,38 @@ def no_store_json(status: int, body: dict[str, Any]) -> Response[dict[str, Any]]
     return Response(
         status_code=status, content_type=content_types.APPLICATION_JSON, body=body, headers=NO_STORE
     )
+
+
+def json_body(app: APIGatewayRestResolver, max_bytes: int = 16 * 1024) -> dict[str, Any]:
+    """The JSON object a device sent: one content type, UTF-8, at most `max_bytes`, and no
+    second client authentication (an Authorization header) beside the assertion in it.
+
+    Raises:
+        OAuthInvalidRequest: anything else.
+    """
+    event = app.current_event
+    if event.headers.get("authorization") is not None:
+        raise OAuthInvalidRequest("more than one client authentication method")
+    media, *parameters = (event.headers.get("content-type") or "").split(";")
+    if media.strip().lower() != content_types.APPLICATION_JSON:
+        raise OAuthInvalidRequest("the body must be application/json")
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() != "utf-8":
+            raise OAuthInvalidRequest("the body must be UTF-8")
+    try:
+        text = event.decoded_body or ""
+    except ValueError:
+        raise OAuthInvalidRequest("the body must be UTF-8") from None
+    if len(text.encode()) > max_bytes:
+        raise OAuthInvalidRequest("the request is too large")
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError):
+        raise OAuthInvalidRequest("the body must be JSON") from None
+    if not isinstance(body, dict):
+        raise OAuthInvalidRequest("the body must be a JSON object")
+    return body
 
 
 def handle_device_errors(app: APIGatewayRestResolver, *, refused_metric: str, what: str) -> None:

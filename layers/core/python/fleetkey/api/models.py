@@ -121,7 +121,7 @@ class AuditSummary(_View):
 
 class HeldCertificateView(_View):
     certificate_id: str
-    role: str = Field(description="current or pending")
+    role: str = Field(description="current, pending (a rotation not yet committed) or retired")
     origin: str = Field(description="factory (the manufacturer's) or issued (fleetkey's)")
     key: str = Field(description='The key, e.g. "ec:secp256r1" or "rsa:2048"')
     not_after: str = Field(description="Expiry (ISO 8601)")
@@ -248,3 +248,73 @@ class DataKeyView(_View):
     key_ref: str = Field(description="A stable, non-secret name of this wrapped key")
     ciphertext_blob: str = Field(description="The KMS-wrapped data key (base64)")
     encryption_context: dict[str, str]
+
+
+# ---- the issuing CA and rotation ----------------------------------------------------------------
+
+CaKeySpec = Annotated[
+    str,
+    StringConstraints(pattern=r"^ECC_NIST_P(256|384)$"),
+    Field(description="The KMS key spec of the issuing CA: ECC_NIST_P256 or ECC_NIST_P384"),
+]
+CaSubject = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=256),
+    AfterValidator(_printable),
+    Field(description="The CA's subject, an RFC 4514 name with a CN (e.g. CN=Acme devices CA)"),
+]
+
+
+class PkiInitRequest(_Request):
+    key_spec: CaKeySpec = "ECC_NIST_P256"
+    subject: CaSubject = "CN=fleetkey issuing CA"
+    validity_days: int = Field(default=3650, ge=30, le=7300)
+
+
+class PkiCsrRequest(_Request):
+    key_spec: CaKeySpec = "ECC_NIST_P256"
+    subject: CaSubject = "CN=fleetkey issuing CA"
+
+
+class PkiInstallRequest(_Request):
+    certificate_pem: str = Field(max_length=16_384, description="The CA certificate (PEM)")
+    chain_pem: str = Field(
+        max_length=65_536, description="Its issuers up to the self-signed root (PEM)"
+    )
+
+
+class CrlSummary(_View):
+    number: int | None
+    this_update: str | None
+    next_update: str | None
+    revocations: int
+
+
+class IssuingCaView(_View):
+    status: str
+    self_signed: bool
+    key_id: str
+    key_spec: str
+    subject: str
+    certificate_pem: str | None
+    chain_pem: str
+    iot_ca_id: str | None
+    created_at: str | None
+    not_after: str | None = None
+    crl: CrlSummary
+
+
+class PkiCsrView(_View):
+    csr_pem: str
+    key_id: str
+    key_spec: str
+    subject: str
+
+
+class RotationStatusView(_View):
+    device_id: str
+    state: DeviceState
+    current: HeldCertificateView | None
+    pending: HeldCertificateView | None
+    retired: list[HeldCertificateView]
+    renewal_due_at: str | None

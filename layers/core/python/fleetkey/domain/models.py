@@ -13,10 +13,12 @@ from fleetkey.domain.lifecycle import DeviceState
 
 class CertificateRole(StrEnum):
     """What a certificate in a device's set is for: the one it connects and authenticates with
-    (current), or one issued by a rotation and not yet committed (pending)."""
+    (current), one issued by a rotation and not yet committed (pending), or one a rotation
+    replaced or rolled back (retired: INACTIVE in AWS IoT, revoked, deleted after a grace)."""
 
     CURRENT = "current"
     PENDING = "pending"
+    RETIRED = "retired"
 
 
 class CertificateOrigin(StrEnum):
@@ -38,18 +40,42 @@ class HeldCertificate:
     key: str  # "ec:secp256r1", "rsa:2048"
     not_after: str  # ISO 8601
     arn: str | None = None
+    not_before: str | None = None
+    # Certificates fleetkey issued: the serial (hex) and the certificate itself (a repeated
+    # rotation request for the same CSR is answered with it).
+    serial: str | None = None
+    certificate_pem: str | None = None
+    # pending: the moment the rotation is rolled back unless committed.
+    commit_deadline: str | None = None
+    # retired: when it was retired, and when it is deleted from AWS IoT.
+    retired_at: str | None = None
+    delete_after: str | None = None
+    # current: when fleetkey last asked the device to renew it.
+    renewal_requested_at: str | None = None
 
     def not_after_epoch(self) -> int:
         return int(datetime.fromisoformat(self.not_after).timestamp())
 
     def to_public(self) -> dict[str, Any]:
-        return {
+        public: dict[str, Any] = {
             "certificate_id": self.certificate_id,
             "role": self.role.value,
             "origin": self.origin.value,
             "key": self.key,
             "not_after": self.not_after,
         }
+        for name in (
+            "not_before",
+            "serial",
+            "commit_deadline",
+            "retired_at",
+            "delete_after",
+            "renewal_requested_at",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                public[name] = value
+        return public
 
 
 class TeardownStatus(StrEnum):
@@ -98,8 +124,15 @@ class Device:
     # The factory certificate JITR accepted (it survives decommission: the device re-onboards
     # with it after a recommission).
     factory_certificate_id: str | None = None
+    # SHA-256 (hex) of the SubjectPublicKeyInfo of every key the device has held, in any life:
+    # a rotation never certifies one of them again.
+    held_keys: frozenset[str] = frozenset()
     created_at: str | None = None
     updated_at: str | None = None
+
+    @property
+    def retired_certificates(self) -> tuple[HeldCertificate, ...]:
+        return tuple(c for c in self.certificates if c.role is CertificateRole.RETIRED)
 
     @property
     def current_certificate(self) -> HeldCertificate | None:

@@ -62,6 +62,12 @@ class DeviceProfile:
     token_rules: TokenRules = TokenRules()
     # Validity of certificates fleetkey issues on rotation.
     certificate_validity_days: int = 365
+    # How long a certificate a rotation replaced stays in AWS IoT (INACTIVE, revoked) before it
+    # is deleted: long enough to read what it did, short enough to leave nothing behind.
+    retired_certificate_grace_days: int = 7
+    # Ask a device to replace its factory certificate as soon as it is registered (its key may
+    # have sat in a factory's test rig); off, it is renewed at two thirds of its lifetime.
+    replace_factory: bool = True
     # JITR refuses (serial_mismatch) a factory certificate without a subject serialNumber. Off,
     # the serial is checked when present: the allow-list's binding is then the CN, the CA and,
     # when pinned, the public key.
@@ -136,6 +142,7 @@ PROFILES: dict[str, DeviceProfile] = {
                 ),
             ),
             certificate_validity_days=180,
+            retired_certificate_grace_days=1,
             # A pump's factory certificate carries its hardware serial: a certificate without
             # one cannot be tied to the allow-list entry's serial, so it is refused.
             require_subject_serial=True,

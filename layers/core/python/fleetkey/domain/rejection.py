@@ -21,6 +21,8 @@ class RejectionReason(StrEnum):
     SERIAL_MISMATCH = "serial_mismatch"
     DECOMMISSIONED = "decommissioned"
     CLONE_SUSPECTED = "clone_suspected"
+    # A certificate the device's rotation replaced, presented again in the same life.
+    RETIRED = "certificate_retired"
     # Not a refusal of the certificate: the event does not match what AWS IoT says about it
     # (another CA, not PENDING_ACTIVATION, no such certificate), so nothing was done and no
     # decision was recorded; the event is audited in the registration-events stream.

@@ -14,6 +14,7 @@ import jwt
 from fleetkey.clock import Clock, timestamp, utc_now
 from fleetkey.crypto.jose import MalformedJws, b64url, media_type, parse_compact_jws
 from fleetkey.domain.lifecycle import DeviceState
+from fleetkey.domain.models import CertificateRole
 from fleetkey.ports import AuditLog, DeviceRepository, TokenRecords
 from fleetkey.services.signing_keys import MAX_TOKEN_LIFETIME_SECONDS, SigningKeys
 from fleetkey.services.tokens import ACCESS_TOKEN_TYPE, CLOCK_SKEW, FIRMWARE_VERSION
@@ -82,8 +83,12 @@ class IntrospectionService:
         if (
             device is None
             or device.state is not DeviceState.ACTIVE
+            # A token is good while its certificate is the device's current one: a rotation's
+            # commit retires the certificate it was bound to.
             or not any(
-                b64url(bytes.fromhex(c.certificate_id)) == bound for c in device.certificates
+                b64url(bytes.fromhex(c.certificate_id)) == bound
+                for c in device.certificates
+                if c.role is CertificateRole.CURRENT
             )
         ):
             return dict(INACTIVE)

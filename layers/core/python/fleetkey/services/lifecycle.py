@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from functools import partial
@@ -37,7 +37,14 @@ from fleetkey.adapters.aws import is_transient
 from fleetkey.clock import Clock, timestamp, utc_now
 from fleetkey.converge import Step, converge
 from fleetkey.domain.lifecycle import DeviceState, Transition, target_state
-from fleetkey.domain.models import Device, Teardown, TeardownStatus
+from fleetkey.domain.models import (
+    CertificateOrigin,
+    CertificateRole,
+    Device,
+    Teardown,
+    TeardownStatus,
+)
+from fleetkey.domain.pki import Revocation
 from fleetkey.domain.profiles import get_profile, thing_type_names
 from fleetkey.errors import (
     ConcurrentModification,
@@ -55,6 +62,8 @@ from fleetkey.ports import (
     DeviceConnections,
     DeviceRepository,
     LifecycleQueue,
+    RevocationRecords,
+    Write,
 )
 from fleetkey.settings import Settings
 
@@ -89,8 +98,10 @@ class LifecycleService:
         decisions: CertificateDecisions,
         clock: Clock = utc_now,
         on_change: Observer | None = None,
+        revocations: RevocationRecords | None = None,
     ) -> None:
         self._settings = settings
+        self._revocations = revocations
         self._devices = devices
         self._certificates = certificates
         self._connections = connections
@@ -174,6 +185,7 @@ class LifecycleService:
             teardown=lambda d: replace(
                 teardown, certificates=tuple(c.certificate_id for c in d.certificates)
             ),
+            with_writes=self._revoke_issued,
         )
         if device.teardown is not None and device.teardown.status is TeardownStatus.PENDING:
             self._enqueue(device)
@@ -357,12 +369,19 @@ class LifecycleService:
     def _steps(self, device: Device) -> list[Step]:
         certificates = [c.certificate_id for c in device.certificates]
         if device.state is DeviceState.ACTIVE:
+            # A retired certificate (replaced or rolled back by a rotation) stays INACTIVE; a
+            # pending one not yet in AWS IoT is left to the rotation that registers it.
             return [
                 Step(
-                    f"activate {c}",
-                    partial(self._certificates.set_certificate_status, c, "ACTIVE"),
+                    f"{'deactivate' if c.role is CertificateRole.RETIRED else 'activate'} "
+                    f"{c.certificate_id}",
+                    partial(
+                        self._certificates.set_certificate_status,
+                        c.certificate_id,
+                        "INACTIVE" if c.role is CertificateRole.RETIRED else "ACTIVE",
+                    ),
                 )
-                for c in certificates
+                for c in device.certificates
             ]
         if device.state is DeviceState.SUSPENDED:
             return [
@@ -514,6 +533,7 @@ class LifecycleService:
         done: DeviceState,
         tokens_cut: bool = False,
         teardown: Callable[[Device], Teardown] | None = None,
+        with_writes: Callable[[Device], Sequence[Write]] | None = None,
     ) -> Device:
         """Apply `transition` unless the device is already in `done` (a retry: returned as it
         is), re-reading and deciding again when a concurrent change lands first."""
@@ -533,13 +553,39 @@ class LifecycleService:
                 teardown=teardown(device) if teardown else None,
             )
             try:
-                device = self._devices.apply(device, change)
+                device = self._devices.apply(
+                    device, change, with_writes=with_writes(device) if with_writes else ()
+                )
             except DeviceChanged as changed:
                 device = self._current(device_id, changed)
                 continue
             self._notify(action, device)
             return device
         raise ConcurrentModification(f"device {device_id} kept changing; retry")
+
+    def _revoke_issued(self, device: Device) -> Sequence[Write]:
+        """A decommission revokes the certificates fleetkey issued that are still in force
+        (current or pending; a retired one was revoked when it was retired): listed in the CRL
+        until they expire, in the transaction that decommissions."""
+        if self._revocations is None:
+            return ()
+        at = timestamp(self._clock())
+        return self._revocations.revocations(
+            [
+                Revocation(
+                    serial=c.serial,
+                    certificate_id=c.certificate_id,
+                    device_id=device.device_id,
+                    not_after=c.not_after,
+                    revoked_at=at,
+                    reason="cessationOfOperation",
+                )
+                for c in device.certificates
+                if c.origin is CertificateOrigin.ISSUED
+                and c.serial
+                and c.role is not CertificateRole.RETIRED
+            ]
+        )
 
     def _notify(self, action: str, device: Device) -> None:
         if self._on_change is not None:

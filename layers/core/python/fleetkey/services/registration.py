@@ -381,6 +381,7 @@ class RegistrationService:
                         key=certificate.key_description,
                         not_after=timestamp(certificate.not_after),
                         arn=iot_cert.arn,
+                        not_before=timestamp(certificate.not_before),
                     )
                     self._devices.apply(
                         device,
@@ -441,6 +442,14 @@ class RegistrationService:
             device = self._devices.get(previous.device_id)
         if device is not None and device.state is DeviceState.DECOMMISSIONED:
             return self._set_aside(device, iot_cert)
+        if (
+            device is not None
+            and device.state is DeviceState.ACTIVE
+            and device.epoch == (previous.epoch or 1)
+            and device.holds(previous.certificate_id) is None
+            and iot_cert.status == "PENDING_ACTIVATION"
+        ):
+            return self._retired_presented(device, iot_cert)
         if (
             device is None
             or device.state is not DeviceState.ACTIVE
@@ -536,6 +545,33 @@ class RegistrationService:
                 "thing_type": conflict.thing_type,
             },
             at=timestamp(self._clock()),
+        )
+
+    def _retired_presented(self, device: Device, iot_cert: IotCertificate) -> RegistrationOutcome:
+        """A certificate this life of the device accepted and a rotation has since replaced and
+        deleted, presented again (AWS IoT registered it anew): the device moved to another key,
+        so whoever connects with the old one is not to be trusted. Revoked in AWS IoT (the
+        factory certificate is released again by a recommission), audited in
+        `stream:registration-events` as `retired_certificate_presented`.
+
+        AWS calls: 2 (stream head, append) + UpdateCertificate.
+        """
+        logger.warning(
+            "a certificate a rotation retired was presented again; revoked",
+            extra={"device_id": device.device_id, "certificate_id": iot_cert.certificate_id},
+        )
+        self._audit.append_to_stream(
+            REGISTRATION_EVENTS_STREAM,
+            action="retired_certificate_presented",
+            actor=ACTOR,
+            details={"device_id": device.device_id, "certificate_id": iot_cert.certificate_id},
+            at=timestamp(self._clock()),
+        )
+        return self._revoke(
+            iot_cert,
+            RegistrationOutcome(
+                iot_cert.certificate_id, False, device.device_id, RejectionReason.RETIRED
+            ),
         )
 
     def _set_aside(self, device: Device, iot_cert: IotCertificate) -> RegistrationOutcome:

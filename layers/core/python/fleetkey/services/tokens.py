@@ -210,10 +210,17 @@ class TokenService:
             "scope": token_claims["scope"],
         }
 
-    def authenticate(self, assertion: str, client_id: str | None) -> AuthenticatedDevice:
+    def authenticate(
+        self,
+        assertion: str,
+        client_id: str | None,
+        *,
+        role: CertificateRole = CertificateRole.CURRENT,
+    ) -> AuthenticatedDevice:
         """Verify a client assertion: the device it names is ACTIVE and signed it with the key
-        of its current certificate, and the assertion keeps every rule (module docstring). Not
-        yet recorded as used (`record_assertion`).
+        of its current certificate (or, for a rotation's commit, `role` PENDING: the new one),
+        and the assertion keeps every rule (module docstring). Not yet recorded as used
+        (`record_assertion`).
 
         AWS calls: none for an assertion refused on its own content; else 1 (the device's
         credential, a projected GetItem). Every refusal after the read has decoded one item and
@@ -228,7 +235,9 @@ class TokenService:
         device_id: str = unverified["sub"]
         # The projected read, whose miss decodes a decoy item: equal CPU for unknown and known.
         device = self._devices.credential(device_id)
-        key, certificate, refusal = self._verification_key(device, header["kid"], header["alg"])
+        key, certificate, refusal = self._verification_key(
+            device, header["kid"], header["alg"], role
+        )
 
         now = int(self._clock().timestamp())
         nonce = unverified.get("nonce")
@@ -294,7 +303,7 @@ class TokenService:
         claims = auth.claims
         remember_until = int(claims.get("exp") or auth.now + MAX_ASSERTION_LIFETIME) + CLOCK_SKEW
         eligible = self._devices.eligibility_check(
-            auth.device.device_id, auth.certificate.certificate_id
+            auth.device.device_id, auth.certificate.certificate_id, auth.certificate.role
         )
         try:
             self._records.use_assertion(
@@ -349,7 +358,11 @@ class TokenService:
         return jws
 
     def _verification_key(
-        self, device: DeviceCredential | None, kid: str, alg: str
+        self,
+        device: DeviceCredential | None,
+        kid: str,
+        alg: str,
+        role: CertificateRole = CertificateRole.CURRENT,
     ) -> tuple[PublicKey, HeldCertificate | None, str | None]:
         """The key to verify the assertion with, the certificate it belongs to, and the refusal
         already decided, if any.
@@ -365,8 +378,8 @@ class TokenService:
         if device.state is not DeviceState.ACTIVE:
             return stand_in, None, "device not active"
         certificate = device.holds(kid)
-        if certificate is None or certificate.role is not CertificateRole.CURRENT:
-            return stand_in, None, "not the device's current certificate"
+        if certificate is None or certificate.role is not role:
+            return stand_in, None, f"not the device's {role.value} certificate"
         if alg not in algorithms_for(certificate.key):
             return stand_in, None, "algorithm does not match the certificate key"
         key = self._public_key(certificate.certificate_id, certificate.public_key_pem)

@@ -30,6 +30,13 @@ from fleetkey.domain.models import (
     Teardown,
     TeardownStatus,
 )
+from fleetkey.domain.rotation import (
+    all_due_shards,
+    due_shard,
+    key_fingerprint,
+    next_deadline,
+    next_renewal,
+)
 from fleetkey.errors import TransientAwsError
 from fleetkey.ports import (
     DeviceChange,
@@ -95,6 +102,7 @@ _DECOY_DEVICE_RESPONSE = json.dumps(
                             },
                             "key": {"S": "ec:secp256r1"},
                             "not_after": {"S": "2036-01-01T00:00:00.000+00:00"},
+                            "not_before": {"S": "2026-01-01T00:00:00.000+00:00"},
                             "arn": {"S": "arn:aws:iot:eu-west-1:000000000000:cert/" + "0" * 64},
                         }
                     }
@@ -106,6 +114,19 @@ _DECOY_DEVICE_RESPONSE = json.dumps(
 ).encode()
 
 
+# The optional fields of a held certificate, stored under their own names when set.
+_HELD_OPTIONAL = (
+    "arn",
+    "not_before",
+    "serial",
+    "certificate_pem",
+    "commit_deadline",
+    "retired_at",
+    "delete_after",
+    "renewal_requested_at",
+)
+
+
 def _held(certificate_id: str, value: Mapping[str, Any]) -> HeldCertificate:
     return HeldCertificate(
         certificate_id=certificate_id,
@@ -114,7 +135,7 @@ def _held(certificate_id: str, value: Mapping[str, Any]) -> HeldCertificate:
         public_key_pem=value["public_key"],
         key=value["key"],
         not_after=value["not_after"],
-        arn=value.get("arn"),
+        **{name: value.get(name) for name in _HELD_OPTIONAL},
     )
 
 
@@ -133,7 +154,7 @@ def _certificates_to_item(certificates: Sequence[HeldCertificate]) -> dict[str, 
             "public_key": c.public_key_pem,
             "key": c.key,
             "not_after": c.not_after,
-            **({"arn": c.arn} if c.arn else {}),
+            **{name: getattr(c, name) for name in _HELD_OPTIONAL if getattr(c, name)},
         }
         for c in certificates
     }
@@ -176,6 +197,7 @@ def device_from_item(item: Mapping[str, Any]) -> Device:
         tokens_not_before=item.get("tokens_not_before"),
         teardown=_teardown_from_item(item.get("teardown")),
         factory_certificate_id=item.get("factory_certificate_id"),
+        held_keys=frozenset(item.get("held_keys") or ()),
         created_at=item.get("created_at"),
         updated_at=item.get("updated_at"),
     )
@@ -290,12 +312,60 @@ class DynamoDeviceRepository:
         )
         _credential_from_item(de(parsed["Item"]))
 
+    def due(self, now: int, limit: int) -> list[str]:
+        """Devices with a deadline due at `now` (a rollback, a deletion: the sparse `due`
+        index), at most `limit`. AWS calls: 1 Query per shard (DUE_SHARDS) and further page."""
+        return self._sparse(schema.DUE_INDEX, now, limit)
+
+    def renewals_due(self, now: int, limit: int) -> list[str]:
+        """ACTIVE devices due for a renewal request at `now` (the sparse `renewal` index), at
+        most `limit`. AWS calls: as `due`, stopping once `limit` are found."""
+        return self._sparse(schema.RENEWAL_INDEX, now, limit)
+
+    def _sparse(self, index: str, now: int, limit: int) -> list[str]:
+        """Up to `limit` device ids from a sparse index, due at `now` (earliest first within
+        each shard). The index holds only devices with that moment set, so this reads what is
+        due and never the rest of the fleet."""
+        shard_key, moment_key = schema.SPARSE_INDEXES[index]
+        shards = all_due_shards()
+        # Each shard gets its share, so one busy shard never starves the others.
+        share = -(-limit // len(shards))
+        found: list[str] = []
+        for shard in shards:
+            if len(found) >= limit:
+                break
+            wanted = len(found) + min(share, limit - len(found))
+            kwargs: dict[str, Any] = {
+                "TableName": self._table.name,
+                "IndexName": index,
+                "KeyConditionExpression": "#shard = :shard AND #moment <= :now",
+                "ExpressionAttributeNames": {"#shard": shard_key, "#moment": moment_key},
+                "ExpressionAttributeValues": ser({":shard": shard, ":now": now}),
+            }
+            while len(found) < wanted:
+                kwargs["Limit"] = wanted - len(found)
+                response = self._table.client.query(**kwargs)
+                found.extend(
+                    str(de(item)["pk"]).removeprefix("DEVICE#")
+                    for item in response.get("Items", [])
+                )
+                if "LastEvaluatedKey" not in response:
+                    break
+                kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+        return found
+
     # ---- checks other transactions carry ----------------------------------------------------
 
-    def eligibility_check(self, device_id: str, certificate_id: str) -> Write:
-        """The device is ACTIVE and `certificate_id` is its current certificate: checked in the
-        transaction that grants something (a token's jti, a data key), so that nothing is granted
-        after a suspension or a decommission committed."""
+    def eligibility_check(
+        self,
+        device_id: str,
+        certificate_id: str,
+        role: CertificateRole = CertificateRole.CURRENT,
+    ) -> Write:
+        """The device is ACTIVE and `certificate_id` is its current certificate (or, for a
+        rotation's commit, the pending one: `role`): checked in the transaction that grants
+        something (a token's jti, a data key), so that nothing is granted after a suspension or
+        a decommission committed."""
         return Action(
             "device",
             {
@@ -312,7 +382,7 @@ class DynamoDeviceRepository:
                     "ExpressionAttributeValues": ser(
                         {
                             ":active": DeviceState.ACTIVE.value,
-                            ":current": CertificateRole.CURRENT.value,
+                            ":current": role.value,
                         }
                     ),
                 }
@@ -367,16 +437,33 @@ class DynamoDeviceRepository:
         if any(_addresses_a_device(write) for write in with_writes):
             # Only this method writes devices: a companion write may not touch one.
             raise ValueError("a write carried with a device change may not address a device")
+        updated = self._applied(device, record, new_state, change)
         sets, removes = self._attributes(change)
-        update = self._change_action(device, record, new_state, sets, removes)
+        # The sparse indexes follow every change (domain.rotation); a device with nothing due
+        # leaves them.
+        for (shard, moment), due in (
+            (schema.SPARSE_INDEXES[schema.DUE_INDEX], next_deadline(updated)),
+            (schema.SPARSE_INDEXES[schema.RENEWAL_INDEX], next_renewal(updated)),
+        ):
+            if due is None:
+                removes += [shard, moment]
+            else:
+                sets.update({shard: due_shard(device.device_id), moment: due})
+        added_keys = updated.held_keys - device.held_keys
+        update = self._change_action(device, record, new_state, sets, removes, added_keys)
         actions = [update, self._table.audit_put(record), *with_writes]
         try:
-            self._table.transact_or_refuse(actions)
+            self._table.transact(actions)
         except ConditionFailed as failure:
+            # The device moved on first: what the other writes refused follows from that, so
+            # the caller reads the device again and decides again.
             if "device" in failure.failed:
                 raise _changed(device.device_id)(failure.items) from None
+            for action in actions:
+                if action.name in failure.failed and action.refusal is not None:
+                    raise action.refusal(failure.items) from None
             raise
-        return self._applied(device, record, new_state, change)
+        return updated
 
     @staticmethod
     def _attributes(change: DeviceChange) -> tuple[dict[str, Any], list[str]]:
@@ -407,6 +494,7 @@ class DynamoDeviceRepository:
         new_state: DeviceState,
         sets: Mapping[str, Any],
         removes: Sequence[str],
+        added_keys: frozenset[str] = frozenset(),
     ) -> Action:
         """The one Update of a device item that may write its state."""
         values: dict[str, Any] = {
@@ -430,6 +518,10 @@ class DynamoDeviceRepository:
             for index, name in enumerate(removes):
                 names[f"#r{index}"] = name
             update += " REMOVE " + ", ".join(f"#r{i}" for i in range(len(removes)))
+        if added_keys:
+            names["#held_keys"] = "held_keys"
+            values[":held_keys"] = set(added_keys)
+            update += " ADD #held_keys :held_keys"
         return Action(
             "device",
             {
@@ -456,7 +548,12 @@ class DynamoDeviceRepository:
             updated_at=record.at,
         )
         if change.certificates is not None:
-            updated = replace(updated, certificates=tuple(change.certificates))
+            updated = replace(
+                updated,
+                certificates=tuple(change.certificates),
+                held_keys=device.held_keys
+                | {key_fingerprint(c.public_key_pem) for c in change.certificates},
+            )
         if change.profile is not None:
             updated = replace(updated, profile=change.profile)
         if change.epoch is not None:

@@ -8,6 +8,7 @@ from fleetkey.store.audit_log import DynamoAuditLog
 from fleetkey.store.certificates import DynamoCertificateDecisions
 from fleetkey.store.data_keys import DynamoDataKeyRecords
 from fleetkey.store.devices import DynamoDeviceRepository
+from fleetkey.store.pki import DynamoPkiStore
 from fleetkey.store.signing_key_registry import DynamoSigningKeyRegistry
 from fleetkey.store.table import Table
 from fleetkey.store.token_records import DynamoTokenRecords
@@ -32,3 +33,4 @@ class DynamoStore:
         self.token_records = DynamoTokenRecords(self.table)
         self.signing_keys = DynamoSigningKeyRegistry(self.table)
         self.data_keys = DynamoDataKeyRecords(self.table)
+        self.pki = DynamoPkiStore(self.table)

@@ -15,6 +15,18 @@
     NONCE#<nonce>       NONCE           a challenge not yet used (until it expires)
     REVOKED#<jti>       REVOKED         a revoked access token (until it expires)
     DATAKEY#<device_id> EPOCH#<epoch>   a device's data key, KMS-wrapped (one per life)
+    STREAM#issuing-ca   HEAD            the issuing CA (its KMS key, certificate and chain)
+    PKI#REVOKED         <not_after>#<serial>  a certificate fleetkey issued and revoked
+    PKI#CRL             CRL             the latest CRL and the count of revocations
+    KEY#<spki sha256>   KEY             a public key fleetkey certified (never certified again)
+
+Two sparse global secondary indexes (KEYS_ONLY), written by the device repository with every
+change, which the rotation sweep queries (never a Scan):
+- `due`: partition `due_shard` ("DUE#0".."DUE#7"), sort `due_at` (epoch seconds): devices with a
+  rotation's deadline or a retired certificate's deletion due;
+- `renewal`: partition `renewal_shard`, sort `renew_at`: ACTIVE devices whose current
+  certificate is next to be renewed (read at the renewal rate, so a backlog of renewals never
+  delays a rollback).
 
 Items that only matter until a moment carry `expires_at` (epoch seconds, the table's TTL
 attribute); code checks it too, since TTL deletion lags by up to days.
@@ -26,6 +38,17 @@ Key = dict[str, str]
 PARTITION_KEY = "pk"
 SORT_KEY = "sk"
 TTL_ATTRIBUTE = "expires_at"
+DUE_INDEX = "due"
+DUE_PARTITION_KEY = "due_shard"
+DUE_SORT_KEY = "due_at"
+RENEWAL_INDEX = "renewal"
+RENEWAL_PARTITION_KEY = "renewal_shard"
+RENEWAL_SORT_KEY = "renew_at"
+# index name -> (partition key, sort key); both keys only, both sparse.
+SPARSE_INDEXES = {
+    DUE_INDEX: (DUE_PARTITION_KEY, DUE_SORT_KEY),
+    RENEWAL_INDEX: (RENEWAL_PARTITION_KEY, RENEWAL_SORT_KEY),
+}
 
 DEVICE_SK = "DEVICE"
 STREAM_HEAD_SK = "HEAD"

@@ -1,0 +1,263 @@
+"""fleetkey's issuing CA (the head item of STREAM#issuing-ca, with its audit chain), its
+revocations and CRL, and the public keys it has certified:
+
+    pk                  sk                          what
+    STREAM#issuing-ca   HEAD                        the issuing CA (key, certificate, chain)
+    PKI#REVOKED         <not_after>#<serial hex>    a revoked certificate, until it expires
+    PKI#CRL             CRL                         the latest CRL, and the revocation counter
+    KEY#<spki sha256>   KEY                         a public key fleetkey certified, and for whom
+
+Revocations are read by a Query from now on (sort keys start with the expiry), so the CRL holds
+what has not yet expired and its cost follows that, never the number of certificates issued.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from fleetkey.domain.audit import AuditRecord, ChainHead
+from fleetkey.domain.pki import IssuingCa, IssuingCaStatus, PublishedCrl, Revocation
+from fleetkey.errors import Conflict
+from fleetkey.ports import StaleRecord, Write
+from fleetkey.store import schema
+from fleetkey.store.table import Action, ConditionFailed, Table, de, plain, ser
+
+CA_STREAM = "issuing-ca"
+REVOKED_PK = "PKI#REVOKED"
+CRL_KEY = {schema.PARTITION_KEY: "PKI#CRL", schema.SORT_KEY: "CRL"}
+
+
+class KeyCertified(Conflict):
+    """fleetkey has certified this public key before (for this device or another)."""
+
+
+def _key_claim_key(fingerprint: str) -> dict[str, str]:
+    return {schema.PARTITION_KEY: f"KEY#{fingerprint}", schema.SORT_KEY: "KEY"}
+
+
+def _ca_from_item(item: dict[str, Any]) -> IssuingCa:
+    item = plain(item)
+    return IssuingCa(
+        key_id=item["key_id"],
+        key_spec=item["key_spec"],
+        subject=item["subject"],
+        status=IssuingCaStatus(item["ca_status"]),
+        audit_head=ChainHead(int(item["audit_seq"]), item["audit_hash"]),
+        certificate_pem=item.get("certificate_pem"),
+        chain_pem=tuple(item.get("chain_pem") or ()),
+        iot_ca_id=item.get("iot_ca_id"),
+        self_signed=bool(item.get("self_signed", True)),
+        created_at=item.get("created_at"),
+    )
+
+
+class DynamoPkiStore:
+    def __init__(self, table: Table) -> None:
+        self._table = table
+
+    # ---- the CA ------------------------------------------------------------------------------
+
+    def get_ca(self) -> IssuingCa | None:
+        """AWS calls: 1 (GetItem)."""
+        item = self._table.get(schema.stream_head_key(CA_STREAM))
+        return _ca_from_item(item) if item and "key_id" in item else None
+
+    def put_ca(self, ca: IssuingCa, record: AuditRecord, *, previous: ChainHead) -> IssuingCa:
+        """Write the CA with the audit record of the change, conditional on the CA being as read
+        (`previous`: ChainHead() for none yet). AWS calls: 1 (TransactWriteItems).
+
+        Raises:
+            StaleRecord: it changed since it was read.
+        """
+        item = {
+            **schema.stream_head_key(CA_STREAM),
+            "key_id": ca.key_id,
+            "key_spec": ca.key_spec,
+            "subject": ca.subject,
+            "ca_status": ca.status.value,
+            "certificate_pem": ca.certificate_pem,
+            "chain_pem": list(ca.chain_pem),
+            "iot_ca_id": ca.iot_ca_id,
+            "self_signed": ca.self_signed,
+            "created_at": ca.created_at,
+            "audit_seq": record.seq,
+            "audit_hash": record.hash,
+        }
+        condition = "attribute_not_exists(pk)" if previous.seq == 0 else "audit_seq = :prev"
+        put: dict[str, Any] = {
+            "TableName": self._table.name,
+            "Item": ser(item),
+            "ConditionExpression": condition,
+        }
+        if previous.seq:
+            put["ExpressionAttributeValues"] = ser({":prev": previous.seq})
+        self._table.transact_or_refuse(
+            [
+                Action(
+                    "ca",
+                    {"Put": put},
+                    refusal=lambda _items: StaleRecord("the issuing CA changed since read"),
+                ),
+                self._table.audit_put(record),
+            ]
+        )
+        return replace(ca, audit_head=ChainHead(record.seq, record.hash))
+
+    # ---- revocations and the CRL --------------------------------------------------------------
+
+    def revocations(self, entries: Sequence[Revocation]) -> list[Write]:
+        """The writes that record revocations, for the device change's transaction: each entry,
+        and the revocation counter raised by their number (the CRL is out of date until it covers
+        them). None for no entries."""
+        if not entries:
+            return []
+        writes: list[Write] = [
+            Action(
+                f"revocation:{entry.serial}",
+                {
+                    "Put": {
+                        "TableName": self._table.name,
+                        "Item": ser(
+                            {
+                                schema.PARTITION_KEY: REVOKED_PK,
+                                schema.SORT_KEY: f"{entry.not_after}#{entry.serial}",
+                                "serial": entry.serial,
+                                "certificate_id": entry.certificate_id,
+                                "device_id": entry.device_id,
+                                "not_after": entry.not_after,
+                                "revoked_at": entry.revoked_at,
+                                "reason": entry.reason,
+                            }
+                        ),
+                    }
+                },
+            )
+            for entry in entries
+        ]
+        writes.append(
+            Action(
+                "revocation_counter",
+                {
+                    "Update": {
+                        "TableName": self._table.name,
+                        "Key": ser(CRL_KEY),
+                        "UpdateExpression": "ADD revocations :count",
+                        "ExpressionAttributeValues": ser({":count": len(entries)}),
+                    }
+                },
+            )
+        )
+        return writes
+
+    def revocations_after(self, moment: str) -> list[Revocation]:
+        """Every revocation of a certificate that expires after `moment` (ISO 8601).
+        AWS calls: 1 Query per page."""
+        kwargs: dict[str, Any] = {
+            "TableName": self._table.name,
+            "KeyConditionExpression": "pk = :pk AND sk > :from",
+            "ExpressionAttributeValues": ser({":pk": REVOKED_PK, ":from": moment}),
+            "ConsistentRead": True,
+        }
+        entries: list[Revocation] = []
+        while True:
+            response = self._table.client.query(**kwargs)
+            for raw in response.get("Items", []):
+                item = de(raw)
+                entries.append(
+                    Revocation(
+                        serial=item["serial"],
+                        certificate_id=item["certificate_id"],
+                        device_id=item["device_id"],
+                        not_after=item["not_after"],
+                        revoked_at=item["revoked_at"],
+                        reason=item["reason"],
+                    )
+                )
+            if "LastEvaluatedKey" not in response:
+                return entries
+            kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+
+    def crl(self) -> tuple[PublishedCrl | None, int]:
+        """The latest CRL (None before the first) and the number of revocations recorded.
+        AWS calls: 1 (GetItem)."""
+        item = self._table.get(CRL_KEY)
+        if not item:
+            return None, 0
+        item = plain(item)
+        revocations = int(item.get("revocations") or 0)
+        if "crl_number" not in item:
+            return None, revocations
+        return (
+            PublishedCrl(
+                number=int(item["crl_number"]),
+                der=bytes(item["der"]),
+                this_update=item["this_update"],
+                next_update=item["next_update"],
+                covers=int(item["covers"]),
+            ),
+            revocations,
+        )
+
+    def publish_crl(self, crl: PublishedCrl, *, previous_number: int | None) -> bool:
+        """Store `crl` unless another was stored since `previous_number` was read (CRL numbers
+        only grow). True when stored. AWS calls: 1 (UpdateItem)."""
+        condition = (
+            "attribute_not_exists(crl_number)"
+            if previous_number is None
+            else "crl_number = :previous"
+        )
+        values: dict[str, Any] = {
+            ":number": crl.number,
+            ":der": crl.der,
+            ":this": crl.this_update,
+            ":next": crl.next_update,
+            ":covers": crl.covers,
+        }
+        if previous_number is not None:
+            values[":previous"] = previous_number
+        try:
+            self._table.transact(
+                [
+                    Action(
+                        "crl",
+                        {
+                            "Update": {
+                                "TableName": self._table.name,
+                                "Key": ser(CRL_KEY),
+                                "UpdateExpression": "SET crl_number = :number, der = :der, "
+                                "this_update = :this, next_update = :next, covers = :covers",
+                                "ConditionExpression": condition,
+                                "ExpressionAttributeValues": ser(values),
+                            }
+                        },
+                    )
+                ]
+            )
+        except ConditionFailed:
+            return False
+        return True
+
+    # ---- certified keys -----------------------------------------------------------------------
+
+    def key_claim(self, fingerprint: str, device_id: str, certificate_id: str) -> Write:
+        """The claim that fleetkey certifies this public key once, for the transaction that
+        records the rotation (refusal: KeyCertified)."""
+        return Action(
+            "key_claim",
+            {
+                "Put": {
+                    "TableName": self._table.name,
+                    "Item": ser(
+                        {
+                            **_key_claim_key(fingerprint),
+                            "device_id": device_id,
+                            "certificate_id": certificate_id,
+                        }
+                    ),
+                    "ConditionExpression": "attribute_not_exists(pk)",
+                }
+            },
+            refusal=lambda _items: KeyCertified("this public key was certified before"),
+        )
