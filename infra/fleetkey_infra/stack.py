@@ -176,9 +176,11 @@ ROTATION_CA_REGISTRATION_ACTIONS = ("iot:GetRegistrationCode", "iot:RegisterCACe
 ISSUE_CERTIFICATE_STAR_ACTIONS = ("iot:RegisterCertificate",)
 # A new certificate bound to the device's profile policy and thing, then read back (cert/*).
 ISSUE_CERTIFICATE_ACTIONS = ("iot:AttachPolicy", "iot:DescribeCertificate", "iot:UpdateCertificate")
-# rotation_events: a commit deactivates the old certificate; a rollback and a retired
-# certificate's deletion take a certificate out of AWS IoT in the order AWS IoT requires (out of
-# ACTIVE, policies and things detached, deleted). All on the certificate (cert/*).
+# A commit deactivates the old certificate; a rollback and a retired certificate's deletion (the
+# sweep), and a registration that finds its rotation rolled back meanwhile (rotation), take a
+# certificate out of AWS IoT in the order AWS IoT requires (out of ACTIVE, policies and things
+# detached, deleted). All on the certificate (cert/*); DetachThingPrincipal with the thing's
+# condition, beside.
 RETIRE_CERTIFICATE_ACTIONS = (
     "iot:DescribeCertificate",
     "iot:UpdateCertificate",
@@ -186,11 +188,10 @@ RETIRE_CERTIFICATE_ACTIONS = (
     "iot:DetachPolicy",
     "iot:ListPrincipalThings",
     "iot:DeleteCertificate",
-    "iot:AttachPolicy",
 )
-# The issuing CA's keys, read through IAM (the CA key's policy delegates to the account's IAM);
-# kms:Sign is granted by the key policy alone, as for token keys: see `_grant_issuing_ca_keys`.
-ISSUING_CA_KEY_READ_ACTIONS = ("kms:DescribeKey", "kms:GetPublicKey")
+# The issuing CA's public key, read through IAM (the CA key's policy delegates to the account's
+# IAM); kms:Sign is granted by the key policy alone, as for token keys: `_grant_issuing_ca_keys`.
+ISSUING_CA_KEY_READ_ACTIONS = ("kms:GetPublicKey",)
 
 
 class FleetkeyStack(Stack):
@@ -870,6 +871,25 @@ class FleetkeyStack(Stack):
             "that tag on such a key. kms:Sign is granted by each key's own policy, not here.",
         )
 
+    def _grant_retire_certificates(self, role: iam.IRole) -> None:
+        """Take certificates out of AWS IoT (deactivate, detach policies and things, delete)."""
+        certificates = self._iot_arn("cert")
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="RetireCertificates",
+                actions=list(RETIRE_CERTIFICATE_ACTIONS),
+                resources=[certificates],
+            )
+        )
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="DetachThingPrincipals",
+                actions=["iot:DetachThingPrincipal"],
+                resources=[certificates],
+                conditions={"ArnLike": {"iot:thingArn": self._iot_arn("thing")}},
+            )
+        )
+
     def _grant_issue_certificates(self, role: iam.IRole) -> None:
         """Register a certificate fleetkey issued with AWS IoT (no resource-level permissions),
         attach the device's profile policy and thing to it (authorized on the certificate: see
@@ -884,8 +904,8 @@ class FleetkeyStack(Stack):
         )
         role.add_to_principal_policy(
             iam.PolicyStatement(
-                sid="ThingPrincipals",
-                actions=["iot:AttachThingPrincipal", "iot:DetachThingPrincipal"],
+                sid="AttachThingPrincipals",
+                actions=["iot:AttachThingPrincipal"],
                 resources=[certificates],
                 conditions={"ArnLike": {"iot:thingArn": self._iot_arn("thing")}},
             )
@@ -940,6 +960,9 @@ class FleetkeyStack(Stack):
                 resources=[self._iot_arn("cert")],
             )
         )
+        # A registration that finds its rotation rolled back (and the certificate removed)
+        # meanwhile takes the certificate it just registered out again.
+        self._grant_retire_certificates(role)
         self._grant_lifecycle_queue(role)
         acknowledge(
             role,
@@ -982,14 +1005,7 @@ class FleetkeyStack(Stack):
             )
         )
         self._grant_issuing_ca_keys(role, create=False)
-        self._grant_issue_certificates(role)
-        role.add_to_principal_policy(
-            iam.PolicyStatement(
-                sid="RetireCertificates",
-                actions=list(RETIRE_CERTIFICATE_ACTIONS),
-                resources=[self._iot_arn("cert")],
-            )
-        )
+        self._grant_retire_certificates(role)
         role.add_to_principal_policy(
             iam.PolicyStatement(
                 sid="RotateCommands",
@@ -1006,10 +1022,9 @@ class FleetkeyStack(Stack):
         acknowledge(
             role,
             wildcard_resource("*"),
-            "iot:RegisterCertificate (no resource-level permissions: the certificate does not "
-            "exist before), iot:DescribeEndpoint (the account's iot-data endpoint, read once per "
-            "process) and X-Ray's PutTraceSegments/PutTelemetryRecords (active tracing) use '*': "
-            "none supports resource-level permissions.",
+            "iot:DescribeEndpoint (the account's iot-data endpoint, read once per process) and "
+            "X-Ray's PutTraceSegments/PutTelemetryRecords (active tracing) use '*': neither "
+            "supports resource-level permissions.",
         )
         acknowledge(
             role,
@@ -1018,8 +1033,8 @@ class FleetkeyStack(Stack):
             "recorded for a device chosen at run time (its pending, current and retired ones): "
             "only the calls that take a certificate out of AWS IoT in the order it requires "
             "(Update, ListAttachedPolicies, DetachPolicy, ListPrincipalThings, "
-            "DetachThingPrincipal, DeleteCertificate) and bind one (AttachPolicy, "
-            "AttachThingPrincipal), on this account's and region's certificates.",
+            "DetachThingPrincipal, DeleteCertificate), on this account's and region's "
+            "certificates.",
         )
         acknowledge(
             role,

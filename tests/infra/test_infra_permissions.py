@@ -140,16 +140,26 @@ ROTATION_EVENTS_TABLE_ACTIONS = {
 }
 # The issuing CA's keys through IAM: read them (both), create and tag them (rotation). kms:Sign is
 # the CA key's own policy's, never IAM's (FORBIDDEN below).
-ISSUING_CA_READ_ACTIONS = {"kms:DescribeKey", "kms:GetPublicKey"}
+ISSUING_CA_READ_ACTIONS = {"kms:GetPublicKey"}
 ISSUING_CA_CREATE_ACTIONS = {"kms:CreateKey", "kms:TagResource"}
 # A certificate fleetkey issues, in AWS IoT: registered, bound to the device's policy and thing.
 ISSUE_CERTIFICATE_ACTIONS = {
     "iot:RegisterCertificate",
     "iot:AttachPolicy",
     "iot:AttachThingPrincipal",
-    "iot:DetachThingPrincipal",
     "iot:DescribeCertificate",
     "iot:UpdateCertificate",
+}
+# ... and taken out of AWS IoT (a rollback, a retired certificate's deletion; a registration that
+# finds its rotation rolled back meanwhile).
+RETIRE_CERTIFICATE_ACTIONS = {
+    "iot:DescribeCertificate",
+    "iot:UpdateCertificate",
+    "iot:ListAttachedPolicies",
+    "iot:DetachPolicy",
+    "iot:ListPrincipalThings",
+    "iot:DetachThingPrincipal",
+    "iot:DeleteCertificate",
 }
 TABLE_GRANTS = {
     REGISTRATION: (TABLE_ACTIONS, KEY_ACTIONS),
@@ -254,19 +264,14 @@ EXPECTED_ACTIONS = {
     | ISSUING_CA_CREATE_ACTIONS
     | {"iot:GetRegistrationCode", "iot:RegisterCACertificate"}  # the issuing CA
     | ISSUE_CERTIFICATE_ACTIONS
+    | RETIRE_CERTIFICATE_ACTIONS
     | {"sqs:SendMessage"},  # the lifecycle queue
     ROTATION_EVENTS: ROTATION_EVENTS_TABLE_ACTIONS
     | KEY_ACTIONS
     | LOG_ACTIONS
     | TRACING_ACTIONS
     | ISSUING_CA_READ_ACTIONS
-    | ISSUE_CERTIFICATE_ACTIONS
-    | {  # retiring certificates
-        "iot:ListAttachedPolicies",
-        "iot:DetachPolicy",
-        "iot:ListPrincipalThings",
-        "iot:DeleteCertificate",
-    }
+    | RETIRE_CERTIFICATE_ACTIONS
     | {"iot:Publish", "iot:DescribeEndpoint"}  # renewal commands
     | FAILURE_DESTINATION_ACTIONS,  # its failure queue, and the lifecycle queue (SendMessage)
 }
@@ -296,13 +301,13 @@ ONLY = {
     "dynamodb:DeleteItem": {TOKEN, CONVERGE, DATA_KEYS, ROTATION},
     # the teardown after decommission, and its reset command; a certificate set aside (JITR) or
     # removed before a recommission (admin); a retired certificate's deletion (rotation_events)
-    "iot:DeleteCertificate": {CONVERGE, REGISTRATION, ADMIN, ROTATION_EVENTS},
+    "iot:DeleteCertificate": {CONVERGE, REGISTRATION, ADMIN, ROTATION, ROTATION_EVENTS},
     "iot:DeleteThing": {CONVERGE},
-    "iot:DetachPolicy": {CONVERGE, REGISTRATION, ADMIN, ROTATION_EVENTS},
+    "iot:DetachPolicy": {CONVERGE, REGISTRATION, ADMIN, ROTATION, ROTATION_EVENTS},
     # the reset command (converge), the renewal command (rotation_events)
     "iot:Publish": {CONVERGE, ROTATION_EVENTS},
     # certificates fleetkey issues
-    "iot:RegisterCertificate": {ROTATION, ROTATION_EVENTS},
+    "iot:RegisterCertificate": {ROTATION},
     # suspend and teardown close the device's MQTT connection
     "iot:DeleteConnection": {ADMIN, DEVICE_EVENTS, CONVERGE},
     "sqs:ReceiveMessage": {CONVERGE},
@@ -331,7 +336,7 @@ STAR_ACTIONS = {
         "iot:RegisterCertificate",
         "kms:CreateKey",
     },
-    ROTATION_EVENTS: TRACING_ACTIONS | {"iot:RegisterCertificate", "iot:DescribeEndpoint"},
+    ROTATION_EVENTS: TRACING_ACTIONS | {"iot:DescribeEndpoint"},
 }
 STACK_TAG_VALUE = f"token-signing:{constants.STACK_ID}"
 TOKEN_SIGNING_TAG = {"aws:ResourceTag/fleetkey:purpose": STACK_TAG_VALUE}

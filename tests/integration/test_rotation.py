@@ -165,7 +165,7 @@ def test_commit_by_the_connected_event_retires_and_revokes_the_old(stack, acme):
     assert device.connected(answer["certificate_id"]) == "committed"
     # Presence events come late and twice: nothing more happens.
     assert device.connected(answer["certificate_id"]) == "current"
-    assert device.connected(factory_id) == "ignored"
+    assert device.connected(factory_id) == "retired"  # set INACTIVE (again)
     record = device.device()
     assert record.current_certificate.certificate_id == answer["certificate_id"]
     [retired] = record.retired_certificates
@@ -188,6 +188,8 @@ def test_a_second_rotation_lists_the_first_issued_certificate_in_the_crl(stack, 
     device.adopt(first)
     _, second = device.request()
     assert device.connected(second["certificate_id"]) == "committed"
+    # The sweep publishes the CRL the next minute (never signed on a caller's request)
+    assert stack.sweep_rotations()["crl_published"] == 1
     der = stack.components.pki.crl_der()
     crl = x509.load_der_x509_crl(der)
     serials = {entry.serial_number for entry in crl}
@@ -268,6 +270,14 @@ def test_rollback_at_the_deadline(stack, acme):
     assert int(answer["serial_number"], 16) in {e.serial_number for e in crl}
     # A connection with it after the rollback changes nothing.
     assert device.connected(new_id) == "ignored"
+    # The next rotation waits a day (each rollback leaves an entry in the CRL), and the device
+    # is not asked to renew before
+    held = datetime.fromisoformat(device.device().rotation_held_until)
+    assert held >= late + timedelta(days=1)
+    with pytest.raises(RotationPending):
+        device.request()
+    stack.components.channel.send_command = lambda *args: pytest.fail("asked to renew")
+    assert stack.sweep_rotations(late + timedelta(hours=1))["renewals_requested"] == 0
 
 
 def test_the_retired_certificate_is_deleted_after_the_grace(stack, acme):
@@ -384,6 +394,7 @@ def test_decommission_revokes_the_issued_certificates(stack, acme):
     _, answer = device.request()
     device.connected(answer["certificate_id"])
     stack.lifecycle.decommission(device.device_id, reason="end of life", actor="operator")
+    stack.sweep_rotations()
     crl = x509.load_der_x509_crl(stack.components.pki.crl_der())
     assert int(answer["serial_number"], 16) in {e.serial_number for e in crl}
 

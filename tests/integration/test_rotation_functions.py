@@ -154,7 +154,11 @@ def snapshot(stack) -> dict:
     things), and the commands published."""
     pages = stack.dynamodb.get_paginator("scan").paginate(TableName=TABLE)
     items = sorted(
-        (json.dumps(item, sort_keys=True) for page in pages for item in page["Items"]),
+        (
+            json.dumps(item, sort_keys=True, default=repr)
+            for page in pages
+            for item in page["Items"]
+        ),
     )
     certificates = {}
     for page in stack.harness_iot.get_paginator("list_certificates").paginate():

@@ -230,9 +230,10 @@ def snapshot(world: World) -> dict:
 
     revoked = [item for item in items if item["pk"] == "PKI#REVOKED"]
     by_serial = {int(item["serial"], 16): label(item["certificate_id"]) for item in revoked}
-    [counter] = [item for item in items if item["pk"] == "PKI#CRL"] or [{}]
-    # The CRL as GET /v1/pki/crl serves it: published on the read when a revocation is not yet
-    # in the stored one (a commit whose CRL step failed leaves that to the sweep or the read).
+    [counter] = [item for item in items if (item["pk"], item["sk"]) == ("PKI#CRL", "CRL")] or [{}]
+    # The CRL as GET /v1/pki/crl serves it after the sweep's next publication (which follows
+    # every revocation within a minute).
+    stack.pki.refresh_crl()
     served = x509.load_der_x509_crl(stack.pki.crl_der())
     [device_item] = [
         item

@@ -21,6 +21,7 @@ import ipaddress
 import json
 import re
 import time
+from datetime import datetime, timedelta
 
 import jwt
 import pytest
@@ -532,7 +533,7 @@ def _ca_resources(stack) -> tuple[int, list[str], list[dict]]:
     items = stack.dynamodb.get_paginator("scan").paginate(TableName=TABLE)
     table = sorted(
         (item for page in items for item in page["Items"]),
-        key=lambda item: json.dumps(item, sort_keys=True),
+        key=lambda item: json.dumps(item, sort_keys=True, default=repr),
     )
     return len(keys), sorted(cas), table
 
@@ -597,3 +598,28 @@ def test_admin_pki_init_with_other_parameters_is_a_conflict(stack, functions, bo
         "key_spec": LOCAL_ISSUING_CA_KEY_SPEC,
         "subject": LOCAL_ISSUING_CA_SUBJECT,
     }
+
+
+def test_the_scheduled_sweep_rolls_back_and_takes_the_certificate_out_of_aws_iot(
+    stack, pump, functions
+):
+    # Given a rotation requested through the function and never committed, and the schedule's
+    # event arriving after its deadline (the function's clock moved past it)
+    answer = request_rotation(functions, pump)
+    late = datetime.fromisoformat(answer["commit_deadline"]) + timedelta(minutes=1)
+    services = functions["rotation_events"].components()
+    services.rotation._clock = services.pki._clock = lambda: late
+    # When the sweep runs through rotation_events
+    counts = functions["rotation_events"].handler(
+        load_event("scheduled-rotation-sweep"), LambdaContext()
+    )
+    # Then the rotation is rolled back: the new certificate revoked in a published CRL,
+    # detached and deleted from AWS IoT; the factory certificate stays current
+    assert (counts["rolled_back"], counts["deleted"], counts["crl_published"]) == (1, 1, 1)
+    with pytest.raises(stack.harness_iot.exceptions.ResourceNotFoundException):
+        stack.harness_iot.describe_certificate(certificateId=answer["certificate_id"])
+    record = pump.record()
+    assert record.current_certificate.certificate_id == pump.certificate_id
+    assert record.pending_certificate is None and record.retired_certificates == ()
+    crl = x509.load_der_x509_crl(stack.components.pki.crl_der())
+    assert int(answer["serial_number"], 16) in {entry.serial_number for entry in crl}

@@ -130,6 +130,17 @@ UNCALLED_GRANTS: Mapping[str, Mapping[str, str]] = {
     "rotation": {
         "kms:Encrypt": "DynamoDB encrypts the items written, as the caller",
         "kms:GenerateDataKey": "DynamoDB encrypts the items written, as the caller",
+        "dynamodb:DeleteItem": "a rotation assertion with a challenge nonce consumes it (Delete "
+        "NONCE#), as at /v1/token; the rotation tests use time-bound assertions",
+        "sqs:SendMessage": "the lifecycle queue, when a commit's deactivation of the old "
+        "certificate fails (exercised at the service level: test_rotation_resilience.py)",
+        "iot:ListAttachedPolicies": "a registration whose rotation was rolled back and removed "
+        "meanwhile takes its certificate out again (a race; not reached through the function in "
+        "the tests)",
+        "iot:DetachPolicy": "as ListAttachedPolicies",
+        "iot:ListPrincipalThings": "as ListAttachedPolicies",
+        "iot:DetachThingPrincipal": "as ListAttachedPolicies",
+        "iot:DeleteCertificate": "as ListAttachedPolicies",
     },
     "rotation_events": {
         "kms:Encrypt": "DynamoDB encrypts the items written, as the caller",

@@ -1235,6 +1235,11 @@ class CertificateRotation:
             "it connects and gets tokens with its newest certificate",
         )
         self._refused(sim, previous, "certificate it replaced")
+        # The schedule's next sweep (within a minute) publishes the CRL with the revocation.
+        sim.measure(
+            "schedule: sweep (publishes the CRL)",
+            lambda: self.sweep(datetime.now(UTC)),
+        )
         crl = sim.measure("device: read the CRL (GET /v1/pki/crl)", self.api.crl)
         serial = previous.certificate.serial_number
         sim.expect(
@@ -1250,8 +1255,8 @@ class CertificateRotation:
             return
         abandoned = device.pending_identity()
         moment = datetime.fromisoformat(answer["commit_deadline"]) + timedelta(seconds=1)
-        # One sweep reads at most a few hundred due devices: in a large fleet whose factory
-        # certificates are all due for renewal, the rollback may come in a later sweep.
+        # Deadlines have an index of their own (renewals never delay them): one sweep rolls the
+        # rotation back, unless a sweep stopped at its time limit first.
         counts: Counter[str] = Counter()
         for _ in range(MAX_SWEEPS):
             done = sim.measure(

@@ -160,6 +160,7 @@ class DeviceChange:
     clear_teardown: bool = False
     registered_at: str | None = None
     factory_certificate_id: str | None = None
+    rotation_held_until: str | None = None
 
 
 # ---- ports -------------------------------------------------------------------------------------

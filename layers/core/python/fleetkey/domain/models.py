@@ -127,6 +127,9 @@ class Device:
     # SHA-256 (hex) of the SubjectPublicKeyInfo of every key the device has held, in any life:
     # a rotation never certifies one of them again.
     held_keys: frozenset[str] = frozenset()
+    # After a rollback, no rotation starts before this moment (each rollback leaves a revoked
+    # certificate in the CRL until it expires: a device that never commits cannot grow it fast).
+    rotation_held_until: str | None = None
     created_at: str | None = None
     updated_at: str | None = None
 
@@ -194,6 +197,7 @@ class Device:
             "certificates": [c.to_public() for c in self.certificates],
             "factory_certificate_id": self.factory_certificate_id,
             "tokens_not_before": self.tokens_not_before,
+            "rotation_held_until": self.rotation_held_until,
             "teardown": self.teardown.to_public() if self.teardown else None,
             "created_at": self.created_at,
             "updated_at": self.updated_at,

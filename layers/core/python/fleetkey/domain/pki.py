@@ -64,11 +64,12 @@ class Revocation:
 
 @dataclass(frozen=True, slots=True)
 class PublishedCrl:
-    """The latest CRL: its number (monotonic), DER, and how many revocations it covers (the
-    table counts revocations; a CRL that covers fewer is out of date)."""
+    """The latest CRL: its number (monotonic), dates, how many revocations it covers (the table
+    counts revocations; a CRL that covers fewer is out of date), and how many chunks its DER is
+    stored in."""
 
     number: int
-    der: bytes
     this_update: str
     next_update: str
     covers: int
+    chunks: int = 1

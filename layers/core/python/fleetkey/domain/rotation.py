@@ -67,8 +67,12 @@ def renewal_due_at(device: Device) -> int | None:
     if current is None or device.pending_certificate is not None:
         return None
     if current.renewal_requested_at is not None:
-        return epoch_of(current.renewal_requested_at) + RENEWAL_RETRY_SECONDS
-    return renewal_time(current, replace_factory=get_profile(device.profile).replace_factory)
+        due = epoch_of(current.renewal_requested_at) + RENEWAL_RETRY_SECONDS
+    else:
+        due = renewal_time(current, replace_factory=get_profile(device.profile).replace_factory)
+    if device.rotation_held_until is not None:  # no rotation may start before
+        due = max(due, epoch_of(device.rotation_held_until))
+    return due
 
 
 def next_deadline(device: Device) -> int | None:

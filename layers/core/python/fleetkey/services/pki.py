@@ -44,6 +44,8 @@ TAG_VALUE_PREFIX = "issuing-ca:"
 CRL_VALIDITY = timedelta(hours=24)
 CRL_REFRESH_AFTER = CRL_VALIDITY / 2
 MAX_SUBJECT = 256
+# The shortest certificate worth issuing (below it, the issuing CA is too close to its end).
+MIN_ISSUED_LIFETIME = timedelta(days=7)
 MAX_ROUNDS = 4
 
 
@@ -207,6 +209,8 @@ class PkiService:
                     )
                 if ca.status is IssuingCaStatus.AWAITING_CERTIFICATE:
                     return self._activate(ca, actor)
+                if self._store.crl()[0] is None:  # activated, its first CRL not yet published
+                    self.refresh_crl()
                 return self.show()
             except StaleRecord:
                 continue
@@ -340,6 +344,9 @@ class PkiService:
             latest = self._store.get_ca()
             if latest is None or latest.status is not IssuingCaStatus.ACTIVE:
                 raise Conflict("the issuing CA changed; retry") from None
+        # The first CRL (empty), so that the CRL distribution point answers from the start.
+        self._active = None
+        self.refresh_crl()
         return self.show()
 
     def _record(self, ca: IssuingCa, action: str, actor: str, details: dict[str, Any]) -> IssuingCa:
@@ -429,6 +436,10 @@ class PkiService:
         not_after = min(
             not_before + timedelta(days=validity_days), ca_certificate.not_valid_after_utc
         )
+        if not_after - not_before < MIN_ISSUED_LIFETIME:
+            # The CA is at (or past) the end of its life: a certificate of a few days would only
+            # bring the next renewal sooner. A new CA is an operator's decision.
+            raise NoIssuingCa("the issuing CA expires too soon to issue certificates")
         return issuing.device_certificate(
             signer,
             ca_certificate,
@@ -443,25 +454,35 @@ class PkiService:
     # ---- the CRL -----------------------------------------------------------------------------
 
     def crl_der(self) -> bytes:
-        """The current CRL (published now if there is none, it misses a revocation, or half of
-        its validity has passed).
+        """The CRL as last published: never signed on a caller's request (the sweep publishes
+        it each minute a revocation is missing from it, and when half its validity is gone; the
+        CA's activation publishes the first).
 
-        AWS calls: 1 (GetItem); publishing adds a Query, a Sign and an UpdateItem.
+        AWS calls: 1 (GetItem) + 1 (Query of its chunks); again if a publish replaced it
+        between the two.
+
+        Raises:
+            NoIssuingCa: none published yet (the CA is not set up).
         """
-        crl, _ = self.refresh_crl()
-        if crl is None:  # lost a race to a concurrent publisher: theirs is newer
-            latest, _ = self._store.crl()
-            if latest is None:
-                raise NoIssuingCa("no CRL yet")
-            return latest.der
-        return crl.der
+        for _ in range(MAX_ROUNDS):
+            crl, _ = self._store.crl()
+            if crl is None:
+                raise NoIssuingCa("no CRL yet: the issuing CA is not set up")
+            der = self._store.crl_der(crl)
+            if der is not None:
+                return der
+        raise NoIssuingCa("the CRL kept changing; retry")
 
     def refresh_crl(self, *, force: bool = False) -> tuple[PublishedCrl | None, bool]:
-        """Publish a new CRL when due (see `crl_der`), else keep the current one: (the CRL,
-        whether this call published it). The CRL is None when a concurrent publisher stored a
-        newer one first.
+        """Publish a new CRL when due (a revocation is missing from it, half of its validity
+        has passed, or there is none), else keep the current one: (the CRL, whether this call
+        published it). The CRL is None when a concurrent publisher stored a newer one first.
 
-        AWS calls: 1 (GetItem); publishing adds a Query, a Sign and an UpdateItem."""
+        AWS calls: 1 (GetItem); publishing adds a Query, a Sign and a TransactWriteItems.
+
+        Raises:
+            CrlTooLarge: more revocations than a CRL can hold (see fleetkey.store.pki).
+        """
         now = self._clock()
         crl, revocations = self._store.crl()
         if (
@@ -491,12 +512,12 @@ class PkiService:
         )
         published = PublishedCrl(
             number=number,
-            der=signed.public_bytes(serialization.Encoding.DER),
             this_update=timestamp(now),
             next_update=timestamp(now + CRL_VALIDITY),
             covers=revocations,
         )
-        if not self._store.publish_crl(published, previous_number=crl.number if crl else None):
+        der = signed.public_bytes(serialization.Encoding.DER)
+        if not self._store.publish_crl(published, der, previous=crl):
             return None, False
         return published, True
 

@@ -28,6 +28,7 @@ device's repeated request, Lambda's retry of the event, the next sweep, the life
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -58,9 +59,11 @@ from fleetkey.domain.rotation import epoch_of, key_fingerprint, renewal_due_at
 from fleetkey.errors import FleetkeyError, InvalidCertificate, NotFound
 from fleetkey.ports import DeviceChange, DeviceChanged, DeviceRepository
 from fleetkey.services.pki import PkiService
-from fleetkey.services.tokens import MAX_ASSERTION_BYTES, AuthenticatedDevice, TokenService
+from fleetkey.services.tokens import MAX_ASSERTION_BYTES, TokenService
 from fleetkey.settings import Settings
 from fleetkey.store.pki import DynamoPkiStore, KeyCertified
+
+logger = logging.getLogger(__name__)
 
 _DEVICE_ID = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 _CERTIFICATE_ID = re.compile(r"[0-9a-f]{64}")
@@ -70,6 +73,9 @@ MAX_ROUNDS = 4
 BACKDATE = timedelta(minutes=1)
 # The most devices one sweep reads from the `due` index (renewals are also bounded by the rate).
 SWEEP_LIMIT = 400
+# After a rollback, the device's next rotation waits at least this long (each rollback lists a
+# certificate in the CRL until it expires).
+ROLLBACK_HOLD = timedelta(days=1)
 # A sweep stops starting new work after this long (the function's timeout is a minute).
 SWEEP_SECONDS = 40.0
 
@@ -170,8 +176,8 @@ class RotationService:
             checked,
             actor=f"device:{device_id}",
             via="api",
+            presented=auth.certificate.certificate_id,
             consume=lambda: self._tokens.record_assertion(auth),
-            authenticated=auth,
         )
 
     def reenroll(self, client_certificate_pem: object, csr_der: bytes) -> bytes:
@@ -216,7 +222,13 @@ class RotationService:
             raise EstRefused("the client certificate is not the device's current one", 401)
         try:
             self._check_key_policy(device.profile, checked)
-            _, answer = self._rotate(device_id, checked, actor=f"device:{device_id}", via="est")
+            _, answer = self._rotate(
+                device_id,
+                checked,
+                actor=f"device:{device_id}",
+                via="est",
+                presented=current.certificate_id,
+            )
         except RotationPending as exc:
             raise EstRefused(exc.message, 409) from None
         except (InvalidClient, InvalidGrant, OAuthInvalidRequest) as exc:
@@ -267,14 +279,16 @@ class RotationService:
         *,
         actor: str,
         via: str,
+        presented: str,
         consume: Callable[[], None] | None = None,
-        authenticated: AuthenticatedDevice | None = None,
     ) -> tuple[int, dict[str, Any]]:
-        """Decide the rotation (or find the pending one for this key), then register it."""
+        """Decide the rotation (or find the pending one for this key), then register it.
+        `presented` is the certificate the request was proven with (the assertion's kid, the
+        mutual TLS certificate): it must stay the device's current one until the decision."""
         device = self._device(device_id)
-        if authenticated is not None and (
+        if (
             device.current_certificate is None
-            or device.current_certificate.certificate_id != authenticated.certificate.certificate_id
+            or device.current_certificate.certificate_id != presented
         ):
             raise InvalidClient("the device's current certificate changed")
         pending = device.pending_certificate
@@ -282,13 +296,25 @@ class RotationService:
             checked.key_fingerprint
         ):
             # The same request again (its answer was lost): the same certificate, and AWS
-            # IoT's part finished if a failure interrupted it.
+            # IoT's part finished if a failure interrupted it; not once its deadline passed (the
+            # sweep rolls it back).
+            if pending.commit_deadline and self._clock() > datetime.fromisoformat(
+                pending.commit_deadline
+            ):
+                raise InvalidGrant("the rotation's deadline has passed")
             if consume is not None:
                 consume()
             self._register(device, pending)
             return 200, self._answer(pending)
         if pending is not None:
             raise RotationPending("another rotation of this device is pending")
+        if device.rotation_held_until and self._clock() < datetime.fromisoformat(
+            device.rotation_held_until
+        ):
+            raise RotationPending(
+                f"the last rotation was rolled back; the next may start at "
+                f"{device.rotation_held_until}"
+            )
         if checked.key_fingerprint in device.held_keys:
             raise InvalidGrant("the device has held this key before: make a new one")
         if consume is not None:
@@ -319,6 +345,10 @@ class RotationService:
         for _ in range(MAX_ROUNDS):
             if device.state is not DeviceState.ACTIVE or device.current_certificate is None:
                 raise InvalidClient("device not active")
+            if device.current_certificate.certificate_id != presented:
+                # Replaced while this request was on its way: the key that proved it is not
+                # the device's any more.
+                raise InvalidClient("the device's current certificate changed")
             pending = device.pending_certificate
             if pending is not None and (
                 key_fingerprint(pending.public_key_pem) == checked.key_fingerprint
@@ -379,24 +409,28 @@ class RotationService:
 
     def _register(self, device: Device, held: HeldCertificate) -> None:
         """Bring the pending certificate into AWS IoT beside the current one: registered
-        INACTIVE, the profile's policy and the device's thing attached, then ACTIVE, unless the
-        device has moved on meanwhile (suspended, rolled back): then it is left INACTIVE for
-        whatever moved it to finish. Idempotent (a repeated request or a retry)."""
+        INACTIVE, the profile's policy and the device's thing attached, ACTIVE last; then the
+        device is read again and AWS IoT follows what it says now: a device suspended meanwhile
+        (its convergence may have run before the activation) gets the certificate INACTIVE
+        again, and one whose rotation was rolled back and removed meanwhile gets it taken out
+        again. Idempotent (a repeated request or a retry)."""
         if held.certificate_pem is None:
             return
         arn = self._registry.register_issued_certificate(held.certificate_pem, self._pki.ca_pem())
         profile = get_profile(device.profile)
         self._registry.attach_policy(profile.iot_policy_name(self._settings.name_prefix), arn)
         self._registry.attach_exclusively(device.device_id, arn)
+        self._registry.set_certificate_status(held.certificate_id, "ACTIVE")
         latest = self._devices.get(device.device_id)
         still = latest.holds(held.certificate_id) if latest else None
-        if (
-            latest is not None
-            and latest.state is DeviceState.ACTIVE
-            and still is not None
-            and still.role is not CertificateRole.RETIRED
+        if still is None:
+            self._registry.teardown_certificate(held.certificate_id)
+        elif (
+            latest is None
+            or latest.state is not DeviceState.ACTIVE
+            or (still.role is CertificateRole.RETIRED)
         ):
-            self._registry.set_certificate_status(held.certificate_id, "ACTIVE")
+            self._registry.set_certificate_status(held.certificate_id, "INACTIVE")
 
     # ---- commit --------------------------------------------------------------------------------
 
@@ -407,9 +441,8 @@ class RotationService:
         new certificate id). Committing a certificate that is already current answers the same
         (a repeated call), proven with that key.
 
-        AWS calls: 1 (device) + 1 (credential) + 1 (the assertion's write) + 1 (the commit's
-        transaction) + the old certificate's deactivation (2) and, for an issued one, the CRL
-        (Query, Sign, UpdateItem + a read).
+        AWS calls: 1 (credential) + 1 (credential) + 1 (the assertion's write) + 1 (device) +
+        1 (the commit's transaction) + the old certificate's deactivation (2).
 
         Raises:
             OAuthInvalidRequest: the body; InvalidClient: the assertion does not authenticate
@@ -422,7 +455,8 @@ class RotationService:
             raise OAuthInvalidRequest("client_assertion is required (at most 8 KiB)")
         if not _DEVICE_ID.fullmatch(device_id) or not _CERTIFICATE_ID.fullmatch(certificate_id_):
             raise InvalidClient("device or certificate id")
-        device = self._devices.get(device_id)
+        # The projected read the token path makes (a miss costs what a hit does).
+        device = self._devices.credential(device_id)
         held = device.holds(certificate_id_) if device else None
         role = (
             CertificateRole.CURRENT
@@ -447,7 +481,8 @@ class RotationService:
         """A presence `connected` event (`$aws/events/presence/connected/<clientId>`): when the
         device connected with its pending certificate before the deadline, commit. Events come
         late, twice and out of order: one for a certificate already current, retired or unknown
-        changes nothing. Returns what happened: committed, current, late, ignored.
+        changes nothing (a retired one is set INACTIVE). Returns what happened: committed,
+        current, late, retired, ignored.
 
         AWS calls: 1 (the device); a commit as `commit`'s transaction and convergence.
         """
@@ -474,7 +509,16 @@ class RotationService:
             if self._recently_retired(device):
                 self._converge(device)
             return "current"
-        if held.role is not CertificateRole.PENDING or device.state is not DeviceState.ACTIVE:
+        if held.role is CertificateRole.RETIRED:
+            # Whoever holds a replaced key connected with it: it must not stay usable (its
+            # deactivation after the commit may have failed).
+            logger.warning(
+                "a retired certificate connected; set INACTIVE",
+                extra={"device_id": client_id, "certificate_id": principal},
+            )
+            self._registry.set_certificate_status(principal, "INACTIVE")
+            return "retired"
+        if device.state is not DeviceState.ACTIVE:  # a pending certificate, not to commit now
             return "ignored"
         if held.commit_deadline and at_ms // 1000 > epoch_of(held.commit_deadline):
             return "late"
@@ -498,7 +542,7 @@ class RotationService:
         at: datetime,
         device: Device | None = None,
     ) -> Device:
-        """Make `certificate_id_` current (idempotent), then converge AWS IoT and the CRL. A
+        """Make `certificate_id_` current (idempotent), then converge AWS IoT. A
         commit proven `at` a moment past the rotation's deadline is refused: the rotation is the
         sweep's to roll back (as a connection after the deadline does not commit)."""
         device = device or self._device(device_id)
@@ -563,6 +607,11 @@ class RotationService:
         self._converge(device)
         return device
 
+    def _rollback_hold(self) -> timedelta:
+        """How long after a rollback no rotation of the device starts: a day, or twice the
+        commit window if longer."""
+        return max(ROLLBACK_HOLD, 2 * timedelta(seconds=self._settings.rotation_commit_seconds))
+
     def _recently_retired(self, device: Device) -> bool:
         """Whether a certificate of `device` was retired within the commit window (when a late
         copy of the committing event may still arrive)."""
@@ -592,13 +641,13 @@ class RotationService:
         ]
 
     def _converge(self, device: Device) -> None:
-        """Retired certificates INACTIVE now (and deleted when their grace ended), the CRL
-        published if a revocation is not in it. A failure is left to the lifecycle queue (which
-        deactivates retired certificates) and to the sweep (the CRL, the deletions)."""
+        """Retired certificates INACTIVE now; a failure is left to the lifecycle queue (which
+        deactivates retired certificates). The revocation reaches the CRL with the sweep's next
+        publication (within a minute): signing the whole CRL in every commit would make each
+        commit's cost grow with the number of revocations."""
         try:
             for certificate in device.retired_certificates:
                 self._registry.set_certificate_status(certificate.certificate_id, "INACTIVE")
-            self._pki.refresh_crl()
         except (ClientError, BotoCoreError, FleetkeyError) as exc:
             if isinstance(exc, (ClientError, BotoCoreError)) and not is_transient(exc):
                 raise
@@ -711,6 +760,7 @@ class RotationService:
                 else c
                 for c in device.certificates
             )
+            hold = timestamp(now + self._rollback_hold())
             change = DeviceChange(
                 action="rotation_rolled_back",
                 actor="fleetkey:rotation-sweep",
@@ -718,8 +768,10 @@ class RotationService:
                 details={
                     "certificate_id": pending.certificate_id,
                     "commit_deadline": pending.commit_deadline,
+                    "rotation_held_until": hold,
                 },
                 certificates=certificates,
+                rotation_held_until=hold,
             )
             revoked = self._revocations(device.device_id, [pending], now, "cessationOfOperation")
             try:

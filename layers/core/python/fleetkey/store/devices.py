@@ -198,6 +198,7 @@ def device_from_item(item: Mapping[str, Any]) -> Device:
         teardown=_teardown_from_item(item.get("teardown")),
         factory_certificate_id=item.get("factory_certificate_id"),
         held_keys=frozenset(item.get("held_keys") or ()),
+        rotation_held_until=item.get("rotation_held_until"),
         created_at=item.get("created_at"),
         updated_at=item.get("updated_at"),
     )
@@ -471,7 +472,13 @@ class DynamoDeviceRepository:
         removes: list[str] = []
         if change.certificates is not None:
             sets["certificates"] = _certificates_to_item(change.certificates)
-        for name in ("profile", "epoch", "tokens_not_before", "registered_at"):
+        for name in (
+            "profile",
+            "epoch",
+            "tokens_not_before",
+            "registered_at",
+            "rotation_held_until",
+        ):
             value = getattr(change, name)
             if value is not None:
                 sets[name] = value
@@ -566,6 +573,8 @@ class DynamoDeviceRepository:
             updated = replace(updated, teardown=change.teardown)
         if change.factory_certificate_id is not None:
             updated = replace(updated, factory_certificate_id=change.factory_certificate_id)
+        if change.rotation_held_until is not None:
+            updated = replace(updated, rotation_held_until=change.rotation_held_until)
         return updated
 
     def create(self, rows: Sequence[tuple[AllowlistEntry, AuditRecord]], at: str) -> ImportOutcome:

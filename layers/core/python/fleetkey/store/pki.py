@@ -4,7 +4,9 @@ revocations and CRL, and the public keys it has certified:
     pk                  sk                          what
     STREAM#issuing-ca   HEAD                        the issuing CA (key, certificate, chain)
     PKI#REVOKED         <not_after>#<serial hex>    a revoked certificate, until it expires
-    PKI#CRL             CRL                         the latest CRL, and the revocation counter
+    PKI#CRL             CRL                         the latest CRL's number and dates, and the
+                                                    revocation counter
+    PKI#CRL             DER#<number>#<k>            the latest CRL's DER, in chunks
     KEY#<spki sha256>   KEY                         a public key fleetkey certified, and for whom
 
 Revocations are read by a Query from now on (sort keys start with the expiry), so the CRL holds
@@ -19,7 +21,7 @@ from typing import Any
 
 from fleetkey.domain.audit import AuditRecord, ChainHead
 from fleetkey.domain.pki import IssuingCa, IssuingCaStatus, PublishedCrl, Revocation
-from fleetkey.errors import Conflict
+from fleetkey.errors import Conflict, FleetkeyError
 from fleetkey.ports import StaleRecord, Write
 from fleetkey.store import schema
 from fleetkey.store.table import Action, ConditionFailed, Table, de, plain, ser
@@ -27,6 +29,29 @@ from fleetkey.store.table import Action, ConditionFailed, Table, de, plain, ser
 CA_STREAM = "issuing-ca"
 REVOKED_PK = "PKI#REVOKED"
 CRL_KEY = {schema.PARTITION_KEY: "PKI#CRL", schema.SORT_KEY: "CRL"}
+
+
+# A CRL is stored in chunks (an item holds at most 400 KB), all written in one transaction
+# (at most 4 MB): about 75,000 revoked certificates.
+CRL_CHUNK_BYTES = 350_000
+MAX_CRL_BYTES = 3_500_000
+
+
+class CrlTooLarge(FleetkeyError):
+    """The CRL outgrew what one transaction stores (an alarm: revocations pile up)."""
+
+    code = "crl_too_large"
+
+
+def _chunk_prefix(number: int) -> str:
+    return f"DER#{number:012d}#"
+
+
+def _chunk_key(number: int, index: int) -> dict[str, str]:
+    return {
+        schema.PARTITION_KEY: CRL_KEY[schema.PARTITION_KEY],
+        schema.SORT_KEY: f"{_chunk_prefix(number)}{index:03d}",
+    }
 
 
 class KeyCertified(Conflict):
@@ -180,8 +205,8 @@ class DynamoPkiStore:
             kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
 
     def crl(self) -> tuple[PublishedCrl | None, int]:
-        """The latest CRL (None before the first) and the number of revocations recorded.
-        AWS calls: 1 (GetItem)."""
+        """The latest CRL's description (None before the first) and the number of revocations
+        recorded. AWS calls: 1 (GetItem)."""
         item = self._table.get(CRL_KEY)
         if not item:
             return None, 0
@@ -192,49 +217,101 @@ class DynamoPkiStore:
         return (
             PublishedCrl(
                 number=int(item["crl_number"]),
-                der=bytes(item["der"]),
                 this_update=item["this_update"],
                 next_update=item["next_update"],
                 covers=int(item["covers"]),
+                chunks=int(item["chunks"]),
             ),
             revocations,
         )
 
-    def publish_crl(self, crl: PublishedCrl, *, previous_number: int | None) -> bool:
-        """Store `crl` unless another was stored since `previous_number` was read (CRL numbers
-        only grow). True when stored. AWS calls: 1 (UpdateItem)."""
+    def crl_der(self, crl: PublishedCrl) -> bytes | None:
+        """The DER of `crl`, from its chunks; None when a newer CRL replaced it meanwhile (its
+        chunks are gone: read the description again). AWS calls: 1 Query (+ pages)."""
+        kwargs: dict[str, Any] = {
+            "TableName": self._table.name,
+            "KeyConditionExpression": "pk = :pk AND begins_with(sk, :prefix)",
+            "ExpressionAttributeValues": ser(
+                {":pk": CRL_KEY[schema.PARTITION_KEY], ":prefix": _chunk_prefix(crl.number)}
+            ),
+            "ConsistentRead": True,
+        }
+        chunks: list[bytes] = []
+        while True:
+            response = self._table.client.query(**kwargs)
+            chunks.extend(bytes(de(item)["der"]) for item in response.get("Items", []))
+            if "LastEvaluatedKey" not in response:
+                break
+            kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+        return b"".join(chunks) if len(chunks) == crl.chunks else None
+
+    def publish_crl(self, crl: PublishedCrl, der: bytes, *, previous: PublishedCrl | None) -> bool:
+        """Store `crl` (its DER in chunks under its number, the description pointing at them,
+        the previous CRL's chunks deleted) in one transaction, unless another CRL was stored
+        since `previous` was read (CRL numbers only grow). True when stored.
+
+        AWS calls: 1 (TransactWriteItems).
+
+        Raises:
+            CrlTooLarge: the DER does not fit one transaction (4 MB).
+        """
+        pieces = [der[i : i + CRL_CHUNK_BYTES] for i in range(0, len(der), CRL_CHUNK_BYTES)]
+        if len(der) > MAX_CRL_BYTES:
+            raise CrlTooLarge(f"the CRL is {len(der)} bytes; at most {MAX_CRL_BYTES} are stored")
         condition = (
-            "attribute_not_exists(crl_number)"
-            if previous_number is None
-            else "crl_number = :previous"
+            "attribute_not_exists(crl_number)" if previous is None else "crl_number = :previous"
         )
         values: dict[str, Any] = {
             ":number": crl.number,
-            ":der": crl.der,
             ":this": crl.this_update,
             ":next": crl.next_update,
             ":covers": crl.covers,
+            ":chunks": len(pieces),
         }
-        if previous_number is not None:
-            values[":previous"] = previous_number
+        if previous is not None:
+            values[":previous"] = previous.number
+        actions: list[Action] = [
+            Action(
+                "crl",
+                {
+                    "Update": {
+                        "TableName": self._table.name,
+                        "Key": ser(CRL_KEY),
+                        "UpdateExpression": "SET crl_number = :number, this_update = :this, "
+                        "next_update = :next, covers = :covers, chunks = :chunks",
+                        "ConditionExpression": condition,
+                        "ExpressionAttributeValues": ser(values),
+                    }
+                },
+            ),
+            *(
+                Action(
+                    f"chunk:{index}",
+                    {
+                        "Put": {
+                            "TableName": self._table.name,
+                            "Item": ser({**_chunk_key(crl.number, index), "der": piece}),
+                        }
+                    },
+                )
+                for index, piece in enumerate(pieces)
+            ),
+            *(
+                Action(
+                    f"old:{index}",
+                    {
+                        "Delete": {
+                            "TableName": self._table.name,
+                            "Key": ser(_chunk_key(number, index)),
+                        }
+                    },
+                )
+                for number, chunks in ([(previous.number, previous.chunks)] if previous else [])
+                for index in range(chunks)
+            ),
+        ]
         try:
-            self._table.transact(
-                [
-                    Action(
-                        "crl",
-                        {
-                            "Update": {
-                                "TableName": self._table.name,
-                                "Key": ser(CRL_KEY),
-                                "UpdateExpression": "SET crl_number = :number, der = :der, "
-                                "this_update = :this, next_update = :next, covers = :covers",
-                                "ConditionExpression": condition,
-                                "ExpressionAttributeValues": ser(values),
-                            }
-                        },
-                    )
-                ]
-            )
+            self._table.transact(actions)
         except ConditionFailed:
             return False
         return True
