@@ -170,6 +170,8 @@ ROTATION_EVENTS_READ_ACTIONS = ("dynamodb:GetItem",)
 ROTATION_EVENTS_QUERY_PARTITIONS = ("PKI#*",)
 ROTATION_EVENTS_PUT_PARTITIONS = ("CERT#*", "DEVICE#*", "PKI#*")
 ROTATION_EVENTS_UPDATE_PARTITIONS = ("CERT#*", "DEVICE#*", "PKI#*")
+# The previous CRL's chunks, deleted when the next is published.
+ROTATION_EVENTS_DELETE_PARTITIONS = ("PKI#*",)
 # The issuing CA (rotation: `pki init` / `pki csr` / `pki install` and every issued certificate):
 # its registration with AWS IoT (no resource-level permissions) and the new certificates'.
 ROTATION_CA_REGISTRATION_ACTIONS = ("iot:GetRegistrationCode", "iot:RegisterCACertificate")
@@ -995,6 +997,7 @@ class FleetkeyStack(Stack):
                 ("QueryPkiOnly", "dynamodb:Query", ROTATION_EVENTS_QUERY_PARTITIONS),
                 ("PutOwnItemsOnly", "dynamodb:PutItem", ROTATION_EVENTS_PUT_PARTITIONS),
                 ("UpdateOwnItemsOnly", "dynamodb:UpdateItem", ROTATION_EVENTS_UPDATE_PARTITIONS),
+                ("DeleteOldCrlChunks", "dynamodb:DeleteItem", ROTATION_EVENTS_DELETE_PARTITIONS),
             ),
         )
         role.add_to_principal_policy(

@@ -137,6 +137,7 @@ ROTATION_EVENTS_TABLE_ACTIONS = {
     "dynamodb:Query",
     "dynamodb:PutItem",
     "dynamodb:UpdateItem",
+    "dynamodb:DeleteItem",  # the previous CRL's chunks (PKI#)
 }
 # The issuing CA's keys through IAM: read them (both), create and tag them (rotation). kms:Sign is
 # the CA key's own policy's, never IAM's (FORBIDDEN below).
@@ -297,8 +298,9 @@ ONLY = {
     # token signing keys (admin), the issuing CA's keys (rotation)
     "kms:CreateKey": {ADMIN, ROTATION},
     "kms:TagResource": {ADMIN, ROTATION},
-    # consuming a challenge (token, data_keys, rotation), destroying data keys (converge)
-    "dynamodb:DeleteItem": {TOKEN, CONVERGE, DATA_KEYS, ROTATION},
+    # consuming a challenge (token, data_keys, rotation), destroying data keys (converge), the
+    # previous CRL's chunks (rotation_events)
+    "dynamodb:DeleteItem": {TOKEN, CONVERGE, DATA_KEYS, ROTATION, ROTATION_EVENTS},
     # the teardown after decommission, and its reset command; a certificate set aside (JITR) or
     # removed before a recommission (admin); a retired certificate's deletion (rotation_events)
     "iot:DeleteCertificate": {CONVERGE, REGISTRATION, ADMIN, ROTATION, ROTATION_EVENTS},

@@ -125,6 +125,18 @@ class HeldCertificateView(_View):
     origin: str = Field(description="factory (the manufacturer's) or issued (fleetkey's)")
     key: str = Field(description='The key, e.g. "ec:secp256r1" or "rsa:2048"')
     not_after: str = Field(description="Expiry (ISO 8601)")
+    not_before: str | None = Field(default=None, description="Start of validity (ISO 8601)")
+    serial: str | None = Field(default=None, description="Serial (hex), of an issued one")
+    commit_deadline: str | None = Field(
+        default=None, description="pending: rolled back unless committed by then"
+    )
+    retired_at: str | None = Field(default=None, description="retired: when")
+    delete_after: str | None = Field(
+        default=None, description="retired: deleted from AWS IoT after this moment"
+    )
+    renewal_requested_at: str | None = Field(
+        default=None, description="current: when the device was last asked to rotate"
+    )
 
 
 class TeardownView(_View):
@@ -154,6 +166,9 @@ class DeviceView(_View):
     )
     teardown: TeardownView | None = Field(
         description="The removal from AWS IoT after a decommission"
+    )
+    rotation_held_until: str | None = Field(
+        description="After a rolled-back rotation, no rotation starts before this moment"
     )
     created_at: str | None
     updated_at: str | None
