@@ -58,8 +58,9 @@ BUDGET: dict[str, int] = {
     # 11: 3 GetItem (credential, device, device after registering), 2 TransactWriteItems (the
     # assertion; the pending certificate with its key claim and audit record), Sign,
     # RegisterCertificate, AttachPolicy, DescribeCertificate, AttachThingPrincipal,
-    # UpdateCertificate (ACTIVE)
-    "request": 12,
+    # UpdateCertificate (ACTIVE); 12 from a factory certificate (+ its manufacturer CA's GetItem,
+    # checked active in the same transaction)
+    "request": 13,
     # 4: GetItem (device), TransactWriteItems (the commit, with the old certificate's
     # revocation when fleetkey issued it), DescribeCertificate + UpdateCertificate (the old one
     # INACTIVE). The CRL is published by the next sweep, never in the commit.

@@ -155,12 +155,13 @@ DATA_KEY_ACTIONS = ("kms:GenerateDataKey", "kms:Decrypt")
 # device's pending certificate and its audit record (Update and Put DEVICE#, ConditionCheck
 # DEVICE#); the issued certificate's item (Put CERT#); the public key it certified (Put KEY#, so
 # that no key is certified twice); the issuing CA and its audit chain (STREAM#issuing-ca), the CRL
-# and revoked certificates (PKI#).
+# and revoked certificates (PKI#); a device on its factory certificate, that its manufacturer
+# CA is still active (ConditionCheck CA).
 ROTATION_READ_ACTIONS = ("dynamodb:GetItem",)
 ROTATION_QUERY_PARTITIONS = ("PKI#*",)
 ROTATION_PUT_PARTITIONS = ("CERT#*", "DEVICE#*", "JTI#*", "KEY#*", "PKI#*", "STREAM#issuing-ca")
 ROTATION_UPDATE_PARTITIONS = ("CERT#*", "DEVICE#*", "PKI#*", "STREAM#issuing-ca")
-ROTATION_CHECK_PARTITIONS = ("DEVICE#*", "KEY#*")
+ROTATION_CHECK_PARTITIONS = ("CA", "DEVICE#*", "KEY#*")
 ROTATION_DELETE_PARTITIONS = ("NONCE#*",)
 # The sweep and the presence commit (rotation_events): read any item; query the `due` index (its
 # own ARN, no LeadingKeys: its partitions are DUE#n, and it holds keys only) and the revoked

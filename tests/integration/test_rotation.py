@@ -470,3 +470,12 @@ def test_a_replaced_factory_certificate_presented_again_is_revoked(stack, acme):
     assert not outcome.accepted and outcome.reason.value == "certificate_retired"
     assert iot_status(stack, factory_id) == "REVOKED"
     assert device.device().current_certificate.certificate_id == answer["certificate_id"]
+
+
+def test_a_device_on_a_disabled_manufacturers_certificate_does_not_rotate(stack, acme):
+    device = Device(stack, acme, "rot-disabled-ca")
+    stack.cas.set_enabled(acme.name, False, actor="operator")
+    before = device.device()
+    with pytest.raises(InvalidClient):
+        device.request()
+    assert device.device() == before

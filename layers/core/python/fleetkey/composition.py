@@ -240,6 +240,7 @@ class Components:
             self.lifecycle_queue,
             clock=self._clock,
             on_event=self._on_rotation_event,
+            anchors=self.store.anchors,
         )
 
 

@@ -47,6 +47,7 @@ from fleetkey.crypto.certificates import certificate_id, load_certificate
 from fleetkey.crypto.x509_policy import describe_public_key
 from fleetkey.domain.lifecycle import DeviceState
 from fleetkey.domain.models import (
+    CaStatus,
     CertificateOrigin,
     CertificateRole,
     Device,
@@ -57,7 +58,13 @@ from fleetkey.domain.pki import Revocation
 from fleetkey.domain.profiles import get_profile
 from fleetkey.domain.rotation import epoch_of, key_fingerprint, renewal_due_at
 from fleetkey.errors import FleetkeyError, InvalidCertificate, NotFound
-from fleetkey.ports import DeviceChange, DeviceChanged, DeviceRepository
+from fleetkey.ports import (
+    CaChanged,
+    DeviceChange,
+    DeviceChanged,
+    DeviceRepository,
+    TrustAnchorStore,
+)
 from fleetkey.services.pki import PkiService
 from fleetkey.services.tokens import MAX_ASSERTION_BYTES, TokenService
 from fleetkey.settings import Settings
@@ -123,8 +130,10 @@ class RotationService:
         queue: Any = None,
         clock: Clock = utc_now,
         on_event: Observer | None = None,
+        anchors: TrustAnchorStore | None = None,
     ) -> None:
         self._settings = settings
+        self._anchors = anchors
         self._devices = devices
         self._pki = pki
         self._records = pki_records
@@ -317,6 +326,7 @@ class RotationService:
             )
         if checked.key_fingerprint in device.held_keys:
             raise InvalidGrant("the device has held this key before: make a new one")
+        ca_checks = self._manufacturer_ca_checks(device)
         if consume is not None:
             consume()
         now = self._clock().replace(microsecond=0)
@@ -379,7 +389,8 @@ class RotationService:
                     with_writes=[
                         self._records.key_claim(
                             checked.key_fingerprint, device_id, held.certificate_id
-                        )
+                        ),
+                        *ca_checks,
                     ],
                 )
             except DeviceChanged as changed:
@@ -387,6 +398,8 @@ class RotationService:
                     raise InvalidClient("device not active") from None
                 device = changed.current
                 continue
+            except CaChanged:
+                raise InvalidClient("the device's manufacturer CA is disabled") from None
             except KeyCertified:
                 # Certified before: for this device's pending rotation (a copy of this request
                 # that won, then moved on) or for anything else, never again.
@@ -395,6 +408,28 @@ class RotationService:
             self._register(device, held)
             return 201, self._answer(held)
         raise FleetkeyError(f"device {device_id} kept changing; retry")
+
+    def _manufacturer_ca_checks(self, device: Device) -> list[Any]:
+        """A device still on its factory certificate rotates only while its manufacturer CA is
+        trusted: a CA an operator disabled does not get its devices turned into fleetkey
+        identities. The check rides in the rotation's transaction (refusal: CaChanged).
+
+        AWS calls: 1 (GetItem of the CA) for a factory certificate; none otherwise.
+
+        Raises:
+            InvalidClient: the CA is disabled or gone.
+        """
+        current = device.current_certificate
+        if (
+            self._anchors is None
+            or current is None
+            or current.origin is not CertificateOrigin.FACTORY
+        ):
+            return []
+        ca = self._anchors.get(device.manufacturer_ca)
+        if ca is None or ca.status is not CaStatus.ACTIVE:
+            raise InvalidClient("the device's manufacturer CA is disabled")
+        return [self._anchors.active_check(ca)]
 
     def _answer(self, held: HeldCertificate) -> dict[str, Any]:
         return {
