@@ -240,7 +240,9 @@ class RotationService:
             )
         except RotationPending as exc:
             raise EstRefused(exc.message, 409) from None
-        except (InvalidClient, InvalidGrant, OAuthInvalidRequest) as exc:
+        except InvalidClient as exc:  # the device or its certificate moved on meanwhile
+            raise EstRefused(exc.message, 401) from None
+        except (InvalidGrant, OAuthInvalidRequest) as exc:
             raise EstRefused(exc.message) from None
         issued = x509.load_pem_x509_certificate(answer["certificate_pem"].encode())
         return issuing.certs_only([issued])
