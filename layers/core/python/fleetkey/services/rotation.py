@@ -151,9 +151,10 @@ class RotationService:
         repeated request of the pending rotation (same CSR key).
 
         AWS calls: 1 (the device's credential) + 1 (the assertion's single-use write) + 1 (the
-        device) + 1 (Sign) + 1 (the pending rotation's transaction) + 5 (RegisterCertificate,
-        AttachPolicy, AttachThingPrincipal, a device read, UpdateCertificate ACTIVE); + a CA
-        read and GetPublicKey the first time in a process.
+        device) + 1 (Sign) + 1 (the pending rotation's transaction) + 6 (RegisterCertificate,
+        AttachPolicy, AttachThingPrincipal, DescribeCertificate + UpdateCertificate ACTIVE, a
+        device read) = 11; + 1 (the manufacturer CA) from a factory certificate; + the issuing
+        CA's read and GetPublicKey the first time in a process.
 
         Raises:
             OAuthInvalidRequest: the body or the CSR is refused (before any AWS call).
