@@ -479,3 +479,21 @@ def test_a_device_on_a_disabled_manufacturers_certificate_does_not_rotate(stack,
     with pytest.raises(InvalidClient):
         device.request()
     assert device.device() == before
+
+
+def test_a_connected_event_racing_a_suspension_is_ignored_not_failed(stack, acme, monkeypatch):
+    # Given a pending rotation, and a suspension that lands after the event read the device
+    device = Device(stack, acme, "rot-race-suspend")
+    _, answer = device.request()
+    rotation = stack.components.rotation
+    stale = device.device()
+    stack.lifecycle.suspend(device.device_id, reason="stolen", actor="operator")
+    reads = iter([stale])
+    original = rotation._devices.get
+    monkeypatch.setattr(rotation._devices, "get", lambda d: next(reads, None) or original(d))
+    # When the connected event arrives: Then nothing is committed, and the event is not an error
+    # (Lambda would only retry it to the same end)
+    assert device.connected(answer["certificate_id"]) == "ignored"
+    record = device.device()
+    assert record.pending_certificate.certificate_id == answer["certificate_id"]
+    assert record.current_certificate.certificate_id == device.certificate_id

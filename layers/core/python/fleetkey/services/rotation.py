@@ -560,14 +560,19 @@ class RotationService:
             return "ignored"
         if held.commit_deadline and at_ms // 1000 > epoch_of(held.commit_deadline):
             return "late"
-        self._commit(
-            client_id,
-            principal,
-            actor="aws-iot:presence",
-            via="connected",
-            at=datetime.fromtimestamp(at_ms / 1000, tz=UTC),
-            device=device,
-        )
+        try:
+            self._commit(
+                client_id,
+                principal,
+                actor="aws-iot:presence",
+                via="connected",
+                at=datetime.fromtimestamp(at_ms / 1000, tz=UTC),
+                device=device,
+            )
+        except (InvalidClient, InvalidGrant):
+            # The device moved on between the read and the commit (suspended, rolled back): an
+            # event about what no longer is; a retry would decide the same.
+            return "ignored"
         return "committed"
 
     def _commit(
