@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -281,7 +279,9 @@ class IotRegistry:
             if error_code(exc) != "ResourceAlreadyExistsException":
                 raise
 
-    def register_issued_certificate(self, certificate_pem: str, ca_pem: str) -> str:
+    def register_issued_certificate(
+        self, certificate_id: str, certificate_pem: str, ca_pem: str
+    ) -> str:
         """Register a certificate fleetkey issued, INACTIVE (it is activated once its policy and
         thing are attached); its ARN. A certificate AWS IoT already has is left as it is (a
         retry) and its ARN read.
@@ -298,9 +298,9 @@ class IotRegistry:
         except ClientError as exc:
             if error_code(exc) != "ResourceAlreadyExistsException":
                 raise
-            existing = self._client.describe_certificate(
-                certificateId=_certificate_id_of(certificate_pem)
-            )["certificateDescription"]
+            existing = self._client.describe_certificate(certificateId=certificate_id)[
+                "certificateDescription"
+            ]
             return existing["certificateArn"]
         return response["certificateArn"]
 
@@ -499,11 +499,3 @@ class IotRegistry:
             if self._on_retry is not None:
                 self._on_retry(operation)
             self._sleep(self._teardown_delays[attempt])
-
-
-def _certificate_id_of(certificate_pem: str) -> str:
-    """AWS IoT's id of a certificate: SHA-256 of its DER (hex)."""
-    body = "".join(
-        line for line in certificate_pem.strip().splitlines() if not line.startswith("-----")
-    )
-    return hashlib.sha256(base64.b64decode(body)).hexdigest()

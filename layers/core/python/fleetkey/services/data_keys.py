@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from fleetkey.adapters.data_keys import encryption_context
 from fleetkey.clock import Clock, timestamp, utc_now
 from fleetkey.crypto.sealing import seal_data_key
+from fleetkey.domain.allowlist import DEVICE_ID
 from fleetkey.domain.lifecycle import DeviceState
 from fleetkey.domain.models import Device
 from fleetkey.domain.oauth import InvalidClient, InvalidScope, OAuthInvalidRequest
@@ -47,7 +47,6 @@ from fleetkey.settings import Settings
 
 # The scope a device's profile must allow for it to obtain its data key.
 DATA_KEY_SCOPE = "fleetkey:data-key"
-_DEVICE_ID = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 MAX_ROUNDS = 4
 
 
@@ -92,7 +91,7 @@ class DataKeyService:
             raise OAuthInvalidRequest('the body must be {"client_assertion": "<JWT>"}')
         if not assertion or len(assertion) > MAX_ASSERTION_BYTES:
             raise OAuthInvalidRequest("client_assertion is required (at most 8 KiB)")
-        if not _DEVICE_ID.fullmatch(device_id):  # no device has it: refused before any read
+        if not DEVICE_ID.fullmatch(device_id):  # no device has it: refused before any read
             raise InvalidClient("device id")
         key_id = self._key_id()  # a misconfigured stack answers 503 before using the assertion
         auth = self._tokens.authenticate(assertion, None)
@@ -189,7 +188,7 @@ class DataKeyService:
             NotFound: no such device, or it has no data key in this life yet.
             Conflict: the device is not in service.
         """
-        if not _DEVICE_ID.fullmatch(device_id):
+        if not DEVICE_ID.fullmatch(device_id):
             raise NotFound(f"no device {device_id[:128]!r}")
         device = self._devices.get(device_id)
         if device is None:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import re
 
+from fleetkey.domain.allowlist import DEVICE_ID
 from fleetkey.domain.audit import AuditRecord, ChainHead, ChainVerification, verify_chain
 from fleetkey.domain.models import Device
 from fleetkey.errors import InvalidRequest, NotFound
 from fleetkey.ports import AuditLog, CertificateDecisions, DeviceRepository, TrustAnchorStore
 
 SUBJECT_KINDS = ("device", "certificate", "ca", "stream")
-_DEVICE_ID = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 _SUBJECT_NAMES = {
-    "device": _DEVICE_ID,
+    "device": DEVICE_ID,
     "certificate": re.compile(r"[0-9a-f]{64}"),
     "ca": re.compile(r"[a-z0-9][a-z0-9-]{0,62}"),
     "stream": re.compile(r"[a-z0-9-]{1,64}"),
@@ -34,7 +34,7 @@ class DeviceService:
 
     def get(self, device_id: str) -> Device:
         """Raises NotFound (also for ids that could not name a device)."""
-        if not _DEVICE_ID.fullmatch(device_id):
+        if not DEVICE_ID.fullmatch(device_id):
             raise NotFound(f"no device {device_id[:128]!r}")
         device = self._devices.get(device_id)
         if device is None:

@@ -36,6 +36,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from fleetkey.adapters.aws import is_transient
 from fleetkey.clock import Clock, timestamp, utc_now
 from fleetkey.converge import Step, converge
+from fleetkey.domain.allowlist import DEVICE_ID
 from fleetkey.domain.lifecycle import DeviceState, Transition, target_state
 from fleetkey.domain.models import (
     CertificateOrigin,
@@ -69,7 +70,6 @@ from fleetkey.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-_DEVICE_ID = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 # An operator's reason: printable, single line, bounded (it lands in audit records and logs).
 _REASON = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
 # An owner: an account, tenant or customer id (it is part of data keys' encryption context).
@@ -510,7 +510,7 @@ class LifecycleService:
     # ---- helpers -----------------------------------------------------------------------------
 
     def _get(self, device_id: str) -> Device:
-        if not _DEVICE_ID.fullmatch(device_id):
+        if not DEVICE_ID.fullmatch(device_id):
             raise NotFound(f"no device {device_id[:128]!r}")
         device = self._devices.get(device_id)
         if device is None:

@@ -45,6 +45,7 @@ from fleetkey.clock import Clock, timestamp, utc_now
 from fleetkey.crypto import issuing
 from fleetkey.crypto.certificates import certificate_id, load_certificate
 from fleetkey.crypto.x509_policy import describe_public_key
+from fleetkey.domain.allowlist import DEVICE_ID
 from fleetkey.domain.lifecycle import DeviceState
 from fleetkey.domain.models import (
     CaStatus,
@@ -72,7 +73,6 @@ from fleetkey.store.pki import DynamoPkiStore, KeyCertified
 
 logger = logging.getLogger(__name__)
 
-_DEVICE_ID = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 _CERTIFICATE_ID = re.compile(r"[0-9a-f]{64}")
 MAX_CSR_CHARACTERS = 8 * 1024
 MAX_ROUNDS = 4
@@ -171,7 +171,7 @@ class RotationService:
             raise OAuthInvalidRequest("csr and client_assertion must be strings")
         if not assertion or len(assertion) > MAX_ASSERTION_BYTES:
             raise OAuthInvalidRequest("client_assertion is required (at most 8 KiB)")
-        if not _DEVICE_ID.fullmatch(device_id):
+        if not DEVICE_ID.fullmatch(device_id):
             raise InvalidClient("device id")
         checked = self._check_csr(csr_pem, device_id)
         self._pki.active()  # no CA: 503 before the assertion is used
@@ -214,7 +214,7 @@ class RotationService:
             raise EstRefused(f"csr: {exc.message}") from None
         names = csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
         device_id = str(names[0].value) if len(names) == 1 else ""
-        if not _DEVICE_ID.fullmatch(device_id):
+        if not DEVICE_ID.fullmatch(device_id):
             raise EstRefused("the CSR's subject must be CN=<device id>")
         try:
             checked = self._check_csr(csr, device_id)
@@ -454,7 +454,9 @@ class RotationService:
         again. Idempotent (a repeated request or a retry)."""
         if held.certificate_pem is None:
             return
-        arn = self._registry.register_issued_certificate(held.certificate_pem, self._pki.ca_pem())
+        arn = self._registry.register_issued_certificate(
+            held.certificate_id, held.certificate_pem, self._pki.ca_pem()
+        )
         profile = get_profile(device.profile)
         self._registry.attach_policy(profile.iot_policy_name(self._settings.name_prefix), arn)
         self._registry.attach_exclusively(device.device_id, arn)
@@ -491,7 +493,7 @@ class RotationService:
         assertion = body["client_assertion"]
         if not isinstance(assertion, str) or not assertion or len(assertion) > MAX_ASSERTION_BYTES:
             raise OAuthInvalidRequest("client_assertion is required (at most 8 KiB)")
-        if not _DEVICE_ID.fullmatch(device_id) or not _CERTIFICATE_ID.fullmatch(certificate_id_):
+        if not DEVICE_ID.fullmatch(device_id) or not _CERTIFICATE_ID.fullmatch(certificate_id_):
             raise InvalidClient("device or certificate id")
         # The projected read the token path makes (a miss costs what a hit does).
         device = self._devices.credential(device_id)
@@ -531,7 +533,7 @@ class RotationService:
         at_ms = event.get("timestamp")
         if (
             not isinstance(client_id, str)
-            or not _DEVICE_ID.fullmatch(client_id)
+            or not DEVICE_ID.fullmatch(client_id)
             or not isinstance(principal, str)
             or not _CERTIFICATE_ID.fullmatch(principal)
             or type(at_ms) is not int
@@ -691,10 +693,8 @@ class RotationService:
         try:
             for certificate in device.retired_certificates:
                 self._registry.set_certificate_status(certificate.certificate_id, "INACTIVE")
-        except (ClientError, BotoCoreError, FleetkeyError) as exc:
-            if isinstance(exc, (ClientError, BotoCoreError)) and not is_transient(exc):
-                raise
-            if self._queue is None:
+        except RETRYABLE as exc:
+            if not _later(exc) or self._queue is None:
                 raise
             self._queue.enqueue(device.device_id, device.epoch)
 
@@ -737,8 +737,8 @@ class RotationService:
             counts["due"] += 1
             try:
                 done = settle(device_id, now)
-            except (ClientError, BotoCoreError, FleetkeyError) as exc:
-                if isinstance(exc, (ClientError, BotoCoreError)) and not is_transient(exc):
+            except RETRYABLE as exc:
+                if not _later(exc):
                     raise
                 counts["failed"] += 1
                 continue
@@ -749,8 +749,8 @@ class RotationService:
             if published:
                 counts["crl_published"] = 1
                 self._notify("CrlsPublished")
-        except (ClientError, BotoCoreError, FleetkeyError) as exc:
-            if isinstance(exc, (ClientError, BotoCoreError)) and not is_transient(exc):
+        except RETRYABLE as exc:
+            if not _later(exc):
                 raise
             counts["failed"] += 1
         return counts
@@ -919,7 +919,7 @@ class RotationService:
     # ---- helpers -------------------------------------------------------------------------------
 
     def _device(self, device_id: str) -> Device:
-        if not _DEVICE_ID.fullmatch(device_id):
+        if not DEVICE_ID.fullmatch(device_id):
             raise NotFound(f"no device {device_id[:128]!r}")
         device = self._devices.get(device_id)
         if device is None:
@@ -929,3 +929,12 @@ class RotationService:
     def _notify(self, metric: str) -> None:
         if self._on_event is not None:
             self._on_event(metric)
+
+
+# What a convergence or a sweep leaves for later (the queue, the next sweep): fleetkey's own
+# typed failures and AWS being busy. Any other AWS error (a missing grant, a bug) propagates.
+RETRYABLE = (ClientError, BotoCoreError, FleetkeyError)
+
+
+def _later(exc: BaseException) -> bool:
+    return isinstance(exc, FleetkeyError) or is_transient(exc)

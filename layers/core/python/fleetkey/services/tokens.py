@@ -63,6 +63,7 @@ from fleetkey.crypto.jose import (
     sign_jwt,
     stand_in_keys,
 )
+from fleetkey.domain.allowlist import DEVICE_ID
 from fleetkey.domain.lifecycle import DeviceState
 from fleetkey.domain.models import CertificateRole, HeldCertificate
 from fleetkey.domain.oauth import (
@@ -96,7 +97,6 @@ ACCESS_TOKEN_TYPE = "at+jwt"
 # The `typ` values a client assertion may carry (as media types, RFC 7515 §4.1.9), besides none.
 ASSERTION_TYPES = frozenset({"application/client-authentication+jwt", "application/jwt"})
 _CERTIFICATE_ID = re.compile(r"[0-9a-f]{64}")
-_DEVICE_ID = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _PRINTABLE = re.compile(r"[\x21-\x7e]{1,128}")
 # A device-chosen string copied into every token and echoed by introspection: printable ASCII
@@ -341,7 +341,7 @@ class TokenService:
         if "typ" in header and media_type(header["typ"]) not in ASSERTION_TYPES:
             raise InvalidClient("typ is not a client assertion's")
         device_id = claims.get("sub")
-        if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
+        if not isinstance(device_id, str) or not DEVICE_ID.fullmatch(device_id):
             raise InvalidClient("subject")
         if claims.get("iss") != device_id:
             raise InvalidClient("iss differs from sub")
