@@ -5,9 +5,11 @@
 Runs the real token function (functions/token/handler.py) as API Gateway would invoke it, against
 moto on 127.0.0.1 (its own threads: `time.thread_time()` of the calling thread excludes moto's
 CPU, and includes botocore's and pyjwt's work in the handler). Devices are registered and their
-assertions signed before timing. Exits 1 if an issued token costs more than 3 AWS calls (the
-first, cold invocation also reads the signing-key registry, reported separately) or if any
-KMS GetPublicKey happens on a warm request.
+assertions signed before timing. Each device's first token on the warm function reads the
+device (3 AWS calls); its later ones are served from the credential cached by certificate id
+(2: KMS Sign and the conditional write). Exits 1 if a warm token costs more than 2 AWS calls,
+a device's first more than 3 (the first, cold invocation also reads the signing-key registry,
+reported separately), or if any KMS GetPublicKey happens on a warm request.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from fleetkey_local.pki import CertificateAuthority
 from fleetkey_local.server import local_aws
 from fleetkey_local.stack import EmbeddedStack, client_factory
 
-BUDGET = 3
+BUDGET = 2
+FIRST_BUDGET = 3  # a device's first token on a warm function also reads the device
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -86,23 +89,41 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"unexpected answer: {response}", file=sys.stderr)
                 return 1
             samples.append(((cpu1 - cpu0) * 1000, (wall1 - wall0) * 1000, counter.reset()))
-    cold, warm = samples[0], samples[1:]
-    warm_calls = Counter(len(s[2]) for s in warm)
-    names = Counter(name for s in warm for name in s[2])
+    # Requests go device by device, round by round: the first round's are each device's first.
+    cold, first, warm = samples[0], samples[1 : len(devices)], samples[len(devices) :]
     print("| operation | n | AWS calls | handler CPU ms p50 / p95 | wall ms p50 / p95 |")
     print("|---|---:|---:|---:|---:|")
     print(f"| token, cold invocation | 1 | {len(cold[2])} | {cold[0]:.1f} | {cold[1]:.1f} |")
-    cpu = [s[0] for s in warm]
-    wall = [s[1] for s in warm]
-    print(
-        f"| token, warm | {len(warm)} | {min(warm_calls)}-{max(warm_calls)} | "
-        f"{statistics.median(cpu):.2f} / {percentile(cpu, 0.95):.2f} | "
-        f"{statistics.median(wall):.2f} / {percentile(wall, 0.95):.2f} |"
-    )
+    for label, rows in (("token, device's first (warm function)", first), ("token, warm", warm)):
+        if not rows:
+            continue
+        calls = Counter(len(s[2]) for s in rows)
+        cpu, wall = [s[0] for s in rows], [s[1] for s in rows]
+        print(
+            f"| {label} | {len(rows)} | {min(calls)}-{max(calls)} | "
+            f"{statistics.median(cpu):.2f} / {percentile(cpu, 0.95):.2f} | "
+            f"{statistics.median(wall):.2f} / {percentile(wall, 0.95):.2f} |"
+        )
+    names = Counter(name for s in warm for name in s[2])
     print(f"cold calls: {', '.join(cold[2])}")
-    print(f"warm calls per token: {json.dumps(dict(warm_calls))}; by operation: {dict(names)}")
-    failed = max(warm_calls) > BUDGET or names.get("kms.GetPublicKey")
-    print("budget: " + ("EXCEEDED" if failed else f"ok (at most {BUDGET} calls, no GetPublicKey)"))
+    print(
+        f"warm calls per token: {json.dumps(dict(Counter(len(s[2]) for s in warm)))}; "
+        f"by operation: {dict(names)}"
+    )
+    failed = (
+        any(len(s[2]) > BUDGET for s in warm)
+        or any(len(s[2]) > FIRST_BUDGET for s in first)
+        or bool(names.get("kms.GetPublicKey"))
+    )
+    print(
+        "budget: "
+        + (
+            "EXCEEDED"
+            if failed
+            else f"ok (warm at most {BUDGET} calls, a device's first {FIRST_BUDGET}, "
+            "no GetPublicKey)"
+        )
+    )
     return 1 if failed else 0
 
 

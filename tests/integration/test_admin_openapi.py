@@ -107,6 +107,10 @@ def test_the_document_describes_every_route_with_its_status_and_fleetkeys_errors
         ("POST", "/pki/init"): ["201"],
         ("POST", "/pki/csr"): ["201"],
         ("POST", "/pki/install"): ["200"],
+        ("POST", "/firmware"): ["200", "201"],
+        ("GET", "/firmware"): ["200"],
+        ("GET", "/firmware/{profile}/{sha256}"): ["200"],
+        ("POST", "/firmware/{profile}/{sha256}/revoke"): ["200"],
     }
     # And each documents fleetkey's 400/500/503 (never Powertools' 422), with fleetkey's body
     error = {"$ref": "#/components/schemas/ErrorResponse"}

@@ -174,18 +174,31 @@ def _segment(value: str) -> str:
     return quote(value, safe=":")
 
 
+def _request(
+    transport: Transport, method: str, path: str, body=None, content_type="application/json"
+) -> dict:
+    """One request to the API; its JSON answer. Raises AdminApiError for an error answer (or
+    none: status 0)."""
+    if body is not None and not isinstance(body, str):
+        body = json.dumps(body)
+    headers = {"content-type": content_type} if body is not None else {}
+    response = transport(method, path, body, headers)
+    if response.status >= 400 or response.status == 0:
+        raise AdminApiError(response)
+    return response.body
+
+
 class AdminClient:
     def __init__(self, transport: Transport) -> None:
         self._transport = transport
 
+    @property
+    def transport(self) -> Transport:
+        """The transport, for the API's other routes (`RelyingPartyClient`)."""
+        return self._transport
+
     def _call(self, method: str, path: str, body=None, content_type="application/json") -> dict:
-        if body is not None and not isinstance(body, str):
-            body = json.dumps(body)
-        headers = {"content-type": content_type} if body is not None else {}
-        response = self._transport(method, "/v1/admin" + path, body, headers)
-        if response.status >= 400 or response.status == 0:
-            raise AdminApiError(response)
-        return response.body
+        return _request(self._transport, method, "/v1/admin" + path, body, content_type)
 
     def add_entry(self, entry: dict) -> dict:
         return self._call("POST", "/allowlist", entry)
@@ -296,3 +309,65 @@ class AdminClient:
 
     def set_ca_enabled(self, name: str, enabled: bool) -> dict:
         return self._call("POST", f"/cas/{_segment(name)}/{'enable' if enabled else 'disable'}")
+
+    # ---- firmware releases --------------------------------------------------------------------
+
+    def publish_firmware(self, profile: str, version: str, sha256: str) -> dict:
+        """The release (the API answers 201, or 200 when it was already published the same)."""
+        return self._call(
+            "POST", "/firmware", {"profile": profile, "version": version, "sha256": sha256}
+        )
+
+    def revoke_firmware(self, profile: str, sha256: str, reason: str | None = None) -> dict:
+        body = {"reason": reason} if reason is not None else {}
+        return self._call("POST", f"/firmware/{_segment(profile)}/{_segment(sha256)}/revoke", body)
+
+    def firmware_release(self, profile: str, sha256: str) -> dict:
+        return self._call("GET", f"/firmware/{_segment(profile)}/{_segment(sha256)}")
+
+    def list_firmware(self, profile: str | None = None) -> list[dict]:
+        query = "?" + urlencode({"profile": profile}) if profile is not None else ""
+        return self._call("GET", "/firmware" + query)["releases"]
+
+
+class RelyingPartyClient:
+    """What an application (a relying party) calls: validations (IAM-signed, like the admin
+    API; a result is readable only by the principal that asked for it) and the public
+    discovery documents its offline verification needs."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+
+    def request_validation(
+        self,
+        device_id: str,
+        purpose: str,
+        audience: str,
+        *,
+        require_attestation: bool = False,
+        expires_in: int | None = None,
+    ) -> dict:
+        """`{"validation_id", "expires_at", ...}`: the device was sent a validate command
+        (unless it is not ACTIVE: then the validation is refused already)."""
+        body: dict = {
+            "device_id": device_id,
+            "purpose": purpose,
+            "audience": audience,
+            "require_attestation": require_attestation,
+        }
+        if expires_in is not None:
+            body["expires_in"] = expires_in
+        return _request(self._transport, "POST", "/v1/validations", body)
+
+    def validation(self, validation_id: str, wait: int = 0) -> dict:
+        """The validation as of now; while it is pending, the API holds the answer up to
+        `wait` seconds (0-20) for a change."""
+        query = "?" + urlencode({"wait": wait}) if wait else ""
+        return _request(self._transport, "GET", f"/v1/validations/{_segment(validation_id)}{query}")
+
+    def jwks(self) -> dict:
+        return _request(self._transport, "GET", "/.well-known/jwks.json")
+
+    def metadata(self) -> dict:
+        """The authorization server's metadata (RFC 8414): its `issuer`, among others."""
+        return _request(self._transport, "GET", "/.well-known/oauth-authorization-server")

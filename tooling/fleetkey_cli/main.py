@@ -14,6 +14,10 @@
     fleetkey pki install --certificate issuing-ca.pem --chain root-ca.pem
     fleetkey pki show
     fleetkey rotation status pump-0001
+    fleetkey firmware publish --profile infusion-pump --version 2.5.0 --image pump-2.5.0.bin
+    fleetkey firmware revoke infusion-pump <sha256> --reason "CVE-2026-0042"
+    fleetkey firmware list --profile infusion-pump
+    fleetkey validate pump-0001 --purpose dose-change --audience urn:fleetkey:therapy --verify
     fleetkey --endpoint https://<api-id>.execute-api.eu-west-1.amazonaws.com/prod ca list
 
 The endpoint is the admin API's stage URL (--endpoint, or $FLEETKEY_ENDPOINT); without either it
@@ -23,14 +27,20 @@ configured, the local stack's own credentials are used; they are never used for 
 endpoint. The region is the local stack's for a loopback endpoint, else $AWS_REGION /
 $AWS_DEFAULT_REGION (--region overrides both).
 
-Exit status: 0 done; 1 the API refused the request (its error code and message on stderr); 2 a
-local problem (usage, unreadable file, unreachable endpoint) or a `device decommission --wait`
-that timed out (the teardown goes on); 3 a manifest import with refused rows.
+`validate` is a relying party's call (`POST /v1/validations`), signed by the same credentials:
+the result is readable only by the principal that asked for it.
+
+Exit status: 0 done; 1 the API refused the request (its error code and message on stderr), or a
+`validate` whose device was not validated (refused, expired, still pending when the wait was
+spent, or a token that did not verify); 2 a local problem (usage, unreadable file, unreachable
+endpoint) or a `device decommission --wait` that timed out (the teardown goes on); 3 a manifest
+import with refused rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -43,6 +53,7 @@ from fleetkey_cli.client import (
     LOCAL_ENDPOINT,
     AdminApiError,
     AdminClient,
+    RelyingPartyClient,
     SigV4Transport,
     configured_credentials,
     is_loopback,
@@ -57,6 +68,13 @@ RETRIED_WHILE_WAITING = frozenset({0, 429, 502, 503, 504})
 MAX_POLL_INTERVAL_SECONDS = 5.0
 # The KMS key specs fleetkey's issuing CA may have.
 KEY_SPECS = ("ECC_NIST_P256", "ECC_NIST_P384")
+# A validation: the API's bounds on the device's time to answer, and on one long poll.
+VALIDATION_EXPIRES_IN = (5, 300)
+DEFAULT_VALIDATION_EXPIRES_IN = 30
+MAX_VALIDATION_POLL_SECONDS = 20
+# Access tokens are ES256 (KMS ECC_NIST_P256) and typed RFC 9068 access tokens.
+TOKEN_ALGORITHMS = ["ES256"]
+ACCESS_TOKEN_TYPE = "at+jwt"
 
 DATA_KEY_HELP = """\
 The device's data key as a backend gets it: the KMS-wrapped blob (ciphertext_blob, base64) and
@@ -96,6 +114,17 @@ def _days(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number of days: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more days, not {text!r}")
+    return value
+
+
+def _expires_in(text: str) -> int:
+    low, high = VALIDATION_EXPIRES_IN
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of seconds: {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be {low}-{high} seconds, not {text!r}")
     return value
 
 
@@ -303,6 +332,88 @@ def _parser() -> argparse.ArgumentParser:
         "revoke", help="revoke an access token (introspection reports it inactive)"
     )
     revoke.add_argument("--jti", required=True)
+
+    firmware = commands.add_parser(
+        "firmware",
+        help="firmware releases: the measurements attested tokens accept, per device profile",
+    ).add_subparsers(dest="action", required=True)
+    publish = firmware.add_parser(
+        "publish",
+        help="publish a release: devices of the profile attesting it get tokens from now on",
+        description="Publishing the same release again answers it unchanged; the same "
+        "measurement with another version, or a revoked one, is refused (409).",
+    )
+    publish.add_argument("--profile", required=True, help="the device profile it is for")
+    publish.add_argument("--version", required=True, help="the version devices running it report")
+    image = publish.add_mutually_exclusive_group(required=True)
+    image.add_argument(
+        "--sha256", metavar="HEX", help="the image's SHA-256 (64 lowercase hex digits)"
+    )
+    image.add_argument(
+        "--image", type=Path, metavar="FILE", help="the image: its SHA-256 is computed here"
+    )
+    withdraw = firmware.add_parser(
+        "revoke",
+        help="withdraw a release: attestation of it fails from now on (for good)",
+    )
+    withdraw.add_argument("profile", metavar="PROFILE")
+    withdraw.add_argument("sha256", metavar="SHA256")
+    withdraw.add_argument("--reason", help=reason_help)
+    show = firmware.add_parser("show", help="read a release")
+    show.add_argument("profile", metavar="PROFILE")
+    show.add_argument("sha256", metavar="SHA256")
+    firmware.add_parser("list", help="the releases, published and revoked").add_argument(
+        "--profile", help="only this profile's (default: every profile's)"
+    )
+
+    validation = commands.add_parser(
+        "validate",
+        help="have a device prove itself now (a relying party's call) and print the result",
+        description="Asks fleetkey to validate DEVICE (POST /v1/validations): fleetkey sends it "
+        "a validate command, the device answers with an assertion signed by its key, and "
+        "fleetkey issues a short-lived token for --audience carrying the validation's id and "
+        "purpose. Waits for the result (GET /v1/validations/{id}?wait=...) and prints it. "
+        "Exit status 0 when validated, 1 when refused, expired or still pending.",
+    )
+    validation.add_argument("device_id", metavar="DEVICE")
+    validation.add_argument(
+        "--purpose",
+        required=True,
+        help="the critical action about to happen (1-64 of A-Z a-z 0-9 . _ : -)",
+    )
+    validation.add_argument(
+        "--audience", required=True, help="the token's audience (one the profile allows)"
+    )
+    validation.add_argument(
+        "--require-attestation",
+        action="store_true",
+        help="require released firmware whatever the device's profile says",
+    )
+    validation.add_argument(
+        "--expires-in",
+        type=_expires_in,
+        metavar="SECONDS",
+        help="seconds the device has to answer, "
+        f"{VALIDATION_EXPIRES_IN[0]}-{VALIDATION_EXPIRES_IN[1]} "
+        f"(default {DEFAULT_VALIDATION_EXPIRES_IN})",
+    )
+    validation.add_argument(
+        "--wait",
+        type=_seconds,
+        metavar="SECONDS",
+        help="wait at most SECONDS for the result (default: until the device's deadline)",
+    )
+    validation.add_argument(
+        "--verify",
+        action="store_true",
+        help="verify the token offline against the JWKS (ES256, audience, issuer) and add its "
+        "verified claims to the output (verified_claims)",
+    )
+    validation.add_argument(
+        "--issuer",
+        metavar="URL",
+        help="the issuer the token must name (default: the API's metadata `issuer`)",
+    )
     return parser
 
 
@@ -385,7 +496,156 @@ def run(args: argparse.Namespace, client: AdminClient) -> int:
         return _pki(args, client)
     elif args.command == "rotation":
         _print(client.rotation_status(args.device_id))
+    elif args.command == "firmware":
+        return _firmware(args, client)
+    elif args.command == "validate":
+        return validate(args, RelyingPartyClient(client.transport))
     return 0
+
+
+def _firmware(args: argparse.Namespace, client: AdminClient) -> int:
+    if args.action == "publish":
+        sha256 = args.sha256 if args.image is None else image_sha256(args.image)
+        _print(client.publish_firmware(args.profile, args.version, sha256))
+    elif args.action == "revoke":
+        _print(client.revoke_firmware(args.profile, args.sha256, args.reason))
+    elif args.action == "show":
+        _print(client.firmware_release(args.profile, args.sha256))
+    else:
+        _print(client.list_firmware(args.profile))
+    return 0
+
+
+def image_sha256(path: Path) -> str:
+    """The SHA-256 of a firmware image, read in chunks (images can be large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as image:
+        for chunk in iter(lambda: image.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def validate(
+    args: argparse.Namespace,
+    client: RelyingPartyClient,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Request a validation, then read its result until it is not pending or the wait is
+    spent (each read a long poll of at most MAX_VALIDATION_POLL_SECONDS; a transient failure
+    of a read is tried again). Prints the result (with `verified_claims` under --verify);
+    0 when validated (and verified), 1 otherwise."""
+    expires_in = args.expires_in or DEFAULT_VALIDATION_EXPIRES_IN
+    seconds = args.wait if args.wait is not None else expires_in + 1
+    created = client.request_validation(
+        args.device_id,
+        args.purpose,
+        args.audience,
+        require_attestation=args.require_attestation,
+        expires_in=args.expires_in,
+    )
+    validation_id = created["validation_id"]
+    print(
+        f"fleetkey: validation {validation_id} of {args.device_id} requested; the device must "
+        f"answer by {created.get('expires_at')} (waiting up to {seconds:g} s)",
+        file=sys.stderr,
+    )
+    deadline = clock() + seconds
+    result: dict = {**created, "device_id": args.device_id, "status": "pending"}
+    while True:
+        remaining = deadline - clock()
+        wait = int(min(MAX_VALIDATION_POLL_SECONDS, max(0.0, remaining)))
+        try:
+            result = client.validation(validation_id, wait)
+        except AdminApiError as exc:
+            if exc.response.status not in RETRIED_WHILE_WAITING:
+                raise
+            print(f"fleetkey: reading the result failed, trying again: {exc}", file=sys.stderr)
+            wait = 0
+        if result.get("status") != "pending":
+            break
+        remaining = deadline - clock()
+        if remaining <= 0:
+            break
+        if wait == 0:  # answered at once: do not spin
+            sleep(min(0.5, remaining))
+    status = result.get("status")
+    if status != "validated":
+        _print(result)
+        why = f" ({result['reason']})" if result.get("reason") else ""
+        print(f"fleetkey: {args.device_id} was not validated: {status}{why}", file=sys.stderr)
+        return 1
+    if args.verify:
+        try:
+            claims = verify_token(
+                result.get("token") or "",
+                client,
+                audience=args.audience,
+                issuer=args.issuer,
+                validation_id=validation_id,
+                device_id=args.device_id,
+                purpose=args.purpose,
+            )
+        except TokenNotVerified as exc:
+            _print(result)
+            print(f"fleetkey: the token did not verify: {exc}", file=sys.stderr)
+            return 1
+        result = {**result, "verified_claims": claims}
+    _print(result)
+    return 0
+
+
+class TokenNotVerified(Exception):
+    pass
+
+
+def verify_token(
+    token: str,
+    client: RelyingPartyClient,
+    *,
+    audience: str,
+    issuer: str | None,
+    validation_id: str,
+    device_id: str,
+    purpose: str,
+) -> dict:
+    """Verify a validation's token as a relying party does, offline against the JWKS: an
+    RFC 9068 access token (`typ` at+jwt), ES256 by a key of the JWKS (by `kid`), for
+    `audience`, from `issuer` (default: the metadata's), unexpired; its subject the device and
+    its `validation` claim this validation. Its claims.
+
+    Raises:
+        TokenNotVerified: any check failed (why, in the message).
+    """
+    import jwt
+
+    issuer = issuer or client.metadata().get("issuer")
+    if not isinstance(issuer, str) or not issuer:
+        raise TokenNotVerified("the API's metadata names no issuer")
+    try:
+        header = jwt.get_unverified_header(token)
+        if header.get("typ") != ACCESS_TOKEN_TYPE:
+            raise TokenNotVerified(f"typ is {header.get('typ')!r}, not {ACCESS_TOKEN_TYPE}")
+        keys = {key.key_id: key for key in jwt.PyJWKSet.from_dict(client.jwks()).keys}
+        key = keys.get(header.get("kid"))
+        if key is None:
+            raise TokenNotVerified("it is signed by no key of the JWKS")
+        claims: dict = jwt.decode(
+            token,
+            key.key,
+            algorithms=TOKEN_ALGORITHMS,
+            audience=audience,
+            issuer=issuer,
+            options={"require": ["exp", "iat", "iss", "aud", "sub", "jti"]},
+        )
+    except jwt.PyJWTError as exc:
+        raise TokenNotVerified(str(exc) or type(exc).__name__) from None
+    if claims.get("sub") != device_id:
+        raise TokenNotVerified(f"its subject is {claims.get('sub')!r}, not {device_id}")
+    if claims.get("validation") != {"id": validation_id, "purpose": purpose}:
+        raise TokenNotVerified("its validation claim is not this validation's")
+    return claims
 
 
 def _pki(args: argparse.Namespace, client: AdminClient) -> int:

@@ -26,8 +26,8 @@ DOCUMENT = ROOT / "docs" / "openapi" / "admin.json"
 TITLE = "fleetkey admin API"
 DESCRIPTION = (
     "The operator API of fleetkey: allow-list, devices and their lifecycle, data keys, "
-    "manufacturer CAs, audit trails, token signing keys and revocation, the issuing CA and "
-    "certificate rotation. Every request is signed "
+    "manufacturer CAs, audit trails, token signing keys and revocation, firmware releases, the "
+    "issuing CA and certificate rotation. Every request is signed "
     "with SigV4 (execute-api) by an operator principal; API Gateway refuses anything else with "
     "403 before fleetkey sees it. Errors are JSON: "
     '{"error": <stable code>, "message": <text>, "details"?: {...}}.'

@@ -1,12 +1,13 @@
 """Create fleetkey's resources on an AWS endpoint (moto here) from the same definitions the CDK
 stack uses: the table layout (with its `due` index) from fleetkey.store.schema, IoT policies and
 thing types from the device profiles, the token signing key, the data-key wrapping key, and the
-lifecycle queues (`fleetkey_local.queues.provision_lifecycle_queues`)."""
+lifecycle queues (`fleetkey_local.queues.provision_lifecycle_queues`); and the data the local
+stack starts with: the demo fleet's firmware release (`publish_demo_firmware`)."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
@@ -15,7 +16,20 @@ from fleetkey.domain.profiles import FLEETKEY_THING_ATTRIBUTES, PROFILES
 from fleetkey.services.signing_keys import KEY_DESCRIPTION, KeyTrust
 from fleetkey.store import schema
 
+if TYPE_CHECKING:
+    from fleetkey.composition import Components
+    from fleetkey.domain.firmware import FirmwareRelease
+
 NAME_PREFIX = "fleetkey"
+# The demo fleet's pump firmware: profile, version, and the SHA-256 of the image (of
+# b"fleetkey-demo-pump-firmware-2.4.1"), which `fleetkey_local.fleet`'s pumps attest. Released
+# when the local stack starts, as the release role does on a deployed stack (`fleetkey firmware
+# publish`).
+DEMO_FIRMWARE = (
+    "infusion-pump",
+    "2.4.1",
+    "7981a0c2a8f3203495d07847ee27eb5eb31d68545fd04cd4a76842099d64054f",
+)
 
 
 def create_table(dynamodb, table_name: str) -> None:
@@ -131,3 +145,11 @@ def provision(session_clients, table_name: str, region: str, account: str) -> No
     """`session_clients(service)` returns a boto3 client for the service."""
     create_table(session_clients("dynamodb"), table_name)
     create_iot_profiles(session_clients("iot"), region, account)
+
+
+def publish_demo_firmware(components: Components, actor: str = "provisioning") -> FirmwareRelease:
+    """Publish the demo fleet's firmware release through the firmware service (one more publish
+    of it, on a stack that has it, changes nothing). AWS calls: 2 (the audit stream's head, the
+    release's transaction)."""
+    profile, version, sha256 = DEMO_FIRMWARE
+    return components.firmware.publish(profile, version, sha256, actor=actor).release

@@ -32,12 +32,14 @@ from fleetkey_local.provision import (
     create_table,
     create_token_key,
     provisioned_environment,
+    publish_demo_firmware,
 )
 from fleetkey_local.queues import QueueWorker, provision_lifecycle_queues
 
 if TYPE_CHECKING:
     from fleetkey.services.pki import PkiService
     from fleetkey.services.rotation import RotationService
+    from fleetkey.services.validations import ValidationService
 
 REGION = "eu-west-1"
 ACCOUNT = "123456789012"
@@ -124,6 +126,10 @@ class EmbeddedStack:
     def rotation(self) -> RotationService:
         return self.components.rotation
 
+    @property
+    def validations(self) -> ValidationService:
+        return self.components.validations
+
     def provision(self) -> EmbeddedStack:
         create_table(self.make_client("dynamodb"), self.settings.table_name)
         create_iot_profiles(self.harness_iot, self.settings.region, self.account)
@@ -152,6 +158,9 @@ class EmbeddedStack:
             validity_days=LOCAL_ISSUING_CA_VALIDITY_DAYS,
             actor="provisioning",
         )
+        # The demo fleet's firmware release, as the release role publishes one on a deployed
+        # stack: the pumps' attested tokens need it.
+        self.demo_firmware = publish_demo_firmware(self.components)
         return self
 
     def service_clients(self) -> tuple:

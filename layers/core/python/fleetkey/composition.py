@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from fleetkey.services.allowlist import AllowlistService
     from fleetkey.services.data_keys import DataKeyService
     from fleetkey.services.devices import DeviceService
+    from fleetkey.services.firmware import FirmwareService
     from fleetkey.services.introspection import IntrospectionService
     from fleetkey.services.lifecycle import LifecycleService
     from fleetkey.services.pki import PkiService
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from fleetkey.services.signing_keys import SigningKeys
     from fleetkey.services.tokens import TokenService
     from fleetkey.services.trust import ManufacturerCaService, TrustAnchors
+    from fleetkey.services.validations import ValidationService
     from fleetkey.store.dynamodb import DynamoStore
 
 LifecycleObserver = Callable[[str, "Device"], None]
@@ -130,12 +132,32 @@ class Components:
         return ManufacturerCaService(self.store.anchors, self.registry, clock=self._clock)
 
     @cached_property
+    def firmware(self) -> FirmwareService:
+        from fleetkey.services.firmware import FirmwareService
+
+        return FirmwareService(self.store.firmware, clock=self._clock)
+
+    @cached_property
     def tokens(self) -> TokenService:
         from fleetkey.services.tokens import TokenService
 
         store = self.store
         return TokenService(
-            self.settings, store.devices, store.token_records, self.signing_keys, self._clock
+            self.settings,
+            store.devices,
+            store.token_records,
+            self.signing_keys,
+            self._clock,
+            firmware=store.firmware,
+            validations=store.validations,
+        )
+
+    @cached_property
+    def validations(self) -> ValidationService:
+        from fleetkey.services.validations import ValidationService
+
+        return ValidationService(
+            self.store.devices, self.store.validations, self.channel, clock=self._clock
         )
 
     @cached_property

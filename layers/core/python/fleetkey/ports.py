@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol
 
 from fleetkey.domain.allowlist import AllowlistEntry
 from fleetkey.domain.audit import AuditRecord, ChainHead
+from fleetkey.domain.firmware import FirmwareRelease
 from fleetkey.domain.lifecycle import DeviceState, Transition
 from fleetkey.domain.models import (
     CaStatus,
@@ -28,6 +29,7 @@ from fleetkey.domain.models import (
     Teardown,
 )
 from fleetkey.domain.pki import Revocation
+from fleetkey.domain.validation import RefusalReason, Validation, ValidationAnswer
 from fleetkey.errors import ConcurrentModification, Conflict
 
 # ---- domain exceptions raised by adapters ---------------------------------------------------
@@ -98,7 +100,28 @@ class ChallengeUnusable(Conflict):
 
 
 class DeviceNotEligible(Conflict):
-    """The device is no longer ACTIVE with the certificate the request was authenticated by."""
+    """The device is no longer ACTIVE with the certificate the request was authenticated by, or
+    no longer as the service decided on it (profile, epoch, tokens_not_before). `current` is its
+    record's credential as the failed condition found it (None: no such device)."""
+
+    def __init__(self, message: str, current: DeviceCredential | None = None) -> None:
+        super().__init__(message)
+        self.current = current
+
+
+class FirmwareNotReleased(Conflict):
+    """The firmware measurement is not a published release of the device's profile (never
+    published, another version, or revoked)."""
+
+
+class ValidationUnanswerable(Conflict):
+    """A validation answer that does not fit its validation (another device, another nonce,
+    purpose or audience, already answered, past its deadline, or unattested when attestation
+    is required). `current` is the validation record as the failed condition found it."""
+
+    def __init__(self, message: str, current: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.current = current
 
 
 # ---- values the ports exchange ---------------------------------------------------------------
@@ -175,12 +198,13 @@ class DeviceRepository(Protocol):
 
     def eligibility_check(
         self,
-        device_id: str,
+        device: DeviceCredential,
         certificate_id: str,
         role: CertificateRole = CertificateRole.CURRENT,
     ) -> Write:
         """A check, for another write's transaction, that the device is ACTIVE with
-        `certificate_id` in its set in `role` (refusal: DeviceNotEligible)."""
+        `certificate_id` in its set in `role`, and otherwise as `device` says (profile, epoch,
+        owner, tokens_not_before). Refusal: DeviceNotEligible with the device as it is."""
         ...
 
     def create(
@@ -281,6 +305,7 @@ class TokenRecords(Protocol):
         nonce: str | None = None,
         *,
         with_writes: Sequence[Write] = (),
+        then: Sequence[Write] = (),
     ) -> None: ...
 
     def put_nonce(self, nonce: str, expires_at: int) -> None: ...
@@ -288,6 +313,49 @@ class TokenRecords(Protocol):
     def revoke(self, jti: str, expires_at: int) -> None: ...
 
     def is_revoked(self, jti: str, now: int) -> bool: ...
+
+
+class FirmwareReleases(Protocol):
+    """Published (and revoked) firmware releases, by profile and measurement, and their audit
+    stream (fleetkey.store.firmware.DynamoFirmwareReleases)."""
+
+    def get(self, profile: str, sha256: str) -> FirmwareRelease | None: ...
+
+    def list(self, profile: str) -> list[FirmwareRelease]: ...
+
+    def publish(self, release: FirmwareRelease, actor: str, at: str) -> FirmwareRelease:
+        """Raises AlreadyExists: released with another version, or revoked."""
+        ...
+
+    def revoke(
+        self, profile: str, sha256: str, reason: str | None, actor: str, at: str
+    ) -> FirmwareRelease:
+        """Raises NotFound: no such release."""
+        ...
+
+    def released_check(self, profile: str, sha256: str, version: str) -> Write:
+        """A check, for a grant's transaction, that `sha256` is a published release of
+        `profile` with `version` (refusal: FirmwareNotReleased)."""
+        ...
+
+
+class ValidationRecords(Protocol):
+    """Validation requests and their results (`fleetkey.domain.validation`)."""
+
+    def create(self, validation: Validation) -> None: ...
+
+    def get(self, validation_id: str, now: int) -> Validation | None: ...
+
+    def answer(
+        self, device_id: str, answer: ValidationAnswer, *, attested: bool, token: str, now: int
+    ) -> Write:
+        """The write deciding the validation `validated` with `token`, for the grant's
+        transaction (refusal: ValidationUnanswerable with the record as it was)."""
+        ...
+
+    def refuse(
+        self, device_id: str, answer: ValidationAnswer, reason: RefusalReason, now: int
+    ) -> bool: ...
 
 
 class SigningKeyRegistry(Protocol):

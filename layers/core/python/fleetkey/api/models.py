@@ -333,3 +333,49 @@ class RotationStatusView(_View):
     pending: HeldCertificateView | None
     retired: list[HeldCertificateView]
     renewal_due_at: str | None
+
+
+# ---- firmware releases --------------------------------------------------------------------------
+
+FirmwareSha256 = Annotated[
+    str,
+    StringConstraints(pattern=r"^[0-9a-f]{64}$"),
+    Field(description="The image's SHA-256: 64 lowercase hex digits"),
+]
+FirmwareVersion = Annotated[
+    str,
+    StringConstraints(pattern=r"^[\x21-\x7e]{1,64}$"),
+    Field(
+        description="The version devices running the image report (`firmware_version`): "
+        "1-64 printable ASCII characters, no spaces"
+    ),
+]
+
+
+class FirmwarePublishRequest(_Request):
+    profile: ProfileName
+    version: FirmwareVersion
+    sha256: FirmwareSha256
+
+
+class FirmwareRevokeRequest(_Request):
+    """Why the release is withdrawn (optional): an empty body or `{}` is a revocation without
+    a reason."""
+
+    reason: Reason | None = None
+
+
+class FirmwareReleaseView(_View):
+    profile: str
+    version: str
+    sha256: str
+    status: str = Field(description="published, or revoked (attestation of it fails)")
+    published_at: str
+    published_by: str = Field(description="The IAM principal that published it")
+    revoked_at: str | None
+    revoked_by: str | None
+    revoke_reason: str | None
+
+
+class FirmwareReleaseListView(_View):
+    releases: list[FirmwareReleaseView]

@@ -40,14 +40,14 @@ class KeyPolicy:
 @dataclass(frozen=True, slots=True)
 class TokenRules:
     """Access-token rules: lifetime (never more than an hour), the scopes and audiences a device
-    may ask for (all of them when it asks for none), and whether it must attest its firmware
-    (its measurement one of `allowed_firmware`, SHA-256 hex)."""
+    may ask for (all of them when it asks for none), and whether it must attest its firmware:
+    its measurement (SHA-256 hex) and version a published release of the profile. Releases are
+    data, published and revoked by operators (`POST /v1/admin/firmware`), not code."""
 
     lifetime_seconds: int = 900
     scopes: frozenset[str] = frozenset({"telemetry:write", "fleetkey:data-key"})
     audiences: frozenset[str] = frozenset({"urn:fleetkey:telemetry"})
     require_attestation: bool = False
-    allowed_firmware: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if not 0 < self.lifetime_seconds <= 3600:
@@ -134,12 +134,6 @@ PROFILES: dict[str, DeviceProfile] = {
                 scopes=frozenset({"telemetry:write", "therapy:report", "fleetkey:data-key"}),
                 audiences=frozenset({"urn:fleetkey:telemetry", "urn:fleetkey:therapy"}),
                 require_attestation=True,
-                # Released pump firmware measurements (SHA-256 of the image). The demo fleet's
-                # firmware (sha256 of b"fleetkey-demo-pump-firmware-2.4.1"); a release adds its
-                # own here.
-                allowed_firmware=frozenset(
-                    {"7981a0c2a8f3203495d07847ee27eb5eb31d68545fd04cd4a76842099d64054f"}
-                ),
             ),
             certificate_validity_days=180,
             retired_certificate_grace_days=1,

@@ -100,8 +100,8 @@ class DataKeyService:
         rules = get_profile(auth.device.profile).token_rules
         if DATA_KEY_SCOPE not in rules.scopes:
             raise InvalidScope("this device's profile does not allow data keys")
-        self._tokens.attested_firmware(auth.claims, rules)
-        self._tokens.record_assertion(auth)
+        attestation = self._tokens.attested_firmware(auth.claims, auth.device.profile, rules)
+        self._tokens.record_assertion(auth, attestation)
 
         device = auth.device
         context = encryption_context(device.device_id, device.owner, device.epoch)

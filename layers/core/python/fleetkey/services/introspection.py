@@ -13,11 +13,12 @@ import jwt
 
 from fleetkey.clock import Clock, timestamp, utc_now
 from fleetkey.crypto.jose import MalformedJws, b64url, media_type, parse_compact_jws
+from fleetkey.domain.firmware import FIRMWARE_VERSION
 from fleetkey.domain.lifecycle import DeviceState
 from fleetkey.domain.models import CertificateRole
 from fleetkey.ports import AuditLog, DeviceRepository, TokenRecords
 from fleetkey.services.signing_keys import MAX_TOKEN_LIFETIME_SECONDS, SigningKeys
-from fleetkey.services.tokens import ACCESS_TOKEN_TYPE, CLOCK_SKEW, FIRMWARE_VERSION
+from fleetkey.services.tokens import ACCESS_TOKEN_TYPE, CLOCK_SKEW
 from fleetkey.settings import Settings
 
 INACTIVE: dict[str, Any] = {"active": False}

@@ -2,11 +2,18 @@
 (RFC 7523 §2.2 in an RFC 6749 §4.4 client-credentials grant) and receives a short-lived access
 token (RFC 9068) signed by a KMS key, bound to its certificate (RFC 8705 `cnf`).
 
-AWS calls per issued token: read the device, record the assertion's jti (and consume the
-challenge) in one conditional write that also checks the device is still ACTIVE with that current
-certificate (so nothing is granted once a suspension or decommission commits), sign with KMS = 3.
-Public keys of device certificates and of signing keys are cached (they never change for an id);
-the signing-key registry for a minute.
+AWS calls per issued token, warm: one KMS Sign, then one conditional write (a transaction) that
+records the assertion's jti (and consumes its challenge, or decides the validation it answers)
+and checks, in the same transaction, that the device is still ACTIVE with that current
+certificate and the profile, epoch, owner and tokens_not_before the decision was made on (and,
+for attested firmware, that the measurement is a published release) = 2. The token is signed
+before the write and handed out only once the write committed: a failure at either call leaves
+nothing used, so the same assertion may be sent again, and no assertion yields two tokens.
+The device's credential (state, profile, certificates) is cached by certificate id after a
+token was granted on it; a cache miss reads it (3 calls). A failed device condition reports the
+device as it is: the cache is refreshed from it and the request decided again (no extra read).
+Public keys of device certificates and of signing keys are cached (they never change for an
+id); the signing-key registry for a minute.
 
 Assertion rules (RFC 8725, RFC 7515 §4.1.11, RFC 7521 §4.2, RFC 7523 as updated by
 draft-ietf-oauth-rfc7523bis-11 §4):
@@ -27,7 +34,9 @@ draft-ietf-oauth-rfc7523bis-11 §4):
   (`FIRMWARE_VERSION`, the rule of `jti`); anything else is `invalid_client`.
 
 Equal work on every refusal: refusals that depend only on the request are made before any AWS
-call (they say nothing about any device). Once the device is read, the assertion's signature is
+call (they say nothing about any device). Once the device is read (or found in the cache, which
+holds only certificates that were granted a token on this instance: a cached one is answered
+sooner, which tells only that its device got a token here lately), the assertion's signature is
 verified in every case: against the device key, or, when the device is unknown, not ACTIVE, the
 kid is not its current certificate, or the algorithm does not fit its key, against a stand-in key
 of the same algorithm made at cold start (`stand_in_keys`). The device read is a projection of
@@ -64,23 +73,37 @@ from fleetkey.crypto.jose import (
     stand_in_keys,
 )
 from fleetkey.domain.allowlist import DEVICE_ID
+from fleetkey.domain.firmware import FIRMWARE_VERSION
 from fleetkey.domain.lifecycle import DeviceState
 from fleetkey.domain.models import CertificateRole, HeldCertificate
 from fleetkey.domain.oauth import (
     InvalidClient,
     InvalidGrant,
     InvalidScope,
+    OAuthError,
     OAuthInvalidRequest,
     UnsupportedGrantType,
 )
 from fleetkey.domain.profiles import TokenRules, get_profile
+from fleetkey.domain.validation import (
+    VALIDATION_TOKEN_SECONDS,
+    RefusalReason,
+    ValidationAnswer,
+    ValidationStatus,
+    validation_answer,
+)
 from fleetkey.ports import (
     AssertionReplayed,
     ChallengeUnusable,
     DeviceCredential,
     DeviceNotEligible,
     DeviceRepository,
+    FirmwareNotReleased,
+    FirmwareReleases,
     TokenRecords,
+    ValidationRecords,
+    ValidationUnanswerable,
+    Write,
 )
 from fleetkey.services.signing_keys import SigningKeys
 from fleetkey.settings import Settings
@@ -99,10 +122,6 @@ ASSERTION_TYPES = frozenset({"application/client-authentication+jwt", "applicati
 _CERTIFICATE_ID = re.compile(r"[0-9a-f]{64}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _PRINTABLE = re.compile(r"[\x21-\x7e]{1,128}")
-# A device-chosen string copied into every token and echoed by introspection: printable ASCII
-# without spaces, as `jti`, and short (no NUL, CR/LF, bidi overrides or lone surrogates to
-# carry into a relying party's logs or UI).
-FIRMWARE_VERSION = re.compile(r"[\x21-\x7e]{1,64}")
 FORM_MEDIA_TYPE = "application/x-www-form-urlencoded"
 # A media type parameter (RFC 9110 §5.6.6): token "=" ( token / quoted-string without ";").
 _TOKEN_CHARS = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -121,6 +140,23 @@ class AuthenticatedDevice:
     nonce: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Attestation:
+    """The firmware claims a grant carries, and the check that the measurement is a published
+    release of the device's profile (None when nothing is vouched for), for the grant's write."""
+
+    claims: dict[str, str]
+    check: Write | None = None
+
+
+class AttestationMissing(InvalidGrant):
+    """Attestation is required and the assertion does not carry a measurement and version."""
+
+
+class UnreleasedFirmware(InvalidGrant):
+    """The attested measurement is not a published release of the device's profile."""
+
+
 class TokenService:
     def __init__(
         self,
@@ -129,13 +165,20 @@ class TokenService:
         records: TokenRecords,
         signing_keys: SigningKeys,
         clock: Clock = utc_now,
+        *,
+        firmware: FirmwareReleases | None = None,
+        validations: ValidationRecords | None = None,
     ) -> None:
         self._settings = settings
         self._devices = devices
         self._records = records
         self._keys = signing_keys
         self._clock = clock
+        self._firmware = firmware
+        self._validations = validations
         self._public_keys: OrderedDict[str, PublicKey] = OrderedDict()
+        # Device credentials by the certificate id a token was last granted on (`issue`).
+        self._credentials: OrderedDict[str, DeviceCredential] = OrderedDict()
         # Made at cold start, not on the first refusal: that one would pay for it.
         self._stand_in_keys = stand_in_keys()
 
@@ -150,19 +193,24 @@ class TokenService:
     # ---- token ------------------------------------------------------------------------------
 
     def issue(self, form: Mapping[str, str]) -> dict[str, Any]:
-        """Issue an access token for a client-credentials request with a JWT client assertion.
+        """Issue an access token for a client-credentials request with a JWT client assertion;
+        when the assertion answers a validation (its `validation` claim), the token is that
+        validation's result (`fleetkey.domain.validation`) and is also recorded for the relying
+        party that asked.
 
-        AWS calls: none for a request refused on its own content; else one device read (GetItem
-        with a projection), and for a token the jti write and one KMS Sign (3). Every refusal
-        after the device read has decoded one item and verified one signature, whichever check
-        failed (see the module's docstring).
+        AWS calls: none for a request refused on its own content; warm, KMS Sign + the grant's
+        transaction (2); with the device's credential not cached, + 1 read (GetItem with a
+        projection). A refused validation answer that knows the validation's nonce + 1 (the
+        refusal recorded). Every refusal after the device is known has decoded one item and
+        verified one signature, whichever check failed (see the module's docstring).
 
         Raises:
             OAuthInvalidRequest, UnsupportedGrantType: the request is malformed.
             InvalidClient: the assertion does not authenticate an ACTIVE device by its current
                 certificate, breaks an assertion rule, or its `client_id` names another client
                 (one answer for every such case).
-            InvalidGrant: a replayed assertion, an unknown or used challenge, unattested firmware.
+            InvalidGrant: a replayed assertion, an unknown or used challenge, unattested or
+                unreleased firmware, a validation this answer does not fit.
             InvalidScope: a scope or audience outside the device's profile.
         """
         # RFC 6749 §2.3: one client authentication method per request; with the assertion, a
@@ -179,18 +227,97 @@ class TokenService:
         if not assertion or len(assertion) > MAX_ASSERTION_BYTES:
             raise OAuthInvalidRequest("client_assertion is required (at most 8 KiB)")
 
-        auth = self.authenticate(assertion, form.get("client_id"))
-        device, claims, now = auth.device, auth.claims, auth.now
-        rules = get_profile(device.profile).token_rules
-        scopes = self._granted(form.get("scope"), rules.scopes, "scope")
-        audiences = self._granted(form.get("audience"), rules.audiences, "audience")
-        firmware = self.attested_firmware(claims, rules)
-        self.record_assertion(auth)
+        jws = self._peek(assertion, form.get("client_id"))
+        try:
+            answer = validation_answer(jws.claims, form.get("audience"))
+        except ValueError as exc:
+            raise OAuthInvalidRequest(f"validation answer: {exc}") from None
+        if answer is not None and (form.get("scope") or self._validations is None):
+            raise OAuthInvalidRequest("a validation answer asks for no scope")
+        try:
+            return self._grant(jws, assertion, form, answer)
+        except (InvalidClient, InvalidGrant) as exc:
+            reason = _validation_refusal(exc)
+            if answer is not None and reason is not None and self._validations is not None:
+                device_id: str = jws.claims["sub"]
+                now = int(self._clock().timestamp())
+                self._validations.refuse(device_id, answer, reason, now)
+            raise
 
+    def _grant(
+        self,
+        jws: UnverifiedJws,
+        assertion: str,
+        form: Mapping[str, str],
+        answer: ValidationAnswer | None,
+    ) -> dict[str, Any]:
+        """Decide, sign, then write. A refusal decided on the cached credential is decided
+        again on the device as read; a write that finds the device changed is decided again,
+        once, on the device as the write found it."""
+        device, cached = self._cached(jws)
+        stale_writes = 0
+        while True:
+            try:
+                auth = self._verify(jws, assertion, device)
+                rules = get_profile(auth.device.profile).token_rules
+                if answer is None:
+                    scopes = self._granted(form.get("scope"), rules.scopes, "scope")
+                    audiences = self._granted(form.get("audience"), rules.audiences, "audience")
+                else:
+                    scopes = []
+                    audiences = self._granted(answer.audience, rules.audiences, "audience")
+                attestation = self.attested_firmware(
+                    auth.claims, auth.device.profile, rules, answering=answer is not None
+                )
+            except OAuthError:
+                if not cached:
+                    raise
+                device, cached = self._devices.credential(jws.claims["sub"]), False
+                continue
+            token, lifetime = self._sign(auth, rules, scopes, audiences, attestation, answer)
+            extra = [attestation.check] if attestation.check is not None else []
+            if answer is not None and self._validations is not None:
+                extra.append(
+                    self._validations.answer(
+                        auth.device.device_id,
+                        answer,
+                        attested=attestation.check is not None,
+                        token=token,
+                        now=auth.now,
+                    )
+                )
+            try:
+                self._record(auth, extra, challenge=answer is None)
+            except _Stale as stale:
+                device, cached = stale.current, False
+                self._remember(auth.certificate.certificate_id, device)
+                stale_writes += 1
+                if stale_writes == 2 or device is None:
+                    raise InvalidClient("device not active") from None
+                continue
+            except ValidationUnanswerable as exc:
+                raise self._unanswerable(exc, auth, answer, attestation) from None
+            self._remember(auth.certificate.certificate_id, auth.device)
+            response = {"access_token": token, "token_type": "Bearer", "expires_in": lifetime}
+            if scopes:
+                response["scope"] = " ".join(scopes)
+            return response
+
+    def _sign(
+        self,
+        auth: AuthenticatedDevice,
+        rules: TokenRules,
+        scopes: list[str],
+        audiences: list[str],
+        attestation: Attestation,
+        answer: ValidationAnswer | None,
+    ) -> tuple[str, int]:
+        """The access token (RFC 9068) and its lifetime. AWS calls: 1 (KMS Sign)."""
+        device, now = auth.device, auth.now
         certificate_expiry = auth.certificate.not_after_epoch()
-        lifetime = min(rules.lifetime_seconds, certificate_expiry - now)
-        signing_key, signer = self._keys.current()
-        token_claims = {
+        wanted = rules.lifetime_seconds if answer is None else VALIDATION_TOKEN_SECONDS
+        lifetime = min(wanted, certificate_expiry - now)
+        claims: dict[str, Any] = {
             "iss": self._settings.issuer,
             "sub": device.device_id,
             "aud": audiences[0] if len(audiences) == 1 else audiences,
@@ -198,17 +325,40 @@ class TokenService:
             "iat": now,
             "jti": uuid.uuid4().hex,
             "client_id": device.device_id,
-            "scope": " ".join(scopes),
             "cnf": {"x5t#S256": b64url(bytes.fromhex(auth.certificate.certificate_id))},
             "device_profile": device.profile,
-            **firmware,
+            **attestation.claims,
         }
-        return {
-            "access_token": sign_jwt(signer, signing_key.kid, token_claims, ACCESS_TOKEN_TYPE),
-            "token_type": "Bearer",
-            "expires_in": lifetime,
-            "scope": token_claims["scope"],
-        }
+        if answer is None:
+            claims["scope"] = " ".join(scopes)
+        else:
+            claims["validation"] = {"id": answer.validation_id, "purpose": answer.purpose}
+        signing_key, signer = self._keys.current()
+        return sign_jwt(signer, signing_key.kid, claims, ACCESS_TOKEN_TYPE), lifetime
+
+    def _unanswerable(
+        self,
+        exc: ValidationUnanswerable,
+        auth: AuthenticatedDevice,
+        answer: ValidationAnswer | None,
+        attestation: Attestation,
+    ) -> InvalidGrant:
+        """Why the validation did not take this answer: an answer without attestation to a
+        validation that requires it (the validation is then refused for it); anything else
+        leaves the validation as it is."""
+        record = exc.current or {}
+        fits = (
+            answer is not None
+            and record.get("status") == ValidationStatus.PENDING.value
+            and record.get("device_id") == auth.device.device_id
+            and record.get("nonce") == answer.nonce
+            and record.get("purpose") == answer.purpose
+            and record.get("audience") == answer.audience
+            and int(record.get("answer_by", 0)) > auth.now
+        )
+        if fits and record.get("require_attestation") and attestation.check is None:
+            return AttestationMissing("the validation requires attested firmware")
+        return InvalidGrant("the validation is unknown, answered, expired or not this device's")
 
     def authenticate(
         self,
@@ -220,7 +370,8 @@ class TokenService:
         """Verify a client assertion: the device it names is ACTIVE and signed it with the key
         of its current certificate (or, for a rotation's commit, `role` PENDING: the new one),
         and the assertion keeps every rule (module docstring). Not yet recorded as used
-        (`record_assertion`).
+        (`record_assertion`). The device is read (never the cache: the callers, rotation and
+        data keys, act on it beyond the grant's write).
 
         AWS calls: none for an assertion refused on its own content; else 1 (the device's
         credential, a projected GetItem). Every refusal after the read has decoded one item and
@@ -231,10 +382,43 @@ class TokenService:
                 certificate or breaks an assertion rule (one answer for every such case).
         """
         jws = self._peek(assertion, client_id)
+        return self._verify(jws, assertion, self._devices.credential(jws.claims["sub"]), role)
+
+    def _cached(self, jws: UnverifiedJws) -> tuple[DeviceCredential | None, bool]:
+        """The credential of the device the assertion names, and whether it came from the cache:
+        the cached one when a token was granted on the assertion's certificate here and it still
+        reads as usable, else the device as read.
+
+        AWS calls: 0 cached, else 1 (projected GetItem)."""
+        device_id: str = jws.claims["sub"]
+        cached = self._credentials.get(jws.header["kid"])
+        if cached is not None and cached.device_id == device_id:
+            held = cached.holds(jws.header["kid"])
+            if cached.state is DeviceState.ACTIVE and held and held.role is CertificateRole.CURRENT:
+                return cached, True
+        # The projected read, whose miss decodes a decoy item: equal CPU for unknown and known.
+        return self._devices.credential(device_id), False
+
+    def _remember(self, certificate_id: str, device: DeviceCredential | None) -> None:
+        """Cache `device` under the certificate a grant was decided on (10,000 at most); a
+        device that is gone is forgotten."""
+        self._credentials.pop(certificate_id, None)
+        if device is None:
+            return
+        self._credentials[certificate_id] = device
+        if len(self._credentials) > 10_000:
+            self._credentials.popitem(last=False)
+
+    def _verify(
+        self,
+        jws: UnverifiedJws,
+        assertion: str,
+        device: DeviceCredential | None,
+        role: CertificateRole = CertificateRole.CURRENT,
+    ) -> AuthenticatedDevice:
+        """`authenticate` on an assertion already peeked, with the device's credential."""
         header, unverified = jws.header, jws.claims
         device_id: str = unverified["sub"]
-        # The projected read, whose miss decodes a decoy item: equal CPU for unknown and known.
-        device = self._devices.credential(device_id)
         key, certificate, refusal = self._verification_key(
             device, header["kid"], header["alg"], role
         )
@@ -288,22 +472,41 @@ class TokenService:
             raise InvalidClient("device not active")
         return AuthenticatedDevice(device, certificate, claims, now, nonce)
 
-    def record_assertion(self, auth: AuthenticatedDevice) -> None:
+    def record_assertion(
+        self, auth: AuthenticatedDevice, attestation: Attestation | None = None
+    ) -> None:
         """Record the assertion's jti as used (and consume its challenge) in one conditional
-        write that also checks the device is still ACTIVE with that current certificate: once a
+        write that also checks the device is still as it was authenticated (ACTIVE with that
+        current certificate, same profile, epoch, owner and tokens_not_before) and, with an
+        `attestation` that vouches for a measurement, that it is a published release: once a
         suspension or decommission has committed, nothing more is granted on an assertion that
         was verified before it.
 
         AWS calls: 1 (TransactWriteItems).
 
         Raises:
-            InvalidGrant: a replayed assertion, or an unknown, used or expired challenge.
+            InvalidGrant: a replayed assertion, an unknown, used or expired challenge, or
+                unreleased firmware (`UnreleasedFirmware`).
             InvalidClient: the device changed (suspended, decommissioned, certificate replaced).
+        """
+        extra = [attestation.check] if attestation and attestation.check is not None else []
+        try:
+            self._record(auth, extra, challenge=True)
+        except _Stale:
+            raise InvalidClient("device not active") from None
+
+    def _record(self, auth: AuthenticatedDevice, extra: list[Write], *, challenge: bool) -> None:
+        """The grant's one transaction: the device check, the jti, the challenge (`challenge`:
+        the nonce is a challenge's, not a validation's) and `extra`.
+
+        Raises:
+            _Stale: the device is not as decided on (with its credential as it is).
+            InvalidGrant, ValidationUnanswerable: as `record_assertion`, `issue`.
         """
         claims = auth.claims
         remember_until = int(claims.get("exp") or auth.now + MAX_ASSERTION_LIFETIME) + CLOCK_SKEW
         eligible = self._devices.eligibility_check(
-            auth.device.device_id, auth.certificate.certificate_id, auth.certificate.role
+            auth.device, auth.certificate.certificate_id, auth.certificate.role
         )
         try:
             self._records.use_assertion(
@@ -311,15 +514,18 @@ class TokenService:
                 claims["jti"],
                 remember_until,
                 auth.now,
-                auth.nonce,
+                auth.nonce if challenge else None,
                 with_writes=[eligible],
+                then=extra,
             )
-        except DeviceNotEligible:
-            raise InvalidClient("device not active") from None
+        except DeviceNotEligible as exc:
+            raise _Stale(exc.current) from None
         except AssertionReplayed:
             raise InvalidGrant("the assertion was already used") from None
         except ChallengeUnusable:
             raise InvalidGrant("the challenge is unknown, used or expired") from None
+        except FirmwareNotReleased:
+            raise UnreleasedFirmware("the firmware is not a released version") from None
 
     def _peek(self, assertion: str, client_id: str | None) -> UnverifiedJws:
         """Header and claims before verification, checked for everything that depends on the
@@ -410,22 +616,67 @@ class TokenService:
             raise InvalidScope(f"requested {what} is not allowed for this device")
         return wanted
 
-    @staticmethod
-    def attested_firmware(claims: Mapping[str, Any], rules: TokenRules) -> dict[str, str]:
+    def attested_firmware(
+        self,
+        claims: Mapping[str, Any],
+        profile: str,
+        rules: TokenRules,
+        *,
+        answering: bool = False,
+    ) -> Attestation:
+        """The firmware claims a grant carries and the release check its write must hold.
+
+        A profile that requires attestation, and any validation answer that carries a
+        measurement, vouch for it: the measurement and version must be a published release
+        of the profile (checked in the grant's transaction, `Attestation.check`). Otherwise a
+        well-formed measurement is copied as the device said it (`firmware_version` is already
+        checked by `_verify`). CPU only.
+
+        Raises:
+            AttestationMissing: attestation is required and the measurement or version is absent.
+        """
         measurement = claims.get("firmware_sha256")
         version = claims.get("firmware_version")
         firmware: dict[str, str] = {}
-        if isinstance(version, str):  # FIRMWARE_VERSION already held (`issue`)
+        if isinstance(version, str):
             firmware["firmware_version"] = version
-        if rules.require_attestation:
-            if not isinstance(measurement, str) or measurement not in rules.allowed_firmware:
-                raise InvalidGrant("firmware measurement is not an allowed release")
-            if "firmware_version" not in firmware:
-                raise InvalidGrant("firmware_version is required")
-            firmware["firmware_sha256"] = measurement
-        elif isinstance(measurement, str) and _SHA256_HEX.fullmatch(measurement):
-            firmware["firmware_sha256"] = measurement
-        return firmware
+        wellformed = isinstance(measurement, str) and _SHA256_HEX.fullmatch(measurement)
+        vouched = rules.require_attestation or (answering and measurement is not None)
+        if not vouched:
+            if wellformed:
+                firmware["firmware_sha256"] = str(measurement)
+            return Attestation(firmware)
+        if not wellformed or not isinstance(version, str):
+            raise AttestationMissing("a firmware measurement and version are required")
+        firmware["firmware_sha256"] = str(measurement)
+        if self._firmware is None:
+            raise UnreleasedFirmware("no firmware releases are known here")
+        return Attestation(
+            firmware, self._firmware.released_check(profile, str(measurement), version)
+        )
+
+
+class _Stale(Exception):
+    """The device was not as a grant was decided on; `current` is how it is (None: gone)."""
+
+    def __init__(self, current: DeviceCredential | None) -> None:
+        super().__init__("device changed")
+        self.current = current
+
+
+def _validation_refusal(exc: OAuthError) -> RefusalReason | None:
+    """The reason a refused validation answer ends its validation with, if it does: the device
+    is not ACTIVE, its firmware is not released or not attested, or the assertion is invalid.
+    A replay, a used challenge or an answer that does not fit leave the validation pending."""
+    if isinstance(exc, InvalidClient):
+        if exc.reason in ("device not active", "unknown device"):
+            return RefusalReason.DEVICE_NOT_ACTIVE
+        return RefusalReason.ASSERTION_INVALID
+    if isinstance(exc, AttestationMissing):
+        return RefusalReason.ATTESTATION_MISSING
+    if isinstance(exc, UnreleasedFirmware):
+        return RefusalReason.FIRMWARE_NOT_RELEASED
+    return None
 
 
 def read_request_form(

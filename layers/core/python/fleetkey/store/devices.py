@@ -359,36 +359,66 @@ class DynamoDeviceRepository:
 
     def eligibility_check(
         self,
-        device_id: str,
+        device: DeviceCredential,
         certificate_id: str,
         role: CertificateRole = CertificateRole.CURRENT,
     ) -> Write:
-        """The device is ACTIVE and `certificate_id` is its current certificate (or, for a
-        rotation's commit, the pending one: `role`): checked in the transaction that grants
-        something (a token's jti, a data key), so that nothing is granted after a suspension or
-        a decommission committed."""
+        """The device is still as the caller decided on it: ACTIVE, `certificate_id` its current
+        certificate (or, for a rotation's commit, the pending one: `role`), and the same
+        profile, epoch, owner and tokens_not_before as `device` (the credential read or cached).
+        Checked in the transaction that grants something (a token's jti, a data key), so that
+        nothing is granted after a suspension, a decommission or a recommission committed, nor
+        on a stale cache. A failed check reports the device's credential as it is
+        (`DeviceNotEligible.current`), so the caller can decide again without reading it."""
+        names = {
+            "#state": STATE,
+            "#certs": "certificates",
+            "#cid": certificate_id,
+            "#role": "role",
+            "#profile": "profile",
+            "#epoch": "epoch",
+            "#owner": "owner",
+            "#tnb": "tokens_not_before",
+        }
+        values: dict[str, Any] = {
+            ":active": DeviceState.ACTIVE.value,
+            ":role": role.value,
+            ":profile": device.profile,
+            ":epoch": device.epoch,
+        }
+        conditions = ["#state = :active", "#certs.#cid.#role = :role", "#profile = :profile"]
+        # A device item written before epochs existed has none: its epoch is 1.
+        conditions.append(
+            "(#epoch = :epoch OR attribute_not_exists(#epoch))"
+            if device.epoch == 1
+            else "#epoch = :epoch"
+        )
+        for name, value in (("#owner", device.owner), ("#tnb", device.tokens_not_before)):
+            if value is None:
+                conditions.append(f"attribute_not_exists({name})")
+            else:
+                conditions.append(f"{name} = :{name[1:]}")
+                values[f":{name[1:]}"] = value
+        device_id = device.device_id
+
+        def refusal(items: Mapping[str, dict[str, Any]]) -> DeviceNotEligible:
+            item = items.get("device")
+            current = _credential_from_item(item) if item else None
+            return DeviceNotEligible(f"device {device_id} is not eligible", current)
+
         return Action(
             "device",
             {
                 "ConditionCheck": {
                     "TableName": self._table.name,
                     "Key": ser(schema.device_key(device_id)),
-                    "ConditionExpression": "#state = :active AND #certs.#cid.#role = :current",
-                    "ExpressionAttributeNames": {
-                        "#state": STATE,
-                        "#certs": "certificates",
-                        "#cid": certificate_id,
-                        "#role": "role",
-                    },
-                    "ExpressionAttributeValues": ser(
-                        {
-                            ":active": DeviceState.ACTIVE.value,
-                            ":current": role.value,
-                        }
-                    ),
+                    "ConditionExpression": " AND ".join(conditions),
+                    "ExpressionAttributeNames": names,
+                    "ExpressionAttributeValues": ser(values),
+                    "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
                 }
             },
-            refusal=lambda _items: DeviceNotEligible(f"device {device_id} is not eligible"),
+            refusal=refusal,
         )
 
     def absent_check(self, device_id: str) -> Write:

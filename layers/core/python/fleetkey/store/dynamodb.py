@@ -8,11 +8,13 @@ from fleetkey.store.audit_log import DynamoAuditLog
 from fleetkey.store.certificates import DynamoCertificateDecisions
 from fleetkey.store.data_keys import DynamoDataKeyRecords
 from fleetkey.store.devices import DynamoDeviceRepository
+from fleetkey.store.firmware import DynamoFirmwareReleases
 from fleetkey.store.pki import DynamoPkiStore
 from fleetkey.store.signing_key_registry import DynamoSigningKeyRegistry
 from fleetkey.store.table import Table
 from fleetkey.store.token_records import DynamoTokenRecords
 from fleetkey.store.trust_anchors import DynamoTrustAnchorStore
+from fleetkey.store.validations import DynamoValidations
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -34,3 +36,5 @@ class DynamoStore:
         self.signing_keys = DynamoSigningKeyRegistry(self.table)
         self.data_keys = DynamoDataKeyRecords(self.table)
         self.pki = DynamoPkiStore(self.table)
+        self.firmware = DynamoFirmwareReleases(self.table)
+        self.validations = DynamoValidations(self.table)

@@ -19,6 +19,9 @@
     PKI#REVOKED         <not_after>#<serial>  a certificate fleetkey issued and revoked
     PKI#CRL             CRL             the latest CRL and the count of revocations
     KEY#<spki sha256>   KEY             a public key fleetkey certified (never certified again)
+    VALIDATION#<id>     VALIDATION      a relying party's validation request and its result
+    FIRMWARE#<profile>  RELEASE#<sha256>  a firmware release of a profile (published or revoked)
+    STREAM#firmware-releases AUDIT#<seq>  the audit trail of firmware releases
 
 Two sparse global secondary indexes (KEYS_ONLY), written by the device repository with every
 change, which the rotation sweep queries (never a Scan):
@@ -79,6 +82,18 @@ def assertion_key(device_id: str, jti: str) -> Key:
 
 def nonce_key(nonce: str) -> Key:
     return {PARTITION_KEY: f"NONCE#{nonce}", SORT_KEY: "NONCE"}
+
+
+def validation_key(validation_id: str) -> Key:
+    return {PARTITION_KEY: f"VALIDATION#{validation_id}", SORT_KEY: "VALIDATION"}
+
+
+def firmware_partition(profile: str) -> str:
+    return f"FIRMWARE#{profile}"
+
+
+def firmware_key(profile: str, sha256: str) -> Key:
+    return {PARTITION_KEY: firmware_partition(profile), SORT_KEY: f"RELEASE#{sha256}"}
 
 
 def revoked_token_key(jti: str) -> Key:

@@ -23,10 +23,12 @@ class DynamoTokenRecords:
         nonce: str | None = None,
         *,
         with_writes: Sequence[Write] = (),
+        then: Sequence[Write] = (),
     ) -> None:
         """Record a client assertion's jti as used (and consume its challenge nonce), in one
-        conditional write with `with_writes` (the device's eligibility check). A jti may be
-        reused only once its earlier assertion has expired.
+        conditional write with `with_writes` (the device's eligibility check, whose refusal
+        comes first) and `then` (what the grant writes besides: a firmware release check, a
+        validation's result). A jti may be reused only once its earlier assertion has expired.
 
         AWS calls: 1 (TransactWriteItems).
 
@@ -72,6 +74,7 @@ class DynamoTokenRecords:
                     ),
                 )
             )
+        actions.extend(then)
         try:
             self._table.transact_or_refuse(actions)
         except ConditionFailed as failure:  # every action names its refusal: not expected

@@ -10,6 +10,7 @@ from fleetkey.api.admin.allowlist import router as allowlist_router
 from fleetkey.api.admin.cas import router as cas_router
 from fleetkey.api.admin.data_keys import router as data_keys_router
 from fleetkey.api.admin.devices import router as devices_router
+from fleetkey.api.admin.firmware import router as firmware_router
 from fleetkey.api.admin.lifecycle import router as lifecycle_router
 from fleetkey.api.admin.pki import router as pki_router
 from fleetkey.api.admin.rotation import router as rotation_router
@@ -25,6 +26,7 @@ ROUTERS: tuple[Router, ...] = (
     signing_keys_router,
     tokens_router,
     rotation_router,
+    firmware_router,
 )
 # Served by the rotation function (`/v1/admin/pki/*`): the only role that may use the CA's key.
 PKI_ROUTERS: tuple[Router, ...] = (pki_router,)

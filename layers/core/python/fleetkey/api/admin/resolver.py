@@ -25,10 +25,13 @@ from fleetkey.observability import logger
 CALLER_ERROR_CODES = frozenset({"CertificateValidationException", "InvalidRequestException"})
 
 
-def admin_resolver(routers: tuple[Router, ...]) -> APIGatewayRestResolver:
-    """A resolver for /v1/admin with `routers` and the admin API's error responses."""
+def admin_resolver(
+    routers: tuple[Router, ...], *, strip_prefixes: tuple[str, ...] = ("/v1/admin",)
+) -> APIGatewayRestResolver:
+    """A resolver for /v1/admin (or, with no prefix, another IAM route group: validations) with
+    `routers` and the admin API's error responses."""
     app = APIGatewayRestResolver(
-        strip_prefixes=["/v1/admin"],
+        strip_prefixes=list(strip_prefixes),
         enable_validation=True,
         # A response that fails its model is fleetkey's fault (a 500), never the caller's.
         response_validation_error_http_code=500,

@@ -1,0 +1,26 @@
+"""Relying parties' delegated validation (IAM-authenticated): POST /v1/validations asks fleetkey
+to have a device prove itself now; GET /v1/validations/{validation_id}[?wait=N] reads the result.
+The device answers at the token endpoint (functions/token). Errors are JSON as the admin API's."""
+
+from typing import Any
+
+from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from fleetkey.api.admin.resolver import admin_resolver
+from fleetkey.api.validations import router
+from fleetkey.composition import components as services  # the tests reset it between stacks
+from fleetkey.observability import logger, metrics, tracer
+
+__all__ = ["app", "handler", "services"]
+
+app = admin_resolver((router,), strip_prefixes=())
+
+
+@logger.inject_lambda_context(
+    correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True
+)
+@metrics.log_metrics
+@tracer.capture_lambda_handler
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return app.resolve(event, context)
