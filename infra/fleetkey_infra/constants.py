@@ -17,6 +17,7 @@ from fleetkey.domain.pki import CA_KEY_SPECS
 from fleetkey.domain.profiles import FLEETKEY_THING_ATTRIBUTES
 from fleetkey.services.signing_keys import KEY_ORIGIN, KEY_SPEC, KEY_USAGE, TAG_KEY
 from fleetkey.store import schema
+from fleetkey_infra import edge
 
 # Repository layout, resolved from this file so that synthesis works from any working directory.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -82,6 +83,7 @@ DEVICE_EVENTS_CODE_DIR = FUNCTIONS_DIR / "device_events"
 DATA_KEYS_CODE_DIR = FUNCTIONS_DIR / "data_keys"
 ROTATION_CODE_DIR = FUNCTIONS_DIR / "rotation"
 ROTATION_EVENTS_CODE_DIR = FUNCTIONS_DIR / "rotation_events"
+VALIDATIONS_CODE_DIR = FUNCTIONS_DIR / "validations"
 REGISTRATION_MEMORY_MB = 512
 ADMIN_MEMORY_MB = 512
 # The API functions verify signatures with `cryptography` on their first call: Lambda gives CPU
@@ -101,6 +103,9 @@ DATA_KEYS_MEMORY_MB = 512
 # certificates verified) on every call.
 ROTATION_MEMORY_MB = 512
 ROTATION_EVENTS_MEMORY_MB = 512
+# Relying parties' validation requests: a command published to the device and DynamoDB reads and
+# writes, no cryptography; the API functions' size, for the same cold starts.
+VALIDATIONS_MEMORY_MB = 512
 REGISTRATION_TIMEOUT = Duration.seconds(30)
 # API Gateway's integration timeout is 29 s; a longer function would be cut off mid-write.
 ADMIN_TIMEOUT = Duration.seconds(29)
@@ -127,6 +132,9 @@ DATA_KEYS_TIMEOUT = Duration.seconds(10)
 ROTATION_TIMEOUT = Duration.seconds(29)
 # Under the sweep's one-minute period, so that one sweep never overlaps the next.
 ROTATION_EVENTS_TIMEOUT = Duration.seconds(55)
+# A result is long-polled for up to 20 s (`?wait=`): room for the wait and the reads around it,
+# within API Gateway's 29 s integration timeout.
+VALIDATIONS_TIMEOUT = Duration.seconds(29)
 # Presence events and sweeps that failed in the function: retried twice, then the failure queue
 # (a failed sweep needs no replay: the next one repeats its work).
 ROTATION_EVENTS_ASYNC_RETRY_ATTEMPTS = 2
@@ -160,6 +168,7 @@ DEVICE_EVENTS_SERVICE_NAME = "fleetkey-device_events"
 DATA_KEYS_SERVICE_NAME = "fleetkey-data_keys"
 ROTATION_SERVICE_NAME = "fleetkey-rotation"
 ROTATION_EVENTS_SERVICE_NAME = "fleetkey-rotation_events"
+VALIDATIONS_SERVICE_NAME = "fleetkey-validations"
 METRICS_NAMESPACE = "fleetkey"
 LOG_LEVEL = "INFO"
 
@@ -228,8 +237,9 @@ ROTATION_SWEEP_RATE = Duration.minutes(1)
 ROTATION_SWEEP_TARGET_RETRY_ATTEMPTS = 2
 ROTATION_SWEEP_TARGET_MAX_EVENT_AGE = Duration.minutes(1)
 
-# The API (one regional REST API, one stage). Its base URL is the token issuer.
-API_STAGE_NAME = "prod"
+# The API (one regional REST API, one stage). Its base URL is the token issuer. The stage's name is
+# the edge's (the resource policy and the operator roles name it).
+API_STAGE_NAME = edge.API_STAGE_NAME
 # Resources
 ADMIN_PATH = "/v1/admin/{proxy+}"
 TOKEN_PATH = "/v1/token"
@@ -249,6 +259,9 @@ EST_SIMPLEREENROLL_PATH = "/.well-known/est/simplereenroll"
 # prefers these literal resources to the admin function's `/v1/admin/{proxy+}`.
 ADMIN_PKI_PATH = "/v1/admin/pki"
 ADMIN_PKI_PROXY_PATH = "/v1/admin/pki/{proxy+}"
+# Relying parties' validation requests and their results (the validations function).
+VALIDATIONS_PATH = "/v1/validations"
+VALIDATION_PATH = "/v1/validations/{validation_id}"
 # The DER CRL is returned base64-encoded by the function (`isBase64Encoded`); API Gateway decodes
 # it only for a media type listed here, and only when the request's first Accept value matches it.
 BINARY_MEDIA_TYPES = ("application/pkix-crl",)
@@ -272,6 +285,10 @@ ISSUING_CA_KEY_USAGE = "SIGN_VERIFY"
 ISSUING_CA_KEY_ORIGIN = "AWS_KMS"
 # Commands to devices: the sweep asks a device to renew on its own command topic.
 ROTATE_COMMAND_TOPIC = "fleetkey/*/commands/rotate"
+# ... and the validations function asks a device to prove itself now.
+VALIDATE_COMMAND_TOPIC = "fleetkey/*/commands/validate"
+# The operator roles' longest session (IAM's default, written down: people assume them).
+OPERATOR_ROLE_MAX_SESSION = Duration.hours(1)
 
 # The table's sparse `due` index (fleetkey.store.schema, fleetkey.domain.rotation): devices with
 # something due, spread over "DUE#0".."DUE#7" by `due_shard`, ordered by `due_at` (epoch

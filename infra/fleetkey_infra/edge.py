@@ -1,9 +1,27 @@
 """The API's edge: who may call the IAM routes, and how fast one client may call the public ones.
 
-One definition, read by the CDK app (the REST API's resource policy in `constructs/api.py`, the
-WAF web ACL in `constructs/waf.py`) and by the local API gateway (`fleetkey_local.api_gateway`),
-so the local stack refuses what the deployed stack refuses. This module does not import aws_cdk:
-the local stack imports it.
+One definition, read by the CDK app (the REST API's resource policy and the operator roles in
+`constructs/api.py`, the WAF web ACL in `constructs/waf.py`) and by the local API gateway
+(`fleetkey_local.api_gateway`), so the local stack refuses what the deployed stack refuses. This
+module does not import aws_cdk: the local stack imports it.
+
+Who may call what:
+
+- operators: `/v1/admin/*` (every admin route, `/v1/admin/pki` included); relying parties:
+  `POST /v1/introspect` and the validations, `POST /v1/validations` and
+  `GET /v1/validations/{validation_id}`. The resource policy denies each group of routes to every
+  principal that is not of its audience.
+- The operator roles the stack creates (`OPERATOR_ROLES`, named `<name prefix>-<role>`, trusting
+  the account: principals of the account whose own policy lets them assume the role), each
+  admitted as an operator and held to its job by method and path, in its identity policy AND by
+  explicit Denies of the resource policy (a principal of the API's account is admitted if EITHER
+  its identity policy or the resource policy allows it, so a broader identity policy attached
+  later would otherwise widen it):
+  - `fleet-admin`: every method on every admin route;
+  - `release`: every method on `/v1/admin/firmware` and `/v1/admin/firmware/*`, nothing else on
+    the API (the resource policy denies it every request but those);
+  - `auditor`: `GET` on the admin routes (audit trails are GET routes); every other method on
+    them is denied.
 
 Configuration (CDK context: cdk.json's "context", or `cdk deploy -c key=value`):
 
@@ -16,9 +34,11 @@ Configuration (CDK context: cdk.json's "context", or `cdk deploy -c key=value`):
   Default: `role/fleetkey-operator`.
   An empty list fails synthesis: an admin API that admits nobody is a misconfiguration, and one
   that admits everybody is the defect this closes.
-- `relyingPartyPrincipals`: the same for `POST /v1/introspect`. Default:
-  `role/fleetkey-relying-party`. An empty list closes introspection to every principal (relying
-  parties can still verify tokens offline against the JWKS).
+  The operator roles the stack creates are admitted besides them.
+- `relyingPartyPrincipals`: the same for `POST /v1/introspect` and the validations
+  (`/v1/validations`, `/v1/validations/{validation_id}`). Default: `role/fleetkey-relying-party`.
+  An empty list closes introspection and validations to every principal (relying parties can
+  still verify tokens offline against the JWKS).
 - `tokenRateLimit`, `discoveryRateLimit`: requests one client (source IP) may send to
   `/v1/token` + `/v1/challenge` + the device routes under `/v1/devices/` (the data key, certificate
   rotation and its commit), and to the public documents `/v1/pki/*` (the issuing CA and its CRL) +
@@ -89,11 +109,22 @@ TOKEN_RATE_LIMITED_PATHS = ("/v1/token", "/v1/challenge", "/v1/devices/")
 # endpoint's.
 DISCOVERY_RATE_LIMITED_PATHS = ("/v1/pki/", "/.well-known/")
 
+# The API's one stage (`fleetkey_infra.constants.API_STAGE_NAME` is this).
+API_STAGE_NAME = "prod"
+
 # The IAM routes each audience guards, as API Gateway resource-policy paths.
 ADMIN_POLICY_PATHS = ("/v1/admin/*",)
 # The route itself, and anything under it (a trailing slash, a sub-path): API Gateway matches a
 # resource-policy path literally, so `/v1/introspect` alone would not cover `/v1/introspect/`.
 INTROSPECT_POLICY_PATHS = ("/v1/introspect", "/v1/introspect/*")
+# Validation requests and their results (`POST /v1/validations`, `GET /v1/validations/{id}`).
+VALIDATIONS_POLICY_PATHS = ("/v1/validations", "/v1/validations/*")
+RELYING_PARTY_POLICY_PATHS = INTROSPECT_POLICY_PATHS + VALIDATIONS_POLICY_PATHS
+# The firmware releases' admin routes (the admin function's `/v1/admin/firmware...`).
+FIRMWARE_POLICY_PATHS = ("/v1/admin/firmware", "/v1/admin/firmware/*")
+# Every method API Gateway authorizes: a request's ARN holds its own HTTP method, also on an ANY
+# method (`execute-api:/<stage>/<METHOD>/<path>`).
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 
 class EdgeConfigError(ValueError):
@@ -159,6 +190,89 @@ class Audience:
 
     def admits(self, principal_arn: str) -> bool:
         return any(arn_like(pattern, principal_arn) for pattern in self.principals)
+
+
+@dataclass(frozen=True)
+class OperatorRole:
+    """A role the stack creates for people and pipelines, `<name prefix>-<name>`: allowed
+    `methods` on `policy_paths` (resource-policy paths under `/v1/admin/`), and nothing else on
+    the API."""
+
+    name: str
+    job: str
+    methods: tuple[str, ...]
+    policy_paths: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not set(self.methods) <= set(HTTP_METHODS) or not self.methods:
+            raise EdgeConfigError(f"operator role {self.name}: methods must be of {HTTP_METHODS}")
+        if not all(
+            any(_glob(a).fullmatch(p) for a in ADMIN_POLICY_PATHS) for p in self.policy_paths
+        ):
+            raise EdgeConfigError(f"operator role {self.name}: paths must be admin routes")
+
+    def role_name(self, prefix: str) -> str:
+        return f"{prefix}-{self.name}"
+
+    def arn(self, partition: str, account: str, prefix: str) -> str:
+        return f"arn:{partition}:iam::{account}:role/{self.role_name(prefix)}"
+
+    def invocations(self) -> tuple[str, ...]:
+        """What its identity policy allows, as `<stage>/<METHOD><path>` (the part of an
+        execute-api ARN after the API's id). The stage and every method are spelled out: a `*`
+        in their place would also match a path that merely ends like one of `policy_paths`."""
+        return tuple(
+            f"{API_STAGE_NAME}/{method}{path}"
+            for path in self.policy_paths
+            for method in self.methods
+        )
+
+    def permits(self, method: str, path: str) -> bool:
+        """Whether its scope holds the request (`path` as API Gateway puts it in the ARN)."""
+        request = _request(API_STAGE_NAME, method, path)
+        return any(_glob(allowed).fullmatch(request) for allowed in self.invocations())
+
+    def deny(self, partition: str, account: str, prefix: str) -> RoleDeny | None:
+        """The resource policy's explicit Deny that holds the role to its scope whatever identity
+        policies it is given: everything but its invocations when its paths are narrower than
+        the admin routes (no resource-policy path says "an admin route but these"); else the other
+        methods on the admin routes; None for a role with every admin route."""
+        principals = (self.arn(partition, account, prefix),)
+        sid = "ScopeOf" + "".join(word.title() for word in self.name.split("-"))
+        if set(self.policy_paths) != set(ADMIN_POLICY_PATHS):
+            return RoleDeny(sid, principals, self.invocations(), outside=True)
+        others = [m for m in HTTP_METHODS if m not in self.methods]
+        if others:
+            requests = tuple(f"*/{m}{path}" for path in ADMIN_POLICY_PATHS for m in others)
+            return RoleDeny(sid, principals, requests)
+        return None
+
+
+@dataclass(frozen=True)
+class RoleDeny:
+    """An explicit Deny of the API's resource policy for `principals` (ArnLike on
+    `aws:PrincipalArn`): of the `requests` (`<stage>/<METHOD><path>` patterns, `*` wildcards), or
+    with `outside`, of every request but them (a `NotResource` statement)."""
+
+    sid: str
+    principals: tuple[str, ...]
+    requests: tuple[str, ...]
+    outside: bool = False
+
+    def resources(self) -> list[str]:
+        """`requests` as resource-policy resources (`execute-api:/<stage>/<METHOD><path>`)."""
+        return [f"execute-api:/{request}" for request in self.requests]
+
+    def refuses(self, principal_arn: str, method: str, path: str) -> bool:
+        if not any(arn_like(p, principal_arn) for p in self.principals):
+            return False
+        request = _request(API_STAGE_NAME, method, path)
+        hit = any(_glob(pattern).fullmatch(request) for pattern in self.requests)
+        return hit != self.outside
+
+
+def _request(stage: str, method: str, path: str) -> str:
+    return f"{stage}/{method.upper()}{path}"
 
 
 @dataclass(frozen=True)
@@ -247,17 +361,21 @@ class EdgeConfig:
                 "admitted. Name roles of the stack's account (role/<name>)."
             )
 
-    def audiences(self, partition: str, account: str) -> tuple[Audience, ...]:
-        """The IAM routes' audiences, with `role/<name>` entries made ARNs in `account`."""
+    def audiences(
+        self, partition: str, account: str, name_prefix: str | None = None
+    ) -> tuple[Audience, ...]:
+        """The IAM routes' audiences, with `role/<name>` entries made ARNs in `account`; with
+        `name_prefix` (the stack's), the operator roles it creates are operators too."""
+        roles = operator_role_arns(partition, account, name_prefix) if name_prefix else ()
         return (
             Audience(
                 "operators",
                 ADMIN_POLICY_PATHS,
-                resolve_principals(self.operator_principals, partition, account),
+                (*resolve_principals(self.operator_principals, partition, account), *roles),
             ),
             Audience(
                 "relying parties",
-                INTROSPECT_POLICY_PATHS,
+                RELYING_PARTY_POLICY_PATHS,
                 resolve_principals(self.relying_party_principals, partition, account),
             ),
         )
@@ -303,6 +421,42 @@ def _glob(pattern: str) -> re.Pattern[str]:
         "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern),
         re.DOTALL,
     )
+
+
+# ---- operator roles ---------------------------------------------------------------------------
+
+# The roles the stack creates, one per job (their names follow the stack's name prefix).
+OPERATOR_ROLES = (
+    OperatorRole(
+        "fleet-admin",
+        "every admin route: allow-list, devices, manufacturer CAs, signing keys, the issuing CA "
+        "(PKI), firmware releases, audit trails",
+        HTTP_METHODS,
+        ADMIN_POLICY_PATHS,
+    ),
+    OperatorRole(
+        "release",
+        "firmware releases only: publish, revoke, list and read them (no device, no CA)",
+        HTTP_METHODS,
+        FIRMWARE_POLICY_PATHS,
+    ),
+    OperatorRole(
+        "auditor",
+        "read-only: every admin GET route, audit trails included; no change of any kind",
+        ("GET",),
+        ADMIN_POLICY_PATHS,
+    ),
+)
+
+
+def operator_role_arns(partition: str, account: str, prefix: str) -> tuple[str, ...]:
+    return tuple(role.arn(partition, account, prefix) for role in OPERATOR_ROLES)
+
+
+def operator_role_denies(partition: str, account: str, prefix: str) -> tuple[RoleDeny, ...]:
+    """The resource policy's Denies holding each operator role to its scope."""
+    denies = (role.deny(partition, account, prefix) for role in OPERATOR_ROLES)
+    return tuple(deny for deny in denies if deny is not None)
 
 
 # ---- context values --------------------------------------------------------------------------

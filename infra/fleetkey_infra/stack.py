@@ -78,9 +78,20 @@ ADMIN_TABLE_ACTIONS = (
 TOKEN_READ_ACTIONS = ("dynamodb:GetItem",)
 TOKEN_PUT_PARTITIONS = ("JTI#*", "NONCE#*")
 # The jti's transaction checks the device is still ACTIVE with that certificate (nothing granted
-# once a suspension or decommission committed): a ConditionCheck of the device item, no write.
-TOKEN_CHECK_PARTITIONS = ("DEVICE#*",)
+# once a suspension or decommission committed), and for an attested token that the measured
+# firmware is a published release: ConditionChecks of the device and release items, no write.
+TOKEN_CHECK_PARTITIONS = ("DEVICE#*", "FIRMWARE#*")
 TOKEN_DELETE_PARTITIONS = ("NONCE#*",)
+# A device's answer to a validation decides it: validated (an Update in the jti's transaction) or
+# refused (an Update of its own). Nothing else of a validation is the token function's to write.
+TOKEN_UPDATE_PARTITIONS = ("VALIDATION#*",)
+# Validation requests (validations): read the device and the validation (GetItem); record a
+# request, pending or already refused (PutItem, conditional on a new id), in VALIDATION#
+# partitions only. It never updates one: the token function decides it (expiry is read off its
+# deadline). The command goes to the device's validate topic through iot-data.
+VALIDATIONS_READ_ACTIONS = ("dynamodb:GetItem",)
+VALIDATIONS_WRITE_ACTIONS = ("dynamodb:PutItem",)
+VALIDATIONS_WRITABLE_PARTITIONS = ("VALIDATION#*",)
 # Discovery (the signing-key registry) and introspection (registry, device, revocation) only read.
 READ_TABLE_ACTIONS = ("dynamodb:GetItem",)
 # What DynamoDB asks of the caller's principal on a table encrypted with a customer managed key.
@@ -198,9 +209,11 @@ ISSUING_CA_KEY_READ_ACTIONS = ("kms:GetPublicKey",)
 
 
 class FleetkeyStack(Stack):
-    """Attributes: `rotation_config`, `data`, `token_keys`, `data_keys`, `iot`, `layer`, `api`,
-    `lifecycle`, `functions`, `registration_rule`, `tamper_rule`, `presence_rule`, `schedules`,
-    `est_domain` (None without EST's configuration)."""
+    """Attributes: `rotation_config`, `data`, `token_keys`, `data_keys`, `iot`, `layer`, `api`
+    (with the operator roles: `api.operator_roles`), `lifecycle`, `functions`,
+    `registration_rule`, `tamper_rule`, `presence_rule`, `schedules`, `est_domain` (None without
+    EST's configuration). `name_prefix` names the AWS IoT resources and the operator roles
+    (`<name_prefix>-fleet-admin`, `-release`, `-auditor`)."""
 
     def __init__(
         self,
@@ -221,7 +234,7 @@ class FleetkeyStack(Stack):
         self.iot = IotResources(self, "Iot", name_prefix=name_prefix)
         self.layer = CoreLayer(self, "CoreLayer", directory=layer_dir or self._layer_dir())
         # The API first: its base URL is the functions' issuer; the routes follow the functions.
-        self.api = Api(self, "Api")
+        self.api = Api(self, "Api", name_prefix=name_prefix)
         # The queue before the functions: its URL is in their environment.
         self.lifecycle = LifecycleQueue(self, "Lifecycle")
         self.functions = Functions(
@@ -244,6 +257,7 @@ class FleetkeyStack(Stack):
             introspect=self.functions.introspect,
             data_keys=self.functions.data_keys,
             rotation=self.functions.rotation,
+            validations=self.functions.validations,
         )
         est = self.rotation_config.est
         self.est_domain = EstDomain(self, "Est", api=self.api.api, config=est) if est else None
@@ -273,6 +287,7 @@ class FleetkeyStack(Stack):
         self._grant_data_keys(self.functions.data_keys_role)
         self._grant_rotation(self.functions.rotation_role)
         self._grant_rotation_events(self.functions.rotation_events_role)
+        self._grant_validations(self.functions.validations_role)
         # What IAM does not grant, the signing keys' policy does (the document rotation writes).
         self.token_keys.set_policy(
             self.functions.token_role, self.functions.token_key_retirer_roles
@@ -558,8 +573,10 @@ class FleetkeyStack(Stack):
 
     def _grant_token(self, role: iam.IRole) -> None:
         """Devices' tokens: read devices, challenges and the registry; write only its own items
-        (put JTI#, NONCE#; delete NONCE#); confirm this stack's token keys. It signs with them
-        by their key policy, which lets no other principal sign."""
+        (put JTI#, NONCE#; delete NONCE#) and the validations a device answers (update
+        VALIDATION#); check devices and firmware releases in the jti's transaction; confirm this
+        stack's token keys. It signs with them by their key policy, which lets no other principal
+        sign."""
         self._grant_table_items(role, TOKEN_READ_ACTIONS, TABLE_KEY_ACTIONS, sid="TableReads")
         self._grant_table_items(
             role,
@@ -579,8 +596,15 @@ class FleetkeyStack(Stack):
             role,
             ("dynamodb:ConditionCheckItem",),
             (),
-            sid="CheckDevicesOnly",
+            sid="CheckDevicesAndReleasesOnly",
             leading_keys=TOKEN_CHECK_PARTITIONS,
+        )
+        self._grant_table_items(
+            role,
+            ("dynamodb:UpdateItem",),
+            (),
+            sid="DecideValidationsOnly",
+            leading_keys=TOKEN_UPDATE_PARTITIONS,
         )
         self._grant_token_keys(role, "ConfirmTokenKeys")
         self._acknowledge_tracing(role)
@@ -1050,6 +1074,49 @@ class FleetkeyStack(Stack):
             "for renewal, known at run time: only iot:Publish, and only on rotate topics.",
         )
 
+    def _grant_validations(self, role: iam.IRole) -> None:
+        """Relying parties' validations: read the device and the validation; write only
+        validations (VALIDATION#); publish the command on the device's validate topic (iot-data,
+        its endpoint looked up once per process). No token key: the token function issues the
+        validation's token."""
+        self._grant_table_items(role, VALIDATIONS_READ_ACTIONS, TABLE_KEY_ACTIONS, sid="TableReads")
+        self._grant_table_items(
+            role,
+            VALIDATIONS_WRITE_ACTIONS,
+            (),
+            sid="ValidationWritesOnly",
+            leading_keys=VALIDATIONS_WRITABLE_PARTITIONS,
+        )
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="ValidateCommands",
+                actions=["iot:Publish"],
+                resources=[self._iot_arn("topic", constants.VALIDATE_COMMAND_TOPIC)],
+            )
+        )
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="IotDataEndpoint", actions=["iot:DescribeEndpoint"], resources=["*"]
+            )
+        )
+        acknowledge(
+            role,
+            wildcard_resource("*"),
+            "iot:DescribeEndpoint (the account's iot-data endpoint, read once per process) and "
+            "X-Ray's PutTraceSegments/PutTelemetryRecords (active tracing) use '*': neither "
+            "supports resource-level permissions.",
+        )
+        acknowledge(
+            role,
+            wildcard_resource(
+                "arn:<AWS::Partition>:iot:<AWS::Region>:<AWS::AccountId>:topic/"
+                + constants.VALIDATE_COMMAND_TOPIC
+            ),
+            "The validate command goes to fleetkey/<device id>/commands/validate of the device a "
+            "relying party names, known at run time: only iot:Publish, and only on validate "
+            "topics.",
+        )
+
     def _protect_keys(self) -> None:
         """The table's key policy and the data-key key's deny every function role the key's
         management."""
@@ -1127,6 +1194,14 @@ class FleetkeyStack(Stack):
                 self,
                 "EstDomainHostedZoneId",
                 value=self.est_domain.domain.domain_name_alias_hosted_zone_id,
+            )
+        CfnOutput(self, "ValidationsFunctionName", value=self.functions.validations.function_name)
+        for name, role in self.api.operator_roles.roles.items():
+            CfnOutput(
+                self,
+                "".join(word.title() for word in name.split("-")) + "RoleArn",
+                value=role.role_arn,
+                description=f"Assume for the admin API as {name}",
             )
         CfnOutput(self, "DataKeyId", value=self.data_keys.key.key_id)
         CfnOutput(self, "DataKeyAlias", value=self.data_keys.alias.alias_name)

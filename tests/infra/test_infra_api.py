@@ -1,6 +1,7 @@
 """The API: public device routes, IAM everywhere else; logged, traced, throttled, validated,
-regional; a resource policy admitting only the configured operators and relying parties to the IAM
-routes, and a WAF web ACL limiting each client on the public routes."""
+regional; a resource policy admitting only the configured operators (and the operator roles, each
+held to its scope) and relying parties to the IAM routes, the operator roles, and a WAF web ACL
+limiting each client on the public routes."""
 
 import json
 
@@ -11,7 +12,7 @@ from aws_cdk.assertions import Match, Template
 
 from fleetkey_infra import constants, edge
 from fleetkey_infra.constructs import Api
-from fleetkey_infra.constructs.api import policy_path
+from fleetkey_infra.constructs.api import OperatorRoles, policy_path
 from infra_template import (
     ACCOUNT,
     PARTITION,
@@ -44,6 +45,9 @@ EXPECTED_METHODS = {
     ("POST", "/.well-known/est/simplereenroll"): (constants.ROTATION_SERVICE_NAME, "NONE"),
     ("ANY", "/v1/admin/pki"): (constants.ROTATION_SERVICE_NAME, "AWS_IAM"),
     ("ANY", "/v1/admin/pki/{proxy+}"): (constants.ROTATION_SERVICE_NAME, "AWS_IAM"),
+    # relying parties' validations (issue 10)
+    ("POST", "/v1/validations"): (constants.VALIDATIONS_SERVICE_NAME, "AWS_IAM"),
+    ("GET", "/v1/validations/{validation_id}"): (constants.VALIDATIONS_SERVICE_NAME, "AWS_IAM"),
 }
 PUBLIC = {route for route, (_, auth) in EXPECTED_METHODS.items() if auth == "NONE"}
 # Throttling of the public methods: (steady rate, burst).
@@ -120,6 +124,15 @@ def test_admin_proxy_declares_its_path_parameter(resources: dict[str, dict]) -> 
     # When reading its request parameters
     # Then the greedy path parameter is declared and required
     assert props["RequestParameters"] == {"method.request.path.proxy": True}
+
+
+def test_validation_route_declares_the_validation_id(resources: dict[str, dict]) -> None:
+    # Given the method that reads a validation's result
+    props = method_paths(resources)[("GET", "/v1/validations/{validation_id}")]["Properties"]
+
+    # When reading its request parameters
+    # Then the validation id is declared and required
+    assert props["RequestParameters"] == {"method.request.path.validation_id": True}
 
 
 def test_data_key_route_declares_the_device_id(resources: dict[str, dict]) -> None:
@@ -284,6 +297,10 @@ def test_issuer_output_is_the_functions_issuer(
 
 OPERATOR = f"arn:{PARTITION}:iam::{ACCOUNT}:role/fleetkey-operator"
 RELYING_PARTY = f"arn:{PARTITION}:iam::{ACCOUNT}:role/fleetkey-relying-party"
+# The operator roles the stack creates (`<name prefix>-<role>`).
+FLEET_ADMIN = f"arn:{PARTITION}:iam::{ACCOUNT}:role/fleetkey-fleet-admin"
+RELEASE = f"arn:{PARTITION}:iam::{ACCOUNT}:role/fleetkey-release"
+AUDITOR = f"arn:{PARTITION}:iam::{ACCOUNT}:role/fleetkey-auditor"
 
 
 def _policy_statements(resources: dict[str, dict]) -> dict[str, dict]:
@@ -320,12 +337,22 @@ def test_policy_path_makes_path_parameters_wildcards() -> None:
 @pytest.mark.parametrize(
     ("sid", "resource", "admitted"),
     [
-        ("OnlyConfiguredOperators", "execute-api:/*/*/v1/admin/*", [OPERATOR]),
+        (
+            "OnlyConfiguredOperators",
+            "execute-api:/*/*/v1/admin/*",
+            # the configured operators, and the operator roles the stack creates
+            [OPERATOR, FLEET_ADMIN, RELEASE, AUDITOR],
+        ),
         (
             "OnlyConfiguredRelyingParties",
-            # the route, and anything under it (a trailing slash or a sub-path is another
+            # each route, and anything under it (a trailing slash or a sub-path is another
             # resource-policy path)
-            ["execute-api:/*/*/v1/introspect", "execute-api:/*/*/v1/introspect/*"],
+            [
+                "execute-api:/*/*/v1/introspect",
+                "execute-api:/*/*/v1/introspect/*",
+                "execute-api:/*/*/v1/validations",
+                "execute-api:/*/*/v1/validations/*",
+            ],
             [RELYING_PARTY],
         ),
     ],
@@ -546,6 +573,9 @@ def test_operators_relying_parties_and_limits_come_from_context() -> None:
             "aws:PrincipalArn": [
                 "arn:aws:iam::111122223333:role/ops/*",
                 f"arn:{PARTITION}:iam::{ACCOUNT}:role/break-glass",
+                FLEET_ADMIN,
+                RELEASE,
+                AUDITOR,
             ]
         }
     }
@@ -622,3 +652,213 @@ def test_an_environment_agnostic_stack_asserts_the_named_account_at_deployment()
     # Then a template rule fails the deployment in any other account
     (assertion,) = rules["ApiPrincipalsOfThisAccountF4FCC660"]["Assertions"]
     assert assertion["Assert"] == {"Fn::Equals": [{"Ref": "AWS::AccountId"}, "111122223333"]}
+
+
+# ---- the operator roles: people and pipelines, each held to its job ------------------------------
+
+FIRMWARE_ROUTES = ["/v1/admin/firmware", "/v1/admin/firmware/*"]
+
+
+def _operator_roles(resources: dict[str, dict]) -> dict[str, dict]:
+    """The operator roles by name (`fleetkey-<role>`)."""
+    return {
+        r["Properties"]["RoleName"]: r["Properties"]
+        for lid, r in of_type(resources, "AWS::IAM::Role").items()
+        if lid.startswith("ApiOperatorRoles")
+    }
+
+
+def _invocations(resources: dict[str, dict], role: dict) -> list[str]:
+    """The role's allowed `execute-api:Invoke` resources on this API, as
+    `<stage>/<METHOD><path>`."""
+    api_id, _ = only(resources, "AWS::ApiGateway::RestApi")
+    [policy] = role["Policies"]
+    [statement] = render(policy["PolicyDocument"]["Statement"])
+    assert statement["Action"] == "execute-api:Invoke" and statement["Effect"] == "Allow"
+    granted = statement["Resource"]
+    granted = granted if isinstance(granted, list) else [granted]
+    prefix = f"arn:{PARTITION}:execute-api:{REGION}:{ACCOUNT}:<{api_id}>/"
+    assert all(resource.startswith(prefix) for resource in granted), granted
+    return sorted(resource.removeprefix(prefix) for resource in granted)
+
+
+def test_the_stack_creates_three_operator_roles_trusting_the_account(
+    resources: dict[str, dict],
+) -> None:
+    # Given the operator roles
+    roles = _operator_roles(resources)
+
+    # When reading their names, trust and sessions
+    # Then there are fleet-admin, release and auditor, named after the stack's name prefix, each
+    # assumable by principals of the account (whose own policy allows it) only, for an hour at
+    # most, with no managed policy and one inline policy
+    assert set(roles) == {"fleetkey-fleet-admin", "fleetkey-release", "fleetkey-auditor"}
+    for name, role in roles.items():
+        [trust] = role["AssumeRolePolicyDocument"]["Statement"]
+        assert render(trust) == {
+            "Action": "sts:AssumeRole",
+            "Effect": "Allow",
+            "Principal": {"AWS": f"arn:{PARTITION}:iam::{ACCOUNT}:root"},
+        }, name
+        assert role["MaxSessionDuration"] == 3600, name
+        assert "ManagedPolicyArns" not in role and len(role["Policies"]) == 1, name
+        assert role["Description"].startswith(f"fleetkey {name.removeprefix('fleetkey-')}: ")
+
+
+METHODS = ["DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT"]
+
+
+@pytest.mark.parametrize(
+    ("role", "invocations"),
+    [
+        # every method on every admin route (the PKI routes and firmware included)
+        ("fleetkey-fleet-admin", [f"prod/{m}/v1/admin/*" for m in METHODS]),
+        # the firmware routes only
+        ("fleetkey-release", [f"prod/{m}{p}" for m in METHODS for p in FIRMWARE_ROUTES]),
+        # reading only
+        ("fleetkey-auditor", ["prod/GET/v1/admin/*"]),
+    ],
+)
+def test_each_operator_role_may_invoke_exactly_its_routes(
+    resources: dict[str, dict], role: str, invocations: list[str]
+) -> None:
+    # Given one operator role's identity policy
+    # When reading what it allows
+    # Then it is execute-api:Invoke on this API's stage, method by method (a `*` in the method's
+    # place would match paths that merely end like an admin route), on its routes only
+    granted = _invocations(resources, _operator_roles(resources)[role])
+    assert granted == sorted(invocations)
+
+
+def test_the_release_role_is_denied_everything_but_the_firmware_routes(
+    resources: dict[str, dict],
+) -> None:
+    # Given the resource policy
+    statement = _policy_statements(resources)["ScopeOfRelease"]
+
+    # When reading the statement that holds the release role to its job
+    # Then it denies the release role every request of the API but the firmware routes' (a
+    # broader identity policy attached to the role would otherwise admit it: same-account
+    # principals need only their identity policy); stage and methods spelled out, so that no
+    # other path is carved out of the Deny
+    assert statement["Effect"] == "Deny"
+    assert statement["Principal"] == "*" and statement["Action"] == "execute-api:Invoke"
+    assert statement["Condition"] == {"ArnLike": {"aws:PrincipalArn": [RELEASE]}}
+    assert "Resource" not in statement
+    assert sorted(statement["NotResource"]) == sorted(
+        f"execute-api:/prod/{m}{p}" for m in METHODS for p in FIRMWARE_ROUTES
+    )
+
+
+def test_the_auditor_is_denied_every_admin_method_but_get(resources: dict[str, dict]) -> None:
+    # Given the resource policy
+    statement = _policy_statements(resources)["ScopeOfAuditor"]
+
+    # When reading the statement that holds the auditor to reading
+    # Then every other method on every admin route is denied to it, on any stage
+    assert statement["Effect"] == "Deny"
+    assert statement["Principal"] == "*" and statement["Action"] == "execute-api:Invoke"
+    assert statement["Condition"] == {"ArnLike": {"aws:PrincipalArn": [AUDITOR]}}
+    assert sorted(statement["Resource"]) == sorted(
+        f"execute-api:/*/{m}/v1/admin/*" for m in METHODS if m != "GET"
+    )
+
+
+def test_the_fleet_admin_needs_no_scope_of_its_own(resources: dict[str, dict]) -> None:
+    # Given the resource policy
+    statements = _policy_statements(resources)
+
+    # When looking for Denies naming the fleet admin
+    naming = [s for s in statements.values() if FLEET_ADMIN in json.dumps(s)]
+
+    # Then only the operators' statement names it (as admitted): it may call every admin route
+    assert [s["Sid"] for s in naming] == ["OnlyConfiguredOperators"]
+
+
+def test_the_stack_outputs_the_operator_roles(
+    resources: dict[str, dict], template: Template
+) -> None:
+    # Given the outputs and the operator roles
+    outputs = template.to_json()["Outputs"]
+    roles = {
+        props["RoleName"]: lid
+        for lid, r in of_type(resources, "AWS::IAM::Role").items()
+        if lid.startswith("ApiOperatorRoles")
+        for props in [r["Properties"]]
+    }
+
+    # When reading the role outputs
+    # Then each role's ARN is there, for the people and pipelines that assume it
+    assert {
+        name: outputs[name]["Value"]
+        for name in ("FleetAdminRoleArn", "ReleaseRoleArn", "AuditorRoleArn")
+    } == {
+        "FleetAdminRoleArn": {"Fn::GetAtt": [roles["fleetkey-fleet-admin"], "Arn"]},
+        "ReleaseRoleArn": {"Fn::GetAtt": [roles["fleetkey-release"], "Arn"]},
+        "AuditorRoleArn": {"Fn::GetAtt": [roles["fleetkey-auditor"], "Arn"]},
+    }
+
+
+# Requests as API Gateway authorizes them: (method, path) -> the roles whose scope holds it.
+SCOPED_REQUESTS = {
+    ("GET", "/v1/admin/devices/pump-1"): {"fleet-admin", "auditor"},
+    ("POST", "/v1/admin/devices/pump-1/suspend"): {"fleet-admin"},
+    ("GET", "/v1/admin/devices/pump-1/audit"): {"fleet-admin", "auditor"},
+    ("POST", "/v1/admin/allowlist/import"): {"fleet-admin"},
+    ("GET", "/v1/admin/pki"): {"fleet-admin", "auditor"},
+    ("POST", "/v1/admin/pki/init"): {"fleet-admin"},
+    ("POST", "/v1/admin/signing-keys/rotate"): {"fleet-admin"},
+    ("GET", "/v1/admin/firmware"): {"fleet-admin", "release", "auditor"},
+    ("POST", "/v1/admin/firmware"): {"fleet-admin", "release"},
+    ("GET", "/v1/admin/firmware/infusion-pump/ab12"): {"fleet-admin", "release", "auditor"},
+    ("POST", "/v1/admin/firmware/infusion-pump/ab12/revoke"): {"fleet-admin", "release"},
+    ("DELETE", "/v1/admin/firmware/infusion-pump/ab12"): {"fleet-admin", "release"},
+    ("HEAD", "/v1/admin/devices"): {"fleet-admin"},
+    # a path that only looks like the firmware routes is not one of them
+    ("GET", "/v1/admin/firmwares"): {"fleet-admin", "auditor"},
+    ("POST", "/v1/admin/devices/x/v1/admin/firmware"): {"fleet-admin"},
+    # nothing outside the admin API
+    ("POST", "/v1/introspect"): set(),
+    ("POST", "/v1/validations"): set(),
+    ("GET", "/v1/validations/v-1"): set(),
+}
+
+
+@pytest.mark.parametrize(("method", "path"), sorted(SCOPED_REQUESTS))
+def test_a_roles_scope_and_its_resource_policy_deny_agree(method: str, path: str) -> None:
+    # Given each operator role, its identity policy's scope and its Deny in the resource policy
+    for role in edge.OPERATOR_ROLES:
+        arn = role.arn("aws", "111122223333", "fleetkey")
+        deny = role.deny("aws", "111122223333", "fleetkey")
+
+        # When deciding one request
+        permitted = role.permits(method, path)
+        denied = deny is not None and deny.refuses(arn, method, path)
+
+        # Then the scope holds exactly the expected requests, and on the admin routes the
+        # resource policy denies it exactly what its scope does not hold
+        assert permitted == (role.name in SCOPED_REQUESTS[(method, path)]), role.name
+        if path.startswith("/v1/admin/"):
+            assert denied == (not permitted), role.name
+
+
+def test_operator_roles_follow_the_name_prefix() -> None:
+    # Given a stack whose name prefix is not the default
+    app = App()
+    stack = Stack(app, "PrefixTest")
+    api = Api(stack, "Api", name_prefix="acme-fk")
+    api.api.root.add_method("GET", apigateway.MockIntegration())
+    resources = Template.from_stack(stack).to_json()["Resources"]
+
+    # When reading the roles and the resource policy
+    names = {r["Properties"].get("RoleName") for r in of_type(resources, "AWS::IAM::Role").values()}
+    statements = _policy_statements(resources)
+
+    # Then roles, admitted operators and scoped principals follow it
+    assert {"acme-fk-fleet-admin", "acme-fk-release", "acme-fk-auditor"} <= names
+    operators = statements["OnlyConfiguredOperators"]["Condition"]["ArnNotLike"]
+    assert f"arn:{PARTITION}:iam::{ACCOUNT}:role/acme-fk-release" in operators["aws:PrincipalArn"]
+    assert statements["ScopeOfAuditor"]["Condition"] == {
+        "ArnLike": {"aws:PrincipalArn": [f"arn:{PARTITION}:iam::{ACCOUNT}:role/acme-fk-auditor"]}
+    }
+    assert isinstance(api.operator_roles, OperatorRoles)

@@ -71,7 +71,7 @@ def test_data_key_key_policy_delegates_to_iam_and_denies_functions_its_managemen
     assert deny["Principal"] == {"AWS": "*"} and deny["Resource"] == "*"
     assert set(deny["Action"]) == set(constants.TABLE_KEY_DENIED_ACTIONS)
     denied = {arn["Fn::GetAtt"][0] for arn in deny["Condition"]["ArnEquals"]["aws:PrincipalArn"]}
-    assert denied == roles and len(roles) == 11
+    assert denied == roles and len(roles) == 12
 
 
 def backend_policy(

@@ -17,6 +17,7 @@ SERVICES = [
     constants.DATA_KEYS_SERVICE_NAME,
     constants.ROTATION_SERVICE_NAME,
     constants.ROTATION_EVENTS_SERVICE_NAME,
+    constants.VALIDATIONS_SERVICE_NAME,
 ]
 
 
@@ -26,7 +27,8 @@ def test_there_are_exactly_the_fleetkey_functions(resources: dict[str, dict]) ->
     functions = of_type(resources, "AWS::Lambda::Function")
 
     # Then there are registration, admin, token, discovery, introspect, maintenance, converge,
-    # device_events, data_keys, rotation and rotation_events and nothing else (no CDK helpers)
+    # device_events, data_keys, rotation, rotation_events and validations and nothing else (no
+    # CDK helpers)
     assert len(functions) == len(SERVICES)
     for service in SERVICES:
         function_by_service(resources, service)
@@ -67,6 +69,8 @@ def test_function_runs_python312_on_arm64_with_the_core_layer(
         (constants.ROTATION_SERVICE_NAME, 512, 29),
         # under the sweep's one-minute period
         (constants.ROTATION_EVENTS_SERVICE_NAME, 512, 55),
+        # long polls of up to 20 s, within API Gateway's 29 s
+        (constants.VALIDATIONS_SERVICE_NAME, 512, 29),
     ],
 )
 def test_function_memory_and_timeout(
@@ -121,6 +125,8 @@ EXTRA_SETTINGS = {
     constants.DATA_KEYS_SERVICE_NAME: {ISSUER, DATA_KEY},
     constants.ROTATION_SERVICE_NAME: ROTATION_SETTINGS,
     constants.ROTATION_EVENTS_SERVICE_NAME: ROTATION_SETTINGS,
+    # stores and returns the token the token function issues: no signing key is read
+    constants.VALIDATIONS_SERVICE_NAME: {ISSUER},
 }
 
 

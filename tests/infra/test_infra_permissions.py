@@ -30,6 +30,7 @@ DEVICE_EVENTS = constants.DEVICE_EVENTS_SERVICE_NAME
 DATA_KEYS = constants.DATA_KEYS_SERVICE_NAME
 ROTATION = constants.ROTATION_SERVICE_NAME
 ROTATION_EVENTS = constants.ROTATION_EVENTS_SERVICE_NAME
+VALIDATIONS = constants.VALIDATIONS_SERVICE_NAME
 
 TABLE_ACTIONS = {
     "dynamodb:GetItem",
@@ -41,12 +42,15 @@ TABLE_ACTIONS = {
 # get_device / signing-key registry / challenges (GetItem), put_nonce (PutItem NONCE#),
 # use_assertion (a transaction of a Put JTI# and a Delete NONCE#). Never the registry: readers
 # take the stack's first key from settings while it is empty.
-# the jti write checks the device (ConditionCheck DEVICE#) in the same transaction
+# the jti write checks the device (ConditionCheck DEVICE#) and, attested, the firmware release
+# (ConditionCheck FIRMWARE#) in the same transaction; a validation's answer decides it (Update
+# VALIDATION#).
 TOKEN_TABLE_ACTIONS = {
     "dynamodb:GetItem",
     "dynamodb:PutItem",
     "dynamodb:DeleteItem",
     "dynamodb:ConditionCheckItem",
+    "dynamodb:UpdateItem",
 }
 READ_TABLE_ACTIONS = {"dynamodb:GetItem"}
 # retire_expired: read the registry (GetItem), then put_signing_keys, a transaction of two Puts
@@ -162,6 +166,10 @@ RETIRE_CERTIFICATE_ACTIONS = {
     "iot:DetachThingPrincipal",
     "iot:DeleteCertificate",
 }
+# validations: reads (the device, the validation), new validations only (Put VALIDATION#: the
+# token function decides them); the command to the device (iot-data Publish, the endpoint looked
+# up).
+VALIDATIONS_TABLE_ACTIONS = {"dynamodb:GetItem", "dynamodb:PutItem"}
 TABLE_GRANTS = {
     REGISTRATION: (TABLE_ACTIONS, KEY_ACTIONS),
     ADMIN: (ADMIN_TABLE_ACTIONS, KEY_ACTIONS),
@@ -174,16 +182,23 @@ TABLE_GRANTS = {
     DATA_KEYS: ({"dynamodb:GetItem"}, KEY_ACTIONS),
     ROTATION: ({"dynamodb:GetItem"}, KEY_ACTIONS),
     ROTATION_EVENTS: ({"dynamodb:GetItem"}, KEY_ACTIONS),
+    VALIDATIONS: ({"dynamodb:GetItem"}, KEY_ACTIONS),
 }
 # Table actions granted under a dynamodb:LeadingKeys condition, in statements of their own.
 # (rotation_events' Query is also granted on the `due` index: test_infra_rotation.py.)
 CONDITIONED_TABLE_ACTIONS = {
-    TOKEN: {"dynamodb:PutItem", "dynamodb:DeleteItem", "dynamodb:ConditionCheckItem"},
+    TOKEN: {
+        "dynamodb:PutItem",
+        "dynamodb:DeleteItem",
+        "dynamodb:ConditionCheckItem",
+        "dynamodb:UpdateItem",
+    },
     CONVERGE: {"dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query", "dynamodb:DeleteItem"},
     DEVICE_EVENTS: {"dynamodb:PutItem", "dynamodb:UpdateItem"},
     DATA_KEYS: DATA_KEYS_TABLE_ACTIONS - {"dynamodb:GetItem"},
     ROTATION: ROTATION_TABLE_ACTIONS - {"dynamodb:GetItem"},
     ROTATION_EVENTS: ROTATION_EVENTS_TABLE_ACTIONS - {"dynamodb:GetItem", "dynamodb:Query"},
+    VALIDATIONS: VALIDATIONS_TABLE_ACTIONS - {"dynamodb:GetItem"},
 }
 
 EXPECTED_ACTIONS = {
@@ -275,6 +290,11 @@ EXPECTED_ACTIONS = {
     | RETIRE_CERTIFICATE_ACTIONS
     | {"iot:Publish", "iot:DescribeEndpoint"}  # renewal commands
     | FAILURE_DESTINATION_ACTIONS,  # its failure queue, and the lifecycle queue (SendMessage)
+    VALIDATIONS: VALIDATIONS_TABLE_ACTIONS
+    | KEY_ACTIONS
+    | LOG_ACTIONS
+    | TRACING_ACTIONS
+    | {"iot:Publish", "iot:DescribeEndpoint"},  # the validate command
 }
 # Actions no function may ever hold, whatever else changes.
 FORBIDDEN = {
@@ -306,8 +326,9 @@ ONLY = {
     "iot:DeleteCertificate": {CONVERGE, REGISTRATION, ADMIN, ROTATION, ROTATION_EVENTS},
     "iot:DeleteThing": {CONVERGE},
     "iot:DetachPolicy": {CONVERGE, REGISTRATION, ADMIN, ROTATION, ROTATION_EVENTS},
-    # the reset command (converge), the renewal command (rotation_events)
-    "iot:Publish": {CONVERGE, ROTATION_EVENTS},
+    # the reset command (converge), the renewal command (rotation_events), the validate command
+    # (validations)
+    "iot:Publish": {CONVERGE, ROTATION_EVENTS, VALIDATIONS},
     # certificates fleetkey issues
     "iot:RegisterCertificate": {ROTATION},
     # suspend and teardown close the device's MQTT connection
@@ -339,6 +360,7 @@ STAR_ACTIONS = {
         "kms:CreateKey",
     },
     ROTATION_EVENTS: TRACING_ACTIONS | {"iot:DescribeEndpoint"},
+    VALIDATIONS: TRACING_ACTIONS | {"iot:DescribeEndpoint"},
 }
 STACK_TAG_VALUE = f"token-signing:{constants.STACK_ID}"
 TOKEN_SIGNING_TAG = {"aws:ResourceTag/fleetkey:purpose": STACK_TAG_VALUE}
@@ -464,9 +486,17 @@ def test_token_writes_only_its_own_items(resources: dict[str, dict]) -> None:
         "ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["JTI#*", "NONCE#*"]}
     }
     assert delete["Condition"] == {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["NONCE#*"]}}
-    # and it only checks devices (in the jti's transaction), never writes them
+    # and it only checks devices and firmware releases (in the jti's transaction), never writes
+    # them
     [check] = statements_for(statements, "dynamodb:ConditionCheckItem")
-    assert check["Condition"] == {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["DEVICE#*"]}}
+    assert check["Condition"] == {
+        "ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["DEVICE#*", "FIRMWARE#*"]}
+    }
+    # and of the validations, it only decides those a device answers (their Update)
+    [update] = statements_for(statements, "dynamodb:UpdateItem")
+    assert update["Condition"] == {
+        "ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["VALIDATION#*"]}
+    }
 
 
 def test_maintenance_writes_only_the_signing_key_registry(resources: dict[str, dict]) -> None:
@@ -776,3 +806,35 @@ def test_only_admin_device_events_and_rotation_send_to_the_lifecycle_queue(
     # converge alone consumes it
     assert senders == {ADMIN, DEVICE_EVENTS, ROTATION, ROTATION_EVENTS}
     assert receivers == {CONVERGE}
+
+
+# ---- validations ---------------------------------------------------------------------------------
+
+
+def test_validations_writes_only_validations(resources: dict[str, dict]) -> None:
+    # Given the validations role (relying parties' requests)
+    statements = statements_of(resources, VALIDATIONS)
+
+    # When reading the statements that allow writes
+    [put] = statements_for(statements, "dynamodb:PutItem")
+
+    # Then it records validations only: a relying party's request never writes a device, a
+    # certificate or a token record, and never decides a validation (the token function does)
+    assert not statements_for(statements, "dynamodb:UpdateItem")
+    assert put["Condition"] == {
+        "ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["VALIDATION#*"]}
+    }
+
+
+def test_validations_publishes_only_validate_commands(resources: dict[str, dict]) -> None:
+    # Given the validations role
+    statements = statements_of(resources, VALIDATIONS)
+
+    # When reading what it may publish
+    # Then only the validate command, on a device's own command topic; and nothing of AWS IoT's
+    # control plane but the iot-data endpoint's lookup
+    assert resources_for(statements, "iot:Publish") == [
+        f"{IOT_ARN_PREFIX}:topic/fleetkey/*/commands/validate"
+    ]
+    assert resources_for(statements, "iot:DescribeEndpoint") == ["*"]
+    assert not {a for a in allowed_actions(statements) if a.startswith("kms:")} - KEY_ACTIONS

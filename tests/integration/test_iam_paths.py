@@ -11,16 +11,21 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 
+from fleetkey.composition import components
 from fleetkey.domain.profiles import PROFILES
+from fleetkey.store import schema
 from fleetkey_local.apigw import proxy_event
 from fleetkey_local.device import client_assertion, token_request
+from fleetkey_local.provision import DEMO_FIRMWARE
 from fleetkey_local.stack import TABLE, EmbeddedStack
 from tests.conftest import load_event
 from tests.support.handlers import LambdaContext, load_handler
 from tests.support.pki_cache import ca as cached_ca
 
 OPERATOR = "arn:aws:sts::123456789012:assumed-role/fleet-operator/alice"
+RELYING_PARTY = "arn:aws:sts::123456789012:assumed-role/dose-app/session-1"
 ISSUER = "https://abcdef1234.execute-api.eu-west-1.amazonaws.com/prod"
 
 
@@ -30,11 +35,17 @@ def handlers(
 ) -> Iterator[dict[str, ModuleType]]:
     monkeypatch.setenv("FLEETKEY_TABLE", TABLE)
     monkeypatch.setenv("FLEETKEY_ISSUER", ISSUER)
-    loaded = {name: load_handler(name) for name in ("registration", "admin", "token")}
+    # As the tests of the other functions that publish: moto's DescribeEndpoint names a host it
+    # does not serve (aws_calls.ENDPOINT_REASON).
+    monkeypatch.setenv("FLEETKEY_IOT_DATA_ENDPOINT", "https://data-ats.iot.eu-west-1.amazonaws.com")
+    loaded = {
+        name: load_handler(name) for name in ("registration", "admin", "token", "validations")
+    }
     yield loaded
     loaded["registration"].service.cache_clear()
     loaded["admin"].services.cache_clear()
     loaded["token"].service.cache_clear()
+    components.cache_clear()  # the validations function's (and admin's)
 
 
 def admin_call(admin: ModuleType, method: str, path: str) -> tuple[int, Any]:
@@ -43,9 +54,15 @@ def admin_call(admin: ModuleType, method: str, path: str) -> tuple[int, Any]:
 
 
 def registered_event(stack: EmbeddedStack, device_id: str) -> tuple[Any, dict[str, Any]]:
+    return registered_event_of(stack, device_id, "telemetry-sensor")
+
+
+def registered_event_of(
+    stack: EmbeddedStack, device_id: str, profile: str
+) -> tuple[Any, dict[str, Any]]:
     acme = cached_ca("acme")
     stack.register_ca(acme)
-    key, _, event = stack.manufacture(acme, device_id, actor="op")
+    key, _, event = stack.manufacture(acme, device_id, profile=profile, actor="op")
     return key, event
 
 
@@ -132,3 +149,125 @@ def test_a_challenge_based_token_consumes_its_nonce(
     # Then it gets a token once (the transaction wrote JTI# and deleted NONCE#), never twice
     assert first["statusCode"] == 200, first["body"]
     assert again["statusCode"] == 400
+
+
+def validations_call(
+    validations: ModuleType, method: str, path: str, body: dict[str, Any] | None = None
+) -> tuple[int, Any]:
+    """The validations function behind its IAM routes, called by the relying party."""
+    parameters = None
+    resource = "/v1/validations"
+    if path != resource:
+        resource = "/v1/validations/{validation_id}"
+        parameters = {"validation_id": path.rsplit("/", 1)[1]}
+    event = proxy_event(
+        method,
+        path,
+        body=json.dumps(body) if body is not None else None,
+        headers={"content-type": "application/json"} if body is not None else None,
+        caller_arn=RELYING_PARTY,
+        resource=resource,
+        path_parameters=parameters,
+    )
+    response = validations.handler(event, LambdaContext())
+    return response["statusCode"], json.loads(response["body"])
+
+
+def stored_validation(stack: EmbeddedStack, validation_id: str) -> dict[str, Any]:
+    """The validation's record as stored (its nonce is the device's to know: it came with the
+    command)."""
+    key = {
+        k: TypeSerializer().serialize(v) for k, v in schema.validation_key(validation_id).items()
+    }
+    item = stack.dynamodb.get_item(TableName=TABLE, Key=key, ConsistentRead=True)["Item"]
+    return {k: TypeDeserializer().deserialize(v) for k, v in item.items()}
+
+
+def test_a_validation_is_asked_answered_and_read_through_the_functions(
+    stack: EmbeddedStack, handlers: dict[str, ModuleType]
+) -> None:
+    # Given an ACTIVE infusion pump (its profile attests firmware) running the released firmware
+    key, event = registered_event_of(stack, "val-pump-1", "infusion-pump")
+    assert stack.register(event).accepted
+    profile, version, sha256 = DEMO_FIRMWARE
+    audience = sorted(PROFILES[profile].token_rules.audiences)[0]
+
+    # When a relying party asks for a validation (validations: the device read, the validation
+    # put, the command published)
+    status, created = validations_call(
+        handlers["validations"],
+        "POST",
+        "/v1/validations",
+        {"device_id": "val-pump-1", "purpose": "dose-change", "audience": audience},
+    )
+    assert status == 201, created
+    validation_id = created["validation_id"]
+    nonce = stored_validation(stack, validation_id)["nonce"]
+
+    # and the pump answers at the token endpoint with the command's nonce and its measurement
+    # (token: the validation decided in the jti's transaction, the release checked there too)
+    assertion = client_assertion(
+        key,
+        event["certificateId"],
+        "val-pump-1",
+        ISSUER,
+        nonce=nonce,
+        firmware_version=version,
+        firmware_sha256=sha256,
+        extra_claims={"validation": {"id": validation_id, "purpose": "dose-change"}},
+    )
+    request = json.loads(json.dumps(load_event("token-request")))
+    request["body"] = urlencode(token_request(assertion, audience=audience))
+    answered = handlers["token"].handler(request, LambdaContext())
+    assert answered["statusCode"] == 200, answered["body"]
+
+    # Then the relying party reads the validation validated, with the device's token
+    status, result = validations_call(
+        handlers["validations"], "GET", f"/v1/validations/{validation_id}"
+    )
+    assert status == 200, result
+    assert result["status"] == "validated"
+    assert result["token"] == json.loads(answered["body"])["access_token"]
+
+
+def test_a_validation_answered_without_attestation_is_refused_through_the_token_function(
+    stack: EmbeddedStack, handlers: dict[str, ModuleType]
+) -> None:
+    # Given a validation that requires attestation, of an ACTIVE telemetry sensor
+    key, event = registered_event_of(stack, "val-sensor-1", "telemetry-sensor")
+    assert stack.register(event).accepted
+    audience = sorted(PROFILES["telemetry-sensor"].token_rules.audiences)[0]
+    status, created = validations_call(
+        handlers["validations"],
+        "POST",
+        "/v1/validations",
+        {
+            "device_id": "val-sensor-1",
+            "purpose": "reboot",
+            "audience": audience,
+            "require_attestation": True,
+        },
+    )
+    assert status == 201, created
+    validation_id = created["validation_id"]
+    nonce = stored_validation(stack, validation_id)["nonce"]
+
+    # When the device answers without a firmware measurement
+    assertion = client_assertion(
+        key,
+        event["certificateId"],
+        "val-sensor-1",
+        ISSUER,
+        nonce=nonce,
+        extra_claims={"validation": {"id": validation_id, "purpose": "reboot"}},
+    )
+    request = json.loads(json.dumps(load_event("token-request")))
+    request["body"] = urlencode(token_request(assertion, audience=audience))
+    answered = handlers["token"].handler(request, LambdaContext())
+
+    # Then no token, and the token function refused the validation (its own Update)
+    assert answered["statusCode"] == 400, answered["body"]
+    status, result = validations_call(
+        handlers["validations"], "GET", f"/v1/validations/{validation_id}"
+    )
+    assert (status, result["status"], result["reason"]) == (200, "refused", "attestation_missing")

@@ -1,7 +1,7 @@
 """The local stack is the deployed stack: what `fleetkey_local` provisions and serves matches the
 CloudFormation template the CDK app synthesizes (table, IoT policies and thing types, the IoT
-rules, the API's routes and binary media types, the rotation sweep's schedule, the functions'
-settings)."""
+rules, the API's routes, binary media types and resource policy (audiences, operator roles and
+their scopes), the rotation sweep's schedule, the functions' settings)."""
 
 from __future__ import annotations
 
@@ -210,6 +210,52 @@ def test_binary_media_types_match(resources):
     (api,) = of_type(resources, "AWS::ApiGateway::RestApi").values()
     # Then the local gateway decodes (and encodes) bodies for the same media types
     assert api["Properties"].get("BinaryMediaTypes", []) == list(BINARY_MEDIA_TYPES)
+
+
+def test_resource_policy_matches(resources):
+    from fleetkey_local.api_gateway import (
+        LOCAL_AUDIENCES,
+        LOCAL_ROLE_DENIES,
+        OPERATOR_ROLE_NAMES,
+        local_operator_role,
+    )
+
+    (api,) = of_type(resources, "AWS::ApiGateway::RestApi").values()
+    statements = {s["Sid"]: resolve(s) for s in api["Properties"]["Policy"]["Statement"]}
+    # Given the operator roles the template creates, by ARN in the local stack's account
+    roles = {
+        f"arn:aws:iam::{ACCOUNT}:role/{r['Properties']['RoleName']}"
+        for r in of_type(resources, "AWS::IAM::Role").values()
+        if "RoleName" in r["Properties"]
+    }
+    # Then the local gateway knows a session of each, as the role (aws:PrincipalArn)
+    assert {local_operator_role(name).principal_arn for name in OPERATOR_ROLE_NAMES} == roles
+    # and guards the same paths per audience (the local principals differ: the template's are
+    # cdk.json's, the local ones are the local stack's), the operator roles among the operators
+    guarded = {
+        tuple(sorted(s["Resource"] if isinstance(s["Resource"], list) else [s["Resource"]]))
+        for sid, s in statements.items()
+        if sid.startswith("OnlyConfigured")
+    }
+    assert guarded == {
+        tuple(sorted(f"execute-api:/*/*{path}" for path in a.policy_paths)) for a in LOCAL_AUDIENCES
+    }
+    [operators] = [a for a in LOCAL_AUDIENCES if a.name == "operators"]
+    assert roles <= set(operators.principals)
+    # and holds each role to the template's scope: same principal, same (Not)Resource
+    template_scopes = {
+        sid: (
+            tuple(s["Condition"]["ArnLike"]["aws:PrincipalArn"]),
+            "NotResource" in s,
+            sorted(s.get("NotResource") or s["Resource"]),
+        )
+        for sid, s in statements.items()
+        if sid.startswith("ScopeOf")
+    }
+    assert template_scopes == {
+        deny.sid: (deny.principals, deny.outside, sorted(deny.resources()))
+        for deny in LOCAL_ROLE_DENIES
+    }
 
 
 def _rate_seconds(expression: str) -> int:

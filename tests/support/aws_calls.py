@@ -151,6 +151,11 @@ UNCALLED_GRANTS: Mapping[str, Mapping[str, str]] = {
         "sqs:GetQueueAttributes": "the on-failure destination (CDK's SqsDestination grant)",
         "sqs:GetQueueUrl": "the on-failure destination (CDK's SqsDestination grant)",
     },
+    "validations": {
+        "kms:Encrypt": "DynamoDB encrypts the items written, as the caller",
+        "kms:GenerateDataKey": "DynamoDB encrypts the items written, as the caller",
+        "iot:DescribeEndpoint": ENDPOINT_REASON,
+    },
 }
 
 

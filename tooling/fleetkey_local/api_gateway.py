@@ -10,9 +10,14 @@ proxy result back into an HTTP response. API Gateway's own answers keep their sh
 function fails.
 
 The deployed API's edge (`fleetkey_infra.edge`) is enforced too: the REST API's resource policy
-admits to `/v1/admin/*` only the operators and to `/v1/introspect` only the relying parties (any
-other signed caller gets API Gateway's 403 `AccessDeniedException` "... with an explicit deny"),
-and the WAF web ACL's per-client limits, when the gateway is given them (`make serve` is), answer
+admits to `/v1/admin/*` only the operators and to `/v1/introspect` and `/v1/validations` only the
+relying parties, and holds each operator role to its scope (the release role to the firmware
+routes, the auditor to GET); any other signed caller gets API Gateway's 403
+`AccessDeniedException` "... with an explicit deny". The local principals: the local operator
+(the local stack's credentials, every admin route: the CLI's default), the local relying party,
+and one assumed-role session per operator role (`local_operator_role`: access key and secret
+`fleetkey-local-fleet-admin`, `-release`, `-auditor`). The WAF web ACL's per-client limits, when
+the gateway is given them (`make serve` is), answer
 a client (by its peer address; `X-Forwarded-For` is ignored, as WAF's IP aggregation ignores it)
 over its limit `429` with `Retry-After` and `{"message": "Too Many Requests"}`, before routing. A
 token bucket per client and limit stands in for WAF's sliding window: `limit` requests at once,
@@ -50,6 +55,7 @@ import hmac
 import json
 import logging
 import math
+import posixpath
 import re
 import socket
 import ssl
@@ -71,13 +77,17 @@ from botocore.compat import HTTPHeaders
 from botocore.credentials import Credentials
 
 from fleetkey_infra.edge import (
+    OPERATOR_ROLES,
     RATE_LIMITED_MESSAGE,
     RATE_LIMITED_STATUS,
     Audience,
     EdgeConfig,
     RateLimit,
+    RoleDeny,
+    operator_role_denies,
 )
 from fleetkey_local.apigw import ACCOUNT, STAGE, client_cert_context, proxy_event
+from fleetkey_local.provision import NAME_PREFIX
 from fleetkey_local.server import FAKE_CREDENTIALS
 from fleetkey_local.stack import REGION
 
@@ -178,6 +188,9 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/.well-known/est/simplereenroll", "rotation", NONE),
     # Relying parties and operators: IAM (SigV4).
     Route("POST", "/v1/introspect", "introspect", AWS_IAM),
+    # A relying party asks a device to prove itself now, then reads the result (long-polled).
+    Route("POST", "/v1/validations", "validations", AWS_IAM),
+    Route("GET", "/v1/validations/{validation_id}", "validations", AWS_IAM),
     Route("ANY", "/v1/admin/{proxy+}", "admin", AWS_IAM),
     # The issuing CA's administration: /v1/admin/pki itself (a greedy resource needs one more
     # segment) and below it, more specific than /v1/admin/{proxy+}, so they win.
@@ -188,12 +201,20 @@ ROUTES: tuple[Route, ...] = (
 
 @dataclass(frozen=True)
 class LocalPrincipal:
-    """An IAM principal the local gateway knows, by its credentials."""
+    """An IAM principal the local gateway knows, by its credentials. `arn` is the caller as API
+    Gateway reports it (`requestContext.identity.userArn`: a user, or an assumed-role session);
+    `role_arn` is a session's role, its `aws:PrincipalArn`, which the resource policy matches."""
 
     arn: str
     access_key: str
     secret_key: str
     session_token: str | None = None
+    role_arn: str | None = None
+
+    @property
+    def principal_arn(self) -> str:
+        """`aws:PrincipalArn`: a role session's role, else the principal itself."""
+        return self.role_arn or self.arn
 
 
 LOCAL_OPERATOR_ARN = f"arn:aws:iam::{ACCOUNT}:user/fleetkey-local-operator"
@@ -222,14 +243,47 @@ def local_relying_party() -> LocalPrincipal:
     )
 
 
+# The operator roles' sessions: the roles are named as the stack names them (the local stack's
+# name prefix), the session as the local stack.
+LOCAL_ROLE_SESSION = "fleetkey-local"
+OPERATOR_ROLE_NAMES = tuple(role.name for role in OPERATOR_ROLES)
+
+
+def local_operator_role(name: str) -> LocalPrincipal:
+    """A session of the operator role `name` (`fleet-admin`, `release`, `auditor`), signing with
+    access key and secret `fleetkey-local-<name>` (no session token: SigV4 does not need one)."""
+    [role] = [r for r in OPERATOR_ROLES if r.name == name]
+    role_name = role.role_name(NAME_PREFIX)
+    key = f"fleetkey-local-{name}"
+    return LocalPrincipal(
+        arn=f"arn:aws:sts::{ACCOUNT}:assumed-role/{role_name}/{LOCAL_ROLE_SESSION}",
+        access_key=key,
+        secret_key=key,
+        role_arn=role.arn("aws", ACCOUNT, NAME_PREFIX),
+    )
+
+
+def local_principals() -> list[LocalPrincipal]:
+    """Every identity the local gateway knows: the local operator, the local relying party, and
+    a session of each operator role."""
+    return [
+        local_operator(),
+        local_relying_party(),
+        *(local_operator_role(name) for name in OPERATOR_ROLE_NAMES),
+    ]
+
+
 # The local stack's edge configuration: the deployed one's rules, naming the local principals.
-# The local operator may also introspect (README's curl example signs with one credential).
+# The local operator may also introspect and validate (README's curl example signs with one
+# credential, and the CLI's `validate` signs as the local operator by default).
 LOCAL_EDGE = EdgeConfig(
     operator_principals=(LOCAL_OPERATOR_ARN,),
     relying_party_principals=(LOCAL_OPERATOR_ARN, LOCAL_RELYING_PARTY_ARN),
 )
 LOCAL_EDGE.check_account(ACCOUNT)  # as synthesis refuses principals of another account
-LOCAL_AUDIENCES = LOCAL_EDGE.audiences("aws", ACCOUNT)
+# The operator roles are operators, each held to its scope, as the stack's resource policy says.
+LOCAL_AUDIENCES = LOCAL_EDGE.audiences("aws", ACCOUNT, NAME_PREFIX)
+LOCAL_ROLE_DENIES = operator_role_denies("aws", ACCOUNT, NAME_PREFIX)
 
 
 class GatewayError(Exception):
@@ -542,11 +596,14 @@ class LocalApiGateway:
     `binary_media_types` are the REST API's binaryMediaTypes (default `BINARY_MEDIA_TYPES`).
     `functions` maps a route's function name to its handler; by default each is loaded from
     functions/<name>/handler.py when the gateway starts. `principals` are the IAM identities
-    SigV4 requests may be signed as (default: the local operator, with the local credentials,
-    and the local relying party). `audiences` are the resource policy's admitted principals per
-    IAM route group (default `LOCAL_AUDIENCES`: the local operator on the admin routes, both on
-    introspection). `rate_limits` are the per-client limits (default none: the demo sends a whole
-    fleet from one address; `make serve` passes the configured ones).
+    SigV4 requests may be signed as (default `local_principals()`: the local operator, with the
+    local credentials, the local relying party and the operator roles' sessions). `audiences` are
+    the resource policy's admitted principals per IAM route group (default `LOCAL_AUDIENCES`: the
+    local operator and the operator roles on the admin routes, the local operator and relying
+    party on introspection and validations); `role_denies` its Denies holding the operator roles
+    to their scopes (default `LOCAL_ROLE_DENIES`). `rate_limits` are the per-client limits
+    (default none: the demo sends a whole fleet from one address; `make serve` passes the
+    configured ones).
     The handlers read their settings from the process environment (`fleetkey_local.server.
     local_aws()` sets it).
     """
@@ -560,6 +617,7 @@ class LocalApiGateway:
         region: str = REGION,
         principals: Iterable[LocalPrincipal] | None = None,
         audiences: Iterable[Audience] = LOCAL_AUDIENCES,
+        role_denies: Iterable[RoleDeny] = LOCAL_ROLE_DENIES,
         rate_limits: Iterable[RateLimit] = (),
         binary_media_types: Iterable[str] = BINARY_MEDIA_TYPES,
         functions: Mapping[str, Handler] | None = None,
@@ -569,10 +627,10 @@ class LocalApiGateway:
         self.binary_media_types = tuple(t.lower() for t in binary_media_types)
         self.region = region
         self._verifier = SigV4Verifier(
-            principals if principals is not None else [local_operator(), local_relying_party()],
-            region,
+            principals if principals is not None else local_principals(), region
         )
         self.audiences = tuple(audiences)
+        self.role_denies = tuple(role_denies)
         self.rate_limiter = RateLimiter(rate_limits)
         self._handlers: dict[str, Handler] = dict(functions or {})
         # One warm instance per function: Lambda runs one invocation at a time per instance, and
@@ -698,12 +756,19 @@ class LocalApiGateway:
             return _gateway_response(error, request_id)
 
     def _authorize(self, principal: LocalPrincipal, method: str, route: Route, path: str) -> None:
-        """The resource policy: an explicit Deny for a caller outside the route's audience. The
-        route's resource is checked as well as the path, so an encoded path (`/v1/%61dmin/...`)
-        that reaches a guarded route is guarded too."""
+        """The resource policy: an explicit Deny for a caller outside the route's audience, or
+        for an operator role outside its scope. The route's resource is checked as well as the
+        path, so an encoded path (`/v1/%61dmin/...`) that reaches a guarded route is guarded too;
+        a scope holds a request only if it holds every reading of its path (as sent, decoded,
+        and with dot segments resolved)."""
+        caller = principal.principal_arn
         for audience in self.audiences:
             guarded = audience.guards(route.resource) or audience.guards(unquote(path))
-            if guarded and not audience.admits(principal.arn):
+            if guarded and not audience.admits(caller):
+                raise _explicit_deny(principal, method, path, self.region)
+        readings = _path_readings(path)
+        for deny in self.role_denies:
+            if any(deny.refuses(caller, method, reading) for reading in readings):
                 raise _explicit_deny(principal, method, path, self.region)
 
     def _event_body(self, body: bytes, content_type: str | None) -> str | bytes | None:
@@ -748,6 +813,15 @@ class LocalApiGateway:
             )
             traceback.print_exc(file=sys.stderr)
             raise GatewayError(502, "Internal server error") from None
+
+
+def _path_readings(path: str) -> set[str]:
+    """A request path as sent, decoded, and decoded with `.` and `..` segments resolved."""
+    decoded = unquote(path)
+    resolved = posixpath.normpath(decoded)
+    if decoded.endswith("/") and resolved != "/":
+        resolved += "/"
+    return {path, decoded, resolved}
 
 
 def _media_type_matches(value: str | None, patterns: Sequence[str]) -> bool:

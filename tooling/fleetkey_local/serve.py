@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetkey.errors import FleetkeyError
-from fleetkey_infra.edge import EdgeConfig, RateLimit
+from fleetkey_infra.edge import HTTP_METHODS, OPERATOR_ROLES, EdgeConfig, RateLimit
 from fleetkey_local.api_gateway import (
     DEFAULT_MUTUAL_TLS_PORT,
     LOCAL_OPERATOR_ARN,
@@ -50,6 +50,7 @@ from fleetkey_local.api_gateway import (
     LocalApiGateway,
     MutualTlsDomain,
     local_operator,
+    local_operator_role,
 )
 from fleetkey_local.functions import LambdaContext, load_function
 from fleetkey_local.iot_core import (
@@ -70,6 +71,20 @@ EST_SERVER_FILES = ("est-server.pem", "est-server.key")
 # The deployed schedule's rate (fleetkey_infra.constants.ROTATION_SWEEP_RATE: one minute).
 ROTATION_SWEEP_SECONDS = 60
 ROTATION_SWEEP_RULE = "fleetkey-local-rotation-sweep"
+
+
+def describe_operator_roles() -> str:
+    """One line per operator role's local session: its role, its credentials (access key =
+    secret) and its scope (`fleetkey_infra.edge.OPERATOR_ROLES`)."""
+    lines = []
+    for role in OPERATOR_ROLES:
+        session = local_operator_role(role.name)
+        methods = "any method" if set(role.methods) == set(HTTP_METHODS) else "/".join(role.methods)
+        lines.append(
+            f"  {role.name:<14} {session.principal_arn} (access key {session.access_key}; "
+            f"{methods} on {' '.join(role.policy_paths)})\n"
+        )
+    return "".join(lines)
 
 
 def write_demo_ca(stack: EmbeddedStack, state_dir: Path) -> CertificateAuthority:
@@ -328,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             f"  rate limits    {describe_rate_limits(limits)}\n"
             f"  operator       {LOCAL_OPERATOR_ARN} (access key {local_operator().access_key})\n"
             f"  relying party  {LOCAL_RELYING_PARTY_ARN} (access key {LOCAL_RELYING_PARTY_KEY}; "
-            f"introspection only)\n"
+            f"introspection and validations only)\n"
+            f"{describe_operator_roles()}"
             f"  EST (mTLS)     {est.url}/.well-known/est/  (client certificate of a registered "
             f"CA or the issuing CA; required for simplereenroll)\n"
             f"  issuing CA     {api.url}/v1/pki/ca (CRL: {api.url}/v1/pki/crl)\n"

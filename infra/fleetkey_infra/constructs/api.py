@@ -9,9 +9,10 @@
   rotation. Devices authenticate to the token, data-key and rotation endpoints with a JWT client
   assertion (RFC 7523), which the function verifies; to EST's simplereenroll with their TLS client
   certificate (mutual TLS on EST's custom domain only: `constructs/rotation.py`).
-- IAM (SigV4) authenticated: `POST /v1/introspect` -> introspect (relying parties),
-  `ANY /v1/admin/{proxy+}` -> admin, `ANY /v1/admin/pki` and `ANY /v1/admin/pki/{proxy+}` ->
-  rotation (operators).
+- IAM (SigV4) authenticated: `POST /v1/introspect` -> introspect, `POST /v1/validations` and
+  `GET /v1/validations/{validation_id}` -> validations (relying parties);
+  `ANY /v1/admin/{proxy+}` -> admin (the firmware releases' `/v1/admin/firmware...` among its
+  routes), `ANY /v1/admin/pki` and `ANY /v1/admin/pki/{proxy+}` -> rotation (operators).
 - `application/pkix-crl` is a binary media type: the CRL (DER) goes out as bytes when the
   request's first Accept value is `application/pkix-crl`; with another Accept value (`*/*`, none)
   API Gateway passes the function's base64 text through unchanged (API Gateway developer guide,
@@ -20,10 +21,15 @@
 
 Who may call what (`fleetkey_infra.edge`, configured in CDK context):
 - a resource policy admits everyone to the public routes, and denies `/v1/admin/*` to every
-  principal that is not a configured operator and `/v1/introspect` (and anything under it) to
-  every principal that is not a configured relying party; configured principals must be of the
-  stack's account (synthesis refuses others, or a CloudFormation rule when the account is not
-  known at synthesis);
+  principal that is not a configured operator or one of the operator roles, and `/v1/introspect`
+  and `/v1/validations` (and anything under them) to every principal that is not a configured
+  relying party; configured principals must be of the stack's account (synthesis refuses others,
+  or a CloudFormation rule when the account is not known at synthesis);
+- three operator roles (`OperatorRoles`: `<name prefix>-fleet-admin`, `-release`, `-auditor`),
+  each allowed by its identity policy exactly its job's methods and paths of this API, and held
+  to them by explicit Denies of the resource policy too (release: every request but the firmware
+  routes; auditor: every admin method but GET), so that a broader identity policy attached later
+  cannot widen them;
 - a WAF web ACL on the stage (`ApiRateLimits`) limits each client (source IP) on the public
   routes and answers 429 with Retry-After.
 
@@ -37,8 +43,9 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import cast
 
-from aws_cdk import Aws, CfnRule, CfnRuleAssertion, Fn, Stack, Token
+from aws_cdk import ArnFormat, Aws, CfnElement, CfnRule, CfnRuleAssertion, Fn, Stack, Token
 from aws_cdk import aws_apigateway as apigateway
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
@@ -47,8 +54,17 @@ from constructs import Construct
 
 from fleetkey_infra import constants
 from fleetkey_infra.constructs.waf import ApiRateLimits
-from fleetkey_infra.edge import Audience, EdgeConfig, EdgeConfigError, RateLimit
-from fleetkey_infra.nag import acknowledge
+from fleetkey_infra.edge import (
+    OPERATOR_ROLES,
+    Audience,
+    EdgeConfig,
+    EdgeConfigError,
+    OperatorRole,
+    RateLimit,
+    RoleDeny,
+    operator_role_denies,
+)
+from fleetkey_infra.nag import acknowledge, wildcard_resource
 
 # Access log record: who called (for IAM routes, the principal is the operator's or relying
 # party's identity), from where, what, and how it ended. One JSON object per line, so CloudWatch
@@ -162,9 +178,9 @@ _PUBLIC_REASONS = {
     constants.EST_SIMPLEREENROLL_PATH: _EST_REENROLL_REASON,
 }
 _IAM_REASON = (
-    "Operators (/v1/admin, /v1/admin/pki) and relying parties (/v1/introspect) are AWS "
-    "principals: the method uses IAM (SigV4) authorization, which the design requires instead "
-    "of a Cognito user pool."
+    "Operators (/v1/admin, /v1/admin/pki) and relying parties (/v1/introspect, "
+    "/v1/validations) are AWS principals: the method uses IAM (SigV4) authorization, which the "
+    "design requires instead of a Cognito user pool."
 )
 
 
@@ -173,15 +189,25 @@ class Api(Construct):
     (apigateway.RestApi), `access_logs` (logs.LogGroup), `validator`
     (apigateway.RequestValidator), `rate_limits` (ApiRateLimits: the stage's WAF web ACL),
     `issuer` (str: the stage's base URL, no trailing slash), `url` (str: the same with a trailing
-    slash), and after `add_routes`, `methods` (dict of (HTTP method, resource path) ->
+    slash), `operator_roles` (OperatorRoles: the roles for people and pipelines, named after
+    `name_prefix`), and after `add_routes`, `methods` (dict of (HTTP method, resource path) ->
     apigateway.Method)."""
 
-    def __init__(self, scope: Construct, construct_id: str) -> None:
+    def __init__(
+        self, scope: Construct, construct_id: str, *, name_prefix: str = constants.NAME_PREFIX
+    ) -> None:
         super().__init__(scope, construct_id)
         self.edge = EdgeConfig.from_context(self.node.try_get_context)
         self._check_principals_account()
         self.access_logs = self._build_access_logs()
-        self.api = self._build_api(self.access_logs, self._build_resource_policy(self.edge))
+        self.api = self._build_api(
+            self.access_logs, self._build_resource_policy(self.edge, name_prefix)
+        )
+        # After the API: their identity policies name its methods. The resource policy names the
+        # roles by ARN (made from their names), so neither depends on the other.
+        self.operator_roles = OperatorRoles(
+            self, "OperatorRoles", api=self.api, name_prefix=name_prefix
+        )
         self.validator = self._build_validator()
         self.rate_limits = ApiRateLimits(
             self, "RateLimits", stage=self.api.deployment_stage, rate_limits=self._rate_limits()
@@ -206,6 +232,7 @@ class Api(Construct):
         introspect: lambda_.IFunction,
         data_keys: lambda_.IFunction,
         rotation: lambda_.IFunction,
+        validations: lambda_.IFunction,
     ) -> None:
         self._iam_route(
             "ANY",
@@ -223,6 +250,13 @@ class Api(Construct):
             request_parameters={"method.request.path.proxy": True},
         )
         self._iam_route("POST", constants.INTROSPECT_PATH, introspect)
+        self._iam_route("POST", constants.VALIDATIONS_PATH, validations)
+        self._iam_route(
+            "GET",
+            constants.VALIDATION_PATH,
+            validations,
+            request_parameters=_path_parameters(constants.VALIDATION_PATH),
+        )
         self._public_route("POST", constants.TOKEN_PATH, token)
         self._public_route("POST", constants.CHALLENGE_PATH, token)
         self._public_route("POST", constants.DATA_KEY_PATH, data_keys)
@@ -340,7 +374,7 @@ class Api(Construct):
         return limits
 
     @staticmethod
-    def _build_resource_policy(edge: EdgeConfig) -> iam.PolicyDocument:
+    def _build_resource_policy(edge: EdgeConfig, name_prefix: str) -> iam.PolicyDocument:
         """The REST API's resource policy.
 
         With a resource policy, API Gateway admits a caller of a method without authorization
@@ -355,6 +389,10 @@ class Api(Construct):
         supports the key for IAM authorization) is not one of its configured principals.
         Operators still need `execute-api:Invoke` in their own identity policy; no principal of
         another account is admitted (nothing here allows one).
+
+        The operator roles are operators; each narrower than every admin route is held to its
+        scope by a Deny of its own (`edge.OperatorRole.deny`), for the same reason: its identity
+        policy alone would not hold it if a broader one were attached.
         """
         public = iam.PolicyStatement(
             sid="PublicDeviceRoutes",
@@ -366,9 +404,30 @@ class Api(Construct):
                 for http_method, path in PUBLIC_ROUTE_THROTTLES
             ],
         )
-        audiences = edge.audiences(Aws.PARTITION, Aws.ACCOUNT_ID)
+        audiences = edge.audiences(Aws.PARTITION, Aws.ACCOUNT_ID, name_prefix)
+        scopes = operator_role_denies(Aws.PARTITION, Aws.ACCOUNT_ID, name_prefix)
         return iam.PolicyDocument(
-            statements=[public, *(Api._deny_outside(audience) for audience in audiences)]
+            statements=[
+                public,
+                *(Api._deny_outside(audience) for audience in audiences),
+                *(Api._deny_beyond_scope(deny) for deny in scopes),
+            ]
+        )
+
+    @staticmethod
+    def _deny_beyond_scope(deny: RoleDeny) -> iam.PolicyStatement:
+        """An operator role's requests outside its scope (`NotResource` when the Deny is of
+        everything but its scope)."""
+        where = (
+            {"not_resources": deny.resources()} if deny.outside else {"resources": deny.resources()}
+        )
+        return iam.PolicyStatement(
+            sid=deny.sid,
+            effect=iam.Effect.DENY,
+            principals=[iam.StarPrincipal()],
+            actions=["execute-api:Invoke"],
+            conditions={"ArnLike": {"aws:PrincipalArn": list(deny.principals)}},
+            **where,
         )
 
     @staticmethod
@@ -469,3 +528,79 @@ def policy_path(path: str) -> str:
 def _path_parameters(path: str) -> dict[str, bool]:
     """The path's parameters, declared required (the request validator checks them)."""
     return {f"method.request.path.{name}": True for name in _PATH_PARAMETER.findall(path)}
+
+
+class OperatorRoles(Construct):
+    """The roles for people and pipelines on the admin API, one per job (`edge.OPERATOR_ROLES`):
+
+    - `<name prefix>-fleet-admin`: every method on every admin route (`/v1/admin/*`, the PKI
+      routes and the firmware releases included);
+    - `<name prefix>-release`: every method on `/v1/admin/firmware` and `/v1/admin/firmware/*`
+      only: publish, revoke, list and read firmware releases;
+    - `<name prefix>-auditor`: `GET` on the admin routes only (audit trails are GET routes).
+
+    Each trusts the account (`iam.AccountRootPrincipal`: any principal of the account whose own
+    policy allows `sts:AssumeRole` on it: grant that to the people and pipelines of each job) for
+    sessions of at most an hour. Its identity policy allows `execute-api:Invoke` on exactly its
+    methods and paths of this API's stage (each method spelled out); the API's resource policy
+    admits it as an operator and denies it anything beyond its scope (`Api._build_resource_policy`).
+
+    Attributes: `roles` (dict of role name without the prefix -> iam.Role).
+    """
+
+    def __init__(
+        self, scope: Construct, construct_id: str, *, api: apigateway.RestApi, name_prefix: str
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.roles: dict[str, iam.Role] = {
+            role.name: self._build_role(role, api, name_prefix) for role in OPERATOR_ROLES
+        }
+
+    def _build_role(
+        self, role: OperatorRole, api: apigateway.RestApi, name_prefix: str
+    ) -> iam.Role:
+        # arn:<partition>:execute-api:<region>:<account>:<api id>/<stage>/<METHOD><path>
+        resources = [
+            Stack.of(self).format_arn(
+                service="execute-api",
+                resource=api.rest_api_id,
+                resource_name=invocation,
+                arn_format=ArnFormat.SLASH_RESOURCE_NAME,
+            )
+            for invocation in role.invocations()
+        ]
+        built = iam.Role(
+            self,
+            "".join(word.title() for word in role.name.split("-")),
+            role_name=role.role_name(name_prefix),
+            assumed_by=iam.AccountRootPrincipal(),
+            max_session_duration=constants.OPERATOR_ROLE_MAX_SESSION,
+            description=f"fleetkey {role.name}: {role.job}",
+            inline_policies={
+                "AdminApi": iam.PolicyDocument(
+                    statements=[
+                        iam.PolicyStatement(
+                            sid="InvokeItsRoutes",
+                            actions=["execute-api:Invoke"],
+                            resources=resources,
+                        )
+                    ]
+                )
+            },
+        )
+        # cdk-nag names the API by its logical id (`<ApiF70053CD>`) in each finding.
+        api_id = Stack.of(self).get_logical_id(cast(CfnElement, api.node.default_child))
+        for invocation in role.invocations():
+            if "*" in invocation:
+                acknowledge(
+                    built,
+                    wildcard_resource(
+                        "arn:<AWS::Partition>:execute-api:<AWS::Region>:<AWS::AccountId>:"
+                        f"<{api_id}>/{invocation}"
+                    ),
+                    f"The {role.name} role may call any admin route under its path: the admin "
+                    "API's routes take ids (devices, CAs, releases) chosen at run time; its "
+                    "stage, method and path prefix are spelled out, and the API's resource "
+                    "policy denies it anything beyond its scope.",
+                )
+        return built

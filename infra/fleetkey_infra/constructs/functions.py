@@ -5,7 +5,8 @@ EventBridge schedule), converge (the lifecycle queue's consumer: teardown in AWS
 device_events (a device's tamper report, invoked by an IoT rule), and certificate rotation:
 rotation (behind the API: devices' rotation requests and commits, the CA and CRL, EST, the
 operators' PKI routes) and rotation_events (a device's connection, by an IoT rule, and the
-one-minute sweep, by an EventBridge schedule).
+one-minute sweep, by an EventBridge schedule); and validations (behind the API: relying parties'
+validation requests, a command to the device, and their results, long-polled).
 
 Each function has its own role holding only what the function itself needs to run (writing to its
 own log group; X-Ray comes with active tracing). What a function may do to the table, the key and
@@ -31,7 +32,7 @@ from fleetkey_infra.nag import acknowledge
 
 class Functions(Construct):
     """Attributes: `registration`, `admin`, `token`, `discovery`, `introspect`, `maintenance`,
-    `converge`, `device_events`, `data_keys`, `rotation` and `rotation_events`
+    `converge`, `device_events`, `data_keys`, `rotation`, `rotation_events` and `validations`
     (lambda.Function), each with its own role (`<name>_role`: iam.Role), and
     `registration_failures`, `device_event_failures` and `rotation_event_failures` (sqs.Queue),
     the on-failure destinations of the registration, device_events and rotation_events functions'
@@ -53,6 +54,9 @@ class Functions(Construct):
     (FLEETKEY_RENEWAL_RATE_PER_MINUTE) and the roles the issuing CA key's policy lets sign
     (FLEETKEY_ISSUING_CA_SIGNER_ROLE_ARNS: their own two roles, comma-separated): the same
     settings in both, so that neither acts on a default the other does not share.
+
+    validations gets the issuer (the tokens a validation yields are the issuer's) and no signing
+    key: the token function issues the token, the validations function stores and returns it.
     """
 
     def __init__(
@@ -241,6 +245,19 @@ class Functions(Construct):
             retry_attempts=constants.ROTATION_EVENTS_ASYNC_RETRY_ATTEMPTS,
             on_failure=destinations.SqsDestination(self.rotation_event_failures),
         )
+        # Relying parties (IAM routes): a validation request sends the device a command; its
+        # result is long-polled (up to 20 s).
+        self.validations_role = self._build_role("ValidationsRole", "validations")
+        self.validations = self._build_function(
+            "Validations",
+            role=self.validations_role,
+            code_dir=constants.VALIDATIONS_CODE_DIR,
+            service_name=constants.VALIDATIONS_SERVICE_NAME,
+            memory_mb=constants.VALIDATIONS_MEMORY_MB,
+            timeout=constants.VALIDATIONS_TIMEOUT,
+            description="fleetkey validations: a relying party asks a device to prove itself now",
+            environment=issuer_env,
+        )
         self._share_signing_key_trust(token_key_id)
         self._share_issuing_ca_signers()
 
@@ -283,6 +300,7 @@ class Functions(Construct):
             self.data_keys_role,
             self.rotation_role,
             self.rotation_events_role,
+            self.validations_role,
         )
 
     @property

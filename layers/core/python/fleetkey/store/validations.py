@@ -21,7 +21,8 @@ from fleetkey.ports import ValidationUnanswerable, Write
 from fleetkey.store import schema
 from fleetkey.store.table import Action, Table, ser
 
-# The validation record's attribute names (several are DynamoDB reserved words).
+# The validation record's attribute names, every one through a placeholder (`status`, `token`
+# and others are DynamoDB reserved words).
 _NAMES = {
     "#status": "status",
     "#device": "device_id",
@@ -29,6 +30,10 @@ _NAMES = {
     "#purpose": "purpose",
     "#audience": "audience",
     "#answer_by": "answer_by",
+    "#attest": "require_attestation",
+    "#token": "token",
+    "#reason": "reason",
+    "#decided": "decided_at",
 }
 
 
@@ -111,9 +116,12 @@ class DynamoValidations:
             ":validated": ValidationStatus.VALIDATED.value,
             ":token": token,
         }
+        names = {k: _NAMES[k] for k in ("#status", "#device", "#nonce", "#purpose", "#audience")}
+        names.update({k: _NAMES[k] for k in ("#answer_by", "#token", "#decided")})
         if not attested:
-            condition += " AND require_attestation = :false"
+            condition += " AND #attest = :false"
             values[":false"] = False
+            names["#attest"] = _NAMES["#attest"]
         return Action(
             "validation",
             {
@@ -121,9 +129,9 @@ class DynamoValidations:
                     "TableName": self._table.name,
                     "Key": ser(schema.validation_key(answer.validation_id)),
                     "UpdateExpression": "SET #status = :validated, #token = :token,"
-                    " decided_at = :now",
+                    " #decided = :now",
                     "ConditionExpression": condition,
-                    "ExpressionAttributeNames": {**_NAMES, "#token": "token"},
+                    "ExpressionAttributeNames": names,
                     "ExpressionAttributeValues": ser(values),
                     "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
                 }
@@ -146,11 +154,12 @@ class DynamoValidations:
             self._table.client.update_item(
                 TableName=self._table.name,
                 Key=ser(schema.validation_key(answer.validation_id)),
-                UpdateExpression="SET #status = :refused, reason = :reason, decided_at = :now",
+                UpdateExpression="SET #status = :refused, #reason = :reason, #decided = :now",
                 ConditionExpression="#status = :pending AND #device = :device"
                 " AND #nonce = :nonce AND #answer_by > :now",
                 ExpressionAttributeNames={
-                    k: _NAMES[k] for k in ("#status", "#device", "#nonce", "#answer_by")
+                    k: _NAMES[k]
+                    for k in ("#status", "#device", "#nonce", "#answer_by", "#reason", "#decided")
                 },
                 ExpressionAttributeValues=ser(
                     {
