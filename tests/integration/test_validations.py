@@ -285,11 +285,22 @@ def test_a_pump_without_its_measurement_is_refused_attestation_missing(stack, pu
     assert result.reason.value == "attestation_missing"
 
 
-def test_an_answer_signed_by_another_key_is_refused_assertion_invalid(stack, acme, pump):  # noqa: F811
+def test_an_answer_signed_by_another_key_ends_nothing(stack, acme, pump):  # noqa: F811
     other = enroll(stack, acme, "pump-forger", profile="infusion-pump")
     validation, command = ask(stack, pump)
+    # When an answer that knows the nonce is signed by another key (a forger, a tampered copy)
     with pytest.raises(InvalidClient):
         answer(stack, pump, command, key=other.key)
+    # Then the validation is still pending: the pump's own answer validates it
+    assert stack.validations.result(RP, validation.validation_id).status.value == "pending"
+    answer(stack, pump, command)
+    assert stack.validations.result(RP, validation.validation_id).status.value == "validated"
+
+
+def test_the_devices_own_assertion_breaking_a_rule_is_refused_assertion_invalid(stack, pump):
+    validation, command = ask(stack, pump)
+    with pytest.raises(InvalidClient):
+        answer(stack, pump, command, extra_claims={"firmware_version": "2.4.1 beta"})
     result = stack.validations.result(RP, validation.validation_id)
     assert (result.status.value, result.reason.value) == ("refused", "assertion_invalid")
 

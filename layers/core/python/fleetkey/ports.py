@@ -347,7 +347,15 @@ class ValidationRecords(Protocol):
     def get(self, validation_id: str, now: int) -> Validation | None: ...
 
     def answer(
-        self, device_id: str, answer: ValidationAnswer, *, attested: bool, token: str, now: int
+        self,
+        device_id: str,
+        answer: ValidationAnswer,
+        *,
+        epoch: int,
+        tokens_not_before: int | None,
+        attested: bool,
+        token: str,
+        now: int,
     ) -> Write:
         """The write deciding the validation `validated` with `token`, for the grant's
         transaction (refusal: ValidationUnanswerable with the record as it was)."""

@@ -26,10 +26,13 @@ class InvalidClient(OAuthError):
     code = "invalid_client"
     status = 401
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, proven: bool = False) -> None:
         # `reason` is for logs and metrics only; the caller always reads the same sentence.
         super().__init__("client authentication failed")
         self.reason = reason
+        # The assertion's signature verified under the device's own key: the device itself sent
+        # what was refused (never said to the caller).
+        self.proven = proven
 
 
 class InvalidGrant(OAuthError):

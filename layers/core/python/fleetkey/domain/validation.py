@@ -63,6 +63,9 @@ class Validation:
     reason: RefusalReason | None = None
     token: str | None = None
     decided_at: int | None = None
+    # The device's life (epoch) asked about: an answer from its next life (recommissioned,
+    # perhaps to another owner) does not validate this one.
+    epoch: int = 1
 
     def status_at(self, now: int) -> ValidationStatus:
         if self.status is ValidationStatus.PENDING and now >= self.answer_by:

@@ -179,6 +179,9 @@ class TokenService:
         self._public_keys: OrderedDict[str, PublicKey] = OrderedDict()
         # Device credentials by the certificate id a token was last granted on (`issue`).
         self._credentials: OrderedDict[str, DeviceCredential] = OrderedDict()
+        # Assertions this instance granted on, until they expire: a replay here is refused
+        # before it costs a KMS signature (another instance's write refuses it all the same).
+        self._used: OrderedDict[tuple[str, str], int] = OrderedDict()
         # Made at cold start, not on the first refusal: that one would pay for it.
         self._stand_in_keys = stand_in_keys()
 
@@ -274,6 +277,9 @@ class TokenService:
                     raise
                 device, cached = self._devices.credential(jws.claims["sub"]), False
                 continue
+            used = (auth.device.device_id, str(auth.claims["jti"]))
+            if self._used.get(used, 0) >= auth.now:
+                raise InvalidGrant("the assertion was already used")
             token, lifetime = self._sign(auth, rules, scopes, audiences, attestation, answer)
             extra = [attestation.check] if attestation.check is not None else []
             if answer is not None and self._validations is not None:
@@ -281,6 +287,8 @@ class TokenService:
                     self._validations.answer(
                         auth.device.device_id,
                         answer,
+                        epoch=auth.device.epoch,
+                        tokens_not_before=auth.device.tokens_not_before,
                         attested=attestation.check is not None,
                         token=token,
                         now=auth.now,
@@ -298,6 +306,9 @@ class TokenService:
             except ValidationUnanswerable as exc:
                 raise self._unanswerable(exc, auth, answer, attestation) from None
             self._remember(auth.certificate.certificate_id, auth.device)
+            self._used[used] = _remember_until(auth)
+            if len(self._used) > 10_000:
+                self._used.popitem(last=False)
             response = {"access_token": token, "token_type": "Bearer", "expires_in": lifetime}
             if scopes:
                 response["scope"] = " ".join(scopes)
@@ -342,11 +353,13 @@ class TokenService:
         auth: AuthenticatedDevice,
         answer: ValidationAnswer | None,
         attestation: Attestation,
-    ) -> InvalidGrant:
-        """Why the validation did not take this answer: an answer without attestation to a
-        validation that requires it (the validation is then refused for it); anything else
+    ) -> OAuthError:
+        """Why the validation did not take this answer: the device was suspended, or began
+        another life, since the validation was asked, or the answer is unattested where the
+        validation requires attestation (the validation is then refused for it); anything else
         leaves the validation as it is."""
         record = exc.current or {}
+        device = auth.device
         fits = (
             answer is not None
             and record.get("status") == ValidationStatus.PENDING.value
@@ -356,6 +369,12 @@ class TokenService:
             and record.get("audience") == answer.audience
             and int(record.get("answer_by", 0)) > auth.now
         )
+        changed = int(record.get("epoch") or 1) != device.epoch or (
+            device.tokens_not_before is not None
+            and int(record.get("created_at", 0)) < device.tokens_not_before
+        )
+        if fits and changed:
+            return InvalidClient("device not active")
         if fits and record.get("require_attestation") and attestation.check is None:
             return AttestationMissing("the validation requires attested firmware")
         return InvalidGrant("the validation is unknown, answered, expired or not this device's")
@@ -442,16 +461,16 @@ class TokenService:
         if refusal is not None or device is None or certificate is None:
             raise InvalidClient(refusal or "no device key")
         if nonce is None and not 0 < claims["exp"] - claims["iat"] <= MAX_ASSERTION_LIFETIME:
-            raise InvalidClient("assertion lifetime")
+            raise InvalidClient("assertion lifetime", proven=True)
         if not isinstance(claims["jti"], str) or not _PRINTABLE.fullmatch(claims["jti"]):
-            raise InvalidClient("jti")
+            raise InvalidClient("jti", proven=True)
         if nonce is not None and (not isinstance(nonce, str) or not _PRINTABLE.fullmatch(nonce)):
-            raise InvalidClient("nonce")
+            raise InvalidClient("nonce", proven=True)
         version = claims.get("firmware_version")
         if version is not None and (
             not isinstance(version, str) or not FIRMWARE_VERSION.fullmatch(version)
         ):
-            raise InvalidClient("firmware_version")
+            raise InvalidClient("firmware_version", proven=True)
         # With a nonce, iat/exp may be absent; an exp that is present is bounded all the same
         # (without one, exp - iat <= 5 min and pyjwt's iat check bound it).
         if (
@@ -459,9 +478,9 @@ class TokenService:
             and "exp" in claims
             and claims["exp"] > now + MAX_ASSERTION_LIFETIME + CLOCK_SKEW
         ):
-            raise InvalidClient("assertion lifetime")
+            raise InvalidClient("assertion lifetime", proven=True)
         if now >= certificate.not_after_epoch():
-            raise InvalidClient("certificate expired")
+            raise InvalidClient("certificate expired", proven=True)
         if device.tokens_not_before is not None and (
             now < device.tokens_not_before
             or ("iat" in claims and claims["iat"] < device.tokens_not_before)
@@ -469,7 +488,7 @@ class TokenService:
             # Resumed within the second of its suspension: a token of that second would be
             # inactive (iat is whole seconds), so none is granted until the next one; and an
             # assertion signed before the suspension (or an earlier life) is not honoured.
-            raise InvalidClient("device not active")
+            raise InvalidClient("device not active", proven=True)
         return AuthenticatedDevice(device, certificate, claims, now, nonce)
 
     def record_assertion(
@@ -504,7 +523,7 @@ class TokenService:
             InvalidGrant, ValidationUnanswerable: as `record_assertion`, `issue`.
         """
         claims = auth.claims
-        remember_until = int(claims.get("exp") or auth.now + MAX_ASSERTION_LIFETIME) + CLOCK_SKEW
+        remember_until = _remember_until(auth)
         eligible = self._devices.eligibility_check(
             auth.device, auth.certificate.certificate_id, auth.certificate.role
         )
@@ -643,6 +662,8 @@ class TokenService:
         wellformed = isinstance(measurement, str) and _SHA256_HEX.fullmatch(measurement)
         vouched = rules.require_attestation or (answering and measurement is not None)
         if not vouched:
+            if answering:  # a validation's result vouches for what it carries: nothing unchecked
+                return Attestation({})
             if wellformed:
                 firmware["firmware_sha256"] = str(measurement)
             return Attestation(firmware)
@@ -656,6 +677,12 @@ class TokenService:
         )
 
 
+def _remember_until(auth: AuthenticatedDevice) -> int:
+    """Until when an assertion's jti is remembered as used: past its expiry (or, without one,
+    the longest lifetime an assertion may have), with the clock skew allowed."""
+    return int(auth.claims.get("exp") or auth.now + MAX_ASSERTION_LIFETIME) + CLOCK_SKEW
+
+
 class _Stale(Exception):
     """The device was not as a grant was decided on; `current` is how it is (None: gone)."""
 
@@ -666,12 +693,15 @@ class _Stale(Exception):
 
 def _validation_refusal(exc: OAuthError) -> RefusalReason | None:
     """The reason a refused validation answer ends its validation with, if it does: the device
-    is not ACTIVE, its firmware is not released or not attested, or the assertion is invalid.
-    A replay, a used challenge or an answer that does not fit leave the validation pending."""
+    is not ACTIVE (as read, whoever sent the answer), its firmware is not released or not
+    attested, or the device's own signed assertion breaks a rule. An answer whose signature
+    does not verify under the device's key ends nothing (a tampered copy of a captured answer
+    must not turn the device's real one away); nor do a replay, a used challenge or an answer
+    that does not fit its validation."""
     if isinstance(exc, InvalidClient):
         if exc.reason in ("device not active", "unknown device"):
             return RefusalReason.DEVICE_NOT_ACTIVE
-        return RefusalReason.ASSERTION_INVALID
+        return RefusalReason.ASSERTION_INVALID if exc.proven else None
     if isinstance(exc, AttestationMissing):
         return RefusalReason.ATTESTATION_MISSING
     if isinstance(exc, UnreleasedFirmware):

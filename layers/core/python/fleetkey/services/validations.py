@@ -122,6 +122,7 @@ class ValidationService:
             nonce=secrets.token_urlsafe(32),
             created_at=now,
             answer_by=now + expires_in,
+            epoch=device.epoch,
         )
         active = device.state is DeviceState.ACTIVE and any(
             c.role is CertificateRole.CURRENT for c in device.certificates

@@ -34,6 +34,8 @@ _NAMES = {
     "#token": "token",
     "#reason": "reason",
     "#decided": "decided_at",
+    "#epoch": "epoch",
+    "#created": "created_at",
 }
 
 
@@ -54,6 +56,7 @@ def _validation_from_item(item: Mapping[str, Any]) -> Validation:
         reason=RefusalReason(reason) if reason else None,
         token=item.get("token"),
         decided_at=int(decided) if decided is not None else None,
+        epoch=int(item.get("epoch") or 1),
     )
 
 
@@ -78,6 +81,7 @@ class DynamoValidations:
             "status": validation.status.value,
             "reason": validation.reason.value if validation.reason else None,
             "decided_at": validation.decided_at,
+            "epoch": validation.epoch,
             schema.TTL_ATTRIBUTE: validation.answer_by + RESULT_RETENTION_SECONDS,
         }
         self._table.client.put_item(
@@ -95,16 +99,28 @@ class DynamoValidations:
         return _validation_from_item(item)
 
     def answer(
-        self, device_id: str, answer: ValidationAnswer, *, attested: bool, token: str, now: int
+        self,
+        device_id: str,
+        answer: ValidationAnswer,
+        *,
+        epoch: int,
+        tokens_not_before: int | None,
+        attested: bool,
+        token: str,
+        now: int,
     ) -> Write:
         """The write that decides a validation `validated` with `token`, for the transaction that
         records the answering assertion: only while it is pending and before its deadline, for
-        the device it names, with its nonce, purpose and audience, and attested when it asks for
-        attestation. A failed condition refuses with `ValidationUnanswerable` holding the record
-        as it was."""
+        the device it names in the life (`epoch`) it was asked in, with its nonce, purpose and
+        audience, asked since the device's `tokens_not_before` (an answer to a validation asked
+        before a suspension may have been signed before it), and attested when it asks for
+        attestation. The device's epoch and tokens_not_before are checked against its item in
+        the same transaction. A failed condition refuses with `ValidationUnanswerable` holding
+        the record as it was."""
         condition = (
             "#status = :pending AND #device = :device AND #nonce = :nonce"
             " AND #purpose = :purpose AND #audience = :audience AND #answer_by > :now"
+            " AND #epoch = :epoch"
         )
         values: dict[str, Any] = {
             ":pending": ValidationStatus.PENDING.value,
@@ -115,9 +131,14 @@ class DynamoValidations:
             ":now": now,
             ":validated": ValidationStatus.VALIDATED.value,
             ":token": token,
+            ":epoch": epoch,
         }
         names = {k: _NAMES[k] for k in ("#status", "#device", "#nonce", "#purpose", "#audience")}
-        names.update({k: _NAMES[k] for k in ("#answer_by", "#token", "#decided")})
+        names.update({k: _NAMES[k] for k in ("#answer_by", "#token", "#decided", "#epoch")})
+        if tokens_not_before is not None:
+            condition += " AND #created >= :not_before"
+            values[":not_before"] = tokens_not_before
+            names["#created"] = _NAMES["#created"]
         if not attested:
             condition += " AND #attest = :false"
             values[":false"] = False
