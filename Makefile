@@ -68,6 +68,7 @@ synth: $(STAMP) $(LAYER_DIR)/.built
 bench: $(STAMP)
 	$(BIN)/python benchmarks/registration.py
 	$(BIN)/python benchmarks/tokens.py
+	$(BIN)/python benchmarks/validations.py
 
 importtime: $(STAMP)
 	$(BIN)/python benchmarks/importtime.py

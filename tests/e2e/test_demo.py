@@ -115,6 +115,31 @@ def test_demo_rotates_a_device_to_fleetkeys_ca_and_rolls_back_an_unused_rotation
         assert f"| {operation} " in demo.stdout, operation
 
 
+def test_demo_validates_pumps_before_a_dose_change(demo):
+    passed(
+        demo,
+        "an application asks to validate pump-0001 before a dose change: the pump hears the "
+        "validate command over MQTT/TLS and answers at the token endpoint",
+        "its token verifies offline with pyjwt against the JWKS",
+        "the pump's answer sent again (same nonce, a new assertion) is refused (invalid_grant)",
+        "another principal (the local operator) reading the result gets 404",
+        "24/24 validations of 3 pumps validated and verified offline; end to end (request to "
+        "validated result): p50",
+        "pump-0003 answering pump-0001's command with its nonce is refused",
+        "the release role publishes firmware 2.5.0 for infusion-pump; pump-0003, running it, is "
+        "validated",
+        "is refused: firmware_not_released",
+        "a suspended pump (pump-0005) is refused at once: device_not_active, and no command is "
+        "sent",
+        "resumed, pump-0005 reconnects and is validated again",
+        "never answers reads expired at its deadline",
+    )
+    assert (
+        "| relying party: validate a pump end to end (POST, command, answer, GET ?wait) |    25 |"
+        in demo.stdout
+    )
+
+
 def test_demo_decommissions_the_fleet_and_leaves_nothing_in_aws_iot(demo):
     passed(
         demo,

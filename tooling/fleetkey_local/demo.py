@@ -131,6 +131,10 @@ class MqttIot(IotTransport):
             self._emulator.address,
         )
 
+    def connection(self, device: SimulatedDevice) -> MqttDevice:
+        """A new MQTT connection of the device with its current certificate (not yet open)."""
+        return self._device(device)
+
     def first_connect(self, device: SimulatedDevice) -> dict | None:
         seen = len(self._emulator.invocations)
         connection = self._device(device)

@@ -1,6 +1,7 @@
-"""What a device does to get a token (sign a JWT client assertion with its own private key) and
-to rotate its certificate (a new key of its own, a CSR, an assertion by the current key bound to
-the CSR, then a commit proven with the new key)."""
+"""What a device does to get a token (sign a JWT client assertion with its own private key), to
+answer a validate command (`validation_answer`) and to rotate its certificate (a new key of its
+own, a CSR, an assertion by the current key bound to the CSR, then a commit proven with the new
+key)."""
 
 from __future__ import annotations
 
@@ -90,6 +91,50 @@ def token_request(
     if client_id is not None:
         form["client_id"] = client_id
     return form
+
+
+# ---- delegated validation -------------------------------------------------------------------
+
+# A validation answer is sent at once: its assertion lives a minute.
+VALIDATION_ANSWER_LIFETIME = 60
+
+
+def validation_answer(
+    key: PrivateKey,
+    certificate_id: str,
+    device_id: str,
+    issuer: str,
+    command: dict[str, Any],
+    *,
+    firmware_version: str | None = None,
+    firmware_sha256: str | None = None,
+    now: float | None = None,
+    **options: Any,
+) -> dict[str, str]:
+    """The token request a device sends to answer a validate command (the payload it received
+    on `fleetkey/<device_id>/commands/validate`): a client-credentials request whose assertion
+    carries the command's `nonce` and `validation` = {id, purpose} beside `iat`/`exp` and the
+    firmware measurement, asking for the command's `audience` (and no scope). `options` go to
+    `client_assertion` (overrides, for tests)."""
+    issued = int(now if now is not None else time.time())
+    claims = {
+        "iat": issued,
+        "exp": issued + VALIDATION_ANSWER_LIFETIME,
+        "validation": {"id": command["validation_id"], "purpose": command["purpose"]},
+        **(options.pop("extra_claims", None) or {}),
+    }
+    assertion = client_assertion(
+        key,
+        certificate_id,
+        device_id,
+        issuer,
+        nonce=command["nonce"],
+        firmware_version=firmware_version,
+        firmware_sha256=firmware_sha256,
+        extra_claims=claims,
+        **options,
+    )
+    return token_request(assertion, audience=command["audience"])
 
 
 # ---- certificate rotation -------------------------------------------------------------------

@@ -1678,6 +1678,8 @@ def lifecycle_phases(
     admin: AdminClient, transport: IotTransport, fleet: Fleet, api_url: str, cloud: LocalCloud
 ) -> list:
     """Every phase of a device's life that fleetkey covers, in order."""
+    from fleetkey_local.validation_phase import DelegatedValidation  # it builds on this module
+
     api = DeviceApi(api_url)
     operator, relying_party = cloud.operator, cloud.relying_party
     return [
@@ -1687,6 +1689,7 @@ def lifecycle_phases(
         Reconnection(transport, fleet),
         RogueDevices(transport, admin, fleet),
         TokenVending(api_url, fleet),
+        DelegatedValidation(api_url, transport, operator, fleet),
         VerifyAuditTrails(admin, fleet),
         SuspendAndResume(operator, relying_party, transport, api, fleet),
         TamperReports(transport, operator, admin, api, fleet),

@@ -8,6 +8,7 @@ a read 1, plus 1 per poll while it waits (at most ~25 in 20 s, backing off to on
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 import uuid
@@ -111,7 +112,8 @@ class ValidationService:
                 "this device's profile does not issue tokens for that audience",
                 details={"audiences": sorted(get_profile(device.profile).token_rules.audiences)},
             )
-        now = int(self._clock().timestamp())
+        moment = self._clock().timestamp()
+        now = int(moment)
         validation = Validation(
             validation_id=uuid.uuid4().hex,
             device_id=device_id,
@@ -121,7 +123,8 @@ class ValidationService:
             require_attestation=require_attestation,
             nonce=secrets.token_urlsafe(32),
             created_at=now,
-            answer_by=now + expires_in,
+            # Whole seconds, rounded up: the device has at least `expires_in` seconds.
+            answer_by=math.ceil(moment) + expires_in,
             epoch=device.epoch,
         )
         active = device.state is DeviceState.ACTIVE and any(
