@@ -186,7 +186,9 @@ class Audience:
     principals: tuple[str, ...]
 
     def guards(self, path: str) -> bool:
-        return any(_glob(p).fullmatch(path) is not None for p in self.policy_paths)
+        """Whether the Deny `execute-api:/*/*<policy path>` covers a request to `path`: its `*`
+        match across `/` in AWS, so `<stage>/<METHOD>` and anything before the policy path."""
+        return any(_glob("*" + p).fullmatch(path) is not None for p in self.policy_paths)
 
     def admits(self, principal_arn: str) -> bool:
         return any(arn_like(pattern, principal_arn) for pattern in self.principals)
@@ -259,8 +261,15 @@ class RoleDeny:
     requests: tuple[str, ...]
     outside: bool = False
 
-    def resources(self) -> list[str]:
-        """`requests` as resource-policy resources (`execute-api:/<stage>/<METHOD><path>`)."""
+    def resources(self, partition: str, region: str, account: str) -> list[str]:
+        """`requests` as resource-policy resources: `execute-api:/<stage>/<METHOD><path>`, which
+        API Gateway expands to the API's ARN; for a NotResource (`outside`) full ARNs of any API
+        of the account (`...:*/<stage>/<METHOD><path>`), since API Gateway documents that
+        expansion for `Resource` only, and a NotResource entry left unexpanded would match no
+        request (the release role would be refused its own routes)."""
+        if self.outside:
+            prefix = f"arn:{partition}:execute-api:{region}:{account}:*/"
+            return [prefix + request for request in self.requests]
         return [f"execute-api:/{request}" for request in self.requests]
 
     def refuses(self, principal_arn: str, method: str, path: str) -> bool:

@@ -653,6 +653,25 @@ class FleetkeyStack(Stack):
             "this account's and region's certificates; no deletion.",
         )
 
+    def _grant_iot_data_endpoint(self, role: iam.IRole) -> None:
+        """iot:DescribeEndpoint, which finds the account's iot-data endpoint once per process (no
+        resource-level permissions: '*')."""
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="IotDataEndpoint", actions=["iot:DescribeEndpoint"], resources=["*"]
+            )
+        )
+
+    def _grant_command(self, role: iam.IRole, sid: str, topic: str) -> None:
+        """iot-data Publish of one command (`topic`: fleetkey/*/commands/<command>) and the
+        endpoint lookup it needs."""
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid=sid, actions=["iot:Publish"], resources=[self._iot_arn("topic", topic)]
+            )
+        )
+        self._grant_iot_data_endpoint(role)
+
     def _grant_close_connections(self, role: iam.IRole) -> None:
         """iot-data DeleteConnection (authorized on the client id, the device id) and the
         DescribeEndpoint that finds the account's iot-data endpoint (no resource-level
@@ -664,11 +683,7 @@ class FleetkeyStack(Stack):
                 resources=[self._iot_arn("client")],
             )
         )
-        role.add_to_principal_policy(
-            iam.PolicyStatement(
-                sid="IotDataEndpoint", actions=["iot:DescribeEndpoint"], resources=["*"]
-            )
-        )
+        self._grant_iot_data_endpoint(role)
         acknowledge(
             role,
             wildcard_resource("arn:<AWS::Partition>:iot:<AWS::Region>:<AWS::AccountId>:client/*"),
@@ -1034,18 +1049,7 @@ class FleetkeyStack(Stack):
         )
         self._grant_issuing_ca_keys(role, create=False)
         self._grant_retire_certificates(role)
-        role.add_to_principal_policy(
-            iam.PolicyStatement(
-                sid="RotateCommands",
-                actions=["iot:Publish"],
-                resources=[self._iot_arn("topic", constants.ROTATE_COMMAND_TOPIC)],
-            )
-        )
-        role.add_to_principal_policy(
-            iam.PolicyStatement(
-                sid="IotDataEndpoint", actions=["iot:DescribeEndpoint"], resources=["*"]
-            )
-        )
+        self._grant_command(role, "RotateCommands", constants.ROTATE_COMMAND_TOPIC)
         self._grant_lifecycle_queue(role)
         acknowledge(
             role,
@@ -1087,18 +1091,7 @@ class FleetkeyStack(Stack):
             sid="ValidationWritesOnly",
             leading_keys=VALIDATIONS_WRITABLE_PARTITIONS,
         )
-        role.add_to_principal_policy(
-            iam.PolicyStatement(
-                sid="ValidateCommands",
-                actions=["iot:Publish"],
-                resources=[self._iot_arn("topic", constants.VALIDATE_COMMAND_TOPIC)],
-            )
-        )
-        role.add_to_principal_policy(
-            iam.PolicyStatement(
-                sid="IotDataEndpoint", actions=["iot:DescribeEndpoint"], resources=["*"]
-            )
-        )
+        self._grant_command(role, "ValidateCommands", constants.VALIDATE_COMMAND_TOPIC)
         acknowledge(
             role,
             wildcard_resource("*"),

@@ -740,13 +740,15 @@ def test_the_release_role_is_denied_everything_but_the_firmware_routes(
     # Then it denies the release role every request of the API but the firmware routes' (a
     # broader identity policy attached to the role would otherwise admit it: same-account
     # principals need only their identity policy); stage and methods spelled out, so that no
-    # other path is carved out of the Deny
+    # other path is carved out of the Deny; full ARNs (any API of the account), since API Gateway
+    # documents expanding `execute-api:/...` for Resource only
     assert statement["Effect"] == "Deny"
     assert statement["Principal"] == "*" and statement["Action"] == "execute-api:Invoke"
     assert statement["Condition"] == {"ArnLike": {"aws:PrincipalArn": [RELEASE]}}
     assert "Resource" not in statement
+    arn = "arn:<AWS::Partition>:execute-api:<AWS::Region>:<AWS::AccountId>:*"
     assert sorted(statement["NotResource"]) == sorted(
-        f"execute-api:/prod/{m}{p}" for m in METHODS for p in FIRMWARE_ROUTES
+        f"{arn}/prod/{m}{p}" for m in METHODS for p in FIRMWARE_ROUTES
     )
 
 

@@ -253,7 +253,11 @@ def test_resource_policy_matches(resources):
         if sid.startswith("ScopeOf")
     }
     assert template_scopes == {
-        deny.sid: (deny.principals, deny.outside, sorted(deny.resources()))
+        deny.sid: (
+            deny.principals,
+            deny.outside,
+            sorted(deny.resources("aws", REGION, ACCOUNT)),
+        )
         for deny in LOCAL_ROLE_DENIES
     }
 

@@ -418,9 +418,8 @@ class Api(Construct):
     def _deny_beyond_scope(deny: RoleDeny) -> iam.PolicyStatement:
         """An operator role's requests outside its scope (`NotResource` when the Deny is of
         everything but its scope)."""
-        where = (
-            {"not_resources": deny.resources()} if deny.outside else {"resources": deny.resources()}
-        )
+        resources = deny.resources(Aws.PARTITION, Aws.REGION, Aws.ACCOUNT_ID)
+        where = {"not_resources": resources} if deny.outside else {"resources": resources}
         return iam.PolicyStatement(
             sid=deny.sid,
             effect=iam.Effect.DENY,
