@@ -104,8 +104,8 @@ def test_the_release_scope_names_its_routes_by_full_arn(resources: dict[str, dic
     # request ARN, and the Deny then refuses the release role its own firmware routes too (or
     # the policy is refused at deployment). The project's own IAM check refuses NotResource
     # for the same reason ("everything but" is misread): at least name the routes in a form
-    # whose meaning does not depend on API Gateway rewriting it, e.g.
-    # arn:${AWS::Partition}:execute-api:${AWS::Region}:${AWS::AccountId}:*/prod/GET/v1/admin/firmware
+    # whose meaning does not depend on API Gateway rewriting it, e.g. arn:${AWS::Partition}:
+    # execute-api:${AWS::Region}:${AWS::AccountId}:*/prod/GET/v1/admin/firmware
     assert abbreviated == [], abbreviated
 
 
