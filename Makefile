@@ -11,7 +11,8 @@ export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export JSII_SILENCE_WARNING_UNTESTED_NODE_VERSION := 1
 export AWS_DEFAULT_REGION ?= eu-west-1
 
-.PHONY: install demo serve lint test unit integration infra layer synth bench importtime clean
+.PHONY: install demo serve lint test unit integration infra layer synth bench importtime clean \
+	mosquitto
 
 $(STAMP): pyproject.toml package.json
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,35 @@ $(LAYER_DIR)/.built: $(STAMP) $(shell find layers/core/python -name '*.py')
 
 layer: $(LAYER_DIR)/.built
 
+# mosquitto_pub, a stock MQTT client for tests/e2e/test_stock_clients.py, without root: Debian's
+# packages fetched with `apt-get download` (into a private package list when the system's is
+# missing) and unpacked with dpkg-deb into build/mosquitto, run through a wrapper that puts the
+# unpacked libraries on LD_LIBRARY_PATH. Without apt-get, nothing is made (the test skips).
+MOSQUITTO_DIR := build/mosquitto
+MOSQUITTO_PACKAGES := mosquitto-clients libmosquitto1 libcjson1
+MOSQUITTO_APT = -o Dir::State::Lists=$(CURDIR)/$(MOSQUITTO_DIR)/apt/lists \
+	-o Dir::Cache=$(CURDIR)/$(MOSQUITTO_DIR)/apt/cache
+$(MOSQUITTO_DIR)/.built:
+	rm -rf $(MOSQUITTO_DIR) && mkdir -p $(MOSQUITTO_DIR)/debs
+	if ! command -v apt-get >/dev/null || ! command -v dpkg-deb >/dev/null; then \
+		echo "warning: no apt-get/dpkg-deb: mosquitto_pub not fetched (docs/stock-clients.md)"; \
+	else \
+		cd $(MOSQUITTO_DIR)/debs && { apt-get -q download $(MOSQUITTO_PACKAGES) || { \
+			mkdir -p ../apt/lists/partial ../apt/cache/archives/partial && \
+			apt-get -q $(MOSQUITTO_APT) update && \
+			apt-get -q $(MOSQUITTO_APT) download $(MOSQUITTO_PACKAGES); }; } && cd $(CURDIR) && \
+		for deb in $(MOSQUITTO_DIR)/debs/*.deb; do dpkg-deb -x $$deb $(MOSQUITTO_DIR)/root; done && \
+		lib=$$(dirname $$(find $(CURDIR)/$(MOSQUITTO_DIR)/root -name libmosquitto.so.1)) && \
+		mkdir -p $(MOSQUITTO_DIR)/bin && \
+		printf '#!/bin/sh\nLD_LIBRARY_PATH=%s exec %s "$$@"\n' "$$lib" \
+			"$(CURDIR)/$(MOSQUITTO_DIR)/root/usr/bin/mosquitto_pub" > $(MOSQUITTO_DIR)/bin/mosquitto_pub && \
+		chmod +x $(MOSQUITTO_DIR)/bin/mosquitto_pub && \
+		$(MOSQUITTO_DIR)/bin/mosquitto_pub --help | grep -q '^mosquitto_pub version'; \
+	fi
+	touch $@
+
+mosquitto: $(MOSQUITTO_DIR)/.built
+
 demo: $(STAMP)
 	$(BIN)/python -m fleetkey_local.demo $(DEMO_ARGS)
 
@@ -56,7 +86,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint $(STAMP) $(LAYER_DIR)/.built
+test: lint $(STAMP) $(LAYER_DIR)/.built $(MOSQUITTO_DIR)/.built
 	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
 
 unit: $(STAMP)

@@ -11,7 +11,8 @@ Every step is idempotent, so a redelivery, a duplicate or a concurrent copy fini
 work.
 
 Metrics: `TeardownRetries` (a delivery that could not finish), `ConvergeMessagesMalformed`;
-lifecycle metrics (`TeardownsCompleted`) from the service.
+lifecycle metrics from the service: `TeardownsCompleted`, and `TeardownsOverdue` (a delivery that
+finds a teardown still pending 30 minutes after the decommission: the `TeardownsOverdue` alarm).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ registry, each key confirmed with KMS (public key, tags, key policy)."""
 
 import json
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
 from aws_lambda_powertools.logging import correlation_paths
@@ -12,11 +12,15 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from fleetkey.composition import from_environ
 from fleetkey.domain.profiles import PROFILES
+from fleetkey.init_phase import load_ahead
 from fleetkey.observability import logger, metrics, tracer
-from fleetkey.services.signing_keys import SigningKeys
-from fleetkey.services.tokens import ASSERTION_ALGORITHMS
 from fleetkey.settings import Settings
 
+if TYPE_CHECKING:
+    from fleetkey.services.signing_keys import SigningKeys
+
+# The services' modules are imported at the first request (or at init, ahead of requests).
+load_ahead("fleetkey.services.signing_keys", "fleetkey.services.tokens")
 app = APIGatewayRestResolver()
 # With the function's own 60 s registry cache, still well under the signing-key publish lead
 # (300 s): a cached JWKS always has a key before tokens signed with it appear.
@@ -24,7 +28,7 @@ JWKS_MAX_AGE = 180
 
 
 @lru_cache(maxsize=1)
-def context() -> tuple[Settings, SigningKeys]:
+def context() -> tuple[Settings, "SigningKeys"]:
     built = from_environ()
     return built.settings, built.signing_keys
 
@@ -42,6 +46,8 @@ def jwks() -> Response[str]:
 
 @app.get("/.well-known/oauth-authorization-server")
 def metadata() -> Response[dict[str, Any]]:
+    from fleetkey.services.tokens import ASSERTION_ALGORITHMS
+
     settings = context()[0]
     issuer = settings.issuer
     scopes = sorted({s for p in PROFILES.values() for s in p.token_rules.scopes})

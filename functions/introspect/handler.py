@@ -1,7 +1,7 @@
 """POST /v1/introspect (RFC 7662), IAM-authenticated: for relying parties that check online."""
 
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
 from aws_lambda_powertools.logging import correlation_paths
@@ -9,17 +9,21 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from fleetkey.composition import from_environ
 from fleetkey.domain.oauth import OAuthInvalidRequest
+from fleetkey.init_phase import load_ahead
 from fleetkey.observability import logger, metrics, tracer
-from fleetkey.services.introspection import IntrospectionService
-from fleetkey.services.tokens import read_request_form
 
+if TYPE_CHECKING:
+    from fleetkey.services.introspection import IntrospectionService
+
+# The services' modules are imported at the first request (or at init, ahead of requests).
+load_ahead("fleetkey.services.introspection", "fleetkey.services.tokens")
 app = APIGatewayRestResolver()
 # An access token is at most 8 KiB (MAX_TOKEN_BYTES), percent-encoded at most ~3x larger.
 MAX_FORM_BYTES = 32 * 1024
 
 
 @lru_cache(maxsize=1)
-def service() -> IntrospectionService:
+def service() -> "IntrospectionService":
     return from_environ().introspection
 
 
@@ -37,6 +41,8 @@ def introspect() -> Response[dict[str, Any]]:
     """RFC 7662 §2.1: a form with one `token` (and an optional hint), read as the token endpoint
     reads its own (`read_form`). A `token` sent twice is refused rather than one of them picked:
     the caller and fleetkey could otherwise disagree on which token was judged."""
+    from fleetkey.services.tokens import read_request_form
+
     event = app.current_event
     try:
         form = read_request_form(

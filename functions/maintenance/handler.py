@@ -8,7 +8,7 @@ An event that is not EventBridge's scheduled event is logged and ignored.
 """
 
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
@@ -16,15 +16,21 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from fleetkey.composition import from_environ
 from fleetkey.errors import Conflict
+from fleetkey.init_phase import load_ahead
 from fleetkey.observability import logger, metrics, tracer
-from fleetkey.services.signing_keys import SigningKeys
+
+if TYPE_CHECKING:
+    from fleetkey.services.signing_keys import SigningKeys
+
+# The service's module is imported at the first run (or at init, ahead of requests).
+load_ahead("fleetkey.services.signing_keys")
 
 ACTOR = "schedule:signing-key-maintenance"
 SCHEDULED_EVENT = {"source": "aws.events", "detail-type": "Scheduled Event"}
 
 
 @lru_cache(maxsize=1)
-def signing_keys() -> SigningKeys:
+def signing_keys() -> "SigningKeys":
     return from_environ().signing_keys
 
 

@@ -18,17 +18,22 @@ already decided: a duplicate, a redrive, a concurrent copy) count deliveries.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from pydantic import ValidationError
 
 from fleetkey.composition import from_environ
 from fleetkey.domain.rejection import RejectionReason
-from fleetkey.events import CertificateRegisteredEvent
+from fleetkey.init_phase import load_ahead
 from fleetkey.observability import logger, metrics, tracer
-from fleetkey.services.registration import RegistrationOutcome, RegistrationService
+
+if TYPE_CHECKING:
+    from fleetkey.services.registration import RegistrationOutcome, RegistrationService
+
+# pydantic, the event's model and the service's module are imported at the first event (or at
+# init, ahead of requests).
+load_ahead("fleetkey.events", "fleetkey.services.registration")
 
 
 @lru_cache(maxsize=1)
@@ -52,6 +57,12 @@ def count_decision(outcome: RegistrationOutcome) -> None:
 @metrics.log_metrics
 @tracer.capture_lambda_handler
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    # Imported at the first event, not at init: pydantic and the event's model, like the service
+    # (built by `service()`), were most of this function's import (docs/cold-start.md).
+    from pydantic import ValidationError
+
+    from fleetkey.events import CertificateRegisteredEvent
+
     try:
         parsed = CertificateRegisteredEvent.model_validate(event)
     except ValidationError as exc:

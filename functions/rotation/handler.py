@@ -29,12 +29,11 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from fleetkey.api.admin import PKI_ROUTERS
-from fleetkey.api.admin.resolver import admin_resolver
 from fleetkey.api.device import NO_STORE, handle_device_errors, json_body, no_store_json
 from fleetkey.composition import Components, from_environ
+from fleetkey.errors import EstRefused
+from fleetkey.init_phase import ahead_of_requests, load_ahead
 from fleetkey.observability import logger, metrics, tracer
-from fleetkey.services.rotation import EstRefused
 
 MAX_BODY_BYTES = 24 * 1024
 PKCS7_CERTS_ONLY = "application/pkcs7-mime; smime-type=certs-only"
@@ -49,8 +48,22 @@ def components() -> Components:
     return from_environ()
 
 
+@lru_cache(maxsize=1)
+def admin() -> APIGatewayRestResolver:
+    """The operators' PKI routes (`/v1/admin/pki/*`), built at the first such request: the
+    device-facing routes need neither their models nor pydantic (docs/cold-start.md)."""
+    from fleetkey.api.admin import PKI_ROUTERS
+    from fleetkey.api.admin.resolver import admin_resolver
+
+    return admin_resolver(PKI_ROUTERS)
+
+
+# The services' modules (rotation, PKI) are imported at the first request that uses them, the
+# PKI's admin routes at the first `/v1/admin/pki/*` request; both at init ahead of requests.
+load_ahead("fleetkey.services.rotation", "fleetkey.services.pki")
+if ahead_of_requests():
+    admin()
 app = APIGatewayRestResolver()
-admin = admin_resolver(PKI_ROUTERS)
 handle_device_errors(app, refused_metric="RotationsRefused", what="rotation")
 
 
@@ -145,5 +158,5 @@ def est_simplereenroll() -> Response[str]:
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     path = event.get("path")
     if isinstance(path, str) and path.startswith("/v1/admin/"):
-        return admin.resolve(event, context)
+        return admin().resolve(event, context)
     return app.resolve(event, context)

@@ -15,7 +15,9 @@ This function's role is one of the two that may sign with the issuing CA's KMS k
 revocations at commit and rollback).
 
 Metrics: `RotationsCommitted`, `RotationsRolledBack`, `RetiredCertificatesDeleted`,
-`RenewalsRequested`, `CrlsPublished`, `RotationSweepFailures`.
+`RenewalsRequested`, `CrlsPublished`, `RotationSweepFailures`, and `RotationsOverdue` (each sweep
+that finds devices whose deadline passed more than five minutes ago: how many; the
+`RotationsOverdue` alarm).
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ def handler(event: Any, context: LambdaContext) -> dict[str, Any]:
         if counts["failed"]:
             metrics.add_metric(
                 name="RotationSweepFailures", unit=MetricUnit.Count, value=counts["failed"]
+            )
+        if counts["overdue"]:
+            metrics.add_metric(
+                name="RotationsOverdue", unit=MetricUnit.Count, value=counts["overdue"]
             )
         logger.info("rotation sweep", extra=counts)
         return counts

@@ -1,9 +1,10 @@
 """Device-facing token endpoint: POST /v1/token (client-credentials grant with a JWT client
 assertion) and POST /v1/challenge (a single-use nonce). Public routes, throttled by API Gateway.
-Errors are RFC 6749 §5.2 JSON; nothing in them tells which check failed."""
+Errors are RFC 6749 §5.2 JSON; nothing in them tells which check failed on a device (an
+assertion that breaks a rule of its own is told which: `InvalidClient.rule`)."""
 
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.logging import correlation_paths
@@ -13,15 +14,21 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from fleetkey.api.device import handle_device_errors, no_store_json
 from fleetkey.composition import from_environ
 from fleetkey.domain.oauth import OAuthInvalidRequest
+from fleetkey.init_phase import load_ahead
 from fleetkey.observability import logger, metrics, tracer
-from fleetkey.services.tokens import TokenService, read_request_form
 
+if TYPE_CHECKING:
+    from fleetkey.services.tokens import TokenService
+
+# The token service's module (with its domain, JOSE and KMS modules) is imported at the first
+# request, by `service()` as by `_form()`, or at init when init is ahead of requests.
+load_ahead("fleetkey.services.tokens")
 app = APIGatewayRestResolver()
 MAX_FORM_BYTES = 16 * 1024
 
 
 @lru_cache(maxsize=1)
-def service() -> TokenService:
+def service() -> "TokenService":
     return from_environ().tokens
 
 
@@ -33,6 +40,8 @@ def _form() -> dict[str, str]:
         OAuthInvalidRequest: a malformed form, or an `Authorization` header: RFC 6749 §2.3, one
             client authentication method per request (the assertion is one already).
     """
+    from fleetkey.services.tokens import read_request_form
+
     event = app.current_event
     if event.headers.get("authorization") is not None:
         raise OAuthInvalidRequest("more than one client authentication method")
@@ -44,7 +53,9 @@ def _form() -> dict[str, str]:
     )
 
 
-handle_device_errors(app, refused_metric="TokensRefused", what="token")
+# A stock client's defaults (Authlib's aud = the token endpoint, a one-hour assertion) are
+# refused with the setting it needs: those refusals depend on the request alone.
+handle_device_errors(app, refused_metric="TokensRefused", what="token", explain_rules=True)
 
 
 @app.post("/v1/token")

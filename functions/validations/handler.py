@@ -2,19 +2,34 @@
 to have a device prove itself now; GET /v1/validations/{validation_id}[?wait=N] reads the result.
 The device answers at the token endpoint (functions/token). Errors are JSON as the admin API's."""
 
-from typing import Any
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from fleetkey.api.admin.resolver import admin_resolver
-from fleetkey.api.validations import router
 from fleetkey.composition import components as services  # the tests reset it between stacks
+from fleetkey.init_phase import ahead_of_requests
 from fleetkey.observability import logger, metrics, tracer
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.event_handler import APIGatewayRestResolver
 
 __all__ = ["app", "handler", "services"]
 
-app = admin_resolver((router,), strip_prefixes=())
+
+@lru_cache(maxsize=1)
+def app() -> "APIGatewayRestResolver":
+    """The resolver, built at the first request: Powertools' event handler, the router's models
+    and pydantic were most of this function's import (docs/cold-start.md)."""
+    from fleetkey.api.admin.resolver import admin_resolver
+    from fleetkey.api.validations import router
+
+    return admin_resolver((router,), strip_prefixes=())
+
+
+if ahead_of_requests():  # SnapStart, provisioned concurrency: init is off the request path
+    app()
 
 
 @logger.inject_lambda_context(
@@ -23,4 +38,4 @@ app = admin_resolver((router,), strip_prefixes=())
 @metrics.log_metrics
 @tracer.capture_lambda_handler
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    return app.resolve(event, context)
+    return app().resolve(event, context)

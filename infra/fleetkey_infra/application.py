@@ -16,6 +16,7 @@ from cdk_nag import AwsSolutionsChecks
 
 from fleetkey_infra import constants
 from fleetkey_infra.stack import FleetkeyStack
+from fleetkey_infra.stage import StageConfig
 
 
 def cdk_json_context() -> dict[str, Any]:
@@ -23,11 +24,16 @@ def cdk_json_context() -> dict[str, Any]:
 
 
 def create_app(*, outdir: str | None = None, context: Mapping[str, Any] | None = None) -> App:
-    """The fleetkey app. cdk-nag's AwsSolutions pack runs on every synthesis; an unacknowledged
-    finding fails it."""
+    """The fleetkey app: one stack, `Fleetkey`, or `Fleetkey-<stage>` with context `stage`
+    (fleetkey_infra.stage). cdk-nag's AwsSolutions pack runs on every synthesis; an
+    unacknowledged finding fails it."""
     # Under the CLI, CDK_OUTDIR names the assembly directory; run directly, write <repo>/cdk.out.
     outdir = outdir or os.environ.get("CDK_OUTDIR") or str(constants.REPO_ROOT / "cdk.out")
     app = App(outdir=outdir, context={**cdk_json_context(), **(context or {})})
-    FleetkeyStack(app, constants.STACK_ID, description=constants.STACK_DESCRIPTION)
+    stage = StageConfig.from_context(app.node.try_get_context)
+    description = constants.STACK_DESCRIPTION
+    if stage.stage:
+        description += f", stage {stage.stage}"
+    FleetkeyStack(app, stage.stack_id, stage=stage, description=description)
     Validations.of(app).add_plugins(AwsSolutionsChecks(app, verbose=True))
     return app

@@ -36,6 +36,11 @@ PROJECT_TAG = "fleetkey"
 # Prefix of the AWS IoT resources fleetkey owns (policies, thing types); the functions receive the
 # same value as FLEETKEY_NAME_PREFIX so that what they attach is what the stack created.
 NAME_PREFIX = "fleetkey"
+# A second stack in the same account (`cdk deploy -c stage=<name>`): the stack `Fleetkey-<name>`,
+# the name prefix `fleetkey-<name>` (fleetkey_infra.stage). Absent: the names above.
+STAGE_CONTEXT_KEY = "stage"
+# Every taggable resource of a staged stack carries `stage=<name>` (next to `project`).
+STAGE_TAG = "stage"
 
 # Thing attributes the registration service writes, searchable in the registry (AWS IoT allows
 # at most three searchable attributes per thing type).
@@ -316,3 +321,9 @@ EST_DOMAIN_NAME_CONTEXT_KEY = "estDomainName"
 EST_CERTIFICATE_ARN_CONTEXT_KEY = "estCertificateArn"
 EST_TRUSTSTORE_URI_CONTEXT_KEY = "estTruststoreUri"
 EST_TRUSTSTORE_VERSION_CONTEXT_KEY = "estTruststoreVersion"
+# The API's own custom domain (constructs/api_domain.py): the token issuer becomes
+# https://<apiDomainName>, which outlives the REST API (a replaced API has another id, hence
+# another execute-api URL). Both set, or neither; the certificate is an ACM certificate of the
+# stack's Region covering the name.
+API_DOMAIN_NAME_CONTEXT_KEY = "apiDomainName"
+API_CERTIFICATE_ARN_CONTEXT_KEY = "apiCertificateArn"

@@ -15,6 +15,8 @@ from fleetkey.services.signing_keys import token_signing_tags
 from fleetkey_infra import constants
 from fleetkey_infra.constructs import (
     Api,
+    ApiDomain,
+    ApiDomainConfig,
     CoreLayer,
     Data,
     DataKeys,
@@ -22,6 +24,7 @@ from fleetkey_infra.constructs import (
     Functions,
     IotResources,
     LifecycleQueue,
+    Monitoring,
     PresenceRule,
     RegistrationRule,
     RotationConfig,
@@ -30,6 +33,8 @@ from fleetkey_infra.constructs import (
     TokenKeys,
 )
 from fleetkey_infra.nag import acknowledge, wildcard_resource
+from fleetkey_infra.retained import add_retained_resources_output
+from fleetkey_infra.stage import StageConfig
 
 # AWS IoT actions, by resource type (Service Authorization Reference; infra/README.md). Add an
 # action the code starts calling here: the IAM check (tests/support/aws_calls.py) names it.
@@ -211,9 +216,12 @@ ISSUING_CA_KEY_READ_ACTIONS = ("kms:GetPublicKey",)
 class FleetkeyStack(Stack):
     """Attributes: `rotation_config`, `data`, `token_keys`, `data_keys`, `iot`, `layer`, `api`
     (with the operator roles: `api.operator_roles`), `lifecycle`, `functions`,
-    `registration_rule`, `tamper_rule`, `presence_rule`, `schedules`, `est_domain` (None without
-    EST's configuration). `name_prefix` names the AWS IoT resources and the operator roles
-    (`<name_prefix>-fleet-admin`, `-release`, `-auditor`)."""
+    `registration_rule`, `tamper_rule`, `presence_rule`, `schedules`, `monitoring` (the alarms,
+    their SNS topic and the lifecycle dashboard), `est_domain` (None without EST's configuration),
+    `stage` (StageConfig), `api_domain` (ApiDomain; None without the API's custom domain).
+    `name_prefix` (the stage's unless given) names the AWS IoT resources, the operator roles
+    (`<name_prefix>-fleet-admin`, `-release`, `-auditor`), the functions' Powertools services and
+    the WAF metrics (fleetkey_infra.stage)."""
 
     def __init__(
         self,
@@ -221,12 +229,19 @@ class FleetkeyStack(Stack):
         construct_id: str,
         *,
         layer_dir: Path | None = None,
-        name_prefix: str = constants.NAME_PREFIX,
+        name_prefix: str | None = None,
+        stage: StageConfig | None = None,
         **kwargs,
     ) -> None:
         super().__init__(scope, construct_id, **kwargs)
         Tags.of(self).add("project", constants.PROJECT_TAG)
+        self.stage = stage or StageConfig.from_context(self.node.try_get_context)
+        if self.stage.stage:
+            Tags.of(self).add(constants.STAGE_TAG, self.stage.stage)
+        name_prefix = name_prefix or self.stage.name_prefix
+        self.name_prefix = name_prefix
         self.rotation_config = RotationConfig.from_context(self.node.try_get_context)
+        api_domain = ApiDomainConfig.from_context(self.node.try_get_context)
 
         self.data = Data(self, "Data")
         self.token_keys = TokenKeys(self, "TokenKeys")
@@ -234,7 +249,13 @@ class FleetkeyStack(Stack):
         self.iot = IotResources(self, "Iot", name_prefix=name_prefix)
         self.layer = CoreLayer(self, "CoreLayer", directory=layer_dir or self._layer_dir())
         # The API first: its base URL is the functions' issuer; the routes follow the functions.
-        self.api = Api(self, "Api", name_prefix=name_prefix)
+        self.api = Api(
+            self,
+            "Api",
+            name_prefix=name_prefix,
+            rest_api_name=self.stage.rest_api_name,
+            issuer=api_domain.issuer if api_domain else None,
+        )
         # The queue before the functions: its URL is in their environment.
         self.lifecycle = LifecycleQueue(self, "Lifecycle")
         self.functions = Functions(
@@ -261,6 +282,9 @@ class FleetkeyStack(Stack):
         )
         est = self.rotation_config.est
         self.est_domain = EstDomain(self, "Est", api=self.api.api, config=est) if est else None
+        self.api_domain = None
+        if api_domain:
+            self.api_domain = ApiDomain(self, "ApiDomain", api=self.api.api, config=api_domain)
         self.lifecycle.consume(self.functions.converge)
         self.registration_rule = RegistrationRule(
             self, "RegistrationRule", function=self.functions.registration
@@ -274,6 +298,16 @@ class FleetkeyStack(Stack):
             "Schedules",
             maintenance=self.functions.maintenance,
             rotation_sweep=self.functions.rotation_events,
+        )
+        # Alarms on all of the above to an SNS topic, and the lifecycle dashboard.
+        self.monitoring = Monitoring(
+            self,
+            "Monitoring",
+            functions=self.functions,
+            api=self.api,
+            lifecycle=self.lifecycle,
+            rules=(self.registration_rule, self.tamper_rule, self.presence_rule),
+            schedules=self.schedules,
         )
 
         self._grant_registration(self.functions.registration_role)
@@ -1130,6 +1164,14 @@ class FleetkeyStack(Stack):
 
     def _build_outputs(self) -> None:
         CfnOutput(self, "TableName", value=self.data.table.table_name)
+        CfnOutput(
+            self,
+            "AlarmTopicArn",
+            value=self.monitoring.topic.topic.topic_arn,
+            description="Every alarm notifies this SNS topic: subscribe the operators to it "
+            "(context alarmEmail subscribes one address); docs/runbook.md",
+        )
+        CfnOutput(self, "DashboardName", value=self.monitoring.dashboard.dashboard_name)
         CfnOutput(self, "ApiUrl", value=self.api.url)
         CfnOutput(self, "Issuer", value=self.api.issuer)
         CfnOutput(self, "TokenSigningKeyId", value=self.token_keys.key.key_id)
@@ -1188,6 +1230,27 @@ class FleetkeyStack(Stack):
                 "EstDomainHostedZoneId",
                 value=self.est_domain.domain.domain_name_alias_hosted_zone_id,
             )
+        if self.api_domain is not None:
+            CfnOutput(
+                self,
+                "ApiDomainTarget",
+                value=self.api_domain.domain.domain_name_alias_domain_name,
+                description="Point the issuer's DNS name at this (CNAME, or an alias record with "
+                "ApiDomainHostedZoneId)",
+            )
+            CfnOutput(
+                self,
+                "ApiDomainHostedZoneId",
+                value=self.api_domain.domain.domain_name_alias_hosted_zone_id,
+            )
+        CfnOutput(
+            self,
+            "NamePrefix",
+            value=self.name_prefix,
+            description="Prefix of this stack's AWS IoT policies and thing types, operator roles "
+            "and metrics' service dimension",
+        )
+        add_retained_resources_output(self)
         CfnOutput(self, "ValidationsFunctionName", value=self.functions.validations.function_name)
         for name, role in self.api.operator_roles.roles.items():
             CfnOutput(

@@ -406,7 +406,7 @@ def _curl_with_sigv4() -> bool:
 
 @pytest.mark.skipif(not _curl_with_sigv4(), reason="needs curl >= 7.75 (--aws-sigv4)")
 def test_curl_with_aws_sigv4_reaches_the_admin_api(gateway):
-    # When the README's curl example is run against the local gateway
+    # When docs/local-stack.md's curl example is run against the local gateway
     result = subprocess.run(
         [
             "curl",

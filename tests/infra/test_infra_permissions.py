@@ -598,7 +598,7 @@ def test_registration_iot_actions_are_scoped_to_certificates_things_and_profile_
         assert granted["Resource"] == certificates, action
         assert granted["Condition"] == {"ArnLike": {"iot:thingArn": things}}, action
     assert resources_for(statements, "iot:AttachPolicy") == [certificates]
-    assert policies  # the profiles' policies exist, and no grant names them (see README)
+    assert policies  # the profiles' policies exist, and no grant names them (infra/README.md)
 
 
 def test_admin_ca_actions_are_scoped_to_ca_certificates(resources: dict[str, dict]) -> None:

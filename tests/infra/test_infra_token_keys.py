@@ -13,8 +13,14 @@ from infra_template import (
 )
 
 
+def alarm_topic_key_id(resources: dict[str, dict]) -> str:
+    """The logical id of the KMS key that encrypts the alarm topic (constructs/monitoring.py)."""
+    [topic] = of_type(resources, "AWS::SNS::Topic").values()
+    return topic["Properties"]["KmsMasterKeyId"]["Fn::GetAtt"][0]
+
+
 def token_key(resources: dict[str, dict]) -> tuple[str, dict]:
-    others = {table_key_id(resources), data_key_key_id(resources)}
+    others = {table_key_id(resources), data_key_key_id(resources), alarm_topic_key_id(resources)}
     keys = {lid: r for lid, r in of_type(resources, "AWS::KMS::Key").items() if lid not in others}
     assert len(keys) == 1, sorted(keys)
     return next(iter(keys.items()))
@@ -25,8 +31,9 @@ def test_stack_has_the_table_key_the_data_key_key_and_one_token_signing_key(
 ) -> None:
     # Given the synthesized stack
     # When listing its KMS keys
-    # Then there are three: the table's, the data keys' and the first token signing key
-    assert len(of_type(resources, "AWS::KMS::Key")) == 3
+    # Then there are four: the table's, the data keys', the alarm topic's and the first token
+    # signing key
+    assert len(of_type(resources, "AWS::KMS::Key")) == 4
     token_key(resources)
 
 

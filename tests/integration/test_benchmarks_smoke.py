@@ -7,6 +7,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -115,3 +117,120 @@ def test_kolmogorov_smirnov_p_value_is_kolmogorovs_distribution():
     assert abs(timing.kolmogorov_smirnov_p(d_for(1.36), n, n) - 0.049) < 0.001
     assert abs(timing.kolmogorov_smirnov_p(d_for(1.63), n, n) - 0.0098) < 0.0005
     assert timing.kolmogorov_smirnov_p(0.0, 600, 600) == 1.0
+
+
+def load_benchmark(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("initialization", ["on-demand", "snap-start"])
+def test_importtime_benchmark_reports_each_ratio_to_the_reference_measured_beside_it(
+    initialization, tmp_path
+):
+    # Given one run of the import-time benchmark for the token function (as deployed: tracing on),
+    # initialized on demand (`make importtime`) or ahead of requests (`--initialization
+    # snap-start`); its verdict on one run of a shared machine means nothing, so only that it
+    # judged is checked
+    out = tmp_path / "importtime.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "importtime.py"),
+            "--runs",
+            "1",
+            "--functions",
+            "token",
+            "--initialization",
+            initialization,
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode in (0, 1), done.stdout[-2000:] + done.stderr[-4000:]
+    results = json.loads(out.read_text())
+    # Then each case has the handler's import, the reference's, and their ratio
+    assert results["tracing"] is True and results["initialization"] == initialization
+    assert results["reference"] == "import boto3, cryptography.x509, jwt"
+    for case in ("bytecode_cached", "no_dependency_bytecode"):
+        figures = results["functions"]["token"][case]
+        handler, reference = figures["handler_cumulative_ms_runs"], figures["reference_ms_runs"]
+        assert figures["ratio"] == pytest.approx(handler[0] / reference[0]) and reference[0] > 0
+    # and the exit status is the verdict it prints
+    assert ("Above 1.3x the reference" in done.stdout) == (done.returncode == 1)
+    assert "| ratio |" in done.stdout
+
+
+def test_importtime_benchmark_fails_a_function_above_the_ratio_in_either_case():
+    importtime = load_benchmark("importtime")
+    cases = ("bytecode_cached", "no_dependency_bytecode")
+    results = {
+        "functions": {
+            "token": dict(zip(cases, ({"ratio": 1.29}, {"ratio": 1.31}), strict=True)),
+            "admin": dict(zip(cases, ({"ratio": 1.0}, {"ratio": 1.3}), strict=True)),
+        }
+    }
+    assert importtime.over_limit(results, 1.3) == ["token (no .pyc for dependencies): 1.31"]
+    assert importtime.over_limit(results, 1.4) == []
+
+
+def test_importtime_reference_is_the_outermost_imports_of_its_three_packages():
+    # Given -X importtime output of `import boto3, cryptography.x509, jwt` (start-up first)
+    importtime = load_benchmark("importtime")
+    stderr = "\n".join(
+        [
+            "import time: self [us] | cumulative | imported package",
+            "import time:       100 |        100 |   encodings.utf_8",
+            "import time:       200 |        300 | site",
+            "import time:        50 |         50 |     botocore.compat",
+            "import time:       100 |        150 |   botocore",
+            "import time:        10 |        160 | boto3",
+            "import time:        20 |         20 | cryptography",
+            "import time:        30 |         30 | cryptography.x509",
+            "import time:         5 |          5 | jwt",
+        ]
+    )
+    # Then the reference is theirs alone (what they import included), not the interpreter's
+    assert importtime.reference_us(stderr) == 160 + 20 + 30 + 5
+
+
+def test_snapstart_benchmark_answers_every_request_each_way_it_starts(tmp_path):
+    # Given one sample of each way to start the token function (fresh interpreters, moto server)
+    out = tmp_path / "snapstart.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "snapstart.py"),
+            "--samples",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    # Then every request got its token, and each way reports what a cold start waited for
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert results["problems"] == []
+    assert set(results["modes"]) == {"on-demand", "snapshot", "snapshot-primed"}
+    for clock in ("wall", "cpu"):
+        on_demand = {key: value[clock] for key, value in results["modes"]["on-demand"].items()}
+        assert on_demand["cold_start_ms"] == pytest.approx(
+            on_demand["init_ms"] + on_demand["first_request_ms"]
+        )
+        for mode in ("snapshot", "snapshot-primed"):
+            figures = results["modes"][mode]
+            assert figures["cold_start_ms"][clock] == figures["first_request_ms"][clock]
+    assert "| Start |" in done.stdout and '"_aws"' not in done.stdout

@@ -450,7 +450,7 @@ def test_after_decommission_the_data_key_is_gone(stack, acme):
         stack.data_keys.for_backend(sensor.device_id, actor="backend")
     assert stack.store.data_keys.get(sensor.device_id, 1) is None
     assert stack.store.table.query(f"DATAKEY#{sensor.device_id}") == []
-    assert base64.b64decode(grant["ciphertext_blob"])  # (a copy the backend kept: see README)
+    assert base64.b64decode(grant["ciphertext_blob"])  # (a backend's copy: docs/lifecycle.md)
     del envelope
 
 

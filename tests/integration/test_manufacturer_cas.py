@@ -285,6 +285,6 @@ def test_a_new_ca_costs_nine_calls_and_registering_it_again_three(stack):
     first = calls.reset()
     stack.cas.register("acme", acme.pem, proof, actor="op")
     again = calls.reset()
-    # Then the budgets README states hold
+    # Then the budgets docs/registration.md states hold ("Manufacturer CAs")
     assert len(first) == 9, first
     assert again == ["dynamodb.GetItem", "iot.UpdateCACertificate", "dynamodb.GetItem"], again

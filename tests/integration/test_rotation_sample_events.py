@@ -435,7 +435,7 @@ def test_scheduled_rotation_sweep_sample_sweeps_and_answers_its_counts(stack, pu
     counts = functions["rotation_events"].handler(
         load_event("scheduled-rotation-sweep"), LambdaContext()
     )
-    # Then the sweep's counts: the device asked to renew, nothing failed
+    # Then the sweep's counts: the device asked to renew, nothing failed, nothing overdue
     assert set(counts) == {
         "due",
         "rolled_back",
@@ -443,9 +443,11 @@ def test_scheduled_rotation_sweep_sample_sweeps_and_answers_its_counts(stack, pu
         "renewals_requested",
         "failed",
         "crl_published",
+        "overdue",
     }
     assert all(type(value) is int and value >= 0 for value in counts.values())
     assert (counts["due"], counts["renewals_requested"], counts["failed"]) == (1, 1, 0)
+    assert counts["overdue"] == 0
     assert pump.record().current_certificate.renewal_requested_at is not None
     [(topic, payload)] = iotdata_backends[ACCOUNT][REGION].published_payloads
     assert topic == f"fleetkey/{DEVICE}/commands/rotate"

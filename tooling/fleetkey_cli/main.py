@@ -18,6 +18,7 @@
     fleetkey firmware revoke infusion-pump <sha256> --reason "CVE-2026-0042"
     fleetkey firmware list --profile infusion-pump
     fleetkey validate pump-0001 --purpose dose-change --audience urn:fleetkey:therapy --verify
+    fleetkey redrive registration-failures --dry-run     # failure queues: fleetkey_cli/redrive.py
     fleetkey --endpoint https://<api-id>.execute-api.eu-west-1.amazonaws.com/prod ca list
 
 The endpoint is the admin API's stage URL (--endpoint, or $FLEETKEY_ENDPOINT); without either it
@@ -34,7 +35,7 @@ Exit status: 0 done; 1 the API refused the request (its error code and message o
 `validate` whose device was not validated (refused, expired, still pending when the wait was
 spent, or a token that did not verify); 2 a local problem (usage, unreadable file, unreachable
 endpoint) or a `device decommission --wait` that timed out (the teardown goes on); 3 a manifest
-import with refused rows.
+import with refused rows. `redrive`: 1 when messages were left in the queue (why, per message).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from fleetkey_cli import redrive
 from fleetkey_cli.client import (
     LOCAL_ENDPOINT,
     AdminApiError,
@@ -414,6 +416,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="the issuer the token must name (default: the API's metadata `issuer`)",
     )
+    redrive.add_parser(commands)  # fleetkey_cli/redrive.py
     return parser
 
 
@@ -773,6 +776,8 @@ def _local_hint(endpoint: str, error: AdminApiError) -> str | None:
 
 def main(argv: list[str] | None = None, client: AdminClient | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "redrive":  # SQS and Lambda, not the admin API
+        return redrive.command(args)
     if client is None:
         client = AdminClient(_transport(args.endpoint, args.region))
     try:

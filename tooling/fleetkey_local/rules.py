@@ -18,10 +18,11 @@ else (WHERE, other functions, projections) is refused when the rule is defined.
 
 Lambda's asynchronous invocation is emulated: the rules engine queues the event and returns; a
 worker thread invokes the handler and retries it twice when it raises (as Lambda does for async
-invocations, without Lambda's minutes of backoff); every invocation is recorded. Each function
-has `concurrency` workers (default 1): Lambda runs one invocation at a time per execution
-environment, and the functions' module-level state (Powertools' logger and metrics, cached
-clients) assumes it; more environments in one process would share that state.
+invocations, without Lambda's minutes of backoff), then hands an invocation whose attempts all
+failed to `on_failure` (Lambda's on-failure destination); every invocation is recorded. Each
+function has `concurrency` workers (default 1): Lambda runs one invocation at a time per
+execution environment, and the functions' module-level state (Powertools' logger and metrics,
+cached clients) assumes it; more environments in one process would share that state.
 """
 
 from __future__ import annotations
@@ -231,8 +232,13 @@ class RulesEngine:
         retries: int = 2,
         retry_delays: Sequence[float] = (0.05, 0.2),
         loader: Callable[[str], Any] = load_function,
+        on_failure: Callable[[Invocation], None] | None = None,
     ) -> None:
         self.rules = list(rules)
+        # Called with an invocation whose every attempt failed: Lambda's on-failure destination
+        # (`fleetkey_local.lambda_invoke.AsyncInvoker.destination_for_rules` sends its record).
+        # May be set after construction.
+        self.on_failure = on_failure
         self.account = account
         self.region = region
         self.retries = retries
@@ -390,6 +396,7 @@ class RulesEngine:
                 invocation.status = "failed"
                 with self._lock:
                     self.counters["failed"] += 1
+                self._on_failure(invocation)
                 break
             else:
                 invocation.status = "succeeded"
@@ -398,6 +405,14 @@ class RulesEngine:
                     self.counters["succeeded"] += 1
                 break
         invocation.finished_at = time.time()
+
+    def _on_failure(self, invocation: Invocation) -> None:
+        if self.on_failure is None:
+            return
+        try:
+            self.on_failure(invocation)
+        except Exception:  # Lambda counts a destination it cannot deliver to; nothing else fails
+            logger.exception("on-failure destination of %s failed", invocation.function)
 
     # ---- observation ---------------------------------------------------------------------------
 

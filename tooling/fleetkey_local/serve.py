@@ -2,7 +2,7 @@
 
     python -m fleetkey_local.serve [--api-port 8080] [--mqtt-port 8883] [--est-port 8443]
         [--state-dir build/local] [--token-rate-limit N] [--discovery-rate-limit N]
-        [--rate-limit-window S] [--no-rate-limits] [--rotation-sweep-seconds 60]
+        [--rate-limit-window S] [--no-rate-limits] [--rotation-sweep-seconds 60] [--lambda-port 0]
 
 AWS (moto) on 127.0.0.1, the resources created from the definitions the CDK stack uses (and the
 issuing CA, as `fleetkey pki init` makes it), the API on a local API gateway, the same API over
@@ -10,6 +10,11 @@ HTTPS with client certificates for EST (a custom domain with mutual TLS), AWS Io
 broker over TLS, the lifecycle queue's event source mapping feeding the converge function, the
 rotation sweep's schedule (the rotation_events function every minute), and a demo manufacturer CA
 whose files (certificate and key) let you make devices that register just in time.
+
+The deployed stack's failure queues exist too, and the functions the IoT rules invoke have their
+on-failure destinations; Lambda's Invoke API (InvocationType Event) runs the local functions for
+`fleetkey redrive`, which finds the queues, the functions and both endpoints in
+<state dir>/outputs.json (what CloudFormation's outputs say of a deployed stack).
 
 The EST listener's server certificate is issued by the local endpoint CA (the state directory's
 `iot-endpoint-ca.pem`, which devices trust for AWS IoT too). Its truststore is AWS IoT's: the CA
@@ -41,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetkey.errors import FleetkeyError
+from fleetkey_cli.redrive import write_local_outputs
 from fleetkey_infra.edge import HTTP_METHODS, OPERATOR_ROLES, EdgeConfig, RateLimit
 from fleetkey_local.api_gateway import (
     DEFAULT_MUTUAL_TLS_PORT,
@@ -52,6 +58,7 @@ from fleetkey_local.api_gateway import (
     local_operator,
     local_operator_role,
 )
+from fleetkey_local.failure_queues import local_outputs, provision_failure_queues
 from fleetkey_local.functions import LambdaContext, load_function
 from fleetkey_local.iot_core import (
     IotCoreEmulator,
@@ -59,6 +66,7 @@ from fleetkey_local.iot_core import (
     ensure_endpoint_pki,
     registry_backend,
 )
+from fleetkey_local.lambda_invoke import AsyncInvoker, LocalLambdaEndpoint
 from fleetkey_local.pki import CertificateAuthority, key_pem
 from fleetkey_local.queues import QueueWorker
 from fleetkey_local.server import local_aws
@@ -301,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         default=ROTATION_SWEEP_SECONDS,
         help="how often the rotation sweep (rotation_events) runs; deployed: every minute",
     )
+    parser.add_argument(
+        "--lambda-port",
+        type=int,
+        default=0,
+        help="Lambda's Invoke API (InvocationType Event) for `fleetkey redrive` (0: any free port)",
+    )
     args = parser.parse_args(argv)
     limits = rate_limits(args)
     args.state_dir.mkdir(parents=True, exist_ok=True)
@@ -335,6 +349,28 @@ def main(argv: list[str] | None = None) -> int:
         sweep = RateSchedule(ROTATION_SWEEP_RULE, "rotation_events", args.rotation_sweep_seconds)
         sweep.start()
         started.callback(sweep.stop)
+        # The deployed stack's failure queues; Lambda's asynchronous invocation with the
+        # functions' on-failure destinations (the IoT rules' invocations too) and its Invoke API,
+        # where `fleetkey redrive` re-invokes them; the outputs it reads (fleetkey_cli.redrive).
+        failure_queues = provision_failure_queues(stack.make_client("sqs"))
+        invoker = AsyncInvoker.with_destinations(
+            stack.make_client("sqs"), failure_queues, region=REGION, account=ACCOUNT
+        )
+        started.callback(invoker.close)
+        iot.rules.on_failure = invoker.destination_for_rules
+        lambda_api = LocalLambdaEndpoint(invoker, port=args.lambda_port).start()
+        started.callback(lambda_api.stop)
+        outputs_file = write_local_outputs(
+            args.state_dir,
+            local_outputs(
+                lifecycle_queue_url=settings.lifecycle_queue_url or "",
+                lifecycle_dead_letter_queue_url=stack.lifecycle_dead_letter_queue_url,
+                failure_queue_urls=failure_queues,
+            ),
+            aws_endpoint=endpoint,
+            lambda_endpoint=lambda_api.url,
+            region=REGION,
+        )
         lifecycle.start()
         started.callback(lifecycle.stop)
         print(
@@ -353,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             f"  lifecycle      {settings.lifecycle_queue_url} -> converge "
             f"({describe_redrive(lifecycle)})\n"
             f"  rotation sweep rotation_events every {sweep.interval} s (scheduled event)\n"
+            f"  failure queues {len(failure_queues) + 1} (`fleetkey redrive all --dry-run`; "
+            f"outputs in {outputs_file})\n"
+            f"  Lambda (Event) {lambda_api.url}  (async invocation, on-failure destinations)\n"
             f"  endpoint CA    {iot.endpoint_ca_path}  (the MQTT and EST servers' issuer)\n"
             f"  demo factory   {args.state_dir / (DEMO_CA + '.pem')} and .key "
             f"(registered manufacturer CA)\n"

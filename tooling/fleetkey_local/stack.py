@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from fleetkey.services.pki import PkiService
     from fleetkey.services.rotation import RotationService
     from fleetkey.services.validations import ValidationService
+    from fleetkey_local.iot_limits import IotRateLimits
 
 REGION = "eu-west-1"
 ACCOUNT = "123456789012"
@@ -75,11 +76,16 @@ class EmbeddedStack:
         )
     )
     account: str = ACCOUNT
+    # AWS IoT's per-API rate limits (`fleetkey_local.iot_limits.IotRateLimits`) on the services'
+    # IoT client; None (the default): unlimited. The harness's IoT client is never limited.
+    iot_limits: IotRateLimits | None = None
 
     def __post_init__(self) -> None:
         moto_patches.apply()
         self.dynamodb = self.make_client("dynamodb")
         self.iot = self.make_client("iot")
+        if self.iot_limits is not None:
+            self.iot_limits.install(self.iot)
         self.harness_iot = self.make_client("iot")
         self.kms = self.make_client("kms")
         self.iot_data = self.make_client("iot-data")

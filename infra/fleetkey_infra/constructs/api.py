@@ -191,17 +191,27 @@ class Api(Construct):
     `issuer` (str: the stage's base URL, no trailing slash), `url` (str: the same with a trailing
     slash), `operator_roles` (OperatorRoles: the roles for people and pipelines, named after
     `name_prefix`), and after `add_routes`, `methods` (dict of (HTTP method, resource path) ->
-    apigateway.Method)."""
+    apigateway.Method).
+
+    `name_prefix` also names the WAF metrics (`<name_prefix>-api...`); `rest_api_name` names the
+    REST API (None: CDK's default, the construct id); `issuer` replaces the stage's URL as the
+    issuer (`https://<the API's custom domain>`: constructs/api_domain.py)."""
 
     def __init__(
-        self, scope: Construct, construct_id: str, *, name_prefix: str = constants.NAME_PREFIX
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        name_prefix: str = constants.NAME_PREFIX,
+        rest_api_name: str | None = None,
+        issuer: str | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         self.edge = EdgeConfig.from_context(self.node.try_get_context)
         self._check_principals_account()
         self.access_logs = self._build_access_logs()
         self.api = self._build_api(
-            self.access_logs, self._build_resource_policy(self.edge, name_prefix)
+            self.access_logs, self._build_resource_policy(self.edge, name_prefix), rest_api_name
         )
         # After the API: their identity policies name its methods. The resource policy names the
         # roles by ARN (made from their names), so neither depends on the other.
@@ -210,12 +220,16 @@ class Api(Construct):
         )
         self.validator = self._build_validator()
         self.rate_limits = ApiRateLimits(
-            self, "RateLimits", stage=self.api.deployment_stage, rate_limits=self._rate_limits()
+            self,
+            "RateLimits",
+            stage=self.api.deployment_stage,
+            rate_limits=self._rate_limits(),
+            metric_prefix=f"{name_prefix}-api",
         )
         # Built from the RestApi's id and the stage's name, not from the Stage resource: the
         # Stage depends on the deployment, which depends on the methods, which depend on the
         # functions whose environment holds this URL.
-        self.issuer = (
+        self.issuer = issuer or (
             f"https://{self.api.rest_api_id}.execute-api.{Aws.REGION}.{Aws.URL_SUFFIX}/"
             f"{constants.API_STAGE_NAME}"
         )
@@ -452,11 +466,15 @@ class Api(Construct):
         return logs.LogGroup(self, "AccessLogs", retention=constants.LOG_RETENTION)
 
     def _build_api(
-        self, access_logs: logs.ILogGroup, policy: iam.PolicyDocument
+        self,
+        access_logs: logs.ILogGroup,
+        policy: iam.PolicyDocument,
+        rest_api_name: str | None = None,
     ) -> apigateway.RestApi:
         api = apigateway.RestApi(
             self,
             "Api",
+            rest_api_name=rest_api_name,
             policy=policy,
             description="fleetkey API: device tokens and discovery (public), introspection and "
             "operators (IAM authenticated)",

@@ -57,6 +57,12 @@ class Functions(Construct):
 
     validations gets the issuer (the tokens a validation yields are the issuer's) and no signing
     key: the token function issues the token, the validations function stores and returns it.
+
+    `name_prefix` (FLEETKEY_NAME_PREFIX: the AWS IoT policies and thing types the functions
+    attach and own) also makes each function's Powertools service, `<name_prefix>-<function>`
+    (POWERTOOLS_SERVICE_NAME: the `service` dimension of every metric it emits, and the service
+    of its logs and traces): `fleetkey-registration` and so on unstaged, `fleetkey-<stage>-...`
+    in a stage, so that two stages' metrics never add up. `service_name(function)` reads it back.
     """
 
     def __init__(
@@ -78,6 +84,7 @@ class Functions(Construct):
         self._layer = layer
         self._table_name = table_name
         self._name_prefix = name_prefix
+        self._service_names: dict[str, str] = {}
         issuer_env = {constants.ENV_ISSUER: issuer}
         lifecycle_env = {constants.ENV_LIFECYCLE_QUEUE_URL: lifecycle_queue_url}
         # A recommission waits out the converge function's timeout after a teardown completed,
@@ -95,7 +102,7 @@ class Functions(Construct):
             "Registration",
             role=self.registration_role,
             code_dir=constants.REGISTRATION_CODE_DIR,
-            service_name=constants.REGISTRATION_SERVICE_NAME,
+            service_name=self._service(constants.REGISTRATION_SERVICE_NAME),
             memory_mb=constants.REGISTRATION_MEMORY_MB,
             timeout=constants.REGISTRATION_TIMEOUT,
             description="fleetkey just-in-time registration of device certificates",
@@ -109,7 +116,7 @@ class Functions(Construct):
             "Admin",
             role=self.admin_role,
             code_dir=constants.ADMIN_CODE_DIR,
-            service_name=constants.ADMIN_SERVICE_NAME,
+            service_name=self._service(constants.ADMIN_SERVICE_NAME),
             memory_mb=constants.ADMIN_MEMORY_MB,
             timeout=constants.ADMIN_TIMEOUT,
             description="fleetkey operator API: allow-list, trust anchors, devices, signing keys",
@@ -120,7 +127,7 @@ class Functions(Construct):
             "Token",
             role=self.token_role,
             code_dir=constants.TOKEN_CODE_DIR,
-            service_name=constants.TOKEN_SERVICE_NAME,
+            service_name=self._service(constants.TOKEN_SERVICE_NAME),
             memory_mb=constants.TOKEN_MEMORY_MB,
             timeout=constants.TOKEN_TIMEOUT,
             description="fleetkey token endpoint: access tokens for devices, challenges",
@@ -131,7 +138,7 @@ class Functions(Construct):
             "Discovery",
             role=self.discovery_role,
             code_dir=constants.DISCOVERY_CODE_DIR,
-            service_name=constants.DISCOVERY_SERVICE_NAME,
+            service_name=self._service(constants.DISCOVERY_SERVICE_NAME),
             memory_mb=constants.DISCOVERY_MEMORY_MB,
             timeout=constants.DISCOVERY_TIMEOUT,
             description="fleetkey discovery: JWKS and authorization server metadata",
@@ -142,7 +149,7 @@ class Functions(Construct):
             "Introspect",
             role=self.introspect_role,
             code_dir=constants.INTROSPECT_CODE_DIR,
-            service_name=constants.INTROSPECT_SERVICE_NAME,
+            service_name=self._service(constants.INTROSPECT_SERVICE_NAME),
             memory_mb=constants.INTROSPECT_MEMORY_MB,
             timeout=constants.INTROSPECT_TIMEOUT,
             description="fleetkey token introspection for relying parties",
@@ -154,7 +161,7 @@ class Functions(Construct):
             "Maintenance",
             role=self.maintenance_role,
             code_dir=constants.MAINTENANCE_CODE_DIR,
-            service_name=constants.MAINTENANCE_SERVICE_NAME,
+            service_name=self._service(constants.MAINTENANCE_SERVICE_NAME),
             memory_mb=constants.MAINTENANCE_MEMORY_MB,
             timeout=constants.MAINTENANCE_TIMEOUT,
             description="fleetkey maintenance: retires expired token signing keys",
@@ -165,7 +172,7 @@ class Functions(Construct):
             "Converge",
             role=self.converge_role,
             code_dir=constants.CONVERGE_CODE_DIR,
-            service_name=constants.CONVERGE_SERVICE_NAME,
+            service_name=self._service(constants.CONVERGE_SERVICE_NAME),
             memory_mb=constants.CONVERGE_MEMORY_MB,
             timeout=constants.CONVERGE_TIMEOUT,
             description="fleetkey converge: makes AWS IoT match a device's lifecycle state",
@@ -183,7 +190,7 @@ class Functions(Construct):
             "DeviceEvents",
             role=self.device_events_role,
             code_dir=constants.DEVICE_EVENTS_CODE_DIR,
-            service_name=constants.DEVICE_EVENTS_SERVICE_NAME,
+            service_name=self._service(constants.DEVICE_EVENTS_SERVICE_NAME),
             memory_mb=constants.DEVICE_EVENTS_MEMORY_MB,
             timeout=constants.DEVICE_EVENTS_TIMEOUT,
             description="fleetkey device events: suspends a device that reports tampering",
@@ -197,7 +204,7 @@ class Functions(Construct):
             "DataKeys",
             role=self.data_keys_role,
             code_dir=constants.DATA_KEYS_CODE_DIR,
-            service_name=constants.DATA_KEYS_SERVICE_NAME,
+            service_name=self._service(constants.DATA_KEYS_SERVICE_NAME),
             memory_mb=constants.DATA_KEYS_MEMORY_MB,
             timeout=constants.DATA_KEYS_TIMEOUT,
             description="fleetkey data keys: a device's data key, sealed to its certificate key",
@@ -215,7 +222,7 @@ class Functions(Construct):
             "Rotation",
             role=self.rotation_role,
             code_dir=constants.ROTATION_CODE_DIR,
-            service_name=constants.ROTATION_SERVICE_NAME,
+            service_name=self._service(constants.ROTATION_SERVICE_NAME),
             memory_mb=constants.ROTATION_MEMORY_MB,
             timeout=constants.ROTATION_TIMEOUT,
             description="fleetkey certificate rotation: new certificates from the issuing CA, "
@@ -236,7 +243,7 @@ class Functions(Construct):
             "RotationEvents",
             role=self.rotation_events_role,
             code_dir=constants.ROTATION_EVENTS_CODE_DIR,
-            service_name=constants.ROTATION_EVENTS_SERVICE_NAME,
+            service_name=self._service(constants.ROTATION_EVENTS_SERVICE_NAME),
             memory_mb=constants.ROTATION_EVENTS_MEMORY_MB,
             timeout=constants.ROTATION_EVENTS_TIMEOUT,
             description="fleetkey rotation events: commits on connection; the sweep (rollbacks, "
@@ -252,7 +259,7 @@ class Functions(Construct):
             "Validations",
             role=self.validations_role,
             code_dir=constants.VALIDATIONS_CODE_DIR,
-            service_name=constants.VALIDATIONS_SERVICE_NAME,
+            service_name=self._service(constants.VALIDATIONS_SERVICE_NAME),
             memory_mb=constants.VALIDATIONS_MEMORY_MB,
             timeout=constants.VALIDATIONS_TIMEOUT,
             description="fleetkey validations: a relying party asks a device to prove itself now",
@@ -309,6 +316,17 @@ class Functions(Construct):
         demand, and the undo of a refused rotation) and maintenance (hourly retirement)."""
         return (self.admin_role, self.maintenance_role)
 
+    def service_name(self, function: lambda_.IFunction) -> str:
+        """The function's Powertools service (POWERTOOLS_SERVICE_NAME), e.g. for an alarm on one
+        of its metrics (dimension `service`)."""
+        return self._service_names[function.node.id]
+
+    def _service(self, unstaged: str) -> str:
+        """`<name prefix>-<function>` from the unstaged service name (`fleetkey-<function>`)."""
+        if not unstaged.startswith(f"{constants.NAME_PREFIX}-"):
+            raise ValueError(f"not a fleetkey service name: {unstaged!r}")
+        return self._name_prefix + unstaged.removeprefix(constants.NAME_PREFIX)
+
     def _build_failure_queue(
         self,
         construct_id: str = "RegistrationFailures",
@@ -343,6 +361,7 @@ class Functions(Construct):
         retry_attempts: int | None = None,
         on_failure: lambda_.IDestination | None = None,
     ) -> lambda_.Function:
+        self._service_names[construct_id] = service_name
         log_group = self._build_log_group(f"{construct_id}Logs")
         # The AWSLambdaBasicExecutionRole equivalent, scoped to this function's own log group.
         log_group.grant_write(role)

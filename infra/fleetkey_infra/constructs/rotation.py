@@ -25,7 +25,8 @@ no mutual TLS: `cacerts` works (public), and `simplereenroll` is refused by the 
 reads the client certificate only from `requestContext.identity.clientCert`. API Gateway sets
 that from the TLS handshake of a mutual-TLS custom domain alone, never from a request header, so
 no header a client sends can stand in for a certificate, on either endpoint. The default endpoint
-is kept (not disabled): it is the token issuer, and every other route is served there.
+is kept (not disabled): it is the token issuer (unless the API has its own custom domain,
+`apiDomainName`: constructs/api_domain.py), and every other route is served there.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ from fleetkey_infra import constants
 from fleetkey_infra.edge import RATE_LIMITED_MESSAGE, RATE_LIMITED_STATUS, RateLimit
 
 RATE_LIMITED_BODY_KEY = "rate-limited"
-METRIC_PREFIX = "fleetkey-api"
+# The unstaged stack's web ACL metric name (a staged stack passes `<name prefix>-api`).
+METRIC_PREFIX = f"{constants.NAME_PREFIX}-api"
 # Before matching, as the local gateway does (fleetkey_infra.edge.normalize_path): %-escapes
 # decoded, `//`, `/./`, `/../` removed, then lowercased, so an encoded or padded path is counted
 # with the route it reaches.
@@ -40,7 +41,12 @@ _REDACTED_HEADERS = ("authorization", "x-amz-security-token")
 
 class ApiRateLimits(Construct):
     """Attributes: `web_acl` (wafv2.CfnWebACL), `association` (wafv2.CfnWebACLAssociation),
-    `log_group` (logs.LogGroup), `logging` (wafv2.CfnLoggingConfiguration)."""
+    `log_group` (logs.LogGroup), `logging` (wafv2.CfnLoggingConfiguration), `metric_prefix`
+    (str: the web ACL's metric name; each rule's is `<metric_prefix>-<rule name>`).
+
+    The metric names are CloudWatch dimensions (`WebACL`, `Rule` in `AWS/WAFV2`), not scoped to
+    the web ACL: a stack of another stage passes its own prefix (`<name prefix>-api`), so the two
+    web ACLs' counts never add up in one metric."""
 
     def __init__(
         self,
@@ -49,10 +55,12 @@ class ApiRateLimits(Construct):
         *,
         stage: apigateway.Stage,
         rate_limits: Sequence[RateLimit],
+        metric_prefix: str = METRIC_PREFIX,
     ) -> None:
         super().__init__(scope, construct_id)
         for rate_limit in rate_limits:
             rate_limit.check_for_waf()
+        self.metric_prefix = metric_prefix
         self.web_acl = self._build_web_acl(rate_limits)
         self.association = self._build_association(stage)
         self.log_group = self._build_log_group()
@@ -67,7 +75,7 @@ class ApiRateLimits(Construct):
             scope="REGIONAL",
             description="fleetkey API: per-client rate limits, by source IP, on the public routes",
             default_action=wafv2.CfnWebACL.DefaultActionProperty(allow={}),
-            visibility_config=self._visibility(METRIC_PREFIX),
+            visibility_config=self._visibility(self.metric_prefix),
             custom_response_bodies={
                 RATE_LIMITED_BODY_KEY: wafv2.CfnWebACL.CustomResponseBodyProperty(
                     content_type="APPLICATION_JSON",
@@ -107,7 +115,9 @@ class ApiRateLimits(Construct):
                     )
                 )
             ),
-            visibility_config=self._visibility(f"{METRIC_PREFIX}-{rate_limit.name}-per-client"),
+            visibility_config=self._visibility(
+                f"{self.metric_prefix}-{rate_limit.name}-per-client"
+            ),
         )
 
     @staticmethod

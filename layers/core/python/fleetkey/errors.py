@@ -84,3 +84,14 @@ class NotSettled(FleetkeyError):
 
     code = "not_settled"
     status = 503
+
+
+class EstRefused(FleetkeyError):
+    """An EST request refused (fleetkey.services.rotation): `status` 400 (the request) or 401
+    (the client certificate)."""
+
+    code = "est_refused"
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status

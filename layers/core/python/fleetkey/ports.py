@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from fleetkey.domain.allowlist import AllowlistEntry
 from fleetkey.domain.audit import AuditRecord, ChainHead
 from fleetkey.domain.firmware import FirmwareRelease
 from fleetkey.domain.lifecycle import DeviceState, Transition
@@ -31,6 +30,9 @@ from fleetkey.domain.models import (
 from fleetkey.domain.pki import Revocation
 from fleetkey.domain.validation import RefusalReason, Validation, ValidationAnswer
 from fleetkey.errors import ConcurrentModification, Conflict
+
+if TYPE_CHECKING:  # pydantic's: not imported by the functions that never read an allow-list
+    from fleetkey.domain.allowlist import AllowlistEntry
 
 # ---- domain exceptions raised by adapters ---------------------------------------------------
 
@@ -211,8 +213,9 @@ class DeviceRepository(Protocol):
         self, rows: Sequence[tuple[AllowlistEntry, AuditRecord]], at: str
     ) -> ImportOutcome: ...
 
-    def due(self, now: int, limit: int) -> list[str]:
-        """Devices with a deadline due at `now` (the sparse `due` index), at most `limit`."""
+    def due(self, now: int, limit: int) -> list[tuple[str, int]]:
+        """Devices with a deadline due at `now` (the sparse `due` index), at most `limit`, each
+        with that deadline (epoch seconds)."""
         ...
 
     def renewals_due(self, now: int, limit: int) -> list[str]:

@@ -1,8 +1,13 @@
-"""What the adapters share: client construction and the transient/permanent split of AWS errors."""
+"""What the adapters share: client construction and the transient/permanent split of AWS errors.
+
+Metrics: `KmsThrottles`, every KMS response that refused a request for throttling (each attempt,
+the SDK's own retries included: a throttle its retry absorbed still means fleetkey reached a KMS
+quota), emitted at once with the function's `service` dimension alone.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from botocore.config import Config
 from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
@@ -80,6 +85,34 @@ def client(
     `fleetkey.adapters.iot_data`."""
     import boto3  # imported where a real client is first needed; tests inject their own
 
-    return boto3.client(
+    made = boto3.client(
         service, region_name=region, endpoint_url=endpoint_url, config=CLIENT_CONFIG
     )
+    if service == "kms":
+        made.meta.events.register("response-received.kms", count_kms_throttle)
+    return made
+
+
+# The error codes KMS answers a request over its quota with (KMS: ThrottlingException).
+KMS_THROTTLE_CODES = frozenset({"ThrottlingException", "Throttling"})
+KMS_THROTTLE_METRIC = "KmsThrottles"
+
+
+def count_kms_throttle(parsed_response: dict[str, Any] | None = None, **_: Any) -> None:
+    """botocore's `response-received.kms` handler (once per attempt): a throttled response is
+    counted as `KmsThrottles`. A metric of its own (Powertools `single_metric`), so that no
+    dimension the invocation adds later (a refusal's `error`) lands on it."""
+    error = (parsed_response or {}).get("Error") or {}
+    if error.get("Code") not in KMS_THROTTLE_CODES:
+        return
+    from aws_lambda_powertools.metrics import MetricUnit, single_metric
+    from aws_lambda_powertools.metrics.functions import is_metrics_disabled
+
+    from fleetkey.observability import metrics
+
+    if is_metrics_disabled():  # POWERTOOLS_METRICS_DISABLED, as for the other metrics
+        return
+    with single_metric(
+        name=KMS_THROTTLE_METRIC, unit=MetricUnit.Count, value=1, namespace=metrics.namespace
+    ):
+        pass

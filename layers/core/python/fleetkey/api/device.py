@@ -1,6 +1,7 @@
 """What the device-facing endpoints (/v1/token, /v1/challenge, the data-key route) share: JSON
 answers that are never cached, and one mapping of errors to RFC 6749 §5.2 bodies that tells a
-caller nothing about which check failed."""
+caller nothing about which check failed on a device (the token endpoint says which assertion rule
+a request broke when no device could have made it acceptable)."""
 
 from __future__ import annotations
 
@@ -58,19 +59,25 @@ def json_body(app: APIGatewayRestResolver, max_bytes: int = 16 * 1024) -> dict[s
     return body
 
 
-def handle_device_errors(app: APIGatewayRestResolver, *, refused_metric: str, what: str) -> None:
+def handle_device_errors(
+    app: APIGatewayRestResolver, *, refused_metric: str, what: str, explain_rules: bool = False
+) -> None:
     """Register on `app`: OAuth errors as their RFC 6749 body (counted in `refused_metric` by
-    error code, the reason logged, never answered); fleetkey's own failures and transient AWS
-    failures as 503 `temporarily_unavailable`; any other AWS error re-raised (a 502: fleetkey's
-    fault, logged by Lambda)."""
+    error code, the reason logged, never answered; with `explain_rules`, an `invalid_client`
+    decided on the request alone says which assertion rule it broke: `InvalidClient.rule`);
+    fleetkey's own failures and transient AWS failures as 503 `temporarily_unavailable`; any
+    other AWS error re-raised (a 502: fleetkey's fault, logged by Lambda)."""
 
     @app.exception_handler(OAuthError)
     def _oauth_error(exc: OAuthError) -> Response[dict[str, Any]]:
-        reason = exc.reason if isinstance(exc, InvalidClient) else exc.message
+        if isinstance(exc, InvalidClient):
+            reason, body = exc.reason, exc.to_body(explain=explain_rules)
+        else:
+            reason, body = exc.message, exc.to_body()
         metrics.add_dimension(name="error", value=exc.code)
         metrics.add_metric(name=refused_metric, unit=MetricUnit.Count, value=1)
         logger.warning(f"{what} refused", extra={"error": exc.code, "reason": reason})
-        return no_store_json(exc.status, exc.to_body())
+        return no_store_json(exc.status, body)
 
     @app.exception_handler(FleetkeyError)
     def _unavailable(exc: FleetkeyError) -> Response[dict[str, Any]]:

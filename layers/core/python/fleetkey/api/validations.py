@@ -10,7 +10,7 @@ from aws_lambda_powertools.event_handler.openapi.params import Path, Query
 from aws_lambda_powertools.metrics import MetricUnit
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from fleetkey.api import caller, components, new_router, responses
+from fleetkey.api.common import caller, components, new_router, responses
 from fleetkey.domain.validation import (
     DEFAULT_EXPIRES_IN,
     MAX_EXPIRES_IN,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -23,12 +22,12 @@ from pydantic import (
     field_validator,
 )
 
+# A device id (its AWS IoT thing name and MQTT client id): what every path checks first.
+from fleetkey.domain.ids import DEVICE_ID as DEVICE_ID  # re-exported: its earlier home
 from fleetkey.domain.profiles import PROFILES, RESERVED_THING_ATTRIBUTES
 from fleetkey.errors import InvalidRequest
 
 # AWS IoT thing names and attribute syntax, so a valid entry always makes a valid thing.
-# A device id (its AWS IoT thing name and MQTT client id): what every path checks first.
-DEVICE_ID = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 DeviceId = Annotated[str, StringConstraints(pattern=rf"^{DEVICE_ID.pattern}$")]
 SerialNumber = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._/-]{1,64}$")]
 CaName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]

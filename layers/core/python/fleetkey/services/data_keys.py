@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from fleetkey.adapters.data_keys import encryption_context
 from fleetkey.clock import Clock, timestamp, utc_now
 from fleetkey.crypto.sealing import seal_data_key
-from fleetkey.domain.allowlist import DEVICE_ID
+from fleetkey.domain.ids import DEVICE_ID
 from fleetkey.domain.lifecycle import DeviceState
 from fleetkey.domain.models import Device
 from fleetkey.domain.oauth import InvalidClient, InvalidScope, OAuthInvalidRequest

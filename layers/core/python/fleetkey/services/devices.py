@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from fleetkey.domain.allowlist import DEVICE_ID
 from fleetkey.domain.audit import AuditRecord, ChainHead, ChainVerification, verify_chain
+from fleetkey.domain.ids import DEVICE_ID
 from fleetkey.domain.models import Device
 from fleetkey.errors import InvalidRequest, NotFound
 from fleetkey.ports import AuditLog, CertificateDecisions, DeviceRepository, TrustAnchorStore

@@ -28,7 +28,7 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -36,7 +36,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from fleetkey.adapters.aws import is_transient
 from fleetkey.clock import Clock, timestamp, utc_now
 from fleetkey.converge import Step, converge
-from fleetkey.domain.allowlist import DEVICE_ID
+from fleetkey.domain.ids import DEVICE_ID
 from fleetkey.domain.lifecycle import DeviceState, Transition, target_state
 from fleetkey.domain.models import (
     CertificateOrigin,
@@ -76,6 +76,11 @@ _REASON = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
 OWNER = re.compile(r"[A-Za-z0-9][A-Za-z0-9:_.@-]{0,127}")
 MAX_ROUNDS = 4
 TAMPER = "tamper"
+# A teardown normally ends in its first delivery (seconds), or a few minutes later once AWS IoT
+# settles its detaches. Still pending this long after the decommission, several deliveries have
+# failed (the lifecycle queue redelivers every 6 minutes, 8 times, then keeps the message in its
+# dead-letter queue): the `teardown_overdue` observation (`TeardownsOverdue`), before that.
+TEARDOWN_DEADLINE = timedelta(minutes=30)
 
 Observer = Callable[[str, Device], None]
 
@@ -85,7 +90,9 @@ class Superseded(Exception):
 
 
 class LifecycleService:
-    """`on_change(action, device)` is called once per committed change (for metrics)."""
+    """`on_change(action, device)` is called once per committed change (for metrics), and with
+    `teardown_overdue` once per convergence that finds the device's teardown still pending
+    TEARDOWN_DEADLINE after it started (a stuck teardown; nothing is committed)."""
 
     def __init__(
         self,
@@ -347,8 +354,10 @@ class LifecycleService:
         Raises:
             NotFound: no such device; AWS errors (a retry converges).
         """
-        for _ in range(MAX_ROUNDS):
+        for round_ in range(MAX_ROUNDS):
             device = self._get(device_id)
+            if round_ == 0 and self._teardown_overdue(device):
+                self._notify("teardown_overdue", device)
             try:
                 if not converge(self._steps(device)):
                     return False
@@ -365,6 +374,16 @@ class LifecycleService:
             if latest.audit_head == device.audit_head:
                 return True
         return False
+
+    def _teardown_overdue(self, device: Device) -> bool:
+        """Whether `device`'s teardown is pending TEARDOWN_DEADLINE after it started."""
+        teardown = device.teardown
+        return (
+            device.state is DeviceState.DECOMMISSIONED
+            and teardown is not None
+            and teardown.status is TeardownStatus.PENDING
+            and self._clock() - datetime.fromisoformat(teardown.started_at) >= TEARDOWN_DEADLINE
+        )
 
     def _steps(self, device: Device) -> list[Step]:
         certificates = [c.certificate_id for c in device.certificates]

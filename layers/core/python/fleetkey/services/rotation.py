@@ -45,7 +45,7 @@ from fleetkey.clock import Clock, timestamp, utc_now
 from fleetkey.crypto import issuing
 from fleetkey.crypto.certificates import certificate_id, load_certificate
 from fleetkey.crypto.x509_policy import describe_public_key
-from fleetkey.domain.allowlist import DEVICE_ID
+from fleetkey.domain.ids import DEVICE_ID
 from fleetkey.domain.lifecycle import DeviceState
 from fleetkey.domain.models import (
     CaStatus,
@@ -58,7 +58,7 @@ from fleetkey.domain.oauth import InvalidClient, InvalidGrant, OAuthError, OAuth
 from fleetkey.domain.pki import Revocation
 from fleetkey.domain.profiles import get_profile
 from fleetkey.domain.rotation import epoch_of, key_fingerprint, renewal_due_at
-from fleetkey.errors import FleetkeyError, InvalidCertificate, NotFound
+from fleetkey.errors import EstRefused, FleetkeyError, InvalidCertificate, NotFound
 from fleetkey.ports import (
     CaChanged,
     DeviceChange,
@@ -85,6 +85,10 @@ SWEEP_LIMIT = 400
 ROLLBACK_HOLD = timedelta(days=1)
 # A sweep stops starting new work after this long (the function's timeout is a minute).
 SWEEP_SECONDS = 40.0
+# A deadline the sweep (every minute) has not kept this long after it passed: five sweeps have
+# failed on the device, or the sweep is behind (more due than SWEEP_LIMIT). Counted by `sweep`
+# as `overdue` (the rotation_events function's `RotationsOverdue`).
+OVERDUE_AFTER = timedelta(minutes=5)
 
 Observer = Callable[[str], None]
 
@@ -94,16 +98,6 @@ class RotationPending(OAuthError):
 
     code = "rotation_pending"
     status = 409
-
-
-class EstRefused(FleetkeyError):
-    """An EST request refused: `status` 400 (the request) or 401 (the client certificate)."""
-
-    code = "est_refused"
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True, slots=True)
@@ -706,6 +700,9 @@ class RotationService:
         certificates past their grace, and ask for renewals (at most `renewal_rate_per_minute`);
         then publish the CRL if a revocation is missing from it or it is half-way to its
         nextUpdate. A device that fails is counted and left due: the next sweep retries it.
+        `overdue` counts the devices the `due` index lists with a deadline passed more than
+        OVERDUE_AFTER ago (read off the index's own `due_at`: no further read), whatever this
+        sweep then manages: a rotation stuck past its deadline.
 
         AWS calls: DUE_SHARDS Queries (+ pages); per due device 1 read, and per action its
         transaction and AWS calls; the CRL check 1 GetItem.
@@ -719,13 +716,15 @@ class RotationService:
             "renewals_requested": 0,
             "failed": 0,
             "crl_published": 0,
+            "overdue": 0,
         }
         moment = int(now.timestamp())
+        due = self._devices.due(moment, SWEEP_LIMIT)
+        late = moment - int(OVERDUE_AFTER.total_seconds())
+        counts["overdue"] = sum(1 for _, deadline in due if deadline <= late)
         # Deadlines first (rollbacks, deletions), then renewals at the configured rate: each has
         # its own index, so a backlog of renewals never delays a rollback.
-        work = [
-            (device_id, self._settle) for device_id in self._devices.due(moment, SWEEP_LIMIT)
-        ] + [
+        work = [(device_id, self._settle) for device_id, _ in due] + [
             (device_id, self._renew)
             for device_id in self._devices.renewals_due(
                 moment, self._settings.renewal_rate_per_minute

@@ -72,8 +72,8 @@ from fleetkey.crypto.jose import (
     sign_jwt,
     stand_in_keys,
 )
-from fleetkey.domain.allowlist import DEVICE_ID
 from fleetkey.domain.firmware import FIRMWARE_VERSION
+from fleetkey.domain.ids import DEVICE_ID
 from fleetkey.domain.lifecycle import DeviceState
 from fleetkey.domain.models import CertificateRole, HeldCertificate
 from fleetkey.domain.oauth import (
@@ -461,7 +461,12 @@ class TokenService:
         if refusal is not None or device is None or certificate is None:
             raise InvalidClient(refusal or "no device key")
         if nonce is None and not 0 < claims["exp"] - claims["iat"] <= MAX_ASSERTION_LIFETIME:
-            raise InvalidClient("assertion lifetime", proven=True)
+            raise InvalidClient(
+                "assertion lifetime",
+                proven=True,
+                rule="the client assertion's lifetime, exp - iat, must be 1 to "
+                f"{MAX_ASSERTION_LIFETIME} seconds",
+            )
         if not isinstance(claims["jti"], str) or not _PRINTABLE.fullmatch(claims["jti"]):
             raise InvalidClient("jti", proven=True)
         if nonce is not None and (not isinstance(nonce, str) or not _PRINTABLE.fullmatch(nonce)):
@@ -478,7 +483,12 @@ class TokenService:
             and "exp" in claims
             and claims["exp"] > now + MAX_ASSERTION_LIFETIME + CLOCK_SKEW
         ):
-            raise InvalidClient("assertion lifetime", proven=True)
+            raise InvalidClient(
+                "assertion lifetime",
+                proven=True,
+                rule="a client assertion with a nonce must expire within "
+                f"{MAX_ASSERTION_LIFETIME} seconds",
+            )
         if now >= certificate.not_after_epoch():
             raise InvalidClient("certificate expired", proven=True)
         if device.tokens_not_before is not None and (
@@ -557,29 +567,62 @@ class TokenService:
         try:
             jws = parse_compact_jws(assertion, max_bytes=MAX_ASSERTION_BYTES)
         except MalformedJws as exc:
-            raise InvalidClient(f"malformed assertion: {exc}") from None
+            raise InvalidClient(
+                f"malformed assertion: {exc}",
+                rule=f"the client assertion is not a well-formed compact JWS ({exc})",
+            ) from None
         header, claims = jws.header, jws.claims
         if header["alg"] not in ASSERTION_ALGORITHMS:
-            raise InvalidClient("algorithm not allowed")
+            raise InvalidClient(
+                "algorithm not allowed",
+                rule="the client assertion's alg must be ES256, ES384, PS256 or RS256, "
+                "matching the device's key",
+            )
         if not isinstance(header.get("kid"), str) or not _CERTIFICATE_ID.fullmatch(header["kid"]):
-            raise InvalidClient("kid")
+            raise InvalidClient(
+                "kid",
+                rule="the client assertion's kid header must be the AWS IoT certificate id of "
+                "the device's certificate (64 lowercase hex digits)",
+            )
         if "typ" in header and media_type(header["typ"]) not in ASSERTION_TYPES:
-            raise InvalidClient("typ is not a client assertion's")
+            raise InvalidClient(
+                "typ is not a client assertion's",
+                rule="the client assertion's typ header, when present, must be "
+                "client-authentication+jwt or JWT",
+            )
         device_id = claims.get("sub")
         if not isinstance(device_id, str) or not DEVICE_ID.fullmatch(device_id):
-            raise InvalidClient("subject")
+            raise InvalidClient(
+                "subject",
+                rule="the client assertion's sub must be the device id (1 to 128 of A-Z a-z "
+                "0-9 : _ -)",
+            )
         if claims.get("iss") != device_id:
-            raise InvalidClient("iss differs from sub")
+            raise InvalidClient(
+                "iss differs from sub",
+                rule="the client assertion's iss must be its sub, the device id",
+            )
         # 7523bis §4: the issuer identifier as the sole audience (simple string comparison).
         audience = claims.get("aud")
         if audience != self._settings.issuer and audience != [self._settings.issuer]:
-            raise InvalidClient("aud is not the issuer alone")
+            raise InvalidClient(
+                "aud is not the issuer alone",
+                rule="the client assertion's aud must be the issuer identifier "
+                f"{self._settings.issuer} alone (a string, or an array holding only it), not "
+                "the token endpoint URL",
+            )
         if client_id is not None and client_id != device_id:  # RFC 7521 §4.2
-            raise InvalidClient("client_id differs from the assertion's subject")
+            raise InvalidClient(
+                "client_id differs from the assertion's subject",
+                rule="client_id, when sent, must be the client assertion's sub (the device id)",
+            )
         # NumericDate claims must be numbers (pyjwt would coerce strings and fail on others).
         for name in ("exp", "iat", "nbf"):
             if name in claims and type(claims[name]) is not int:
-                raise InvalidClient(f"{name} is not an integer")
+                raise InvalidClient(
+                    f"{name} is not an integer",
+                    rule=f"the client assertion's {name} must be an integer (a NumericDate)",
+                )
         return jws
 
     def _verification_key(

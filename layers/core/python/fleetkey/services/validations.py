@@ -17,7 +17,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 from fleetkey.clock import Clock, utc_now
-from fleetkey.domain.allowlist import DEVICE_ID
+from fleetkey.domain.ids import DEVICE_ID
 from fleetkey.domain.lifecycle import DeviceState
 from fleetkey.domain.models import CertificateRole
 from fleetkey.domain.profiles import get_profile

@@ -13,13 +13,12 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.parsers import create_parser
 
 from fleetkey.adapters.aws import is_transient
-from fleetkey.domain.allowlist import AllowlistEntry
 from fleetkey.domain.audit import AuditRecord, ChainHead
 from fleetkey.domain.lifecycle import DeviceState, target_state
 from fleetkey.domain.models import (
@@ -56,6 +55,9 @@ from fleetkey.store.table import (
     plain,
     ser,
 )
+
+if TYPE_CHECKING:  # pydantic's: not imported by the functions that never read an allow-list
+    from fleetkey.domain.allowlist import AllowlistEntry
 
 # The state attribute: written by `_change_action` alone (tests/unit/test_state_writes.py).
 STATE = "state"
@@ -313,25 +315,27 @@ class DynamoDeviceRepository:
         )
         _credential_from_item(de(parsed["Item"]))
 
-    def due(self, now: int, limit: int) -> list[str]:
+    def due(self, now: int, limit: int) -> list[tuple[str, int]]:
         """Devices with a deadline due at `now` (a rollback, a deletion: the sparse `due`
-        index), at most `limit`. AWS calls: 1 Query per shard (DUE_SHARDS) and further page."""
+        index), at most `limit`, each with its deadline (`due_at`, epoch seconds: an index key,
+        so in every item the query returns). AWS calls: 1 Query per shard (DUE_SHARDS) and
+        further pages."""
         return self._sparse(schema.DUE_INDEX, now, limit)
 
     def renewals_due(self, now: int, limit: int) -> list[str]:
         """ACTIVE devices due for a renewal request at `now` (the sparse `renewal` index), at
         most `limit`. AWS calls: as `due`, stopping once `limit` are found."""
-        return self._sparse(schema.RENEWAL_INDEX, now, limit)
+        return [device_id for device_id, _ in self._sparse(schema.RENEWAL_INDEX, now, limit)]
 
-    def _sparse(self, index: str, now: int, limit: int) -> list[str]:
-        """Up to `limit` device ids from a sparse index, due at `now` (earliest first within
-        each shard). The index holds only devices with that moment set, so this reads what is
-        due and never the rest of the fleet."""
+    def _sparse(self, index: str, now: int, limit: int) -> list[tuple[str, int]]:
+        """Up to `limit` (device id, moment) pairs from a sparse index, due at `now` (earliest
+        first within each shard). The index holds only devices with that moment set, so this
+        reads what is due and never the rest of the fleet."""
         shard_key, moment_key = schema.SPARSE_INDEXES[index]
         shards = all_due_shards()
         # Each shard gets its share, so one busy shard never starves the others.
         share = -(-limit // len(shards))
-        found: list[str] = []
+        found: list[tuple[str, int]] = []
         for shard in shards:
             if len(found) >= limit:
                 break
@@ -346,10 +350,9 @@ class DynamoDeviceRepository:
             while len(found) < wanted:
                 kwargs["Limit"] = wanted - len(found)
                 response = self._table.client.query(**kwargs)
-                found.extend(
-                    str(de(item)["pk"]).removeprefix("DEVICE#")
-                    for item in response.get("Items", [])
-                )
+                for item in response.get("Items", []):
+                    keys = de(item)
+                    found.append((str(keys["pk"]).removeprefix("DEVICE#"), int(keys[moment_key])))
                 if "LastEvaluatedKey" not in response:
                     break
                 kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from aws_lambda_powertools.event_handler.openapi.params import Body, Query
 from aws_lambda_powertools.metrics import MetricUnit
 
-from fleetkey.api import caller, components, new_router, responses
+from fleetkey.api.common import caller, components, new_router, responses
 from fleetkey.api.models import DeviceView, ImportReportView
 from fleetkey.domain.allowlist import AllowlistEntry
 from fleetkey.errors import InvalidRequest

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from aws_lambda_powertools.event_handler.openapi.params import Body
 
-from fleetkey.api import CaNameSegment, caller, components, new_router, responses
 from fleetkey.api.admin.devices import AUDIT_TAGS, audit_trail
+from fleetkey.api.common import CaNameSegment, caller, components, new_router, responses
 from fleetkey.api.models import (
     AuditTrailView,
     CaListView,

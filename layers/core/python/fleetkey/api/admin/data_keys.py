@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from aws_lambda_powertools.metrics import MetricUnit
 
-from fleetkey.api import DeviceIdSegment, caller, components, new_router, responses
+from fleetkey.api.common import DeviceIdSegment, caller, components, new_router, responses
 from fleetkey.api.models import DataKeyView
 from fleetkey.observability import metrics
 

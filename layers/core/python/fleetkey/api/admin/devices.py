@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fleetkey.api import (
+from fleetkey.api.common import (
     CertificateIdSegment,
     DeviceIdSegment,
     StreamNameSegment,

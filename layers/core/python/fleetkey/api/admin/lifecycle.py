@@ -9,7 +9,7 @@ from typing import Annotated
 
 from aws_lambda_powertools.event_handler.openapi.params import Body
 
-from fleetkey.api import DeviceIdSegment, caller, components, new_router, responses
+from fleetkey.api.common import DeviceIdSegment, caller, components, new_router, responses
 from fleetkey.api.models import (
     DecommissionRequest,
     DeviceView,

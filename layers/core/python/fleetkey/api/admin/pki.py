@@ -4,7 +4,7 @@ function, the only one whose role may create and sign with the CA's key (`/v1/ad
 
 from __future__ import annotations
 
-from fleetkey.api import caller, components, new_router, responses
+from fleetkey.api.common import caller, components, new_router, responses
 from fleetkey.api.models import (
     IssuingCaView,
     PkiCsrRequest,

@@ -17,7 +17,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 
 from fleetkey.adapters.aws import error_code, is_transient
-from fleetkey.api import read_json
+from fleetkey.api.common import read_json
 from fleetkey.errors import FleetkeyError, InvalidRequest, TransientAwsError
 from fleetkey.observability import logger
 

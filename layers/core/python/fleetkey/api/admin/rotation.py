@@ -3,7 +3,7 @@ and when it is next asked to renew."""
 
 from __future__ import annotations
 
-from fleetkey.api import DeviceIdSegment, components, new_router, responses
+from fleetkey.api.common import DeviceIdSegment, components, new_router, responses
 from fleetkey.api.models import RotationStatusView
 
 router = new_router()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fleetkey.api import caller, components, new_router, responses
+from fleetkey.api.common import caller, components, new_router, responses
 from fleetkey.api.models import RetiredKeysView, RotatedKeyView, SigningKeyListView
 
 router = new_router()

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from aws_lambda_powertools.event_handler.openapi.params import Body
 
-from fleetkey.api import caller, components, new_router, responses
+from fleetkey.api.common import caller, components, new_router, responses
 from fleetkey.api.models import RevokedTokenView, RevokeTokenRequest
 
 router = new_router()
