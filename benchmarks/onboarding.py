@@ -4,7 +4,8 @@ documented rate limits, and every device must end registered without a person.
     .venv/bin/python benchmarks/onboarding.py [--devices N] [--environments K] [--json PATH]
 
 What runs, against moto (by default a moto server in a child process, so that moto and fleetkey
-use the machine's two cores; `--moto in-process` keeps it in this process):
+use the machine's two cores, answering one request at a time and looking certificates and things
+up by key where moto scans them all; `--moto in-process` keeps moto in this process, unchanged):
 
   * AWS IoT's side: N devices with factory certificates of one registered manufacturer CA, all
     allow-listed, connect at once. AWS IoT auto-registers an unknown certificate (PENDING_
@@ -31,10 +32,10 @@ use the machine's two cores; `--moto in-process` keeps it in this process):
     Lambda's retries, the failure queue and the redrive absorb it.
 
 When every device is registered (or `--timeout`), the run checks every device as AWS IoT and
-fleetkey see it: the certificate ACTIVE, attached to the thing named after the device, a policy
-attached (AWS IoT would accept its connection: `fleetkey_local.iot.connect_refusal`), the
-device ACTIVE in fleetkey's table; and that nothing is stuck (no certificate left
-PENDING_ACTIVATION, the failure queue empty, no invocation pending).
+fleetkey see it: the certificate ACTIVE, attached to the thing named after the device, the
+profile's policy attached (what `fleetkey_local.iot.connect_refusal` requires for AWS IoT to
+accept its connection), the device ACTIVE in fleetkey's table; and that nothing is stuck (no
+certificate left PENDING_ACTIVATION, the failure queue empty, no invocation pending).
 
 Reported: registrations per second against the binding quota (the lowest rate / calls per
 registration among the APIs a registration calls, from the calls measured), per API calls,

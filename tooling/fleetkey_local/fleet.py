@@ -528,8 +528,11 @@ class TokenVending:
         )
         assertion = self._assertion(device)
         head, payload, signature = assertion.split(".")
+        # The signature altered, the claims intact: refused on the device's key, so with the
+        # answer every device-dependent refusal gets (a malformed payload is told why).
         tampered = (
-            f"{head}.{payload[:-2]}{'A' if payload[-2] != 'A' else 'B'}{payload[-1]}.{signature}"
+            f"{head}.{payload}.{signature[:-2]}{'A' if signature[-2] != 'A' else 'B'}"
+            f"{signature[-1]}"
         )
         answer = post_form(token_url, token_request(tampered))
         sim.expect(

@@ -178,7 +178,8 @@ def throttling_response(url: str) -> AWSResponse:
         "Content-Type": "application/json",
         "Content-Length": str(len(body)),
     }
-    return AWSResponse(url, 400, headers, _Body(body))
+    # A plain dict of headers (botocore wraps it in its own mapping).
+    return AWSResponse(url, 400, headers, _Body(body))  # type: ignore[arg-type]
 
 
 class IotRateLimits:
