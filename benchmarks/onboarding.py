@@ -21,27 +21,30 @@ up by key where moto scans them all; `--moto in-process` keeps moto in this proc
     throttled asynchronous events for up to six hours). Each environment loads the handler as a
     Lambda environment does (its own module, its own clients and caches). An invocation that
     raises is retried twice after `--async-retry-delays` (Lambda: about one and two minutes),
-    then its record (Lambda's on-failure destination record) goes to the registration failure
-    queue (moto SQS), as the deployed stack's on-failure destination keeps it.
-  * The failure queue is redriven without a person: every `--redrive-every` seconds (and when
-    nothing else is left to do) each record's `requestPayload` is invoked again asynchronously
-    and the message deleted (what `fleetkey redrive` does, run on a schedule).
+    then its record (Lambda's on-failure destination record) goes to the registration retry
+    queue (moto SQS, with the deployed redrive policy to the registration failure queue).
+  * The retry queue's event source mapping, as deployed: at most `--retry-concurrency`
+    invocations at once (2), one message each, in the same environments (they share the
+    function's concurrency); a retry reported failed comes back after `--retry-visibility-timeout`
+    (deployed: 180 s), and SQS moves one received `--retry-max-receives` times (10) to the
+    failure queue. Nobody redrives anything: a record left in the failure queue is a device that
+    needed a person, reported as a problem.
   * AWS IoT's rate limits (`IotRateLimits.documented()`, `--quota-scale`) are installed on the
     functions' boto3 session, so every HTTP attempt of an AWS IoT call takes a token or gets
     ThrottlingException; the functions' own retries (botocore standard mode, 4 attempts) then
-    Lambda's retries, the failure queue and the redrive absorb it.
+    Lambda's retries and the retry queue absorb it.
 
 When every device is registered (or `--timeout`), the run checks every device as AWS IoT and
 fleetkey see it: the certificate ACTIVE, attached to the thing named after the device, the
 profile's policy attached (what `fleetkey_local.iot.connect_refusal` requires for AWS IoT to
 accept its connection), the device ACTIVE in fleetkey's table; and that nothing is stuck (no
-certificate left PENDING_ACTIVATION, the failure queue empty, no invocation pending).
+certificate left PENDING_ACTIVATION, the retry and failure queues empty, no invocation pending).
 
 Reported: registrations per second against the binding quota (the lowest rate / calls per
 registration among the APIs a registration calls, from the calls measured), per API calls,
 HTTP attempts, throttled attempts and calls that failed after the SDK's retries, Lambda's
-retries, failure-queue records and redrives, connect-to-registered latency. Exit status 1 when a
-device did not end registered or anything is stuck.
+retries, the retry queue's records and deliveries, connect-to-registered latency. Exit status 1
+when a device did not end registered or anything is stuck.
 """
 
 from __future__ import annotations
@@ -80,7 +83,9 @@ LAMBDA_ASYNC_RETRY_DELAYS = (60.0, 120.0)
 # A refused device connects again after 1, 2, 4 ... seconds (up to this), jittered to 50-100 %.
 DEVICE_RECONNECT_MAX_SECONDS = 32.0
 MANIFEST_ROWS = 10_000  # the allow-list service's manifest limit
-FAILURE_QUEUE = "fleetkey-registration-failures"
+# The retry queue's event source mapping, as deployed (infra/fleetkey_infra/constants.py).
+RETRY_VISIBILITY_TIMEOUT_SECONDS = 180
+RETRY_MAX_CONCURRENCY = 2
 
 
 def log(message: str) -> None:
@@ -251,12 +256,13 @@ class CallRecorder:
 
 @dataclass
 class AsyncEvent:
-    """An asynchronous invocation (Invoke, InvocationType Event) and its attempts."""
+    """An asynchronous invocation (Invoke, InvocationType Event) and its attempts, or
+    (`message` set) one invocation by the retry queue's event source mapping."""
 
     event: dict
     request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     attempts: int = 0
-    redriven: bool = False
+    message: dict | None = None
     errors: list[str] = field(default_factory=list)
 
 
@@ -282,7 +288,8 @@ class LambdaAsync:
     """Lambda's asynchronous invocation of the registration function: an unbounded event queue,
     `environments` execution environments (its reserved concurrency), two retries of a failed
     invocation after `retry_delays` (the environment serves other events meanwhile), then the
-    on-failure destination (`on_failure(record)`)."""
+    on-failure destination (`on_failure(record)`). `invoke_retry` is the retry queue's event
+    source mapping invoking the function with one message (`on_retry(message, failed)`)."""
 
     def __init__(
         self,
@@ -291,6 +298,8 @@ class LambdaAsync:
         on_failure: Callable[[dict], None],
         on_result: Callable[[AsyncEvent, dict], None],
         function_arn: str,
+        on_retry: Callable[[AsyncEvent, bool], None],
+        queue_arn: str,
     ) -> None:
         self._cv = threading.Condition()
         self._ready: deque[AsyncEvent] = deque()
@@ -301,7 +310,10 @@ class LambdaAsync:
         self._retry_delays = retry_delays
         self._on_failure = on_failure
         self._on_result = on_result
+        self._on_retry = on_retry
+        self._queue_arn = queue_arn
         self._function_arn = function_arn
+        self.retries_in_flight = 0
         self.counters: Counter[str] = Counter()
         self.environments: list[Environment] = []
         self.max_queue = 0
@@ -312,14 +324,41 @@ class LambdaAsync:
         for thread in self._threads:
             thread.start()
 
-    def invoke(self, event: dict, *, redriven: bool = False) -> None:
+    def invoke(self, event: dict) -> None:
         """InvocationType Event: accepted and queued."""
         with self._cv:
-            self._ready.append(AsyncEvent(json.loads(json.dumps(event)), redriven=redriven))
+            self._ready.append(AsyncEvent(json.loads(json.dumps(event))))
             self.counters["invocations"] += 1
-            self.counters["redriven"] += int(redriven)
             self.max_queue = max(self.max_queue, len(self._ready))
             self._cv.notify()
+
+    def invoke_retry(self, message: dict) -> None:
+        """The event source mapping's synchronous invocation with one retry-queue message: it
+        waits for an environment like any invocation (the function's concurrency is shared)."""
+        payload = json.loads(message["Body"])["requestPayload"]
+        with self._cv:
+            self._ready.append(AsyncEvent(payload, message=message))
+            self.counters["retry_deliveries"] += 1
+            self.retries_in_flight += 1
+            self._cv.notify()
+
+    def _sqs_event(self, message: dict) -> dict:
+        """The SQS event Lambda's event source mapping delivers for one message."""
+        return {
+            "Records": [
+                {
+                    "messageId": message["MessageId"],
+                    "receiptHandle": message["ReceiptHandle"],
+                    "body": message["Body"],
+                    "attributes": message.get("Attributes", {}),
+                    "messageAttributes": {},
+                    "md5OfBody": message.get("MD5OfBody", ""),
+                    "eventSource": "aws:sqs",
+                    "eventSourceARN": self._queue_arn,
+                    "awsRegion": "eu-west-1",
+                }
+            ]
+        }
 
     def queued(self) -> int:
         with self._cv:
@@ -366,6 +405,9 @@ class LambdaAsync:
                     invoked_function_arn=self._function_arn,
                     aws_request_id=item.request_id,
                 )
+                if item.message is not None:
+                    self._retry(environment, item, context)
+                    continue
                 try:
                     result = environment.module.handler(json.loads(json.dumps(item.event)), context)
                 except Exception as exc:  # noqa: BLE001 - the function failed: Lambda retries it
@@ -378,6 +420,23 @@ class LambdaAsync:
                 with self._cv:
                     self._running -= 1
                     self._cv.notify_all()
+
+    def _retry(self, environment: Environment, item: AsyncEvent, context: Any) -> None:
+        """One retry-queue message: failed when the function raised or listed it in
+        batchItemFailures (the message then stays in the queue), else SQS deletes it."""
+        assert item.message is not None
+        try:
+            result = environment.module.handler(self._sqs_event(item.message), context)
+            failed = bool(result.get("batchItemFailures"))
+        except Exception:  # noqa: BLE001 - the whole batch failed
+            failed = True
+        with self._cv:
+            self.counters["retries_failed_again" if failed else "retries_succeeded"] += 1
+        try:
+            self._on_retry(item, failed)
+        finally:
+            with self._cv:
+                self.retries_in_flight -= 1
 
     def _failed(self, item: AsyncEvent, exc: BaseException) -> None:
         error = f"{type(exc).__name__}: {exc}"
@@ -392,7 +451,7 @@ class LambdaAsync:
                 heapq.heappush(self._delayed, (due, self._sequence, item))
                 self._cv.notify_all()
                 return
-            self.counters["to_failure_queue"] += 1
+            self.counters["to_retry_queue"] += 1
         self._on_failure(self._destination_record(item, exc))
 
     def _destination_record(self, item: AsyncEvent, exc: BaseException) -> dict:
@@ -492,6 +551,7 @@ def _run(args: argparse.Namespace, endpoint: str) -> dict:
     from fleetkey.domain.profiles import get_profile
     from fleetkey.events import REGISTRATION_RULE_SQL
     from fleetkey_local import iot as iot_emulation
+    from fleetkey_local.failure_queues import REGISTRATION_RETRY_OUTPUT, provision_failure_queues
     from fleetkey_local.iot_limits import JITR, IotRateLimits, binding_rate
     from fleetkey_local.pki import CertificateAuthority, pem
     from fleetkey_local.rules import Rule
@@ -516,7 +576,17 @@ def _run(args: argparse.Namespace, endpoint: str) -> dict:
     acme = CertificateAuthority.create(CA_NAME)
     stack.register_ca(acme)
     sqs = stack.make_client("sqs")
-    failure_queue_url = sqs.create_queue(QueueName=FAILURE_QUEUE)["QueueUrl"]
+    # The deployed retry queue (its redrive policy to the failure queue), with the run's settings.
+    queue_urls = provision_failure_queues(
+        sqs,
+        retry_max_receive_count=args.retry_max_receives,
+        retry_visibility_timeout=args.retry_visibility_timeout,
+    )
+    failure_queue_url = queue_urls["RegistrationFailureQueueUrl"]
+    retry_queue_url = queue_urls[REGISTRATION_RETRY_OUTPUT]
+    retry_queue_arn = sqs.get_queue_attributes(
+        QueueUrl=retry_queue_url, AttributeNames=["QueueArn"]
+    )["Attributes"]["QueueArn"]
 
     n = args.devices
     log(f"allow-listing {n} devices and issuing their factory certificates ...")
@@ -565,17 +635,48 @@ def _run(args: argparse.Namespace, endpoint: str) -> dict:
                 if len(accepted) == n:
                     progress.set()
 
-    def to_failure_queue(record: dict) -> None:
-        sqs.send_message(QueueUrl=failure_queue_url, MessageBody=json.dumps(record))
+    def to_retry_queue(record: dict) -> None:
+        sqs.send_message(QueueUrl=retry_queue_url, MessageBody=json.dumps(record))
+
+    def on_retry(item: AsyncEvent, failed: bool) -> None:
+        """The event source mapping deletes a message the function finished; a failed one stays
+        (visible again after the visibility timeout)."""
+        assert item.message is not None
+        if failed:
+            return
+        sqs.delete_message(QueueUrl=retry_queue_url, ReceiptHandle=item.message["ReceiptHandle"])
+        # Every device of the run is allow-listed: a retry that finished accepted its device
+        # (the check at the end confirms each one in AWS IoT and the table).
+        on_result(item, {"status": "accepted"})
 
     function_arn = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:fleetkey-{REGISTRATION}"
     lambda_async = LambdaAsync(
         args.environments,
         tuple(args.async_retry_delays),  # type: ignore[arg-type]
-        to_failure_queue,
+        to_retry_queue,
         on_result,
         function_arn,
+        on_retry,
+        retry_queue_arn,
     )
+
+    def retry_poller() -> None:
+        """Lambda's poller of the retry queue: one message per invocation, at most
+        `--retry-concurrency` invocations at once."""
+        while not stop.is_set():
+            if lambda_async.retries_in_flight >= args.retry_concurrency:
+                stop.wait(0.05)
+                continue
+            messages = sqs.receive_message(
+                QueueUrl=retry_queue_url,
+                MaxNumberOfMessages=1,
+                WaitTimeSeconds=0,
+                AttributeNames=["All"],
+            ).get("Messages", [])
+            if not messages:
+                stop.wait(0.2)
+                continue
+            lambda_async.invoke_retry(messages[0])
 
     # AWS IoT's side: every device connects at t0; one over JITR's rate reconnects later.
     connect_heap: list[tuple[float, int, str]] = [(0.0, i, d) for i, d in enumerate(ids)]
@@ -616,34 +717,9 @@ def _run(args: argparse.Namespace, endpoint: str) -> dict:
             lambda_async.invoke(rule.event(topic, event))
         connector_done.set()
 
-    redrive_counts: Counter[str] = Counter()
-
-    def redrive_once() -> int:
-        """Invoke every record's payload again (asynchronously), deleting each message once its
-        invocation is accepted."""
-        moved = 0
-        while True:
-            messages = sqs.receive_message(
-                QueueUrl=failure_queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0
-            ).get("Messages", [])
-            if not messages:
-                break
-            for message in messages:
-                record = json.loads(message["Body"])
-                lambda_async.invoke(record["requestPayload"], redriven=True)
-                sqs.delete_message(
-                    QueueUrl=failure_queue_url, ReceiptHandle=message["ReceiptHandle"]
-                )
-                moved += 1
-        if moved:
-            redrive_counts["runs_with_records"] += 1
-            redrive_counts["records"] += moved
-        redrive_counts["runs"] += 1
-        return moved
-
-    def failure_queue_depth() -> int:
+    def depth(queue_url: str) -> int:
         attributes = sqs.get_queue_attributes(
-            QueueUrl=failure_queue_url,
+            QueueUrl=queue_url,
             AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
         )["Attributes"]
         return sum(int(v) for v in attributes.values())
@@ -663,8 +739,8 @@ def _run(args: argparse.Namespace, endpoint: str) -> dict:
     with stdout_to(handler_stdout):
         t0 = time.monotonic()
         threading.Thread(target=connector, args=(t0,), name="aws-iot-jitr", daemon=True).start()
+        threading.Thread(target=retry_poller, name="lambda-esm-retries", daemon=True).start()
         deadline = t0 + args.timeout
-        next_redrive = t0 + args.redrive_every
         next_sample = t0
         while True:
             now = time.monotonic()
@@ -681,7 +757,8 @@ def _run(args: argparse.Namespace, endpoint: str) -> dict:
                     "devices_waiting_to_connect": len(connect_heap),
                     "throttled_attempts": throttled,
                     "function_errors": lambda_async.counters["function_errors"],
-                    "to_failure_queue": lambda_async.counters["to_failure_queue"],
+                    "to_retry_queue": lambda_async.counters["to_retry_queue"],
+                    "retry_deliveries": lambda_async.counters["retry_deliveries"],
                 }
                 timeline.append(sample)
                 if len(timeline) % max(1, int(10 / args.sample_every)) == 1:
@@ -690,24 +767,16 @@ def _run(args: argparse.Namespace, endpoint: str) -> dict:
                         f"queued {sample['queued']} waiting-to-connect "
                         f"{sample['devices_waiting_to_connect']} throttled {throttled} "
                         f"errors {sample['function_errors']} "
-                        f"failure-queue {sample['to_failure_queue']}"
+                        f"retry-queue {sample['to_retry_queue']} "
+                        f"(delivered {sample['retry_deliveries']})"
                     )
                 next_sample = now + args.sample_every
-            all_in = connector_done.is_set() and lambda_async.idle()
-            if now >= next_redrive or all_in:
-                depth = failure_queue_depth()
-                if depth:
-                    redrive_once()
-                elif all_in:
-                    break  # nothing queued, nothing parked: done, or lost for good
-                next_redrive = now + args.redrive_every
+            if connector_done.is_set() and lambda_async.idle() and depth(retry_queue_url) == 0:
+                break  # nothing queued, nothing to retry: done, or dead-lettered for a person
             if now >= deadline:
                 timed_out = True
                 break
             progress.wait(0.2)
-            finished = progress.is_set() and lambda_async.idle() and connector_done.is_set()
-            if finished and failure_queue_depth() == 0:
-                break
         t_end_loop = time.monotonic()
         stop.set()
         lambda_async.close()
@@ -763,13 +832,18 @@ def _run(args: argparse.Namespace, endpoint: str) -> dict:
     with ThreadPoolExecutor(max_workers=4) as pool:
         for found in pool.map(check, devices.values()):
             problems.extend(found)
-    parked = failure_queue_depth()
+    parked = depth(failure_queue_url)
+    retrying = depth(retry_queue_url)
     verify_seconds = time.monotonic() - verify_started
     never_connected = sum(d.registered_by_aws_iot_at is None for d in devices.values())
     if pending_certificates:
         problems.append(f"{pending_certificates} certificate(s) still PENDING_ACTIVATION")
     if parked:
-        problems.append(f"{parked} record(s) left in the registration failure queue")
+        problems.append(
+            f"{parked} record(s) in the registration failure queue: they needed a person"
+        )
+    if retrying:
+        problems.append(f"{retrying} record(s) still in the registration retry queue")
     if never_connected:
         problems.append(f"{never_connected} device(s) never got their certificate registered")
     if timed_out:
@@ -844,7 +918,9 @@ def _run(args: argparse.Namespace, endpoint: str) -> dict:
             "jitr_limited": bool(limits and JITR in limits.rates),
             "sdk_retries": sdk_retries,
             "async_retry_delays_s": list(args.async_retry_delays),
-            "redrive_every_s": args.redrive_every,
+            "retry_visibility_timeout_s": args.retry_visibility_timeout,
+            "retry_max_receives": args.retry_max_receives,
+            "retry_concurrency": args.retry_concurrency,
             "device_reconnect_max_s": args.reconnect_max,
             "moto": args.moto,
             "timeout_s": args.timeout,
@@ -894,7 +970,13 @@ def _run(args: argparse.Namespace, endpoint: str) -> dict:
             "handler_results": dict(outcomes),
             "handler_stdout_bytes": stdout_bytes,
         },
-        "redrive": dict(redrive_counts),
+        "retry_queue": {
+            "records_in": lambda_async.counters["to_retry_queue"],
+            "deliveries": lambda_async.counters["retry_deliveries"],
+            "succeeded": lambda_async.counters["retries_succeeded"],
+            "failed_again": lambda_async.counters["retries_failed_again"],
+            "dead_lettered": parked,
+        },
         "devices": {
             "connect_attempts": sum(d.connects for d in devices.values()),
             "refused_by_jitr_rate": sum(d.refused_by_jitr for d in devices.values()),
@@ -930,7 +1012,9 @@ def render(results: dict) -> str:
         f"Devices: {p['devices']}, connecting at once; registration environments (reserved "
         f"concurrency): {p['environments']}; rate limits: {limits}; SDK retries: "
         f"{p['sdk_retries']}; Lambda async retry delays {p['async_retry_delays_s']} s; "
-        f"failure queue redriven every {p['redrive_every_s']:g} s; moto {p['moto']}.",
+        f"retry queue: {p['retry_concurrency']} at once, every "
+        f"{p['retry_visibility_timeout_s']:g} s, {p['retry_max_receives']} receives; "
+        f"moto {p['moto']}.",
         "",
         f"Registered: {results['registered']} / {p['devices']} in {results['onboarding_s']} s "
         f"(setup {results['setup_s']['total_before_onboarding']} s, check "
@@ -963,7 +1047,7 @@ def render(results: dict) -> str:
         )
     lam, red, dev, lat = (
         results["lambda"],
-        results["redrive"],
+        results["retry_queue"],
         results["devices"],
         results["latency_s"],
     )
@@ -973,11 +1057,13 @@ def render(results: dict) -> str:
         "|---|---:|",
         f"| device connections refused over JITR's rate (reconnected later) | "
         f"{dev['refused_by_jitr_rate']} |",
-        f"| asynchronous invocations (redriven included) | {lam.get('invocations', 0)} |",
+        f"| asynchronous invocations | {lam.get('invocations', 0)} |",
         f"| function errors (attempts that raised) | {lam.get('function_errors', 0)} |",
         f"| Lambda async retries | {lam.get('async_retries', 0)} |",
-        f"| records sent to the failure queue | {lam.get('to_failure_queue', 0)} |",
-        f"| records redriven | {red.get('records', 0)} |",
+        f"| records sent to the retry queue (Lambda's on-failure destination) | "
+        f"{red['records_in']} |",
+        f"| retry queue deliveries (failed again) | {red['deliveries']} ({red['failed_again']}) |",
+        f"| records left in the failure queue for a person | {red['dead_lettered']} |",
         f"| deepest Lambda event queue | {lam.get('max_queue', 0)} |",
         "",
         f"Latency, certificate registered by AWS IoT to registration accepted: p50 "
@@ -1027,10 +1113,22 @@ def main(argv: list[str] | None = None) -> int:
         "(default 60,120; an empty pair of retries: none)",
     )
     parser.add_argument(
-        "--redrive-every",
-        type=float,
-        default=60.0,
-        help="seconds between scheduled redrives of the failure queue (default 60)",
+        "--retry-visibility-timeout",
+        type=int,
+        default=RETRY_VISIBILITY_TIMEOUT_SECONDS,
+        help="seconds before a retry reported failed comes back (default 180, as deployed)",
+    )
+    parser.add_argument(
+        "--retry-max-receives",
+        type=int,
+        default=10,
+        help="receives of a retry before SQS moves it to the failure queue (default 10)",
+    )
+    parser.add_argument(
+        "--retry-concurrency",
+        type=int,
+        default=RETRY_MAX_CONCURRENCY,
+        help="the retry queue's event source mapping's maximum concurrency (default 2)",
     )
     parser.add_argument(
         "--moto",
@@ -1054,7 +1152,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.devices < 1 or args.environments < 1:
         parser.error("--devices and --environments must be at least 1")
     if args.timeout is None:
-        # Three times the quota floor of the registrations, plus Lambda's retries and a redrive.
+        # Three times the quota floor of the registrations, plus Lambda's retries and the retry
+        # queue's.
         args.timeout = 3 * args.devices / (10 * args.quota_scale) + 600
     random.seed(args.seed)
     results = run(args)

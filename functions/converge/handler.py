@@ -5,8 +5,8 @@ whose convergence could not finish in the request.
 SQS event source with partial batch responses (Powertools BatchProcessor): a device whose
 convergence could not finish yet (AWS IoT has not settled a detach, or AWS failed) is reported
 failed, so SQS delivers it again after the visibility timeout, and after the queue's
-maxReceiveCount keeps it in the dead-letter queue, from which an operator moves it back (SQS's
-own DLQ redrive: `aws sqs start-message-move-task --source-arn <dead-letter queue ARN>`).
+maxReceiveCount keeps it in the dead-letter queue, from which an operator sends it back once the
+cause is fixed: `fleetkey redrive lifecycle-dlq` (docs/runbook-redrive.md).
 Every step is idempotent, so a redelivery, a duplicate or a concurrent copy finishes the same
 work.
 

@@ -13,10 +13,18 @@ is recorded (Powertools flushes metrics even when the invocation then fails, and
 finishes the decision does not count it again). `RegistrationEventsMalformed`,
 `RegistrationEventsMismatched` and `RegistrationEventsRepeated` (a delivery for a certificate
 already decided: a duplicate, a redrive, a concurrent copy) count deliveries.
+
+Retries without a person: Lambda's on-failure destination is the registration retry queue, whose
+event source mapping brings each failed event back here one at a time (an SQS batch of one
+message whose body is Lambda's invocation record; the event is its `requestPayload`). A retry
+that fails again is reported failed and SQS delivers it again after the visibility timeout; after
+the queue's maxReceiveCount it moves to the registration failure queue, for an operator
+(`fleetkey redrive registration-failures`). `RegistrationEventsRetried` counts those deliveries.
 """
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +65,64 @@ def count_decision(outcome: RegistrationOutcome) -> None:
 @metrics.log_metrics
 @tracer.capture_lambda_handler
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    if is_retry_batch(event):
+        return retry(event, context)
+    return register(event)
+
+
+def is_retry_batch(event: object) -> bool:
+    """An SQS event from the retry queue's event source mapping. AWS IoT's certificate-registered
+    event (selected by the rule's SQL) has no `Records`."""
+    if not isinstance(event, dict):
+        return False
+    records = event.get("Records")
+    return (
+        isinstance(records, list)
+        and bool(records)
+        and all(isinstance(r, dict) and r.get("eventSource") == "aws:sqs" for r in records)
+    )
+
+
+def retry(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    """The retry queue's batch (one message: `RETRY_BATCH_SIZE` in the CDK stack, so that one
+    invocation records at most one decision and its `reason` dimension). A message whose event
+    fails again is reported failed (partial batch response) and comes back later."""
+    from aws_lambda_powertools.utilities.batch import (
+        BatchProcessor,
+        EventType,
+        process_partial_response,
+    )
+
+    # Not raising when the whole batch failed: the partial response already says so, and a
+    # raise would only add a second error to the log.
+    processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
+    return dict(
+        process_partial_response(
+            event=event, record_handler=retry_record, processor=processor, context=context
+        )
+    )
+
+
+class UnreadableRetry(ValueError):
+    """A retry queue message that is not Lambda's invocation record of a registration event.
+    Reported failed, so that it ends in the failure queue for an operator rather than vanish."""
+
+
+def retry_record(record: Any) -> dict[str, Any]:
+    try:
+        invocation = json.loads(record.body)
+        payload = invocation["requestPayload"]
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        logger.error("unreadable retry message", extra={"message_id": record.message_id})
+        raise UnreadableRetry(f"message {record.message_id}: not an invocation record") from exc
+    if isinstance(payload, dict) and isinstance(payload.get("certificateId"), str):
+        logger.set_correlation_id(payload["certificateId"])
+    metrics.add_metric(name="RegistrationEventsRetried", unit=MetricUnit.Count, value=1)
+    return register(payload)
+
+
+def register(event: Any) -> dict[str, Any]:
+    """Decide one certificate-registered event (the rule's, or a retry's `requestPayload`)."""
     # Imported at the first event, not at init: pydantic and the event's model, like the service
     # (built by `service()`), were most of this function's import (docs/cold-start.md).
     from pydantic import ValidationError

@@ -1,7 +1,13 @@
 """Device-facing token endpoint: POST /v1/token (client-credentials grant with a JWT client
 assertion) and POST /v1/challenge (a single-use nonce). Public routes, throttled by API Gateway.
 Errors are RFC 6749 §5.2 JSON; nothing in them tells which check failed on a device (an
-assertion that breaks a rule of its own is told which: `InvalidClient.rule`)."""
+assertion that breaks a rule of its own is told which: `InvalidClient.rule`).
+
+Metrics: `TokensIssued`, `TokensRefused` (dimension `error`); for an answer to a delegated
+validation, the outcome its write decided, once per validation (`from_environ`'s
+`count_validation_outcome`): `ValidationsValidated`, `ValidationsRefused` (dimension `reason`,
+a metric document of its own). An answer the validation no longer takes (a replay, a second
+answer, one after the deadline) decides nothing and counts no outcome."""
 
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any

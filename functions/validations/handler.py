@@ -1,6 +1,11 @@
 """Relying parties' delegated validation (IAM-authenticated): POST /v1/validations asks fleetkey
 to have a device prove itself now; GET /v1/validations/{validation_id}[?wait=N] reads the result.
-The device answers at the token endpoint (functions/token). Errors are JSON as the admin API's."""
+The device answers at the token endpoint (functions/token). Errors are JSON as the admin API's.
+
+Metrics: `ValidationsRequested` for every validation created, and `ValidationsRefused` (dimension
+`reason` = `device_not_active`, a metric document of its own) for one refused at once because
+the device is not ACTIVE (the outcome's other counts are the token function's). Reading a result
+counts nothing: `expired` is computed on read, so a count of it would be one per read."""
 
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any

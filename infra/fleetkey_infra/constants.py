@@ -205,6 +205,26 @@ CONVERGE_BATCH_SIZE = 10
 # the admin API share.
 CONVERGE_MAX_CONCURRENCY = 5
 
+# The registration retry queue (constructs/registration_retries.py): Lambda's on-failure
+# destination for registration events, given back to the function by an event source mapping.
+# One record per invocation (one decision, one `reason` dimension), two at once (the mapping's
+# minimum): the retries of a throttled onboarding must not add much to what throttled it.
+REGISTRATION_RETRY_BATCH_SIZE = 1
+REGISTRATION_RETRY_MAX_CONCURRENCY = 2
+# AWS's guidance for an SQS event source: at least six times the function's timeout.
+REGISTRATION_RETRY_VISIBILITY_TIMEOUT = Duration.seconds(6 * REGISTRATION_TIMEOUT.to_seconds())
+# 10 deliveries, 3 minutes apart: half an hour of retries, then the failure queue and its alarm.
+REGISTRATION_RETRY_MAX_RECEIVE_COUNT = 10
+REGISTRATION_RETRY_RETENTION = Duration.days(4)
+# The registration function's reserved concurrency: at AWS IoT's 10 registrations a second
+# (DescribeCertificate, UpdateCertificate: docs/load.md) 2 to 3 environments keep the quota busy;
+# 5 leaves room, and events beyond it wait in Lambda's asynchronous queue rather than spending the
+# quota on attempts that fail. `-c registrationConcurrency=none` reserves nothing (an account whose
+# concurrency quota is too small to reserve from: AWS keeps 100 unreserved).
+REGISTRATION_CONCURRENCY_CONTEXT_KEY = "registrationConcurrency"
+DEFAULT_REGISTRATION_CONCURRENCY = 5
+REGISTRATION_CONCURRENCY_RANGE = (REGISTRATION_RETRY_MAX_CONCURRENCY, 1000)
+
 # The data-key KMS key: a symmetric key that wraps each device's data key (GenerateDataKey,
 # AES_256). The functions and the backend's policy reach it by its id; operators by its alias.
 DATA_KEY_DESCRIPTION = "fleetkey: wraps the devices' data keys (GenerateDataKey, AES_256)"

@@ -1,4 +1,5 @@
-"""Queues that keep the events fleetkey could not process, for an operator to inspect."""
+"""Queues that keep the events fleetkey could not process, until an operator re-delivers them
+(`fleetkey redrive <queue>`: docs/runbook-redrive.md)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from fleetkey_infra.nag import acknowledge
 
 def dead_letter_queue(scope: Construct, construct_id: str, *, holds: str) -> sqs.Queue:
     """An SQS-encrypted (so AWS services can send without a grant on a customer key), TLS-only
-    queue. `holds` says whose undeliverable events it keeps: the reason it needs no dead-letter
-    queue of its own (cdk-nag SQS3)."""
+    queue. `holds` says whose undeliverable events it keeps and how they are re-delivered (the
+    `fleetkey redrive` queue name): the reason it needs no dead-letter queue of its own (cdk-nag
+    SQS3, in cdk.out/policy-validation-report.json)."""
     queue = sqs.Queue(
         scope,
         construct_id,

@@ -26,6 +26,8 @@ from fleetkey_infra.constructs import (
     LifecycleQueue,
     Monitoring,
     PresenceRule,
+    RedrivePolicy,
+    RegistrationConfig,
     RegistrationRule,
     RotationConfig,
     Schedules,
@@ -241,6 +243,7 @@ class FleetkeyStack(Stack):
         name_prefix = name_prefix or self.stage.name_prefix
         self.name_prefix = name_prefix
         self.rotation_config = RotationConfig.from_context(self.node.try_get_context)
+        self.registration_config = RegistrationConfig.from_context(self.node.try_get_context)
         api_domain = ApiDomainConfig.from_context(self.node.try_get_context)
 
         self.data = Data(self, "Data")
@@ -270,6 +273,7 @@ class FleetkeyStack(Stack):
             name_prefix=name_prefix,
             rotation_commit_seconds=self.rotation_config.commit_seconds,
             renewal_rate_per_minute=self.rotation_config.renewal_rate_per_minute,
+            registration_concurrency=self.registration_config.reserved_concurrency,
         )
         self.api.add_routes(
             admin=self.functions.admin,
@@ -308,6 +312,30 @@ class FleetkeyStack(Stack):
             lifecycle=self.lifecycle,
             rules=(self.registration_rule, self.tamper_rule, self.presence_rule),
             schedules=self.schedules,
+        )
+        # What `fleetkey redrive` calls, with an operator's own credentials: docs/runbook-redrive.md
+        self.redrive_policy = RedrivePolicy(
+            self,
+            "RedrivePolicy",
+            name_prefix=name_prefix,
+            failure_queues=[
+                self.lifecycle.dead_letters,
+                self.functions.registration_failures,
+                self.functions.device_event_failures,
+                self.functions.rotation_event_failures,
+                self.registration_rule.errors,
+                self.tamper_rule.errors,
+                self.presence_rule.errors,
+                self.schedules.dead_letters,
+                self.schedules.rotation_sweep_dead_letters,
+            ],
+            lifecycle_queue=self.lifecycle.queue,
+            functions=[
+                self.functions.registration,
+                self.functions.device_events,
+                self.functions.rotation_events,
+                self.functions.maintenance,
+            ],
         )
 
         self._grant_registration(self.functions.registration_role)
@@ -475,7 +503,8 @@ class FleetkeyStack(Stack):
         )
         # AttachPolicy is authorized on the target (the certificate) only: the reference lists
         # no policy resource and no condition key naming the policy, so IAM cannot limit which
-        # policy is attached (the code attaches only its profiles' policies; see README).
+        # policy is attached (the code attaches only its profiles' policies: infra/README.md,
+        # `iot:AttachPolicy`, and docs/security-model.md#not-proven-here).
         role.add_to_principal_policy(
             iam.PolicyStatement(
                 sid="CertificatePolicies", actions=["iot:AttachPolicy"], resources=[certificates]
@@ -1172,10 +1201,24 @@ class FleetkeyStack(Stack):
             "(context alarmEmail subscribes one address); docs/runbook.md",
         )
         CfnOutput(self, "DashboardName", value=self.monitoring.dashboard.dashboard_name)
+        CfnOutput(
+            self,
+            "RedrivePolicyArn",
+            value=self.redrive_policy.policy.managed_policy_arn,
+            description="Attach to the role or permission set of the operators who run "
+            "`fleetkey redrive` (docs/runbook-redrive.md)",
+        )
         CfnOutput(self, "ApiUrl", value=self.api.url)
         CfnOutput(self, "Issuer", value=self.api.issuer)
         CfnOutput(self, "TokenSigningKeyId", value=self.token_keys.key.key_id)
         CfnOutput(self, "RegistrationFunctionName", value=self.functions.registration.function_name)
+        CfnOutput(
+            self,
+            "RegistrationRetryQueueUrl",
+            value=self.functions.registration_retries.queue.queue_url,
+            description="Failed registrations wait here and are retried by the registration "
+            "function itself; docs/load.md",
+        )
         CfnOutput(
             self,
             "RegistrationFailureQueueUrl",

@@ -265,6 +265,7 @@ def test_stack_outputs_what_operators_need(template: Template) -> None:
         "Issuer",
         "TokenSigningKeyId",
         "RegistrationFunctionName",
+        "RegistrationRetryQueueUrl",
         "RegistrationFailureQueueUrl",
         "RegistrationRuleErrorQueueUrl",
         "MaintenanceFunctionName",

@@ -102,7 +102,7 @@ EXPECTED_ACKNOWLEDGEMENTS = {
         "Fleetkey/Functions/ValidationsRole",
     ),
     *(("AwsSolutions-L1", f"Fleetkey/Functions/{f}") for f in FUNCTIONS),
-    ("AwsSolutions-SQS3", "Fleetkey/Functions/RegistrationFailures"),
+    # (nor is the registration retry queue's: RegistrationFailures)
     ("AwsSolutions-SQS3", "Fleetkey/Functions/DeviceEventFailures"),
     ("AwsSolutions-SQS3", "Fleetkey/RegistrationRule/Errors"),
     ("AwsSolutions-SQS3", "Fleetkey/TamperRule/Errors"),

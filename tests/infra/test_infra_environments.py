@@ -111,7 +111,11 @@ def staging(tmp_path_factory: pytest.TempPathFactory) -> Synthesis:
 def dev_with_domain(tmp_path_factory: pytest.TempPathFactory) -> Synthesis:
     """Another stage, with the API's custom domain and EST's: every optional named resource."""
     return synthesize(
-        tmp_path_factory.mktemp("cdk.out.dev"), stage="dev", **DOMAIN_CONTEXT, **EST_CONTEXT
+        tmp_path_factory.mktemp("cdk.out.dev"),
+        stage="dev",
+        registrationConcurrency="none",
+        **DOMAIN_CONTEXT,
+        **EST_CONTEXT,
     )
 
 
@@ -673,3 +677,18 @@ def _values(resources: dict[str, dict], kind: str, key: str) -> set[str]:
     return {
         r["Properties"][key] for r in of_type(resources, kind).values() if key in r["Properties"]
     }
+
+
+def test_a_stage_may_reserve_no_registration_concurrency(dev_with_domain: Synthesis) -> None:
+    # Given a stage for an account whose concurrency quota leaves nothing to reserve
+    # (`-c registrationConcurrency=none`)
+    [registration] = [
+        r["Properties"]
+        for r in dev_with_domain.resources.values()
+        if r["Type"] == "AWS::Lambda::Function"
+        and r["Properties"]["Environment"]["Variables"]["POWERTOOLS_SERVICE_NAME"]
+        == "fleetkey-dev-registration"
+    ]
+
+    # Then its registration function reserves none (the unstaged default reserves 5)
+    assert "ReservedConcurrentExecutions" not in registration

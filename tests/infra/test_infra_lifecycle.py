@@ -6,7 +6,7 @@ from aws_cdk import Duration
 
 from fleetkey_infra import constants
 from fleetkey_infra.constructs.lifecycle import LifecycleQueue
-from infra_template import function_by_service, of_type, only, output_ref, render
+from infra_template import function_by_service, of_type, output_ref, render
 
 
 def lifecycle_queue(resources: dict[str, dict], outputs: dict[str, dict]) -> tuple[str, dict]:
@@ -54,9 +54,13 @@ def test_visibility_timeout_is_at_least_six_times_the_converge_timeout(
 def test_converge_consumes_the_queue_with_partial_batch_responses(
     resources: dict[str, dict], template_outputs: dict[str, dict]
 ) -> None:
-    # Given the stack's only event source mapping
-    _, mapping = only(resources, "AWS::Lambda::EventSourceMapping")
+    # Given the lifecycle queue's event source mapping
     queue_id, _ = lifecycle_queue(resources, template_outputs)
+    [mapping] = [
+        mapping
+        for mapping in of_type(resources, "AWS::Lambda::EventSourceMapping").values()
+        if mapping["Properties"]["EventSourceArn"] == {"Fn::GetAtt": [queue_id, "Arn"]}
+    ]
     converge_id, _ = function_by_service(resources, constants.CONVERGE_SERVICE_NAME)
     props = mapping["Properties"]
 

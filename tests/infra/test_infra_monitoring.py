@@ -15,7 +15,7 @@ from aws_cdk import App, Stack
 from aws_cdk.assertions import Template
 
 from fleetkey.adapters.aws import KMS_THROTTLE_METRIC
-from fleetkey.composition import LIFECYCLE_METRICS
+from fleetkey.composition import LIFECYCLE_METRICS, VALIDATION_METRICS
 from fleetkey_infra import constants
 from fleetkey_infra.constructs.monitoring import (
     AlarmTopic,
@@ -61,7 +61,8 @@ RULES = ["RegistrationRule", "TamperRule", "PresenceRule"]
 EXPECTED_ALARMS = {
     *(f"{queue}NotEmpty" for queue in FAILURE_QUEUES),
     *(f"{function}Errors" for function in FUNCTION_IDS),
-    *(f"{function}Throttles" for function in FUNCTION_IDS),
+    *(f"{function}Throttles" for function in FUNCTION_IDS if function != "Registration"),
+    "RegistrationBacklog",
     "ApiServerErrors",
     "ApiThrottled",
     "ApiClientsRateLimited",
@@ -164,6 +165,14 @@ def test_every_failure_queue_has_a_depth_alarm(resources: dict[str, dict]) -> No
     for rule in of_type(resources, "AWS::Events::Rule").values():
         for target in rule["Properties"]["Targets"]:
             failure_queues.add(target["DeadLetterConfig"]["Arn"]["Fn::GetAtt"][0])
+    # A queue a function consumes is work under way, not work given up on: the lifecycle queue,
+    # and the registration retry queue (the registration function's on-failure destination,
+    # whose own dead-letter queue is the registration failure queue)
+    consumed = {
+        mapping["Properties"]["EventSourceArn"]["Fn::GetAtt"][0]
+        for mapping in of_type(resources, "AWS::Lambda::EventSourceMapping").values()
+    }
+    failure_queues -= consumed
 
     # When reading the queue-depth alarms
     watched = {}
@@ -171,9 +180,10 @@ def test_every_failure_queue_has_a_depth_alarm(resources: dict[str, dict]) -> No
         if props.get("Namespace") == "AWS/SQS":
             watched[dimensions(props)["QueueName"]["Fn::GetAtt"][0]] = props
 
-    # Then every failure queue (nine: all queues but the lifecycle queue itself) alarms on its
-    # first visible message
-    assert len(failure_queues) == len(FAILURE_QUEUES) == len(queues) - 1
+    # Then every failure queue (nine: all queues but the two consumed) alarms on its first
+    # visible message
+    assert len(consumed) == 2
+    assert len(failure_queues) == len(FAILURE_QUEUES) == len(queues) - len(consumed)
     assert set(watched) == failure_queues
     for props in watched.values():
         assert props["MetricName"] == "ApproximateNumberOfMessagesVisible"
@@ -196,7 +206,11 @@ def test_every_function_has_an_errors_and_a_throttles_alarm(
         if re.fullmatch(rf"Functions{function}[0-9A-F]{{8}}", lid)
     ]
     errors = alarm(resources, f"{function}Errors")
-    throttles = alarm(resources, f"{function}Throttles")
+    if function == "Registration":
+        # (its reserved concurrency throttles it by design: test_registration_backlog_alarm)
+        throttles = {**errors, "MetricName": "Throttles", "Threshold": 1, "EvaluationPeriods": 1}
+    else:
+        throttles = alarm(resources, f"{function}Throttles")
 
     # Then both watch this function's AWS/Lambda metric, summed over five minutes
     for props, metric in ((errors, "Errors"), (throttles, "Throttles")):
@@ -384,11 +398,13 @@ def test_registration_alarms_a_spike_of_refusals_and_any_clone(resources: dict[s
     clone = alarm(resources, "CloneSuspected")
     service = constants.REGISTRATION_SERVICE_NAME
 
-    # Then every refusal counts towards the spike (all reasons: the metric's `reason` dimension
-    # summed by Metrics Insights), and one refusal as a clone alarms
+    # Then every refusal but `unknown_ca` counts towards the spike (the metric's `reason`
+    # dimension summed by Metrics Insights: another stage's devices are refused as `unknown_ca`
+    # by this stage's rule, which sees every certificate the account registers), and one refusal
+    # as a clone alarms
     spike_query = (
         'SELECT SUM("RegistrationsRefused") FROM SCHEMA("fleetkey", "reason", "service") '
-        "WHERE \"service\" = '%s'"
+        "WHERE \"service\" = '%s' AND \"reason\" != 'unknown_ca'"
     )
     assert expression(spike) == spike_query % service
     assert spike["Threshold"] == 20
@@ -542,6 +558,39 @@ def test_the_lifecycle_dashboard(
     assert len(status["properties"]["alarms"]) == len(EXPECTED_ALARMS)
 
 
+def test_the_dashboard_shows_validations_by_outcome(resources: dict[str, dict]) -> None:
+    # Given the dashboard's Validations widget
+    [widget] = [
+        w
+        for w in dashboard_body(resources)["widgets"]
+        if w["properties"].get("title") == "Validations"
+    ]
+    lines = widget["properties"]["metrics"]
+    plain = [
+        (line[1], dict(zip(line[2:-1:2], line[3:-1:2], strict=True)))
+        for line in lines
+        if line[0] == NAMESPACE
+    ]
+    queries = [line[0]["expression"] for line in lines if isinstance(line[0], dict)]
+
+    # Then it shows the requests, the validated (decided by the token function's write), the
+    # refused by reason (the token function's, when answered) and the refused when asked (the
+    # validations function's: the device is not ACTIVE); no expired count, computed on read
+    token, validations = constants.TOKEN_SERVICE_NAME, constants.VALIDATIONS_SERVICE_NAME
+    assert ("ValidationsRequested", {"service": validations}) in plain
+    assert ("ValidationsValidated", {"service": token}) in plain
+    assert (
+        "ValidationsRefused",
+        {"service": validations, "reason": "device_not_active"},
+    ) in plain
+    refused_by_reason = (
+        'SELECT SUM("ValidationsRefused") FROM SCHEMA("fleetkey", "reason", "service") '
+        'WHERE "service" = \'%s\' GROUP BY "reason"'
+    )
+    assert refused_by_reason % token in queries
+    assert not any("Expired" in str(line) for line in lines)
+
+
 # -- the metrics are the code's ------------------------------------------------------------------
 
 EMITTED = [
@@ -553,8 +602,10 @@ EMITTED = [
 
 def emitted_metric_names() -> set[str]:
     """The metric names the functions and the core layer emit: Powertools `add_metric` names,
-    the device endpoints' refusal metrics, rotation events, lifecycle changes, KMS throttles."""
-    names = set(LIFECYCLE_METRICS.values()) | {KMS_THROTTLE_METRIC}
+    the device endpoints' refusal metrics, rotation events, lifecycle changes, validation
+    outcomes, KMS throttles."""
+    names = set(LIFECYCLE_METRICS.values()) | set(VALIDATION_METRICS.values())
+    names |= {KMS_THROTTLE_METRIC}
     for root in (REPO / "functions", REPO / "layers" / "core" / "python" / "fleetkey"):
         for source in root.rglob("*.py"):
             text = source.read_text()
@@ -625,6 +676,27 @@ def test_insights_queries_refuse_quotes() -> None:
     # Then no query is made of it
     with pytest.raises(ValueError, match="quote"):
         insights_query("RegistrationsRefused", NAMESPACE, {"service": "x' OR '1"})
+    with pytest.raises(ValueError, match="quote"):
+        insights_query(
+            "RegistrationsRefused", NAMESPACE, {"service": "s"}, excluding=[("reason", "x' OR '1")]
+        )
+
+
+def test_insights_queries_exclude_values() -> None:
+    # Given a query that leaves out two values of a dimension
+    query = insights_query(
+        "RegistrationsRefused",
+        NAMESPACE,
+        {"service": "s"},
+        excluding=[("reason", "unknown_ca"), ("reason", "expired")],
+        schema=("service", "reason"),
+    )
+
+    # Then each is a `!=` condition, after the equalities
+    assert query == (
+        'SELECT SUM("RegistrationsRefused") FROM SCHEMA("fleetkey", "reason", "service") '
+        "WHERE \"service\" = 's' AND \"reason\" != 'unknown_ca' AND \"reason\" != 'expired'"
+    )
 
 
 # -- a stage watches its own --------------------------------------------------------------------
@@ -677,3 +749,27 @@ def test_a_stages_alarms_read_its_own_functions_and_api(
     assert web_acl["Properties"]["VisibilityConfig"]["MetricName"] != "fleetkey-api"
     [transformation] = metric_filter["Properties"]["MetricTransformations"]
     assert transformation["MetricNamespace"] == f"{NAMESPACE}/{STACK}-dev"
+
+
+def test_registration_backlog_alarm(resources: dict[str, dict]) -> None:
+    # Given the registration function, which reserves concurrency (Lambda throttles it by design
+    # while devices onboard faster than AWS IoT's quotas let it register them)
+    [function_id] = [
+        lid
+        for lid in of_type(resources, "AWS::Lambda::Function")
+        if re.fullmatch(r"FunctionsRegistration[0-9A-F]{8}", lid)
+    ]
+    # When reading its alarms
+    backlog = alarm(resources, "RegistrationBacklog")
+    # Then its throttles alarm nobody; an event waiting half an hour in Lambda's asynchronous
+    # queue does
+    assert "RegistrationThrottles" not in alarms(resources)
+    assert (backlog["Namespace"], backlog["MetricName"]) == ("AWS/Lambda", "AsyncEventAge")
+    assert dimensions(backlog) == {"FunctionName": {"Ref": function_id}}
+    assert backlog["Statistic"] == "Maximum"
+    assert (backlog["Threshold"], backlog["Period"], backlog["EvaluationPeriods"]) == (
+        1_800_000,
+        FIVE_MINUTES,
+        1,
+    )
+    assert "registration-backlog" in backlog["AlarmDescription"]

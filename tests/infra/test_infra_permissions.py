@@ -104,7 +104,8 @@ TEARDOWN_ACTIONS = SUSPEND_ACTIONS | {
     "iot:DeleteThing",
     "iot:Publish",  # the reset command
 }
-# What Lambda's SQS poller does with the converge function's role (the event source's grant).
+# What Lambda's SQS poller does with a consumer's role (the event source's grant): converge's
+# (the lifecycle queue), registration's (its retry queue).
 QUEUE_CONSUMER_ACTIONS = {
     "sqs:ReceiveMessage",
     "sqs:DeleteMessage",
@@ -206,7 +207,8 @@ EXPECTED_ACTIONS = {
     | KEY_ACTIONS
     | LOG_ACTIONS
     | TRACING_ACTIONS
-    | FAILURE_DESTINATION_ACTIONS
+    | FAILURE_DESTINATION_ACTIONS  # the retry queue (Lambda's destination) ...
+    | QUEUE_CONSUMER_ACTIONS  # ... which the function consumes (the event source's grant)
     | {
         "iot:DescribeCertificate",
         "iot:UpdateCertificate",
@@ -333,7 +335,8 @@ ONLY = {
     "iot:RegisterCertificate": {ROTATION},
     # suspend and teardown close the device's MQTT connection
     "iot:DeleteConnection": {ADMIN, DEVICE_EVENTS, CONVERGE},
-    "sqs:ReceiveMessage": {CONVERGE},
+    # the lifecycle queue (converge), the registration retry queue (registration)
+    "sqs:ReceiveMessage": {CONVERGE, REGISTRATION},
 }
 # The only actions allowed on Resource "*", because they support no resource-level permissions.
 STAR_ACTIONS = {

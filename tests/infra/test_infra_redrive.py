@@ -28,15 +28,31 @@ def _ref(value: Any) -> str | None:
     return None
 
 
+def function_dir_of(template: dict[str, Any], logical_id: str | None) -> str:
+    variables = template["Resources"][logical_id]["Properties"]["Environment"]["Variables"]
+    return str(variables["POWERTOOLS_SERVICE_NAME"]).removeprefix("fleetkey-")
+
+
 def failure_queues_of(template: dict[str, Any]) -> dict[str, tuple[str, str, str | None]]:
     """Every queue the template makes a failure destination: logical id -> (kind, the failing
     function's directory, the IoT rule's SQL or the queue its dead letters come from)."""
     resources = template["Resources"]
 
-    def function_dir(logical_id: str) -> str:
-        variables = resources[logical_id]["Properties"]["Environment"]["Variables"]
-        return variables["POWERTOOLS_SERVICE_NAME"].removeprefix("fleetkey-")
+    def function_dir(logical_id: str | None) -> str:
+        return function_dir_of(template, logical_id)
 
+    # A retry queue: an on-failure destination that an event source mapping gives back to the
+    # function. It is not a failure queue; its dead-letter queue holds Lambda's invocation
+    # records, redriven as an on-failure destination's.
+    retry_queues = {
+        _ref(r["Properties"]["DestinationConfig"]["OnFailure"]["Destination"])
+        for r in resources.values()
+        if r["Type"] == "AWS::Lambda::EventInvokeConfig"
+    } & {
+        _ref(r["Properties"]["EventSourceArn"])
+        for r in resources.values()
+        if r["Type"] == "AWS::Lambda::EventSourceMapping"
+    }
     found: dict[str, tuple[str, str, str | None]] = {}
     for logical_id, resource in resources.items():
         properties = resource.get("Properties", {})
@@ -49,13 +65,15 @@ def failure_queues_of(template: dict[str, Any]) -> dict[str, tuple[str, str, str
                 and _ref(r["Properties"]["EventSourceArn"]) == logical_id
             ]
             [mapping] = mappings
-            found[dead_letters] = (
-                DEAD_LETTERS,
-                function_dir(_ref(mapping["Properties"]["FunctionName"])),
-                logical_id,
-            )
+            function = function_dir(_ref(mapping["Properties"]["FunctionName"]))
+            if logical_id in retry_queues:
+                found[dead_letters] = (LAMBDA_DESTINATION, function, None)
+            else:
+                found[dead_letters] = (DEAD_LETTERS, function, logical_id)
         elif resource["Type"] == "AWS::Lambda::EventInvokeConfig":
             destination = properties["DestinationConfig"]["OnFailure"]["Destination"]
+            if _ref(destination) in retry_queues:
+                continue
             found[_ref(destination)] = (
                 LAMBDA_DESTINATION,
                 function_dir(_ref(properties["FunctionName"])),
@@ -88,9 +106,10 @@ def test_every_failure_queue_of_the_stack_is_redriven_to_the_function_that_faile
     found = failure_queues_of(template)
     queues = [lid for lid, r in template["Resources"].items() if r["Type"] == "AWS::SQS::Queue"]
     outputs = template["Outputs"]
-    # Then every queue of the stack is the lifecycle queue or one of them, and redrive knows
-    # each one: by the output that names it, of its kind, to the function that failed
-    assert len(queues) == len(found) + 1 == len(QUEUES) + 1
+    # Then every queue of the stack is the lifecycle queue, the registration retry queue or one
+    # of them, and redrive knows each one: by the output that names it, of its kind, to the
+    # function that failed
+    assert len(queues) == len(found) + 2 == len(QUEUES) + 2
     covered = {}
     for queue in QUEUES:
         logical_id = _ref(outputs[queue.queue_output]["Value"])
@@ -108,5 +127,12 @@ def test_every_failure_queue_of_the_stack_is_redriven_to_the_function_that_faile
     assert set(covered) == set(found)
     # And the local stack has the same failure queues and on-failure destinations
     assert set(FAILURE_QUEUES) == {q.queue_output for q in QUEUES if q.kind != DEAD_LETTERS}
-    destinations = {q.function: q.queue_output for q in QUEUES if q.kind == LAMBDA_DESTINATION}
+    by_queue = {_ref(output["Value"]): name for name, output in outputs.items()}
+    destinations = {
+        function_dir_of(template, _ref(r["Properties"]["FunctionName"])): by_queue[
+            _ref(r["Properties"]["DestinationConfig"]["OnFailure"]["Destination"])
+        ]
+        for r in template["Resources"].values()
+        if r["Type"] == "AWS::Lambda::EventInvokeConfig"
+    }
     assert destinations == ON_FAILURE_DESTINATIONS

@@ -277,7 +277,7 @@ REGISTRY.update(
 # docs/load.md: the onboarding benchmark's smoke test runs the command it shows.
 REGISTRY[
     ".venv/bin/python benchmarks/onboarding.py --devices 40 --environments 4 --quota-scale 0.5 "
-    "--sdk-attempts 1 --async-retry-delays 0.2 --redrive-every 1"
+    "--sdk-attempts 1 --async-retry-delays 0.2 --retry-visibility-timeout 1 --retry-max-receives 30"
 ] = RunBy(
     "tests/integration/test_onboarding_benchmark_smoke.py"
     "::test_onboarding_benchmark_registers_every_device_under_the_rate_limits",
@@ -819,20 +819,6 @@ def test_firmware_releases(served, tmp_path):
     run_block(served, "firmware", workdir(tmp_path))
 
 
-class PatientPump(AnsweringDevice):
-    """A pump that answers a second after it hears its command. Powertools keeps the event being
-    resolved in a class attribute (`BaseRouter.current_event`), one per process: in Lambda one
-    invocation runs per process, but the local stack runs every function in one process, so a
-    request that starts while another function's is being handled can hand it its own event. The
-    CLI's long poll (signed: an Authorization header) starts right after its request; answering
-    at once, the pump's token request races it and may be refused for "more than one client
-    authentication method". A second later the long poll has read its event and only waits."""
-
-    def answer(self, command, **options):
-        time.sleep(1.0)
-        return super().answer(command, **options)
-
-
 @needs_tools
 def test_a_relying_party_validates_a_pump(served, tmp_path):
     # Given pump-0001, registered, connected over MQTT and answering its validate commands with
@@ -853,7 +839,7 @@ def test_a_relying_party_validates_a_pump(served, tmp_path):
         except ConnectionError:
             assert time.monotonic() < deadline, "".join(served.output)
             time.sleep(0.2)
-    answering = PatientPump(pump, served.api, listener, running).start()  # type: ignore[arg-type]
+    answering = AnsweringDevice(pump, served.api, listener, running).start()  # type: ignore[arg-type]
     try:
         # When the relying party's command of docs/tokens-and-validation.md runs
         try:

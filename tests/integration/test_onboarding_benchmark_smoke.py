@@ -1,6 +1,6 @@
 """The onboarding benchmark runs end to end under AWS IoT's rate limits: a small fleet connects at
-once, is throttled, goes through Lambda's retries, the failure queue and the redrive, and every
-device ends registered with nothing stuck."""
+once, is throttled, goes through Lambda's retries and the retry queue's event source mapping, and
+every device ends registered with nothing stuck and nothing left for a person."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import sys
 
 from tests.conftest import ROOT
 
-# docs/load.md shows this command: 40 devices, the documented rates halved, no SDK retries and
-# one Lambda retry after 0.2 s, so that throttling reaches every stage of the backpressure.
+# docs/load.md shows this command: 40 devices, the documented rates halved, no SDK retries, one
+# Lambda retry after 0.2 s and the retry queue's visibility timeout a second, so that throttling
+# reaches every stage of the backpressure.
 SMOKE = [
     "--devices",
     "40",
@@ -23,8 +24,10 @@ SMOKE = [
     "1",
     "--async-retry-delays",
     "0.2",
-    "--redrive-every",
+    "--retry-visibility-timeout",
     "1",
+    "--retry-max-receives",
+    "30",
 ]
 
 
@@ -52,14 +55,16 @@ def test_onboarding_benchmark_registers_every_device_under_the_rate_limits(tmp_p
     assert results["apis"]["UpdateCertificate"]["rate_limit_per_s"] == 5.0
     # which the run did not beat (a bucket holds one second of its rate at the start)
     assert throughput["overall_per_s"] <= 1.5 * throughput["binding_quota_per_s"]
-    # And the backpressure went all the way: throttled attempts, Lambda's retries, the failure
-    # queue and the redrive of every record it got
+    # And the backpressure went all the way: throttled attempts, Lambda's retries, the retry
+    # queue, whose event source mapping finished every record it got (none for a person)
     assert results["apis"]["DescribeCertificate"]["throttled_attempts"] > 0
     assert results["devices"]["refused_by_jitr_rate"] > 0
-    lam = results["lambda"]
+    lam, retries = results["lambda"], results["retry_queue"]
     assert lam["function_errors"] > 0 and lam["async_retries"] > 0
-    assert lam["to_failure_queue"] > 0
-    assert results["redrive"]["records"] == lam["to_failure_queue"] == lam["redriven"]
+    assert retries["records_in"] == lam["to_retry_queue"] > 0
+    assert retries["succeeded"] == retries["records_in"]
+    assert retries["deliveries"] == retries["succeeded"] + retries["failed_again"]
+    assert retries["dead_lettered"] == 0
     # And it printed its tables (nothing the handlers logged mixed into them)
     assert "| Throughput | registrations/s |" in done.stdout
     assert "| DescribeCertificate | 5 |" in done.stdout

@@ -81,9 +81,15 @@ UNCALLED_GRANTS: Mapping[str, Mapping[str, str]] = {
         "with whatever is attached (a pending certificate has no policy in the tests)",
         "kms:Encrypt": "DynamoDB encrypts the items written, as the caller",
         "kms:GenerateDataKey": "DynamoDB encrypts the items written, as the caller",
-        "sqs:SendMessage": "Lambda's on-failure destination sends with the function's role",
-        "sqs:GetQueueAttributes": "the on-failure destination (CDK's SqsDestination grant)",
-        "sqs:GetQueueUrl": "the on-failure destination (CDK's SqsDestination grant)",
+        "sqs:SendMessage": "Lambda's on-failure destination (the retry queue) sends with the "
+        "function's role",
+        "sqs:GetQueueAttributes": "the on-failure destination (CDK's SqsDestination grant), and "
+        "Lambda's SQS poller of the retry queue",
+        "sqs:GetQueueUrl": "the destination's and the event source's grants (CDK)",
+        "sqs:ReceiveMessage": "Lambda's SQS poller receives the retry queue with the function's "
+        "role",
+        "sqs:DeleteMessage": "Lambda's SQS poller deletes the retries the function finished",
+        "sqs:ChangeMessageVisibility": "Lambda's SQS poller, with the function's role",
     },
     "admin": {
         "kms:Encrypt": "DynamoDB encrypts the items written, as the caller",

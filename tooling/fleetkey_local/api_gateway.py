@@ -40,10 +40,12 @@ Differences from AWS, on purpose: URLs have no stage prefix (`http://127.0.0.1:8
 a custom domain); identity policies are not evaluated (every known local principal is as if its
 own policy allowed `execute-api:Invoke`, so only the resource policy's Deny refuses one); stage
 and method throttling are not emulated; each function runs one invocation at a time (one warm
-instance). On the mutual-TLS domain a client certificate may be left out (`make serve`: RFC 7030
-lets cacerts be anonymous; API Gateway's mutual TLS requires one, and anonymous clients use the
-default endpoint), and the truststore is whatever `make serve` reads live (AWS IoT's registered
-CAs and the issuing CA's chain), where the deployed one is an S3 object an operator updates.
+instance), all of them in one process (Powertools' event and context, one per process in Lambda,
+are one per thread here). On the mutual-TLS domain a client certificate may be left out (`make
+serve`: RFC 7030 lets cacerts be anonymous; API Gateway's mutual TLS requires one, and anonymous
+clients use the default endpoint), and the truststore is whatever `make serve` reads live (AWS
+IoT's registered CAs and the issuing CA's chain), where the deployed one is an S3 object an
+operator updates.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -284,6 +287,52 @@ LOCAL_EDGE.check_account(ACCOUNT)  # as synthesis refuses principals of another 
 # The operator roles are operators, each held to its scope, as the stack's resource policy says.
 LOCAL_AUDIENCES = LOCAL_EDGE.audiences("aws", ACCOUNT, NAME_PREFIX)
 LOCAL_ROLE_DENIES = operator_role_denies("aws", ACCOUNT, NAME_PREFIX)
+
+
+class _PerThread:
+    """A Powertools router attribute kept per thread (and asyncio task) instead of per process:
+    the local gateway runs every function in one process, where a request to one function would
+    otherwise read another's event. Unset, it raises AttributeError, as the class attribute."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._value: ContextVar[Any] = ContextVar(f"powertools_router_{name}")
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        try:
+            return self._value.get()
+        except LookupError:
+            raise AttributeError(self.name) from None
+
+    def __set__(self, instance: object, value: Any) -> None:
+        self._value.set(value)
+
+
+# BaseRouter's attributes that hold the invocation being resolved (Powertools 3.37: `resolve`
+# sets both on the class; `Router` reads them through its resolver or the class). The rest of a
+# resolver's request state (`context`, `processed_stack_frames`) is its own, and each resolver
+# serves one function, which the gateway runs one invocation at a time.
+_ROUTER_INVOCATION_STATE = ("current_event", "lambda_context")
+_router_state_lock = threading.Lock()
+
+
+def isolate_router_state() -> None:
+    """Give each thread of this process its own Powertools router event and context (idempotent;
+    local only: in Lambda a process runs one invocation at a time). The descriptors in BaseRouter
+    serve reads and writes through a resolver or router; its metaclass gets the same ones, as
+    `resolve` assigns on the class (`BaseRouter.current_event = ...`), which would otherwise
+    replace them."""
+    from aws_lambda_powertools.event_handler.api_gateway import BaseRouter
+
+    with _router_state_lock:
+        if isinstance(vars(BaseRouter).get(_ROUTER_INVOCATION_STATE[0]), _PerThread):
+            return
+        slots = {name: _PerThread(name) for name in _ROUTER_INVOCATION_STATE}
+        for name, slot in slots.items():
+            setattr(BaseRouter, name, slot)
+        base_meta = type(BaseRouter)
+        per_thread = type(f"PerThread{base_meta.__name__}", (base_meta,), dict(slots))
+        BaseRouter.__class__ = per_thread  # type: ignore[method-assign]
 
 
 class GatewayError(Exception):
@@ -634,7 +683,9 @@ class LocalApiGateway:
         self.rate_limiter = RateLimiter(rate_limits)
         self._handlers: dict[str, Handler] = dict(functions or {})
         # One warm instance per function: Lambda runs one invocation at a time per instance, and
-        # the handlers keep per-invocation state in module globals (Powertools' current event).
+        # a function's resolver keeps its request's routing state. Functions run at once (the
+        # validations long poll waits for a device's token request); Powertools' event and
+        # context, one per process, are kept per thread (`isolate_router_state`).
         self._locks: dict[str, threading.Lock] = {}
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -651,6 +702,7 @@ class LocalApiGateway:
     def start(self) -> LocalApiGateway:
         from fleetkey_local.functions import load_function
 
+        isolate_router_state()
         for route in self.routes:
             if route.function not in self._handlers:
                 self._handlers[route.function] = load_function(route.function).handler

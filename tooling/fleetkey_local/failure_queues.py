@@ -2,13 +2,16 @@
 the messages AWS leaves in them, as AWS documents them.
 
 The CDK stack keeps what fleetkey could not process in eight queues besides the lifecycle queue's
-dead-letter queue (`fleetkey_local.queues`): the on-failure destinations of the functions invoked
-asynchronously (registration, device_events, rotation_events), the error actions of the three IoT
-rules, and the dead-letter queues of the two schedules' targets. `provision_failure_queues`
-creates them on the local AWS endpoint (moto) with the deployed settings (SQS-managed encryption,
-14 days' retention); `local_outputs` is what CloudFormation's outputs would say of the local stack
-(queue URLs and function names), so that `fleetkey redrive` reads the local stack as it reads a
-deployed one.
+dead-letter queue (`fleetkey_local.queues`): the registration retry queue's dead-letter queue
+(`registration-failures`), the on-failure destinations of device_events and rotation_events, the
+error actions of the three IoT rules, and the dead-letter queues of the two schedules' targets.
+The registration function's on-failure destination is its retry queue, which the function itself
+consumes (an event source mapping: `fleetkey_local.queues.QueueWorker` with `registration`).
+`provision_failure_queues` creates them all on the local AWS endpoint (moto) with the deployed
+settings (SQS-managed encryption, 14 days' retention, the retry queue's redrive policy; only its
+visibility timeout is a second); `local_outputs` is what CloudFormation's outputs would say of
+the local stack (queue URLs and function names), so that `fleetkey redrive` reads the local stack
+as it reads a deployed one.
 
 What each queue holds, built as AWS builds it (the local emulation sends the first; tests build
 the others as AWS IoT and EventBridge would leave them):
@@ -36,7 +39,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fleetkey_local.provision import NAME_PREFIX
-from fleetkey_local.queues import DEAD_LETTER_RETENTION_SECONDS, _create_queue
+from fleetkey_local.queues import (
+    DEAD_LETTER_RETENTION_SECONDS,
+    LIFECYCLE_RETENTION_SECONDS,
+    LOCAL_VISIBILITY_TIMEOUT_SECONDS,
+    _create_queue,
+)
 
 # CloudFormation output (the CDK stack's, infra/fleetkey_infra/stack.py) -> the local queue's
 # name after the prefix.
@@ -50,9 +58,15 @@ FAILURE_QUEUES: dict[str, str] = {
     "MaintenanceDeadLetterQueueUrl": "maintenance-dlq",
     "RotationSweepDeadLetterQueueUrl": "rotation-sweep-dlq",
 }
+# The registration retry queue (constructs/registration_retries.py): its output, its name after
+# the prefix, and the deployed redrive policy's maxReceiveCount (constants.py's
+# REGISTRATION_RETRY_MAX_RECEIVE_COUNT; tests/infra compares them).
+REGISTRATION_RETRY_OUTPUT = "RegistrationRetryQueueUrl"
+REGISTRATION_RETRY_QUEUE = "registration-retries"
+REGISTRATION_RETRY_MAX_RECEIVE_COUNT = 10
 # The functions with an on-failure destination (constructs/functions.py) -> its queue's output.
 ON_FAILURE_DESTINATIONS: dict[str, str] = {
-    "registration": "RegistrationFailureQueueUrl",
+    "registration": REGISTRATION_RETRY_OUTPUT,
     "device_events": "DeviceEventFailureQueueUrl",
     "rotation_events": "RotationEventFailureQueueUrl",
 }
@@ -77,10 +91,19 @@ def function_arn(function: str, region: str, account: str, prefix: str = NAME_PR
     return f"arn:aws:lambda:{region}:{account}:function:{function_name(function, prefix)}"
 
 
-def provision_failure_queues(sqs: Any, *, prefix: str = NAME_PREFIX) -> dict[str, str]:
-    """Create the eight failure queues (existing ones are given these settings); their URLs by
-    the stack output that names them. AWS calls: 8 (24 for existing queues)."""
-    return {
+def provision_failure_queues(
+    sqs: Any,
+    *,
+    prefix: str = NAME_PREFIX,
+    retry_max_receive_count: int = REGISTRATION_RETRY_MAX_RECEIVE_COUNT,
+    retry_visibility_timeout: int = LOCAL_VISIBILITY_TIMEOUT_SECONDS,
+) -> dict[str, str]:
+    """Create the eight failure queues (the lifecycle queue's dead-letter queue is
+    `fleetkey_local.queues`') and the registration retry queue, which moves a retry delivered
+    `retry_max_receive_count` times to `registration-failures` (existing queues are given these
+    settings); their URLs by the stack output that names them. AWS calls: 10 (28 for existing
+    queues)."""
+    urls = {
         output: _create_queue(
             sqs,
             f"{prefix}-{name}",
@@ -91,6 +114,21 @@ def provision_failure_queues(sqs: Any, *, prefix: str = NAME_PREFIX) -> dict[str
         )
         for output, name in FAILURE_QUEUES.items()
     }
+    failures_arn = sqs.get_queue_attributes(
+        QueueUrl=urls["RegistrationFailureQueueUrl"], AttributeNames=["QueueArn"]
+    )["Attributes"]["QueueArn"]
+    redrive = {"deadLetterTargetArn": failures_arn, "maxReceiveCount": retry_max_receive_count}
+    urls[REGISTRATION_RETRY_OUTPUT] = _create_queue(
+        sqs,
+        f"{prefix}-{REGISTRATION_RETRY_QUEUE}",
+        {
+            "VisibilityTimeout": str(retry_visibility_timeout),
+            "MessageRetentionPeriod": str(LIFECYCLE_RETENTION_SECONDS),
+            "RedrivePolicy": json.dumps(redrive),
+            "SqsManagedSseEnabled": "true",
+        },
+    )
+    return urls
 
 
 def local_outputs(

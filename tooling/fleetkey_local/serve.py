@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetkey.errors import FleetkeyError
-from fleetkey_cli.redrive import write_local_outputs
+from fleetkey_cli.redrive import DEFAULT_STATE_DIR, write_local_outputs
 from fleetkey_infra.edge import HTTP_METHODS, OPERATOR_ROLES, EdgeConfig, RateLimit
 from fleetkey_local.api_gateway import (
     DEFAULT_MUTUAL_TLS_PORT,
@@ -58,7 +58,12 @@ from fleetkey_local.api_gateway import (
     local_operator,
     local_operator_role,
 )
-from fleetkey_local.failure_queues import local_outputs, provision_failure_queues
+from fleetkey_local.failure_queues import (
+    FAILURE_QUEUES,
+    REGISTRATION_RETRY_OUTPUT,
+    local_outputs,
+    provision_failure_queues,
+)
 from fleetkey_local.functions import LambdaContext, load_function
 from fleetkey_local.iot_core import (
     IotCoreEmulator,
@@ -282,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_MUTUAL_TLS_PORT,
         help="the API over HTTPS with client certificates, for EST (0: any free port)",
     )
-    parser.add_argument("--state-dir", type=Path, default=Path("build/local"))
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     parser.add_argument(
         "--token-rate-limit",
         type=_positive,
@@ -353,6 +358,16 @@ def main(argv: list[str] | None = None) -> int:
         # functions' on-failure destinations (the IoT rules' invocations too) and its Invoke API,
         # where `fleetkey redrive` re-invokes them; the outputs it reads (fleetkey_cli.redrive).
         failure_queues = provision_failure_queues(stack.make_client("sqs"))
+        # The registration function's on-failure destination is its retry queue, which it
+        # consumes itself (an event source mapping), as deployed.
+        registration_retries = QueueWorker(
+            stack.make_client("sqs"),
+            failure_queues[REGISTRATION_RETRY_OUTPUT],
+            "registration",
+            batch_size=1,
+            region=REGION,
+            account=ACCOUNT,
+        )
         invoker = AsyncInvoker.with_destinations(
             stack.make_client("sqs"), failure_queues, region=REGION, account=ACCOUNT
         )
@@ -373,9 +388,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         lifecycle.start()
         started.callback(lifecycle.stop)
+        registration_retries.start()
+        started.callback(registration_retries.stop)
+        redrive = "fleetkey redrive all --dry-run" + (
+            "" if args.state_dir == DEFAULT_STATE_DIR else f" --state-dir {args.state_dir}"
+        )
         print(
             f"fleetkey local stack\n"
-            f"  API            {api.url}  (admin routes need SigV4: see README)\n"
+            f"  API            {api.url}  (admin routes need SigV4: docs/local-stack.md#the-api)\n"
             f"  rate limits    {describe_rate_limits(limits)}\n"
             f"  operator       {LOCAL_OPERATOR_ARN} (access key {local_operator().access_key})\n"
             f"  relying party  {LOCAL_RELYING_PARTY_ARN} (access key {LOCAL_RELYING_PARTY_KEY}; "
@@ -389,13 +409,16 @@ def main(argv: list[str] | None = None) -> int:
             f"  lifecycle      {settings.lifecycle_queue_url} -> converge "
             f"({describe_redrive(lifecycle)})\n"
             f"  rotation sweep rotation_events every {sweep.interval} s (scheduled event)\n"
-            f"  failure queues {len(failure_queues) + 1} (`fleetkey redrive all --dry-run`; "
+            f"  retries        {registration_retries.queue_url} -> registration "
+            f"({describe_redrive(registration_retries)})\n"
+            f"  failure queues {len(FAILURE_QUEUES) + 1} (`{redrive}`: docs/runbook-redrive.md; "
             f"outputs in {outputs_file})\n"
             f"  Lambda (Event) {lambda_api.url}  (async invocation, on-failure destinations)\n"
             f"  endpoint CA    {iot.endpoint_ca_path}  (the MQTT and EST servers' issuer)\n"
             f"  demo factory   {args.state_dir / (DEMO_CA + '.pem')} and .key "
             f"(registered manufacturer CA)\n"
             f"  AWS (moto)     {endpoint}\n"
+            "Try it with curl and the CLI: docs/local-stack.md#try-it-with-curl-and-the-cli\n"
             f"Ctrl-C to stop.",
             flush=True,
         )

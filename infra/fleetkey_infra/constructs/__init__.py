@@ -10,6 +10,8 @@ from fleetkey_infra.constructs.iot_rules import PresenceRule, RegistrationRule, 
 from fleetkey_infra.constructs.layer import CoreLayer
 from fleetkey_infra.constructs.lifecycle import LifecycleQueue
 from fleetkey_infra.constructs.monitoring import Monitoring
+from fleetkey_infra.constructs.operations import RedrivePolicy
+from fleetkey_infra.constructs.registration_retries import RegistrationConfig, RegistrationRetries
 from fleetkey_infra.constructs.rotation import EstDomain, RotationConfig
 from fleetkey_infra.constructs.schedules import Schedules
 from fleetkey_infra.constructs.token_keys import TokenKeys
@@ -29,6 +31,9 @@ __all__ = [
     "LifecycleQueue",
     "Monitoring",
     "PresenceRule",
+    "RedrivePolicy",
+    "RegistrationConfig",
+    "RegistrationRetries",
     "RegistrationRule",
     "RotationConfig",
     "Schedules",

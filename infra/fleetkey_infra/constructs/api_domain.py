@@ -26,20 +26,19 @@ certificate, so the issuer is never EST's domain, and the two names must differ.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aws_cdk import Stack, Token
 from aws_cdk import aws_apigateway as apigateway
 from aws_cdk import aws_certificatemanager as acm
 from constructs import Construct
 
 from fleetkey_infra import constants
-
-# As EST's (constructs/rotation.py): a lowercase DNS name, and an ACM certificate's ARN.
-_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
-_CERTIFICATE_ARN = re.compile(r"^arn:aws[a-z-]*:acm:([a-z0-9-]+):\d{12}:certificate/[A-Za-z0-9-]+$")
+from fleetkey_infra.constructs.rotation import (
+    CERTIFICATE_ARN,
+    DNS_NAME,
+    certificate_region_mismatch,
+)
 
 
 class ApiDomainConfigError(ValueError):
@@ -76,11 +75,11 @@ class ApiDomainConfig:
                 f"the API's custom domain needs {' and '.join(keys)}; missing: {', '.join(missing)}"
             )
         domain = domain.lower()
-        if not _DOMAIN.match(domain):
+        if not DNS_NAME.match(domain):
             raise ApiDomainConfigError(
                 f"{constants.API_DOMAIN_NAME_CONTEXT_KEY} must be a DNS name, not {domain!r}"
             )
-        if not _CERTIFICATE_ARN.match(certificate_arn):
+        if not CERTIFICATE_ARN.match(certificate_arn):
             raise ApiDomainConfigError(
                 f"{constants.API_CERTIFICATE_ARN_CONTEXT_KEY} must be an ACM certificate ARN, not "
                 f"{certificate_arn!r}"
@@ -122,7 +121,9 @@ class ApiDomain(Construct):
     ) -> None:
         super().__init__(scope, construct_id)
         self.config = config
-        self._check_region(config)
+        mismatch = certificate_region_mismatch(self, config.certificate_arn)
+        if mismatch:
+            raise ApiDomainConfigError(f"{constants.API_CERTIFICATE_ARN_CONTEXT_KEY} is {mismatch}")
         self.domain = apigateway.DomainName(
             self,
             "Domain",
@@ -138,13 +139,3 @@ class ApiDomain(Construct):
         self.mapping = apigateway.BasePathMapping(
             self, "Mapping", domain_name=self.domain, rest_api=api, stage=api.deployment_stage
         )
-
-    def _check_region(self, config: ApiDomainConfig) -> None:
-        """A regional endpoint takes a certificate of its own Region."""
-        region = Stack.of(self).region
-        match = _CERTIFICATE_ARN.match(config.certificate_arn)
-        if match and not Token.is_unresolved(region) and match.group(1) != region:
-            raise ApiDomainConfigError(
-                f"{constants.API_CERTIFICATE_ARN_CONTEXT_KEY} is a certificate of "
-                f"{match.group(1)}; a regional custom domain in {region} needs one of {region}"
-            )

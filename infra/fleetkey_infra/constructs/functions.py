@@ -26,6 +26,7 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from fleetkey_infra import constants
+from fleetkey_infra.constructs.registration_retries import RegistrationRetries
 from fleetkey_infra.dead_letters import dead_letter_queue
 from fleetkey_infra.nag import acknowledge
 
@@ -34,9 +35,11 @@ class Functions(Construct):
     """Attributes: `registration`, `admin`, `token`, `discovery`, `introspect`, `maintenance`,
     `converge`, `device_events`, `data_keys`, `rotation`, `rotation_events` and `validations`
     (lambda.Function), each with its own role (`<name>_role`: iam.Role), and
-    `registration_failures`, `device_event_failures` and `rotation_event_failures` (sqs.Queue),
-    the on-failure destinations of the registration, device_events and rotation_events functions'
-    asynchronous invocations.
+    `registration_retries` (RegistrationRetries: the registration function's on-failure
+    destination, consumed by the function itself), `registration_failures` (its dead-letter
+    queue), `device_event_failures` and `rotation_event_failures` (sqs.Queue: the on-failure
+    destinations of the device_events and rotation_events functions' asynchronous invocations).
+    `registration_concurrency` is the registration function's reserved concurrency (None: none).
 
     `issuer` is the API's base URL (FLEETKEY_ISSUER: token `iss`, the `aud` of device
     assertions); `token_key_id` the first token signing key (FLEETKEY_TOKEN_KEY_ID). Every
@@ -79,6 +82,7 @@ class Functions(Construct):
         name_prefix: str = constants.NAME_PREFIX,
         rotation_commit_seconds: int = constants.DEFAULT_ROTATION_COMMIT_SECONDS,
         renewal_rate_per_minute: int = constants.DEFAULT_RENEWAL_RATE_PER_MINUTE,
+        registration_concurrency: int | None = constants.DEFAULT_REGISTRATION_CONCURRENCY,
     ) -> None:
         super().__init__(scope, construct_id)
         self._layer = layer
@@ -97,6 +101,9 @@ class Functions(Construct):
         data_key_env = {constants.ENV_DATA_KEY_ID: data_key_id}
 
         self.registration_failures = self._build_failure_queue()
+        self.registration_retries = RegistrationRetries(
+            self, "RegistrationRetries", dead_letters=self.registration_failures
+        )
         self.registration_role = self._build_role("RegistrationRole", "registration")
         self.registration = self._build_function(
             "Registration",
@@ -106,11 +113,14 @@ class Functions(Construct):
             memory_mb=constants.REGISTRATION_MEMORY_MB,
             timeout=constants.REGISTRATION_TIMEOUT,
             description="fleetkey just-in-time registration of device certificates",
-            # Transient failures are re-raised by the handler: Lambda retries, then parks the
-            # event in the failure queue for an operator to replay.
+            # Transient failures are re-raised by the handler: Lambda retries, then sends the
+            # event to the retry queue, which gives it back to the function; what still fails
+            # after that ends in the failure queue for an operator.
             retry_attempts=constants.REGISTRATION_ASYNC_RETRY_ATTEMPTS,
-            on_failure=destinations.SqsDestination(self.registration_failures),
+            on_failure=destinations.SqsDestination(self.registration_retries.queue),
+            reserved_concurrency=registration_concurrency,
         )
+        self.registration_retries.consume(self.registration)
         self.admin_role = self._build_role("AdminRole", "admin")
         self.admin = self._build_function(
             "Admin",
@@ -182,8 +192,9 @@ class Functions(Construct):
         self.device_event_failures = self._build_failure_queue(
             "DeviceEventFailures",
             "the device_events function's on-failure destination for tamper reports that "
-            "exhausted their retries. Nothing consumes it automatically; an operator inspects and "
-            "replays them (or suspends the device through the admin API).",
+            "exhausted their retries. `fleetkey redrive device-event-failures` re-delivers them "
+            "once the cause is fixed, or suspend the device through the admin API "
+            "(docs/runbook-redrive.md).",
         )
         self.device_events_role = self._build_role("DeviceEventsRole", "device_events")
         self.device_events = self._build_function(
@@ -234,9 +245,10 @@ class Functions(Construct):
         self.rotation_event_failures = self._build_failure_queue(
             "RotationEventFailures",
             "the rotation_events function's on-failure destination for presence events and sweeps "
-            "that exhausted their retries. Nothing consumes it automatically: a failed sweep is "
-            "repeated by the next one; an operator inspects presence events (a pending rotation "
-            "not committed by one is rolled back at its deadline).",
+            "that exhausted their retries. A failed sweep is repeated by the next one; a presence "
+            "event not re-delivered leaves its rotation to be rolled back at its deadline. "
+            "`fleetkey redrive rotation-event-failures` re-delivers them "
+            "(docs/runbook-redrive.md).",
         )
         self.rotation_events_role = self._build_role("RotationEventsRole", "rotation_events")
         self.rotation_events = self._build_function(
@@ -330,9 +342,10 @@ class Functions(Construct):
     def _build_failure_queue(
         self,
         construct_id: str = "RegistrationFailures",
-        holds: str = "the registration function's on-failure destination for events that "
-        "exhausted their retries. Nothing consumes it automatically; an operator inspects and "
-        "replays the events.",
+        holds: str = "the registration retry queue moves here the registration events still "
+        f"failing after {constants.REGISTRATION_RETRY_MAX_RECEIVE_COUNT} retries (Lambda's "
+        "invocation records). `fleetkey redrive registration-failures` re-delivers them once the "
+        "cause is fixed (docs/runbook-redrive.md).",
     ) -> sqs.Queue:
         return dead_letter_queue(self, construct_id, holds=holds)
 
@@ -360,6 +373,7 @@ class Functions(Construct):
         environment: dict[str, str] | None = None,
         retry_attempts: int | None = None,
         on_failure: lambda_.IDestination | None = None,
+        reserved_concurrency: int | None = None,
     ) -> lambda_.Function:
         self._service_names[construct_id] = service_name
         log_group = self._build_log_group(f"{construct_id}Logs")
@@ -390,6 +404,7 @@ class Functions(Construct):
             },
             retry_attempts=retry_attempts,
             on_failure=on_failure,
+            reserved_concurrent_executions=reserved_concurrency,
         )
         acknowledge(
             function,

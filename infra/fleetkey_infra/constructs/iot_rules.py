@@ -109,7 +109,8 @@ class RegistrationRule(FunctionRule):
             purpose="registration",
             description="fleetkey just-in-time registration of device certificates",
             errors_hold="the IoT rule's error action for registration events it could not "
-            "deliver to the function. An operator replays them.",
+            "deliver to the function. `fleetkey redrive registration-rule-errors` re-delivers "
+            "them once the cause is fixed (docs/runbook-redrive.md).",
         )
 
 
@@ -128,7 +129,8 @@ class TamperRule(FunctionRule):
             purpose="tamper",
             description="fleetkey: a device reporting tampering is suspended",
             errors_hold="the IoT rule's error action for tamper reports it could not deliver to "
-            "the device_events function. An operator suspends the device or replays them.",
+            "the device_events function. `fleetkey redrive tamper-rule-errors` re-delivers them, "
+            "or suspend the device through the admin API (docs/runbook-redrive.md).",
         )
 
 
@@ -149,5 +151,6 @@ class PresenceRule(FunctionRule):
             description="fleetkey: a device connecting with its new certificate commits it",
             errors_hold="the IoT rule's error action for presence events it could not deliver "
             "to the rotation_events function. A rotation they would have committed is rolled back "
-            "at its deadline; an operator may replay them before.",
+            "at its deadline; `fleetkey redrive presence-rule-errors` re-delivers them before it "
+            "(docs/runbook-redrive.md).",
         )

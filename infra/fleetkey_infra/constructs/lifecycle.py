@@ -8,7 +8,8 @@ ACTIVE, policies and thing principals detached, certificates and thing deleted, 
 destroyed). AWS IoT's detaches settle asynchronously, so a device whose teardown cannot finish yet
 is reported failed in the batch response (ReportBatchItemFailures) and SQS delivers it again
 after the visibility timeout; after `LIFECYCLE_MAX_RECEIVE_COUNT` deliveries it moves to the
-dead-letter queue for an operator.
+dead-letter queue, from which `fleetkey redrive lifecycle-dlq` sends it back once the cause is
+fixed (docs/runbook-redrive.md).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class LifecycleQueue(Construct):
             "DeadLetters",
             holds="the lifecycle queue moves here the messages the converge function could not "
             f"finish after {constants.LIFECYCLE_MAX_RECEIVE_COUNT} deliveries (a teardown AWS IoT "
-            "kept refusing). An operator inspects the device and sends the message again.",
+            "kept refusing). Once the cause is fixed, `fleetkey redrive lifecycle-dlq` sends them "
+            "back to the lifecycle queue (docs/runbook-redrive.md).",
         )
         self.queue = sqs.Queue(
             self,

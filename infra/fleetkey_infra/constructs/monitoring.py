@@ -4,10 +4,14 @@ What is watched, and where its metric comes from (docs/runbook.md: what each ala
 what to do):
 
 - failure queues (SQS `ApproximateNumberOfMessagesVisible`): the lifecycle queue's dead-letter
-  queue, the registration, device_events and rotation_events functions' asynchronous on-failure
-  queues, the three IoT rules' error-action queues and the two schedules' dead-letter queues.
-  Nothing consumes them: a message there is work fleetkey gave up on (`fleetkey redrive`);
-- every function's `Errors` and `Throttles` (AWS/Lambda);
+  queue, the registration retry queue's dead-letter queue, the device_events and rotation_events
+  functions' asynchronous on-failure queues, the three IoT rules' error-action queues and the two
+  schedules' dead-letter queues. Nothing consumes them: a message there is work fleetkey gave up
+  on (`fleetkey redrive`). The registration retry queue itself is on the dashboard, not alarmed:
+  the registration function consumes it;
+- every function's `Errors` and `Throttles` (AWS/Lambda), except registration's `Throttles`: its
+  reserved concurrency throttles it by design, so its alarm is the age of the oldest event
+  waiting in Lambda's asynchronous queue (`AsyncEventAge`);
 - the API: `5XXError` of the stage (AWS/ApiGateway), the requests API Gateway throttled (a metric
   filter on the stage's access log: status 429 with API Gateway's own `Too Many Requests`,
   REST APIs publish no throttling metric), and the requests the WAF web ACL blocked for a client
@@ -18,8 +22,11 @@ what to do):
 - each IoT rule: `RuleMessageThrottled` (AWS/IoT, by `RuleName`) and `ErrorActionFailure` (its
   error action failed too: the message is lost), the latter by a Metrics Insights query on
   `RuleName` (AWS/IoT publishes rule-action metrics with more dimensions than the rule's);
-- registrations: a spike of `RegistrationsRefused` (every reason: a Metrics Insights query over
-  the `reason` dimension) and any refusal for `clone_suspected`;
+- registrations: a spike of `RegistrationsRefused` (every reason but `unknown_ca`: a Metrics
+  Insights query over the `reason` dimension) and any refusal for `clone_suspected`. Every
+  stage's registration rule sees every certificate registered in the account and Region (AWS
+  IoT's events are the account's), so each stage refuses the others' devices as `unknown_ca`:
+  those refusals are on the dashboard, never in the spike;
 - deadlines: `RotationsOverdue` (the rotation sweep: devices whose rollback or retired
   certificate's deletion is more than five minutes late) and `TeardownsOverdue` (converge: a
   teardown still pending half an hour after the decommission).
@@ -58,8 +65,9 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from fleetkey.adapters.aws import KMS_THROTTLE_METRIC
-from fleetkey.composition import LIFECYCLE_METRICS
+from fleetkey.composition import LIFECYCLE_METRICS, VALIDATION_METRICS
 from fleetkey.domain.rejection import RejectionReason
+from fleetkey.domain.validation import RefusalReason, ValidationStatus
 from fleetkey_infra import constants
 from fleetkey_infra.constructs.api import Api
 from fleetkey_infra.constructs.functions import Functions
@@ -76,6 +84,8 @@ PERIOD = Duration.minutes(5)
 # Metric names as the code emits them (namespace `fleetkey`, dimension `service`).
 REGISTRATIONS_ACCEPTED = "RegistrationsAccepted"
 REGISTRATIONS_REFUSED = "RegistrationsRefused"  # + dimension `reason`
+VALIDATIONS_VALIDATED = VALIDATION_METRICS[ValidationStatus.VALIDATED]  # token
+VALIDATIONS_REFUSED = VALIDATION_METRICS[ValidationStatus.REFUSED]  # token, validations; `reason`
 ROTATIONS_OVERDUE = "RotationsOverdue"  # functions/rotation_events
 TEARDOWNS_OVERDUE = LIFECYCLE_METRICS["teardown_overdue"]  # services/lifecycle.py, converge
 KMS_THROTTLES = KMS_THROTTLE_METRIC  # adapters/aws.py, every function with a KMS client
@@ -131,6 +141,8 @@ ANY = Threshold(1)
 # is left for later (AWS IoT not settled) as an error. maintenance runs hourly: all three
 # attempts of a run failed.
 EVERY_ERROR = ANY
+# The registration function's oldest waiting event (AsyncEventAge, milliseconds): half an hour.
+REGISTRATION_BACKLOG = Threshold(30 * 60 * 1000)
 PERSISTENT_ERRORS = Threshold(10, evaluation_periods=2, datapoints=2)
 ERROR_THRESHOLDS: Mapping[str, Threshold] = {
     "registration": PERSISTENT_ERRORS,
@@ -149,6 +161,11 @@ API_THROTTLED_THRESHOLD = Threshold(10)
 API_CLIENTS_BLOCKED = Threshold(100)
 # A spike of refusals: more than a misprovisioned device or two retrying.
 REGISTRATIONS_REFUSED_SPIKE = Threshold(20)
+# Refusals the spike leaves out: a certificate of a CA this stage does not manage is another
+# stage's device (or another team's): every stage's registration rule sees every certificate the
+# account registers, and AWS IoT registers a CA's certificates only once fleetkey recorded the CA.
+# These count the others' onboarding, not this stage's trouble (the dashboard shows them).
+REGISTRATIONS_REFUSED_SPIKE_EXCLUDES = (RejectionReason.UNKNOWN_CA.value,)
 
 
 def insights_query(
@@ -156,15 +173,18 @@ def insights_query(
     namespace: str,
     where: Mapping[str, str],
     *,
+    excluding: Sequence[tuple[str, str]] = (),
     schema: Sequence[str] | None = None,
     group_by: str | None = None,
 ) -> str:
     """A CloudWatch Metrics Insights query: `SELECT SUM(metric)` in `namespace` (only the metrics
     with exactly the dimensions `schema`, if given: SCHEMA), `where` each dimension equals its
-    value, optionally `GROUP BY` one. Names are double-quoted (Metrics Insights' reserved words
+    value and, for each (dimension, value) of `excluding`, the dimension is not that value
+    (`!=`), optionally `GROUP BY` one. Names are double-quoted (Metrics Insights' reserved words
     include common ones), values single-quoted; neither may hold a quote (they are this stack's
     own names and CloudFormation references, never input)."""
-    words = [metric, namespace, *where, *where.values(), *(schema or ()), group_by or ""]
+    excluded = [word for pair in excluding for word in pair]
+    words = [metric, namespace, *where, *where.values(), *excluded, *(schema or ()), group_by or ""]
     if any(quote in word for word in words for quote in "'\""):
         raise ValueError(f"a quote in a Metrics Insights name or value: {words}")
 
@@ -174,7 +194,10 @@ def insights_query(
     source = name(namespace)
     if schema:
         source = "SCHEMA(" + ", ".join(map(name, (namespace, *sorted(set(schema))))) + ")"
-    conditions = " AND ".join(f"{name(key)} = '{value}'" for key, value in where.items())
+    conditions = " AND ".join(
+        [f"{name(key)} = '{value}'" for key, value in where.items()]
+        + [f"{name(key)} != '{value}'" for key, value in excluding]
+    )
     query = f"SELECT SUM({name(metric)}) FROM {source} WHERE {conditions}"  # noqa: S608 (not SQL)
     return query + (f" GROUP BY {name(group_by)}" if group_by else "")
 
@@ -333,14 +356,17 @@ class Monitoring(Construct):
         function: str,
         dimensions: Sequence[str] = (),
         *,
+        excluding: Sequence[tuple[str, str]] = (),
         group_by: str | None = None,
     ) -> cloudwatch.MathExpression:
         """A Metrics Insights query: the sum of `name` over the metrics `function` emits with
-        `service` and `dimensions` (exactly those: SCHEMA), optionally by one of them."""
+        `service` and `dimensions` (exactly those: SCHEMA), but for the (dimension, value) pairs
+        `excluding`, optionally by one of the dimensions."""
         query = insights_query(
             name,
             self._namespace,
             {"service": self._service(function)},
+            excluding=excluding,
             schema=("service", *dimensions),
             group_by=group_by,
         )
@@ -422,6 +448,25 @@ class Monitoring(Construct):
                 meaning=f"The {name} function failed (Lambda Errors).",
                 runbook="function-errors",
             )
+            if name == "registration":
+                # Its reserved concurrency throttles it by design during an onboarding (events
+                # wait in Lambda's asynchronous queue): how long they wait is the alarm.
+                self._alarm(
+                    f"{construct_name}Backlog",
+                    cloudwatch.Metric(
+                        namespace="AWS/Lambda",
+                        metric_name="AsyncEventAge",
+                        dimensions_map={"FunctionName": function.function_name},
+                        statistic="Maximum",
+                        period=PERIOD,
+                    ),
+                    REGISTRATION_BACKLOG,
+                    meaning="Registration events waited more than 30 minutes in Lambda's "
+                    "asynchronous queue: devices are onboarding faster than AWS IoT's quotas "
+                    "let fleetkey register them.",
+                    runbook="registration-backlog",
+                )
+                continue
             self._alarm(
                 f"{construct_name}Throttles",
                 function.metric_throttles(statistic="Sum", period=PERIOD),
@@ -532,9 +577,15 @@ class Monitoring(Construct):
     def _registration_alarms(self) -> None:
         self._alarm(
             "RegistrationsRefusedSpike",
-            self._insights(REGISTRATIONS_REFUSED, "registration", ("reason",)),
+            self._insights(
+                REGISTRATIONS_REFUSED,
+                "registration",
+                ("reason",),
+                excluding=[("reason", reason) for reason in REGISTRATIONS_REFUSED_SPIKE_EXCLUDES],
+            ),
             REGISTRATIONS_REFUSED_SPIKE,
-            meaning="Many certificates were refused at registration (every reason).",
+            meaning="Many certificates were refused at registration (every reason but "
+            "unknown_ca: other stages' devices).",
             runbook="registrations-refused-spike",
         )
         self._alarm(
@@ -581,6 +632,9 @@ class Monitoring(Construct):
             )
             for name, queue in {
                 "Lifecycle": lifecycle.queue,
+                # Consumed by the registration function: its depth is retries under way (the
+                # alarm is its dead-letter queue's, RegistrationFailures).
+                "RegistrationRetries": self._functions.registration_retries.queue,
                 **self._failure_queues,
             }.items()
         ]
@@ -624,6 +678,18 @@ class Monitoring(Construct):
                     "Validations",
                     [
                         m("ValidationsRequested", "validations"),
+                        m(VALIDATIONS_VALIDATED, "token"),
+                        # Refused when answered, by reason; refused when asked (the device is
+                        # not ACTIVE) is the validations function's. Expired is not counted:
+                        # it is computed on read (requested, less validated and refused).
+                        self._insights(
+                            VALIDATIONS_REFUSED, "token", ("reason",), group_by="reason"
+                        ),
+                        m(
+                            VALIDATIONS_REFUSED,
+                            "validations",
+                            reason=RefusalReason.DEVICE_NOT_ACTIVE.value,
+                        ),
                         self._functions.validations.metric_invocations(
                             statistic="Sum", period=PERIOD, label="validations invocations"
                         ),

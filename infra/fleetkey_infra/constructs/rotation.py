@@ -96,8 +96,10 @@ class RotationConfig:
         )
 
 
-_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
-_CERTIFICATE_ARN = re.compile(r"^arn:aws[a-z-]*:acm:([a-z0-9-]+):\d{12}:certificate/[A-Za-z0-9-]+$")
+# Shared with the API's custom domain (constructs/api_domain.py): a lowercase DNS name, and an
+# ACM certificate's ARN (group 1: its Region).
+DNS_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+CERTIFICATE_ARN = re.compile(r"^arn:aws[a-z-]*:acm:([a-z0-9-]+):\d{12}:certificate/[A-Za-z0-9-]+$")
 _S3_URI = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(.+)$")
 
 
@@ -126,12 +128,12 @@ def _est(get: Callable[[str], object]) -> EstConfig | None:
             f"EST's mutual-TLS domain needs {', '.join(required)}; missing: {', '.join(missing)}"
         )
     domain = values[constants.EST_DOMAIN_NAME_CONTEXT_KEY].lower()
-    if not _DOMAIN.match(domain):
+    if not DNS_NAME.match(domain):
         raise RotationConfigError(
             f"{constants.EST_DOMAIN_NAME_CONTEXT_KEY} must be a DNS name, not {domain!r}"
         )
     certificate_arn = values[constants.EST_CERTIFICATE_ARN_CONTEXT_KEY]
-    if not _CERTIFICATE_ARN.match(certificate_arn):
+    if not CERTIFICATE_ARN.match(certificate_arn):
         raise RotationConfigError(
             f"{constants.EST_CERTIFICATE_ARN_CONTEXT_KEY} must be an ACM certificate ARN, not "
             f"{certificate_arn!r}"
@@ -172,6 +174,23 @@ def _bounded(value: object, key: str, default: int, bounds: tuple[int, int]) -> 
     return value
 
 
+def certificate_region_mismatch(scope: Construct, certificate_arn: str) -> str | None:
+    """Why a regional custom domain in `scope`'s stack cannot take `certificate_arn`, or None.
+
+    A regional endpoint takes an ACM certificate of its own Region. The reason reads after the
+    setting's name ("<key> is a certificate of ..."); None also when the stack's Region is not
+    known at synth (an environment-agnostic stack) or the ARN is malformed (refused earlier).
+    """
+    region = Stack.of(scope).region
+    match = CERTIFICATE_ARN.match(certificate_arn)
+    if not match or Token.is_unresolved(region) or match.group(1) == region:
+        return None
+    return (
+        f"a certificate of {match.group(1)}; a regional custom domain in {region} needs one of "
+        f"{region}"
+    )
+
+
 class EstDomain(Construct):
     """A regional custom domain with mutual TLS (TLS 1.2 at least), the whole API mapped at its
     root, for EST's `simplereenroll` (see the module doc).
@@ -190,22 +209,14 @@ class EstDomain(Construct):
     ) -> None:
         super().__init__(scope, construct_id)
         self.config = config
-        self._check_region(config)
+        mismatch = certificate_region_mismatch(self, config.certificate_arn)
+        if mismatch:
+            raise RotationConfigError(f"{constants.EST_CERTIFICATE_ARN_CONTEXT_KEY} is {mismatch}")
         self.domain = self._build_domain(config)
         # No base path: EST clients ask for https://<domain>/.well-known/est/... (RFC 7030 3.2.2).
         self.mapping = apigateway.BasePathMapping(
             self, "Mapping", domain_name=self.domain, rest_api=api, stage=api.deployment_stage
         )
-
-    def _check_region(self, config: EstConfig) -> None:
-        """A regional endpoint takes a certificate of its own region."""
-        region = Stack.of(self).region
-        match = _CERTIFICATE_ARN.match(config.certificate_arn)
-        if match and not Token.is_unresolved(region) and match.group(1) != region:
-            raise RotationConfigError(
-                f"{constants.EST_CERTIFICATE_ARN_CONTEXT_KEY} is a certificate of "
-                f"{match.group(1)}; a regional custom domain in {region} needs one of {region}"
-            )
 
     def _build_domain(self, config: EstConfig) -> apigateway.DomainName:
         return apigateway.DomainName(

@@ -19,7 +19,8 @@ class Schedules(Construct):
     event as its input (the functions check `source` and `detail-type`).
 
     EventBridge invokes the functions asynchronously. When it cannot (throttled, function
-    missing) it retries, then keeps the event in the rule's dead-letter queue; the invoke
+    missing) it retries, then keeps the event in the rule's dead-letter queue (`fleetkey redrive
+    maintenance-dlq` or `rotation-sweep-dlq` re-delivers it: docs/runbook-redrive.md); the invoke
     permission it needs is bound to the rule's ARN. Failures inside a function are Lambda's
     asynchronous retries; every run repeats whatever the previous one left undone.
 
@@ -56,8 +57,9 @@ class Schedules(Construct):
             self,
             "RotationSweepDeadLetters",
             holds="the rotation sweep's target keeps here the events EventBridge could not "
-            "deliver to the rotation_events function after its retries. Nothing replays them (the "
-            "next run, a minute later, does the same work); an operator inspects them.",
+            "deliver to the rotation_events function after its retries. Replaying them is "
+            "optional (the next run, a minute later, does the same work); `fleetkey redrive "
+            "rotation-sweep-dlq` re-delivers them as one run (docs/runbook-redrive.md).",
         )
         self.rotation_sweep_rule = events.Rule(
             self,
@@ -81,6 +83,7 @@ class Schedules(Construct):
             self,
             "MaintenanceDeadLetters",
             holds="the maintenance schedule's target keeps here the events EventBridge could not "
-            "deliver to the function after its retries. Nothing replays them (the next hourly run "
-            "does the same work); an operator inspects them.",
+            "deliver to the function after its retries. Replaying them is optional (the next "
+            "hourly run does the same work); `fleetkey redrive maintenance-dlq` re-delivers them "
+            "as one run (docs/runbook-redrive.md).",
         )

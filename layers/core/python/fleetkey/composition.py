@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from fleetkey.services.signing_keys import SigningKeys
     from fleetkey.services.tokens import TokenService
     from fleetkey.services.trust import ManufacturerCaService, TrustAnchors
-    from fleetkey.services.validations import ValidationService
+    from fleetkey.services.validations import OutcomeObserver, ValidationService
     from fleetkey.store.dynamodb import DynamoStore
 
 LifecycleObserver = Callable[[str, "Device"], None]
@@ -56,6 +56,7 @@ class Components:
         on_decision: DecisionObserver | None = None,
         on_lifecycle_change: LifecycleObserver | None = None,
         on_rotation_event: Callable[[str], None] | None = None,
+        on_validation_outcome: OutcomeObserver | None = None,
     ) -> None:
         self.settings = settings
         self._clients = {"dynamodb": dynamodb, "iot": iot, "kms": kms, "iot-data": iot_data}
@@ -64,6 +65,7 @@ class Components:
         self._on_decision = on_decision
         self._on_lifecycle_change = on_lifecycle_change
         self._on_rotation_event = on_rotation_event
+        self._on_validation_outcome = on_validation_outcome
 
     # ---- adapters ------------------------------------------------------------------------------
 
@@ -150,6 +152,7 @@ class Components:
             self._clock,
             firmware=store.firmware,
             validations=store.validations,
+            on_validation_outcome=self._on_validation_outcome,
         )
 
     @cached_property
@@ -157,7 +160,11 @@ class Components:
         from fleetkey.services.validations import ValidationService
 
         return ValidationService(
-            self.store.devices, self.store.validations, self.channel, clock=self._clock
+            self.store.devices,
+            self.store.validations,
+            self.channel,
+            clock=self._clock,
+            on_outcome=self._on_validation_outcome,
         )
 
     @cached_property
@@ -299,10 +306,37 @@ LIFECYCLE_METRICS = {
 }
 
 
+def count_validation_outcome(status: str, reason: str | None) -> None:
+    """The validation outcome metrics, one per validation, counted by the invocation whose write
+    decided it (the token function for an answer, the validations function for a device refused
+    when asked): `ValidationsValidated`, and `ValidationsRefused` by `reason`, a metric of its own
+    so that its `reason` lands on no other metric of the invocation (`TokensRefused` by `error`,
+    `ValidationsRequested`). `expired` is not counted: it is computed on read, never decided."""
+    from aws_lambda_powertools.metrics import MetricUnit
+
+    from fleetkey.observability import count_alone, metrics
+
+    name = VALIDATION_METRICS.get(status)
+    if name is None:
+        return
+    if reason is None:
+        metrics.add_metric(name=name, unit=MetricUnit.Count, value=1)
+    else:
+        count_alone(name, reason=reason)
+
+
+VALIDATION_METRICS = {
+    "validated": "ValidationsValidated",
+    "refused": "ValidationsRefused",  # + dimension `reason`
+}
+
+
 def from_environ(**options: Any) -> Components:
-    """Components from the function's environment, counting lifecycle changes as metrics."""
+    """Components from the function's environment, counting lifecycle changes, rotation events
+    and validation outcomes as metrics."""
     options.setdefault("on_lifecycle_change", count_lifecycle_change)
     options.setdefault("on_rotation_event", count_rotation_event)
+    options.setdefault("on_validation_outcome", count_validation_outcome)
     return Components(Settings.from_environ(), **options)
 
 

@@ -1,7 +1,9 @@
 """Logger, metrics and tracer, created once and shared by every function.
 
 The service name comes from POWERTOOLS_SERVICE_NAME; every function publishes its metrics in the
-`fleetkey` namespace.
+`fleetkey` namespace. `metrics` flushes once per invocation, and a dimension added to it
+(`add_dimension`) applies to every metric of that flush; `count_alone` is for a metric with a
+dimension of its own.
 
 Tracing. In Lambda with active tracing the tracer is Powertools' X-Ray tracer, created here at
 import, so it patches botocore before any client exists and every AWS call is a subsegment of the
@@ -83,3 +85,23 @@ def _tracer() -> Tracer:
 logger = Logger()
 metrics = Metrics(namespace="fleetkey")
 tracer = _tracer()
+
+
+def count_alone(name: str, **dimensions: str) -> None:
+    """Count 1 of `name`, in the `fleetkey` namespace, in a metric document of its own
+    (Powertools `single_metric`, printed at once) with the function's `service` and
+    `dimensions`: they land on no other metric of the invocation, nor the invocation's on it.
+    Nothing is printed while metrics are off (POWERTOOLS_METRICS_DISABLED), as for `metrics`."""
+    from aws_lambda_powertools.metrics import MetricUnit, single_metric
+    from aws_lambda_powertools.metrics.functions import is_metrics_disabled
+
+    if is_metrics_disabled():
+        return
+    with single_metric(
+        name=name,
+        unit=MetricUnit.Count,
+        value=1,
+        namespace=metrics.namespace,
+        default_dimensions=dimensions,
+    ):
+        pass

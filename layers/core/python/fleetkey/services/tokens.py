@@ -53,7 +53,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import jwt
@@ -108,6 +108,9 @@ from fleetkey.ports import (
 from fleetkey.services.signing_keys import SigningKeys
 from fleetkey.settings import Settings
 
+if TYPE_CHECKING:
+    from fleetkey.services.validations import OutcomeObserver
+
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -158,6 +161,11 @@ class UnreleasedFirmware(InvalidGrant):
 
 
 class TokenService:
+    """`on_validation_outcome` is told of a validation this service decides (`validated`, or
+    `refused` with its reason), once per validation: right after the write that decided it
+    commits, by the request that made it (an answer the validation no longer takes decides
+    nothing and is not observed)."""
+
     def __init__(
         self,
         settings: Settings,
@@ -168,6 +176,7 @@ class TokenService:
         *,
         firmware: FirmwareReleases | None = None,
         validations: ValidationRecords | None = None,
+        on_validation_outcome: OutcomeObserver | None = None,
     ) -> None:
         self._settings = settings
         self._devices = devices
@@ -176,6 +185,7 @@ class TokenService:
         self._clock = clock
         self._firmware = firmware
         self._validations = validations
+        self._on_validation_outcome = on_validation_outcome
         self._public_keys: OrderedDict[str, PublicKey] = OrderedDict()
         # Device credentials by the certificate id a token was last granted on (`issue`).
         self._credentials: OrderedDict[str, DeviceCredential] = OrderedDict()
@@ -244,7 +254,8 @@ class TokenService:
             if answer is not None and reason is not None and self._validations is not None:
                 device_id: str = jws.claims["sub"]
                 now = int(self._clock().timestamp())
-                self._validations.refuse(device_id, answer, reason, now)
+                if self._validations.refuse(device_id, answer, reason, now):
+                    self._observe(ValidationStatus.REFUSED, reason)
             raise
 
     def _grant(
@@ -305,6 +316,8 @@ class TokenService:
                 continue
             except ValidationUnanswerable as exc:
                 raise self._unanswerable(exc, auth, answer, attestation) from None
+            if answer is not None and self._validations is not None:
+                self._observe(ValidationStatus.VALIDATED, None)
             self._remember(auth.certificate.certificate_id, auth.device)
             self._used[used] = _remember_until(auth)
             if len(self._used) > 10_000:
@@ -346,6 +359,11 @@ class TokenService:
             claims["validation"] = {"id": answer.validation_id, "purpose": answer.purpose}
         signing_key, signer = self._keys.current()
         return sign_jwt(signer, signing_key.kid, claims, ACCESS_TOKEN_TYPE), lifetime
+
+    def _observe(self, status: ValidationStatus, reason: RefusalReason | None) -> None:
+        """Report a validation this request has just decided (the write committed)."""
+        if self._on_validation_outcome is not None:
+            self._on_validation_outcome(status, reason)
 
     def _unanswerable(
         self,

@@ -4,6 +4,11 @@ party reads the result, waiting for it if it likes.
 
 AWS calls: a request 3 (the device's credential, the record, the command: iot-data Publish);
 a read 1, plus 1 per poll while it waits (at most ~25 in 20 s, backing off to one a second).
+
+Outcomes are observed (`OutcomeObserver`: the outcome metrics) once per validation, by the
+invocation whose write decided it: a request for a device that is not ACTIVE here, an answer in
+`TokenService.issue`. `expired` is never observed: it is computed on read, and nothing is written
+when the deadline passes.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ from fleetkey.domain.validation import (
 from fleetkey.errors import InvalidRequest, NotFound
 from fleetkey.ports import DeviceConnections, DeviceRepository, ValidationRecords
 
+# Told of a validation's outcome as the write that decides it commits: `validated` (reason None)
+# or `refused` with its reason.
+OutcomeObserver = Callable[[ValidationStatus, RefusalReason | None], None]
+
 # An audience is an identifier (a URI or a name) a relying party checks in `aud`: printable, no
 # spaces (the token request's `audience` parameter is a space-separated list).
 _MAX_AUDIENCE = 256
@@ -57,6 +66,7 @@ class ValidationService:
         clock: Clock = utc_now,
         sleep: Callable[[float], None] = time.sleep,
         monotonic: Callable[[], float] = time.monotonic,
+        on_outcome: OutcomeObserver | None = None,
     ) -> None:
         self._devices = devices
         self._validations = validations
@@ -64,6 +74,7 @@ class ValidationService:
         self._clock = clock
         self._sleep = sleep
         self._monotonic = monotonic
+        self._on_outcome = on_outcome
 
     def request(
         self,
@@ -77,7 +88,8 @@ class ValidationService:
     ) -> Validation:
         """Ask `device_id` to prove itself for `purpose`; the result's token will be for
         `audience` (one the device's profile allows). A device that is not ACTIVE gets a
-        validation refused at once (`device_not_active`) and no command.
+        validation refused at once (`device_not_active`, observed as its outcome) and no
+        command.
 
         AWS calls: 1 (the device's credential) + 1 (PutItem) + 1 (iot-data Publish) = 3; a device
         not ACTIVE 2. Nothing is written for a refused request.
@@ -138,6 +150,8 @@ class ValidationService:
                 decided_at=now,
             )
             self._validations.create(refused)
+            if self._on_outcome is not None:
+                self._on_outcome(ValidationStatus.REFUSED, RefusalReason.DEVICE_NOT_ACTIVE)
             return refused
         self._validations.create(validation)
         self._connections.send_command(

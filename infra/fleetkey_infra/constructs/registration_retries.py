@@ -1,0 +1,106 @@
+"""The registration retry queue: what brings a registration that failed back without a person.
+
+AWS IoT's rate limits bind a large onboarding (docs/load.md): a registration that AWS IoT kept
+throttling through the SDK's retries and Lambda's two asynchronous retries is not lost. Lambda's
+on-failure destination sends its invocation record here; an event source mapping gives it back to
+the registration function, one record at a time and at most `REGISTRATION_RETRY_MAX_CONCURRENCY`
+at once, so that retries add little to the load that throttled them. A retry that fails again
+comes back after the visibility timeout; after `REGISTRATION_RETRY_MAX_RECEIVE_COUNT` deliveries
+(about half an hour) it moves to the registration failure queue, whose alarm calls a person: what
+is still failing then (a thing name that clashes, a missing permission) needs one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aws_cdk import Duration
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_lambda_event_sources as event_sources
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from fleetkey_infra import constants
+
+
+class RegistrationConfigError(ValueError):
+    """The registration settings (CDK context) cannot be deployed as given."""
+
+
+@dataclass(frozen=True)
+class RegistrationConfig:
+    """`reserved_concurrency`: the registration function's reserved concurrency (None: none,
+    for an account whose concurrency quota leaves nothing to reserve)."""
+
+    reserved_concurrency: int | None = constants.DEFAULT_REGISTRATION_CONCURRENCY
+
+    @classmethod
+    def from_context(cls, get: Callable[[str], object]) -> RegistrationConfig:
+        """`registrationConcurrency`: a whole number in `REGISTRATION_CONCURRENCY_RANGE`, or
+        `none`; absent: the default.
+
+        Raises:
+            RegistrationConfigError: anything else.
+        """
+        key = constants.REGISTRATION_CONCURRENCY_CONTEXT_KEY
+        value = get(key)
+        if value is None:
+            return cls()
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text == "none":
+                return cls(reserved_concurrency=None)
+            if text.isdigit():
+                value = int(text)  # `cdk deploy -c key=N` passes a string
+        low, high = constants.REGISTRATION_CONCURRENCY_RANGE
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise RegistrationConfigError(
+                f"{key} must be a whole number from {low} to {high}, or none, not {value!r}"
+            )
+        return cls(reserved_concurrency=value)
+
+
+class RegistrationRetries(Construct):
+    """An SQS-encrypted (Lambda's destination sends with the function's role, no key grant),
+    TLS-only queue whose dead-letter queue is `dead_letters` (the registration failure queue).
+
+    Attributes: `queue` (sqs.Queue), `dead_letters`, and after `consume`, `event_source`
+    (lambda_event_sources.SqsEventSource).
+    """
+
+    def __init__(self, scope: Construct, construct_id: str, *, dead_letters: sqs.IQueue) -> None:
+        super().__init__(scope, construct_id)
+        self.dead_letters = dead_letters
+        self.queue = sqs.Queue(
+            self,
+            "Queue",
+            encryption=sqs.QueueEncryption.SQS_MANAGED,
+            enforce_ssl=True,
+            visibility_timeout=constants.REGISTRATION_RETRY_VISIBILITY_TIMEOUT,
+            retention_period=constants.REGISTRATION_RETRY_RETENTION,
+            dead_letter_queue=sqs.DeadLetterQueue(
+                max_receive_count=constants.REGISTRATION_RETRY_MAX_RECEIVE_COUNT,
+                queue=dead_letters,
+            ),
+        )
+        self.event_source: event_sources.SqsEventSource | None = None
+
+    def consume(self, function: lambda_.Function) -> event_sources.SqsEventSource:
+        """`function` (registration) receives one record per invocation (so each invocation
+        records at most one decision, as from the rule) and reports it failed in a partial batch
+        response. The event source grants the function's role what Lambda's poller does with it."""
+        consumer = (function.timeout or Duration.seconds(3)).to_seconds()
+        if constants.REGISTRATION_RETRY_VISIBILITY_TIMEOUT.to_seconds() < 6 * consumer:
+            raise ValueError(
+                "the registration retry queue's visibility timeout must be at least 6x the "
+                f"registration function's timeout ({consumer} s)"
+            )
+        self.event_source = event_sources.SqsEventSource(
+            self.queue,
+            batch_size=constants.REGISTRATION_RETRY_BATCH_SIZE,
+            report_batch_item_failures=True,
+            max_concurrency=constants.REGISTRATION_RETRY_MAX_CONCURRENCY,
+        )
+        function.add_event_source(self.event_source)
+        return self.event_source
