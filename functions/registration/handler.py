@@ -34,7 +34,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from fleetkey.composition import from_environ
 from fleetkey.domain.rejection import RejectionReason
 from fleetkey.init_phase import load_ahead
-from fleetkey.observability import logger, metrics, tracer
+from fleetkey.observability import count_alone, logger, metrics, tracer
 
 if TYPE_CHECKING:
     from fleetkey.services.registration import RegistrationOutcome, RegistrationService
@@ -117,7 +117,8 @@ def retry_record(record: Any) -> dict[str, Any]:
         raise UnreadableRetry(f"message {record.message_id}: not an invocation record") from exc
     if isinstance(payload, dict) and isinstance(payload.get("certificateId"), str):
         logger.set_correlation_id(payload["certificateId"])
-    metrics.add_metric(name="RegistrationEventsRetried", unit=MetricUnit.Count, value=1)
+    # A document of its own: the decision's `reason` dimension must not land on it.
+    count_alone("RegistrationEventsRetried")
     return register(payload)
 
 
