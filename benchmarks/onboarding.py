@@ -332,15 +332,21 @@ class LambdaAsync:
             self.max_queue = max(self.max_queue, len(self._ready))
             self._cv.notify()
 
-    def invoke_retry(self, message: dict) -> None:
-        """The event source mapping's synchronous invocation with one retry-queue message: it
-        waits for an environment like any invocation (the function's concurrency is shared)."""
+    def invoke_retry(self, message: dict) -> bool:
+        """The event source mapping's synchronous invocation with one retry-queue message. The
+        function's concurrency is shared: with every environment busy, Lambda throttles it
+        (False: the message stays in the queue, visible again after the visibility timeout, its
+        receive counted); else a free environment runs it next."""
         payload = json.loads(message["Body"])["requestPayload"]
         with self._cv:
-            self._ready.append(AsyncEvent(payload, message=message))
+            if self._running >= len(self._threads):
+                self.counters["retry_throttled"] += 1
+                return False
+            self._ready.appendleft(AsyncEvent(payload, message=message))
             self.counters["retry_deliveries"] += 1
             self.retries_in_flight += 1
             self._cv.notify()
+            return True
 
     def _sqs_event(self, message: dict) -> dict:
         """The SQS event Lambda's event source mapping delivers for one message."""
@@ -640,14 +646,15 @@ def _run(args: argparse.Namespace, endpoint: str) -> dict:
 
     def on_retry(item: AsyncEvent, failed: bool) -> None:
         """The event source mapping deletes a message the function finished; a failed one stays
-        (visible again after the visibility timeout)."""
+        (visible again after the visibility timeout). A retry's response names no outcome: the
+        certificate's recorded decision does."""
         assert item.message is not None
         if failed:
             return
         sqs.delete_message(QueueUrl=retry_queue_url, ReceiptHandle=item.message["ReceiptHandle"])
-        # Every device of the run is allow-listed: a retry that finished accepted its device
-        # (the check at the end confirms each one in AWS IoT and the table).
-        on_result(item, {"status": "accepted"})
+        decision = stack.store.certificates.get(item.event.get("certificateId", ""))
+        outcome = decision.outcome.value if decision else "undecided"
+        on_result(item, {"status": outcome})
 
     function_arn = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:fleetkey-{REGISTRATION}"
     lambda_async = LambdaAsync(
@@ -665,7 +672,7 @@ def _run(args: argparse.Namespace, endpoint: str) -> dict:
         `--retry-concurrency` invocations at once."""
         while not stop.is_set():
             if lambda_async.retries_in_flight >= args.retry_concurrency:
-                stop.wait(0.05)
+                stop.wait(0.2)
                 continue
             messages = sqs.receive_message(
                 QueueUrl=retry_queue_url,
@@ -674,7 +681,7 @@ def _run(args: argparse.Namespace, endpoint: str) -> dict:
                 AttributeNames=["All"],
             ).get("Messages", [])
             if not messages:
-                stop.wait(0.2)
+                stop.wait(1.0)  # Lambda long-polls; moto answers one request at a time
                 continue
             lambda_async.invoke_retry(messages[0])
 
@@ -975,6 +982,7 @@ def _run(args: argparse.Namespace, endpoint: str) -> dict:
             "deliveries": lambda_async.counters["retry_deliveries"],
             "succeeded": lambda_async.counters["retries_succeeded"],
             "failed_again": lambda_async.counters["retries_failed_again"],
+            "throttled": lambda_async.counters["retry_throttled"],
             "dead_lettered": parked,
         },
         "devices": {
@@ -1063,6 +1071,8 @@ def render(results: dict) -> str:
         f"| records sent to the retry queue (Lambda's on-failure destination) | "
         f"{red['records_in']} |",
         f"| retry queue deliveries (failed again) | {red['deliveries']} ({red['failed_again']}) |",
+        f"| retry queue deliveries Lambda throttled (every environment busy) | "
+        f"{red['throttled']} |",
         f"| records left in the failure queue for a person | {red['dead_lettered']} |",
         f"| deepest Lambda event queue | {lam.get('max_queue', 0)} |",
         "",

@@ -16,10 +16,12 @@ already decided: a duplicate, a redrive, a concurrent copy) count deliveries.
 
 Retries without a person: Lambda's on-failure destination is the registration retry queue, whose
 event source mapping brings each failed event back here one at a time (an SQS batch of one
-message whose body is Lambda's invocation record; the event is its `requestPayload`). A retry
-that fails again is reported failed and SQS delivers it again after the visibility timeout; after
-the queue's maxReceiveCount it moves to the registration failure queue, for an operator
-(`fleetkey redrive registration-failures`). `RegistrationEventsRetried` counts those deliveries.
+message whose body is Lambda's invocation record of this function; the event is its
+`requestPayload`). A retry that fails again fails the invocation, logged and counted
+(`RegistrationRetriesFailed` by `kind`: `persistent` ones alarm), and SQS delivers it again after
+the visibility timeout; after the queue's maxReceiveCount (six hours) it moves to the registration
+failure queue, for an operator (`fleetkey redrive registration-failures`).
+`RegistrationEventsRetried` counts the deliveries.
 """
 
 from __future__ import annotations
@@ -84,18 +86,17 @@ def is_retry_batch(event: object) -> bool:
 
 
 def retry(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    """The retry queue's batch (one message: `RETRY_BATCH_SIZE` in the CDK stack, so that one
-    invocation records at most one decision and its `reason` dimension). A message whose event
-    fails again is reported failed (partial batch response) and comes back later."""
+    """The retry queue's batch (one message: `REGISTRATION_RETRY_BATCH_SIZE` in the CDK stack,
+    so that one invocation records at most one decision and its `reason` dimension). A message
+    whose event fails again is reported failed and the invocation fails (Lambda `Errors`): SQS
+    delivers it again after the visibility timeout."""
     from aws_lambda_powertools.utilities.batch import (
         BatchProcessor,
         EventType,
         process_partial_response,
     )
 
-    # Not raising when the whole batch failed: the partial response already says so, and a
-    # raise would only add a second error to the log.
-    processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
+    processor = BatchProcessor(event_type=EventType.SQS)
     return dict(
         process_partial_response(
             event=event, record_handler=retry_record, processor=processor, context=context
@@ -104,22 +105,50 @@ def retry(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
 
 
 class UnreadableRetry(ValueError):
-    """A retry queue message that is not Lambda's invocation record of a registration event.
-    Reported failed, so that it ends in the failure queue for an operator rather than vanish."""
+    """A retry queue message that is not Lambda's invocation record of this function. Reported
+    failed, so that it ends in the failure queue for an operator rather than vanish."""
 
 
-def retry_record(record: Any) -> dict[str, Any]:
+def retried_event(record: Any, function_name: str) -> Any:
+    """The event of Lambda's invocation record in `record`'s body (its `requestPayload`).
+
+    Raises:
+        UnreadableRetry: not an invocation record, or one of another function.
+    """
     try:
         invocation = json.loads(record.body)
         payload = invocation["requestPayload"]
+        arn = invocation["requestContext"]["functionArn"]
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
-        logger.error("unreadable retry message", extra={"message_id": record.message_id})
         raise UnreadableRetry(f"message {record.message_id}: not an invocation record") from exc
-    if isinstance(payload, dict) and isinstance(payload.get("certificateId"), str):
-        logger.set_correlation_id(payload["certificateId"])
-    # A document of its own: the decision's `reason` dimension must not land on it.
-    count_alone("RegistrationEventsRetried")
-    return register(payload)
+    # arn:aws:lambda:<region>:<account>:function:<name>[:<qualifier>]
+    parts = arn.split(":") if isinstance(arn, str) else []
+    if len(parts) < 7 or parts[6] != function_name:
+        raise UnreadableRetry(f"message {record.message_id}: a record of another function")
+    return payload
+
+
+def retry_record(record: Any, lambda_context: LambdaContext) -> dict[str, Any]:
+    """Decide one retried event. A failure is logged and counted (`RegistrationRetriesFailed`,
+    `kind` persistent or transient: persistent ones need a person, the
+    `RegistrationRetriesFailing` alarm) and raised, so that the record is reported failed."""
+    try:
+        event = retried_event(record, lambda_context.function_name)
+        if isinstance(event, dict) and isinstance(event.get("certificateId"), str):
+            logger.set_correlation_id(event["certificateId"])
+        # Documents of their own: the decision's `reason` dimension must not land on them.
+        count_alone("RegistrationEventsRetried")
+        return register(event)
+    except Exception as exc:
+        from fleetkey.adapters.aws import is_transient
+
+        kind = "transient" if is_transient(exc) else "persistent"
+        logger.exception(
+            "registration retry failed; SQS delivers it again",
+            extra={"message_id": record.message_id, "error": type(exc).__name__, "kind": kind},
+        )
+        count_alone("RegistrationRetriesFailed", kind=kind)
+        raise
 
 
 def register(event: Any) -> dict[str, Any]:

@@ -213,8 +213,11 @@ REGISTRATION_RETRY_BATCH_SIZE = 1
 REGISTRATION_RETRY_MAX_CONCURRENCY = 2
 # AWS's guidance for an SQS event source: at least six times the function's timeout.
 REGISTRATION_RETRY_VISIBILITY_TIMEOUT = Duration.seconds(6 * REGISTRATION_TIMEOUT.to_seconds())
-# 10 deliveries, 3 minutes apart: half an hour of retries, then the failure queue and its alarm.
-REGISTRATION_RETRY_MAX_RECEIVE_COUNT = 10
+# 120 deliveries, 3 minutes apart: six hours, as long as Lambda keeps an asynchronous event. A
+# delivery Lambda throttles (the function's reserved concurrency, busy with an onboarding) uses one
+# too. What fails for a reason retrying cannot fix alarms at once (RegistrationRetriesFailing);
+# what is left after six hours goes to the failure queue and its alarm.
+REGISTRATION_RETRY_MAX_RECEIVE_COUNT = 120
 REGISTRATION_RETRY_RETENTION = Duration.days(4)
 # The registration function's reserved concurrency: at AWS IoT's 10 registrations a second
 # (DescribeCertificate, UpdateCertificate: docs/load.md) 2 to 3 environments keep the quota busy;

@@ -63,6 +63,12 @@ EXPECTED_ALARMS = {
     *(f"{function}Errors" for function in FUNCTION_IDS),
     *(f"{function}Throttles" for function in FUNCTION_IDS if function != "Registration"),
     "RegistrationBacklog",
+    *(
+        f"{function}DestinationFailures"
+        for function in ("Registration", "DeviceEvents", "RotationEvents")
+    ),
+    "RegistrationRetriesFailing",
+    "RegistrationRetriesStalled",
     "ApiServerErrors",
     "ApiThrottled",
     "ApiClientsRateLimited",
@@ -177,7 +183,7 @@ def test_every_failure_queue_has_a_depth_alarm(resources: dict[str, dict]) -> No
     # When reading the queue-depth alarms
     watched = {}
     for _, props in alarms(resources).values():
-        if props.get("Namespace") == "AWS/SQS":
+        if props.get("MetricName") == "ApproximateNumberOfMessagesVisible":
             watched[dimensions(props)["QueueName"]["Fn::GetAtt"][0]] = props
 
     # Then every failure queue (nine: all queues but the two consumed) alarms on its first
@@ -597,6 +603,7 @@ EMITTED = [
     re.compile(r'add_metric\(\s*name="(\w+)"'),
     re.compile(r'refused_metric="(\w+)"'),
     re.compile(r'_notify\("([A-Z]\w+)"\)'),
+    re.compile(r'count_alone\(\s*"(\w+)"'),
 ]
 
 
@@ -773,3 +780,42 @@ def test_registration_backlog_alarm(resources: dict[str, dict]) -> None:
         1,
     )
     assert "registration-backlog" in backlog["AlarmDescription"]
+
+
+def test_registration_retries_alarm_when_they_need_a_person(
+    resources: dict[str, dict], template_outputs: dict[str, dict]
+) -> None:
+    # Given the registration retry queue and the registration function's service
+    retries_id = output_ref(template_outputs, "RegistrationRetryQueueUrl")
+    # When reading the retry alarms
+    failing = alarm(resources, "RegistrationRetriesFailing")
+    stalled = alarm(resources, "RegistrationRetriesStalled")
+    # Then a retry failing for a reason retrying cannot fix alarms at once, and so does a retry
+    # queue whose oldest unreceived message is an hour old (nothing consumes it)
+    [metric] = stat_metrics(failing)
+    stat = metric["MetricStat"]
+    assert (stat["Metric"]["Namespace"], stat["Metric"]["MetricName"]) == (
+        NAMESPACE,
+        "RegistrationRetriesFailed",
+    )
+    assert dimensions(stat["Metric"]) == {"service": "fleetkey-registration", "kind": "persistent"}
+    assert (stat["Stat"], failing["Threshold"]) == ("Sum", 1)
+    assert (stalled["Namespace"], stalled["MetricName"]) == (
+        "AWS/SQS",
+        "ApproximateAgeOfOldestMessage",
+    )
+    assert dimensions(stalled) == {"QueueName": {"Fn::GetAtt": [retries_id, "QueueName"]}}
+    assert (stalled["Statistic"], stalled["Threshold"]) == ("Maximum", 3600)
+
+
+@pytest.mark.parametrize("function", ["Registration", "DeviceEvents", "RotationEvents"])
+def test_a_lost_on_failure_record_alarms(resources: dict[str, dict], function: str) -> None:
+    [function_id] = [
+        lid
+        for lid in of_type(resources, "AWS::Lambda::Function")
+        if re.fullmatch(rf"Functions{function}[0-9A-F]{{8}}", lid)
+    ]
+    lost = alarm(resources, f"{function}DestinationFailures")
+    assert (lost["Namespace"], lost["MetricName"]) == ("AWS/Lambda", "DestinationDeliveryFailures")
+    assert dimensions(lost) == {"FunctionName": {"Ref": function_id}}
+    assert (lost["Statistic"], lost["Threshold"]) == ("Sum", 1)

@@ -9,6 +9,9 @@ from fleetkey_infra.constructs.registration_retries import (
     RegistrationConfig,
     RegistrationConfigError,
 )
+from fleetkey_local.failure_queues import (
+    REGISTRATION_RETRY_MAX_RECEIVE_COUNT as local_retry_max_receive_count,
+)
 from infra_template import (
     function_by_service,
     of_type,
@@ -53,12 +56,14 @@ def test_the_retry_queue_moves_what_keeps_failing_to_the_failure_queue(
     function = registration(resources)[1]["Properties"]
 
     # When reading their settings
-    # Then a retry comes back every 3 minutes (6x the function's timeout) for 10 deliveries, then
-    # waits in the failure queue, which keeps it longer than the retry queue kept it
+    # Then a retry comes back every 3 minutes (6x the function's timeout) for 120 deliveries (six
+    # hours, as Lambda keeps an asynchronous event), then waits in the failure queue, which keeps
+    # it longer than the retry queue kept it; the local stack has the same redrive policy
     assert retries["RedrivePolicy"] == {
         "deadLetterTargetArn": {"Fn::GetAtt": [failures_id, "Arn"]},
-        "maxReceiveCount": 10,
+        "maxReceiveCount": 120,
     }
+    assert local_retry_max_receive_count == 120
     assert retries["VisibilityTimeout"] == 180 >= 6 * function["Timeout"]
     assert retries["SqsManagedSseEnabled"] is True
     assert retries["MessageRetentionPeriod"] < failures["MessageRetentionPeriod"]
@@ -123,7 +128,7 @@ def test_registration_concurrency_from_context(value: object, expected: int | No
     )
 
 
-@pytest.mark.parametrize("value", ["", "1", 1, 0, "-3", "1001", True, 2.5, "five", [5]])
+@pytest.mark.parametrize("value", ["", "1", 1, 0, "-3", "1001", True, 2.5, "five", [5], "²", "٣"])
 def test_registration_concurrency_out_of_range_is_refused(value: object) -> None:
     with pytest.raises(RegistrationConfigError, match="registrationConcurrency"):
         RegistrationConfig.from_context({"registrationConcurrency": value}.get)

@@ -277,7 +277,7 @@ REGISTRY.update(
 # docs/load.md: the onboarding benchmark's smoke test runs the command it shows.
 REGISTRY[
     ".venv/bin/python benchmarks/onboarding.py --devices 40 --environments 4 --quota-scale 0.5 "
-    "--sdk-attempts 1 --async-retry-delays 0.2 --retry-visibility-timeout 1 --retry-max-receives 30"
+    "--sdk-attempts 1 --async-retry-delays 0.2 --retry-visibility-timeout 1"
 ] = RunBy(
     "tests/integration/test_onboarding_benchmark_smoke.py"
     "::test_onboarding_benchmark_registers_every_device_under_the_rate_limits",

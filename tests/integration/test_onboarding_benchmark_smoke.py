@@ -26,8 +26,6 @@ SMOKE = [
     "0.2",
     "--retry-visibility-timeout",
     "1",
-    "--retry-max-receives",
-    "30",
 ]
 
 

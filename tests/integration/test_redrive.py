@@ -208,7 +208,7 @@ def test_a_registration_that_failed_every_retry_is_finished_by_the_redrive(harne
     invocation = harness.lambda_.invoke("fleetkey-registration", event)
     assert (invocation.status, invocation.attempts) == ("failed", 3)
     retries = harness.retry_registrations()
-    assert retries.counters["reported_failed"] == 2 and retries.counters["deleted"] == 0
+    assert retries.counters["batches_failed"] == 2 and retries.counters["deleted"] == 0
     [record] = harness.bodies("registration-failures")
     assert record["requestPayload"] == event
     assert record["requestContext"]["functionArn"].endswith(

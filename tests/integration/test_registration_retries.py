@@ -9,6 +9,7 @@ import copy
 import json
 
 import pytest
+from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
 
 from fleetkey.domain.allowlist import AllowlistEntry
 from fleetkey.domain.lifecycle import DeviceState
@@ -30,12 +31,17 @@ from tests.support.pki_cache import ca as cached_ca
 class MetricsRecorder:
     def __init__(self) -> None:
         self.metrics: list[tuple[str, float]] = []
+        self.alone: list[tuple[str, dict[str, str]]] = []
 
     def add_metric(self, name: str, unit: object, value: float) -> None:
         self.metrics.append((name, value))
 
     def add_dimension(self, name: str, value: str) -> None:
         pass
+
+    def count_alone(self, name: str, **dimensions: str) -> None:
+        self.metrics.append((name, 1))
+        self.alone.append((name, dimensions))
 
     def names(self) -> list[str]:
         return [name for name, _ in self.metrics]
@@ -47,7 +53,7 @@ def registration(stack, monkeypatch):
     function = load_handler("registration")
     recorder = MetricsRecorder()
     monkeypatch.setattr(function, "metrics", recorder)
-    monkeypatch.setattr(function, "count_alone", lambda name: recorder.metrics.append((name, 1)))
+    monkeypatch.setattr(function, "count_alone", recorder.count_alone)
     yield function, recorder
     function.service.cache_clear()
 
@@ -81,6 +87,8 @@ def retry_message(event: object, *, body: str | None = None) -> dict:
     message = copy.deepcopy(load_event("registration-retry-message"))
     record = json.loads(message["Records"][0]["body"])
     record["requestPayload"] = event
+    # Lambda's record names the function that failed: the one the retry queue gives it back to
+    record["requestContext"]["functionArn"] = f"{LambdaContext().invoked_function_arn}:$LATEST"
     message["Records"][0]["body"] = json.dumps(record) if body is None else body
     return message
 
@@ -93,6 +101,13 @@ def table_items(stack) -> list[dict]:
 
 def invoke(function, message: dict) -> dict:
     return function.handler(message, LambdaContext())
+
+
+def invoke_failing(function, message: dict) -> None:
+    """The retry fails again: the invocation fails (Lambda `Errors`), and the event source mapping
+    leaves the message to come back after the visibility timeout."""
+    with pytest.raises(BatchProcessingError, match="All records failed processing"):
+        invoke(function, message)
 
 
 def test_the_sample_retry_message_carries_the_sample_event():
@@ -124,7 +139,7 @@ def test_a_retry_finishes_the_registration(stack, acme, registration):
 
 
 def test_a_retry_that_fails_again_is_reported_failed_and_converges_later(stack, acme, registration):
-    function, _ = registration
+    function, recorder = registration
     event = manufactured(stack, acme, "retry-2")
     service = function.service()
     faults = FaultInjector().watch(service._registry._client, service._devices._table.client)
@@ -137,14 +152,18 @@ def test_a_retry_that_fails_again_is_reported_failed_and_converges_later(stack, 
     assert calls >= 5
     # When AWS fails the k-th call of the retry, for every k
     message = retry_message(event)
-    message_id = message["Records"][0]["messageId"]
     for k in range(1, calls + 1):
         faults.arm(k)
-        response = invoke(function, message)
+        try:
+            response = invoke(function, message)
+        except BatchProcessingError:
+            response = None
         if faults.fired is None:
             break  # an earlier attempt finished some of the work: fewer calls are left
-        # Then the retry is reported failed (SQS delivers it again after the visibility timeout)
-        assert response == {"batchItemFailures": [{"itemIdentifier": message_id}]}, k
+        # Then the retry fails (SQS delivers it again after the visibility timeout), logged and
+        # counted as transient (AWS failed: a later retry may not see it)
+        assert response is None, k
+        assert recorder.alone[-1] == ("RegistrationRetriesFailed", {"kind": "transient"}), k
     # And the next delivery, with AWS working, finishes it
     faults.arm(None)
     assert invoke(function, message) == {"batchItemFailures": []}
@@ -162,14 +181,41 @@ def test_an_unreadable_retry_is_reported_failed_and_changes_nothing(stack, regis
     message = retry_message(None, body=body)
     before = table_items(stack)
     # When the function gets it
-    response = invoke(function, message)
-    # Then it is reported failed, so that SQS keeps it and, after maxReceiveCount, the failure
-    # queue does (for an operator), and nothing was recorded
-    assert response == {
-        "batchItemFailures": [{"itemIdentifier": message["Records"][0]["messageId"]}]
-    }
+    invoke_failing(function, message)
+    # Then it fails, so that SQS keeps it and, after maxReceiveCount, the failure queue does (for
+    # an operator); nothing was recorded, and the failure needs a person (persistent)
     assert table_items(stack) == before
-    assert recorder.metrics == []
+    assert recorder.alone == [("RegistrationRetriesFailed", {"kind": "persistent"})]
+
+
+def test_a_record_of_another_function_is_not_retried_here(stack, acme, registration):
+    function, recorder = registration
+    # Given Lambda's record of another function's failed event, on this function's retry queue
+    event = manufactured(stack, acme, "retry-other")
+    message = retry_message(event)
+    record = json.loads(message["Records"][0]["body"])
+    record["requestContext"]["functionArn"] = (
+        "arn:aws:lambda:eu-west-1:123456789012:function:fleetkey-rotation_events:$LATEST"
+    )
+    message["Records"][0]["body"] = json.dumps(record)
+    # When the function gets it
+    invoke_failing(function, message)
+    # Then nothing was done with its event: it waits for a person in the failure queue
+    assert stack.certificate_status(event["certificateId"]) == "PENDING_ACTIVATION"
+    assert recorder.alone == [("RegistrationRetriesFailed", {"kind": "persistent"})]
+
+
+def test_a_retry_that_cannot_succeed_alarms_as_persistent(stack, acme, registration):
+    function, recorder = registration
+    # Given another team's thing named like the device (retrying cannot fix a name clash)
+    stack.harness_iot.create_thing(
+        thingName="retry-clash", attributePayload={"attributes": {"owner": "them"}}
+    )
+    event = manufactured(stack, acme, "retry-clash")
+    # When the retry comes back
+    invoke_failing(function, retry_message(event))
+    # Then the failure is counted as one for a person
+    assert recorder.alone[-1] == ("RegistrationRetriesFailed", {"kind": "persistent"})
 
 
 @pytest.mark.parametrize("payload", [None, 7, "text", [], {"certificateId": 5}])

@@ -133,7 +133,8 @@ QUEUES: tuple[FailureQueue, ...] = (
         LAMBDA_DESTINATION,
         "registration",
         "RegistrationFunctionName",
-        "registration events whose asynchronous invocation failed every retry",
+        "registration events that failed every retry: Lambda's, then six hours of the "
+        "registration retry queue's",
     ),
     FailureQueue(
         "device-event-failures",

@@ -63,7 +63,7 @@ FAILURE_QUEUES: dict[str, str] = {
 # REGISTRATION_RETRY_MAX_RECEIVE_COUNT; tests/infra compares them).
 REGISTRATION_RETRY_OUTPUT = "RegistrationRetryQueueUrl"
 REGISTRATION_RETRY_QUEUE = "registration-retries"
-REGISTRATION_RETRY_MAX_RECEIVE_COUNT = 10
+REGISTRATION_RETRY_MAX_RECEIVE_COUNT = 120
 # The functions with an on-failure destination (constructs/functions.py) -> its queue's output.
 ON_FAILURE_DESTINATIONS: dict[str, str] = {
     "registration": REGISTRATION_RETRY_OUTPUT,

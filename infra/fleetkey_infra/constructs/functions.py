@@ -100,6 +100,7 @@ class Functions(Construct):
         }
         data_key_env = {constants.ENV_DATA_KEY_ID: data_key_id}
 
+        self.registration_concurrency = registration_concurrency
         self.registration_failures = self._build_failure_queue()
         self.registration_retries = RegistrationRetries(
             self, "RegistrationRetries", dead_letters=self.registration_failures

@@ -84,6 +84,7 @@ PERIOD = Duration.minutes(5)
 # Metric names as the code emits them (namespace `fleetkey`, dimension `service`).
 REGISTRATIONS_ACCEPTED = "RegistrationsAccepted"
 REGISTRATIONS_REFUSED = "RegistrationsRefused"  # + dimension `reason`
+REGISTRATION_RETRIES_FAILED = "RegistrationRetriesFailed"  # + dimension `kind` (registration)
 VALIDATIONS_VALIDATED = VALIDATION_METRICS[ValidationStatus.VALIDATED]  # token
 VALIDATIONS_REFUSED = VALIDATION_METRICS[ValidationStatus.REFUSED]  # token, validations; `reason`
 ROTATIONS_OVERDUE = "RotationsOverdue"  # functions/rotation_events
@@ -141,6 +142,12 @@ ANY = Threshold(1)
 # is left for later (AWS IoT not settled) as an error. maintenance runs hourly: all three
 # attempts of a run failed.
 EVERY_ERROR = ANY
+# The functions with an on-failure destination (constructs/functions.py).
+ON_FAILURE_DESTINATION_FUNCTIONS = ("registration", "device_events", "rotation_events")
+# The registration retry queue's oldest message (ApproximateAgeOfOldestMessage, seconds): a
+# message is received within minutes while the event source mapping works, and SQS leaves out of
+# this metric a message received three times or more, so an hour means nothing consumes it.
+REGISTRATION_RETRIES_STALLED = Threshold(3600)
 # The registration function's oldest waiting event (AsyncEventAge, milliseconds): half an hour.
 REGISTRATION_BACKLOG = Threshold(30 * 60 * 1000)
 PERSISTENT_ERRORS = Threshold(10, evaluation_periods=2, datapoints=2)
@@ -328,6 +335,7 @@ class Monitoring(Construct):
         self._kms_alarm()
         self._rule_alarms(rules)
         self._registration_alarms()
+        self._registration_retry_alarms()
         self._deadline_alarms()
         self.dashboard = self._build_dashboard(lifecycle)
         self.topic.admit([self._prefix + alarm_id for alarm_id in self.alarms])
@@ -448,9 +456,25 @@ class Monitoring(Construct):
                 meaning=f"The {name} function failed (Lambda Errors).",
                 runbook="function-errors",
             )
+            if name in ON_FAILURE_DESTINATION_FUNCTIONS:
+                self._alarm(
+                    f"{construct_name}DestinationFailures",
+                    cloudwatch.Metric(
+                        namespace="AWS/Lambda",
+                        metric_name="DestinationDeliveryFailures",
+                        dimensions_map={"FunctionName": function.function_name},
+                        statistic="Sum",
+                        period=PERIOD,
+                    ),
+                    ANY,
+                    meaning=f"Lambda could not send the record of a failed {name} event to its "
+                    "on-failure destination: the event is lost.",
+                    runbook="destination-delivery-failures",
+                )
             if name == "registration":
-                # Its reserved concurrency throttles it by design during an onboarding (events
-                # wait in Lambda's asynchronous queue): how long they wait is the alarm.
+                # How long events wait in Lambda's asynchronous queue: its reserved concurrency
+                # makes them wait by design during an onboarding, so its throttles alarm only
+                # when nothing is reserved (then they are the account's concurrency exhausted).
                 self._alarm(
                     f"{construct_name}Backlog",
                     cloudwatch.Metric(
@@ -466,7 +490,8 @@ class Monitoring(Construct):
                     "let fleetkey register them.",
                     runbook="registration-backlog",
                 )
-                continue
+                if functions.registration_concurrency is not None:
+                    continue
             self._alarm(
                 f"{construct_name}Throttles",
                 function.metric_throttles(statistic="Sum", period=PERIOD),
@@ -598,6 +623,27 @@ class Monitoring(Construct):
             ANY,
             meaning="A certificate was refused as a suspected clone of a registered device.",
             runbook="clone-suspected",
+        )
+
+    def _registration_retry_alarms(self) -> None:
+        self._alarm(
+            "RegistrationRetriesFailing",
+            self._metric(REGISTRATION_RETRIES_FAILED, "registration", kind="persistent"),
+            ANY,
+            meaning="A registration retried from the retry queue failed for a reason retrying "
+            "cannot fix (a thing name clash, a missing policy or permission): it keeps being "
+            "retried for six hours, then waits in the registration failure queue.",
+            runbook="registration-retries-failing",
+        )
+        self._alarm(
+            "RegistrationRetriesStalled",
+            self._functions.registration_retries.queue.metric_approximate_age_of_oldest_message(
+                statistic="Maximum", period=PERIOD
+            ),
+            REGISTRATION_RETRIES_STALLED,
+            meaning="A registration retry has waited an hour without being received: nothing "
+            "consumes the registration retry queue.",
+            runbook="registration-retries-stalled",
         )
 
     def _deadline_alarms(self) -> None:

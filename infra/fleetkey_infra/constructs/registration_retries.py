@@ -6,8 +6,11 @@ on-failure destination sends its invocation record here; an event source mapping
 the registration function, one record at a time and at most `REGISTRATION_RETRY_MAX_CONCURRENCY`
 at once, so that retries add little to the load that throttled them. A retry that fails again
 comes back after the visibility timeout; after `REGISTRATION_RETRY_MAX_RECEIVE_COUNT` deliveries
-(about half an hour) it moves to the registration failure queue, whose alarm calls a person: what
-is still failing then (a thing name that clashes, a missing permission) needs one.
+(six hours: as long as Lambda keeps an asynchronous event; a delivery Lambda throttles counts too)
+it moves to the registration failure queue and its alarm. A retry that fails for a reason retrying
+cannot fix (a thing name that clashes, a missing permission) alarms at once
+(`RegistrationRetriesFailing`, in constructs/monitoring.py), and so does a queue nobody consumes
+(`RegistrationRetriesStalled`: its oldest message an hour old).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ class RegistrationConfig:
             text = value.strip().lower()
             if text == "none":
                 return cls(reserved_concurrency=None)
-            if text.isdigit():
+            if text.isascii() and text.isdigit():
                 value = int(text)  # `cdk deploy -c key=N` passes a string
         low, high = constants.REGISTRATION_CONCURRENCY_RANGE
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:

@@ -309,18 +309,18 @@ LIFECYCLE_METRICS = {
 def count_validation_outcome(status: str, reason: str | None) -> None:
     """The validation outcome metrics, one per validation, counted by the invocation whose write
     decided it (the token function for an answer, the validations function for a device refused
-    when asked): `ValidationsValidated`, and `ValidationsRefused` by `reason`, a metric of its own
-    so that its `reason` lands on no other metric of the invocation (`TokensRefused` by `error`,
-    `ValidationsRequested`). `expired` is not counted: it is computed on read, never decided."""
-    from aws_lambda_powertools.metrics import MetricUnit
-
-    from fleetkey.observability import count_alone, metrics
+    when asked): `ValidationsValidated`, and `ValidationsRefused` by `reason`. Each is a metric
+    document of its own, printed as soon as the write committed (an invocation that then times
+    out still counted it), and its `reason` lands on no other metric of the invocation
+    (`TokensRefused` by `error`, `ValidationsRequested`). `expired` is not counted: it is computed
+    on read, never decided."""
+    from fleetkey.observability import count_alone
 
     name = VALIDATION_METRICS.get(status)
     if name is None:
         return
     if reason is None:
-        metrics.add_metric(name=name, unit=MetricUnit.Count, value=1)
+        count_alone(name)
     else:
         count_alone(name, reason=reason)
 
