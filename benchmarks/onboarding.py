@@ -25,8 +25,9 @@ up by key where moto scans them all; `--moto in-process` keeps moto in this proc
     queue (moto SQS, with the deployed redrive policy to the registration failure queue).
   * The retry queue's event source mapping, as deployed: at most `--retry-concurrency`
     invocations at once (2), one message each, in the same environments (they share the
-    function's concurrency); a retry reported failed comes back after `--retry-visibility-timeout`
-    (deployed: 180 s), and SQS moves one received `--retry-max-receives` times (10) to the
+    function's concurrency: with every environment busy, Lambda throttles the delivery, which uses
+    a receive); a retry reported failed comes back after `--retry-visibility-timeout`
+    (deployed: 180 s), and SQS moves one received `--retry-max-receives` times (120) to the
     failure queue. Nobody redrives anything: a record left in the failure queue is a device that
     needed a person, reported as a problem.
   * AWS IoT's rate limits (`IotRateLimits.documented()`, `--quota-scale`) are installed on the
@@ -86,6 +87,7 @@ MANIFEST_ROWS = 10_000  # the allow-list service's manifest limit
 # The retry queue's event source mapping, as deployed (infra/fleetkey_infra/constants.py).
 RETRY_VISIBILITY_TIMEOUT_SECONDS = 180
 RETRY_MAX_CONCURRENCY = 2
+RETRY_MAX_RECEIVES = 120
 
 
 def log(message: str) -> None:
@@ -1131,8 +1133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--retry-max-receives",
         type=int,
-        default=10,
-        help="receives of a retry before SQS moves it to the failure queue (default 10)",
+        default=RETRY_MAX_RECEIVES,
+        help="receives of a retry before SQS moves it to the failure queue (default 120)",
     )
     parser.add_argument(
         "--retry-concurrency",
