@@ -16,7 +16,7 @@ already decided: a duplicate, a redrive, a concurrent copy) count deliveries.
 
 Retries without a person: Lambda's on-failure destination is the registration retry queue, whose
 event source mapping brings each failed event back here one at a time (an SQS batch of one
-message whose body is Lambda's invocation record of this function; the event is its
+message whose body is Lambda's invocation record; the event is its
 `requestPayload`). A retry that fails again fails the invocation, logged and counted
 (`RegistrationRetriesFailed` by `kind`: `persistent` ones alarm), and SQS delivers it again after
 the visibility timeout; after the queue's maxReceiveCount (six hours) it moves to the registration
@@ -105,44 +105,66 @@ def retry(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
 
 
 class UnreadableRetry(ValueError):
-    """A retry queue message that is not Lambda's invocation record of this function. Reported
-    failed, so that it ends in the failure queue for an operator rather than vanish."""
+    """A retry queue message that is not Lambda's invocation record of an event. Reported failed,
+    so that it ends in the failure queue for an operator rather than vanish."""
 
 
-def retried_event(record: Any, function_name: str) -> Any:
-    """The event of Lambda's invocation record in `record`'s body (its `requestPayload`).
+def retried_event(record: Any) -> Any:
+    """The event of Lambda's invocation record in `record`'s body (its `requestPayload`). Which
+    function the record names is not checked: the event is checked as the rule's is (nothing in
+    it is believed), and a record must survive the function's replacement.
 
     Raises:
-        UnreadableRetry: not an invocation record, or one of another function.
+        UnreadableRetry: not an invocation record.
     """
     try:
-        invocation = json.loads(record.body)
-        payload = invocation["requestPayload"]
-        arn = invocation["requestContext"]["functionArn"]
+        return json.loads(record.body)["requestPayload"]
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise UnreadableRetry(f"message {record.message_id}: not an invocation record") from exc
-    # arn:aws:lambda:<region>:<account>:function:<name>[:<qualifier>]
-    parts = arn.split(":") if isinstance(arn, str) else []
-    if len(parts) < 7 or parts[6] != function_name:
-        raise UnreadableRetry(f"message {record.message_id}: a record of another function")
-    return payload
 
 
-def retry_record(record: Any, lambda_context: LambdaContext) -> dict[str, Any]:
-    """Decide one retried event. A failure is logged and counted (`RegistrationRetriesFailed`,
-    `kind` persistent or transient: persistent ones need a person, the
-    `RegistrationRetriesFailing` alarm) and raised, so that the record is reported failed."""
+# ClientError codes (prefixes) a retry cannot fix: the role, the request or a missing resource.
+PERSISTENT_CODES = (
+    "AccessDenied",
+    "Unauthorized",
+    "NotAuthorized",
+    "ResourceNotFound",
+    "InvalidRequest",
+    "ValidationException",
+)
+
+
+def failure_kind(exc: BaseException) -> str:
+    """`persistent` for what only a person fixes (a thing name clash, a missing permission, policy
+    or resource, an unreadable message), `transient` for everything else: throttling, conflicts
+    between concurrent transactions, AWS IoT settling, timeouts (a later retry may not see them).
+    Only persistent failures alarm (`RegistrationRetriesFailing`)."""
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    from fleetkey.adapters.iot import ThingConflict
+
+    if isinstance(exc, (ThingConflict, UnreadableRetry, NoCredentialsError)):
+        return "persistent"
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code.startswith(PERSISTENT_CODES):
+            return "persistent"
+    return "transient"
+
+
+def retry_record(record: Any) -> dict[str, Any]:
+    """Decide one retried event. A failure is logged and counted (`RegistrationRetriesFailed` by
+    `kind`: persistent ones need a person, the `RegistrationRetriesFailing` alarm) and raised, so
+    that the record is reported failed."""
     try:
-        event = retried_event(record, lambda_context.function_name)
+        event = retried_event(record)
         if isinstance(event, dict) and isinstance(event.get("certificateId"), str):
             logger.set_correlation_id(event["certificateId"])
         # Documents of their own: the decision's `reason` dimension must not land on them.
         count_alone("RegistrationEventsRetried")
         return register(event)
     except Exception as exc:
-        from fleetkey.adapters.aws import is_transient
-
-        kind = "transient" if is_transient(exc) else "persistent"
+        kind = failure_kind(exc)
         logger.exception(
             "registration retry failed; SQS delivers it again",
             extra={"message_id": record.message_id, "error": type(exc).__name__, "kind": kind},

@@ -218,7 +218,9 @@ REGISTRATION_RETRY_VISIBILITY_TIMEOUT = Duration.seconds(6 * REGISTRATION_TIMEOU
 # too. What fails for a reason retrying cannot fix alarms at once (RegistrationRetriesFailing);
 # what is left after six hours goes to the failure queue and its alarm.
 REGISTRATION_RETRY_MAX_RECEIVE_COUNT = 120
-REGISTRATION_RETRY_RETENTION = Duration.days(4)
+# A week: what is still there when nothing consumed it (RegistrationRetriesStalled alarms) waits
+# for a person; the failure queue keeps longer (FAILED_EVENT_RETENTION, 14 days).
+REGISTRATION_RETRY_RETENTION = Duration.days(7)
 # The registration function's reserved concurrency: at AWS IoT's 10 registrations a second
 # (DescribeCertificate, UpdateCertificate: docs/load.md) 2 to 3 environments keep the quota busy;
 # 5 leaves room, and events beyond it wait in Lambda's asynchronous queue rather than spending the

@@ -791,7 +791,7 @@ def test_registration_retries_alarm_when_they_need_a_person(
     failing = alarm(resources, "RegistrationRetriesFailing")
     stalled = alarm(resources, "RegistrationRetriesStalled")
     # Then a retry failing for a reason retrying cannot fix alarms at once, and so does a retry
-    # queue whose oldest unreceived message is an hour old (nothing consumes it)
+    # queue holding visible messages that nothing received for 15 minutes (nothing consumes it)
     [metric] = stat_metrics(failing)
     stat = metric["MetricStat"]
     assert (stat["Metric"]["Namespace"], stat["Metric"]["MetricName"]) == (
@@ -800,12 +800,23 @@ def test_registration_retries_alarm_when_they_need_a_person(
     )
     assert dimensions(stat["Metric"]) == {"service": "fleetkey-registration", "kind": "persistent"}
     assert (stat["Stat"], failing["Threshold"]) == ("Sum", 1)
-    assert (stalled["Namespace"], stalled["MetricName"]) == (
-        "AWS/SQS",
-        "ApproximateAgeOfOldestMessage",
+    [expression_] = [m for m in stalled["Metrics"] if "Expression" in m]
+    assert expression_["Expression"] == "IF(visible >= 1 AND FILL(received, 0) == 0, 1, 0)"
+    inputs = {m["Id"]: m["MetricStat"] for m in stalled["Metrics"] if "MetricStat" in m}
+    assert {k: (v["Metric"]["MetricName"], v["Stat"]) for k, v in inputs.items()} == {
+        "visible": ("ApproximateNumberOfMessagesVisible", "Minimum"),
+        "received": ("NumberOfMessagesReceived", "Sum"),
+    }
+    for stat in inputs.values():
+        assert stat["Metric"]["Namespace"] == "AWS/SQS"
+        assert dimensions(stat["Metric"]) == {
+            "QueueName": {"Fn::GetAtt": [retries_id, "QueueName"]}
+        }
+    assert (stalled["Threshold"], stalled["EvaluationPeriods"], stalled["DatapointsToAlarm"]) == (
+        1,
+        3,
+        3,
     )
-    assert dimensions(stalled) == {"QueueName": {"Fn::GetAtt": [retries_id, "QueueName"]}}
-    assert (stalled["Statistic"], stalled["Threshold"]) == ("Maximum", 3600)
 
 
 @pytest.mark.parametrize("function", ["Registration", "DeviceEvents", "RotationEvents"])

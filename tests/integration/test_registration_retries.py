@@ -10,9 +10,11 @@ import json
 
 import pytest
 from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
+from botocore.exceptions import ClientError
 
 from fleetkey.domain.allowlist import AllowlistEntry
 from fleetkey.domain.lifecycle import DeviceState
+from fleetkey.errors import ConcurrentModification, NotSettled, TransientAwsError
 from fleetkey_local.failure_queues import (
     REGISTRATION_RETRY_OUTPUT,
     destination_record,
@@ -188,21 +190,60 @@ def test_an_unreadable_retry_is_reported_failed_and_changes_nothing(stack, regis
     assert recorder.alone == [("RegistrationRetriesFailed", {"kind": "persistent"})]
 
 
-def test_a_record_of_another_function_is_not_retried_here(stack, acme, registration):
-    function, recorder = registration
-    # Given Lambda's record of another function's failed event, on this function's retry queue
-    event = manufactured(stack, acme, "retry-other")
+def test_a_record_naming_another_function_is_still_retried(stack, acme, registration):
+    function, _ = registration
+    # Given Lambda's record naming another function (the registration function replaced, with a
+    # new name, while records waited in its retry queue)
+    event = manufactured(stack, acme, "retry-renamed")
     message = retry_message(event)
     record = json.loads(message["Records"][0]["body"])
     record["requestContext"]["functionArn"] = (
-        "arn:aws:lambda:eu-west-1:123456789012:function:fleetkey-rotation_events:$LATEST"
+        "arn:aws:lambda:eu-west-1:123456789012:function:Fleetkey-FunctionsRegistration9ZZZ:$LATEST"
     )
     message["Records"][0]["body"] = json.dumps(record)
     # When the function gets it
-    invoke_failing(function, message)
-    # Then nothing was done with its event: it waits for a person in the failure queue
-    assert stack.certificate_status(event["certificateId"]) == "PENDING_ACTIVATION"
-    assert recorder.alone == [("RegistrationRetriesFailed", {"kind": "persistent"})]
+    assert invoke(function, message) == {"batchItemFailures": []}
+    # Then the event is decided as any (nothing in it is believed: read back from AWS IoT)
+    assert stack.devices.get("retry-renamed").state is DeviceState.ACTIVE
+
+
+def conflict(code: str) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "injected"}}, "TransactWriteItems")
+
+
+@pytest.mark.parametrize(
+    ("failure", "kind"),
+    [
+        (conflict("TransactionCanceledException"), "transient"),  # TransactionConflict
+        (conflict("ThrottlingException"), "transient"),
+        (conflict("ConflictingResourceUpdateException"), "transient"),
+        (conflict("InternalServerError"), "transient"),
+        (TransientAwsError("the stream head moved"), "transient"),
+        (ConcurrentModification("device changed"), "transient"),
+        (NotSettled("AWS IoT has not settled"), "transient"),
+        (TimeoutError("read timed out"), "transient"),
+        (conflict("AccessDeniedException"), "persistent"),
+        (conflict("ResourceNotFoundException"), "persistent"),  # a profile's policy missing
+        (conflict("UnauthorizedException"), "persistent"),
+        (conflict("InvalidRequestException"), "persistent"),
+    ],
+)
+def test_only_what_retrying_cannot_fix_is_persistent(
+    stack, acme, registration, monkeypatch, failure, kind
+):
+    function, recorder = registration
+    # Given a retry whose registration fails so
+    event = manufactured(stack, acme, "retry-kind")
+
+    def failing(parsed):
+        raise failure
+
+    monkeypatch.setattr(function.service(), "register", failing)
+    # When the retry comes back
+    invoke_failing(function, retry_message(event))
+    # Then it is counted of the kind that says whether a person must act (only persistent ones
+    # alarm: a busy onboarding's conflicts and throttling page nobody)
+    assert recorder.alone[-1] == ("RegistrationRetriesFailed", {"kind": kind})
 
 
 def test_a_retry_that_cannot_succeed_alarms_as_persistent(stack, acme, registration):

@@ -41,7 +41,6 @@ from typing import Any
 from fleetkey_local.provision import NAME_PREFIX
 from fleetkey_local.queues import (
     DEAD_LETTER_RETENTION_SECONDS,
-    LIFECYCLE_RETENTION_SECONDS,
     LOCAL_VISIBILITY_TIMEOUT_SECONDS,
     _create_queue,
 )
@@ -64,6 +63,7 @@ FAILURE_QUEUES: dict[str, str] = {
 REGISTRATION_RETRY_OUTPUT = "RegistrationRetryQueueUrl"
 REGISTRATION_RETRY_QUEUE = "registration-retries"
 REGISTRATION_RETRY_MAX_RECEIVE_COUNT = 120
+REGISTRATION_RETRY_RETENTION_SECONDS = 7 * 24 * 3600
 # The functions with an on-failure destination (constructs/functions.py) -> its queue's output.
 ON_FAILURE_DESTINATIONS: dict[str, str] = {
     "registration": REGISTRATION_RETRY_OUTPUT,
@@ -123,7 +123,7 @@ def provision_failure_queues(
         f"{prefix}-{REGISTRATION_RETRY_QUEUE}",
         {
             "VisibilityTimeout": str(retry_visibility_timeout),
-            "MessageRetentionPeriod": str(LIFECYCLE_RETENTION_SECONDS),
+            "MessageRetentionPeriod": str(REGISTRATION_RETRY_RETENTION_SECONDS),
             "RedrivePolicy": json.dumps(redrive),
             "SqsManagedSseEnabled": "true",
         },

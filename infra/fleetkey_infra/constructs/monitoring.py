@@ -144,10 +144,11 @@ ANY = Threshold(1)
 EVERY_ERROR = ANY
 # The functions with an on-failure destination (constructs/functions.py).
 ON_FAILURE_DESTINATION_FUNCTIONS = ("registration", "device_events", "rotation_events")
-# The registration retry queue's oldest message (ApproximateAgeOfOldestMessage, seconds): a
-# message is received within minutes while the event source mapping works, and SQS leaves out of
-# this metric a message received three times or more, so an hour means nothing consumes it.
-REGISTRATION_RETRIES_STALLED = Threshold(3600)
+# The registration retry queue holds visible messages and nothing received any, for 15 minutes:
+# its event source mapping long-polls, so a visible message is received within seconds while it
+# works (throttled deliveries are receives too). The age of the oldest message would not do: SQS
+# leaves a message received three times or more out of it.
+REGISTRATION_RETRIES_STALLED = Threshold(1, evaluation_periods=3, datapoints=3)
 # The registration function's oldest waiting event (AsyncEventAge, milliseconds): half an hour.
 REGISTRATION_BACKLOG = Threshold(30 * 60 * 1000)
 PERSISTENT_ERRORS = Threshold(10, evaluation_periods=2, datapoints=2)
@@ -635,14 +636,25 @@ class Monitoring(Construct):
             "retried for six hours, then waits in the registration failure queue.",
             runbook="registration-retries-failing",
         )
+        retries = self._functions.registration_retries.queue
         self._alarm(
             "RegistrationRetriesStalled",
-            self._functions.registration_retries.queue.metric_approximate_age_of_oldest_message(
-                statistic="Maximum", period=PERIOD
+            cloudwatch.MathExpression(
+                expression="IF(visible >= 1 AND FILL(received, 0) == 0, 1, 0)",
+                using_metrics={
+                    "visible": retries.metric_approximate_number_of_messages_visible(
+                        statistic="Minimum", period=PERIOD
+                    ),
+                    "received": retries.metric_number_of_messages_received(
+                        statistic="Sum", period=PERIOD
+                    ),
+                },
+                period=PERIOD,
+                label="retries waiting, none received",
             ),
             REGISTRATION_RETRIES_STALLED,
-            meaning="A registration retry has waited an hour without being received: nothing "
-            "consumes the registration retry queue.",
+            meaning="Registration retries have waited 15 minutes in the registration retry queue "
+            "and nothing received one: nothing consumes the queue.",
             runbook="registration-retries-stalled",
         )
 
@@ -702,6 +714,10 @@ class Monitoring(Construct):
                             REGISTRATIONS_REFUSED, "registration", ("reason",), group_by="reason"
                         ),
                         m("RegistrationEventsRepeated", "registration"),
+                        m("RegistrationEventsRetried", "registration"),
+                        self._insights(
+                            REGISTRATION_RETRIES_FAILED, "registration", ("kind",), group_by="kind"
+                        ),
                         m("RegistrationEventsMalformed", "registration"),
                         m("RegistrationEventsMismatched", "registration"),
                     ],
