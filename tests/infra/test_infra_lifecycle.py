@@ -2,10 +2,13 @@
 dead-letter queue and partial batch responses."""
 
 import pytest
-from aws_cdk import Duration
+from aws_cdk import App, Duration, Stack
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_sqs as sqs
 
 from fleetkey_infra import constants
 from fleetkey_infra.constructs.lifecycle import LifecycleQueue
+from fleetkey_infra.constructs.registration_retries import RegistrationRetries
 from infra_template import function_by_service, of_type, output_ref, render
 
 
@@ -124,11 +127,40 @@ def test_lifecycle_queues_refuse_requests_without_tls(
         assert not [s for s in statements if s["Effect"] == "Allow"], queue_id
 
 
-def test_a_consumer_slower_than_the_visibility_timeout_allows_is_refused() -> None:
-    # Given a converge timeout the queue's visibility timeout does not cover six times
-    too_slow = Duration.seconds(constants.LIFECYCLE_VISIBILITY_TIMEOUT.to_seconds() // 6 + 1)
+@pytest.mark.parametrize(
+    ("queue", "visibility_timeout", "timeout"),
+    [
+        (LifecycleQueue, constants.LIFECYCLE_VISIBILITY_TIMEOUT, constants.CONVERGE_TIMEOUT),
+        (
+            RegistrationRetries,
+            constants.REGISTRATION_RETRY_VISIBILITY_TIMEOUT,
+            constants.REGISTRATION_TIMEOUT,
+        ),
+    ],
+)
+def test_a_consumer_slower_than_the_visibility_timeout_allows_is_refused(
+    queue: type, visibility_timeout: Duration, timeout: Duration
+) -> None:
+    # Given a consumer whose timeout the queue's visibility timeout does not cover six times
+    too_slow = Duration.seconds(visibility_timeout.to_seconds() // 6 + 1)
 
-    # When checking it, Then synthesis would stop
+    def consumer(stack: Stack, seconds: Duration) -> lambda_.Function:
+        return lambda_.Function(
+            stack,
+            f"Consumer{int(seconds.to_seconds())}",
+            runtime=lambda_.Runtime.PYTHON_3_12,
+            handler="index.handler",
+            code=lambda_.Code.from_inline("def handler(event, context): pass"),
+            timeout=seconds,
+        )
+
+    stack = Stack(App(), "Consumers")
+    if queue is LifecycleQueue:
+        construct = LifecycleQueue(stack, "Queue")
+    else:
+        construct = RegistrationRetries(stack, "Queue", dead_letters=sqs.Queue(stack, "Dlq"))
+
+    # When it is given the queue, Then synthesis would stop; the stack's own timeout passes
     with pytest.raises(ValueError, match="at least 6x"):
-        LifecycleQueue._check_visibility_timeout(too_slow)
-    LifecycleQueue._check_visibility_timeout(constants.CONVERGE_TIMEOUT)
+        construct.consume(consumer(stack, too_slow))
+    construct.consume(consumer(stack, timeout))

@@ -14,14 +14,14 @@ fixed (docs/runbook-redrive.md).
 
 from __future__ import annotations
 
-from aws_cdk import Duration
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_lambda_event_sources as event_sources
-from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from fleetkey_infra import constants
 from fleetkey_infra.dead_letters import dead_letter_queue
+from fleetkey_infra.work_queues import consume as consume_queue
+from fleetkey_infra.work_queues import work_queue
 
 
 class LifecycleQueue(Construct):
@@ -42,16 +42,13 @@ class LifecycleQueue(Construct):
             "kept refusing). Once the cause is fixed, `fleetkey redrive lifecycle-dlq` sends them "
             "back to the lifecycle queue (docs/runbook-redrive.md).",
         )
-        self.queue = sqs.Queue(
+        self.queue = work_queue(
             self,
             "Queue",
-            encryption=sqs.QueueEncryption.SQS_MANAGED,
-            enforce_ssl=True,
             visibility_timeout=constants.LIFECYCLE_VISIBILITY_TIMEOUT,
-            retention_period=constants.LIFECYCLE_RETENTION,
-            dead_letter_queue=sqs.DeadLetterQueue(
-                max_receive_count=constants.LIFECYCLE_MAX_RECEIVE_COUNT, queue=self.dead_letters
-            ),
+            retention=constants.LIFECYCLE_RETENTION,
+            dead_letters=self.dead_letters,
+            max_receive_count=constants.LIFECYCLE_MAX_RECEIVE_COUNT,
         )
         self.event_source: event_sources.SqsEventSource | None = None
 
@@ -60,23 +57,12 @@ class LifecycleQueue(Construct):
         that failed (partial batch responses), at most `CONVERGE_MAX_CONCURRENCY` at once. The
         event source grants the function's role what Lambda's poller does with it (receive,
         delete, change visibility, read the queue's attributes)."""
-        self._check_visibility_timeout(function.timeout)
-        self.event_source = event_sources.SqsEventSource(
+        self.event_source = consume_queue(
             self.queue,
+            function,
+            visibility_timeout=constants.LIFECYCLE_VISIBILITY_TIMEOUT,
             batch_size=constants.CONVERGE_BATCH_SIZE,
-            report_batch_item_failures=True,
             max_concurrency=constants.CONVERGE_MAX_CONCURRENCY,
+            what="the lifecycle queue (converge)",
         )
-        function.add_event_source(self.event_source)
         return self.event_source
-
-    @staticmethod
-    def _check_visibility_timeout(timeout: Duration | None) -> None:
-        """AWS's guidance: a visibility timeout of at least six times the consumer's timeout, or a
-        message still being processed (or retried by Lambda's poller) is delivered again."""
-        consumer = (timeout or Duration.seconds(3)).to_seconds()
-        if constants.LIFECYCLE_VISIBILITY_TIMEOUT.to_seconds() < 6 * consumer:
-            raise ValueError(
-                "the lifecycle queue's visibility timeout must be at least 6x the converge "
-                f"function's timeout ({consumer} s)"
-            )

@@ -460,13 +460,7 @@ class Monitoring(Construct):
             if name in ON_FAILURE_DESTINATION_FUNCTIONS:
                 self._alarm(
                     f"{construct_name}DestinationFailures",
-                    cloudwatch.Metric(
-                        namespace="AWS/Lambda",
-                        metric_name="DestinationDeliveryFailures",
-                        dimensions_map={"FunctionName": function.function_name},
-                        statistic="Sum",
-                        period=PERIOD,
-                    ),
+                    function.metric("DestinationDeliveryFailures", statistic="Sum", period=PERIOD),
                     ANY,
                     meaning=f"Lambda could not send the record of a failed {name} event to its "
                     "on-failure destination: the event is lost.",
@@ -478,13 +472,7 @@ class Monitoring(Construct):
                 # when nothing is reserved (then they are the account's concurrency exhausted).
                 self._alarm(
                     f"{construct_name}Backlog",
-                    cloudwatch.Metric(
-                        namespace="AWS/Lambda",
-                        metric_name="AsyncEventAge",
-                        dimensions_map={"FunctionName": function.function_name},
-                        statistic="Maximum",
-                        period=PERIOD,
-                    ),
+                    function.metric("AsyncEventAge", statistic="Maximum", period=PERIOD),
                     REGISTRATION_BACKLOG,
                     meaning="Registration events waited more than 30 minutes in Lambda's "
                     "asynchronous queue: devices are onboarding faster than AWS IoT's quotas "

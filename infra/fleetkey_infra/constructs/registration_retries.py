@@ -18,13 +18,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aws_cdk import Duration
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_lambda_event_sources as event_sources
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from fleetkey_infra import constants
+from fleetkey_infra.work_queues import consume as consume_queue
+from fleetkey_infra.work_queues import work_queue
 
 
 class RegistrationConfigError(ValueError):
@@ -75,17 +76,13 @@ class RegistrationRetries(Construct):
     def __init__(self, scope: Construct, construct_id: str, *, dead_letters: sqs.IQueue) -> None:
         super().__init__(scope, construct_id)
         self.dead_letters = dead_letters
-        self.queue = sqs.Queue(
+        self.queue = work_queue(
             self,
             "Queue",
-            encryption=sqs.QueueEncryption.SQS_MANAGED,
-            enforce_ssl=True,
             visibility_timeout=constants.REGISTRATION_RETRY_VISIBILITY_TIMEOUT,
-            retention_period=constants.REGISTRATION_RETRY_RETENTION,
-            dead_letter_queue=sqs.DeadLetterQueue(
-                max_receive_count=constants.REGISTRATION_RETRY_MAX_RECEIVE_COUNT,
-                queue=dead_letters,
-            ),
+            retention=constants.REGISTRATION_RETRY_RETENTION,
+            dead_letters=dead_letters,
+            max_receive_count=constants.REGISTRATION_RETRY_MAX_RECEIVE_COUNT,
         )
         self.event_source: event_sources.SqsEventSource | None = None
 
@@ -93,17 +90,12 @@ class RegistrationRetries(Construct):
         """`function` (registration) receives one record per invocation (so each invocation
         records at most one decision, as from the rule) and reports it failed in a partial batch
         response. The event source grants the function's role what Lambda's poller does with it."""
-        consumer = (function.timeout or Duration.seconds(3)).to_seconds()
-        if constants.REGISTRATION_RETRY_VISIBILITY_TIMEOUT.to_seconds() < 6 * consumer:
-            raise ValueError(
-                "the registration retry queue's visibility timeout must be at least 6x the "
-                f"registration function's timeout ({consumer} s)"
-            )
-        self.event_source = event_sources.SqsEventSource(
+        self.event_source = consume_queue(
             self.queue,
+            function,
+            visibility_timeout=constants.REGISTRATION_RETRY_VISIBILITY_TIMEOUT,
             batch_size=constants.REGISTRATION_RETRY_BATCH_SIZE,
-            report_batch_item_failures=True,
             max_concurrency=constants.REGISTRATION_RETRY_MAX_CONCURRENCY,
+            what="the registration retry queue (registration)",
         )
-        function.add_event_source(self.event_source)
         return self.event_source
