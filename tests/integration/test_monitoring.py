@@ -27,6 +27,7 @@ from fleetkey_local.device import rotation_assertion, rotation_csr, rotation_req
 from fleetkey_local.stack import TABLE
 from tests.conftest import ROOT
 from tests.integration.test_redrive import COMMANDS as REDRIVE_COMMANDS
+from tests.support.emf import emitted
 from tests.support.handlers import LambdaContext, load_handler
 from tests.support.pki_cache import ca as cached_ca
 
@@ -46,22 +47,6 @@ def acme(stack):
 def metrics_on(monkeypatch):
     """Powertools metrics printed (EMF on stdout), as in Lambda: the suite turns them off."""
     monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
-
-
-def emitted(stdout: str, name: str) -> list[dict[str, Any]]:
-    """The EMF documents on `stdout` that carry metric `name`: each directive, the document, and
-    the metric's total in it (Powertools writes a list of values)."""
-    found = []
-    for line in stdout.splitlines():
-        if not line.startswith("{"):
-            continue
-        document = json.loads(line)
-        for directive in document.get("_aws", {}).get("CloudWatchMetrics", []):
-            if any(m["Name"] == name for m in directive["Metrics"]):
-                values = document[name]
-                total = sum(values) if isinstance(values, list) else values
-                found.append({"directive": directive, "document": document, "value": total})
-    return found
 
 
 # ---- KmsThrottles ------------------------------------------------------------------------------

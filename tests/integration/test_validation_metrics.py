@@ -6,7 +6,6 @@ result: `expired` is computed on read, so it has no count."""
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,6 +24,7 @@ from tests.integration.test_validation_functions import (  # noqa: F401  (fixtur
     the_command,
 )
 from tests.integration.test_validations import RP, THERAPY, answer, commands
+from tests.support.emf import emitted
 
 UNRELEASED = {"firmware_version": "9.9.9", "firmware_sha256": "ab" * 32}
 
@@ -172,28 +172,6 @@ def metrics_on(monkeypatch):
     monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
     yield
     metrics.clear_metrics()
-
-
-def emitted(stdout: str, name: str) -> list[dict[str, Any]]:
-    """The EMF documents on `stdout` carrying metric `name`: the dimension names of each (one
-    set: Powertools writes one), the document, and the metric's total in it."""
-    found = []
-    for line in stdout.splitlines():
-        if not line.startswith("{"):
-            continue
-        document = json.loads(line)
-        for directive in document.get("_aws", {}).get("CloudWatchMetrics", []):
-            if any(m["Name"] == name for m in directive["Metrics"]):
-                values = document[name]
-                [dimensions] = directive["Dimensions"]
-                found.append(
-                    {
-                        "dimensions": set(dimensions),
-                        "document": document,
-                        "value": sum(values) if isinstance(values, list) else values,
-                    }
-                )
-    return found
 
 
 def test_the_token_function_counts_a_validated_answer_once(
