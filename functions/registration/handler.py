@@ -1,11 +1,11 @@
 """Just-in-time registration, invoked by the IoT rule on $aws/events/certificates/registered/+.
 
-Transient AWS failures propagate, so Lambda's async retries and the failure destination take the
-event; a malformed event, or one that does not match what AWS IoT says about its certificate
+Transient AWS failures propagate, so Lambda's async retries and then the retry queue (below) take
+the event; a malformed event, or one that does not match what AWS IoT says about its certificate
 (mismatched), is audited and acknowledged (retrying it cannot help). `ThingConflict` propagates
 too (a thing of the device's name exists in AWS IoT and is not fleetkey's; nothing in AWS IoT is
-changed): retrying cannot help until an operator resolves the name clash, but the failure queue
-must keep the event, whose redrive then finishes the registration.
+changed): retrying cannot help until an operator resolves the name clash (the retries' failures
+alarm), but the event must be kept, and the retry after the fix finishes the registration.
 
 Metrics: `RegistrationsAccepted` and `RegistrationsRefused` (dimension `reason`) count decisions,
 once per certificate: only the invocation that records the decision counts it, at the moment it
@@ -16,8 +16,8 @@ already decided: a duplicate, a redrive, a concurrent copy) count deliveries.
 
 Retries without a person: Lambda's on-failure destination is the registration retry queue, whose
 event source mapping brings each failed event back here one at a time (an SQS batch of one
-message whose body is Lambda's invocation record; the event is its
-`requestPayload`). A retry that fails again fails the invocation, logged and counted
+message whose body is Lambda's invocation record; the event is its `requestPayload`). A retry
+that fails again fails the invocation, logged and counted
 (`RegistrationRetriesFailed` by `kind`: `persistent` ones alarm), and SQS delivers it again after
 the visibility timeout; after the queue's maxReceiveCount (six hours) it moves to the registration
 failure queue, for an operator (`fleetkey redrive registration-failures`).
