@@ -54,25 +54,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-# Every function, with its POWERTOOLS_SERVICE_NAME (infra/fleetkey_infra/constants.py).
-SERVICE_NAMES = {
-    name: f"fleetkey-{name}"
-    for name in (
-        "registration",
-        "admin",
-        "token",
-        "discovery",
-        "introspect",
-        "maintenance",
-        "converge",
-        "device_events",
-        "data_keys",
-        "rotation",
-        "rotation_events",
-        "validations",
-    )
-}
-FUNCTIONS = tuple(SERVICE_NAMES)
+# Every function: a directory of functions/ with a handler. Its POWERTOOLS_SERVICE_NAME is
+# `fleetkey-<function>` (infra/fleetkey_infra/constants.py).
+FUNCTIONS = tuple(
+    sorted(d.name for d in (ROOT / "functions").iterdir() if (d / "handler.py").is_file())
+)
+SERVICE_NAMES = {name: f"fleetkey-{name}" for name in FUNCTIONS}
 # What every function needs anyway: the AWS SDK, X.509 and JWT. Its import is the reference.
 REFERENCE = "import boto3, cryptography.x509, jwt"
 REFERENCE_PACKAGES = ("boto3", "cryptography", "jwt")

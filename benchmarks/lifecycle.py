@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fleetkey_local.benchmarking import percentile
+
 # AWS calls of a device holding n certificates: fixed + per_certificate * n, as measured (the
 # steps are fleetkey.services.lifecycle's; the calls per step, fleetkey.adapters.iot's):
 #   suspend:  GetItem, TransactWriteItems (decide); converge: GetItem, per certificate
@@ -103,13 +105,6 @@ TITLES = {
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.4999)))
-    return ordered[rank - 1]
 
 
 @dataclass

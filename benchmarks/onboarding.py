@@ -75,6 +75,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fleetkey_local.benchmarking import percentile, stdout_to
+
 ROOT = Path(__file__).resolve().parents[1]
 REGISTRATION = "registration"
 CA_NAME = "acme"
@@ -92,15 +94,6 @@ RETRY_MAX_RECEIVES = 120
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (0 for no values)."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.4999)))
-    return ordered[rank - 1]
 
 
 # ---- moto in a child process --------------------------------------------------------------------
@@ -518,21 +511,6 @@ def machine() -> dict:
         "platform": platform.platform(),
         "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
-
-
-@contextlib.contextmanager
-def stdout_to(path: Path) -> Iterator[None]:
-    """Send fd 1 (the handlers' Powertools logs) to `path` while the fleet onboards."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    with open(path, "wb") as sink:
-        os.dup2(sink.fileno(), 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from fleetkey_local.benchmarking import percentile, stdout_to
+
 ROOT = Path(__file__).resolve().parents[1]
 HANDLER_PATH = ROOT / "functions" / "registration" / "handler.py"
 
@@ -139,13 +141,6 @@ class SessionCallRecorder:
 # ---- statistics ------------------------------------------------------------------------------
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.4999)))
-    return ordered[rank - 1]
-
-
 @dataclass
 class Sample:
     calls: list[str]
@@ -224,21 +219,6 @@ def load_handler():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@contextlib.contextmanager
-def stdout_to(path: Path):
-    """Send fd 1 (Powertools' logger and metrics write there) to `path`."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    with open(path, "wb") as sink:
-        os.dup2(sink.fileno(), 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def machine() -> dict:

@@ -14,30 +14,20 @@ import hashlib
 import json
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import threading
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from fleetkey_local.mqtt_device import MqttDevice
 from fleetkey_local.pki import CertificateAuthority, key_pem, pem
 from fleetkey_local.serve import DEMO_CA
-from fleetkey_local.server import FAKE_CREDENTIALS
-from fleetkey_local.stack import LOCAL_ISSUING_CA_SUBJECT, REGION
-from tests.conftest import ROOT
+from fleetkey_local.stack import LOCAL_ISSUING_CA_SUBJECT
+from tests.support.served import TIMEOUT, Served, send, serve, signed
 
 pytestmark = [
     pytest.mark.skipif(
@@ -47,115 +37,14 @@ pytestmark = [
     pytest.mark.xdist_group("est"),
 ]
 
-TIMEOUT = 30.0
-LOCAL = Credentials(
-    FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-    FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-    FAKE_CREDENTIALS["AWS_SESSION_TOKEN"],
-)
-OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 ISSUING_CA_CN = dict(part.split("=", 1) for part in LOCAL_ISSUING_CA_SUBJECT.split(","))["CN"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@dataclass
-class Served:
-    process: subprocess.Popen
-    state: Path
-    api: str
-    est: str
-    mqtt: tuple[str, int]
-    output: list[str] = field(default_factory=list)
-
-    @property
-    def endpoint_ca(self) -> Path:
-        return self.state / "iot-endpoint-ca.pem"
-
-    def factory(self) -> CertificateAuthority:
-        """The demo manufacturer CA `make serve` registered, from the files it wrote."""
-        key = serialization.load_pem_private_key(
-            (self.state / f"{DEMO_CA}.key").read_bytes(), password=None
-        )
-        certificate = x509.load_pem_x509_certificate((self.state / f"{DEMO_CA}.pem").read_bytes())
-        return CertificateAuthority(DEMO_CA, key, certificate)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """`python -m fleetkey_local.serve` on free ports, until the module's tests are done."""
-    state = tmp_path_factory.mktemp("est-serve")
-    api, mqtt, est = free_port(), free_port(), free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fleetkey_local.serve",
-            "--api-port",
-            str(api),
-            "--mqtt-port",
-            str(mqtt),
-            "--est-port",
-            str(est),
-            "--state-dir",
-            str(state),
-            "--no-rate-limits",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    output: list[str] = []
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            output.append(line)
-            if "Ctrl-C to stop" in line or not line:
-                break
-        banner = "".join(output)
-        found = re.search(r"EST \(mTLS\)\s+(https://127\.0\.0\.1:(\d+))/\.well-known/est/", banner)
-        assert found and int(found[2]) == est, banner
-        # Keep reading what it prints (a full pipe would stall it); shown when a test fails.
-        reader = threading.Thread(
-            target=lambda: output.extend(iter(process.stdout.readline, "")), daemon=True
-        )
-        reader.start()
-        yield Served(
-            process, state, f"http://127.0.0.1:{api}", found[1], ("127.0.0.1", mqtt), output
-        )
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            code = process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
-        assert code == 0, "".join(output)
-
-
-# ---- helpers -------------------------------------------------------------------------------------
-
-
-def signed(method: str, url: str, body: bytes = b"", headers: dict | None = None):
-    request = AWSRequest(method=method, url=url, data=body, headers=headers or {})
-    SigV4Auth(LOCAL, "execute-api", REGION).add_auth(request)
-    return urllib.request.Request(
-        url, data=body or None, method=method, headers=dict(request.headers)
-    )
-
-
-def send(request) -> tuple[int, bytes]:
-    try:
-        with OPENER.open(request, timeout=TIMEOUT) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+    with serve(tmp_path_factory.mktemp("est-serve")) as running:
+        yield running
 
 
 def run(command: str, cwd: Path) -> subprocess.CompletedProcess:

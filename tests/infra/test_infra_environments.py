@@ -690,5 +690,14 @@ def test_a_stage_may_reserve_no_registration_concurrency(dev_with_domain: Synthe
         == "fleetkey-dev-registration"
     ]
 
-    # Then its registration function reserves none (the unstaged default reserves 5)
+    # Then its registration function reserves none (the unstaged default reserves 5), and its
+    # throttles alarm (then they are the account's concurrency exhausted, not the reservation)
     assert "ReservedConcurrentExecutions" not in registration
+    alarms = {
+        r["Properties"]["AlarmName"]: r["Properties"]
+        for r in dev_with_domain.resources.values()
+        if r["Type"] == "AWS::CloudWatch::Alarm"
+    }
+    throttles = alarms[f"{dev_with_domain.stack_name}-RegistrationThrottles"]
+    assert (throttles["MetricName"], throttles["Threshold"]) == ("Throttles", 1)
+    assert f"{dev_with_domain.stack_name}-RegistrationBacklog" in alarms

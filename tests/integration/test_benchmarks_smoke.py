@@ -4,32 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import ROOT
+from tests.support.benchmarks import run_benchmark
 
 
 def test_registration_benchmark_runs_within_budget(tmp_path):
     # Given a small run of the benchmark (the real handler against a moto server)
     out = tmp_path / "bench.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "registration.py"),
-            "--devices",
-            "3",
-            "--import-rows",
-            "200",
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    done = run_benchmark(
+        "registration.py", "--devices", "3", "--import-rows", "200", out=out, timeout=120
     )
     # Then it succeeds: every operation ended as expected and within the call budget
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -47,21 +34,8 @@ def test_token_timing_benchmark_runs_and_every_refusal_is_the_same_401(tmp_path)
     # Given a tiny run of the timing benchmark (the real token handler against a moto server);
     # its verdict on so few samples means nothing, so only that it ran is checked, never timing
     out = tmp_path / "timing.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "token_timing.py"),
-            "--requests",
-            "6",
-            "--devices",
-            "2",
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
+    done = run_benchmark(
+        "token_timing.py", "--requests", "6", "--devices", "2", out=out, timeout=180
     )
     # Then it finished with a verdict (0 overlap, 1 separated), not a broken run (2 or a crash)
     assert done.returncode in (0, 1), done.stdout[-2000:] + done.stderr[-4000:]
@@ -138,22 +112,15 @@ def test_importtime_benchmark_reports_each_ratio_to_the_reference_measured_besid
     # snap-start`); its verdict on one run of a shared machine means nothing, so only that it
     # judged is checked
     out = tmp_path / "importtime.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "importtime.py"),
-            "--runs",
-            "1",
-            "--functions",
-            "token",
-            "--initialization",
-            initialization,
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    done = run_benchmark(
+        "importtime.py",
+        "--runs",
+        "1",
+        "--functions",
+        "token",
+        "--initialization",
+        initialization,
+        out=out,
         timeout=300,
     )
     assert done.returncode in (0, 1), done.stdout[-2000:] + done.stderr[-4000:]
@@ -206,20 +173,7 @@ def test_importtime_reference_is_the_outermost_imports_of_its_three_packages():
 def test_snapstart_benchmark_answers_every_request_each_way_it_starts(tmp_path):
     # Given one sample of each way to start the token function (fresh interpreters, moto server)
     out = tmp_path / "snapstart.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "snapstart.py"),
-            "--samples",
-            "1",
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_benchmark("snapstart.py", "--samples", "1", out=out, timeout=300)
     # Then every request got its token, and each way reports what a cold start waited for
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     results = json.loads(out.read_text())

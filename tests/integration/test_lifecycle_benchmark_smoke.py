@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from tests.conftest import ROOT
+from tests.support.benchmarks import run_benchmark
 
 
 def test_lifecycle_benchmark_runs_within_budget(tmp_path):
     # Given a tiny run of the benchmark (the lifecycle and data-key services against moto)
     out = tmp_path / "lifecycle.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "lifecycle.py"),
-            "--devices",
-            "2",
-            "--cert-devices",
-            "1",
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
+    done = run_benchmark(
+        "lifecycle.py", "--devices", "2", "--cert-devices", "1", out=out, timeout=180
     )
     # Then it succeeds: every operation ended as expected and within its call budget
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]

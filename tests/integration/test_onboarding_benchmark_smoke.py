@@ -5,10 +5,8 @@ every device ends registered with nothing stuck and nothing left for a person.""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from tests.conftest import ROOT
+from tests.support.benchmarks import run_benchmark
 
 # docs/load.md shows this command: 40 devices, the documented rates halved, no SDK retries, one
 # Lambda retry after 0.2 s and the retry queue's visibility timeout a second, so that throttling
@@ -32,13 +30,7 @@ SMOKE = [
 def test_onboarding_benchmark_registers_every_device_under_the_rate_limits(tmp_path):
     # Given a small fleet onboarding at once under the documented rates, halved
     out = tmp_path / "onboarding.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "onboarding.py"), *SMOKE, "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    done = run_benchmark("onboarding.py", *SMOKE, out=out, timeout=180)
     # Then every device ended registered and nothing is stuck
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     results = json.loads(out.read_text())

@@ -4,33 +4,16 @@ the same AWS calls in a larger fleet."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from tests.conftest import ROOT
+from tests.support.benchmarks import run_benchmark
 
 
 def test_rotation_benchmark_runs_within_budget(tmp_path):
     # Given a tiny run of the benchmark: 4 devices rotating twice, sweeps with 2 due among 6
     # and then 16 devices with nothing due
     out = tmp_path / "rotation.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "rotation.py"),
-            "--devices",
-            "4",
-            "--not-due",
-            "6,16",
-            "--due",
-            "2",
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    done = run_benchmark(
+        "rotation.py", "--devices", "4", "--not-due", "6,16", "--due", "2", out=out, timeout=300
     )
     # Then it succeeds: everything ended as expected and within its call budget
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]

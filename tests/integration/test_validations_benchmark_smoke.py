@@ -4,33 +4,16 @@ call budget holds (a few pumps)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from tests.conftest import ROOT
+from tests.support.benchmarks import run_benchmark
 
 
 def test_validation_benchmark_runs_within_budget(tmp_path):
     # Given a small run of the benchmark (the real functions behind the local gateway, pumps
     # answering their validate commands over MQTT)
     out = tmp_path / "validations.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "validations.py"),
-            "--devices",
-            "2",
-            "--rounds",
-            "3",
-            "--latency",
-            "4",
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
+    done = run_benchmark(
+        "validations.py", "--devices", "2", "--rounds", "3", "--latency", "4", out=out, timeout=180
     )
     # Then it succeeds: every validation ended validated and verified, within the call budget
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
